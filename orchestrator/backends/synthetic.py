@@ -1,0 +1,98 @@
+"""The synthetic backend: a test backend with no model.
+
+It draws a deterministic picture per (prompt, seed, frame) and can take a set time per job and
+inject failures (errors, out-of-memory, hangs, crashes), for tests, demos and benchmarks. It runs on
+the CPU, so a sweep with it runs on any machine.
+
+Options (`model.options`):
+  seconds_per_job: float   time one job takes (spread over its steps); default 0
+  jitter: float            ±fraction of seconds_per_job, deterministic per job (e.g. 0.5)
+  fail_rate, oom_rate, hang_rate, crash_rate: float
+                           chance per attempt of an error, an OutOfMemory, a hang (no progress
+                           ever again) or a crash (the process dies), decided by a hash of
+                           (job, attempt), so a run is reproducible
+  fail_jobs: [glob]        job keys (category/stem/seed_S_prompt_I) that always fail
+  fail_attempts: int       every job fails its first N attempts
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import time
+
+import numpy as np
+
+from .base import Backend, OutOfMemory
+
+OPTIONS = {"seconds_per_job": float, "jitter": float, "fail_rate": float, "oom_rate": float,
+           "hang_rate": float, "crash_rate": float, "fail_jobs": list, "fail_attempts": int,
+           "oom_marker": str}
+
+
+def _unit(*parts) -> float:
+    """A deterministic number in [0, 1) from the parts."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class SyntheticBackend(Backend):
+    name = "synthetic"
+    runs_on_cpu = True
+
+    @classmethod
+    def check(cls, manifest) -> list[str]:
+        problems = []
+        for key, value in manifest.model.options.items():
+            kind = OPTIONS.get(key)
+            if kind is None:
+                problems.append(f"unknown synthetic option `{key}` (use: {', '.join(OPTIONS)})")
+            elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+                problems.append(f"synthetic option `{key}` must be {kind.__name__}, got {value!r}")
+            elif key.endswith("_rate") and not 0 <= value <= 1:
+                problems.append(f"synthetic option `{key}` must be between 0 and 1, got {value}")
+        return problems
+
+    def load(self) -> None:
+        self.options = dict(self.model.options)
+
+    def generate(self, job, progress) -> np.ndarray:
+        o = self.options
+        attempt = self.attempt  # from the ledger, so a restarted worker does not replay a crash
+        seconds = float(o.get("seconds_per_job", 0.0))
+        if o.get("jitter"):
+            seconds *= 1 + o["jitter"] * (2 * _unit("jitter", job.id) - 1)
+        steps = self.generation.steps
+        roll = lambda kind: _unit(kind, job.id, attempt) < o.get(f"{kind}_rate", 0.0)  # noqa: E731
+        hang = roll("hang")
+        crash = roll("crash")
+        for step in range(steps):
+            if hang and step == steps // 2:
+                while True:  # a hung CUDA call: no progress, no return
+                    time.sleep(3600)
+            if crash and step == steps // 2:
+                os._exit(137)
+            if seconds:
+                time.sleep(seconds / steps)
+            progress(step + 1, steps)
+        if roll("oom"):
+            raise OutOfMemory(f"synthetic out of memory (job {job.key}, attempt {attempt})")
+        if roll("fail") or attempt <= int(o.get("fail_attempts", 0)):
+            raise RuntimeError(f"synthetic failure (job {job.key}, attempt {attempt})")
+        if any(fnmatch.fnmatch(job.key, pattern) for pattern in o.get("fail_jobs", [])):
+            raise RuntimeError(f"synthetic permanent failure of {job.key}")
+        return self.frames(job)
+
+    def frames(self, job) -> np.ndarray:
+        g = self.generation
+        rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed) * 2**63))
+        base = rng.integers(40, 215, size=3)
+        t = np.arange(g.num_frames)[:, None, None]
+        y = np.arange(g.height)[None, :, None]
+        x = np.arange(g.width)[None, None, :]
+        phase = (x + 3 * t + (job.seed % 97)) / max(g.width, 1) * 2 * np.pi
+        wave = (np.sin(phase) * 0.5 + 0.5) * (y / max(g.height - 1, 1))
+        video = np.empty((g.num_frames, g.height, g.width, 3), dtype=np.uint8)
+        for c in range(3):
+            video[..., c] = np.clip(base[c] * 0.6 + wave * 100 * (c + 1) / 3, 0, 255)
+        return video

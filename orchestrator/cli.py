@@ -1,0 +1,262 @@
+"""The command line: run, plan, report, stop. Errors become one clear message and an exit code.
+
+    python run_experiment.py MANIFEST            # same as `run MANIFEST`
+    python run_experiment.py plan MANIFEST       # dry run
+    python run_experiment.py report MANIFEST [--json] [--watch [S]]
+    python run_experiment.py stop MANIFEST [--now]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .manifest import ManifestError, load_manifest
+
+COMMANDS = ("run", "plan", "report", "stop")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_experiment.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="validate, plan, start workers and show progress")
+    plan = sub.add_parser("plan", help="dry run: jobs, queues, workers per device and why")
+    for p in (run, plan):
+        p.add_argument("manifest")
+        p.add_argument("--executor", choices=("local", "tmux"), help="override execution.executor")
+        p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
+    run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
+    run.add_argument("--add-workers", action="store_true",
+                     help="the sweep is already running: start this plan's workers beside it")
+    run.add_argument("--redo-changed", action="store_true",
+                     help="move outputs made with other settings aside and make them again")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    report = sub.add_parser("report", help="progress: per category, per worker, failures, time left")
+    report.add_argument("manifest")
+    report.add_argument("--json", action="store_true")
+    report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS")
+    stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
+    stop.add_argument("manifest")
+    stop.add_argument("--now", action="store_true", help="kill at once")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "run")
+    args = _parser().parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest)
+        return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+class UserError(RuntimeError):
+    pass
+
+
+def _gpus():
+    from .gpus import NoGpus, discover
+    try:
+        return discover(), None
+    except NoGpus as exc:
+        return None, str(exc)
+
+
+def _plan(manifest, sweep, args):
+    from .planning import PlanError, make_plan
+    gpus, why = _gpus()
+    try:
+        plan = make_plan(manifest, sweep.jobs, gpus, cpu_slots=getattr(args, "cpu_slots", None))
+    except PlanError as exc:
+        raise UserError(f"{exc} ({why})" if why else str(exc)) from None
+    return plan, gpus, why
+
+
+def cmd_plan(manifest, args) -> int:
+    from .jobs import count_by_category
+    from .sweep import Sweep
+    sweep = Sweep(manifest)
+    plan, gpus, why = _plan(manifest, sweep, args)
+    scan = sweep.scan()
+    print(f"manifest   {manifest.path}")
+    print(f"output     {manifest.output_dir}")
+    print(f"model      {manifest.model.backend} {manifest.model.task} {manifest.model.path or ''}")
+    g = manifest.generation
+    print(f"settings   {g.width}x{g.height}, {g.num_frames} frames @ {g.fps} fps, {g.steps} steps")
+    print(f"jobs       {len(sweep.jobs)} ({len(scan.complete)} already done, "
+          f"{len(sweep.jobs) - len(scan.complete)} to run)")
+    for category, count in count_by_category(sweep.jobs).items():
+        print(f"  {category:<28} {count:>6}")
+    print()
+    if why:
+        print(f"GPUs       none usable: {why}")
+    for group in plan.groups:
+        gpu_text = "; ".join(gpu.describe() for gpu in group.gpus) or "CPU"
+        print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}  [{gpu_text}]")
+    sizes = plan.queue_sizes()
+    print("queues     " + ", ".join(f"{q}: {n}" for q, n in sizes.items())
+          + "  (idle workers take from the fullest queue)")
+    print(f"workers    {len(plan.workers)}: " + ", ".join(w.id for w in plan.workers))
+    for note in plan.notes:
+        print(f"note       {note}")
+    if scan.stale:
+        print(f"\n{len(scan.stale)} existing mp4s were made with other settings:\n" + sweep.describe_stale(scan.stale))
+    return 0
+
+
+def cmd_run(manifest, args) -> int:
+    from .executors import default_executor, executor_class
+    from .outputs import remove_partials
+    from .report import build_report, format_report
+    from .sweep import Sweep
+
+    sweep = Sweep(manifest)
+    plan, gpus, why = _plan(manifest, sweep, args)
+    name = args.executor or manifest.execution.executor or default_executor()
+    executor_type = executor_class(name)
+    missing = executor_type.unavailable()
+    if missing:
+        raise UserError(f"executor `{name}` cannot run here: {missing}")
+
+    ledger = sweep.ledger()
+    live = sweep.live_workers(ledger)
+    if live and not args.add_workers:
+        print(f"sweep `{manifest.name}` is already running ({len(live)} workers alive); not starting "
+              "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
+        print(format_report(build_report(sweep)))
+        return 0
+
+    scan = sweep.scan()
+    if scan.stale:
+        if not args.redo_changed:
+            raise UserError(
+                f"{len(scan.stale)} existing mp4s under {sweep.root} were made with other settings than "
+                f"this manifest's:\n{sweep.describe_stale(scan.stale)}\n"
+                "Nothing was started. Either restore the old settings, point output_dir at a new folder, "
+                "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
+        moved_to = sweep.move_aside(scan.stale)
+        print(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
+    if not live:
+        removed = remove_partials(sweep.root) if sweep.root.exists() else 0
+        if removed:
+            print(f"removed {removed} partial files left by interrupted workers")
+    ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
+                manifest.execution.heartbeat_timeout_s, fresh=not live)
+    if not live:
+        ledger.set_meta("started_at", str(time.time()))
+    total = len(sweep.jobs)
+    if ledger.unfinished() == 0:
+        print(f"all {total} jobs of `{manifest.name}` are done.\n")
+        print(format_report(build_report(sweep)))
+        return 0
+
+    if why:
+        print(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
+    specs = sweep.write_specs(plan)
+    if live:
+        taken = {w["id"] for w in live}
+        specs = [(s, p) for s, p in specs if s.worker not in taken]
+    executor = executor_type(sweep)
+    names = executor.start(specs)
+    counts = ledger.counts()
+    print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
+          f"({counts['done']} already done); logs in {sweep.logs}")
+    if executor.detaches and not args.follow:
+        for line in executor.attach_hints(names):
+            print(line)
+        print(f"progress: python run_experiment.py report {_quote(manifest.path)}")
+        print(f"stop:     python run_experiment.py stop {_quote(manifest.path)}")
+        return 0
+    interrupted = _follow(sweep, ledger, executor, total, show=not args.no_progress)
+    if interrupted:
+        if executor.detaches:
+            print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
+            return 0
+        print("\nstopping the workers cleanly (run the same command again to resume)…")
+        executor.stop()
+        executor.wait()
+        return 130
+    executor.wait()
+    report = build_report(sweep)
+    print()
+    print(format_report(report))
+    return 1 if report.totals.failed or report.totals.left else 0
+
+
+def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
+    """Show a progress bar until no work is left or no worker is alive; True on Ctrl-C."""
+    from tqdm import tqdm
+    counts = ledger.counts()
+    bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
+               smoothing=0.05)
+    try:
+        while True:
+            time.sleep(1.0)
+            counts = ledger.counts()
+            bar.update(counts["done"] - bar.n)
+            bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
+            if counts["pending"] + counts["running"] == 0:
+                break
+            if not executor.running():
+                break
+    except KeyboardInterrupt:
+        return True
+    finally:
+        bar.close()
+    return False
+
+
+def _quote(path) -> str:
+    import shlex
+    return shlex.quote(os.path.relpath(path))
+
+
+def cmd_report(manifest, args) -> int:
+    from .report import build_report, format_report, report_json
+    from .sweep import Sweep
+    sweep = Sweep(manifest)
+    while True:
+        report = build_report(sweep)
+        text = report_json(report) if args.json else format_report(report)
+        if args.watch:
+            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
+            try:
+                time.sleep(args.watch)
+            except KeyboardInterrupt:
+                return 0
+            continue
+        print(text)
+        return 0
+
+
+def cmd_stop(manifest, args) -> int:
+    from .executors import executor_class
+    from .sweep import Sweep
+    sweep = Sweep(manifest)
+    if not sweep.has_ledger():
+        print(f"sweep `{manifest.name}` has not run yet ({sweep.root})")
+        return 0
+    stopped = 0
+    for name in ("tmux", "local"):
+        try:
+            kind = executor_class(name)
+        except (ImportError, KeyError):
+            continue
+        if kind.unavailable() is None:
+            stopped += kind(sweep).stop(now=args.now)
+            break
+    print(f"stopped sweep `{manifest.name}`" + (" (killed)" if args.now else "") + f": {stopped} processes signalled")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

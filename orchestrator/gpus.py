@@ -1,0 +1,161 @@
+"""GPU discovery through NVML (nvidia-ml-py), and a fake NVML for machines without GPUs.
+
+Indices are NVML's (PCI bus order); workers are pinned with CUDA_DEVICE_ORDER=PCI_BUS_ID so that
+CUDA's numbering agrees. `CUDA_VISIBLE_DEVICES` of the calling process limits what is seen.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+class NoGpus(RuntimeError):
+    """No NVIDIA GPU can be used here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int  # NVML index (PCI bus order)
+    uuid: str
+    name: str
+    total_bytes: int
+    free_bytes: int
+    used_by_others_bytes: int  # memory held by processes already on the card
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.index}"
+
+    def describe(self) -> str:
+        return (f"{self.label} {self.name}: {self.free_bytes / GIB:.1f} of {self.total_bytes / GIB:.1f} GiB free"
+                + (f", {self.used_by_others_bytes / GIB:.1f} GiB held by other processes"
+                   if self.used_by_others_bytes else ""))
+
+
+def _visible_filter(visible: str | None):
+    """Which NVML devices CUDA_VISIBLE_DEVICES admits: by index or by UUID (prefix)."""
+    if visible is None:
+        return lambda index, uuid: True
+    items = [v.strip() for v in visible.split(",") if v.strip()]
+    allowed: list[str] = []
+    for item in items:
+        if item.startswith("-"):  # CUDA stops at the first invalid entry
+            break
+        allowed.append(item)
+
+    def admit(index: int, uuid: str) -> bool:
+        return any(item == str(index) or (item.startswith("GPU-") and uuid.startswith(item))
+                   for item in allowed)
+    return admit
+
+
+def discover(nvml=None, visible: str | None = ...) -> list[Gpu]:
+    """The GPUs this process may use, with their memory now. Raises NoGpus with the reason."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            raise NoGpus("nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
+    if visible is ...:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        raise NoGpus(f"no NVIDIA driver found (NVML: {exc})") from None
+    try:
+        admit = _visible_filter(visible)
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            if not admit(index, uuid):
+                continue
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            others = 0
+            for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+                try:
+                    others += sum(p.usedGpuMemory or 0 for p in getattr(nvml, getter)(handle))
+                except Exception:
+                    pass
+            gpus.append(Gpu(index=index, uuid=uuid, name=_text(nvml.nvmlDeviceGetName(handle)),
+                            total_bytes=int(memory.total), free_bytes=int(memory.free),
+                            used_by_others_bytes=int(others)))
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+    if not gpus:
+        raise NoGpus("NVML sees no GPU" + (f" admitted by CUDA_VISIBLE_DEVICES={visible!r}" if visible else ""))
+    return gpus
+
+
+def process_memory(pid: int, nvml=None) -> dict[int, int]:
+    """Device memory (bytes) that process `pid` holds, per NVML GPU index (CUDA context included)."""
+    if nvml is None:
+        import pynvml as nvml
+    nvml.nvmlInit()
+    try:
+        used = {}
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    used[index] = used.get(index, 0) + int(proc.usedGpuMemory)
+        return used
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class FakeNvml:
+    """A FAKE of the pynvml calls `discover` makes, for tests and planning on machines without GPUs.
+
+    cards: list of (name, total GiB, used GiB by other processes).
+    """
+
+    class _Memory:
+        def __init__(self, total, free, used):
+            self.total, self.free, self.used = total, free, used
+
+    class _Proc:
+        def __init__(self, pid, used):
+            self.pid, self.usedGpuMemory = pid, used
+
+    def __init__(self, cards: list[tuple[str, float, float]]):
+        self.cards = cards
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.cards)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetUUID(self, handle):
+        return f"GPU-fake-{handle:04d}"
+
+    def nvmlDeviceGetName(self, handle):
+        return self.cards[handle][0]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        _, total, used = self.cards[handle]
+        total_b, used_b = int(total * GIB), int(used * GIB)
+        return self._Memory(total_b, total_b - used_b, used_b)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        used = self.cards[handle][2]
+        return [self._Proc(99999, int(used * GIB))] if used else []
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle):
+        return []

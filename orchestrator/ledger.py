@@ -1,0 +1,325 @@
+"""The sweep's ledger: one SQLite file (WAL) with jobs, claims, attempts and workers.
+
+The ledger decides what is in flight and keeps history; the disk decides what is done (see
+`outputs`). Claims are atomic across processes (`BEGIN IMMEDIATE`), carry a heartbeat, and a claim
+whose heartbeat stops goes back to the queue with its attempt used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .jobs import Job
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    ordinal INTEGER NOT NULL,
+    queue TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    category TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL DEFAULT 'pending',   -- pending | running | done | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    claimed_at REAL,
+    heartbeat_at REAL,
+    finished_at REAL,
+    seconds REAL,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, queue, ordinal);
+CREATE INDEX IF NOT EXISTS jobs_group ON jobs (state, grp, ordinal);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    outcome TEXT,           -- done | error | oom | timeout | lost | released
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT,
+    pid INTEGER,
+    supervisor_pid INTEGER,
+    devices TEXT,
+    state TEXT,             -- starting | loading | idle | running | exited | failed | retired
+    started_at REAL,
+    heartbeat_at REAL,
+    job TEXT,
+    jobs_done INTEGER NOT NULL DEFAULT 0,
+    busy_s REAL NOT NULL DEFAULT 0,
+    ooms INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    message TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    attempt: int
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 60.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- meta
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def request_stop(self) -> None:
+        self.set_meta("stop_requested", str(time.time()))
+
+    def stop_requested(self) -> bool:
+        return self.get_meta("stop_requested") is not None
+
+    # ---------------------------------------------------------------- sweep set-up
+    def sync(self, jobs: Iterable[Job], queues: dict[str, str], complete: set[str],
+             max_attempts: int, heartbeat_timeout_s: float, fresh: bool) -> None:
+        """Make the ledger hold exactly these jobs, with done-ness taken from the disk.
+
+        `fresh` (no worker of this sweep alive): every unfinished job starts over with no attempt
+        used, so a new `run` gives failed and interrupted jobs another chance.
+        """
+        rows = [(j.id, j.ordinal, queues[j.id], j.group, j.category,
+                 json.dumps(j.to_dict(), ensure_ascii=False)) for j in jobs]
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET active = 0")
+            db.executemany(
+                "INSERT INTO jobs (id, ordinal, queue, grp, category, payload) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET ordinal=excluded.ordinal, queue=excluded.queue, "
+                "grp=excluded.grp, category=excluded.category, payload=excluded.payload, active=1",
+                rows)
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS complete_ids (id TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM complete_ids")
+            db.executemany("INSERT OR IGNORE INTO complete_ids VALUES (?)", ((i,) for i in complete))
+            now = time.time()
+            db.execute("UPDATE jobs SET state='done', finished_at=COALESCE(finished_at, ?), last_error=NULL "
+                       "WHERE active AND state != 'done' AND id IN (SELECT id FROM complete_ids)", (now,))
+            db.execute("UPDATE jobs SET state='pending', attempts=0, worker=NULL, seconds=NULL, skipped=0 "
+                       "WHERE active AND state = 'done' AND id NOT IN (SELECT id FROM complete_ids)")
+            if fresh:
+                db.execute("UPDATE attempts SET finished_at=?, outcome='lost', error='sweep restarted' "
+                           "WHERE finished_at IS NULL", (now,))
+                db.execute("UPDATE jobs SET state='pending', attempts=0, worker=NULL "
+                           "WHERE active AND state IN ('running', 'failed')")
+                db.execute("UPDATE workers SET state='exited', job=NULL WHERE state IN "
+                           f"({','.join('?' * len(LIVE_WORKER_STATES))})", LIVE_WORKER_STATES)
+                db.execute("DELETE FROM meta WHERE key = 'stop_requested'")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('max_attempts', ?)", (str(max_attempts),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat_timeout_s', ?)",
+                       (str(heartbeat_timeout_s),))
+
+    # ---------------------------------------------------------------- claims
+    def _limits(self) -> tuple[int, float]:
+        return (int(self.get_meta("max_attempts", "3")),
+                float(self.get_meta("heartbeat_timeout_s", "300")))
+
+    def requeue_expired(self, db: sqlite3.Connection | None = None) -> int:
+        """Claims whose heartbeat stopped go back to the queue (their attempt stays used)."""
+        max_attempts, timeout = self._limits()
+        cutoff = time.time() - timeout
+        rows = (db or self.db).execute(
+            "SELECT id, worker FROM jobs WHERE state='running' AND heartbeat_at < ?", (cutoff,)).fetchall()
+        for job_id, worker in rows:
+            self._end_attempt(job_id, worker, "lost",
+                              f"worker {worker} stopped beating for more than {timeout:.0f}s", max_attempts)
+        return len(rows)
+
+    def claim(self, worker: str, queue: str, prefer_group: str | None = None) -> Claim | None:
+        """Atomically take the next job for `worker`, or None when nothing is pending.
+
+        Order: the same reference as the last job (grouped work), then the worker's own queue in
+        manifest order, then the back of the fullest other queue (stealing).
+        """
+        with self.transaction() as db:
+            self.requeue_expired(db)
+            row = None
+            if prefer_group is not None:
+                row = db.execute(
+                    "SELECT id, payload FROM jobs WHERE state='pending' AND active AND grp=? "
+                    "ORDER BY queue != ?, ordinal LIMIT 1", (prefer_group, queue)).fetchone()
+            if row is None:
+                row = db.execute(
+                    "SELECT id, payload FROM jobs WHERE state='pending' AND active AND queue=? "
+                    "ORDER BY ordinal LIMIT 1", (queue,)).fetchone()
+            if row is None:
+                fullest = db.execute(
+                    "SELECT queue FROM jobs WHERE state='pending' AND active GROUP BY queue "
+                    "ORDER BY COUNT(*) DESC, queue LIMIT 1").fetchone()
+                if fullest is not None:
+                    row = db.execute(
+                        "SELECT id, payload FROM jobs WHERE state='pending' AND active AND queue=? "
+                        "ORDER BY ordinal DESC LIMIT 1", (fullest[0],)).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, worker=?, claimed_at=?, "
+                       "heartbeat_at=? WHERE id=?", (worker, now, now, row[0]))
+            db.execute("INSERT INTO attempts (job_id, worker, started_at) VALUES (?,?,?)",
+                       (row[0], worker, now))
+            db.execute("UPDATE workers SET state='running', job=?, heartbeat_at=? WHERE id=?",
+                       (row[0], now, worker))
+            attempt = db.execute("SELECT attempts FROM jobs WHERE id=?", (row[0],)).fetchone()[0]
+        return Claim(Job.from_dict(json.loads(row[1])), attempt)
+
+    def _end_attempt(self, job_id: str, worker: str | None, outcome: str, error: str | None,
+                     max_attempts: int) -> str:
+        """Close the open attempt and put the job back (or fail it for good); return its new state."""
+        now = time.time()
+        self.db.execute("UPDATE attempts SET finished_at=?, outcome=?, error=? WHERE job_id=? AND "
+                        "worker IS ? AND finished_at IS NULL", (now, outcome, error, job_id, worker))
+        attempts = self.db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+        state = "failed" if attempts >= max_attempts else "pending"
+        self.db.execute("UPDATE jobs SET state=?, worker=NULL, last_error=?, finished_at=? WHERE id=?",
+                        (state, error, now if state == "failed" else None, job_id))
+        self.db.execute("UPDATE workers SET job=NULL WHERE id=? AND job=?", (worker, job_id))
+        return state
+
+    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state='done', worker=?, finished_at=?, seconds=?, skipped=?, "
+                       "last_error=NULL WHERE id=?", (worker, now, seconds, int(skipped), job_id))
+            if skipped:
+                db.execute("UPDATE jobs SET attempts=MAX(0, attempts-1) WHERE id=?", (job_id,))
+            db.execute("UPDATE attempts SET finished_at=?, outcome=? WHERE job_id=? AND worker=? "
+                       "AND finished_at IS NULL", (now, "skipped" if skipped else "done", job_id, worker))
+            db.execute("UPDATE workers SET job=NULL, state='idle', jobs_done=jobs_done+?, "
+                       "busy_s=busy_s+? WHERE id=?", (0 if skipped else 1, 0 if skipped else seconds, worker))
+
+    def fail(self, job_id: str, worker: str, error: str, outcome: str = "error") -> str:
+        """Record a failed attempt; the job goes back to the queue until its attempts run out."""
+        max_attempts, _ = self._limits()
+        with self.transaction() as db:
+            if db.execute("SELECT worker FROM jobs WHERE id=?", (job_id,)).fetchone()[0] != worker:
+                return "lost"  # the claim had already expired and moved on
+            state = self._end_attempt(job_id, worker, outcome, error, max_attempts)
+            if outcome == "oom":
+                db.execute("UPDATE workers SET ooms=ooms+1 WHERE id=?", (worker,))
+            db.execute("UPDATE workers SET state='idle' WHERE id=?", (worker,))
+        return state
+
+    def release(self, job_id: str, worker: str) -> None:
+        """Give a job back without using an attempt (a graceful stop)."""
+        with self.transaction() as db:
+            db.execute("UPDATE attempts SET finished_at=?, outcome='released' WHERE job_id=? AND worker=? "
+                       "AND finished_at IS NULL", (time.time(), job_id, worker))
+            db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
+                       "WHERE id=? AND worker=? AND state='running'", (job_id, worker))
+
+    def requeue_worker(self, worker: str, reason: str) -> int:
+        """The worker died: its claims go back to the queue at once, their attempts used."""
+        max_attempts, _ = self._limits()
+        with self.transaction() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE state='running' AND worker=?", (worker,)).fetchall()
+            for (job_id,) in rows:
+                self._end_attempt(job_id, worker, "lost", reason, max_attempts)
+        return len(rows)
+
+    def heartbeat(self, worker: str, job_id: str | None) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE workers SET heartbeat_at=? WHERE id=?", (now, worker))
+            if job_id:
+                db.execute("UPDATE jobs SET heartbeat_at=? WHERE id=? AND worker=? AND state='running'",
+                           (now, job_id, worker))
+
+    # ---------------------------------------------------------------- workers
+    def register_worker(self, worker: str, devices: tuple[int, ...], pid: int | None = None,
+                        supervisor_pid: int | None = None, state: str = "loading") -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT INTO workers (id, host, pid, supervisor_pid, devices, state, started_at, "
+                       "heartbeat_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                       "host=excluded.host, pid=COALESCE(excluded.pid, pid), "
+                       "supervisor_pid=COALESCE(excluded.supervisor_pid, supervisor_pid), "
+                       "devices=excluded.devices, state=excluded.state, started_at=excluded.started_at, "
+                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL",
+                       (worker, socket.gethostname(), pid, supervisor_pid,
+                        ",".join(map(str, devices)), state, now, now))
+
+    def set_worker(self, worker: str, **fields) -> None:
+        if not fields:
+            return
+        names = ", ".join(f"{k}=?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE workers SET {names} WHERE id=?", (*fields.values(), worker))
+
+    def workers(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM workers ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def worker(self, worker: str) -> dict | None:
+        return next((w for w in self.workers() if w["id"] == worker), None)
+
+    # ---------------------------------------------------------------- queries
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM jobs WHERE active GROUP BY state").fetchall()
+        counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
+        counts.update(dict(rows))
+        return counts
+
+    def unfinished(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE active AND state IN ('pending', 'running')"
+                               ).fetchone()[0]
+
+    def jobs(self) -> list[dict]:
+        cur = self.db.execute("SELECT id, queue, state, attempts, worker, heartbeat_at, finished_at, "
+                              "seconds, skipped, last_error FROM jobs WHERE active ORDER BY ordinal")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def attempts(self, job_id: str | None = None) -> list[dict]:
+        query = "SELECT * FROM attempts" + (" WHERE job_id=?" if job_id else "") + " ORDER BY started_at"
+        cur = self.db.execute(query, (job_id,) if job_id else ())
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]

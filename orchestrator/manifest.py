@@ -1,0 +1,577 @@
+"""The experiment manifest: read YAML with line marks and validate it into frozen dataclasses.
+
+Every problem is collected (file, line, what is wrong, how to fix it) and raised together as one
+`ManifestError`, before anything starts. Relative paths resolve against the manifest's folder.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("t2v", "i2v", "v2v")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EXECUTORS = ("tmux", "local", "ray")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int  # 1-based; 0 when the problem concerns the whole file
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else f"{self.file}"
+        return f"{where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
+
+
+class ManifestError(ValueError):
+    """All the problems of one manifest, reported together."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"manifest has {count}; nothing was started:\n" +
+                         "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backend: str
+    task: str
+    path: str | None = None
+    dtype: str = "bfloat16"
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific, checked by the backend
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    width: int = 832
+    height: int = 480
+    num_frames: int = 81
+    fps: int = 15
+    steps: int = 50
+    cfg_scale: float = 5.0
+    denoising_strength: float = 1.0
+    negative_prompt: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to the backend as keyword arguments
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One input of a category: a reference video, an image, or nothing (text-to-video)."""
+    stem: str | None
+    path: Path | None
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    kind: str  # "videos", "images" or "none"
+    references: tuple[Reference, ...]
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: str | tuple[int, ...] = "all"
+    workers_per_gpu: int | str = 1  # an integer, or "auto" (measured sizing)
+    gpus_per_worker: int | str = 1
+    cpu_slots: int = 2  # worker slots when the machine has no NVIDIA GPU and the backend runs on CPU
+    memory_margin_gib: float = 2.0
+
+
+@dataclass(frozen=True)
+class Execution:
+    executor: str | None = None  # None: tmux where tmux exists, else local
+    retries: int = 2
+    job_timeout_s: float = 1800.0
+    heartbeat_timeout_s: float = 300.0
+    max_restarts: int = 5
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    output_dir: Path
+    model: ModelConfig
+    generation: GenerationConfig
+    seeds: tuple[int, ...]
+    categories: tuple[Category, ...]
+    resources: Resources
+    execution: Execution
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + self.execution.retries
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML nodes with line numbers
+
+
+class _Reader:
+    """Walks a composed YAML node tree and records problems with their file and line."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def problem(self, node: yaml.Node | None, message: str, fix: str = "", file: Path | None = None):
+        line = node.start_mark.line + 1 if node is not None else 0
+        self.problems.append(Problem(file or self.file, line, message, fix))
+
+    def mapping(self, node, what: str, allowed: dict[str, bool] | None = None) -> dict[str, tuple]:
+        """Return {key: (key_node, value_node)}; report unknown and missing required keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, f"{what} must be a mapping (key: value)", f"write {what} as `key: value` lines")
+            return {}
+        out: dict[str, tuple] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None:
+                self.problem(key_node, f"{what} has a key that is not a plain name")
+                continue
+            if key in out:
+                self.problem(key_node, f"{what} has `{key}` twice", "keep one of them")
+                continue
+            if allowed is not None and key not in allowed:
+                self.problem(key_node, f"unknown key `{key}` in {what}",
+                             f"use one of: {', '.join(sorted(allowed))}")
+                continue
+            out[key] = (key_node, value_node)
+        if allowed is not None:
+            for key, required in allowed.items():
+                if required and key not in out:
+                    self.problem(node, f"{what} is missing `{key}`", f"add `{key}:` to {what}")
+        return out
+
+    @staticmethod
+    def value(node) -> Any:
+        return yaml.safe_load(yaml.serialize(node)) if node is not None else None
+
+    def scalar(self, node, what: str, kind: type | tuple, default=None, choices=None):
+        if node is None:
+            return default
+        value = self.value(node)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds).replace("str", "text").replace("int", "integer")
+            self.problem(node, f"{what} must be {names}, got {value!r}", f"set {what} to a {names}")
+            return default
+        if choices is not None and value not in choices:
+            self.problem(node, f"{what} is {value!r}", f"use one of: {', '.join(map(str, choices))}")
+            return default
+        return value
+
+
+def _compose(path: Path) -> yaml.Node | None:
+    with open(path, encoding="utf-8") as stream:
+        return yaml.compose(stream, Loader=yaml.SafeLoader)
+
+
+def safe_component_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder/file name under the output folder, or None when it can."""
+    if not name or name.strip() != name:
+        return "is empty or has leading/trailing spaces"
+    if name in (".", "..") or ".." in name.split(os.sep):
+        return "would escape the output folder (`..`)"
+    if "/" in name or "\\" in name or os.path.isabs(name):
+        return "contains a path separator or is an absolute path"
+    if "\x00" in name or any(ord(ch) < 32 for ch in name):
+        return "contains control characters"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate a manifest; raise ManifestError listing every problem."""
+    path = Path(path).resolve()
+    reader = _Reader(path)
+    if not path.is_file():
+        raise ManifestError([Problem(path, 0, "manifest file does not exist", "check the path")])
+    try:
+        root = _compose(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 0
+        raise ManifestError([Problem(path, line, f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                                     "fix the YAML syntax at that line")]) from None
+    except UnicodeDecodeError:
+        raise ManifestError([Problem(path, 0, "manifest is not UTF-8 text", "save it as UTF-8")]) from None
+    if root is None:
+        raise ManifestError([Problem(path, 0, "manifest is empty", "see experiments/demo.yaml")])
+
+    base = path.parent
+    top = reader.mapping(root, "the manifest", {
+        "name": True, "output_dir": False, "model": True, "generation": False, "seeds": True,
+        "categories": True, "resources": False, "execution": False})
+
+    name_node = top.get("name", (None, None))[1]
+    name = reader.scalar(name_node, "name", str, default="experiment")
+    if name_node is not None and isinstance(name, str) and safe_component_problem(name):
+        reader.problem(name_node, f"name {name!r} {safe_component_problem(name)}", "use a plain name")
+
+    out_node = top.get("output_dir", (None, None))[1]
+    output_dir = reader.scalar(out_node, "output_dir", str, default=f"results/{name}")
+    output_dir = (base / output_dir).resolve()
+
+    model = _read_model(reader, top.get("model", (None, None))[1])
+    generation = _read_generation(reader, top.get("generation", (None, None))[1])
+    seeds = _read_seeds(reader, top.get("seeds", (None, None))[1])
+    resources = _read_resources(reader, top.get("resources", (None, None))[1])
+    execution = _read_execution(reader, top.get("execution", (None, None))[1])
+    categories = _read_categories(reader, top.get("categories", (None, None))[1], base,
+                                  model.task if model else None)
+
+    manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
+                        generation=generation, seeds=seeds, categories=categories,
+                        resources=resources, execution=execution)
+    _check_backend(reader, manifest, top.get("model", (None, None))[1])
+    if reader.problems:
+        raise ManifestError(reader.problems)
+    return manifest
+
+
+def _read_model(reader: _Reader, node) -> ModelConfig | None:
+    if node is None:
+        return None
+    keys = reader.mapping(node, "model", {"backend": True, "task": True, "path": False,
+                                          "dtype": False, "options": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    backend = reader.scalar(get("backend"), "model.backend", str, default="synthetic")
+    task = reader.scalar(get("task"), "model.task", str, default="t2v", choices=TASKS)
+    model_path = reader.scalar(get("path"), "model.path", str)
+    dtype = reader.scalar(get("dtype"), "model.dtype", str, default="bfloat16",
+                          choices=("bfloat16", "float16", "float32"))
+    options = {}
+    if get("options") is not None:
+        reader.mapping(get("options"), "model.options")
+        options = reader.value(get("options")) or {}
+    if model_path is not None and not os.path.isabs(model_path):
+        candidate = (reader.file.parent / model_path)
+        # A relative path that exists next to the manifest is a local checkpoint; otherwise it may be
+        # a hub id, which the backend resolves.
+        if candidate.exists():
+            model_path = str(candidate.resolve())
+    return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options)
+
+
+def _read_generation(reader: _Reader, node) -> GenerationConfig:
+    if node is None:
+        return GenerationConfig()
+    keys = reader.mapping(node, "generation", {
+        "width": False, "height": False, "num_frames": False, "fps": False, "steps": False,
+        "cfg_scale": False, "denoising_strength": False, "negative_prompt": False, "extra": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    d = GenerationConfig()
+    width = reader.scalar(get("width"), "generation.width", int, d.width)
+    height = reader.scalar(get("height"), "generation.height", int, d.height)
+    frames = reader.scalar(get("num_frames"), "generation.num_frames", int, d.num_frames)
+    for key, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 16:
+            lower = max(16, value // 16 * 16)
+            reader.problem(get(key), f"generation.{key} is {value}, not a positive multiple of 16",
+                           f"use {lower} or {lower + 16}")
+    if frames < 1 or (frames - 1) % 4:
+        lower = max(1, (frames - 1) // 4 * 4 + 1)
+        reader.problem(get("num_frames"), f"generation.num_frames is {frames}, not of the form 4n+1",
+                       f"use {lower} or {lower + 4}")
+    fps = reader.scalar(get("fps"), "generation.fps", int, d.fps)
+    steps = reader.scalar(get("steps"), "generation.steps", int, d.steps)
+    if fps <= 0:
+        reader.problem(get("fps"), f"generation.fps is {fps}", "use a positive frame rate, e.g. 15")
+    if steps <= 0:
+        reader.problem(get("steps"), f"generation.steps is {steps}", "use a positive number of steps")
+    strength = reader.scalar(get("denoising_strength"), "generation.denoising_strength", float,
+                             d.denoising_strength)
+    if not 0.0 < strength <= 1.0:
+        reader.problem(get("denoising_strength"), f"generation.denoising_strength is {strength}",
+                       "use a value in (0, 1]")
+    extra = {}
+    if get("extra") is not None:
+        reader.mapping(get("extra"), "generation.extra")
+        extra = reader.value(get("extra")) or {}
+    return GenerationConfig(
+        width=width, height=height, num_frames=frames, fps=fps, steps=steps,
+        cfg_scale=reader.scalar(get("cfg_scale"), "generation.cfg_scale", float, d.cfg_scale),
+        denoising_strength=strength,
+        negative_prompt=reader.scalar(get("negative_prompt"), "generation.negative_prompt", str, ""),
+        extra=extra)
+
+
+def _read_seeds(reader: _Reader, node) -> tuple[int, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        reader.problem(node, "seeds must be a non-empty list of integers", "write e.g. `seeds: [42, 142]`")
+        return ()
+    seeds: list[int] = []
+    for item in node.value:
+        seed = reader.scalar(item, "each seed", int)
+        if seed is None:
+            continue
+        if seed in seeds:
+            reader.problem(item, f"seed {seed} is listed twice", "remove the duplicate seed")
+            continue
+        if not 0 <= seed < 2**63:
+            reader.problem(item, f"seed {seed} is out of range", "use a seed in [0, 2^63)")
+            continue
+        seeds.append(seed)
+    return tuple(seeds)
+
+
+def _read_resources(reader: _Reader, node) -> Resources:
+    if node is None:
+        return Resources()
+    keys = reader.mapping(node, "resources", {"gpus": False, "workers_per_gpu": False,
+                                              "gpus_per_worker": False, "cpu_slots": False,
+                                              "memory_margin_gib": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    gpus: str | tuple[int, ...] = "all"
+    if get("gpus") is not None:
+        value = reader.value(get("gpus"))
+        if value == "all":
+            gpus = "all"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            gpus = (value,)
+        elif isinstance(value, list) and value and all(isinstance(v, int) and v >= 0 for v in value) \
+                and len(set(value)) == len(value):
+            gpus = tuple(value)
+        else:
+            reader.problem(get("gpus"), f"resources.gpus is {value!r}",
+                           "use `all` or a list of distinct GPU indices, e.g. [0, 1]")
+
+    def count_or_auto(key: str, default):
+        n = get(key)
+        if n is None:
+            return default
+        value = reader.value(n)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        reader.problem(n, f"resources.{key} is {value!r}", "use `auto` or a whole number ≥ 1")
+        return default
+
+    slots = reader.scalar(get("cpu_slots"), "resources.cpu_slots", int, 2)
+    if slots < 1:
+        reader.problem(get("cpu_slots"), f"resources.cpu_slots is {slots}", "use a number ≥ 1")
+    return Resources(gpus=gpus, workers_per_gpu=count_or_auto("workers_per_gpu", 1),
+                     gpus_per_worker=count_or_auto("gpus_per_worker", 1), cpu_slots=max(1, slots),
+                     memory_margin_gib=reader.scalar(get("memory_margin_gib"),
+                                                     "resources.memory_margin_gib", float, 2.0))
+
+
+def _read_execution(reader: _Reader, node) -> Execution:
+    if node is None:
+        return Execution()
+    keys = reader.mapping(node, "execution", {"executor": False, "retries": False,
+                                              "job_timeout_s": False, "heartbeat_timeout_s": False,
+                                              "max_restarts": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    d = Execution()
+    execution = Execution(
+        executor=reader.scalar(get("executor"), "execution.executor", str, None, choices=EXECUTORS),
+        retries=reader.scalar(get("retries"), "execution.retries", int, d.retries),
+        job_timeout_s=reader.scalar(get("job_timeout_s"), "execution.job_timeout_s", float,
+                                    d.job_timeout_s),
+        heartbeat_timeout_s=reader.scalar(get("heartbeat_timeout_s"), "execution.heartbeat_timeout_s",
+                                          float, d.heartbeat_timeout_s),
+        max_restarts=reader.scalar(get("max_restarts"), "execution.max_restarts", int, d.max_restarts))
+    for key in ("retries", "max_restarts"):
+        if getattr(execution, key) < 0:
+            reader.problem(get(key), f"execution.{key} is negative", "use 0 or more")
+    for key in ("job_timeout_s", "heartbeat_timeout_s"):
+        if getattr(execution, key) <= 0:
+            reader.problem(get(key), f"execution.{key} must be positive", "use a number of seconds > 0")
+    return execution
+
+
+# --------------------------------------------------------------------------------------------------
+# Categories, references and prompts
+
+
+def _read_categories(reader: _Reader, node, base: Path, task: str | None) -> tuple[Category, ...]:
+    if node is None:
+        return ()
+    entries = reader.mapping(node, "categories")
+    if not entries and isinstance(node, yaml.MappingNode):
+        reader.problem(node, "categories is empty", "add at least one category")
+    categories = []
+    for name, (key_node, value_node) in entries.items():
+        why = safe_component_problem(name)
+        if why:
+            reader.problem(key_node, f"category name {name!r} {why}",
+                           "rename the category to a plain folder name")
+            continue
+        category = _read_category(reader, name, value_node, base, task)
+        if category is not None:
+            categories.append(category)
+    return tuple(categories)
+
+
+def _read_category(reader: _Reader, name: str, node, base: Path, task: str | None) -> Category | None:
+    what = f"category `{name}`"
+    keys = reader.mapping(node, what, {"videos": False, "images": False, "prompts": True})
+    if not keys:
+        return None
+    if "videos" in keys and "images" in keys:
+        reader.problem(node, f"{what} has both videos and images", "keep one of them")
+        return None
+    kind = "videos" if "videos" in keys else "images" if "images" in keys else "none"
+    expected = {"v2v": "videos", "i2v": "images", "t2v": "none"}.get(task or "")
+    if expected and kind != expected:
+        fix = {"videos": "add `videos:` (reference videos) or change model.task",
+               "images": "add `images:` (first frames) or change model.task",
+               "none": "remove the reference files or change model.task to v2v/i2v"}[expected]
+        reader.problem(node, f"{what} has {kind if kind != 'none' else 'no references'}, "
+                             f"but model.task {task} needs {expected if expected != 'none' else 'none'}", fix)
+
+    inputs: list[Path] = []
+    if kind != "none":
+        inputs = _read_inputs(reader, what, keys[kind][1], base, kind)
+
+    prompts_node = keys.get("prompts", (None, None))[1]
+    prompts, prompts_file, prompt_lines, prompts_node = _read_prompts(reader, what, prompts_node, base)
+    if prompts is None:
+        return None
+
+    references: list[Reference] = []
+    if kind == "none":
+        if isinstance(prompts, dict):
+            reader.problem(prompts_node, f"{what} has no videos, so its prompts must be a list, "
+                                         "not a mapping from video stem", "write the prompts as a list")
+            return None
+        references.append(Reference(stem=None, path=None, prompts=tuple(prompts)))
+    else:
+        stems: dict[str, Path] = {}
+        for file in inputs:
+            stem = file.stem
+            why = safe_component_problem(stem)
+            if why:
+                reader.problem(keys[kind][1], f"{what}: file name {file.name!r} {why}", "rename the file")
+                continue
+            if stem in stems:
+                reader.problem(keys[kind][1], f"{what}: {stems[stem].name} and {file.name} map to one "
+                                              f"output folder `{name}/{stem}`",
+                               "rename one of the files or put them in separate categories")
+                continue
+            stems[stem] = file
+        if isinstance(prompts, dict):
+            for stem in prompts:
+                if stem not in stems:
+                    reader.problem(prompt_lines.get(stem, prompts_node),
+                                   f"{what}: prompts are given for `{stem}`, but there is no such "
+                                   f"{kind[:-1]}", f"add the {kind[:-1]} or remove those prompts",
+                                   file=prompts_file)
+            for stem, file in stems.items():
+                if stem not in prompts:
+                    reader.problem(prompts_node, f"{what}: {kind[:-1]} `{file.name}` has no prompts",
+                                   f"add `{stem}:` with its prompts", file=prompts_file)
+                    continue
+                references.append(Reference(stem=stem, path=file, prompts=tuple(prompts[stem])))
+        else:
+            references.extend(Reference(stem=s, path=f, prompts=tuple(prompts)) for s, f in stems.items())
+    return Category(name=name, kind=kind, references=tuple(references))
+
+
+def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> list[Path]:
+    suffixes = VIDEO_SUFFIXES if kind == "videos" else IMAGE_SUFFIXES
+    value = reader.value(node)
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+        reader.problem(node, f"{what}: {kind} must be a glob pattern or a list of paths",
+                       f"write e.g. `{kind}: refs/{kind}/*{suffixes[0]}`")
+        return []
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    found: list[tuple[Path, yaml.Node]] = []
+    for pattern, item in zip(patterns, items):
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(Path(m) for m in glob.glob(full, recursive=True) if os.path.isfile(m))
+            if not matches:
+                reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
+                               "check the pattern and that the files are there")
+            found.extend((m.resolve(), item) for m in matches)
+            continue
+        file = Path(full)
+        if not file.is_file():
+            reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
+                           "fix the path; relative paths start at the manifest's folder")
+            continue
+        found.append((file.resolve(), item))
+    files = []
+    for file, item in found:
+        if file.suffix.lower() not in suffixes:
+            reader.problem(item, f"{what}: `{file.name}` is not a {kind[:-1]} file ({', '.join(suffixes)})",
+                           f"list only {kind} here")
+        elif not os.access(file, os.R_OK):
+            reader.problem(item, f"{what}: `{file}` is not readable", "fix the file's permissions")
+        elif file.stat().st_size == 0:
+            reader.problem(item, f"{what}: `{file}` is empty", "replace it with the real file")
+        else:
+            files.append(file)
+    return files
+
+
+def _read_prompts(reader: _Reader, what: str, node, base: Path):
+    """Return (list | {stem: list} | None, the file they came from, {stem: key node}, their node)."""
+    file = reader.file
+    value = reader.value(node)
+    if isinstance(value, str) and not value.strip().startswith(("[", "{")) and "\n" not in value \
+            and Path(value).suffix.lower() in (".yaml", ".yml", ".txt", ".json"):
+        prompt_path = Path(value) if os.path.isabs(value) else base / value
+        if not prompt_path.is_file():
+            reader.problem(node, f"{what}: prompts file `{value}` does not exist ({prompt_path})",
+                           "fix the path; relative paths start at the manifest's folder")
+            return None, file, {}, node
+        file = prompt_path.resolve()
+        if prompt_path.suffix.lower() == ".txt":
+            lines = [line.strip() for line in prompt_path.read_text(encoding="utf-8").splitlines()]
+            value, node = [line for line in lines if line], None
+        else:
+            try:
+                node = _compose(prompt_path)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                reader.problems.append(Problem(file, mark.line + 1 if mark else 0,
+                                               f"prompts file is not valid YAML: {exc}", "fix its syntax"))
+                return None, file, {}, None
+            value = reader.value(node)
+    lines: dict[str, Any] = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {k.value: k for k, _ in node.value}
+    if isinstance(value, list) and value and all(isinstance(p, str) and p.strip() for p in value):
+        return value, file, lines, node
+    if isinstance(value, dict) and value and all(
+            isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v)
+            for v in value.values()):
+        return {str(k): v for k, v in value.items()}, file, lines, node
+    reader.problem(node, f"{what}: prompts must be a non-empty list of texts, a mapping from video "
+                         "stem to such a list, or the path of a .yaml/.txt file holding one",
+                   "see experiments/motion_transfer.yaml", file=file)
+    return None, file, {}, node
+
+
+def _check_backend(reader: _Reader, manifest: Manifest, model_node) -> None:
+    """Let the chosen backend check its own options (unknown backend → a problem here)."""
+    if manifest.model is None:
+        return
+    from .backends import BACKENDS, backend_class
+    if manifest.model.backend not in BACKENDS:
+        reader.problem(model_node, f"unknown model.backend `{manifest.model.backend}`",
+                       f"use one of: {', '.join(sorted(BACKENDS))}")
+        return
+    for message in backend_class(manifest.model.backend).check(manifest):
+        reader.problem(model_node, message)

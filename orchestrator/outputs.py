@@ -1,0 +1,186 @@
+"""Outputs on disk: atomic mp4 writes, JSON sidecars, and "is this mp4 a complete video".
+
+A final name only ever holds a checked video: frames go to a temporary file in the same folder, the
+file is reopened and its frames counted, and only then is it renamed into place. The sidecar (same
+name, `.json`) is written before the rename, so an mp4 without a sidecar was made by something else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+
+TEMP_MARK = ".partial-"
+
+
+class InvalidVideo(RuntimeError):
+    pass
+
+
+def sidecar_path(mp4: str | os.PathLike) -> Path:
+    return Path(mp4).with_suffix(".json")
+
+
+def count_frames(path: str | os.PathLike) -> int | None:
+    """Frames in the video stream, counted from its packets (no decoding); None if unreadable."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            frames = 0
+            for packet in container.demux(stream):
+                if packet.size:
+                    frames += 1
+            return frames
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+
+
+def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str | os.PathLike, fps: int,
+              expected_frames: int | None = None, sidecar: dict | None = None, crf: int = 18) -> Path:
+    """Encode frames (T×H×W×3 uint8) to H.264 at `path`, atomically; return the path.
+
+    With `sidecar`, the JSON record is written (with the encode time) after the check and before
+    the rename, so every complete mp4 this writes has its sidecar.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".mp4", dir=path.parent)
+    os.close(handle)
+    try:
+        started = time.monotonic()
+        write_mp4_file(frames, temp_name, fps, crf)
+        got = count_frames(temp_name)
+        if got is None or (expected_frames is not None and got != expected_frames):
+            raise InvalidVideo(f"encoded video has {got} frames, expected {expected_frames}")
+        if sidecar is not None:
+            write_sidecar(path, {**sidecar, "encode_seconds": round(time.monotonic() - started, 3),
+                                 "frames": got, "bytes": os.path.getsize(temp_name)})
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return path
+
+
+def write_mp4_file(frames, filename: str, fps: int, crf: int = 18) -> None:
+    with av.open(filename, mode="w", format="mp4") as container:
+        stream = None
+        for frame in frames:
+            frame = np.ascontiguousarray(frame)
+            if frame.dtype != np.uint8:
+                frame = (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
+            if stream is None:
+                stream = container.add_stream("libx264", rate=fps)
+                stream.height, stream.width = frame.shape[0], frame.shape[1]
+                stream.pix_fmt = "yuv420p"  # what browsers play
+                stream.options = {"crf": str(crf), "preset": "veryfast"}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        if stream is None:
+            raise InvalidVideo("no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_sidecar(mp4: str | os.PathLike, record: dict) -> Path:
+    target = sidecar_path(mp4)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=target.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(record, stream, indent=2, ensure_ascii=False, sort_keys=True)
+    os.replace(temp_name, target)
+    return target
+
+
+def read_sidecar(mp4: str | os.PathLike) -> dict | None:
+    try:
+        return json.loads(sidecar_path(mp4).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """What the disk says about one job's output."""
+    complete: bool  # a valid mp4 of the expected frame count
+    job_id: str | None = None  # the job id recorded in its sidecar (None: no sidecar)
+
+    def stale_for(self, job_id: str) -> bool:
+        """Complete, but made by other settings than this job's (the sidecar says so)."""
+        return self.complete and self.job_id is not None and self.job_id != job_id
+
+
+def inspect_output(mp4: str | os.PathLike, expected_frames: int, cache: "ProbeCache | None" = None) -> OutputState:
+    path = Path(mp4)
+    try:
+        st = path.stat()
+    except OSError:
+        return OutputState(False)
+    if st.st_size == 0:
+        return OutputState(False)
+    frames = cache.get(path, st) if cache is not None else None
+    if frames is None:
+        frames = count_frames(path)
+        if cache is not None and frames is not None:
+            cache.put(path, st, frames)
+    if frames != expected_frames:
+        return OutputState(False)
+    sidecar = read_sidecar(path)
+    return OutputState(True, sidecar.get("job_id") if sidecar else None)
+
+
+class ProbeCache:
+    """Frame counts by (path, size, mtime): `report` re-probes only files that changed."""
+
+    def __init__(self, file: str | os.PathLike | None = None):
+        self.file = Path(file) if file else None
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        if self.file and self.file.exists():
+            try:
+                self.entries = json.loads(self.file.read_text(encoding="utf-8"))
+            except ValueError:
+                self.entries = {}
+
+    def get(self, path: Path, st: os.stat_result) -> int | None:
+        entry = self.entries.get(str(path))
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        return None
+
+    def put(self, path: Path, st: os.stat_result, frames: int) -> None:
+        self.entries[str(path)] = [st.st_size, st.st_mtime_ns, frames]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not (self.file and self.dirty):
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(self.entries, stream)
+        os.replace(temp_name, self.file)
+        self.dirty = False
+
+
+def remove_partials(folder: str | os.PathLike) -> int:
+    """Delete temporary files left by killed workers; return how many."""
+    removed = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.startswith(TEMP_MARK):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed

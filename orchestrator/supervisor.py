@@ -1,0 +1,130 @@
+"""The supervisor: runs one worker process, restarts it when it dies, replaces it when it hangs.
+
+Every executor starts this same program (`python -m orchestrator.supervisor SPEC.json`): as a child
+process (local), inside a tmux session (tmux), or inside an actor (ray). The worker's output passes
+through to the supervisor's stdout (the tmux pane); the worker also writes it to its log file.
+
+Restarts pause 1, 2, 4 … 60 s; after `max_restarts` crashes in a row without a finished job the
+worker is marked failed, with the reason in the ledger, the log and on screen.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from .planning import WorkerSpec
+from .worker import EXIT_DONE, EXIT_RETIRED
+
+POLL_S = 0.5
+
+
+def _say(spec: WorkerSpec, message: str) -> None:
+    line = f"{datetime.now():%Y-%m-%d %H:%M:%S} SUPERVISOR [{spec.worker}] {message}"
+    print(line, flush=True)
+    with open(spec.log, "a", encoding="utf-8") as log:
+        log.write(line + "\n")
+
+
+def worker_env(spec: WorkerSpec) -> dict[str, str]:
+    from .sweep import python_env
+    env = python_env()
+    env["ORCHESTRATOR_SUPERVISOR_PID"] = str(os.getpid())
+    if spec.devices:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers cards as NVML does
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+class Supervisor:
+    def __init__(self, spec_path: str):
+        from .ledger import Ledger
+        self.spec_path = spec_path
+        self.spec = spec = WorkerSpec.read(spec_path)
+        self.ledger = Ledger(spec.ledger)
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+        self.heartbeat_timeout = float(spec.execution["heartbeat_timeout_s"])
+        self.max_restarts = int(spec.execution["max_restarts"])
+
+    def _on_signal(self, signum, frame):
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        spec = self.spec
+        self.ledger.register_worker(spec.worker, spec.devices, supervisor_pid=os.getpid(), state="starting")
+        crashes_in_row = 0
+        while True:
+            if self.ledger.stop_requested() or self.stopping:
+                _say(spec, "stop requested: not starting the worker")
+                return 0
+            done_before = (self.ledger.worker(spec.worker) or {}).get("jobs_done", 0)
+            self.child = subprocess.Popen([sys.executable, "-m", "orchestrator.worker", self.spec_path],
+                                          env=worker_env(spec))
+            reason = self._watch()
+            code = self.child.returncode
+            if code in (EXIT_DONE, EXIT_RETIRED) and reason is None:
+                if code == EXIT_RETIRED:
+                    _say(spec, "worker retired itself after repeated out-of-memory; not restarting")
+                return 0
+            if self.stopping:
+                self.ledger.requeue_worker(spec.worker, "worker stopped")
+                return 0
+            reason = reason or f"worker exited with code {code}"
+            lost = self.ledger.requeue_worker(spec.worker, reason)
+            done_after = (self.ledger.worker(spec.worker) or {}).get("jobs_done", 0)
+            crashes_in_row = 1 if done_after > done_before else crashes_in_row + 1
+            restarts = (self.ledger.worker(spec.worker) or {}).get("restarts", 0) + 1
+            if crashes_in_row > self.max_restarts:
+                message = (f"{reason}; gave up after {crashes_in_row - 1} restarts in a row without a "
+                           f"finished job (execution.max_restarts={self.max_restarts})")
+                self.ledger.set_worker(spec.worker, state="failed", message=message, job=None)
+                _say(spec, "FAILED: " + message)
+                return 1
+            pause = min(60.0, 2.0 ** (crashes_in_row - 1))
+            self.ledger.set_worker(spec.worker, state="starting", restarts=restarts,
+                                   message=f"restart {restarts}: {reason}")
+            _say(spec, f"{reason}; {lost} job(s) back to the queue; restarting in {pause:.0f}s "
+                       f"(restart {restarts}, {crashes_in_row} in a row)")
+            deadline = time.monotonic() + pause
+            while time.monotonic() < deadline and not self.stopping:
+                time.sleep(0.1)
+
+    def _watch(self) -> str | None:
+        """Wait for the child; kill it if its heartbeat stops. Return why it was killed, if it was."""
+        child = self.child
+        while child.poll() is None:
+            time.sleep(POLL_S)
+            if self.stopping:
+                continue
+            worker = self.ledger.worker(self.spec.worker) or {}
+            if worker.get("pid") != child.pid:
+                continue  # not registered yet
+            age = time.time() - (worker.get("heartbeat_at") or time.time())
+            if age > self.heartbeat_timeout:
+                child.kill()
+                child.wait()
+                return f"no heartbeat for {age:.0f}s (hung?): killed the worker"
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m orchestrator.supervisor SPEC.json", file=sys.stderr)
+        return 2
+    return Supervisor(argv[0]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

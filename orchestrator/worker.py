@@ -1,0 +1,241 @@
+"""The worker: one process bound to its device(s) that loads the backend once and loops over jobs.
+
+claim → skip if done → generate → write mp4 (temp → check → rename, sidecar first) → record.
+A heartbeat thread writes to the ledger while the main loop makes progress; when progress stops
+(a hung call) the heartbeat stops too and the supervisor replaces the worker. A job past
+`job_timeout_s` is failed and the process exits so it can be restarted clean.
+
+Run as `python -m orchestrator.worker SPEC.json` (the executors do this; see `supervisor`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from .planning import WorkerSpec
+
+EXIT_DONE = 0  # no work left, or asked to stop
+EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
+EXIT_RETIRED = 76  # repeated out-of-memory on this card: do not restart me
+IDLE_POLL_S = 1.0
+
+
+class Stop(BaseException):
+    """SIGTERM/SIGINT: finish cleanly (remove the temporary file, release the claim)."""
+
+
+def _on_signal(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+def setup_logging(spec: WorkerSpec) -> logging.Logger:
+    log = logging.getLogger(f"worker.{spec.worker}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
+    Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
+    for handler in (logging.FileHandler(spec.log, encoding="utf-8"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log
+
+
+class Heartbeat(threading.Thread):
+    """Beats for the worker while its main loop shows signs of life; enforces job_timeout_s."""
+
+    def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger):
+        super().__init__(daemon=True, name="heartbeat")
+        self.ledger, self.spec, self.log = ledger, spec, log
+        self.timeout = float(spec.execution["heartbeat_timeout_s"])
+        self.job_timeout = float(spec.execution["job_timeout_s"])
+        self.interval = max(0.2, min(5.0, self.timeout / 5))
+        self.last_sign = time.monotonic()
+        self.loading = True
+        self.job_id: str | None = None
+        self.job_started = 0.0
+        self.temp_files: list[str] = []
+        self.stopped = threading.Event()
+
+    def sign_of_life(self) -> None:
+        self.last_sign = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            now = time.monotonic()
+            if self.job_id and now - self.job_started > self.job_timeout:
+                self.log.error("job %s ran past job_timeout_s=%.0fs: abandoning it and restarting",
+                               self.job_id, self.job_timeout)
+                try:
+                    self.ledger.fail(self.job_id, self.spec.worker,
+                                     f"timed out after {self.job_timeout:.0f}s", outcome="timeout")
+                finally:
+                    os._exit(EXIT_TIMEOUT)
+            if self.loading or now - self.last_sign < self.timeout:
+                try:
+                    self.ledger.heartbeat(self.spec.worker, self.job_id)
+                except Exception as exc:  # a locked or vanished ledger must not kill the thread
+                    self.log.warning("heartbeat failed: %s", exc)
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "diffsynth", "transformers", "av", "numpy"):
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = getattr(module, "__version__", "?")
+    return found
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    from .backends import OutOfMemory, backend_class
+    from .jobs import Job  # noqa: F401  (payloads are Jobs)
+    from .ledger import Ledger
+    from .manifest import GenerationConfig, ModelConfig
+    from .outputs import inspect_output, write_mp4
+
+    log = setup_logging(spec)
+    ledger = Ledger(spec.ledger)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    supervisor = int(os.environ.get("ORCHESTRATOR_SUPERVISOR_PID", "0")) or None
+    ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor)
+    beat = Heartbeat(ledger, spec, log)
+    beat.start()
+    model = ModelConfig(**spec.model)
+    generation = GenerationConfig(**spec.generation)
+    gpu_names = os.environ.get("ORCHESTRATOR_GPU_NAMES", "")
+    log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
+             spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    backend = None
+    claim = None
+    ooms_in_row = 0
+    exit_code = EXIT_DONE
+    try:
+        started = time.monotonic()
+        backend = backend_class(model.backend)(model, generation, spec.devices)
+        backend.load()
+        beat.loading = False
+        log.info("model loaded in %.1fs (%s)", time.monotonic() - started, model.backend)
+        ledger.set_worker(spec.worker, state="idle")
+        group = None
+        while True:
+            beat.sign_of_life()
+            if ledger.stop_requested():
+                log.info("stop requested: exiting")
+                break
+            claim = ledger.claim(spec.worker, spec.queue, prefer_group=group)
+            if claim is None:
+                if ledger.unfinished() == 0:
+                    log.info("no work left: exiting")
+                    break
+                ledger.set_worker(spec.worker, state="idle", job=None)
+                time.sleep(IDLE_POLL_S)  # jobs in flight elsewhere may come back for a retry
+                continue
+            job = claim.job
+            group = job.group
+            state = inspect_output(job.output, generation.num_frames)
+            if state.complete and not state.stale_for(job.id):
+                log.info("skip %s: already done", job.key)
+                ledger.complete(job.id, spec.worker, 0.0, skipped=True)
+                claim = None
+                continue
+            if state.complete:
+                ledger.fail(job.id, spec.worker, "an mp4 made with other settings is in the way; "
+                            "run again with --redo-changed to move it aside", outcome="error")
+                claim = None
+                continue
+            log.info("job %s (attempt %d): %s", job.key, claim.attempt, job.prompt[:80])
+            beat.job_id, beat.job_started = job.id, time.monotonic()
+            t0 = time.monotonic()
+            last_report = [t0]
+
+            def progress(step: int, steps: int) -> None:
+                beat.sign_of_life()
+                now = time.monotonic()
+                if now - last_report[0] >= 5 or step == steps:
+                    last_report[0] = now
+                    print(f"  {job.key}: step {step}/{steps} ({now - t0:.1f}s)", flush=True)
+
+            try:
+                backend.attempt = claim.attempt
+                frames = backend.generate(job, progress)
+                generate_s = time.monotonic() - t0
+                record = {
+                    "job_id": job.id, "job": job.to_dict(), "settings": spec.settings,
+                    "model": spec.model, "generation": spec.generation, "attempt": claim.attempt,
+                    "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
+                    "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_s, 3),
+                    "peak_memory_bytes": backend.peak_memory_bytes(),
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                write_mp4(frames, job.output, generation.fps, expected_frames=generation.num_frames,
+                          sidecar=record)
+                seconds = time.monotonic() - t0
+                ledger.complete(job.id, spec.worker, seconds)
+                log.info("done %s in %.1fs", job.key, seconds)
+                ooms_in_row = 0
+            except OutOfMemory as exc:
+                ooms_in_row += 1
+                state = ledger.fail(job.id, spec.worker, f"out of memory: {exc}", outcome="oom")
+                log.error("out of memory on %s (%d in a row); job is now %s", job.key, ooms_in_row, state)
+                if ooms_in_row >= int(spec.execution.get("ooms_before_retire", 2)) and _others_alive(ledger, spec):
+                    log.error("repeated out-of-memory: retiring this worker so the card holds one fewer")
+                    ledger.set_worker(spec.worker, state="retired",
+                                      message=f"retired after {ooms_in_row} out-of-memory errors in a row")
+                    exit_code = EXIT_RETIRED
+                    claim = None
+                    break
+            except Exception as exc:
+                log.error("job %s failed:\n%s", job.key, traceback.format_exc())
+                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                state = ledger.fail(job.id, spec.worker, f"{type(exc).__name__}: {last}"[:500])
+                log.info("job %s is now %s", job.key, state)
+            beat.job_id = None
+            claim = None
+    except Stop as stop:
+        log.info("received %s: stopping cleanly", stop)
+        if claim is not None:
+            ledger.release(claim.job.id, spec.worker)
+    finally:
+        beat.stopped.set()
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception:
+                log.warning("backend close failed:\n%s", traceback.format_exc())
+    if exit_code != EXIT_RETIRED:
+        ledger.set_worker(spec.worker, state="exited", job=None)
+    return exit_code
+
+
+def _others_alive(ledger, spec: WorkerSpec) -> bool:
+    """Retire only while another live worker shares one of this worker's devices (or any, on CPU)."""
+    from .ledger import LIVE_WORKER_STATES
+    mine = set(spec.devices)
+    for worker in ledger.workers():
+        if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
+            continue
+        theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
+        if theirs & mine or not mine:
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m orchestrator.worker SPEC.json", file=sys.stderr)
+        return 2
+    return run_worker(WorkerSpec.read(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

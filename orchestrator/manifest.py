@@ -516,13 +516,25 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
         if file.suffix.lower() not in suffixes:
             reader.problem(item, f"{what}: `{file.name}` is not a {kind[:-1]} file ({', '.join(suffixes)})",
                            f"list only {kind} here")
-        elif not os.access(file, os.R_OK):
-            reader.problem(item, f"{what}: `{file}` is not readable", "fix the file's permissions")
-        elif file.stat().st_size == 0:
-            reader.problem(item, f"{what}: `{file}` is empty", "replace it with the real file")
+        elif not _readable_media(file):
+            reader.problem(item, f"{what}: `{file}` cannot be read as a {kind[:-1]} (empty, corrupt or "
+                                 "no permission)", "replace it with a working file or remove it")
         else:
             files.append(file)
     return files
+
+
+def _readable_media(file: Path) -> bool:
+    """Open the file and find a picture stream in it (cheap: headers only)."""
+    import av
+    try:
+        with open(file, "rb") as stream:
+            if not stream.read(1):
+                return False
+        with av.open(str(file)) as container:
+            return bool(container.streams.video)
+    except (OSError, av.error.FFmpegError, ValueError):
+        return False
 
 
 def _read_prompts(reader: _Reader, what: str, node, base: Path):

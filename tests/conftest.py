@@ -1,0 +1,78 @@
+"""Shared fixtures: manifests written to tmp_path, tiny reference videos, CLI runs in subprocesses."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator.outputs import write_mp4
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory) -> Path:
+    """One real 5-frame 32×32 mp4, copied wherever a reference video is needed."""
+    path = tmp_path_factory.mktemp("ref") / "tiny.mp4"
+    frames = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    frames[:, :, :16] = 200
+    write_mp4(frames, path, fps=5, expected_frames=5)
+    return path
+
+
+@pytest.fixture
+def make_refs(tmp_path, tiny_video):
+    """make_refs("camera_motion", ["a", "b"]) → reference mp4s under tmp_path/refs/<category>/."""
+    def make(category: str, stems: list[str], suffix: str = ".mp4") -> Path:
+        folder = tmp_path / "refs" / category
+        folder.mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            shutil.copy(tiny_video, folder / f"{stem}{suffix}")
+        return folder
+    return make
+
+
+SMALL_GENERATION = {"width": 32, "height": 32, "num_frames": 5, "fps": 5, "steps": 4}
+
+
+@pytest.fixture
+def write_manifest(tmp_path):
+    """write_manifest(dict or text, name=...) → path of a manifest file in tmp_path."""
+    def write(content, name: str = "manifest.yaml") -> Path:
+        path = tmp_path / name
+        text = content if isinstance(content, str) else yaml.safe_dump(content, allow_unicode=True, sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+        return path
+    return write
+
+
+def synthetic_manifest(**overrides) -> dict:
+    manifest = {
+        "name": "t",
+        "output_dir": "out",
+        "model": {"backend": "synthetic", "task": "t2v", "options": {}},
+        "generation": dict(SMALL_GENERATION),
+        "seeds": [1, 2],
+        "categories": {"alpha": {"prompts": ["a cat", "a dog"]}, "beta": {"prompts": ["a boat"]}},
+        "resources": {"cpu_slots": 2},
+        "execution": {"retries": 2, "job_timeout_s": 60, "heartbeat_timeout_s": 10, "max_restarts": 3},
+    }
+    for key, value in overrides.items():
+        if key in ("model", "generation", "resources", "execution") and isinstance(value, dict):
+            manifest[key] = {**manifest[key], **value}
+        else:
+            manifest[key] = value
+    return manifest
+
+
+def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python run_experiment.py ARGS` as a user would (local executor unless told otherwise)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=ROOT)

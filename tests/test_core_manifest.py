@@ -1,0 +1,193 @@
+"""Manifest validation and job expansion."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.jobs import count_by_category, expand
+from orchestrator.manifest import ManifestError, load_manifest
+
+from .conftest import synthetic_manifest
+
+USER_SHAPE = {"camera_motion": 14, "single_object": 33, "multiple_objects": 13, "complex_human_motion": 8}
+
+
+@pytest.fixture
+def user_experiment(make_refs, write_manifest):
+    """The user's 4 × A800 motion-transfer experiment (003_*.txt): 68 videos × 5 prompts × 2 seeds."""
+    categories = {}
+    for category, count in USER_SHAPE.items():
+        stems = [f"ref_镜头仰角旋转_{i:02d}_832x480" for i in range(count)]
+        folder = make_refs(category, stems)
+        prompts = {stem: [f"{category} prompt {k} for {stem}" for k in range(5)] for stem in stems}
+        (folder / "prompts.yaml").write_text(__import__("yaml").safe_dump(prompts, allow_unicode=True),
+                                             encoding="utf-8")
+        categories[category] = {"videos": f"refs/{category}/*.mp4", "prompts": f"refs/{category}/prompts.yaml"}
+    return write_manifest({
+        "name": "motion_transfer", "output_dir": "results/motion_transfer",
+        "model": {"backend": "synthetic", "task": "v2v"},
+        "generation": {"width": 832, "height": 480, "num_frames": 81, "fps": 15, "steps": 50,
+                       "cfg_scale": 5.0, "denoising_strength": 0.7},
+        "seeds": [42, 142], "categories": categories,
+        "resources": {"gpus": "all", "workers_per_gpu": 2, "gpus_per_worker": 1},
+        "execution": {"executor": "local", "retries": 2, "job_timeout_s": 1800}})
+
+
+def test_user_experiment_expands_to_680_jobs(user_experiment):
+    manifest = load_manifest(user_experiment)
+    jobs = expand(manifest)
+    assert len(jobs) == 680
+    assert count_by_category(jobs) == {k: v * 10 for k, v in USER_SHAPE.items()}
+    assert len({j.id for j in jobs}) == 680
+    assert len({j.output for j in jobs}) == 680
+    first = jobs[0]
+    assert first.output.endswith("camera_motion/ref_镜头仰角旋转_00_832x480/seed_42_prompt_0.mp4")
+    assert jobs[1].output.endswith("seed_142_prompt_0.mp4")
+    assert first.prompt == "camera_motion prompt 0 for ref_镜头仰角旋转_00_832x480"
+
+
+def test_expansion_is_deterministic_and_ids_follow_settings(user_experiment):
+    a = expand(load_manifest(user_experiment))
+    b = expand(load_manifest(user_experiment))
+    assert [j.id for j in a] == [j.id for j in b]
+    text = user_experiment.read_text(encoding="utf-8").replace("steps: 50", "steps: 30")
+    user_experiment.write_text(text, encoding="utf-8")
+    c = expand(load_manifest(user_experiment))
+    assert [j.output for j in a] == [j.output for j in c]
+    assert not {j.id for j in a} & {j.id for j in c}
+
+
+def test_prompt_list_shared_by_every_video_and_txt_file(make_refs, write_manifest, tmp_path):
+    make_refs("cat", ["a", "b", "c"])
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    path = write_manifest(synthetic_manifest(model={"task": "v2v"}, categories={
+        "cat": {"videos": ["refs/cat/a.mp4", "refs/cat/b.mp4"], "prompts": "p.txt"},
+        "dog": {"videos": "refs/cat/c.mp4", "prompts": ["x"]}}))
+    jobs = expand(load_manifest(path))
+    assert count_by_category(jobs) == {"cat": 2 * 2 * 2, "dog": 1 * 1 * 2}
+    assert {j.prompt for j in jobs if j.category == "cat"} == {"one", "two"}
+
+
+def test_text_to_video_and_image_categories(make_refs, write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    jobs = expand(load_manifest(path))
+    assert len(jobs) == 6
+    assert jobs[0].output == str(tmp_path / "out" / "alpha" / "seed_1_prompt_0.mp4")
+    # image-to-video: PNG first frames
+    import numpy as np
+    import av
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for stem in ("x", "y"):
+        with av.open(str(folder / f"{stem}.png"), "w", format="image2") as c:
+            s = c.add_stream("png", rate=1)
+            s.width = s.height = 16
+            s.pix_fmt = "rgb24"
+            for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+                c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    path = write_manifest(synthetic_manifest(model={"task": "i2v"}, categories={
+        "stills": {"images": "imgs/*.png", "prompts": {"x": ["p1"], "y": ["p2", "p3"]}}}))
+    jobs = expand(load_manifest(path))
+    assert len(jobs) == 3 * 2
+    assert {j.stem for j in jobs} == {"x", "y"}
+
+
+def _problems(path) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_every_problem_is_reported_at_once_with_file_and_line(make_refs, write_manifest, tmp_path):
+    make_refs("cam", ["a", "b"])
+    (tmp_path / "refs" / "cam" / "broken.mp4").write_bytes(b"not a video at all")
+    (tmp_path / "refs" / "same").mkdir()
+    make_refs("dup1", ["clip"])
+    make_refs("dup2", ["clip"], suffix=".mov")
+    text = """\
+name: bad
+colour: blue
+model: {backend: synthetic, task: v2v}
+generation:
+  width: 830
+  height: 480
+  num_frames: 80
+seeds: [42, 142, 42]
+categories:
+  cam:
+    videos: [refs/cam/a.mp4, refs/cam/b.mp4, refs/cam/missing.mp4, refs/cam/broken.mp4]
+    prompts:
+      a: [one]
+      ghost: [two]
+  empty_glob:
+    videos: refs/nothing/*.mp4
+    prompts: [x]
+  "../escape":
+    videos: refs/cam/a.mp4
+    prompts: [x]
+  "sub/dir":
+    videos: refs/cam/a.mp4
+    prompts: [x]
+  twins:
+    videos: [refs/dup1/clip.mp4, refs/dup2/clip.mov]
+    prompts: [x]
+resources: {gpus: all, workers_per_gpu: 0}
+"""
+    path = write_manifest(text)
+    problems = _problems(path)
+    joined = "\n".join(problems)
+    expect = {
+        2: "unknown key `colour`",
+        5: "generation.width is 830, not a positive multiple of 16",
+        7: "generation.num_frames is 80, not of the form 4n+1",
+        8: "seed 42 is listed twice",
+        11: "missing.mp4` does not exist",
+        14: "prompts are given for `ghost`, but there is no such video",
+        16: "glob `refs/nothing/*.mp4` matches no file",
+        18: "would escape the output folder",
+        21: "contains a path separator",
+        25: "map to one output folder `twins/clip`",
+        27: "resources.workers_per_gpu is 0",
+    }
+    for line, message in expect.items():
+        assert any(p.startswith(f"{path}:{line}:") and message in p for p in problems), (line, message, joined)
+    assert "broken.mp4` cannot be read as a video" in joined
+    assert "video `b.mp4` has no prompts" in joined
+    assert all("fix:" in p for p in problems)
+    assert len(problems) >= len(expect) + 2
+
+
+def test_absolute_category_and_wrong_task_inputs(make_refs, write_manifest):
+    make_refs("cam", ["a"])
+    path = write_manifest(synthetic_manifest(categories={
+        "/etc": {"prompts": ["x"]},
+        "cam": {"videos": "refs/cam/a.mp4", "prompts": ["x"]}}))
+    joined = "\n".join(_problems(path))
+    assert "category name '/etc'" in joined
+    assert "model.task t2v needs none" in joined
+
+
+def test_prompt_file_problems_name_the_prompt_file(make_refs, write_manifest, tmp_path):
+    make_refs("cam", ["a"])
+    prompts = tmp_path / "refs" / "cam" / "prompts.yaml"
+    prompts.write_text("a: [one]\nnope: [two]\n", encoding="utf-8")
+    path = write_manifest(synthetic_manifest(model={"task": "v2v"}, categories={
+        "cam": {"videos": "refs/cam/*.mp4", "prompts": "refs/cam/prompts.yaml"}}))
+    problems = _problems(path)
+    assert any(p.startswith(f"{prompts}:2:") and "`nope`" in p for p in problems), problems
+
+
+def test_yaml_syntax_error_and_missing_file(write_manifest, tmp_path):
+    path = write_manifest("name: x\nseeds: [1, 2\n")
+    (problem,) = _problems(path)
+    assert "not valid YAML" in problem and f"{path}:" in problem
+    (problem,) = _problems(tmp_path / "nope.yaml")
+    assert "does not exist" in problem
+
+
+def test_unknown_backend_and_bad_synthetic_option(write_manifest):
+    path = write_manifest(synthetic_manifest(model={"backend": "magic"}))
+    assert any("unknown model.backend `magic`" in p for p in _problems(path))
+    path = write_manifest(synthetic_manifest(model={"options": {"fail_rate": 3}}))
+    assert any("fail_rate" in p for p in _problems(path))

@@ -57,7 +57,7 @@ def settings_fingerprint(manifest: Manifest) -> dict:
 def _is_runtime_option(key: str) -> bool:
     # How fast or on which devices a job runs does not change its pixels.
     return key in ("seconds_per_job", "fail_rate", "oom_rate", "hang_rate", "crash_rate",
-                   "fail_jobs", "fail_attempts", "step_seconds", "offload", "device_map")
+                   "fail_jobs", "crash_jobs", "fail_attempts", "step_seconds", "offload", "device_map")
 
 
 def output_path(manifest: Manifest, category: str, stem: str | None, seed: int, prompt_index: int) -> Path:

@@ -12,6 +12,7 @@ Options (`model.options`):
                            ever again) or a crash (the process dies), decided by a hash of
                            (job, attempt), so a run is reproducible
   fail_jobs: [glob]        job keys (category/stem/seed_S_prompt_I) that always fail
+  crash_jobs: [glob]       job keys whose first attempt crashes the worker process
   fail_attempts: int       every job fails its first N attempts
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from .base import Backend, OutOfMemory
 
 OPTIONS = {"seconds_per_job": float, "jitter": float, "fail_rate": float, "oom_rate": float,
-           "hang_rate": float, "crash_rate": float, "fail_jobs": list, "fail_attempts": int,
+           "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
            "oom_marker": str}
 
 
@@ -65,7 +66,8 @@ class SyntheticBackend(Backend):
         steps = self.generation.steps
         roll = lambda kind: _unit(kind, job.id, attempt) < o.get(f"{kind}_rate", 0.0)  # noqa: E731
         hang = roll("hang")
-        crash = roll("crash")
+        crash = roll("crash") or (attempt == 1 and any(
+            fnmatch.fnmatch(job.key, pattern) for pattern in o.get("crash_jobs", [])))
         for step in range(steps):
             if hang and step == steps // 2:
                 while True:  # a hung CUDA call: no progress, no return

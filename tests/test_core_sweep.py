@@ -1,0 +1,185 @@
+"""Whole sweeps through the real CLI, local executor, supervisor, worker and synthetic backend."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from orchestrator.jobs import expand
+from orchestrator.ledger import Ledger
+from orchestrator.manifest import load_manifest
+from orchestrator.outputs import TEMP_MARK, count_frames
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+
+def _report(path) -> dict:
+    result = cli("report", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _mp4s(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts)
+
+
+def _done_attempts(out: Path) -> dict[str, int]:
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    counts: dict[str, int] = {}
+    for attempt in ledger.attempts():
+        if attempt["outcome"] == "done":
+            counts[attempt["job_id"]] = counts.get(attempt["job_id"], 0) + 1
+    return counts
+
+
+def test_sweep_runs_to_completion_and_reports(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(categories={
+        "镜头 motion": {"prompts": ["a cat's \"quoted\" $(rm -rf /) prompt", "狗"]},
+        "beta": {"prompts": ["a boat"]}}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    mp4s = _mp4s(out)
+    assert len(mp4s) == 6 and all(count_frames(p) == 5 for p in mp4s)
+    assert (out / "镜头 motion" / "seed_2_prompt_1.mp4").exists()
+    sidecar = json.loads((out / "镜头 motion" / "seed_1_prompt_0.json").read_text(encoding="utf-8"))
+    assert sidecar["job"]["prompt"] == "a cat's \"quoted\" $(rm -rf /) prompt"
+    assert sidecar["settings"]["generation"]["steps"] == 4 and "python" in sidecar["versions"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["cpu0_worker0.log", "cpu1_worker0.log"]
+    report = _report(path)
+    assert report["totals"]["expected"] == 6 and report["totals"]["done"] == 6
+    assert {c["name"]: c["done"] for c in report["categories"]} == {"镜头 motion": 4, "beta": 2}
+    assert sum(w["jobs_done"] for w in report["workers"]) == 6
+    again = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert again.returncode == 0 and "all 6 jobs" in again.stdout
+
+
+def test_failures_are_retried_and_crashed_workers_restarted(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"fail_attempts": 1, "crash_jobs": ["alpha/seed_2_*", "beta/*"]}},
+        execution={"retries": 2, "max_restarts": 10},
+        seeds=[1, 2, 3]))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    assert len(_mp4s(out)) == 9
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    outcomes = [a["outcome"] for a in ledger.attempts()]
+    assert outcomes.count("lost") == 5  # the crashes: first attempts of alpha seed 2 and beta
+    assert outcomes.count("error") == 4  # the other first attempts failed in Python
+    assert outcomes.count("done") == 9
+    assert set(_done_attempts(out).values()) == {1}
+    logs = "".join(p.read_text(encoding="utf-8") for p in (out / "logs").iterdir())
+    assert "synthetic failure" in logs and "Traceback" in logs
+
+
+def test_permanent_failure_is_reported_and_exit_code_is_nonzero(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"fail_jobs": ["alpha/seed_1_prompt_0"]}}, execution={"retries": 1}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 1
+    assert "alpha/seed_1_prompt_0 (2 attempts): RuntimeError: synthetic permanent failure" in result.stdout
+    report = _report(path)
+    assert report["totals"]["done"] == 5 and report["totals"]["failed"] == 1
+    assert report["failed"][0]["job"] == "alpha/seed_1_prompt_0"
+
+
+def test_resume_after_sigkill_mid_job(write_manifest, tmp_path):
+    prompts = [f"prompt {i}" for i in range(6)]
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"seconds_per_job": 1.5}}, categories={"a": {"prompts": prompts}},
+        generation={"steps": 30}))
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
+                            "--executor", "local", "--no-progress"], cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(_mp4s(out)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.7)  # both workers are now half-way through a job
+    processes = psutil.Process(run.pid).children(recursive=True) + [psutil.Process(run.pid)]
+    os.killpg(run.pid, signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=10)
+    done_before = len(_mp4s(out))
+    assert 2 <= done_before < 12
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    mp4s = _mp4s(out)
+    assert len(mp4s) == 12 and all(count_frames(p) == 5 for p in mp4s)
+    assert not [p for p in out.rglob(f"{TEMP_MARK}*")]
+    done = _done_attempts(out)
+    assert len(done) == 12 and set(done.values()) == {1}  # none done twice
+
+
+def test_report_counts_the_disk_even_without_the_ledger(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    assert cli("run", str(path), "--executor", "local", "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    victim = _mp4s(out)[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated file does not count
+    shutil.rmtree(out / ".sweep")
+    report = _report(path)
+    assert report["ledger"] is False
+    assert report["totals"]["done"] == 5 and report["totals"]["left"] == 1
+    text = cli("report", str(path)).stdout
+    assert "total" in text and "83.3%" in text
+
+
+def test_changed_settings_are_detected_and_never_overwritten(write_manifest, tmp_path):
+    manifest = synthetic_manifest()
+    path = write_manifest(manifest)
+    assert cli("run", str(path), "--executor", "local", "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in _mp4s(out)}
+    manifest["generation"]["steps"] = 6
+    write_manifest(manifest)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 2
+    assert "6 existing mp4s" in result.stderr and "generation.steps 4 → 6" in result.stderr
+    assert {p: p.read_bytes() for p in _mp4s(out)} == before  # untouched
+    result = cli("run", str(path), "--executor", "local", "--no-progress", "--redo-changed")
+    assert result.returncode == 0, result.stderr
+    superseded = list((out / ".sweep" / "superseded").rglob("*.mp4"))
+    assert len(superseded) == 6
+    new_ids = {j.id for j in expand(load_manifest(path))}
+    assert {json.loads(p.with_suffix(".json").read_text())["job_id"] for p in _mp4s(out)} == new_ids
+
+
+def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}))
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
+                            "--executor", "local", "--no-progress"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ledger_path.exists() and Ledger(ledger_path).counts()["running"] == 2:
+            break
+        time.sleep(0.2)
+    pids = [p.pid for p in psutil.Process(run.pid).children(recursive=True)]
+    assert len(pids) == 4  # two supervisors, two workers
+    result = cli("stop", str(path))
+    assert result.returncode == 0 and "stopped" in result.stdout
+    run.wait(timeout=30)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    ledger = Ledger(ledger_path)
+    assert ledger.counts()["running"] == 0
+    assert all(row["attempts"] == 0 for row in ledger.jobs())  # stopping used no attempt
+    assert not list((tmp_path / "out").rglob(f"{TEMP_MARK}*"))
+
+
+def test_job_timeout_abandons_the_job(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"hang_rate": 1.0}}, categories={"a": {"prompts": ["p"]}}, seeds=[1],
+        execution={"retries": 0, "job_timeout_s": 1.5, "heartbeat_timeout_s": 60}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress", "--cpu-slots", "1")
+    assert result.returncode == 1
+    assert "timed out after 2s" in result.stdout or "timed out after 1s" in result.stdout

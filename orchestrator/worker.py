@@ -68,6 +68,9 @@ class Heartbeat(threading.Thread):
         self.last_sign = time.monotonic()
 
     def run(self) -> None:
+        # Its own connection: the main thread may be inside a transaction on the other one.
+        from .ledger import Ledger
+        self.ledger = Ledger(self.ledger.path)
         while not self.stopped.wait(self.interval):
             now = time.monotonic()
             if self.job_id and now - self.job_started > self.job_timeout:

@@ -114,7 +114,7 @@ def run_worker(spec: WorkerSpec) -> int:
     beat.start()
     model = ModelConfig(**spec.model)
     generation = GenerationConfig(**spec.generation)
-    gpu_names = os.environ.get("ORCHESTRATOR_GPU_NAMES", "")
+    gpu_names = _gpu_names(spec.devices)
     log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
              spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     backend = None
@@ -217,6 +217,17 @@ def run_worker(spec: WorkerSpec) -> int:
     if exit_code != EXIT_RETIRED:
         ledger.set_worker(spec.worker, state="exited", job=None)
     return exit_code
+
+
+def _gpu_names(devices: tuple[int, ...]) -> list[str]:
+    """Names of this worker's cards, for the sidecars (empty on CPU)."""
+    if not devices:
+        return []
+    from .gpus import NoGpus, discover
+    try:
+        return [g.name for g in discover(visible=None) if g.index in devices]
+    except NoGpus:
+        return []
 
 
 def _others_alive(ledger, spec: WorkerSpec) -> bool:

@@ -130,3 +130,39 @@ def test_queues_balance_work_per_worker_and_keep_references_whole(write_manifest
     for group in {j.group for j in jobs}:
         assert len({plan.queues[j.id] for j in jobs if j.group == group}) == 1
     assert assign_queues(jobs, list(plan.groups)) == plan.queues  # deterministic
+
+
+def test_report_figures_from_disk_and_ledger(write_manifest, tmp_path):
+    from orchestrator.outputs import write_mp4
+    from orchestrator.report import build_report, format_report
+    from orchestrator.sweep import Sweep
+    import numpy as np
+
+    manifest = load_manifest(write_manifest(synthetic_manifest(
+        categories={"a": {"prompts": ["p0", "p1"]}, "b": {"prompts": ["q0"]}}, seeds=[1, 2])))
+    sweep = Sweep(manifest)
+    ledger = sweep.ledger()
+    ledger.sync(sweep.jobs, {j.id: "q" for j in sweep.jobs}, set(), 2, 300.0, fresh=True)
+    ledger.set_meta("started_at", str(time.time() - 3600))
+    ledger.register_worker("w0", ())
+    frames = np.zeros((5, 32, 32, 3), np.uint8)
+    for _ in range(3):  # three videos done, each written for real
+        claim = ledger.claim("w0", "q")
+        write_mp4(frames, claim.job.output, fps=5, expected_frames=5, sidecar={"job_id": claim.job.id})
+        ledger.complete(claim.job.id, "w0", 10.0)
+    failing = ledger.claim("w0", "q")
+    ledger.fail(failing.job.id, "w0", "first")
+    failing = ledger.claim("w0", "q", prefer_group=failing.job.group)
+    ledger.fail(failing.job.id, "w0", "CUDA error: out of memory")
+    running = ledger.claim("w0", "q")
+    report = build_report(sweep)
+    totals = report.totals
+    assert (totals.expected, totals.done, totals.failed, totals.running, totals.left) == (6, 3, 1, 1, 2)
+    assert report.failed == [{"job": failing.job.key, "id": failing.job.id, "attempts": 2,
+                              "error": "CUDA error: out of memory"}]
+    (worker,) = report.workers
+    assert worker["jobs_done"] == 3 and worker["mean_s"] == 10.0 and worker["current"] == running.job.key
+    assert report.jobs_per_hour == 3 / 1800 * 3600  # three in the last half hour
+    assert report.eta_s == 2 / report.jobs_per_hour * 3600
+    text = format_report(report)
+    assert "throughput 6.0 videos/hour" in text and "CUDA error: out of memory" in text

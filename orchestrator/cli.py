@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("manifest")
         p.add_argument("--executor", choices=("local", "tmux"), help="override execution.executor")
         p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
+        p.add_argument("--recalibrate", action="store_true",
+                       help="measure memory and throughput again instead of using the cached profile")
     run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
     run.add_argument("--add-workers", action="store_true",
                      help="the sweep is already running: start this plan's workers beside it")
@@ -73,9 +75,11 @@ def _gpus():
 
 def _plan(manifest, sweep, args):
     from .planning import PlanError, make_plan
+    from .sizing import make_sizer
     gpus, why = _gpus()
+    sizer = make_sizer(manifest, recalibrate=getattr(args, "recalibrate", False)) if gpus else None
     try:
-        plan = make_plan(manifest, sweep.jobs, gpus, cpu_slots=getattr(args, "cpu_slots", None))
+        plan = make_plan(manifest, sweep.jobs, gpus, cpu_slots=getattr(args, "cpu_slots", None), sizing=sizer)
     except PlanError as exc:
         raise UserError(f"{exc} ({why})" if why else str(exc)) from None
     return plan, gpus, why
@@ -100,8 +104,13 @@ def cmd_plan(manifest, args) -> int:
     if why:
         print(f"GPUs       none usable: {why}")
     for group in plan.groups:
-        gpu_text = "; ".join(gpu.describe() for gpu in group.gpus) or "CPU"
-        print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}  [{gpu_text}]")
+        if group.gpus:
+            print(f"{group.queue:<10} {group.workers} worker(s)")
+            for gpu in group.gpus:
+                print(f"           {gpu.describe()}")
+            print(f"           why: {group.reason}")
+        else:
+            print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}  [CPU]")
     sizes = plan.queue_sizes()
     print("queues     " + ", ".join(f"{q}: {n}" for q, n in sizes.items())
           + "  (idle workers take from the fullest queue)")

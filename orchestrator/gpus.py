@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 GIB = 1024**3
+FAKE_ENV = "ORCHESTRATOR_FAKE_GPUS"  # tests only: "name:total_gib:used_gib;…" plans on FAKE cards
 
 
 class NoGpus(RuntimeError):
@@ -53,6 +54,8 @@ def _visible_filter(visible: str | None):
 
 def discover(nvml=None, visible: str | None = ...) -> list[Gpu]:
     """The GPUs this process may use, with their memory now. Raises NoGpus with the reason."""
+    if nvml is None and os.environ.get(FAKE_ENV):
+        nvml = FakeNvml.from_env(os.environ[FAKE_ENV])
     if nvml is None:
         try:
             import pynvml as nvml
@@ -92,6 +95,28 @@ def discover(nvml=None, visible: str | None = ...) -> list[Gpu]:
     return gpus
 
 
+def process_memories(pids, nvml=None) -> dict[int, dict[int, int]]:
+    """Device memory (bytes) held by each of `pids`, per NVML GPU index, in one NVML session.
+
+    A pid NVML does not list (not started on a GPU yet, or in another PID namespace) is absent.
+    """
+    if nvml is None:
+        import pynvml as nvml
+    wanted = set(pids)
+    nvml.nvmlInit()
+    try:
+        used: dict[int, dict[int, int]] = {}
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid in wanted and proc.usedGpuMemory:
+                    per_card = used.setdefault(proc.pid, {})
+                    per_card[index] = per_card.get(index, 0) + int(proc.usedGpuMemory)
+        return used
+    finally:
+        nvml.nvmlShutdown()
+
+
 def process_memory(pid: int, nvml=None) -> dict[int, int]:
     """Device memory (bytes) that process `pid` holds, per NVML GPU index (CUDA context included)."""
     if nvml is None:
@@ -129,6 +154,15 @@ class FakeNvml:
 
     def __init__(self, cards: list[tuple[str, float, float]]):
         self.cards = cards
+
+    @classmethod
+    def from_env(cls, text: str) -> "FakeNvml":
+        """FAKE cards from ORCHESTRATOR_FAKE_GPUS="FAKE A:16:0;FAKE B:12:1" (tests of the real CLI)."""
+        cards = []
+        for item in filter(None, (part.strip() for part in text.split(";"))):
+            name, total, used = item.rsplit(":", 2)
+            cards.append((name, float(total), float(used)))
+        return cls(cards)
 
     def nvmlInit(self):
         pass

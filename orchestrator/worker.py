@@ -189,10 +189,11 @@ def run_worker(spec: WorkerSpec) -> int:
                 ooms_in_row += 1
                 state = ledger.fail(job.id, spec.worker, f"out of memory: {exc}", outcome="oom")
                 log.error("out of memory on %s (%d in a row); job is now %s", job.key, ooms_in_row, state)
-                if ooms_in_row >= int(spec.execution.get("ooms_before_retire", 2)) and _others_alive(ledger, spec):
-                    log.error("repeated out-of-memory: retiring this worker so the card holds one fewer")
-                    ledger.set_worker(spec.worker, state="retired",
-                                      message=f"retired after {ooms_in_row} out-of-memory errors in a row")
+                left = (_retire(ledger, spec, ooms_in_row)
+                        if ooms_in_row >= int(spec.execution.get("ooms_before_retire", 2)) else None)
+                if left:
+                    log.error("repeated out-of-memory: retired this worker; %s now runs %d worker(s)",
+                              spec.queue if spec.devices else "this machine", left)
                     exit_code = EXIT_RETIRED
                     claim = None
                     break
@@ -230,17 +231,39 @@ def _gpu_names(devices: tuple[int, ...]) -> list[str]:
         return []
 
 
-def _others_alive(ledger, spec: WorkerSpec) -> bool:
-    """Retire only while another live worker shares one of this worker's devices (or any, on CPU)."""
+def _retire(ledger, spec: WorkerSpec, ooms: int) -> int | None:
+    """Mark this worker retired if another live worker shares its card; return how many remain.
+
+    One transaction, so two workers of a card that both keep running out of memory never both retire.
+    """
+    with ledger.transaction() as db:
+        left = _others_alive(ledger, spec, count=True)
+        if not left:
+            return None
+        where = spec.queue if spec.devices else "this machine"
+        db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?",
+                   (f"retired after {ooms} out-of-memory errors in a row; {where} now runs {left} worker(s) "
+                    "for the rest of the sweep", spec.worker))
+    return left
+
+
+def _others_alive(ledger, spec: WorkerSpec, count: bool = False):
+    """Retire only while another live worker shares one of this worker's devices (or any, on CPU).
+
+    With count=True: how many such workers there are.
+    """
     from .ledger import LIVE_WORKER_STATES
     mine = set(spec.devices)
+    others = 0
     for worker in ledger.workers():
         if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
             continue
         theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
         if theirs & mine or not mine:
-            return True
-    return False
+            others += 1
+            if not count:
+                return True
+    return others if count else False
 
 
 def main(argv: list[str] | None = None) -> int:

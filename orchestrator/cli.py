@@ -123,23 +123,29 @@ def cmd_plan(manifest, args) -> int:
 
 
 def cmd_run(manifest, args) -> int:
-    from .executors import default_executor, executor_class
+    from .executors import executor_class
+    from .executors.base import ExecutorError
     from .outputs import remove_partials
     from .report import build_report, format_report
     from .sweep import Sweep
 
     sweep = Sweep(manifest)
     plan, gpus, why = _plan(manifest, sweep, args)
-    name = args.executor or manifest.execution.executor or default_executor()
+    # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
+    # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
+    name = args.executor or manifest.execution.executor or "tmux"
     executor_type = executor_class(name)
     missing = executor_type.unavailable()
     if missing:
         raise UserError(f"executor `{name}` cannot run here: {missing}")
 
+    executor = executor_type(sweep)
     ledger = sweep.ledger()
     live = sweep.live_workers(ledger)
-    if live and not args.add_workers:
-        print(f"sweep `{manifest.name}` is already running ({len(live)} workers alive); not starting "
+    # Sessions started a moment ago may not be in the ledger yet: a detaching executor counts its own.
+    alive = max(len(live), executor.running() if executor.detaches else 0)
+    if alive and not args.add_workers:
+        print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
               "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
         print(format_report(build_report(sweep)))
         return 0
@@ -154,13 +160,13 @@ def cmd_run(manifest, args) -> int:
                 "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
         moved_to = sweep.move_aside(scan.stale)
         print(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
-    if not live:
+    if not alive:
         removed = remove_partials(sweep.root) if sweep.root.exists() else 0
         if removed:
             print(f"removed {removed} partial files left by interrupted workers")
     ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
-                manifest.execution.heartbeat_timeout_s, fresh=not live)
-    if not live:
+                manifest.execution.heartbeat_timeout_s, fresh=not alive)
+    if not alive:
         ledger.set_meta("started_at", str(time.time()))
     total = len(sweep.jobs)
     if ledger.unfinished() == 0:
@@ -174,8 +180,10 @@ def cmd_run(manifest, args) -> int:
     if live:
         taken = {w["id"] for w in live}
         specs = [(s, p) for s, p in specs if s.worker not in taken]
-    executor = executor_type(sweep)
-    names = executor.start(specs)
+    try:
+        names = executor.start(specs)
+    except ExecutorError as exc:
+        raise UserError(str(exc)) from None
     counts = ledger.counts()
     print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")

@@ -16,6 +16,7 @@ import sys
 import time
 from datetime import datetime
 
+from .ledger import LIVE_WORKER_STATES
 from .planning import WorkerSpec
 from .worker import EXIT_DONE, EXIT_RETIRED
 
@@ -24,9 +25,25 @@ POLL_S = 0.5
 
 def _say(spec: WorkerSpec, message: str) -> None:
     line = f"{datetime.now():%Y-%m-%d %H:%M:%S} SUPERVISOR [{spec.worker}] {message}"
-    print(line, flush=True)
+    try:
+        print(line, flush=True)
+    except OSError:  # the terminal (tmux pane) is gone; the log still gets the line
+        pass
     with open(spec.log, "a", encoding="utf-8") as log:
         log.write(line + "\n")
+
+
+def _keep_pane_open() -> None:
+    """Inside a tmux pane: keep it open after this process exits, so the reason stays on screen."""
+    pane_id = os.environ.get("TMUX_PANE")
+    if not pane_id or not os.environ.get("TMUX"):
+        return
+    try:
+        import libtmux
+        pane = libtmux.Pane.from_pane_id(libtmux.Server.from_env(), pane_id)
+        pane.set_option("remain-on-exit", "on")
+    except Exception:  # no libtmux, an old tmux, a server gone: the log has the reason anyway
+        pass
 
 
 def worker_env(spec: WorkerSpec) -> dict[str, str]:
@@ -53,6 +70,9 @@ class Supervisor:
         self.max_restarts = int(spec.execution["max_restarts"])
 
     def _on_signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            from .worker import _detach_from_terminal
+            _detach_from_terminal()
         self.stopping = True
         if self.child and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
@@ -79,6 +99,8 @@ class Supervisor:
                 return 0
             if self.stopping:
                 self.ledger.requeue_worker(spec.worker, "worker stopped")
+                if (self.ledger.worker(spec.worker) or {}).get("state") in LIVE_WORKER_STATES:
+                    self.ledger.set_worker(spec.worker, state="exited", job=None)  # it died before saying so
                 return 0
             reason = reason or f"worker exited with code {code}"
             lost = self.ledger.requeue_worker(spec.worker, reason)
@@ -90,6 +112,7 @@ class Supervisor:
                            f"finished job (execution.max_restarts={self.max_restarts})")
                 self.ledger.set_worker(spec.worker, state="failed", message=message, job=None)
                 _say(spec, "FAILED: " + message)
+                _keep_pane_open()
                 return 1
             pause = min(60.0, 2.0 ** (crashes_in_row - 1))
             self.ledger.set_worker(spec.worker, state="starting", restarts=restarts,

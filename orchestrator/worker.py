@@ -33,7 +33,24 @@ class Stop(BaseException):
 
 
 def _on_signal(signum, frame):
+    # One clean stop is enough: `stop` signals both the supervisor and the worker, and the supervisor
+    # passes its signal on, so a second SIGTERM must not interrupt the clean-up of the first.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGHUP:
+        _detach_from_terminal()
     raise Stop(signal.Signals(signum).name)
+
+
+def _detach_from_terminal() -> None:
+    """The terminal (tmux pane) is gone: send further output to /dev/null so writes cannot fail."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def setup_logging(spec: WorkerSpec) -> logging.Logger:
@@ -108,6 +125,7 @@ def run_worker(spec: WorkerSpec) -> int:
     ledger = Ledger(spec.ledger)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)  # its tmux pane or server went away: stop cleanly
     supervisor = int(os.environ.get("ORCHESTRATOR_SUPERVISOR_PID", "0")) or None
     ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor)
     beat = Heartbeat(ledger, spec, log)

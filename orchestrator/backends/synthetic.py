@@ -14,6 +14,8 @@ Options (`model.options`):
   fail_jobs: [glob]        job keys (category/stem/seed_S_prompt_I) that always fail
   crash_jobs: [glob]       job keys whose first attempt crashes the worker process
   fail_attempts: int       every job fails its first N attempts
+  hang_jobs: [glob]        job keys whose first attempt hangs halfway (no progress ever again)
+  hang_attempts: int       every job hangs halfway through its first N attempts
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .base import Backend, OutOfMemory
 
 OPTIONS = {"seconds_per_job": float, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
-           "oom_marker": str}
+           "oom_marker": str, "hang_jobs": list, "hang_attempts": int}
 
 
 def _unit(*parts) -> float:
@@ -65,7 +67,8 @@ class SyntheticBackend(Backend):
             seconds *= 1 + o["jitter"] * (2 * _unit("jitter", job.id) - 1)
         steps = self.generation.steps
         roll = lambda kind: _unit(kind, job.id, attempt) < o.get(f"{kind}_rate", 0.0)  # noqa: E731
-        hang = roll("hang")
+        hang = roll("hang") or attempt <= int(o.get("hang_attempts", 0)) or (attempt == 1 and any(
+            fnmatch.fnmatch(job.key, pattern) for pattern in o.get("hang_jobs", [])))
         crash = roll("crash") or (attempt == 1 and any(
             fnmatch.fnmatch(job.key, pattern) for pattern in o.get("crash_jobs", [])))
         for step in range(steps):

@@ -17,6 +17,10 @@ from ..planning import WorkerSpec
 from ..sweep import Sweep, _is_ours
 
 
+class ExecutorError(RuntimeError):
+    """An executor cannot start or stop workers; the message says why and what to do."""
+
+
 def supervisor_command(spec_file: Path) -> list[str]:
     return [sys.executable, "-m", "orchestrator.supervisor", str(spec_file)]
 

@@ -1,0 +1,312 @@
+"""The tmux executor on a real tmux server: one private socket per test, killed in teardown.
+
+Sweeps go through the real CLI (`run_experiment.py` in a subprocess), the supervisor, the worker and
+the synthetic backend, with small frames and a 3 s heartbeat timeout so each test takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import libtmux
+import psutil
+import pytest
+
+from orchestrator.executors.tmux import session_name
+from orchestrator.ledger import Ledger
+from orchestrator.outputs import TEMP_MARK, count_frames
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (run_tests.sh installs it)")
+
+FRAMES = 9
+GENERATION = {"width": 64, "height": 48, "num_frames": FRAMES, "fps": 8, "steps": 4}
+EXECUTION = {"retries": 2, "job_timeout_s": 60, "heartbeat_timeout_s": 3, "max_restarts": 3}
+NASTY_NAME = "exp 'q' $(touch PWNED) 镜头.v1"
+NASTY_CATEGORY = "镜头 \"it's\" $(touch PWNED)"
+NASTY_PROMPT = "a cat's \"quoted\" $(touch PWNED) `touch PWNED` prompt"
+
+
+# ---------------------------------------------------------------------------- fixtures and helpers
+@pytest.fixture
+def tmux(tmp_path, monkeypatch):
+    """A private tmux server for this test (ORCHESTRATOR_TMUX_SOCKET), and its cleanup."""
+    socket = f"orch-test-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("ORCHESTRATOR_TMUX_SOCKET", socket)
+    server = libtmux.Server(socket_name=socket)
+    yield server
+    server.kill()
+    folder = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+    (folder / socket).unlink(missing_ok=True)
+    for process in _processes(tmp_path):  # whatever a failed test left behind
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def _manifest(write_manifest, **overrides) -> Path:
+    overrides = {"generation": dict(GENERATION), "execution": dict(EXECUTION), **overrides}
+    manifest = synthetic_manifest(**overrides)
+    return write_manifest(manifest)
+
+
+def _run(*args: str, timeout: float = 60):
+    """The CLI as a user runs it; ORCHESTRATOR_TMUX_SOCKET (set by the fixture) reaches it."""
+    return cli(*args, timeout=timeout)
+
+
+def _processes(root: Path) -> list[psutil.Process]:
+    """Supervisor and worker processes of sweeps under `root` (found by their spec file paths)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(part in ("orchestrator.supervisor", "orchestrator.worker") for part in cmdline) \
+                and any(part.startswith(str(root)) for part in cmdline):
+            found.append(process)
+    return found
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _ledger(out: Path) -> Ledger:
+    return Ledger(out / ".sweep" / "ledger.sqlite")
+
+
+def _sessions(server: libtmux.Server) -> dict[str, libtmux.Session]:
+    if not server.is_alive():
+        return {}
+    try:
+        return {s.session_name: s for s in server.sessions}
+    except libtmux.exc.LibTmuxException:
+        return {}
+
+
+def _screen(session: libtmux.Session) -> str:
+    return "\n".join(session.active_window.active_pane.capture_pane())
+
+
+def _finished(out: Path, root: Path) -> bool:
+    return _ledger(out).unfinished() == 0 and not _processes(root)
+
+
+def _check_complete(path: Path, out: Path, expected: int) -> dict[str, list[str]]:
+    """Every job made once: one valid mp4 each, one `done` attempt each, no temp file anywhere."""
+    mp4s = sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts)
+    assert len(mp4s) == expected, mp4s
+    assert all(count_frames(p) == FRAMES for p in mp4s)
+    assert not [p for p in out.rglob("*") if p.name.startswith(TEMP_MARK)]
+    outcomes: dict[str, list[str]] = {}
+    for attempt in _ledger(out).attempts():
+        outcomes.setdefault(attempt["job_id"], []).append(attempt["outcome"])
+    assert len(outcomes) == expected
+    assert all(o.count("done") == 1 for o in outcomes.values()), outcomes
+    report = _run("report", str(path), "--json")
+    assert report.returncode == 0, report.stderr
+    totals = json.loads(report.stdout)["totals"]
+    assert totals["expected"] == expected and totals["done"] == expected and totals["failed"] == 0
+    return outcomes
+
+
+# ---------------------------------------------------------------------------- tests
+def test_session_name_is_safe_for_tmux():
+    assert session_name("wan", "gpu0_worker1") == "wan-gpu0-w1"
+    assert session_name("wan", "gpu0+1_worker0") == "wan-gpu0+1-w0"
+    assert session_name("wan", "cpu0_worker0") == "wan-cpu0-w0"
+    assert session_name("v1.2: 镜头 run", "gpu3_worker0") == "v1_2__镜头_run-gpu3-w0"
+    assert session_name("$(x)", "gpu0_worker0") == "_$(x)-gpu0-w0"
+
+
+def test_sessions_per_worker_show_live_output_and_nothing_reaches_a_shell(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, name=NASTY_NAME, output_dir="out dir $(touch PWNED) 'x'",
+                     model={"options": {"seconds_per_job": 0.8}},
+                     categories={NASTY_CATEGORY: {"prompts": [NASTY_PROMPT, "狗"]}, "beta": {"prompts": ["a boat"]}})
+    out = tmp_path / "out dir $(touch PWNED) 'x'"
+    result = _run("run", str(path), "--cpu-slots", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [session_name(NASTY_NAME, f"cpu{i}_worker0") for i in range(3)]
+    assert names[0] == "exp_'q'_$(touch_PWNED)_镜头_v1-cpu0-w0"
+    socket = os.environ["ORCHESTRATOR_TMUX_SOCKET"]
+    assert f"tmux -L {socket} attach -t " in result.stdout and "report" in result.stdout
+    assert all(name in result.stdout for name in names)
+
+    sessions = _sessions(tmux)
+    assert sorted(sessions) == sorted(names)
+    for i, name in enumerate(names):
+        windows = sessions[name].windows
+        assert [w.window_name for w in windows] == [f"cpu{i}_worker0"]
+        assert len(windows[0].panes) == 1
+    screen = _wait_for(lambda: (lambda s: "step 4/4" in s and " done " in s and s)(_screen(sessions[names[0]])),
+                       20, "worker output in the pane")
+    assert "job " in screen and "(attempt 1)" in screen
+
+    _wait_for(lambda: _finished(out, tmp_path), 40, "the sweep to finish")
+    _wait_for(lambda: not _sessions(tmux), 10, "the sessions of finished workers to end")
+    _check_complete(path, out, 6)
+    assert (out / NASTY_CATEGORY / "seed_2_prompt_0.mp4").exists()
+    sidecar = json.loads((out / NASTY_CATEGORY / "seed_1_prompt_0.json").read_text(encoding="utf-8"))
+    assert sidecar["job"]["prompt"] == NASTY_PROMPT
+    assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists() and not Path("PWNED").exists()
+
+
+def test_killed_worker_is_restarted_and_its_job_redone(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, model={"options": {"seconds_per_job": 1.2}})
+    out = tmp_path / "out"
+    assert _run("run", str(path), "--cpu-slots", "1").returncode == 0
+    ledger = _ledger(out)
+    # Mid-job: the worker holds a claim and has worked on it for a while.
+    worker = _wait_for(lambda: next((w for w in ledger.workers() if w["job"] and w["pid"]
+                                     and any(j["id"] == w["job"] and j["state"] == "running"
+                                             for j in ledger.jobs())), None), 20, "a running job")
+    time.sleep(0.5)
+    killed_job = worker["job"]
+    os.kill(worker["pid"], signal.SIGKILL)
+
+    session = _sessions(tmux)[session_name("t", "cpu0_worker0")]
+    _wait_for(lambda: "restarting in" in _screen(session), 15, "the supervisor's restart message in the pane")
+    _wait_for(lambda: _finished(out, tmp_path), 40, "the sweep to finish")
+    outcomes = _check_complete(path, out, 6)
+    assert outcomes[killed_job] == ["lost", "done"]
+    assert all(o == ["done"] for job, o in outcomes.items() if job != killed_job)
+    assert _ledger(out).worker("cpu0_worker0")["restarts"] == 1
+    log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
+    assert "SUPERVISOR [cpu0_worker0] worker exited with code -9; 1 job(s) back to the queue" in log
+
+
+def test_hung_worker_is_detected_by_heartbeat_and_replaced(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, model={"options": {"hang_jobs": ["alpha/seed_1_prompt_1"]}})
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert _run("run", str(path), "--cpu-slots", "1").returncode == 0
+    _wait_for(lambda: _finished(out, tmp_path), 45, "the sweep to finish")
+    outcomes = _check_complete(path, out, 6)
+    hung = [job for job, o in outcomes.items() if o != ["done"]]
+    assert len(hung) == 1 and outcomes[hung[0]] == ["lost", "done"]
+    error = next(a["error"] for a in _ledger(out).attempts(hung[0]) if a["outcome"] == "lost")
+    assert "no heartbeat" in error
+    log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
+    assert "(hung?): killed the worker" in log
+    assert time.monotonic() - started < 30  # replaced after ~2 heartbeat timeouts, not a job timeout
+
+
+def test_killing_the_tmux_server_then_running_again_resumes(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, seeds=[1, 2, 3, 4], model={"options": {"seconds_per_job": 0.8}})
+    out = tmp_path / "out"
+    assert _run("run", str(path), "--cpu-slots", "2").returncode == 0
+    ledger = _ledger(out)
+    _wait_for(lambda: ledger.counts()["done"] >= 2, 20, "two finished jobs")
+    tmux.kill()  # like a reboot of tmux, or a `tmux kill-server` by mistake
+    _wait_for(lambda: not _processes(tmp_path), 15, "the workers to end with their panes")
+    assert ledger.unfinished() > 0
+
+    again = _run("run", str(path), "--cpu-slots", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "started 2 workers" in again.stdout
+    _wait_for(lambda: _finished(out, tmp_path), 40, "the resumed sweep to finish")
+    outcomes = _check_complete(path, out, 12)
+    # The workers stopped cleanly with their panes: an interrupted job was released, no attempt burned.
+    assert {o for job in outcomes.values() for o in job} <= {"done", "released"}, outcomes
+
+
+def test_second_run_does_not_double_workers_add_workers_and_stop(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, seeds=[1, 2, 3, 4], model={"options": {"seconds_per_job": 2.0}})
+    out = tmp_path / "out"
+    assert _run("run", str(path), "--cpu-slots", "2").returncode == 0
+    second = _run("run", str(path), "--cpu-slots", "2")  # at once: the supervisors may not be registered yet
+    assert second.returncode == 0 and "already running (2 workers alive)" in second.stdout
+    assert len(_sessions(tmux)) == 2
+    _wait_for(lambda: len(_processes(tmp_path)) == 4, 10, "2 supervisors and 2 workers")
+    time.sleep(1)
+    assert len(_processes(tmp_path)) == 4
+
+    added = _run("run", str(path), "--cpu-slots", "3", "--add-workers")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "started 1 workers" in added.stdout
+    assert sorted(_sessions(tmux)) == [session_name("t", f"cpu{i}_worker0") for i in range(3)]
+    _wait_for(lambda: len(_processes(tmp_path)) == 6, 10, "3 supervisors and 3 workers")
+
+    stopped = _run("stop", str(path))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not _processes(tmp_path)
+    assert not _sessions(tmux)
+    ledger = _ledger(out)
+    assert ledger.counts()["running"] == 0
+    assert all(w["state"] not in ("starting", "loading", "idle", "running") for w in ledger.workers()), [(w["id"], w["state"], w["message"]) for w in ledger.workers()]
+
+
+def test_stop_now_kills_everything(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, model={"options": {"seconds_per_job": 30.0}})
+    out = tmp_path / "out"
+    assert _run("run", str(path), "--cpu-slots", "2").returncode == 0
+    ledger = _ledger(out)
+    _wait_for(lambda: ledger.counts()["running"] == 2, 15, "two running jobs")
+    started = time.monotonic()
+    stopped = _run("stop", str(path), "--now")
+    assert stopped.returncode == 0 and "(killed)" in stopped.stdout
+    assert time.monotonic() - started < 10
+    assert not _processes(tmp_path) and not _sessions(tmux)
+    assert ledger.counts()["running"] == 0
+    assert not list(out.rglob("*.mp4"))
+
+
+def test_missing_tmux_says_how_to_install_it(write_manifest, tmp_path):
+    path = _manifest(write_manifest, seeds=[1], categories={"beta": {"prompts": ["a boat"]}})
+    no_tmux = tmp_path / "bin"
+    no_tmux.mkdir()
+    env = {"PATH": str(no_tmux)}
+    result = cli("run", str(path), "--no-progress", env=env)
+    assert result.returncode == 2
+    assert "sudo apt-get install tmux" in result.stderr and "brew install tmux" in result.stderr
+    assert "--executor local" in result.stderr
+    assert not (tmp_path / "out" / ".sweep" / "workers").exists()
+    local = cli("run", str(path), "--no-progress", "--executor", "local", env=env)
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert count_frames(tmp_path / "out" / "beta" / "seed_1_prompt_0.mp4") == FRAMES
+
+
+def test_worker_that_keeps_crashing_fails_with_its_reason_left_on_screen(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, seeds=[1], model={"options": {"crash_rate": 1.0}},
+                     execution={**EXECUTION, "max_restarts": 1})
+    out = tmp_path / "out"
+    assert _run("run", str(path), "--cpu-slots", "1").returncode == 0
+    name = session_name("t", "cpu0_worker0")
+    _wait_for(lambda: _ledger(out).worker("cpu0_worker0") and
+              _ledger(out).worker("cpu0_worker0")["state"] == "failed", 20, "the worker to be marked failed")
+    _wait_for(lambda: not _processes(tmp_path), 10, "the supervisor to exit")
+    session = _sessions(tmux)[name]  # kept open to show why
+    pane = session.active_window.active_pane
+    screen = _wait_for(lambda: (lambda s: "FAILED" in s and s)(_screen(session)), 5, "the reason in the pane")
+    assert "gave up after 1 restarts in a row" in "".join(screen.splitlines()) and pane.pane_dead == "1"
+    assert "gave up after 1 restarts" in _ledger(out).worker("cpu0_worker0")["message"]
+
+    again = _run("run", str(path), "--cpu-slots", "1")  # a fresh try replaces the dead pane's session
+    assert again.returncode == 0 and "started 1 workers" in again.stdout, again.stdout + again.stderr
+    assert list(_sessions(tmux)) == [name]
+    _wait_for(lambda: _processes(tmp_path), 10, "the new supervisor")
+
+
+def test_follow_shows_progress_until_the_sweep_ends(tmux, write_manifest, tmp_path):
+    path = _manifest(write_manifest, seeds=[1], model={"options": {"seconds_per_job": 0.3}})
+    result = _run("run", str(path), "--cpu-slots", "2", "--follow", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started 2 workers (tmux)" in result.stdout and "total" in result.stdout
+    _wait_for(lambda: not _processes(tmp_path), 10, "the workers to exit")
+    _check_complete(path, tmp_path / "out", 3)
+    _wait_for(lambda: not _sessions(tmux), 10, "the sessions to end")

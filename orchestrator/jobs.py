@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,34 +62,57 @@ def _is_runtime_option(key: str) -> bool:
 
 
 def output_path(manifest: Manifest, category: str, stem: str | None, seed: int, prompt_index: int) -> Path:
+    root = manifest.output_dir.resolve()
+    return _output_in(_output_folder(manifest, category, stem), seed, prompt_index, root)
+
+
+def _output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:
+    """The resolved folder of one reference's outputs (resolved once per reference, not per job)."""
     folder = manifest.output_dir / category
     if stem is not None:
         folder = folder / stem
-    path = (folder / f"seed_{seed}_prompt_{prompt_index}.mp4").resolve()
     for part in (category, stem):
         if part is not None and safe_component_problem(part):  # validated already; a second guard
             raise ValueError(f"unsafe output name {part!r}")
-    if manifest.output_dir.resolve() not in path.parents:
-        raise ValueError(f"output {path} escapes {manifest.output_dir}")
+    return folder.resolve()
+
+
+def _output_in(folder: Path, seed: int, prompt_index: int, root: Path, inside: bool | None = None) -> Path:
+    """folder/seed_S_prompt_I.mp4, resolved as `Path.resolve` would, and checked to stay under root.
+
+    `inside`: the caller already knows whether `folder` lies under `root` (saves a check per job).
+    """
+    path = folder / f"seed_{seed}_prompt_{prompt_index}.mp4"
+    if os.path.islink(path):  # an mp4 that is a link resolves to its target, as before
+        path = path.resolve()
+    elif inside if inside is not None else (folder == root or root in folder.parents):
+        return path
+    if root not in path.parents:
+        raise ValueError(f"output {path} escapes {root}")
     return path
 
 
 def expand(manifest: Manifest) -> list[Job]:
     """All jobs of the manifest in a fixed order: category, reference, prompt, seed."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
+    root = manifest.output_dir.resolve()
     jobs: list[Job] = []
     for category in manifest.categories:
         for ref in category.references:
+            # Once per reference, not per job: the file's identity and the resolved output folder.
+            file_identity = _file_identity(ref.path)
+            folder = _output_folder(manifest, category.name, ref.stem)
+            inside = folder == root or root in folder.parents
+            reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
                 for seed in manifest.seeds:
                     identity = json.dumps([category.name, ref.stem, prompt_index, prompt, seed,
-                                           _file_identity(ref.path)], ensure_ascii=False)
+                                           file_identity], ensure_ascii=False)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
-                        reference=str(ref.path) if ref.path else None, prompt_index=prompt_index,
-                        prompt=prompt, seed=seed,
-                        output=str(output_path(manifest, category.name, ref.stem, seed, prompt_index))))
+                        reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
+                        output=str(_output_in(folder, seed, prompt_index, root, inside))))
     return jobs
 
 

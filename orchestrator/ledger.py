@@ -312,9 +312,17 @@ class Ledger:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE active AND state IN ('pending', 'running')"
                                ).fetchone()[0]
 
-    def jobs(self) -> list[dict]:
+    def jobs(self, report_since: float | None = None) -> list[dict]:
+        """Active jobs in manifest order; with `report_since`, only those a report looks at: running,
+        failed, or done (not skipped) after that time."""
+        where = "active"
+        params: tuple = ()
+        if report_since is not None:
+            where += (" AND (state IN ('running', 'failed') OR (state = 'done' AND NOT skipped "
+                      "AND finished_at > ?))")
+            params = (report_since,)
         cur = self.db.execute("SELECT id, queue, state, attempts, worker, heartbeat_at, finished_at, "
-                              "seconds, skipped, last_error FROM jobs WHERE active ORDER BY ordinal")
+                              f"seconds, skipped, last_error FROM jobs WHERE {where} ORDER BY ordinal", params)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 

@@ -82,7 +82,8 @@ def build_report(sweep: Sweep) -> Report:
     ledger = sweep.ledger()
     try:
         recent: list[float] = []
-        for entry in ledger.jobs():
+        # Only what the loop below uses: running, failed, and done within the window.
+        for entry in ledger.jobs(report_since=now - WINDOW_S):
             job = by_id.get(entry["id"])
             if job is None or job.id in scan.complete:
                 if job is not None and entry["state"] == "done" and not entry["skipped"] \

@@ -47,7 +47,12 @@ class Sweep:
         cache = ProbeCache(self.state_dir / "probe-cache.json") if self.root.exists() else None
         scan = DiskScan()
         frames = self.manifest.generation.num_frames
+        present = _names_by_folder(job.output for job in self.jobs)
         for job in self.jobs:
+            folder, _, name = job.output.rpartition(os.sep)
+            names = present.get(folder)
+            if names is not None and name not in names:
+                continue  # no file by that name: not done, not stale (one listing, not a stat per job)
             state = inspect_output(job.output, frames, cache)
             if state.stale_for(job.id):
                 scan.stale.append(job)
@@ -108,6 +113,26 @@ class Sweep:
                 settings=settings_fingerprint(m))
             specs.append((spec, spec.write(self.specs_dir / f"{slot.id}.json")))
         return specs
+
+
+def _names_by_folder(outputs) -> dict[str, set[str] | None]:
+    """The file names in each folder that holds outputs: one directory listing per folder.
+
+    None for a folder that exists but cannot be listed: its outputs are checked one by one.
+    """
+    names: dict[str, set[str]] = {}
+    for output in outputs:
+        folder = output.rpartition(os.sep)[0]
+        if folder in names:
+            continue
+        try:
+            with os.scandir(folder) as entries:
+                names[folder] = {entry.name for entry in entries}
+        except (FileNotFoundError, NotADirectoryError):  # no such folder (yet)
+            names[folder] = set()
+        except OSError:
+            names[folder] = None
+    return names
 
 
 def _is_ours(pid: int) -> bool:

@@ -203,6 +203,9 @@ def cmd_run(manifest, args) -> int:
         executor.wait()
         return 130
     executor.wait()
+    deadline = time.monotonic() + 15
+    while executor.detaches and executor.running() and time.monotonic() < deadline:
+        time.sleep(0.5)  # let the sessions of finished workers end before the report lists them
     report = build_report(sweep)
     print()
     print(format_report(report))

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import shutil
-
 from .base import Executor
 
 EXECUTORS: dict[str, str] = {
@@ -17,9 +15,4 @@ def executor_class(name: str) -> type[Executor]:
     return getattr(importlib.import_module(module), attr)
 
 
-def default_executor() -> str:
-    """tmux where tmux exists, else local."""
-    return "tmux" if shutil.which("tmux") and "tmux" in EXECUTORS else "local"
-
-
-__all__ = ["EXECUTORS", "Executor", "default_executor", "executor_class"]
+__all__ = ["EXECUTORS", "Executor", "executor_class"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,62 +46,41 @@ class Job:
 
 def settings_fingerprint(manifest: Manifest) -> dict:
     """What, besides the job's own inputs, determines every output of this manifest."""
+    from .backends import backend_class
     model = manifest.model
+    runtime = backend_class(model.backend).runtime_options
     return {
         "backend": model.backend, "task": model.task, "model": model.path, "dtype": model.dtype,
-        "options": {k: v for k, v in sorted(model.options.items()) if not _is_runtime_option(k)},
+        "options": {k: v for k, v in sorted(model.options.items()) if k not in runtime},
         "generation": asdict(manifest.generation),
     }
 
 
-def _is_runtime_option(key: str) -> bool:
-    # How fast or on which devices a job runs does not change its pixels.
-    return key in ("seconds_per_job", "fail_rate", "oom_rate", "hang_rate", "crash_rate",
-                   "fail_jobs", "crash_jobs", "fail_attempts", "step_seconds", "offload", "device_map")
-
-
-def output_path(manifest: Manifest, category: str, stem: str | None, seed: int, prompt_index: int) -> Path:
-    root = manifest.output_dir.resolve()
-    return _output_in(_output_folder(manifest, category, stem), seed, prompt_index, root)
-
-
-def _output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:
-    """The resolved folder of one reference's outputs (resolved once per reference, not per job)."""
-    folder = manifest.output_dir / category
-    if stem is not None:
-        folder = folder / stem
+def output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:
+    """The folder of one reference's outputs, checked to stay inside output_dir."""
     for part in (category, stem):
         if part is not None and safe_component_problem(part):  # validated already; a second guard
             raise ValueError(f"unsafe output name {part!r}")
-    return folder.resolve()
+    root = manifest.output_dir.resolve()
+    folder = (root / category / stem if stem is not None else root / category).resolve()
+    if root not in folder.parents:
+        raise ValueError(f"output folder {folder} escapes {root}")
+    return folder
 
 
-def _output_in(folder: Path, seed: int, prompt_index: int, root: Path, inside: bool | None = None) -> Path:
-    """folder/seed_S_prompt_I.mp4, resolved as `Path.resolve` would, and checked to stay under root.
-
-    `inside`: the caller already knows whether `folder` lies under `root` (saves a check per job).
-    """
-    path = folder / f"seed_{seed}_prompt_{prompt_index}.mp4"
-    if os.path.islink(path):  # an mp4 that is a link resolves to its target, as before
-        path = path.resolve()
-    elif inside if inside is not None else (folder == root or root in folder.parents):
-        return path
-    if root not in path.parents:
-        raise ValueError(f"output {path} escapes {root}")
-    return path
+def output_name(seed: int, prompt_index: int) -> str:
+    return f"seed_{seed}_prompt_{prompt_index}.mp4"
 
 
 def expand(manifest: Manifest) -> list[Job]:
     """All jobs of the manifest in a fixed order: category, reference, prompt, seed."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
-    root = manifest.output_dir.resolve()
     jobs: list[Job] = []
     for category in manifest.categories:
         for ref in category.references:
-            # Once per reference, not per job: the file's identity and the resolved output folder.
+            # Once per reference, not per job: the file's identity and the checked output folder.
             file_identity = _file_identity(ref.path)
-            folder = _output_folder(manifest, category.name, ref.stem)
-            inside = folder == root or root in folder.parents
+            folder = output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
                 for seed in manifest.seeds:
@@ -112,7 +90,7 @@ def expand(manifest: Manifest) -> list[Job]:
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=str(_output_in(folder, seed, prompt_index, root, inside))))
+                        output=str(folder / output_name(seed, prompt_index))))
     return jobs
 
 

@@ -20,6 +20,8 @@ class OutOfMemory(RuntimeError):
 class Backend(ABC):
     name: ClassVar[str]
     runs_on_cpu: ClassVar[bool] = False  # may take CPU worker slots on a machine without GPUs
+    # Options that change how fast or where a job runs, not its pixels: they stay out of job ids.
+    runtime_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: "ModelConfig", generation: "GenerationConfig", devices: tuple[int, ...]):
         self.model = model

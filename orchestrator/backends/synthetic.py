@@ -42,6 +42,7 @@ def _unit(*parts) -> float:
 class SyntheticBackend(Backend):
     name = "synthetic"
     runs_on_cpu = True
+    runtime_options = frozenset(OPTIONS)  # the picture depends only on prompt, seed and frame
 
     @classmethod
     def check(cls, manifest) -> list[str]:

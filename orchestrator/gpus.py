@@ -95,13 +95,21 @@ def discover(nvml=None, visible: str | None = ...) -> list[Gpu]:
     return gpus
 
 
+def nvml_module():
+    """pynvml, or the FAKE cards of ORCHESTRATOR_FAKE_GPUS (tests)."""
+    if os.environ.get(FAKE_ENV):
+        return FakeNvml.from_env(os.environ[FAKE_ENV])
+    import pynvml
+    return pynvml
+
+
 def process_memories(pids, nvml=None) -> dict[int, dict[int, int]]:
     """Device memory (bytes) held by each of `pids`, per NVML GPU index, in one NVML session.
 
     A pid NVML does not list (not started on a GPU yet, or in another PID namespace) is absent.
     """
     if nvml is None:
-        import pynvml as nvml
+        nvml = nvml_module()
     wanted = set(pids)
     nvml.nvmlInit()
     try:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .gpus import GIB, Gpu, process_memories
+from .gpus import GIB, Gpu, nvml_module, process_memories
 from .manifest import Manifest
 from .planning import DeviceGroup, PlanError
 
@@ -345,7 +345,7 @@ class _Sampler(threading.Thread):
 
 def _device_used(devices: tuple[int, ...], nvml=None) -> dict[int, int]:
     if nvml is None:
-        import pynvml as nvml
+        nvml = nvml_module()
     nvml.nvmlInit()
     try:
         return {d: int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(d)).used) for d in devices}

@@ -83,7 +83,7 @@ def test_check_rejects_other_tasks_options_and_missing_checkpoints(write_manifes
 def test_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, tiny_checkpoint):
     path = write_manifest(synthetic_manifest(
         model={"backend": "diffusers", "task": "t2v", "path": str(tiny_checkpoint), "dtype": "float32",
-               "options": {"vae_slicing": True}},
+               "options": {"vae_tiling": True, "vae_slicing": True, "prompt_cache": 8}},
         generation={"width": 32, "height": 32, "num_frames": 5, "fps": 5, "steps": 2},
         seeds=[1, 2], categories={"alpha": {"prompts": ["a cat on a mat"]}, "beta": {"prompts": ["a dog"]}},
         resources={"cpu_slots": 1}))
@@ -96,4 +96,4 @@ def test_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, tiny_
     assert all(count_frames(p) == 5 for p in mp4s)
     sidecar = json.loads((out / "alpha" / "seed_2_prompt_0.json").read_text(encoding="utf-8"))
     assert sidecar["model"]["backend"] == "diffusers" and "diffusers" in sidecar["versions"]
-    assert sidecar["settings"]["options"] == {"vae_slicing": True}
+    assert sidecar["settings"]["options"] == {"vae_tiling": True}  # the others do not change pixels

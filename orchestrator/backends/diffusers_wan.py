@@ -49,6 +49,8 @@ def _is_oom(exc: BaseException) -> bool:
 class DiffusersWanBackend(Backend):
     name = "diffusers"
     runs_on_cpu = True  # it does run on the CPU, slowly: CI uses a tiny random-weight pipeline
+    # Where and how memory-thriftily it runs, not what it draws: these stay out of job ids.
+    runtime_options = frozenset({"offload", "device_map", "text_encoder", "prompt_cache", "vae_slicing"})
 
     @classmethod
     def check(cls, manifest) -> list[str]:

@@ -1,6 +1,7 @@
-"""Write the benchmark manifest used by gpu_sizing.py and gpu_throughput.py."""
+"""The benchmark manifest and command-line flags shared by gpu_sizing.py and gpu_throughput.py."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import yaml
@@ -29,3 +30,17 @@ def write_manifest(path: Path, model: str, out: Path, *, width: int, height: int
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def model_arguments() -> argparse.ArgumentParser:
+    """A parser with the flags both GPU scripts take: model folder, work folder, video settings."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--dtype", default="bfloat16")
+    return parser

@@ -8,7 +8,6 @@ The calibration's profile is cached under DIR/b/.sweep/profiles, where gpu_throu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -48,15 +47,8 @@ def readings() -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--jobs", type=int, default=12)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--dtype", default="bfloat16")
+    from gpu_manifest import model_arguments
+    parser = model_arguments()
     parser.add_argument("--oom", action="store_true")
     parser.add_argument("--oom-jobs", type=int, default=4)
     args = parser.parse_args()

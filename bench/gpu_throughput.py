@@ -14,7 +14,6 @@ with the same --work, or (b) calibrates first and that time is counted).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -85,15 +84,8 @@ def _figures(name: str, start: float, folder: Path, expected: int, wall: float) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--jobs", type=int, default=12)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--dtype", default="bfloat16")
+    from gpu_manifest import model_arguments
+    parser = model_arguments()
     parser.add_argument("--modes", default="a,b,c")
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     args = parser.parse_args()

@@ -255,7 +255,7 @@ def _retire(ledger, spec: WorkerSpec, ooms: int) -> int | None:
     One transaction, so two workers of a card that both keep running out of memory never both retire.
     """
     with ledger.transaction() as db:
-        left = _others_alive(ledger, spec, count=True)
+        left = _card_mates(ledger, spec)
         if not left:
             return None
         where = spec.queue if spec.devices else "this machine"
@@ -265,23 +265,18 @@ def _retire(ledger, spec: WorkerSpec, ooms: int) -> int | None:
     return left
 
 
-def _others_alive(ledger, spec: WorkerSpec, count: bool = False):
-    """Retire only while another live worker shares one of this worker's devices (or any, on CPU).
-
-    With count=True: how many such workers there are.
-    """
+def _card_mates(ledger, spec: WorkerSpec) -> int:
+    """Live workers that share one of this worker's devices (on CPU: any other live worker)."""
     from .ledger import LIVE_WORKER_STATES
     mine = set(spec.devices)
-    others = 0
+    mates = 0
     for worker in ledger.workers():
         if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
             continue
         theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
         if theirs & mine or not mine:
-            others += 1
-            if not count:
-                return True
-    return others if count else False
+            mates += 1
+    return mates
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh sizing   # NVML readings, calibration via `plan --recalibrate`, induced out-of-memory
 #   bash bench/gpu_run.sh ab       # (a) bare loop and (b) orchestrator, same jobs, same machine
 #   bash bench/gpu_run.sh c        # (c) one process per job
+#   bash bench/gpu_run.sh tmux     # a real-model sweep under the default (tmux) executor, watched from outside
 # Wheels for what the machine lacks travel in .whl/ (diffusers, av, importlib_metadata).
 set -uo pipefail
 STAGE=${1:?stage}
@@ -25,6 +26,10 @@ case $STAGE in
     python3 bench/gpu_sizing.py --model $MODEL --work $WORK --steps $STEPS --jobs $JOBS 2>&1 | grep -v "Loading\|it/s\]" | tee "$OUT/sizing.log"
     cp $WORK/b/.sweep/profiles/*.json "$OUT/" 2>/dev/null
     timeout 240 python3 bench/gpu_sizing.py --model $MODEL --work $WORK --steps $STEPS --oom 2>&1 | grep -v "Loading\|it/s\]" | tee "$OUT/oom.log"
+    ;;
+  tmux)
+    python3 bench/gpu_tmux.py --model $MODEL --work $WORK --steps $STEPS --jobs $JOBS \
+        --profile "$(ls bench/gpu_results/diffusers-*.json | head -1)" 2>&1 | grep -v "Loading\|it/s\]" | tee "$OUT/tmux.log"
     ;;
   [abc]*)
     MODES=$(echo $STAGE | sed 's/./&,/g; s/,$//')

@@ -97,7 +97,7 @@ class Sweep:
             pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
             if worker["host"] != socket.gethostname():
                 alive.append(worker)  # another machine's (ray): trust its heartbeat
-            elif any(_is_ours(p) for p in pids):
+            elif any(is_sweep_process(p) for p in pids):
                 alive.append(worker)
         return alive
 
@@ -135,7 +135,7 @@ def _names_by_folder(outputs) -> dict[str, set[str] | None]:
     return names
 
 
-def _is_ours(pid: int) -> bool:
+def is_sweep_process(pid: int) -> bool:
     import psutil
     try:
         cmdline = " ".join(psutil.Process(pid).cmdline())

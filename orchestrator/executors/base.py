@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..planning import WorkerSpec
-from ..sweep import Sweep, _is_ours
+from ..sweep import Sweep, is_sweep_process
 
 
 class ExecutorError(RuntimeError):
@@ -63,7 +63,7 @@ class Executor(ABC):
         pids = set()
         for worker in ledger.workers():
             for pid in (worker["supervisor_pid"], worker["pid"]):
-                if pid and _is_ours(pid):
+                if pid and is_sweep_process(pid):
                     pids.add(pid)
         sig = signal.SIGKILL if now else signal.SIGTERM
         for pid in pids:
@@ -72,10 +72,10 @@ class Executor(ABC):
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(_is_ours(p) for p in pids):
+        while time.monotonic() < deadline and any(is_sweep_process(p) for p in pids):
             time.sleep(0.2)
         for pid in pids:  # whoever ignored SIGTERM for timeout_s
-            if _is_ours(pid):
+            if is_sweep_process(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..planning import WorkerSpec
-from ..sweep import _is_ours, python_env
+from ..sweep import is_sweep_process, python_env
 from .base import Executor, ExecutorError
 
 SOCKET_ENV = "ORCHESTRATOR_TMUX_SOCKET"
@@ -197,7 +197,7 @@ class TmuxExecutor(Executor):
         while time.monotonic() < deadline and any(_running(p) for p in processes):
             time.sleep(0.1)
         for process in processes:
-            if _running(process) and _is_ours(process.pid):
+            if _running(process) and is_sweep_process(process.pid):
                 try:
                     process.send_signal(signal.SIGKILL)
                     signalled += 1

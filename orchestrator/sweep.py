@@ -136,6 +136,7 @@ def _names_by_folder(outputs) -> dict[str, set[str] | None]:
 
 
 def is_sweep_process(pid: int) -> bool:
+    """A supervisor or worker of this product (a pid kept in the ledger may since have been reused)."""
     import psutil
     try:
         cmdline = " ".join(psutil.Process(pid).cmdline())

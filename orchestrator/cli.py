@@ -187,9 +187,9 @@ def cmd_run(manifest, args) -> int:
     counts = ledger.counts()
     print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")
+    for line in executor.attach_hints(names):
+        print(line)
     if executor.detaches and not args.follow:
-        for line in executor.attach_hints(names):
-            print(line)
         print(f"progress: python run_experiment.py report {_quote(manifest.path)}")
         print(f"stop:     python run_experiment.py stop {_quote(manifest.path)}")
         return 0

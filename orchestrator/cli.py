@@ -130,7 +130,6 @@ def cmd_run(manifest, args) -> int:
     from .sweep import Sweep
 
     sweep = Sweep(manifest)
-    plan, gpus, why = _plan(manifest, sweep, args)
     # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
     # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
     name = args.executor or manifest.execution.executor or "tmux"
@@ -150,6 +149,8 @@ def cmd_run(manifest, args) -> int:
         print(format_report(build_report(sweep)))
         return 0
 
+    # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
+    plan, gpus, why = _plan(manifest, sweep, args)
     scan = sweep.scan()
     if scan.stale:
         if not args.redo_changed:

@@ -54,11 +54,9 @@ def _visible_filter(visible: str | None):
 
 def discover(nvml=None, visible: str | None = ...) -> list[Gpu]:
     """The GPUs this process may use, with their memory now. Raises NoGpus with the reason."""
-    if nvml is None and os.environ.get(FAKE_ENV):
-        nvml = FakeNvml.from_env(os.environ[FAKE_ENV])
     if nvml is None:
         try:
-            import pynvml as nvml
+            nvml = nvml_module()
         except ImportError:
             raise NoGpus("nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
     if visible is ...:
@@ -120,23 +118,6 @@ def process_memories(pids, nvml=None) -> dict[int, dict[int, int]]:
                 if proc.pid in wanted and proc.usedGpuMemory:
                     per_card = used.setdefault(proc.pid, {})
                     per_card[index] = per_card.get(index, 0) + int(proc.usedGpuMemory)
-        return used
-    finally:
-        nvml.nvmlShutdown()
-
-
-def process_memory(pid: int, nvml=None) -> dict[int, int]:
-    """Device memory (bytes) that process `pid` holds, per NVML GPU index (CUDA context included)."""
-    if nvml is None:
-        import pynvml as nvml
-    nvml.nvmlInit()
-    try:
-        used = {}
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    used[index] = used.get(index, 0) + int(proc.usedGpuMemory)
         return used
     finally:
         nvml.nvmlShutdown()

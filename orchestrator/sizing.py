@@ -292,8 +292,9 @@ class Sizer:
 
 
 def needs_sizing(manifest: Manifest) -> bool:
-    """Measured sizing applies to model backends on GPUs, not to the synthetic test backend."""
-    return manifest.model.backend != "synthetic"
+    """Measured sizing applies to backends that declare it (model backends, not the synthetic one)."""
+    from .backends import backend_class
+    return backend_class(manifest.model.backend).measured_sizing
 
 
 def make_sizer(manifest: Manifest, recalibrate: bool = False, calibrator: Calibrator | None = None,

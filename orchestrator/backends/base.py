@@ -20,6 +20,7 @@ class OutOfMemory(RuntimeError):
 class Backend(ABC):
     name: ClassVar[str]
     runs_on_cpu: ClassVar[bool] = False  # may take CPU worker slots on a machine without GPUs
+    measured_sizing: ClassVar[bool] = True  # workers per card come from calibration (sizing.py)
     # Options that change how fast or where a job runs, not its pixels: they stay out of job ids.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
 

@@ -42,6 +42,7 @@ def _unit(*parts) -> float:
 class SyntheticBackend(Backend):
     name = "synthetic"
     runs_on_cpu = True
+    measured_sizing = False  # no model, no device memory: nothing to measure
     runtime_options = frozenset(OPTIONS)  # the picture depends only on prompt, seed and frame
 
     @classmethod

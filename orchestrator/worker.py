@@ -157,7 +157,9 @@ def run_worker(spec: WorkerSpec) -> int:
                 if ledger.unfinished() == 0:
                     log.info("no work left: exiting")
                     break
-                ledger.set_worker(spec.worker, state="idle", job=None)
+                if group is not None:  # first idle poll after work: say so once, not every second
+                    ledger.set_worker(spec.worker, state="idle", job=None)
+                    group = None
                 time.sleep(IDLE_POLL_S)  # jobs in flight elsewhere may come back for a retry
                 continue
             job = claim.job

@@ -114,6 +114,22 @@ def versions() -> dict:
     return found
 
 
+def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_seconds: float,
+                   gpu_names: list[str]) -> dict:
+    """What the sidecar of one finished job says: the job, its settings, where and how it was made.
+
+    Every executor's workers (a process here, a Ray actor elsewhere) write the same record.
+    """
+    return {
+        "job_id": job.id, "job": job.to_dict(), "settings": spec.settings,
+        "model": spec.model, "generation": spec.generation, "attempt": attempt,
+        "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
+        "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
+        "peak_memory_bytes": backend.peak_memory_bytes(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def run_worker(spec: WorkerSpec) -> int:
     from .backends import OutOfMemory, backend_class
     from .jobs import Job  # noqa: F401  (payloads are Jobs)
@@ -191,14 +207,7 @@ def run_worker(spec: WorkerSpec) -> int:
                 backend.attempt = claim.attempt
                 frames = backend.generate(job, progress)
                 generate_s = time.monotonic() - t0
-                record = {
-                    "job_id": job.id, "job": job.to_dict(), "settings": spec.settings,
-                    "model": spec.model, "generation": spec.generation, "attempt": claim.attempt,
-                    "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
-                    "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_s, 3),
-                    "peak_memory_bytes": backend.peak_memory_bytes(),
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
+                record = sidecar_record(spec, job, claim.attempt, backend, generate_s, gpu_names)
                 write_mp4(frames, job.output, generation.fps, expected_frames=generation.num_frames,
                           sidecar=record)
                 seconds = time.monotonic() - t0

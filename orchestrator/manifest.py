@@ -239,7 +239,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
                         resources=resources, execution=execution)
-    _check_backend(reader, manifest, top.get("model", (None, None))[1])
+    _check_backend(reader, manifest, root)
     if reader.problems:
         raise ManifestError(reader.problems)
     return manifest
@@ -576,14 +576,33 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
     return None, file, {}, node
 
 
-def _check_backend(reader: _Reader, manifest: Manifest, model_node) -> None:
-    """Let the chosen backend check its own options (unknown backend → a problem here)."""
+def _check_backend(reader: _Reader, manifest: Manifest, root) -> None:
+    """Let the chosen backend check the manifest (unknown backend → a problem here)."""
     if manifest.model is None:
         return
-    from .backends import BACKENDS, backend_class
+    from .backends import BACKENDS, BackendProblem, backend_class
+    model_node = _node_at(root, "model")
     if manifest.model.backend not in BACKENDS:
-        reader.problem(model_node, f"unknown model.backend `{manifest.model.backend}`",
+        reader.problem(_node_at(root, "model.backend") or model_node,
+                       f"unknown model.backend `{manifest.model.backend}`",
                        f"use one of: {', '.join(sorted(BACKENDS))}")
         return
-    for message in backend_class(manifest.model.backend).check(manifest):
-        reader.problem(model_node, message)
+    for found in backend_class(manifest.model.backend).check(manifest):
+        if isinstance(found, BackendProblem):
+            reader.problem(_node_at(root, found.key) or model_node, found.message, found.fix)
+        else:
+            reader.problem(model_node, found)
+
+
+def _node_at(root, dotted: str):
+    """The YAML node of a dotted key (`generation.num_frames`), else of its nearest parent present."""
+    node, found = root, None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next((value for key, value in node.value
+                      if isinstance(key, yaml.ScalarNode) and key.value == part), None)
+        if match is None:
+            break
+        node = found = match
+    return found

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, OutOfMemory
+from .base import Backend, BackendProblem, OutOfMemory
 
 BACKENDS: dict[str, str] = {
     "synthetic": "orchestrator.backends.synthetic:SyntheticBackend",
@@ -19,4 +19,4 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["BACKENDS", "Backend", "OutOfMemory", "backend_class"]
+__all__ = ["BACKENDS", "Backend", "BackendProblem", "OutOfMemory", "backend_class"]

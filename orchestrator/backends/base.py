@@ -1,7 +1,16 @@
-"""The backend interface: `load()` once, `generate(job, progress)` per job, `close()` at the end."""
+"""The backend interface: `load()` once, `generate(job, progress)` per job, `close()` at the end.
+
+Around it, what every backend shares: how a backend reports a manifest problem (`BackendProblem`,
+mapped to the manifest line of the key it concerns), and the identity of a checkpoint's files
+(`model_files_identity`) that every sidecar records.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
@@ -17,6 +26,17 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory during a job (a backend translates its library's error)."""
 
 
+@dataclass(frozen=True)
+class BackendProblem:
+    """A problem with one manifest key, e.g. `generation.num_frames` or `model.options.offload`.
+
+    The manifest loader reports it at that key's line (or the nearest enclosing key that is there).
+    """
+    key: str
+    message: str
+    fix: str = ""
+
+
 class Backend(ABC):
     name: ClassVar[str]
     runs_on_cpu: ClassVar[bool] = False  # may take CPU worker slots on a machine without GPUs
@@ -29,19 +49,43 @@ class Backend(ABC):
         self.generation = generation
         self.devices = devices
         self.attempt = 1  # which attempt of the current job this is; the worker sets it
+        # What `load` found out, recorded in every sidecar: seconds in all and per component, the
+        # model files' identity, library versions.
+        self.load_info: dict = {}
 
     @classmethod
-    def check(cls, manifest: "Manifest") -> list[str]:
-        """Problems with the manifest's model options for this backend, before anything starts."""
+    def check(cls, manifest: "Manifest") -> list["str | BackendProblem"]:
+        """Problems with the manifest for this backend, before anything starts.
+
+        A plain string is reported at the `model:` block; a `BackendProblem` at its key's line.
+        """
         return []
+
+    @classmethod
+    def plan_notes(cls, manifest: "Manifest") -> list[str]:
+        """Lines `plan` prints about how this backend will run the sweep (costs, caveats)."""
+        return []
+
+    def prepare(self, job: "Job") -> None:
+        """Read ahead what `job` needs (its reference video); called in a background thread while
+        another job generates, so it must not touch the device."""
 
     @abstractmethod
     def load(self) -> None:
         """Load the model; called once per worker process."""
 
     @abstractmethod
-    def generate(self, job: "Job", progress: Progress) -> np.ndarray:
-        """Frames of one job: uint8 array of shape (num_frames, height, width, 3)."""
+    def generate(self, job: "Job", progress: Progress) -> "np.ndarray | Path":
+        """Frames of one job: uint8 array of shape (num_frames, height, width, 3).
+
+        A backend whose program writes the mp4 itself (the command backend) returns the Path of that
+        file instead, a temporary name in the job's output folder; the worker checks and renames it.
+        """
+
+    def job_info(self) -> dict:
+        """Facts about the last job for its sidecar (seconds per step, peak memory, cache hits)."""
+        peak = self.peak_memory_bytes()
+        return {} if peak is None else {"peak_memory_bytes": peak}
 
     def close(self) -> None:
         """Release what `load` took."""
@@ -49,3 +93,25 @@ class Backend(ABC):
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory of the last job, where the library can tell."""
         return None
+
+
+IDENTITY_HASHED = (".json", ".txt", ".model", ".yaml")  # small files that say what the weights are
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
+
+
+def model_files_identity(path: str | os.PathLike | None, max_files: int = 400) -> dict:
+    """What a checkpoint folder holds: every weight file's name and size, and a sha256 of each
+    index/config file (cheap, yet it tells two checkpoints apart). Weights are never read."""
+    if not path or not os.path.exists(path):
+        return {"path": str(path) if path else None}
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    weights, configs = {}, {}
+    for file in files[:max_files]:
+        name = file.name if file == root else str(file.relative_to(root))
+        if file.suffix in WEIGHT_SUFFIXES:
+            weights[name] = file.stat().st_size
+        elif file.suffix in IDENTITY_HASHED and file.stat().st_size < 64 << 20:
+            configs[name] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return {"path": str(root), "weights": weights, "weight_bytes": sum(weights.values()),
+            "configs_sha256": configs}

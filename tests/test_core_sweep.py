@@ -185,3 +185,18 @@ def test_job_timeout_abandons_the_job(write_manifest, tmp_path):
     result = cli("run", str(path), "--executor", "local", "--no-progress", "--cpu-slots", "1")
     assert result.returncode == 1
     assert "timed out after 2s" in result.stdout or "timed out after 1s" in result.stdout
+
+
+def test_next_job_starts_while_the_previous_video_is_written(write_manifest, tmp_path):
+    # One worker, videos big enough that encoding takes a moment: each job after the first is
+    # claimed before the previous one is recorded as done (its video is written in the background).
+    path = write_manifest(synthetic_manifest(
+        generation={"width": 320, "height": 320, "num_frames": 33, "fps": 8, "steps": 2},
+        model={"options": {"seconds_per_job": 0.2}}, resources={"cpu_slots": 1}, seeds=[1, 2]))
+    assert cli("run", str(path), "--executor", "local", "--no-progress").returncode == 0
+    attempts = sorted(Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite").attempts(),
+                      key=lambda a: a["started_at"])
+    assert [a["outcome"] for a in attempts] == ["done"] * 6
+    overlapping = sum(b["started_at"] < a["finished_at"] for a, b in zip(attempts, attempts[1:]))
+    assert overlapping >= 4
+    assert all(count_frames(p) == 33 for p in _mp4s(tmp_path / "out"))

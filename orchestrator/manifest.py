@@ -57,10 +57,25 @@ class GenerationConfig:
     num_frames: int = 81
     fps: int = 15
     steps: int = 50
-    cfg_scale: float = 5.0
+    # One guidance scale, or a pair for Wan 2.2's two experts: [high-noise expert, low-noise expert]
+    # in the order they run (Wan's own configs list them the other way round, low first).
+    cfg_scale: float | tuple[float, float] = 5.0
+    shift: float | None = None  # the sampler's flow shift; None keeps the checkpoint's own
     denoising_strength: float = 1.0
     negative_prompt: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # passed to the backend as keyword arguments
+
+    @property
+    def guidance(self) -> tuple[float, float | None]:
+        """(scale, second expert's scale or None); a pair read back from a JSON spec is a list."""
+        if isinstance(self.cfg_scale, (list, tuple)):
+            return float(self.cfg_scale[0]), float(self.cfg_scale[1])
+        return float(self.cfg_scale), None
+
+    @property
+    def uses_guidance(self) -> bool:
+        high, low = self.guidance
+        return high > 1.0 or (low is not None and low > 1.0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class Execution:
     job_timeout_s: float = 1800.0
     heartbeat_timeout_s: float = 300.0
     max_restarts: int = 5
+    ray_address: str | None = None  # executor ray: `auto`, HOST:PORT, or None for a local Ray
+    ray_stream_outputs: bool = False  # executor ray: send each mp4 back to this machine's output_dir
 
 
 @dataclass(frozen=True)
@@ -274,7 +291,8 @@ def _read_generation(reader: _Reader, node) -> GenerationConfig:
         return GenerationConfig()
     keys = reader.mapping(node, "generation", {
         "width": False, "height": False, "num_frames": False, "fps": False, "steps": False,
-        "cfg_scale": False, "denoising_strength": False, "negative_prompt": False, "extra": False})
+        "cfg_scale": False, "shift": False, "denoising_strength": False, "negative_prompt": False,
+        "extra": False})
     get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
     d = GenerationConfig()
     width = reader.scalar(get("width"), "generation.width", int, d.width)
@@ -304,12 +322,35 @@ def _read_generation(reader: _Reader, node) -> GenerationConfig:
     if get("extra") is not None:
         reader.mapping(get("extra"), "generation.extra")
         extra = reader.value(get("extra")) or {}
+    cfg_scale = _read_cfg_scale(reader, get("cfg_scale"), d.cfg_scale)
+    shift = reader.scalar(get("shift"), "generation.shift", float, None)
+    if shift is not None and not 0.0 < shift <= 100.0:
+        reader.problem(get("shift"), f"generation.shift is {shift}",
+                       "use a positive shift (Wan uses 3.0 for 480p, 5.0 for 720p) or leave it out")
+        shift = None
     return GenerationConfig(
         width=width, height=height, num_frames=frames, fps=fps, steps=steps,
-        cfg_scale=reader.scalar(get("cfg_scale"), "generation.cfg_scale", float, d.cfg_scale),
+        cfg_scale=cfg_scale, shift=shift,
         denoising_strength=strength,
         negative_prompt=reader.scalar(get("negative_prompt"), "generation.negative_prompt", str, ""),
         extra=extra)
+
+
+def _read_cfg_scale(reader: _Reader, node, default: float) -> float | tuple[float, float]:
+    if node is None:
+        return default
+    value = reader.value(node)
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+    if isinstance(value, list) and len(value) == 2 and all(map(number, value)):
+        return (float(value[0]), float(value[1]))
+    if number(value):
+        return float(value)
+    reader.problem(node, f"generation.cfg_scale is {value!r}",
+                   "use a number ≥ 0, or a pair [high-noise expert, low-noise expert] for Wan 2.2 A14B")
+    return default
 
 
 def _read_seeds(reader: _Reader, node) -> tuple[int, ...]:
@@ -378,7 +419,8 @@ def _read_execution(reader: _Reader, node) -> Execution:
         return Execution()
     keys = reader.mapping(node, "execution", {"executor": False, "retries": False,
                                               "job_timeout_s": False, "heartbeat_timeout_s": False,
-                                              "max_restarts": False})
+                                              "max_restarts": False, "ray_address": False,
+                                              "ray_stream_outputs": False})
     get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
     d = Execution()
     execution = Execution(
@@ -388,7 +430,15 @@ def _read_execution(reader: _Reader, node) -> Execution:
                                     d.job_timeout_s),
         heartbeat_timeout_s=reader.scalar(get("heartbeat_timeout_s"), "execution.heartbeat_timeout_s",
                                           float, d.heartbeat_timeout_s),
-        max_restarts=reader.scalar(get("max_restarts"), "execution.max_restarts", int, d.max_restarts))
+        max_restarts=reader.scalar(get("max_restarts"), "execution.max_restarts", int, d.max_restarts),
+        ray_address=reader.scalar(get("ray_address"), "execution.ray_address", str, None),
+        ray_stream_outputs=reader.scalar(get("ray_stream_outputs"), "execution.ray_stream_outputs", bool,
+                                         d.ray_stream_outputs))
+    if execution.executor not in (None, "ray"):
+        for key in ("ray_address", "ray_stream_outputs"):
+            if get(key) is not None:
+                reader.problem(get(key), f"execution.{key} applies to `executor: ray` only, but the "
+                               f"executor is {execution.executor}", "remove it, or use `executor: ray`")
     for key in ("retries", "max_restarts"):
         if getattr(execution, key) < 0:
             reader.problem(get(key), f"execution.{key} is negative", "use 0 or more")

@@ -108,7 +108,7 @@ def profile_key(manifest: Manifest, gpu_name: str, cards: int) -> dict:
     m, g = manifest.model, manifest.generation
     return {"backend": m.backend, "model": m.path, "task": m.task, "dtype": m.dtype,
             "width": g.width, "height": g.height, "frames": g.num_frames, "steps": g.steps,
-            "guidance": g.cfg_scale > 1.0, "options": {k: m.options[k] for k in sorted(m.options)},
+            "guidance": g.uses_guidance, "options": {k: m.options[k] for k in sorted(m.options)},
             "gpu": gpu_name, "cards": cards}
 
 

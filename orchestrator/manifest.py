@@ -434,11 +434,6 @@ def _read_execution(reader: _Reader, node) -> Execution:
         ray_address=reader.scalar(get("ray_address"), "execution.ray_address", str, None),
         ray_stream_outputs=reader.scalar(get("ray_stream_outputs"), "execution.ray_stream_outputs", bool,
                                          d.ray_stream_outputs))
-    if execution.executor not in (None, "ray"):
-        for key in ("ray_address", "ray_stream_outputs"):
-            if get(key) is not None:
-                reader.problem(get(key), f"execution.{key} applies to `executor: ray` only, but the "
-                               f"executor is {execution.executor}", "remove it, or use `executor: ray`")
     for key in ("retries", "max_restarts"):
         if getattr(execution, key) < 0:
             reader.problem(get(key), f"execution.{key} is negative", "use 0 or more")

@@ -2,7 +2,7 @@
 
     python run_experiment.py MANIFEST            # same as `run MANIFEST`
     python run_experiment.py plan MANIFEST       # dry run
-    python run_experiment.py report MANIFEST [--json] [--watch [S]]
+    python run_experiment.py report MANIFEST [--json] [--watch [S]] [--html]
     python run_experiment.py stop MANIFEST [--now]
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("manifest")
     report.add_argument("--json", action="store_true")
     report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS")
+    report.add_argument("--html", action="store_true",
+                        help="write the review page <output_dir>/index.html and print its path")
     stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
     stop.add_argument("manifest")
     stop.add_argument("--now", action="store_true", help="kill at once")
@@ -248,6 +250,10 @@ def cmd_report(manifest, args) -> int:
     while True:
         report = build_report(sweep)
         text = report_json(report) if args.json else format_report(report)
+        if args.html:
+            from .review import write_page
+            page = write_page(sweep, report, reload_s=args.watch)
+            text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
         if args.watch:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
             try:

@@ -1,0 +1,493 @@
+"""The review page: one self-contained HTML file that shows a sweep's videos and its progress.
+
+This module owns the page: gathering its data (from `report.build_report`, the disk scan and the
+ledger's job, attempt and worker rows), the poster thumbnails cached beside each mp4, the layout of
+the per-worker activity plot, and the atomic write of `<output_dir>/index.html`. The markup lives in
+`templates/review.html.j2` (Jinja2, autoescaped). Every link in the page is relative to output_dir
+and URL-quoted, so the folder can be copied elsewhere and opened from disk; nothing is fetched from
+the network.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import av
+
+from .outputs import TEMP_MARK
+from .report import WINDOW_S, CategoryRow, Report, _duration, build_report
+from .sweep import Sweep
+
+PAGE_NAME = "index.html"
+THUMB_SUFFIX = ".thumb.jpg"
+THUMB_WIDTH = 320  # twice the tile width, so posters stay sharp on high-density screens
+TILE_WIDTH = 160
+MIN_RELOAD_S = 30.0  # reloading restarts every video; more often than this makes the page unwatchable
+PLOT_WIDTH = 900.0
+LANE_HEIGHT = 16.0
+LABEL_WIDTH = 190.0
+PARALLEL_FROM = 8  # posters to make per extra process; fewer are quicker made in this one
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class Tile:
+    """One job's place in the grid: one seed of one (reference, prompt) cell."""
+    id: str
+    key: str
+    seed: int
+    state: str  # done | running | failed | retrying | pending | stale
+    prompt: str
+    video: str | None = None  # URL relative to output_dir
+    poster: str | None = None
+    worker: str | None = None
+    log: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    seconds: float | None = None
+
+    @property
+    def label(self) -> str:
+        return {"done": "", "running": "running", "failed": "failed", "retrying": "retrying",
+                "pending": "not made yet", "stale": "other settings"}[self.state]
+
+    @property
+    def hover(self) -> str:
+        lines = [self.key, f"seed {self.seed}", self.prompt]
+        if self.seconds:
+            lines.append(f"{self.seconds:.1f} s to make")
+        if self.worker and self.state in ("running", "failed", "retrying"):
+            lines.append(f"worker {self.worker}")
+        if self.attempts and self.state != "done":
+            lines.append(f"{self.attempts} attempt{'s' if self.attempts != 1 else ''}")
+        if self.error and self.state != "done":
+            lines.append(self.error)
+        if self.state == "stale":
+            lines.append("an mp4 made with other settings is at this path (run --redo-changed)")
+        return "\n".join(lines)
+
+
+@dataclass
+class Cell:
+    prompt_index: int
+    prompt: str
+    tiles: list[Tile]
+
+
+@dataclass
+class Media:
+    """A row's reference input: a video (with a poster) or an image."""
+    kind: str  # video | image
+    url: str
+    name: str
+    source: Path
+    poster: str | None = None
+
+
+@dataclass
+class Row:
+    stem: str | None
+    reference: Media | None
+    cells: list[Cell | None]  # one per column; None where this reference has fewer prompts
+
+
+@dataclass
+class Column:
+    index: int
+    prompt: str | None  # the shared prompt, or None when each reference has its own
+
+
+@dataclass
+class Grid:
+    category: str
+    anchor: str
+    kind: str  # videos | images | none
+    columns: list[Column]
+    rows: list[Row]
+    counts: CategoryRow
+
+    @property
+    def cell_count(self) -> int:
+        return sum(1 for row in self.rows for cell in row.cells if cell is not None)
+
+
+@dataclass
+class Bar:
+    x: float
+    width: float
+    outcome: str
+    title: str
+    count: int = 1
+
+
+@dataclass
+class Lane:
+    worker: str
+    device: str
+    log: str | None
+    busy_percent: float
+    bars: list[Bar]
+
+
+@dataclass
+class Activity:
+    """Per-worker attempts over time, laid out in SVG units (the template draws them)."""
+    lanes: list[Lane]
+    ticks: list[tuple[float, str]]
+    width: float = PLOT_WIDTH
+    label_width: float = LABEL_WIDTH
+    lane_height: float = LANE_HEIGHT
+
+    @property
+    def height(self) -> float:
+        return len(self.lanes) * self.lane_height + 22
+
+
+@dataclass
+class Failure:
+    key: str
+    id: str
+    attempts: int
+    error: str | None
+    worker: str | None
+    log: str | None
+
+
+@dataclass
+class Page:
+    report: Report
+    title: str
+    manifest: str
+    task: str
+    settings: str
+    generated: str
+    grids: list[Grid]
+    failures: list[Failure]
+    workers: list[dict]
+    activity: Activity | None
+    throughput: str
+    time_left: str
+    tile_width: int = TILE_WIDTH
+    tile_height: int = TILE_WIDTH
+    reload_s: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cell_count(self) -> int:
+        return sum(grid.cell_count for grid in self.grids)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def url(path: str | os.PathLike, root: Path) -> str:
+    """A link from a page in `root` to `path`: relative, so the folder can move, and URL-quoted."""
+    try:
+        relative = os.path.relpath(path, root)
+    except ValueError:  # another drive (Windows): only an absolute file URL can reach it
+        return Path(path).resolve().as_uri()
+    return quote(Path(relative).as_posix())
+
+
+def anchor(category: str) -> str:
+    return "cat-" + quote(category, safe="")
+
+
+def thumb_path(mp4: str | os.PathLike) -> Path:
+    mp4 = Path(mp4)
+    return mp4.with_name(mp4.stem + THUMB_SUFFIX)
+
+
+# ------------------------------------------------------------------------------------------ thumbnails
+def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int = THUMB_WIDTH) -> bool:
+    """Write a small JPEG of the video's first frame to `target`, unless it is already newer than
+    the video. Return False when the video cannot be read."""
+    video, target = Path(video), Path(target)
+    try:
+        if target.stat().st_mtime_ns >= video.stat().st_mtime_ns:
+            return True
+    except FileNotFoundError:
+        pass
+    try:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            # Frame threading would decode several frames before handing out the first.
+            stream.thread_type = "NONE"
+            frame = next(container.decode(stream))
+    except (av.error.FFmpegError, OSError, StopIteration, IndexError, ValueError):
+        return False
+    w = min(width, frame.width)
+    h = max(2, round(frame.height * w / frame.width / 2) * 2)  # even: JPEG's 4:2:0 chroma
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".jpg", dir=target.parent)
+    os.close(handle)
+    try:
+        _save_jpeg(frame.reformat(width=w, height=h), temp_name)
+        os.chmod(temp_name, video.stat().st_mode & 0o777)  # as shareable as the video, no more
+        os.replace(temp_name, target)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return True
+
+
+def _save_jpeg(frame: av.VideoFrame, filename: str) -> None:
+    try:
+        import PIL  # noqa: F401  (not a dependency of the package: torchvision usually brings it)
+    except ImportError:
+        _save_jpeg_with_av(frame, filename)
+        return
+    frame.to_image().save(filename, format="JPEG", quality=82)
+
+
+def _save_jpeg_with_av(frame: av.VideoFrame, filename: str) -> None:
+    # A one-frame raw MJPEG stream is a plain JPEG file.
+    with av.open(filename, mode="w", format="mjpeg") as out:
+        stream = out.add_stream("mjpeg", rate=1)
+        stream.width, stream.height = frame.width, frame.height
+        stream.pix_fmt = "yuvj420p"
+        for packet in stream.encode(frame.reformat(format="yuvj420p")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def make_posters(pairs: list[tuple[Path, Path]]) -> dict[Path, bool]:
+    """Posters for many videos, keyed by poster path; only missing or outdated ones are decoded."""
+    result: dict[Path, bool] = {}
+    todo = []
+    for video, target in pairs:
+        try:
+            fresh = target.stat().st_mtime_ns >= video.stat().st_mtime_ns
+        except FileNotFoundError:
+            fresh = False
+        if fresh:
+            result[target] = True
+        else:
+            todo.append((video, target))
+    workers = min(8, os.cpu_count() or 1, len(todo) // PARALLEL_FROM)
+    if workers > 1:
+        # Processes, not threads: PyAV holds the GIL while it opens and decodes.
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            made = list(pool.map(make_poster, *zip(*todo), chunksize=max(1, len(todo) // (workers * 4))))
+    else:
+        made = [make_poster(video, target) for video, target in todo]
+    result.update((target, ok) for (_, target), ok in zip(todo, made))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ building
+def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | None = None) -> Page:
+    """Everything the template shows. `reload_s`: the open page reloads itself this often while
+    work is left (for `report --watch --html`)."""
+    report = report or build_report(sweep)
+    root = sweep.root
+    now = time.time()
+    scan = sweep.scan()
+    rows_by_id: dict[str, dict] = {}
+    attempts: list[dict] = []
+    worker_rows: list[dict] = []
+    if sweep.has_ledger():
+        ledger = sweep.ledger()
+        try:
+            rows_by_id = {row["id"]: row for row in ledger.jobs()}
+            attempts = ledger.attempts()
+            worker_rows = ledger.workers()
+        finally:
+            ledger.close()
+    last_worker: dict[str, str] = {}
+    for attempt in attempts:  # ordered by start: the last one wins
+        last_worker[attempt["job_id"]] = attempt["worker"]
+    logs = {p.stem for p in sweep.logs.glob("*.log")} if sweep.logs.is_dir() else set()
+    log_url = lambda worker: url(sweep.logs / f"{worker}.log", root) if worker in logs else None  # noqa: E731
+
+    stale = {job.id for job in scan.stale}
+    posters = make_posters([(Path(job.output), thumb_path(job.output)) for job in sweep.jobs
+                            if job.id in scan.complete])
+
+    tiles: dict[str, Tile] = {}
+    for job in sweep.jobs:
+        entry = rows_by_id.get(job.id, {})
+        if job.id in scan.complete:
+            state = "done"
+        elif job.id in stale:
+            state = "stale"
+        elif entry.get("state") in ("running", "failed"):
+            state = entry["state"]
+        elif entry.get("last_error"):
+            state = "retrying"
+        else:
+            state = "pending"
+        worker = entry.get("worker") or last_worker.get(job.id)
+        tile = Tile(id=job.id, key=job.key, seed=job.seed, state=state, prompt=job.prompt, worker=worker,
+                    log=log_url(worker) if worker else None, attempts=entry.get("attempts") or 0,
+                    error=entry.get("last_error"), seconds=entry.get("seconds"))
+        if state == "done":
+            tile.video = url(job.output, root)
+            thumb = thumb_path(job.output)
+            tile.poster = url(thumb, root) if posters.get(thumb) else None
+        tiles[job.id] = tile
+
+    counts = {row.name: row for row in report.categories}
+    grids = [_grid(category, sweep, tiles, counts.get(category.name)) for category in sweep.manifest.categories]
+    _reference_posters(grids, sweep)
+
+    failures = [Failure(key=f["job"], id=f["id"], attempts=f["attempts"], error=f["error"],
+                        worker=last_worker.get(f["id"]), log=log_url(last_worker.get(f["id"])))
+                for f in report.failed]
+    workers = [{**w, "log": log_url(w["id"]), "mean": f"{w['mean_s']:.1f} s" if w["mean_s"] else "-",
+                "heartbeat": f"{_duration(w['heartbeat_age_s'])} ago" if w["heartbeat_age_s"] is not None else "-"}
+               for w in report.workers]
+    m = sweep.manifest
+    g = m.generation
+    total = report.totals
+    notes = []
+    if not report.ledger:
+        notes.append("No ledger: counts come from the disk only (nothing has run here, or .sweep/ was removed).")
+    if total.stale:
+        notes.append(f"{total.stale} mp4s were made with other settings and are not counted "
+                     "(`run --redo-changed` moves them aside and makes them again).")
+    if report.jobs_per_hour:
+        throughput = f"{report.jobs_per_hour:.1f} videos/hour (last {WINDOW_S / 60:.0f} min)"
+    else:
+        throughput = "not measured yet" if total.left else "-"
+    return Page(
+        report=report, title=m.name, manifest=str(m.path), task=f"{m.model.backend} · {m.model.task}",
+        settings=f"{g.width}×{g.height}, {g.num_frames} frames @ {g.fps} fps, {g.steps} steps, "
+                 f"seeds {', '.join(map(str, m.seeds))}",
+        generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), grids=grids, failures=failures,
+        workers=workers, activity=_activity(attempts, worker_rows, now, log_url), throughput=throughput,
+        time_left="-" if total.left <= 0 else _duration(report.eta_s) if report.eta_s is not None else "unknown",
+        tile_width=TILE_WIDTH, tile_height=max(1, round(TILE_WIDTH * g.height / g.width)),
+        reload_s=int(max(reload_s, MIN_RELOAD_S)) if reload_s and total.left > 0 else None, notes=notes)
+
+
+def _grid(category, sweep: Sweep, tiles: dict[str, Tile], counts) -> Grid:
+    by_cell: dict[tuple, list[Tile]] = {}
+    for job in sweep.jobs:
+        if job.category == category.name:
+            by_cell.setdefault((job.stem, job.prompt_index), []).append(tiles[job.id])
+    width = max((len(ref.prompts) for ref in category.references), default=0)
+    shared = len({ref.prompts for ref in category.references}) == 1
+    columns = [Column(i, category.references[0].prompts[i] if shared else None) for i in range(width)]
+    rows = []
+    for ref in category.references:  # text-to-video: one reference without a file
+        media = None
+        if ref.path is not None:
+            media = Media("video" if category.kind == "videos" else "image", url(ref.path, sweep.root),
+                          ref.path.name, source=ref.path)
+        cells: list[Cell | None] = [Cell(i, p, by_cell.get((ref.stem, i), [])) for i, p in enumerate(ref.prompts)]
+        rows.append(Row(ref.stem, media, cells + [None] * (width - len(cells))))
+    return Grid(category=category.name, anchor=anchor(category.name), kind=category.kind,
+                columns=columns, rows=rows, counts=counts or CategoryRow(category.name))
+
+
+def _reference_posters(grids: list[Grid], sweep: Sweep) -> None:
+    # Reference videos usually live outside output_dir, in folders that are not ours to write in:
+    # their posters go to .sweep/thumbs/.
+    pairs = [(row.reference, sweep.state_dir / "thumbs" / grid.category / f"{row.stem}{THUMB_SUFFIX}")
+             for grid in grids for row in grid.rows if row.reference and row.reference.kind == "video"]
+    made = make_posters([(media.source, target) for media, target in pairs])
+    for media, target in pairs:
+        if made.get(target):
+            media.poster = url(target, sweep.root)
+
+
+def _device_label(devices: str | None, worker: str) -> str:
+    cards = [d for d in (devices or "").split(",") if d]
+    if cards:
+        return "GPU " + "+".join(cards)
+    return worker.split("_", 1)[0].upper() if worker.startswith("cpu") else "CPU"
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the intervals: a worker writes one video while it makes the
+    next, so its attempts overlap."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+_TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+
+
+def _activity(attempts: list[dict], workers: list[dict], now: float, log_url) -> Activity | None:
+    """Each worker's attempts as bars on one time axis, from the first start to now (or the last
+    end when nothing runs). Bars closer than half a unit merge, so a long sweep stays a small SVG."""
+    if not attempts:
+        return None
+    start = min(a["started_at"] for a in attempts)
+    running = any(a["finished_at"] is None for a in attempts)
+    end = now if running else max(a["finished_at"] for a in attempts)
+    span = max(end - start, 1e-6)
+    scale = PLOT_WIDTH / span
+    devices = {w["id"]: w["devices"] for w in workers}
+    lanes: dict[str, Lane] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for a in attempts:
+        worker = a["worker"]
+        lane = lanes.get(worker)
+        if lane is None:
+            lane = lanes[worker] = Lane(worker, _device_label(devices.get(worker), worker), log_url(worker), 0.0, [])
+        finished = a["finished_at"] if a["finished_at"] is not None else now
+        outcome = a["outcome"] or "running"
+        spans.setdefault(worker, []).append((a["started_at"], finished))
+        x = (a["started_at"] - start) * scale
+        width = max((finished - a["started_at"]) * scale, 1.0)
+        last = lane.bars[-1] if lane.bars else None
+        if last and last.outcome == outcome and x - (last.x + last.width) < 0.5:
+            last.count += 1
+            last.width = max(last.width, x + width - last.x)
+            last.title = f"{last.count} attempts: {outcome}"
+            continue
+        lane.bars.append(Bar(x, width, outcome, f"{outcome}, {finished - a['started_at']:.1f} s"
+                                                + (f": {a['error']}" if a["error"] else "")))
+    for worker, lane in lanes.items():
+        lane.busy_percent = 100.0 * _covered(spans[worker]) / span
+    ordered = sorted(lanes.values(), key=lambda lane: (lane.device, lane.worker))
+    step = next((s for s in _TICK_STEPS if span / s <= 8), _TICK_STEPS[-1])
+    fmt = "%H:%M:%S" if step < 60 else "%H:%M"
+    first = (int(start // step) + 1) * step
+    ticks = [((t - start) * scale, time.strftime(fmt, time.localtime(t)))
+             for t in range(int(first), int(end) + 1, step)]
+    return Activity(ordered, ticks)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _environment():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+    env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
+                      autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda part, whole: 100.0 * part / whole if whole else 0.0
+    env.filters["fmt"] = lambda value, spec: format(value, spec)
+    env.filters["anchor"] = anchor
+    return env
+
+
+def render(page: Page) -> str:
+    return _environment().get_template("review.html.j2").render(page=page)
+
+
+def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | None = None) -> Path:
+    """Render the review page to `<output_dir>/index.html` atomically (a watcher's browser never
+    sees half a page) and return its path."""
+    html = render(build_page(sweep, report, reload_s))
+    root = sweep.root
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / PAGE_NAME
+    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".html", dir=root)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(html)
+        os.chmod(temp_name, 0o644)  # mkstemp makes it private; the page is for sharing
+        os.replace(temp_name, target)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return target

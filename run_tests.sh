@@ -9,6 +9,12 @@ if ! command -v tmux >/dev/null 2>&1; then
     else sudo apt-get update -qq && sudo apt-get install -y -qq tmux; fi
 fi
 
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "chromium is missing: installing it (the review page's test plays its videos in headless Chromium)"
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium
+    else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch is a loose requirement of the package (bring your own CUDA build); the tests pin the one
 # pair whose torchvision imports on the CI machines.

@@ -119,6 +119,9 @@ def cmd_plan(manifest, args) -> int:
     print(f"workers    {len(plan.workers)}: " + ", ".join(w.id for w in plan.workers))
     for note in plan.notes:
         print(f"note       {note}")
+    from .backends import backend_class
+    for note in backend_class(manifest.model.backend).plan_notes(manifest):
+        print(f"note       {note}")
     if scan.stale:
         print(f"\n{len(scan.stale)} existing mp4s were made with other settings:\n" + sweep.describe_stale(scan.stale))
     return 0

@@ -315,6 +315,20 @@ def test_check_template_and_task_problems(tmp_path, write_manifest):
     assert "never names {output}" in text and "task t2v has no reference files" in text
 
 
+def test_plan_note_estimates_the_reload_from_the_weights(tmp_path, write_manifest):
+    ckpt = fake_checkpoint(tmp_path / "Wan2.2-T2V-A14B")
+    with open(ckpt / "high_noise_model" / "diffusion_pytorch_model.safetensors", "wb") as weights:
+        weights.truncate(150 * 10**9)  # sparse: 150 GB by its size, nothing on disk
+    manifest = load_manifest(write_manifest({
+        "name": "t", "model": {"backend": "command", "task": "t2v", "path": "Wan2.2-T2V-A14B",
+                               "options": {"script": str(STUB)}},
+        "generation": {"width": 832, "height": 480, "num_frames": 5, "fps": 16, "steps": 3},
+        "seeds": [1, 2, 3], "categories": {"c": {"prompts": ["a", "b"]}}}))
+    note = CommandBackend.plan_notes(manifest)[0]
+    assert "~3 min each for a 14B model (estimated from its 150 GB of weights at ~1 GB/s)" in note
+    assert "~0.3 h of worker time over the 6 jobs" in note
+
+
 def _shipped_layout(tmp_path) -> Path:
     """The shipped manifest, byte for byte, in the layout its comments describe: the repository
     beside a Wan2.2 clone (here a STUB generate.py) holding a FAKE I2V-A14B checkpoint."""
@@ -334,7 +348,8 @@ def test_shipped_i2v_manifest_plans_one_worker_over_two_cards_with_the_reload_no
     assert "jobs       8 " in out  # 2 example first frames × 2 prompts × 2 seeds
     assert "gpu0+1     1 worker(s)" in out and "workers    1: gpu0+1_worker0" in out
     assert ("note       the command backend starts generate.py per job: the model is loaded for every "
-            "video (~3 min each for a 14B model") in out
+            "video, ~3 min each for a 14B model (estimated: no weights at model.path to size it by), "
+            "~0.4 h of worker time over the 8 jobs") in out
     assert "a diffusers or diffsynth backend loads it once per worker" in out
     assert ("--standalone --nproc_per_node=2 " + str(tmp_path / "Wan2.2" / "generate.py") + " --task i2v-A14B "
             "--size '1280*720'") in out
@@ -374,3 +389,5 @@ def test_cli_sweep_with_the_stub_writes_checked_videos_and_sidecars(tmp_path, wr
         assert sidecar["load"]["model_files"]["path"] == str(tmp_path / "Wan2.2-T2V-A14B")
     assert json.loads((tmp_path / "rec.rank0").read_text())["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert not list((tmp_path / "out").rglob(f"{TEMP_MARK}*"))
+    # the next plan reports the load time these jobs measured, not an estimate
+    assert "(measured: median of 2 earlier jobs' start)" in CommandBackend.plan_notes(load_manifest(path))[0]

@@ -60,6 +60,11 @@ seconds to the first sampling step (the model load), seconds per step (from gene
 `12/40 [...]`), the output's tail, the script's hash and the checkpoint files' identity. Peak GPU
 memory is the child's and is not measured here.
 
+Signs of life: every step of the bar, and any other output line (at most once a second), reach the
+worker's heartbeat. generate.py logs little while it loads a 14B model, so give
+`execution.heartbeat_timeout_s` more than its longest quiet stretch (minutes; the example manifest
+uses 900 s); `job_timeout_s` covers loading and sampling.
+
 The child runs in its own session; when the worker stops (SIGTERM → `Stop`) or a job fails, its
 whole process group gets SIGTERM (torchrun passes it to its ranks), then SIGKILL. If the worker
 itself is killed, the child gets SIGTERM from the kernel (Linux `PR_SET_PDEATHSIG`), so no
@@ -211,6 +216,10 @@ class CommandBackend(Backend):
                     "set the number of cards each program gets, e.g. `gpus_per_worker: 2`")
             cards = 1
         shift, shift_key = _shift_setting(options, g.extra)
+        for key in ("sample_shift", "sample_solver"):
+            if key in options and key in g.extra:
+                problem(f"generation.extra.{key}", f"{key} is set both here and in model.options",
+                        "keep one of them")
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift <= 0):
             problem(shift_key, f"sample_shift is {shift!r}", "use a positive number (Wan uses 3 to 12)")
 
@@ -298,11 +307,11 @@ class CommandBackend(Backend):
         params = WAN_TASKS[task_name].params if task_name in WAN_TASKS else None
         seconds, how = _startup_seconds(manifest, params)
         if seconds is None:
-            cost = "its load time is unknown until a job has run"
+            cost = "how long that takes is known once a job has run"
         else:
-            cost = (f"~{_minutes(seconds)} each{f' for a {params} model' if params else ''}, {how}; "
-                    f"~{jobs * seconds / 3600:.1f} h of loading over the {jobs} jobs, shared by the workers")
-        notes = [f"the command backend starts {program} per job: the model is loaded for every video ({cost}); "
+            cost = (f"~{_minutes(seconds)} each{f' for a {params} model' if params else ''} ({how}), "
+                    f"~{jobs * seconds / 3600:.1f} h of worker time over the {jobs} jobs")
+        notes = [f"the command backend starts {program} per job: the model is loaded for every video, {cost}; "
                  "a diffusers or diffsynth backend loads it once per worker"]
         cards = manifest.resources.gpus_per_worker if isinstance(manifest.resources.gpus_per_worker, int) else 1
         try:
@@ -700,7 +709,7 @@ def _startup_seconds(manifest, params: str | None) -> tuple[float | None, str]:
     measured = _measured_startups(manifest.output_dir)
     if measured:
         measured.sort()
-        return measured[len(measured) // 2], f"measured: median of {len(measured)} earlier jobs here"
+        return measured[len(measured) // 2], f"measured: median of {len(measured)} earlier jobs' start"
     identity = model_files_identity(manifest.model.path)
     gigabytes = identity.get("weight_bytes", 0) / 1e9
     if gigabytes:
@@ -709,7 +718,7 @@ def _startup_seconds(manifest, params: str | None) -> tuple[float | None, str]:
         return 30 + gigabytes, f"estimated from its {gigabytes:.0f} GB of weights at ~1 GB/s"
     if params:
         guess = {"14B": 180.0, "5B": 60.0}.get(params, 120.0)
-        return guess, "estimated (no weights found at model.path to measure)"
+        return guess, "estimated: no weights at model.path to size it by"
     return None, ""
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -122,6 +123,35 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     return folder
 
 
+FAKE_NAME = re.compile(r"^random-(?P<size>tiny)-wan-(?P<variant>t2v|i2v|a14b|a14b-i2v|ti2v)$")
+
+
+def build_on_first_use(path: str | os.PathLike) -> bool:
+    """A `model.path` named `random-tiny-wan-<variant>` (the demo's) is built there on first use.
+
+    Only that name, which says it is a fake; any other missing checkpoint stays an error. Built
+    beside and renamed into place, so an interrupted build, or two at once, never leave half a one.
+    Returns True when the folder holds a checkpoint afterwards.
+    """
+    folder = Path(path)
+    match = FAKE_NAME.match(folder.name)
+    if (folder / "model_index.json").is_file():
+        return True
+    if match is None or folder.exists():
+        return False
+    import shutil
+    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    try:
+        build_random_wan(building, size=match["size"], variant=match["variant"])
+        try:
+            os.rename(building, folder)
+        except OSError:  # another process finished first: keep theirs
+            pass
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return (folder / "model_index.json").is_file()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Save a random-weight Wan checkpoint (a fake, for tests and demos)")
     parser.add_argument("folder")
@@ -134,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     if (folder / "model_index.json").is_file():
         print(f"{folder} already holds a checkpoint; kept")
         return 0
-    # Built beside and renamed into place: an interrupted build never looks like a checkpoint.
-    building = folder.with_name(f".{folder.name}.building")
-    if building.exists():
-        import shutil
-        shutil.rmtree(building)
-    build_random_wan(building, args.size, args.dtype, args.device, variant=args.variant)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(building, folder)
+    if not FAKE_NAME.match(folder.name):
+        build_random_wan(folder, args.size, args.dtype, args.device, variant=args.variant)
+    elif not build_on_first_use(folder):
+        return 1
     print(f"saved a random-weight {args.variant} checkpoint ({args.size}) to {folder}")
     return 0
 

@@ -1,39 +1,51 @@
-"""The diffusers backend: Wan text-to-video (`WanPipeline`) from a local checkpoint folder.
+"""The diffusers backend: Wan 2.1 / 2.2 text-, image- and video-to-video from a local checkpoint folder.
 
-One worker loads the pipeline once (`from_pretrained(model.path, torch_dtype=model.dtype)`) and keeps
-it for every job. Per job: a `torch.Generator` seeded with the job's seed (on the CPU, so a seed
-gives the same video on any card), prompt embeddings cached per prompt (a prompt repeats across
-seeds, so the text encoder runs once per prompt, not once per video), `callback_on_step_end` reports
-each step, CUDA out-of-memory becomes `OutOfMemory` (the worker retries the job and, if it repeats,
-retires a worker of the card), and the peak reserved memory is recorded in the sidecar.
+  task t2v  `WanPipeline`                Wan2.1 T2V, Wan2.2 T2V-A14B (two experts), TI2V-5B
+  task i2v  `WanImageToVideoPipeline`    Wan2.1 I2V (CLIP image encoder), Wan2.2 I2V-A14B, TI2V-5B
+  task v2v  `WanVideoToVideoPipeline`    motion transfer from a reference video, `denoising_strength`
+
+One worker loads the checkpoint once (its components in parallel threads, memory-mapped from
+safetensors, timed one by one: `checkpoints.load_components`) and keeps it for every job. Wan 2.2's
+two experts (`transformer_2`, `boundary_ratio`) and TI2V's expanded timesteps come from the
+checkpoint's own `model_index.json`; `generation.cfg_scale: [high, low]` gives each expert its scale.
+
+Per job: a `torch.Generator` on the CPU seeded with the job's seed (a seed gives the same initial
+noise on any card), prompt embeddings cached per (prompt, negative prompt) (a prompt runs with every
+seed), the reference read ahead in a thread and fitted by the rule in `media.py`, and in v2v the
+VAE-encoded reference cached per video, so its jobs only draw their own noise; in i2v the CLIP image
+embedding is cached per image. `callback_on_step_end` reports each step; CUDA out-of-memory becomes
+`OutOfMemory`; the sidecar gets the load time per component, seconds per step and peak memory.
 
 Options (`model.options`), mapped to diffusers' own memory switches:
-  offload: none | model | sequential   `enable_model_cpu_offload()` / `enable_sequential_cpu_offload()`
+  offload: none | model | sequential | group   `enable_model_cpu_offload()`, `enable_sequential_cpu_offload()`,
+                                       or block-level `enable_group_offload()` of the transformers
+  group_offload_blocks: int            blocks per group for `offload: group` (default 1)
   vae_tiling: bool                     `vae.enable_tiling()`
   vae_slicing: bool                    `vae.enable_slicing()`
   text_encoder: gpu | cpu              keep the text encoder on the CPU (frees its GPU memory)
-  device_map: balanced                 spread the model over the worker's cards (gpus_per_worker > 1);
+  device_map: balanced                 spread the model over the worker's cards with accelerate;
                                        chosen by default when a worker has more than one card
+  max_memory_gib: number               with device_map: the most each card may hold
+  parallel_load: bool                  load the components in parallel threads (default true)
   max_sequence_length: int             prompt tokens (default 512, as Wan)
   prompt_cache: int                    prompts whose embeddings are kept (default 64)
-
-Only `task: t2v` for now; i2v/v2v need the image/video pipelines (another issue) and are rejected by
-`check()` before anything starts. Without a GPU the pipeline runs on the CPU (slowly), which is what
-the CI tests do with a tiny random-weight pipeline (`build_random_wan`).
 """
 from __future__ import annotations
 
-import os
+import json
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, OutOfMemory
+from .base import Backend, BackendProblem, OutOfMemory, model_files_identity
 
-OPTIONS = {"offload": str, "vae_tiling": bool, "vae_slicing": bool, "text_encoder": str,
-           "device_map": str, "max_sequence_length": int, "prompt_cache": int}
-CHOICES = {"offload": ("none", "model", "sequential"), "text_encoder": ("gpu", "cpu"),
+PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"}
+OPTIONS = {"offload": str, "group_offload_blocks": int, "vae_tiling": bool, "vae_slicing": bool,
+           "text_encoder": str, "device_map": str, "max_memory_gib": (int, float), "parallel_load": bool,
+           "max_sequence_length": int, "prompt_cache": int}
+CHOICES = {"offload": ("none", "model", "sequential", "group"), "text_encoder": ("gpu", "cpu"),
            "device_map": ("balanced",)}
 
 
@@ -46,113 +58,305 @@ def _is_oom(exc: BaseException) -> bool:
                                               or "cudaErrorMemoryAllocation" in text)
 
 
+def read_checkpoint_config(path: str | Path) -> dict:
+    """What `check` needs to know about a diffusers checkpoint, from its JSON files only."""
+    root = Path(path)
+    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    def config(name: str) -> dict:
+        file = root / name / "config.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    transformer, vae = config("transformer"), config("vae")
+    patch = transformer.get("patch_size") or [1, 2, 2]
+    return {
+        "index": index,
+        "two_experts": bool(index.get("transformer_2") and index["transformer_2"][0]),
+        "expand_timesteps": bool(index.get("expand_timesteps")),
+        "image_conditioned": transformer.get("in_channels", 16) != transformer.get("out_channels", 16),
+        "image_encoder": bool(index.get("image_encoder") and index["image_encoder"][0]),
+        "spatial": int(vae.get("scale_factor_spatial") or 8) * int(patch[-1]),
+        "heads": transformer.get("num_attention_heads"),
+    }
+
+
 class DiffusersWanBackend(Backend):
     name = "diffusers"
-    runs_on_cpu = True  # it does run on the CPU, slowly: CI uses a tiny random-weight pipeline
+    runs_on_cpu = True  # it does run on the CPU, slowly: CI uses tiny random-weight checkpoints
     # Where and how memory-thriftily it runs, not what it draws: these stay out of job ids.
-    runtime_options = frozenset({"offload", "device_map", "text_encoder", "prompt_cache", "vae_slicing"})
+    runtime_options = frozenset({"offload", "group_offload_blocks", "device_map", "max_memory_gib", "text_encoder",
+                                 "prompt_cache", "vae_slicing", "parallel_load"})
 
     @classmethod
-    def check(cls, manifest) -> list[str]:
-        model = manifest.model
-        problems = []
-        if model.task != "t2v":
-            problems.append(f"the diffusers backend runs text-to-video (task: t2v) only for now; task "
-                            f"`{model.task}` (image/video-conditioned Wan pipelines) is not supported yet")
-        if not model.path:
-            problems.append("the diffusers backend needs model.path: a local diffusers checkpoint folder "
-                            "(with model_index.json)")
-        elif not (Path(model.path) / "model_index.json").is_file():
-            problems.append(f"model.path `{model.path}` is not a local diffusers checkpoint folder "
-                            "(no model_index.json there); nothing is downloaded from the hub")
+    def check(cls, manifest) -> list:
+        model, g = manifest.model, manifest.generation
+        problems: list = []
         for key, value in model.options.items():
             kind = OPTIONS.get(key)
+            where = f"model.options.{key}"
             if kind is None:
-                problems.append(f"unknown diffusers option `{key}` (use: {', '.join(OPTIONS)})")
-            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                problems.append(f"diffusers option `{key}` must be {kind.__name__}, got {value!r}")
+                problems.append(BackendProblem(where, f"unknown diffusers option `{key}`",
+                                               f"use one of: {', '.join(OPTIONS)}"))
+            elif not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                name = kind.__name__ if isinstance(kind, type) else "number"
+                problems.append(BackendProblem(where, f"diffusers option `{key}` must be {name}, got {value!r}"))
             elif key in CHOICES and value not in CHOICES[key]:
-                problems.append(f"diffusers option `{key}` is {value!r}; use one of: {', '.join(CHOICES[key])}")
+                problems.append(BackendProblem(where, f"diffusers option `{key}` is {value!r}",
+                                               f"use one of: {', '.join(CHOICES[key])}"))
+        if model.options.get("device_map") and model.options.get("offload", "none") != "none":
+            problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",
+                                           "keep one: device_map spreads the model over cards, offload over CPU memory"))
+        length = model.options.get("max_sequence_length", 512)
+        if isinstance(length, int) and not 1 <= length <= 512:
+            problems.append(BackendProblem("model.options.max_sequence_length",
+                                           f"max_sequence_length is {length}", "use 1 to 512 (Wan's text length)"))
+        if not model.path:
+            problems.append(BackendProblem("model", "the diffusers backend needs model.path: a local diffusers "
+                                           "checkpoint folder (with model_index.json)", "add `path:` to model"))
+            return problems
+        from ..random_checkpoints import build_on_first_use
+        if not build_on_first_use(model.path):  # a path named random-tiny-wan-* (the demo) is built
+            problems.append(BackendProblem(
+                "model.path", f"model.path `{model.path}` is not a local diffusers checkpoint folder (no "
+                "model_index.json there); nothing is downloaded unless you ask",
+                "point it at a downloaded checkpoint, or download one: python run_experiment.py models download "
+                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers --to models/Wan2.1-T2V-1.3B-Diffusers"))
+            return problems
+        try:
+            info = read_checkpoint_config(model.path)
+        except (OSError, ValueError) as exc:
+            return problems + [BackendProblem("model.path", f"cannot read the checkpoint's configs: {exc}")]
+        task, ti2v = model.task, info["expand_timesteps"]
+        if task == "i2v" and not (info["image_conditioned"] or ti2v):
+            problems.append(BackendProblem("model.task", f"model.path `{model.path}` is a text-to-video "
+                                           "checkpoint; task i2v needs an image-to-video one (I2V or TI2V-5B)"))
+        if task in ("t2v", "v2v") and info["image_conditioned"]:
+            problems.append(BackendProblem("model.task", f"model.path `{model.path}` is an image-to-video "
+                                           f"checkpoint; task {task} needs a text-to-video one", "use task: i2v"))
+        if task == "v2v" and (info["two_experts"] or ti2v):
+            problems.append(BackendProblem(
+                "model.task", "diffusers' WanVideoToVideoPipeline runs single-expert Wan 2.1 checkpoints only; "
+                "this one is Wan 2.2 (" + ("two experts" if info["two_experts"] else "TI2V-5B") + ")",
+                "use a Wan2.1 T2V checkpoint, or backend: diffsynth"))
+        high, low = g.guidance
+        if low is not None and not info["two_experts"]:
+            problems.append(BackendProblem("generation.cfg_scale", "cfg_scale is a pair, but this checkpoint "
+                                           "has one expert", "give one number"))
+        step = info["spatial"]
+        for key in ("width", "height"):
+            value = getattr(g, key)
+            if value % step:
+                lower = max(step, value // step * step)
+                problems.append(BackendProblem(f"generation.{key}", f"generation.{key} is {value}; this "
+                                               f"checkpoint needs a multiple of {step}", f"use {lower} or {lower + step}"))
+        if task == "v2v" and int(g.steps * g.denoising_strength) < 1:
+            problems.append(BackendProblem("generation.denoising_strength",
+                                           f"steps × denoising_strength = {g.steps} × {g.denoising_strength} "
+                                           "leaves no denoising step", "raise steps or denoising_strength"))
         return problems
 
     # ------------------------------------------------------------------------------------------
 
     def load(self) -> None:
+        import diffusers
         import torch
-        from diffusers import WanPipeline
+
+        from ..checkpoints import load_components
+        from ..media import ReferenceCache
 
         o = self.options = dict(self.model.options)
         self.torch = torch
         self.dtype = getattr(torch, self.model.dtype)
         self.cuda = torch.cuda.is_available() and bool(self.devices)
         self.device = torch.device("cuda:0" if self.cuda else "cpu")  # CUDA_VISIBLE_DEVICES = our cards
-        kwargs = {"dtype": self.dtype}
-        multi = self.cuda and torch.cuda.device_count() > 1
-        if multi or o.get("device_map"):
-            kwargs["device_map"] = o.get("device_map", "balanced")
-        pipe = WanPipeline.from_pretrained(self.model.path, **kwargs)
-        offload = o.get("offload", "none")
-        if "device_map" in kwargs:
-            pass  # accelerate placed the components over the cards
-        elif self.cuda and offload == "model":
-            pipe.enable_model_cpu_offload()
-        elif self.cuda and offload == "sequential":
-            pipe.enable_sequential_cpu_offload()
+        self.cards = torch.cuda.device_count() if self.cuda else 0
+        info = read_checkpoint_config(self.model.path)
+        pipeline_class = getattr(diffusers, PIPELINES[self.model.task])
+        started = time.monotonic()
+        if self.cards > 1 or o.get("device_map"):
+            kwargs = {"torch_dtype": self.dtype, "device_map": o.get("device_map", "balanced")}
+            if o.get("max_memory_gib"):
+                kwargs["max_memory"] = {i: f"{o['max_memory_gib']}GiB" for i in range(max(1, self.cards))}
+            pipe = pipeline_class.from_pretrained(self.model.path, **kwargs)
+            seconds = {"pipeline (device_map)": time.monotonic() - started}
         else:
-            for name in ("transformer", "transformer_2", "vae"):
-                component = getattr(pipe, name, None)
-                if component is not None:
-                    component.to(self.device)
-            if pipe.text_encoder is not None and o.get("text_encoder", "gpu") == "gpu":
-                pipe.text_encoder.to(self.device)
+            import inspect
+            accepted = inspect.signature(pipeline_class.__init__).parameters
+            names = [n for n, spec in info["index"].items()
+                     if n in accepted and isinstance(spec, list) and spec[0] is not None]
+            components, seconds = load_components(self.model.path, self.dtype,
+                                                  parallel=o.get("parallel_load", True), names=names)
+            settings = {k: info["index"][k] for k in ("boundary_ratio", "expand_timesteps")
+                        if k in accepted and info["index"].get(k) is not None}
+            pipe = pipeline_class(**components, **settings)
+            self._place(pipe)
+        if self.generation.shift is not None:
+            config = dict(pipe.scheduler.config)
+            key = "flow_shift" if "flow_shift" in config else "shift"
+            pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: float(self.generation.shift)})
         if o.get("vae_tiling"):
             pipe.vae.enable_tiling()
         if o.get("vae_slicing"):
             pipe.vae.enable_slicing()
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        self.two_experts = info["two_experts"]
+        self.text_on_cpu = o.get("text_encoder") == "cpu" and o.get("offload", "none") == "none"
         self.embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
-        self._peak: int | None = None
+        g = self.generation
+        self.references = ReferenceCache(g.width, g.height, g.num_frames, g.fps)
+        self.encoded: OrderedDict[str, object] = OrderedDict()  # v2v latents / i2v image embeddings
+        self._job: dict = {}
+        self.load_info = {
+            "load_seconds": round(time.monotonic() - started, 2),
+            "components": {k: round(v, 2) for k, v in seconds.items()},
+            "pipeline": pipeline_class.__name__, "model_files": model_files_identity(self.model.path),
+            "parallel_load": bool(o.get("parallel_load", True)) and not (self.cards > 1 or o.get("device_map")),
+        }
+
+    def _place(self, pipe) -> None:
+        """Put the components where the memory options say (one card, or offloaded to the CPU)."""
+        o = self.options
+        offload = o.get("offload", "none")
+        if not self.cuda:
+            return
+        if offload == "model":
+            pipe.enable_model_cpu_offload()
+            return
+        if offload == "sequential":
+            pipe.enable_sequential_cpu_offload()
+            return
+        for name in ("transformer", "transformer_2"):
+            component = getattr(pipe, name, None)
+            if component is None:
+                continue
+            if offload == "group":
+                component.enable_group_offload(onload_device=self.device, offload_device=self.torch.device("cpu"),
+                                               offload_type="block_level",
+                                               num_blocks_per_group=int(o.get("group_offload_blocks", 1)),
+                                               use_stream=True)
+            else:
+                component.to(self.device)
+        for name in ("vae", "image_encoder"):
+            component = getattr(pipe, name, None)
+            if component is not None:
+                component.to(self.device)
+        if pipe.text_encoder is not None and o.get("text_encoder", "gpu") == "gpu":
+            pipe.text_encoder.to(self.device)
+
+    def prepare(self, job) -> None:
+        if job.reference:
+            self.references.prefetch(job.reference, kind="image" if self.model.task == "i2v" else "video")
+
+    # ------------------------------------------------------------------------------------------
 
     def _embed(self, prompt: str, negative: str, guidance: bool):
         """Prompt embeddings, computed once per (prompt, negative prompt) and kept for the next seeds."""
         key = (prompt, negative if guidance else "")
         cached = self.embeddings.get(key)
+        self._job["prompt_cache_hit"] = cached is not None
         if cached is not None:
             self.embeddings.move_to_end(key)
             return cached
         torch = self.torch
+        device = torch.device("cpu") if self.text_on_cpu else self.device
         with torch.no_grad():
             positive, negative_embeds = self.pipe.encode_prompt(
                 prompt=prompt, negative_prompt=negative, do_classifier_free_guidance=guidance,
                 max_sequence_length=int(self.options.get("max_sequence_length", 512)),
-                device=self.device, dtype=self.dtype)
+                device=device, dtype=self.dtype)
+        if self.text_on_cpu:
+            positive = positive.to(self.device)
+            negative_embeds = negative_embeds.to(self.device) if negative_embeds is not None else None
         self.embeddings[key] = (positive, negative_embeds)
         while len(self.embeddings) > int(self.options.get("prompt_cache", 64)):
             self.embeddings.popitem(last=False)
         return positive, negative_embeds
 
+    def _remember(self, key: str, make):
+        """Per-reference encodings (VAE latents, CLIP embeddings), a few kept: jobs come grouped."""
+        cached = self.encoded.get(key)
+        self._job["reference_encoding_reused"] = cached is not None
+        if cached is None:
+            cached = make()
+            self.encoded[key] = cached
+            while len(self.encoded) > 2:
+                self.encoded.popitem(last=False)
+        return cached
+
+    def _video_latents(self, job, generator):
+        """The v2v starting latents: the reference encoded once per video, noised per job.
+
+        The same calls, in the same order, as `WanVideoToVideoPipeline` makes when given `video`
+        (its timesteps, then `add_noise` at the first kept timestep), so the frames are identical;
+        only the VAE encoding is not repeated for the next prompt or seed of the video.
+        """
+        from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents, retrieve_timesteps
+        from diffusers.utils.torch_utils import randn_tensor
+        torch, pipe, g = self.torch, self.pipe, self.generation
+
+        def encode():
+            from PIL import Image
+            frames = [Image.fromarray(f) for f in self.references.video(job.reference)]
+            video = pipe.video_processor.preprocess_video(frames, height=g.height, width=g.width)
+            video = video.to(self.device, dtype=torch.float32)
+            with torch.no_grad():
+                latents = retrieve_latents(pipe.vae.encode(video.to(pipe.vae.dtype)), sample_mode="argmax")
+            z = pipe.vae.config.z_dim
+            mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+            inverse_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(
+                self.device, torch.float32)
+            return (latents.to(torch.float32) - mean) * inverse_std
+
+        start = self._remember(f"video:{job.reference}", encode)
+        timesteps, steps = retrieve_timesteps(pipe.scheduler, g.steps, self.device, None)
+        timesteps, steps = pipe.get_timesteps(steps, timesteps, g.denoising_strength, self.device)
+        noise = randn_tensor(start.shape, generator=generator, device=self.device, dtype=torch.float32)
+        if hasattr(pipe.scheduler, "add_noise"):
+            return pipe.scheduler.add_noise(start, noise, timesteps[:1])
+        return pipe.scheduler.scale_noise(start, timesteps[:1], noise)
+
     def generate(self, job, progress) -> np.ndarray:
-        torch = self.torch
-        g = self.generation
-        steps = g.steps
+        torch, g, pipe = self.torch, self.generation, self.pipe
+        task = self.model.task
+        steps = int(g.steps * g.denoising_strength) if task == "v2v" else g.steps
         if self.cuda:
-            for index in range(torch.cuda.device_count()):
+            for index in range(self.cards):
                 torch.cuda.reset_peak_memory_stats(index)
+        self._job = {}
+        step_times: list[float] = []
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
+            step_times.append(time.time())
             progress(step + 1, steps)
             return {}
 
+        called = time.time()
         try:
-            guidance = g.cfg_scale > 1.0
+            high, low = g.guidance
+            guidance = high > 1.0 or (low is not None and low > 1.0)
             positive, negative = self._embed(job.prompt, g.negative_prompt, guidance)
             generator = torch.Generator(device="cpu").manual_seed(int(job.seed))
-            result = self.pipe(
-                prompt_embeds=positive, negative_prompt_embeds=negative, height=g.height, width=g.width,
-                num_frames=g.num_frames, num_inference_steps=steps, guidance_scale=g.cfg_scale,
-                generator=generator, output_type="np", callback_on_step_end=on_step_end, **g.extra)
-            video = result.frames[0]
+            kwargs = dict(prompt_embeds=positive, negative_prompt_embeds=negative, height=g.height, width=g.width,
+                          num_inference_steps=g.steps, guidance_scale=high, generator=generator, output_type="np",
+                          callback_on_step_end=on_step_end, **g.extra)
+            if low is not None:
+                kwargs["guidance_scale_2"] = low
+            if task == "v2v":
+                kwargs.update(latents=self._video_latents(job, generator), strength=g.denoising_strength)
+            else:
+                kwargs["num_frames"] = g.num_frames
+            if task == "i2v":
+                from PIL import Image
+                image = Image.fromarray(self.references.image(job.reference))
+                kwargs["image"] = image
+                if getattr(pipe, "image_encoder", None) is not None:
+                    # The pipeline takes `image_embeds` only without `image`, which it needs for the
+                    # VAE condition, so the CLIP embedding is remembered at its own call instead.
+                    original = type(pipe).encode_image
+                    key = f"image:{job.reference}"
+                    pipe.encode_image = lambda image, device=None: self._remember(
+                        key, lambda: original(pipe, image, device))
+            with torch.no_grad():
+                video = pipe(**kwargs).frames[0]
         except Exception as exc:
             if _is_oom(exc):
                 self._release()
@@ -161,11 +365,22 @@ class DiffusersWanBackend(Backend):
             raise
         finally:
             if self.cuda:
-                self._peak = sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
+                per_card = [torch.cuda.max_memory_reserved(i) for i in range(self.cards)]
+                self._job["peak_memory_bytes"] = sum(per_card)
+                self._job["peak_memory_bytes_per_card"] = per_card
+        returned = time.time()
+        if len(step_times) > 1:  # steady state: the first step also pays for warm-up
+            self._job["seconds_per_step"] = round((step_times[-1] - step_times[0]) / (len(step_times) - 1), 4)
+        self._job.update(steps=len(step_times), timeline={
+            "called": round(called, 3), "first_step_done": round(step_times[0], 3) if step_times else None,
+            "last_step_done": round(step_times[-1], 3) if step_times else None, "returned": round(returned, 3)})
         video = np.asarray(video)
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video
+
+    def job_info(self) -> dict:
+        return {**self._job, "reference_cache": {"hits": self.references.hits, "misses": self.references.misses}}
 
     def _release(self) -> None:
         """After an out-of-memory: give the allocator's cache back so the card's other tenants fit."""
@@ -175,75 +390,18 @@ class DiffusersWanBackend(Backend):
             self.torch.cuda.empty_cache()
 
     def peak_memory_bytes(self) -> int | None:
-        return self._peak if self.cuda else None
+        return self._job.get("peak_memory_bytes") if getattr(self, "_job", None) else None
 
     def close(self) -> None:
         self.pipe = None
         self.embeddings = OrderedDict()
+        self.encoded = OrderedDict()
+        if getattr(self, "references", None) is not None:
+            self.references.close()
         self._release()
 
 
-# --------------------------------------------------------------------------------------------------
-# Random-weight pipelines for tests and benchmarks (no weights can be downloaded there)
-
-SIZES = {
-    # A few thousand parameters: the CI tests run it on the CPU in seconds.
-    "tiny": dict(
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                         out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
-                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-        vae=dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                 temperal_downsample=[False, True, True]),
-        text=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                  relative_attention_max_distance=16)),
-    # Wan2.1-T2V-1.3B's transformer, the default Wan VAE, and a text encoder with umt5-xxl's width
-    # (d_model 4096, so the embeddings have the real shape) but 2 layers instead of 24.
-    "wan-1.3b": dict(
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-        vae=dict(),
-        text=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
-                  relative_attention_num_buckets=32, relative_attention_max_distance=128)),
-}
-VOCAB = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(997)]
-
-
-def _tokenizer():
-    """A word-level tokenizer built offline (hashing words into a 1000-entry vocabulary)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=512)
-
-
-def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str = "float32",
-                     device: str = "cpu", seed: int = 0) -> Path:
-    """Build a WanPipeline with random weights and `save_pretrained` it to `folder`; return the folder.
-
-    For tests and benchmarks only: its videos are noise. `device="cuda"` runs the random
-    initialisation on the GPU (seconds instead of minutes for the 1.3B size).
-    """
-    import torch
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    spec = SIZES[size]
-    torch.manual_seed(seed)
-    torch_dtype = getattr(torch, dtype)
-    with torch.device(device):
-        transformer = WanTransformer3DModel(**spec["transformer"]).to(torch_dtype)
-        vae = AutoencoderKLWan(**spec["vae"]).to(torch_dtype)
-        text_config = UMT5Config(vocab_size=len(VOCAB), pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0, is_encoder_decoder=False, **spec["text"])
-        text_encoder = UMT5EncoderModel(text_config).to(torch_dtype)
-    pipe = WanPipeline(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
-    folder = Path(folder)
-    pipe.save_pretrained(folder)
-    return folder
+def build_random_wan(*args, **kwargs):
+    """Kept for old imports: see `orchestrator.random_checkpoints.build_random_wan`."""
+    from ..random_checkpoints import build_random_wan as build
+    return build(*args, **kwargs)

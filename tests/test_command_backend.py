@@ -43,12 +43,13 @@ def fake_checkpoint(folder: Path, files=A14B_FILES) -> Path:
     return folder
 
 
-def backend(tmp_path, devices=(0,), task="t2v", steps=4, **options) -> CommandBackend:
+def backend(tmp_path, devices=(0,), task="t2v", steps=4, cfg_scale=3.5, shift=None, **options) -> CommandBackend:
     if "command" not in options:  # a template names its program itself
         options = {"script": str(STUB), **options}
     model = ModelConfig(backend="command", task=task, path=str(fake_checkpoint(tmp_path / "ckpt")),
                         options=options)
-    generation = GenerationConfig(width=64, height=48, num_frames=5, fps=16, steps=steps, cfg_scale=3.5)
+    generation = GenerationConfig(width=64, height=48, num_frames=5, fps=16, steps=steps, cfg_scale=cfg_scale,
+                                  shift=shift)
     instance = CommandBackend(model, generation, devices)
     instance.load()
     return instance
@@ -75,7 +76,7 @@ def partials(tmp_path) -> list[str]:
 
 
 def test_one_card_exact_arguments_then_a_real_run(tmp_path, record):
-    b = backend(tmp_path, sample_shift=3, sample_solver="dpm++", offload_model=True, convert_model_dtype=True)
+    b = backend(tmp_path, shift=3.0, sample_solver="dpm++", offload_model=True, convert_model_dtype=True)
     j = job(tmp_path)
     ckpt = str(tmp_path / "ckpt")
     assert b.command_line(j, "/x/out.mp4") == [
@@ -122,6 +123,10 @@ def test_two_cards_run_torchrun_with_fsdp_and_ulysses(tmp_path, record):
     single = backend(tmp_path, devices=(0,), torchrun="always").command_line(j, "o")
     assert single[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     assert "--dit_fsdp" not in single and "--ulysses_size" not in single
+    # guidance: a pair of equal scales is one scale; t2v-A14B's own pair [high 4, low 3] is generate.py's
+    # default, which it uses when the flag is left out (check() rejects any other pair)
+    assert "3.5" in backend(tmp_path, cfg_scale=(3.5, 3.5)).command_line(j, "o")
+    assert "--sample_guide_scale" not in backend(tmp_path, cfg_scale=(4.0, 3.0)).command_line(j, "o")
 
 
 def test_prompt_and_paths_reach_the_program_literally_never_a_shell(tmp_path, record):
@@ -257,6 +262,8 @@ generation:
   fps: 15
   steps: 4
   negative_prompt: blurry
+  cfg_scale: [5.0, 2.0]
+  extra: {boundary: 0.9}
 seeds: [1]
 categories:
   frames:
@@ -287,8 +294,10 @@ def test_check_reports_each_problem_at_its_manifest_line(tmp_path, write_manifes
     assert "1024x576 is not a size generate.py supports for i2v-A14B" in lines[11]
     assert "at 16 fps, not 15" in lines[14]
     assert "takes no negative prompt" in lines[16]
-    assert "40 attention heads, which Ulysses cannot split over 3 cards" in lines[23]
-    assert len(error.value.problems) == 8, error.value
+    assert "one guidance scale on its command line, not the pair [5, 2]" in lines[17]
+    assert "generate.py has no setting `boundary`" in lines[18]
+    assert "40 attention heads, which Ulysses cannot split over 3 cards" in lines[25]
+    assert len(error.value.problems) == 10, error.value
 
 
 def test_check_template_and_task_problems(tmp_path, write_manifest):

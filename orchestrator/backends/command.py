@@ -10,23 +10,28 @@ Two ways to say what to run (`model.options`):
   script: path/to/Wan2.2/generate.py     the preset `wan2.2-generate` (the default when `script` is
   preset: wan2.2-generate                set). Per job, with K = the worker's cards:
       K = 1:  PYTHON SCRIPT --task T --size W*H --ckpt_dir MODEL.PATH --frame_num F --sample_steps S
-              [--sample_shift X] [--sample_solver unipc|dpm++] --sample_guide_scale CFG
-              --base_seed SEED --prompt=PROMPT [--image REFERENCE] [--offload_model True|False]
-              [--t5_cpu] [--convert_model_dtype] --save_file TEMP.mp4
+              [--sample_shift generation.shift] [--sample_solver unipc|dpm++]
+              [--sample_guide_scale CFG] --base_seed SEED --prompt=PROMPT [--image REFERENCE]
+              [--offload_model True|False] [--t5_cpu] [--convert_model_dtype] --save_file TEMP.mp4
       K > 1:  PYTHON -m torch.distributed.run --standalone --nproc_per_node=K SCRIPT …the same…
               --dit_fsdp --t5_fsdp --ulysses_size K --save_file TEMP.mp4
           `python -m torch.distributed.run` is what the `torchrun` console script runs; calling it
           through the interpreter needs nothing on PATH. `--standalone` lets torchrun pick a free
           rendezvous port, so two workers of one host (cards 0+1 and 2+3) never collide on 29500.
           The prompt goes as `--prompt=TEXT`, so a prompt that begins with `-` stays a value.
+          generate.py takes one guidance scale: `cfg_scale: 3.5`, or a pair of equal scales, goes
+          as --sample_guide_scale; a pair [high-noise, low-noise] equal to the task's own default
+          (t2v-A14B: [4.0, 3.0]) leaves the flag out so generate.py uses its pair; any other pair
+          is rejected. No generation.shift: generate.py's default (5.0 i2v, 12.0 t2v-A14B).
 
   command: [list, of, arguments]          a template for any other program. Placeholders fill whole
                                           arguments or parts of one (`--size={width}x{height}`):
       {prompt} {seed} {output} (the temporary mp4 the program must write) {reference} (the job's
-      image or video) {width} {height} {size} (W*H) {num_frames} {steps} {cfg_scale} {shift}
-      {negative_prompt} {fps} {ckpt_dir} (model.path) {devices} (the worker's cards as the program
-      sees them: 0,1,… — CUDA_VISIBLE_DEVICES already names the real ones) {nproc} (K) {python},
-      and any key of generation.extra. `{{` and `}}` are literal braces.
+      image or video) {width} {height} {size} (W*H) {num_frames} {steps} {cfg_scale} (the one
+      scale, or the high-noise expert's) {cfg_scale_low} (the low-noise expert's; the same for one
+      scale) {shift} (generation.shift) {negative_prompt} {fps} {ckpt_dir} (model.path) {devices}
+      (the worker's cards as the program sees them: 0,1,… — CUDA_VISIBLE_DEVICES already names the
+      real ones) {nproc} (K) {python}, and any key of generation.extra. `{{`, `}}`: literal braces.
 
 Other options:
   python: interpreter                   for the preset and {python} (default: this interpreter)
@@ -38,9 +43,7 @@ Other options:
                                         card, False under torchrun)
   t5_cpu, convert_model_dtype: bool     preset: the flags of the same name
   dit_fsdp, t5_fsdp: bool               preset, K > 1: default true (t5_fsdp false with t5_cpu)
-  sample_solver: unipc | dpm++          preset: --sample_solver (or generation.extra.sample_solver)
-  sample_shift: number                  --sample_shift / {shift} (or generation.extra.sample_shift);
-                                        unset: generate.py's config default (5.0 i2v, 12.0 t2v)
+  sample_solver: unipc | dpm++          preset: --sample_solver (generate.py's default: unipc)
   env: {VAR: value}                     extra environment for the program
   cwd: folder                           where the program runs (preset default: the script's folder,
                                         as Wan's README runs it; template default: where `run` ran)
@@ -50,8 +53,8 @@ What `check()` rejects before anything starts (each at its manifest line): a mis
 checkpoint folder (or one without the task's files), a task generate.py does not have for this
 manifest (v2v; s2v-14B and animate-14B need audio or a preprocessed folder), a size not in the
 task's SUPPORTED_SIZES, an fps other than the task's own (generate.py writes 16 fps, 24 for
-ti2v-5B), a negative prompt, denoising strength or dtype generate.py cannot take, steps outside
-1..1000, a shift ≤ 0, a card count that does not divide the model's attention heads (Ulysses:
+ti2v-5B), a negative prompt, denoising strength, guidance pair, generation.extra key or dtype
+generate.py cannot take, steps above 1000, a card count that does not divide the model's attention heads (Ulysses:
 40 heads for A14B, 24 for 5B), `gpus_per_worker: auto` (nothing to measure here), and unknown
 placeholders in a template.
 
@@ -102,14 +105,17 @@ class WanTask:
     fps: int  # sample_fps: generate.py writes the mp4 at this rate
     files: tuple[str, ...]  # what the checkpoint folder must hold
     params: str
+    guidance: tuple[float, float]  # sample_guide_scale as [high-noise, low-noise] (Wan lists low first)
 
 
 _A14B_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "high_noise_model", "low_noise_model")
 WAN_TASKS = {
-    "t2v-A14B": WanTask(("t2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B"),
-    "i2v-A14B": WanTask(("i2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B"),
+    "t2v-A14B": WanTask(("t2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B",
+                        (4.0, 3.0)),
+    "i2v-A14B": WanTask(("i2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B",
+                        (3.5, 3.5)),
     "ti2v-5B": WanTask(("t2v", "i2v"), ("704*1280", "1280*704"), 24, 24,
-                       ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.2_VAE.pth"), "5B"),
+                       ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.2_VAE.pth"), "5B", (5.0, 5.0)),
 }
 OTHER_WAN_TASKS = {  # generate.py has them, but a manifest cannot give what they need
     "s2v-14B": "needs an audio track per job",
@@ -121,14 +127,14 @@ MAX_STEPS = 1000  # the schedulers' num_train_timesteps: more steps than timeste
 OPTIONS: dict[str, type | tuple] = {
     "preset": str, "script": str, "command": list, "python": str, "torchrun": str, "wan_task": str,
     "offload_model": bool, "t5_cpu": bool, "convert_model_dtype": bool, "dit_fsdp": bool,
-    "t5_fsdp": bool, "sample_solver": str, "sample_shift": (int, float), "env": dict, "cwd": str,
+    "t5_fsdp": bool, "sample_solver": str, "env": dict, "cwd": str,
 }
 PRESET_ONLY = ("script", "wan_task", "torchrun", "offload_model", "t5_cpu", "convert_model_dtype",
                "dit_fsdp", "t5_fsdp", "sample_solver")
 PATH_OPTIONS = ("script", "cwd")
 PLACEHOLDERS = ("prompt", "seed", "output", "reference", "width", "height", "size", "num_frames", "steps",
-                "cfg_scale", "shift", "negative_prompt", "fps", "ckpt_dir", "devices", "nproc", "python")
-PRESET_EXTRA = ("sample_shift", "sample_solver")
+                "cfg_scale", "cfg_scale_low", "shift", "negative_prompt", "fps", "ckpt_dir", "devices", "nproc",
+                "python")
 
 # A sampling bar of tqdm: "…| 12/40 [00:31<01:10,  2.61s/it]".
 STEP_LINE = re.compile(r"(\d+)/(\d+) \[")
@@ -215,16 +221,8 @@ class CommandBackend(Backend):
                     "backend (the program owns its cards; nothing runs in the worker to measure)",
                     "set the number of cards each program gets, e.g. `gpus_per_worker: 2`")
             cards = 1
-        shift, shift_key = _shift_setting(options, g.extra)
-        for key in ("sample_shift", "sample_solver"):
-            if key in options and key in g.extra:
-                problem(f"generation.extra.{key}", f"{key} is set both here and in model.options",
-                        "keep one of them")
-        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift <= 0):
-            problem(shift_key, f"sample_shift is {shift!r}", "use a positive number (Wan uses 3 to 12)")
-
         if "command" in options:
-            problems.extend(_check_template(manifest, options, shift))
+            problems.extend(_check_template(manifest, options))
             return problems
 
         # The generate.py preset.
@@ -279,12 +277,16 @@ class CommandBackend(Backend):
             problem("model.dtype", f"generate.py runs in bfloat16, not {model.dtype}",
                     "remove model.dtype (or set bfloat16)")
         for key in g.extra:
-            if key not in PRESET_EXTRA:
-                problem(f"generation.extra.{key}", f"generate.py has no setting `{key}`",
-                        f"generation.extra may hold: {', '.join(PRESET_EXTRA)}")
-        solver, solver_key = _setting(options, g.extra, "sample_solver")
+            problem(f"generation.extra.{key}", f"generate.py has no setting `{key}`",
+                    "remove it (model.options lists what the generate.py preset takes)")
+        high, low = g.guidance
+        if low is not None and low != high and (high, low) != task.guidance:
+            problem("generation.cfg_scale", f"generate.py takes one guidance scale on its command line, not "
+                    f"the pair [{high:g}, {low:g}]", f"use one scale, or {task_name}'s own pair "
+                    f"[{task.guidance[0]:g}, {task.guidance[1]:g}] (high-noise, low-noise expert)")
+        solver = options.get("sample_solver")
         if solver is not None and solver not in SOLVERS:
-            problem(solver_key, f"sample_solver is {solver!r}", f"use one of: {', '.join(SOLVERS)}")
+            problem("model.options.sample_solver", f"sample_solver is {solver!r}", f"use one of: {', '.join(SOLVERS)}")
         torchrun = options.get("torchrun", "auto")
         if torchrun not in ("auto", "always", "never"):
             problem("model.options.torchrun", f"torchrun is {torchrun!r}", "use auto, always or never")
@@ -373,14 +375,15 @@ class CommandBackend(Backend):
         argv += [o["script"], "--task", wan_task_of(self.model)[0], "--size", f"{g.width}*{g.height}",
                  "--ckpt_dir", str(self.model.path), "--frame_num", str(g.num_frames),
                  "--sample_steps", str(g.steps)]
-        shift = _shift_setting(o, g.extra)[0]
-        if shift is not None:
-            argv += ["--sample_shift", _number(shift)]
-        solver = _setting(o, g.extra, "sample_solver")[0]
-        if solver is not None:
-            argv += ["--sample_solver", solver]
-        argv += ["--sample_guide_scale", _number(g.cfg_scale), "--base_seed", str(job.seed),
-                 f"--prompt={job.prompt}"]
+        if g.shift is not None:
+            argv += ["--sample_shift", _number(g.shift)]
+        if "sample_solver" in o:
+            argv += ["--sample_solver", o["sample_solver"]]
+        high, low = g.guidance
+        if low is None or low == high:
+            argv += ["--sample_guide_scale", _number(high)]
+        # else: check() let only the task's own pair through, which generate.py uses when not told
+        argv += ["--base_seed", str(job.seed), f"--prompt={job.prompt}"]
         if job.reference:
             argv += ["--image", job.reference]
         if "offload_model" in o:
@@ -402,8 +405,9 @@ class CommandBackend(Backend):
         return {**{key: value for key, value in g.extra.items() if isinstance(key, str)},
                 "prompt": job.prompt, "seed": job.seed, "output": output, "reference": job.reference or "",
                 "width": g.width, "height": g.height, "size": f"{g.width}*{g.height}",
-                "num_frames": g.num_frames, "steps": g.steps, "cfg_scale": g.cfg_scale,
-                "shift": _shift_setting(self.options, g.extra)[0], "negative_prompt": g.negative_prompt,
+                "num_frames": g.num_frames, "steps": g.steps, "cfg_scale": g.guidance[0],
+                "cfg_scale_low": g.guidance[1] if g.guidance[1] is not None else g.guidance[0],
+                "shift": g.shift, "negative_prompt": g.negative_prompt,
                 "fps": g.fps, "ckpt_dir": self.model.path or "", "devices": ",".join(map(str, range(k))),
                 "nproc": k, "python": self.python}
 
@@ -618,19 +622,6 @@ def _check_python(options) -> list[BackendProblem]:
     return []
 
 
-def _setting(options: dict, extra: dict, key: str):
-    """A setting given in model.options or generation.extra (value, manifest key)."""
-    if key in options:
-        return options[key], f"model.options.{key}"
-    if key in extra:
-        return extra[key], f"generation.extra.{key}"
-    return None, f"model.options.{key}"
-
-
-def _shift_setting(options: dict, extra: dict):
-    return _setting(options, extra, "sample_shift")
-
-
 def _check_checkpoint(path: str | None, base: Path, task_name: str, task: WanTask, problem) -> None:
     download = f"huggingface-cli download Wan-AI/Wan2.2-{task_name.upper()}"
     if not path:
@@ -647,7 +638,7 @@ def _check_checkpoint(path: str | None, base: Path, task_name: str, task: WanTas
                 f"point model.path at the {task_name} download, or set model.options.wan_task")
 
 
-def _check_template(manifest, options: dict, shift) -> list[BackendProblem]:
+def _check_template(manifest, options: dict) -> list[BackendProblem]:
     problems: list[BackendProblem] = []
     model, g = manifest.model, manifest.generation
     key = "model.options.command"
@@ -687,9 +678,9 @@ def _check_template(manifest, options: dict, shift) -> list[BackendProblem]:
     if "reference" not in used and model.task != "t2v":
         problems.append(BackendProblem(key, f"task {model.task} has a reference per job, but the command "
                                             "never passes {reference}", "pass {reference} to the program"))
-    if "shift" in used and shift is None:
-        problems.append(BackendProblem(key, "the command uses {shift}, but no sample_shift is set",
-                                       "set model.options.sample_shift"))
+    if "shift" in used and g.shift is None:
+        problems.append(BackendProblem(key, "the command uses {shift}, but generation.shift is not set",
+                                       "set generation.shift"))
     if "ckpt_dir" in used and not model.path:
         problems.append(BackendProblem(key, "the command uses {ckpt_dir}, but model.path is not set",
                                        "set model.path"))

@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: jobs, queues, workers per device and why")
     for p in (run, plan):
         p.add_argument("manifest")
-        p.add_argument("--executor", choices=("local", "tmux"), help="override execution.executor")
+        p.add_argument("--executor", choices=("local", "tmux", "ray"), help="override execution.executor")
+        p.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                       help="executor ray: the cluster to join (override execution.ray_address)")
         p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         manifest = load_manifest(args.manifest)
+        if getattr(args, "ray_address", None):
+            from dataclasses import replace
+            manifest = replace(manifest, execution=replace(manifest.execution, ray_address=args.ray_address))
         return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -75,9 +80,16 @@ def _gpus():
         return None, str(exc)
 
 
-def _plan(manifest, sweep, args):
+def _plan(manifest, sweep, args, executor=None):
+    from .executors.base import ExecutorError
     from .planning import PlanError, make_plan
     from .sizing import make_sizer
+    if hasattr(executor, "make_plan"):  # a cluster executor plans from its nodes, not this machine's GPUs
+        try:
+            return executor.make_plan(sweep.jobs, cpu_slots=getattr(args, "cpu_slots", None),
+                                      recalibrate=getattr(args, "recalibrate", False)), None, None
+        except (PlanError, ExecutorError) as exc:
+            raise UserError(str(exc)) from None
     gpus, why = _gpus()
     sizer = make_sizer(manifest, recalibrate=getattr(args, "recalibrate", False)) if gpus else None
     try:
@@ -90,8 +102,16 @@ def _plan(manifest, sweep, args):
 def cmd_plan(manifest, args) -> int:
     from .jobs import count_by_category
     from .sweep import Sweep
+    from .executors import executor_class
     sweep = Sweep(manifest)
-    plan, gpus, why = _plan(manifest, sweep, args)
+    name = args.executor or manifest.execution.executor
+    executor = None
+    if name and hasattr(executor_class(name), "make_plan"):
+        missing = executor_class(name).unavailable()
+        if missing:
+            raise UserError(f"executor `{name}` cannot run here: {missing}")
+        executor = executor_class(name)(sweep)
+    plan, gpus, why = _plan(manifest, sweep, args, executor)
     scan = sweep.scan()
     print(f"manifest   {manifest.path}")
     print(f"output     {manifest.output_dir}")
@@ -112,7 +132,7 @@ def cmd_plan(manifest, args) -> int:
                 print(f"           {gpu.describe()}")
             print(f"           why: {group.reason}")
         else:
-            print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}  [CPU]")
+            print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}" + ("" if group.devices else "  [CPU]"))
     sizes = plan.queue_sizes()
     print("queues     " + ", ".join(f"{q}: {n}" for q, n in sizes.items())
           + "  (idle workers take from the fullest queue)")
@@ -146,8 +166,9 @@ def cmd_run(manifest, args) -> int:
     executor = executor_type(sweep)
     ledger = sweep.ledger()
     live = sweep.live_workers(ledger)
-    # Sessions started a moment ago may not be in the ledger yet: a detaching executor counts its own.
-    alive = max(len(live), executor.running() if executor.detaches else 0)
+    # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
+    # processes of this machine: each executor counts its own (the local one, before `start`, none).
+    alive = max(len(live), executor.running())
     if alive and not args.add_workers:
         print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
               "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
@@ -155,7 +176,7 @@ def cmd_run(manifest, args) -> int:
         return 0
 
     # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
-    plan, gpus, why = _plan(manifest, sweep, args)
+    plan, gpus, why = _plan(manifest, sweep, args, executor)
     scan = sweep.scan()
     if scan.stale:
         if not args.redo_changed:
@@ -276,7 +297,10 @@ def cmd_stop(manifest, args) -> int:
         print(f"sweep `{manifest.name}` has not run yet ({sweep.root})")
         return 0
     stopped = 0
-    for name in ("tmux", "local"):
+    kinds = ("tmux", "local")
+    if executor_class("ray").drives(sweep):  # its driver releases the jobs and ends the actors itself
+        kinds = ("ray",)
+    for name in kinds:
         try:
             kind = executor_class(name)
         except (ImportError, KeyError):

@@ -7,6 +7,7 @@ from .base import Executor
 EXECUTORS: dict[str, str] = {
     "local": "orchestrator.executors.local:LocalExecutor",
     "tmux": "orchestrator.executors.tmux:TmuxExecutor",
+    "ray": "orchestrator.executors.ray:RayExecutor",  # Ray itself is imported only when it runs
 }
 
 

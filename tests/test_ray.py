@@ -1,0 +1,352 @@
+"""The Ray executor on a real two-node Ray cluster on this machine (loopback only, logical GPUs).
+
+Each cluster test starts `ray.cluster_utils.Cluster` with a head and one more node, each with one
+logical GPU and no real one, runs sweeps of the synthetic backend through the real CLI, and shuts
+the cluster down at its end. Ray advertises the machine's outward address unless told otherwise:
+every node gets `node_ip_address=127.0.0.1` and `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is set for
+every Ray process (ray-project/ray#59110), so no test traffic leaves 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator import cli as cli_module
+from orchestrator.ledger import Ledger
+from orchestrator.outputs import TEMP_MARK, count_frames, write_mp4
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+NODE = {"num_cpus": 1, "num_gpus": 1, "node_ip_address": "127.0.0.1",
+        "object_store_memory": 80 * 1024 * 1024}
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """(cluster, second node): a head and a second node, one logical GPU each; shut down after the test."""
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    try:
+        second = cluster.add_node(**NODE)
+        yield cluster, second
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def ray_manifest(**overrides) -> dict:
+    """Two workers per logical GPU: four actors, two on each node."""
+    manifest = synthetic_manifest(resources={"workers_per_gpu": 2},
+                                  execution={"executor": "ray", "heartbeat_timeout_s": 20})
+    for key, value in overrides.items():
+        if key in ("model", "generation", "resources", "execution"):
+            manifest[key] = {**manifest[key], **value, **({"options": {**manifest[key].get("options", {}), **value.get("options", {})}} if key == "model" else {})}
+        else:
+            manifest[key] = value
+    return manifest
+
+
+def _mp4s(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts and not p.name.startswith(TEMP_MARK))
+
+
+def _attempts(out: Path) -> list[dict]:
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    try:
+        return ledger.attempts()
+    finally:
+        ledger.close()
+
+
+def _assert_every_output_once(out: Path, jobs: int, unrecorded: int = 0) -> None:
+    """`jobs` checked videos with their sidecars, none made twice; `unrecorded`: at most this many were
+    finished by actors of a killed driver that never recorded them (the disk says they are done)."""
+    mp4s = _mp4s(out)
+    assert len(mp4s) == jobs and all(count_frames(p) == 5 for p in mp4s)
+    assert all(p.with_suffix(".json").exists() for p in mp4s)
+    assert len(list(out.rglob("*.json"))) - len(list((out / ".sweep").rglob("*.json"))) == jobs
+    assert not list(out.rglob(f"{TEMP_MARK}*"))
+    done: dict[str, int] = {}
+    for attempt in _attempts(out):
+        if attempt["outcome"] == "done":
+            done[attempt["job_id"]] = done.get(attempt["job_id"], 0) + 1
+    assert jobs - unrecorded <= len(done) <= jobs and set(done.values()) <= {1}  # never made twice
+    made_by = {json.loads(p.with_suffix(".json").read_text())["job_id"] for p in mp4s}
+    assert len(made_by) == jobs and set(done) <= made_by
+
+
+def _start_driver(path: Path, address: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), "--executor", "ray",
+                             "--ray-address", address, "--no-progress"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _running_on(out: Path, prefix: str) -> int:
+    path = out / ".sweep" / "ledger.sqlite"
+    if not path.exists():
+        return 0
+    ledger = Ledger(path)
+    try:
+        return sum(1 for job in ledger.jobs() if job["state"] == "running" and (job["worker"] or "").startswith(prefix))
+    finally:
+        ledger.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# On the cluster
+
+
+def test_sweep_on_a_two_node_cluster_makes_every_output_once(ray_cluster, write_manifest, tmp_path, capsys):
+    cluster, _ = ray_cluster
+    path = write_manifest(ray_manifest(seeds=[1, 2, 3], model={"options": {"seconds_per_job": 0.4}}))
+    rc = cli_module.main(["run", str(path), "--ray-address", cluster.address, "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "started 4 workers (ray)" in printed
+    out = tmp_path / "out"
+    _assert_every_output_once(out, 9)
+    sidecar = json.loads((out / "alpha" / "seed_1_prompt_0.json").read_text())
+    assert sidecar["worker"].startswith(("n0-gpu0_worker", "n1-gpu0_worker")) and sidecar["ray"]["ip"] == "127.0.0.1"
+    assert sidecar["frames"] == 5 and "python" in sidecar["versions"]
+    report = json.loads(cli("report", str(path), "--json").stdout)
+    assert report["totals"]["done"] == 9 and report["totals"]["failed"] == 0
+    workers = {w["id"]: w for w in report["workers"]}
+    assert sorted(workers) == ["n0-gpu0_worker0", "n0-gpu0_worker1", "n1-gpu0_worker0", "n1-gpu0_worker1"]
+    assert sum(w["jobs_done"] for w in workers.values()) == 9
+    assert all(w["state"] == "exited" for w in workers.values())
+    # Both nodes worked: the actors really were spread over the cluster.
+    assert sum(w["jobs_done"] for k, w in workers.items() if k.startswith("n1-")) > 0
+    assert sum(w["jobs_done"] for k, w in workers.items() if k.startswith("n0-")) > 0
+    assert (out / "logs" / "n1-gpu0_worker0.log").read_text().count("done ") >= 1
+    # The same command again: everything is there, nothing is made twice.
+    rc = cli_module.main(["run", str(path), "--ray-address", cluster.address, "--no-progress"])
+    assert rc == 0 and "all 9 jobs" in capsys.readouterr().out
+    _assert_every_output_once(out, 9)
+
+
+def test_a_node_removed_mid_sweep_loses_nothing_and_doubles_nothing(ray_cluster, write_manifest, tmp_path):
+    cluster, second = ray_cluster
+    prompts = [f"prompt {i}" for i in range(7)]
+    path = write_manifest(ray_manifest(categories={"a": {"prompts": prompts}}, seeds=[1, 2],
+                                       model={"options": {"seconds_per_job": 1.2}}, generation={"steps": 20}))
+    out = tmp_path / "out"
+    driver = _start_driver(path, cluster.address)
+    try:
+        # Both of the second node's actors hold a job and a few videos are done: take the node away.
+        _wait_for(lambda: len(_mp4s(out)) >= 2 and _running_on(out, "n1-") == 2, 90, "jobs on the second node")
+        cluster.remove_node(second)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, output
+    _assert_every_output_once(out, 14)
+    # The jobs the node was running went back to the queue and were made elsewhere.
+    lost = [a for a in _attempts(out) if a["worker"].startswith("n1-") and a["outcome"] != "done"]
+    assert len(lost) >= 2 and all(a["outcome"] in ("released", "crash") for a in lost)
+    report = json.loads(cli("report", str(path), "--json").stdout)
+    assert report["totals"]["done"] == 14 and report["totals"]["failed"] == 0
+
+
+def test_a_killed_driver_is_resumed_by_running_the_command_again(ray_cluster, write_manifest, tmp_path):
+    cluster, _ = ray_cluster
+    prompts = [f"prompt {i}" for i in range(6)]
+    path = write_manifest(ray_manifest(categories={"a": {"prompts": prompts}}, seeds=[1, 2],
+                                       model={"options": {"seconds_per_job": 1.2}}, generation={"steps": 20}))
+    out = tmp_path / "out"
+    driver = _start_driver(path, cluster.address)
+    try:
+        _wait_for(lambda: len(_mp4s(out)) >= 2 and _running_on(out, "n") >= 2, 90, "a sweep under way")
+        # While the driver runs, a second `run` starts nothing.
+        second = cli("run", str(path), "--executor", "ray", "--ray-address", cluster.address, "--no-progress")
+        assert second.returncode == 0 and "already running" in second.stdout, second.stdout + second.stderr
+        process = psutil.Process(driver.pid)
+        os.killpg(driver.pid, signal.SIGKILL)
+        psutil.wait_procs([process], timeout=10)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate(timeout=10)
+    done_before = len(_mp4s(out))
+    assert 2 <= done_before < 12
+    result = cli("run", str(path), "--executor", "ray", "--ray-address", cluster.address, "--no-progress",
+                 timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already running" not in result.stdout
+    # The actors of the killed driver may finish what they had under way before Ray ends them.
+    _assert_every_output_once(out, 12, unrecorded=4)
+    outcomes = [a["outcome"] for a in _attempts(out)]
+    assert "lost" in outcomes  # the attempts the killed driver had under way
+
+
+def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_manifest, tmp_path, monkeypatch,
+                                                             capsys):
+    import orchestrator.outputs as outputs
+    cluster, _ = ray_cluster
+    path = write_manifest(ray_manifest(execution={"ray_stream_outputs": True}))
+    adopted = []
+    real_adopt = outputs.adopt_mp4
+
+    def watching_adopt(temp, target, *args, **kwargs):
+        # The driver's write: a checked temp file beside the final name, which does not exist yet.
+        assert Path(temp).parent == Path(target).parent and Path(temp).name.startswith(TEMP_MARK)
+        assert not Path(target).exists()
+        adopted.append(Path(target))
+        return real_adopt(temp, target, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "adopt_mp4", watching_adopt)  # this process only: not the actors'
+    rc = cli_module.main(["run", str(path), "--ray-address", cluster.address, "--no-progress"])
+    assert rc == 0, capsys.readouterr()
+    out = tmp_path / "out"
+    _assert_every_output_once(out, 6)
+    assert sorted(adopted) == _mp4s(out)  # every video went through the driver, once
+    assert not (out / ".sweep" / "ray-mount-check").exists()  # shared storage was never needed
+
+
+def test_stop_releases_the_running_jobs_and_ends_the_driver(ray_cluster, write_manifest, tmp_path):
+    cluster, _ = ray_cluster
+    path = write_manifest(ray_manifest(model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}))
+    out = tmp_path / "out"
+    driver = _start_driver(path, cluster.address)
+    try:
+        _wait_for(lambda: _running_on(out, "n") == 4, 90, "four running jobs")
+        result = cli("stop", str(path))
+        assert result.returncode == 0 and "stopped" in result.stdout, result.stdout + result.stderr
+        output, _ = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 1, output  # jobs left
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    assert ledger.counts()["running"] == 0
+    assert all(job["attempts"] == 0 for job in ledger.jobs())  # stopping used no attempt
+    assert {a["outcome"] for a in ledger.attempts()} == {"released"}
+    assert all(w["state"] == "exited" for w in ledger.workers())
+
+
+# ------------------------------------------------------------------------------------------------
+# Without a cluster
+
+
+def test_without_ray_the_executor_says_how_to_install_it_and_starts_nothing(write_manifest, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails, as where it is not installed
+    path = write_manifest(ray_manifest())
+    for command in ("run", "plan"):
+        assert cli_module.main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "executor `ray` cannot run here" in err and "pip install 'wan-sweep[ray]'" in err
+    path = write_manifest(synthetic_manifest())
+    assert cli_module.main(["run", str(path), "--executor", "ray", "--ray-address", "127.0.0.1:1"]) == 2
+    assert "pip install 'wan-sweep[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_late_result_of_a_given_up_worker_is_never_written(write_manifest, tmp_path):
+    """The driver gave up on w0 (its claim went back and w1 took the job): w0's answer writes nothing."""
+    from orchestrator.executors.ray import Placement, _close_logger, _Driver
+    from orchestrator.manifest import load_manifest
+    from orchestrator.sweep import Sweep
+
+    manifest = load_manifest(write_manifest(ray_manifest(execution={"ray_stream_outputs": True})))
+    sweep = Sweep(manifest)
+    ledger = sweep.ledger()
+    queues = {job.id: "n0-gpu0" for job in sweep.jobs}
+    ledger.sync(sweep.jobs, queues, set(), manifest.max_attempts, 20, fresh=True)
+    for worker in ("n0-gpu0_worker0", "n0-gpu0_worker1"):
+        ledger.register_worker(worker, (0,), state="idle")
+    first = ledger.claim("n0-gpu0_worker0", "n0-gpu0")
+    ledger.requeue_worker("n0-gpu0_worker0", "no progress")  # given up on
+    second = ledger.claim("n0-gpu0_worker1", "n0-gpu0", prefer_group=first.job.group)
+    assert second.job.id == first.job.id
+
+    video = tmp_path / "video.mp4"
+    write_mp4(__import__("numpy").zeros((5, 32, 32, 3), dtype="uint8"), video, 5, expected_frames=5)
+    answer = {"status": "done", "seconds": 1.0, "mp4": video.read_bytes(), "sidecar": {"job_id": first.job.id}}
+    specs = sweep.write_specs(_plan_of(sweep))
+    driver = _Driver(sweep, [s for s, _ in specs], {"n0-gpu0": Placement("node", 0.5, "h")}, True, None)
+    driver.ledger = ledger
+    slots = {s.id: s for s in driver.slots}
+    late = slots["n0-gpu0_worker0"]
+    late.claim, late.state = first, "busy"
+    driver._on_run(late, answer)
+    assert not Path(first.job.output).exists()
+    assert [j for j in ledger.jobs() if j["id"] == first.job.id][0]["state"] == "running"
+    current = slots["n0-gpu0_worker1"]
+    current.claim, current.state = second, "busy"
+    driver._on_run(current, answer)
+    assert count_frames(first.job.output) == 5
+    assert [a["outcome"] for a in ledger.attempts(first.job.id)] == ["lost", "done"]
+    for log in [driver.log] + [slot.log for slot in driver.slots]:
+        _close_logger(log)
+
+
+def _plan_of(sweep):
+    from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
+    group = DeviceGroup(queue="n0-gpu0", devices=(0,), workers=2, reason="test")
+    workers = tuple(WorkerSlot(id=f"n0-gpu0_worker{k}", devices=(0,), queue="n0-gpu0") for k in range(2))
+    return Plan(groups=(group,), workers=workers, queues={j.id: "n0-gpu0" for j in sweep.jobs})
+
+
+def test_a_node_that_cannot_see_the_shared_output_folder_says_so(tmp_path):
+    from dataclasses import asdict
+
+    from orchestrator.executors.ray import MOUNT_CHECK, RayWorker
+    from orchestrator.planning import WorkerSpec
+    spec = WorkerSpec(sweep="t", worker="n1-gpu0_worker0", devices=(0,), queue="n1-gpu0", ledger="x",
+                      output_dir=str(tmp_path / "out"), log="x", model={}, generation={}, execution={})
+    problem = RayWorker(asdict(spec), False, "token")._output_dir_problem()
+    assert "does not see this sweep's output folder" in problem and "ray_stream_outputs: true" in problem
+    (tmp_path / "out" / ".sweep").mkdir(parents=True)
+    (tmp_path / "out" / ".sweep" / MOUNT_CHECK).write_text("token")
+    assert RayWorker(asdict(spec), False, "token")._output_dir_problem() is None
+    assert RayWorker(asdict(spec), True, None)._output_dir_problem() is None  # streaming needs no mount
+
+
+def test_plan_per_node_from_its_gpu_type_and_cached_profile(tmp_path):
+    from orchestrator.executors.ray import RayNode, plan_cluster
+    from orchestrator.manifest import Execution, GenerationConfig, Manifest, ModelConfig, Resources
+    from orchestrator.sizing import Profile, profile_key
+
+    gib = 1 << 30
+    manifest = Manifest(path=tmp_path / "m.yaml", name="t", output_dir=tmp_path / "out",
+                        model=ModelConfig(backend="diffusers", task="t2v", path="/models/wan"),
+                        generation=GenerationConfig(), seeds=(1,), categories=(),
+                        resources=Resources(workers_per_gpu="auto"), execution=Execution(executor="ray"))
+    h100 = Profile(key=profile_key(manifest, "NVIDIA H100 80GB HBM3", 1), gpu_name="NVIDIA H100 80GB HBM3",
+                   gpu_total_bytes=80 * gib, cards=1, peak_nvml_bytes=20 * gib, jobs_per_hour={1: 10.0, 2: 18.0},
+                   free_bytes_at_calibration=79 * gib)
+    nodes = [RayNode("a" * 8, "head", "10.0.0.1", 0, None, 8, head=True),
+             RayNode("b" * 8, "big", "10.0.0.2", 2, "H100", 32),
+             RayNode("c" * 8, "home", "10.0.0.3", 1, "GeForce-RTX-3090", 16)]
+    plan, placement = plan_cluster(manifest, [], nodes, profiles=[h100])
+    groups = {g.queue: g for g in plan.groups}
+    assert sorted(groups) == ["n1-gpu0", "n1-gpu1", "n2-gpu0"]  # the head has no GPU: no worker there
+    assert groups["n1-gpu0"].workers == 2 and "profile of NVIDIA H100" in groups["n1-gpu0"].reason
+    assert groups["n2-gpu0"].workers == 1 and "without a calibration profile" in groups["n2-gpu0"].reason
+    assert placement["n1-gpu1"].num_gpus == 0.5 and placement["n2-gpu0"].num_gpus == 1.0
+    assert placement["n1-gpu0"].node == "b" * 8
+    assert [w.id for w in plan.workers] == ["n1-gpu0_worker0", "n1-gpu0_worker1", "n1-gpu1_worker0",
+                                            "n1-gpu1_worker1", "n2-gpu0_worker0"]
+    two_cards = Manifest(**{**manifest.__dict__, "resources": Resources(workers_per_gpu=1, gpus_per_worker=2)})
+    plan, placement = plan_cluster(two_cards, [], nodes, profiles=[])
+    assert [g.queue for g in plan.groups] == ["n1-gpu0+1"] and placement["n1-gpu0+1"].num_gpus == 2.0
+    assert any("n2 home: left idle" in note for note in plan.notes)

@@ -8,6 +8,7 @@ initial split only decides where work starts, never where a card idles.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def device_groups(manifest: Manifest, gpus: list[Gpu] | None, cpu_slots: int | N
         gpus = [g for g in gpus if g.index in res.gpus]
     if sizing is not None:
         return sizing(manifest, gpus, notes), notes
+    from .gpus import FAKE_ENV
+    if os.environ.get(FAKE_ENV) and backend_class(manifest.model.backend).measured_sizing:
+        notes.append(f"the GPUs are FAKE ({FAKE_ENV}): nothing was measured; the manifest's counts are used")
     per_worker = res.gpus_per_worker if isinstance(res.gpus_per_worker, int) else 1
     if res.gpus_per_worker == "auto":
         notes.append("gpus_per_worker: auto needs a calibration profile; using 1 card per worker")

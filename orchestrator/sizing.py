@@ -301,6 +301,9 @@ def make_sizer(manifest: Manifest, recalibrate: bool = False, calibrator: Calibr
                say: Callable[[str], None] | None = None) -> Sizer | None:
     if not needs_sizing(manifest):
         return None
+    from .gpus import FAKE_ENV
+    if calibrator is None and os.environ.get(FAKE_ENV):
+        return None  # FAKE cards cannot run a calibration job: plan from the manifest's counts
     return Sizer(manifest.output_dir / ".sweep" / "profiles", recalibrate=recalibrate, calibrator=calibrator,
                  say=say)
 

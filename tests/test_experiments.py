@@ -1,0 +1,57 @@
+"""The shipped example manifests plan as their comments say (FAKE cards; tiny random checkpoints of
+the same family stand in for the real weights, which cannot be downloaded here)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, cli
+
+pytest.importorskip("diffusers")
+
+TWO_24GB_CARDS = "RTX 3090:24:0.5;RTX 3090:24:0.5"
+
+
+def _copy(tmp_path: Path, name: str, model_path: Path, checkpoint_line: str) -> Path:
+    """The example, with its checkpoint path pointed at a stand-in, beside a copy of its refs/."""
+    shutil.copytree(ROOT / "experiments" / "refs", tmp_path / "refs")
+    text = (ROOT / "experiments" / name).read_text(encoding="utf-8")
+    assert checkpoint_line in text
+    target = tmp_path / name
+    target.write_text(text.replace(checkpoint_line, f"path: {model_path}"), encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    from orchestrator.random_checkpoints import build_random_wan
+    root = tmp_path_factory.mktemp("models")
+    return lambda variant: build_random_wan(root / variant, variant=variant)
+
+
+def test_a14b_over_two_24gb_cards_is_one_worker_holding_both(tmp_path, random_checkpoint):
+    manifest = _copy(tmp_path, "t2v_a14b_2gpu.yaml", random_checkpoint("a14b"),
+                     "path: ../models/Wan2.2-T2V-A14B-Diffusers")
+    result = cli("plan", str(manifest), env={"ORCHESTRATOR_FAKE_GPUS": TWO_24GB_CARDS})
+    assert result.returncode == 0, result.stderr
+    assert "gpu0+1     1 worker(s)" in result.stdout
+    assert "workers    1: gpu0+1_worker0" in result.stdout
+    assert "jobs       4 " in result.stdout
+
+
+def test_ti2v_5b_plans_one_worker_per_card_from_first_frames(tmp_path, random_checkpoint):
+    manifest = _copy(tmp_path, "ti2v_5b.yaml", random_checkpoint("ti2v"), "path: ../models/Wan2.2-TI2V-5B-Diffusers")
+    result = cli("plan", str(manifest), env={"ORCHESTRATOR_FAKE_GPUS": TWO_24GB_CARDS})
+    assert result.returncode == 0, result.stderr
+    assert "workers    2: gpu0_worker0, gpu1_worker0" in result.stdout
+    assert "settings   1280x704, 121 frames @ 24 fps, 50 steps" in result.stdout
+    images = len(list((ROOT / "experiments" / "refs" / "first_frames").glob("*.png")))
+    assert f"jobs       {images * 2 * 2} " in result.stdout  # images × 2 prompts × 2 seeds
+
+
+def test_the_examples_fail_clearly_before_their_checkpoints_are_downloaded():
+    result = cli("plan", str(ROOT / "experiments" / "t2v_a14b_2gpu.yaml"))
+    assert result.returncode == 2
+    assert "t2v_a14b_2gpu.yaml:9: model.path" in result.stderr and "models download" in result.stderr

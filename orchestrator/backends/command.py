@@ -19,10 +19,10 @@ Two ways to say what to run (`model.options`):
           through the interpreter needs nothing on PATH. `--standalone` lets torchrun pick a free
           rendezvous port, so two workers of one host (cards 0+1 and 2+3) never collide on 29500.
           The prompt goes as `--prompt=TEXT`, so a prompt that begins with `-` stays a value.
-          generate.py takes one guidance scale: `cfg_scale: 3.5`, or a pair of equal scales, goes
+          generate.py takes one guidance scale: `cfg_scale: 3.5` (or a pair of equal scales) goes
           as --sample_guide_scale; a pair [high-noise, low-noise] equal to the task's own default
           (t2v-A14B: [4.0, 3.0]) leaves the flag out so generate.py uses its pair; any other pair
-          is rejected. No generation.shift: generate.py's default (5.0 i2v, 12.0 t2v-A14B).
+          is rejected. Without generation.shift generate.py uses its own (5.0 i2v, 12.0 t2v-A14B).
 
   command: [list, of, arguments]          a template for any other program. Placeholders fill whole
                                           arguments or parts of one (`--size={width}x{height}`):
@@ -54,21 +54,22 @@ checkpoint folder (or one without the task's files), a task generate.py does not
 manifest (v2v; s2v-14B and animate-14B need audio or a preprocessed folder), a size not in the
 task's SUPPORTED_SIZES, an fps other than the task's own (generate.py writes 16 fps, 24 for
 ti2v-5B), a negative prompt, denoising strength, guidance pair, generation.extra key or dtype
-generate.py cannot take, steps above 1000, a card count that does not divide the model's attention heads (Ulysses:
-40 heads for A14B, 24 for 5B), `gpus_per_worker: auto` (nothing to measure here), and unknown
-placeholders in a template.
+generate.py cannot take, steps above 1000, a card count that does not divide the model's attention
+heads (Ulysses: 40 heads for A14B, 24 for 5B), `gpus_per_worker: auto` (nothing to measure here),
+and a template's unknown placeholders or missing {output}/{reference}.
 
 The sidecar gets what can be known from outside: the command (a list), its exit code, wall seconds,
 seconds to the first sampling step (the model load), seconds per step (from generate.py's tqdm bar,
-`12/40 [...]`), the output's tail, the script's hash and the checkpoint files' identity. Peak GPU
-memory is the child's and is not measured here.
+`12/40 [...]`), the output's tail, the script's hash (and git commit), the library versions of its
+interpreter and the checkpoint files' identity. Peak GPU memory is the child's and is not measured
+here.
 
 Signs of life: every step of the bar, and any other output line (at most once a second), reach the
 worker's heartbeat. generate.py logs little while it loads a 14B model, so give
 `execution.heartbeat_timeout_s` more than its longest quiet stretch (minutes; the example manifest
 uses 900 s); `job_timeout_s` covers loading and sampling.
 
-The child runs in its own session; when the worker stops (SIGTERM → `Stop`) or a job fails, its
+The child runs in its own session; when the worker stops while it runs (SIGTERM → `Stop`), its
 whole process group gets SIGTERM (torchrun passes it to its ranks), then SIGKILL. If the worker
 itself is killed, the child gets SIGTERM from the kernel (Linux `PR_SET_PDEATHSIG`), so no
 orphaned generate.py keeps holding the cards.

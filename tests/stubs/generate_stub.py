@@ -85,7 +85,8 @@ def main():
             "pid": os.getpid(), "rank": rank, "cwd": os.getcwd()}), encoding="utf-8")
     # The real generate.py's checks of its distributed setup.
     if world_size == 1:
-        assert not (args.t5_fsdp or args.dit_fsdp), "t5_fsdp and dit_fsdp are not supported in non-distributed environments."
+        assert not (args.t5_fsdp or args.dit_fsdp), \
+            "t5_fsdp and dit_fsdp are not supported in non-distributed environments."
         assert not args.ulysses_size > 1, "sequence parallel are not supported in non-distributed environments."
     if args.ulysses_size > 1:
         assert args.ulysses_size == world_size, "The number of ulysses_size should be equal to the world size."

@@ -19,5 +19,6 @@ fi
 # torch is a loose requirement of the package (bring your own CUDA build); the tests pin the one
 # pair whose torchvision imports on the CI machines.
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,wan]"
+# The ray extra too: the Ray executor's tests run a two-node Ray cluster on this machine.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,wan,ray]"
 exec .venv/bin/python -m pytest -q "$@"

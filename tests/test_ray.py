@@ -116,7 +116,9 @@ def _running_on(out: Path, prefix: str) -> int:
 
 def test_sweep_on_a_two_node_cluster_makes_every_output_once(ray_cluster, write_manifest, tmp_path, capsys):
     cluster, _ = ray_cluster
-    path = write_manifest(ray_manifest(seeds=[1, 2, 3], model={"options": {"seconds_per_job": 0.4}}))
+    # One job's first attempt kills its actor's process: the driver replaces the actor and retries it.
+    path = write_manifest(ray_manifest(seeds=[1, 2, 3], model={"options": {
+        "seconds_per_job": 0.4, "crash_jobs": ["beta/seed_2_prompt_0"]}}))
     rc = cli_module.main(["run", str(path), "--ray-address", cluster.address, "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -131,6 +133,9 @@ def test_sweep_on_a_two_node_cluster_makes_every_output_once(ray_cluster, write_
     workers = {w["id"]: w for w in report["workers"]}
     assert sorted(workers) == ["n0-gpu0_worker0", "n0-gpu0_worker1", "n1-gpu0_worker0", "n1-gpu0_worker1"]
     assert sum(w["jobs_done"] for w in workers.values()) == 9
+    assert sum(w["restarts"] for w in workers.values()) == 1
+    crashed = [a for a in _attempts(out) if a["outcome"] == "crash"]
+    assert len(crashed) == 1 and "the Ray actor died" in crashed[0]["error"]
     assert all(w["state"] == "exited" for w in workers.values())
     # Both nodes worked: the actors really were spread over the cluster.
     assert sum(w["jobs_done"] for k, w in workers.items() if k.startswith("n1-")) > 0
@@ -201,7 +206,9 @@ def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_
                                                              capsys):
     import orchestrator.outputs as outputs
     cluster, _ = ray_cluster
-    path = write_manifest(ray_manifest(execution={"ray_stream_outputs": True}))
+    # One job hangs halfway through its first attempt: its actor is replaced after heartbeat_timeout_s.
+    path = write_manifest(ray_manifest(execution={"ray_stream_outputs": True, "heartbeat_timeout_s": 3},
+                                       model={"options": {"hang_jobs": ["alpha/seed_1_prompt_0"]}}))
     adopted = []
     real_adopt = outputs.adopt_mp4
 
@@ -219,6 +226,8 @@ def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_
     _assert_every_output_once(out, 6)
     assert sorted(adopted) == _mp4s(out)  # every video went through the driver, once
     assert not (out / ".sweep" / "ray-mount-check").exists()  # shared storage was never needed
+    hung = [a for a in _attempts(out) if a["outcome"] == "lost"]
+    assert len(hung) == 1 and "no progress for more than 3s" in hung[0]["error"]
 
 
 def test_stop_releases_the_running_jobs_and_ends_the_driver(ray_cluster, write_manifest, tmp_path):

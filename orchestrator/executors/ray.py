@@ -516,6 +516,9 @@ class _Driver(threading.Thread):
         try:
             self.ledger = Ledger(self.sweep.ledger_path)
             self.ledger.set_meta(WORKERS_META, json.dumps([s.id for s in self.slots]))
+            self.log.info("driving %d worker(s) (%s): %s", len(self.slots),
+                          "outputs streamed back here" if self.stream else "outputs on shared storage",
+                          ", ".join(f"{s.id} on {s.placement.host if s.placement else '?'}" for s in self.slots))
             for slot in self.slots:
                 self.ledger.register_worker(slot.id, slot.spec.devices, state="starting")
                 self._spawn(slot, replacement=False)

@@ -11,6 +11,7 @@ from .base import Backend, BackendProblem, OutOfMemory
 BACKENDS: dict[str, str] = {
     "synthetic": "orchestrator.backends.synthetic:SyntheticBackend",
     "diffusers": "orchestrator.backends.diffusers_wan:DiffusersWanBackend",
+    "diffsynth": "orchestrator.backends.diffsynth_wan:DiffSynthWanBackend",
     "command": "orchestrator.backends.command:CommandBackend",
 }
 

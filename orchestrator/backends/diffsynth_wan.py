@@ -1,0 +1,902 @@
+"""The diffsynth backend: DiffSynth-Studio's `WanVideoPipeline` from model files in the original Wan layout.
+
+This is the library the user's motion-transfer experiment runs in (Wan2.1-T2V-14B, video-to-video from
+a reference clip with `denoising_strength`, VRAM management, tiled VAE). A worker loads the pipeline
+once and keeps it for every job.
+
+The model folder (`model.path`) is an original Wan release folder, e.g. `Wan2.1-T2V-14B/`:
+  diffusion_pytorch_model*.safetensors   the DiT (one file, or shards with their .index.json)
+  high_noise_model/, low_noise_model/    instead, for Wan2.2 A14B (two DiTs, switched during denoising)
+  models_t5_umt5-xxl-enc-bf16.pth        the umT5-XXL text encoder (a `.safetensors` of the same stem
+                                         is preferred when present: DiffSynth reads a .pth twice)
+  Wan2.1_VAE.pth | Wan2.2_VAE.pth        the VAE (Wan2.2's for TI2V-5B)
+  models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   the image encoder (Wan2.1 I2V only)
+  google/umt5-xxl/                       the tokenizer (DiffSynth's default would download it)
+Every file goes through DiffSynth's own loader (`ModelPool.auto_load_model`), which recognises a file
+by an md5 of its tensor names and shapes; `check()` computes the same fingerprint from the files'
+headers before anything starts, so an unrecognised file, a missing file or a model that cannot run the
+task is reported at the manifest's line rather than in every worker after the start.
+
+Tasks: `t2v`; `v2v` (the reference video, read by `orchestrator.media`'s rule, is the `input_video`
+and `generation.denoising_strength` < 1 says how much of it is replaced by noise); `i2v` (the reference
+image is the first frame; needs an image-to-video DiT).
+
+Options (`model.options`):
+  vram_management: true | false | text_encoder
+                       DiffSynth's VRAM management (what `pipe.enable_vram_management()` was in 1.x):
+                       true (default, as in the user's experiment) manages every component: weights
+                       wait in CPU memory, layers move to the GPU while there is room under
+                       `vram_limit_gib` and the component not in use goes back to the CPU.
+                       `text_encoder` manages only the 11 GB text encoder (needed only when a prompt
+                       is not in the cache) and keeps the DiT and VAE resident: fastest when they fit.
+                       false keeps everything on the GPU.
+  vram_limit_gib: float      the GPU memory DiffSynth may fill before it streams layers instead
+                             (default: the card's memory − 0.5 GiB, DiffSynth 1.x's default)
+  tiled: bool                tiled VAE encode/decode (default true, DiffSynth's default)
+  tile_size: [h, w]          tile size in latent pixels (default [30, 52])
+  tile_stride: [h, w]        tile stride in latent pixels (default [15, 26])
+  tokenizer: path            the tokenizer folder (default `<model.path>/google/umt5-xxl`)
+  model_files: {dit: glob | [globs], text_encoder: file, vae: file, image_encoder: file}
+                             files relative to model.path, instead of the layout above; each `dit`
+                             entry is one DiT (a glob may match its shards)
+  prompt_cache: int          prompts whose embeddings a worker keeps (default 64)
+  reference_cache: int       reference videos whose VAE-encoded latents a worker keeps (default 4)
+Options that do not change pixels (vram_management, vram_limit_gib, prompt_cache, reference_cache)
+stay out of job ids.
+
+`generation.shift` is DiffSynth's `sigma_shift` (left out: DiffSynth's 5.0). `generation.cfg_scale` is one
+scale: DiffSynth's pipeline has one for both Wan2.2 experts, so a pair must repeat one value.
+`generation.extra` passes these `WanVideoPipeline` arguments: cfg_merge, switch_DiT_boundary (Wan2.2
+A14B), tea_cache_l1_thresh, tea_cache_model_id, sliding_window_size, sliding_window_stride.
+
+Per job: DiffSynth's own seed argument with `rand_device="cpu"` (the initial noise comes from a CPU
+`torch.Generator`, so a seed gives the same video on any card, and a rerun the same frames); the
+pipeline's progress iterator reports each step; CUDA out-of-memory becomes `OutOfMemory`.
+
+Two caches, both by replacing one of the pipeline's units (DiffSynth runs a list of `PipelineUnit`s
+before denoising, each turning inputs into tensors) with a subclass that remembers its output:
+  - prompt embeddings (`WanVideoUnit_PromptEmbedder`), per worker: each prompt runs with every seed,
+    and the negative prompt with every job, so the text encoder runs once per prompt;
+  - the VAE-encoded reference video (`WanVideoUnit_InputVideoEmbedder`), per reference: the encoding
+    depends only on the clip and the tiling, so the jobs of one video (prompts × seeds) encode it once;
+    the noise is still mixed in per job (`scheduler.add_noise` with the job's noise).
+For i2v the image units (VAE and CLIP embeddings of the first frame) are cheap and run per job.
+
+Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline (`build_tiny_checkpoint`)
+from DiffSynth's component classes with tiny configurations. DiffSynth's loader only recognises
+full-size files (by their fingerprint), so a tiny folder carries a marker, `wan_sweep_tiny_random.json`,
+that names each file's class and configuration; only then does the loader skip the recognition and
+load the file with those (through DiffSynth's same `load_model`, converters and VRAM wrappers). CI
+therefore covers everything except the recognition itself; `bench/gpu_diffsynth.sh` proves that with
+full-size random weights saved in the original layout.
+"""
+from __future__ import annotations
+
+import gc
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import struct
+import time
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Backend, BackendProblem, OutOfMemory, model_files_identity
+
+OPTIONS: dict[str, tuple] = {
+    "vram_management": (bool, str), "vram_limit_gib": (int, float), "tiled": (bool,),
+    "tile_size": (list,), "tile_stride": (list,), "tokenizer": (str,), "model_files": (dict,),
+    "prompt_cache": (int,), "reference_cache": (int,),
+}
+EXTRA: dict[str, tuple] = {
+    "cfg_merge": (bool,), "switch_DiT_boundary": (int, float),
+    "tea_cache_l1_thresh": (int, float), "tea_cache_model_id": (str,), "sliding_window_size": (int,),
+    "sliding_window_stride": (int,),
+}
+COMPONENTS = ("dit", "text_encoder", "vae", "image_encoder")
+DIT_GLOB = "diffusion_pytorch_model*.safetensors"
+TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16"
+VAES = ("Wan2.2_VAE", "Wan2.1_VAE")
+IMAGE_ENCODER = "models_clip_open-clip-xlm-roberta-large-vit-huge-14"
+TOKENIZER = "google/umt5-xxl"
+TINY_MARKER = "wan_sweep_tiny_random.json"
+DEFAULT_TILE = ([30, 52], [15, 26])
+MODEL_NAMES = {"dit": "wan_video_dit", "text_encoder": "wan_video_text_encoder", "vae": "wan_video_vae",
+               "image_encoder": "wan_video_image_encoder"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The model files: where they are, and what DiffSynth will take them for
+
+
+def _weight_file(folder: Path, stem: str) -> Path | None:
+    for suffix in (".safetensors", ".pth"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def _dit_shards(folder: Path, pattern: str = DIT_GLOB) -> tuple[list[Path], str | None]:
+    """The files of one DiT and, if its index names a shard that is not there, that shard."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if pattern == DIT_GLOB and index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return [], f"{index.name} (unreadable index)"
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            return [], missing[0]
+        return [folder / n for n in names], None
+    return sorted(Path(p) for p in glob.glob(str(folder / pattern)) if os.path.isfile(p)), None
+
+
+def model_files(path: str | os.PathLike, options: dict | None = None) -> tuple[dict, list[BackendProblem]]:
+    """The component files of a model folder: {dit: [[shards of DiT 1], ...], text_encoder, vae,
+    image_encoder (or None), tokenizer}, and a problem for each one that is missing."""
+    options = options or {}
+    root = Path(path)
+    problems: list[BackendProblem] = []
+    files: dict[str, Any] = {"dit": [], "text_encoder": None, "vae": None, "image_encoder": None}
+    overrides = options.get("model_files") or {}
+    if not isinstance(overrides, dict):
+        overrides = {}
+
+    dits = overrides.get("dit")
+    if dits is not None:
+        for pattern in ([dits] if isinstance(dits, str) else list(dits)):
+            matched = sorted(Path(p) for p in glob.glob(str(root / pattern)) if os.path.isfile(p))
+            if not matched:
+                problems.append(BackendProblem("model.options.model_files.dit",
+                                               f"model_files.dit `{pattern}` matches no file in {root}",
+                                               "fix the pattern (relative to model.path)"))
+            files["dit"].append([str(p) for p in matched])
+    else:
+        experts = [root / "high_noise_model", root / "low_noise_model"]  # Wan2.2 A14B: high noise first
+        folders = experts if all(e.is_dir() for e in experts) else [root]
+        for folder in folders:
+            shards, missing = _dit_shards(folder)
+            where = folder.relative_to(root).as_posix() + "/" if folder != root else ""
+            if missing:
+                problems.append(BackendProblem("model.path", f"DiT shard `{where}{missing}` is missing in "
+                                               f"{root} (named by its index)", "complete the download"))
+            elif not shards:
+                problems.append(BackendProblem(
+                    "model.path", f"no DiT `{where}{DIT_GLOB}` in {root}",
+                    "point model.path at an original Wan release folder (e.g. Wan2.1-T2V-14B), or name "
+                    "the files in model.options.model_files"))
+            else:
+                files["dit"].append([str(p) for p in shards])
+
+    defaults = {"text_encoder": (TEXT_ENCODER,), "vae": VAES, "image_encoder": (IMAGE_ENCODER,)}
+    for component in ("text_encoder", "vae", "image_encoder"):
+        if component in overrides:
+            file = root / str(overrides[component])
+            if not file.is_file():
+                problems.append(BackendProblem(f"model.options.model_files.{component}",
+                                               f"model_files.{component} `{overrides[component]}` does not "
+                                               f"exist in {root}", "fix the file name (relative to model.path)"))
+            else:
+                files[component] = str(file)
+            continue
+        found = next((f for f in (_weight_file(root, stem) for stem in defaults[component]) if f), None)
+        if found is not None:
+            files[component] = str(found)
+        elif component != "image_encoder":  # only image-to-video DiTs need it; checked with the task
+            problems.append(BackendProblem("model.path", f"`{defaults[component][-1]}.pth` (the "
+                                           f"{component.replace('_', ' ')}) is missing in {root}",
+                                           "complete the download, or name the file in model.options.model_files"))
+
+    tokenizer = Path(options["tokenizer"]) if options.get("tokenizer") else root / TOKENIZER
+    if not tokenizer.is_absolute():
+        tokenizer = root / tokenizer
+    files["tokenizer"] = str(tokenizer)
+    if not (tokenizer.is_dir() and any((tokenizer / n).is_file() for n in ("tokenizer.json", "spiece.model"))):
+        problems.append(BackendProblem("model.options.tokenizer" if options.get("tokenizer") else "model.path",
+                                       f"no tokenizer at {tokenizer} (a folder with tokenizer.json or "
+                                       "spiece.model); DiffSynth's default would download it",
+                                       f"keep the release's `{TOKENIZER}/` folder, or set model.options.tokenizer"))
+    return files, problems
+
+
+class _Shape:
+    """A tensor as the fingerprint sees it: its shape only."""
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Reads a `torch.save` state dict's names and shapes without torch and without the weights."""
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module.startswith("torch"):
+            if name == "_rebuild_tensor_v2":
+                return lambda storage, offset, size, *rest: _Shape(size)
+            if name == "_rebuild_parameter":
+                return lambda data, *rest: data
+            if name == "_rebuild_from_type_v2":
+                return lambda func, new_type, args, state: func(*args)
+            return _Shape  # storage types, dtypes: only passed along
+        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _keys_and_shapes(file: str) -> dict | None:
+    """{name: shape} of one weight file, from its header alone; None when it cannot be read so."""
+    try:
+        if file.endswith(".safetensors"):
+            with open(file, "rb") as stream:
+                (length,) = struct.unpack("<Q", stream.read(8))
+                header = json.loads(stream.read(length))
+            return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        with zipfile.ZipFile(file) as archive:
+            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            with archive.open(pkl) as stream:
+                state = _HeaderUnpickler(stream).load()
+    except (OSError, ValueError, KeyError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError,
+            struct.error, EOFError, AttributeError, TypeError):
+        return None
+    # DiffSynth unwraps a lone "state_dict" / "module" / "model_state" entry before hashing
+    if isinstance(state, dict) and len(state) == 1:
+        for wrapper in ("state_dict", "module", "model_state"):
+            if wrapper in state:
+                state = state[wrapper]
+
+    def shapes(tree):
+        return {k: (list(v.shape) if isinstance(v, _Shape) else shapes(v)) for k, v in tree.items()
+                if isinstance(v, (_Shape, dict))}
+    return shapes(state) if isinstance(state, dict) else None
+
+
+def _fingerprint_string(keys: dict) -> str:
+    parts = []
+    for key, value in keys.items():
+        if isinstance(value, dict):
+            parts.append(f"{key}|{_fingerprint_string(value)}")
+        else:
+            parts.append(f"{key}:{'_'.join(map(str, value))}")
+            parts.append(key)
+    return ",".join(sorted(parts))
+
+
+def fingerprint(files: str | list[str]) -> str | None:
+    """The md5 DiffSynth recognises a model file (or a DiT's shards) by: tensor names and shapes."""
+    keys: dict = {}
+    for file in [files] if isinstance(files, str) else files:
+        found = _keys_and_shapes(file)
+        if found is None:
+            return None
+        keys.update(found)
+    return hashlib.md5(_fingerprint_string(keys).encode("utf-8")).hexdigest()
+
+
+_MODEL_TABLE: list[dict] | None = None
+
+
+def diffsynth_model_table() -> list[dict] | None:
+    """DiffSynth's table of known model files (hash → class, configuration), read without importing
+    the package (its import takes seconds and torch): the table is a plain data module."""
+    global _MODEL_TABLE
+    if _MODEL_TABLE is None:
+        spec = importlib.util.find_spec("diffsynth")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        source = Path(next(iter(spec.submodule_search_locations))) / "configs" / "model_configs.py"
+        try:
+            namespace: dict = {}
+            exec(compile(source.read_text(encoding="utf-8"), str(source), "exec"), namespace)
+            _MODEL_TABLE = list(namespace["MODEL_CONFIGS"])
+        except Exception:  # a reorganised package: the workers' own loader still checks
+            return None
+    return _MODEL_TABLE
+
+
+def _tiny_configs(path: str) -> dict | None:
+    marker = Path(path) / TINY_MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text(encoding="utf-8"))["components"]
+
+
+def identify(files: dict, path: str) -> dict[str, list[dict] | dict | None]:
+    """What DiffSynth will load each file as: {component: table entry (for `dit`, one per DiT)}, an entry
+    being None where the file is not recognised and {} where it could not be fingerprinted."""
+    tiny = _tiny_configs(path)
+    if tiny is not None:
+        return {"dit": [tiny["dit"] for _ in files["dit"]],
+                **{c: tiny.get(c) if files.get(c) else None for c in ("text_encoder", "vae", "image_encoder")}}
+    table = diffsynth_model_table() or []
+
+    def lookup(entry_files, model_name):
+        if not table:
+            return {}
+        digest = fingerprint(entry_files)
+        if digest is None:
+            return {}
+        matches = [c for c in table if c.get("model_hash") == digest]
+        return next((c for c in matches if c["model_name"] == model_name), matches[0] if matches else None)
+
+    found: dict[str, Any] = {"dit": [lookup(shards, MODEL_NAMES["dit"]) for shards in files["dit"]]}
+    for component in ("text_encoder", "vae", "image_encoder"):
+        found[component] = lookup(files[component], MODEL_NAMES[component]) if files.get(component) else None
+    return found
+
+
+def dit_kind(config: dict) -> str:
+    """t2v, i2v, ti2v (Wan2.2 TI2V-5B: both) or other (control, VACE, speech... models)."""
+    kwargs = config.get("extra_kwargs") or {}
+    if not config.get("model_class", "").endswith("wan_video_dit.WanModel"):
+        return "other"
+    if kwargs.get("fuse_vae_embedding_in_latents"):
+        return "ti2v"
+    if kwargs.get("in_dim") == 16 and not kwargs.get("has_image_input"):
+        return "t2v"
+    if kwargs.get("in_dim") == 36 and not kwargs.get("add_control_adapter") and not kwargs.get("has_ref_conv"):
+        return "i2v"
+    return "other"
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation"))
+
+
+def _pair(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+class DiffSynthWanBackend(Backend):
+    name = "diffsynth"
+    runs_on_cpu = True  # slowly; the CI tests run a tiny pipeline on the CPU
+    runtime_options = frozenset({"vram_management", "vram_limit_gib", "prompt_cache", "reference_cache"})
+
+    @classmethod
+    def check(cls, manifest) -> list[str | BackendProblem]:
+        model, g = manifest.model, manifest.generation
+        problems: list[str | BackendProblem] = []
+        o = model.options
+        for key, value in o.items():
+            kinds = OPTIONS.get(key)
+            if kinds is None:
+                fix = ("the flow shift is a generation setting: generation.shift" if "shift" in key
+                       else f"use: {', '.join(OPTIONS)}")
+                problems.append(BackendProblem(f"model.options.{key}", f"unknown diffsynth option `{key}`", fix))
+            elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                names = " or ".join(k.__name__ for k in kinds)
+                problems.append(BackendProblem(f"model.options.{key}", f"diffsynth option `{key}` must be "
+                                               f"{names}, got {value!r}"))
+            elif key == "vram_management" and value not in (True, False, "text_encoder"):
+                problems.append(BackendProblem("model.options.vram_management", f"vram_management is {value!r}",
+                                               "use true, false or text_encoder"))
+            elif key in ("tile_size", "tile_stride") and not _pair(value):
+                problems.append(BackendProblem(f"model.options.{key}", f"{key} must be [height, width] in latent "
+                                               f"pixels (two positive integers), got {value!r}", "e.g. [30, 52]"))
+            elif key in ("vram_limit_gib", "prompt_cache", "reference_cache") and value <= 0:
+                problems.append(BackendProblem(f"model.options.{key}", f"{key} must be positive, got {value!r}"))
+            elif key == "model_files" and set(value) - set(COMPONENTS):
+                problems.append(BackendProblem("model.options.model_files", "unknown model_files entries: "
+                                               f"{', '.join(sorted(set(value) - set(COMPONENTS)))}",
+                                               f"use: {', '.join(COMPONENTS)}"))
+        size = o.get("tile_size", DEFAULT_TILE[0])
+        stride = o.get("tile_stride", DEFAULT_TILE[1])
+        if _pair(size) and _pair(stride) and (stride[0] > size[0] or stride[1] > size[1]):
+            problems.append(BackendProblem("model.options.tile_stride", f"tile_stride {stride} is larger than "
+                                           f"tile_size {size}: tiles would leave gaps", "use a stride ≤ the size"))
+
+        for key, value in g.extra.items():
+            kinds = EXTRA.get(key)
+            if kinds is None:
+                problems.append(BackendProblem(
+                    f"generation.extra.{key}", f"generation.extra.{key} is not a WanVideoPipeline setting "
+                    "this backend passes", "set the flow shift as generation.shift" if "shift" in key
+                    else f"use: {', '.join(EXTRA)}"))
+            elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                problems.append(BackendProblem(f"generation.extra.{key}", f"generation.extra.{key} must be "
+                                               f"{' or '.join(k.__name__ for k in kinds)}, got {value!r}"))
+            elif key == "switch_DiT_boundary" and not 0 < value < 1:
+                problems.append(BackendProblem("generation.extra.switch_DiT_boundary",
+                                               f"switch_DiT_boundary is {value}", "use a value in (0, 1), e.g. 0.875"))
+
+        high, low = g.guidance
+        if low is not None and low != high:
+            problems.append(BackendProblem(
+                "generation.cfg_scale", f"generation.cfg_scale is a pair {[high, low]}; DiffSynth's "
+                "WanVideoPipeline applies one scale to both experts", f"use one number, e.g. {high}"))
+        if model.task == "v2v" and g.denoising_strength >= 1.0:
+            problems.append(BackendProblem(
+                "generation.denoising_strength", "video-to-video with denoising_strength 1.0 replaces the "
+                "reference video entirely with noise: the references would be ignored",
+                "set generation.denoising_strength below 1, e.g. 0.7"))
+        if model.task != "v2v" and g.denoising_strength < 1.0:
+            problems.append(BackendProblem(
+                "generation.denoising_strength", f"denoising_strength {g.denoising_strength} applies to "
+                f"video-to-video only; task {model.task} starts from pure noise", "remove it (or set 1.0)"))
+        if isinstance(manifest.resources.gpus_per_worker, int) and manifest.resources.gpus_per_worker > 1:
+            problems.append(BackendProblem(
+                "resources.gpus_per_worker", "the diffsynth backend runs a worker on one card",
+                "use gpus_per_worker: 1 (vram_management streams a model larger than the card)"))
+
+        if importlib.util.find_spec("diffsynth") is None:
+            problems.append(BackendProblem("model.backend", "DiffSynth-Studio is not installed",
+                                           "pip install 'wan-sweep[diffsynth]' (diffsynth>=2.1)"))
+        if not model.path or not Path(model.path).is_dir():
+            problems.append(BackendProblem("model.path", f"model.path `{model.path}` is not a folder: the "
+                                           "diffsynth backend loads local files in the original Wan layout",
+                                           "point it at e.g. a Wan2.1-T2V-14B download; nothing is downloaded"))
+            return problems
+        files, missing = model_files(model.path, o if isinstance(o.get("model_files", {}), dict) else {})
+        problems.extend(missing)
+        if missing:
+            return problems
+        problems.extend(cls._check_models(model, g, files))
+        return problems
+
+    @staticmethod
+    def _check_models(model, g, files) -> list[BackendProblem]:
+        """What DiffSynth will take each file for, and whether that model can run the task."""
+        problems = []
+        found = identify(files, model.path)
+        where = model.path
+        for component in ("text_encoder", "vae", "image_encoder"):
+            config = found[component]
+            if files.get(component) and config is None:
+                problems.append(BackendProblem(
+                    "model.path", f"`{Path(files[component]).name}` in {where} is not a model file DiffSynth "
+                    "recognises (its tensor names and shapes match no model in DiffSynth's table)",
+                    "use the file as released (not converted, pruned or from another library)"))
+            elif config and config.get("model_name") != MODEL_NAMES[component]:
+                problems.append(BackendProblem(
+                    "model.path", f"`{Path(files[component]).name}` is a {config.get('model_name')} model, not "
+                    f"the {component.replace('_', ' ')}", "put the right file in its place"))
+        for shards, config in zip(files["dit"], found["dit"]):
+            name = Path(shards[0]).name + (f" (+{len(shards) - 1} shards)" if len(shards) > 1 else "")
+            if config is None:
+                problems.append(BackendProblem(
+                    "model.path", f"the DiT `{name}` in {where} is not one DiffSynth recognises (its tensor "
+                    "names and shapes match no model in DiffSynth's table)",
+                    "use the original Wan release files; a missing or extra shard changes the fingerprint"))
+                continue
+            if not config:
+                continue  # could not be fingerprinted here; the worker's loader decides
+            kind = dit_kind(config)
+            needs = {"t2v": ("t2v", "ti2v"), "v2v": ("t2v", "ti2v"), "i2v": ("i2v", "ti2v")}[model.task]
+            if kind not in needs:
+                problems.append(BackendProblem(
+                    "model.task", f"the DiT in {where} is a {kind} model; task {model.task} needs "
+                    f"{' or '.join(needs)}", "use a matching Wan checkpoint or change model.task"))
+            kwargs = config.get("extra_kwargs") or {}
+            if (model.task == "i2v" and kwargs.get("has_image_input") and kwargs.get("require_clip_embedding", True)
+                    and not files.get("image_encoder")):
+                problems.append(BackendProblem(
+                    "model.path", f"this image-to-video DiT needs the image encoder `{IMAGE_ENCODER}.pth`, "
+                    f"missing in {where}", "complete the download"))
+        vae = found.get("vae") or {}
+        if vae.get("model_class", "").endswith("WanVideoVAE38"):
+            for key in ("width", "height"):
+                value = getattr(g, key)
+                if value % 32:
+                    problems.append(BackendProblem(
+                        f"generation.{key}", f"generation.{key} is {value}; the Wan2.2 VAE needs multiples of 32",
+                        f"use {value // 32 * 32 or 32} or {value // 32 * 32 + 32}"))
+        return problems
+
+    @classmethod
+    def plan_notes(cls, manifest) -> list[str]:
+        o = manifest.model.options
+        vm = o.get("vram_management", True)
+        notes = [f"diffsynth: each worker loads the model once (vram_management: {vm}); prompt embeddings "
+                 f"are cached per worker (up to {o.get('prompt_cache', 64)} prompts)"]
+        if manifest.model.task == "v2v":
+            notes.append("diffsynth: a reference video is VAE-encoded once per worker and reused for all its "
+                         "prompts × seeds")
+        return notes
+
+    # ------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        import torch
+        from diffsynth.pipelines.wan_video import WanVideoPipeline
+        imported = time.perf_counter()
+
+        o = self.options = dict(self.model.options)
+        self.torch = torch
+        self.dtype = getattr(torch, self.model.dtype)
+        self.cuda = torch.cuda.is_available() and bool(self.devices)
+        self.device = "cuda" if self.cuda else "cpu"  # CUDA_VISIBLE_DEVICES holds this worker's card
+        files, problems = model_files(self.model.path, o)
+        if problems:
+            raise FileNotFoundError("; ".join(p.message for p in problems))
+        self.files = files
+        vram_config, vram_limit = self._vram_config()
+        tiny = _tiny_configs(self.model.path)
+
+        pipe = WanVideoPipeline(device=self.device, torch_dtype=self.dtype)
+        seconds: dict[str, float] = {}
+        loaded: dict[str, Any] = {}
+        for component in COMPONENTS:
+            entries = files["dit"] if component == "dit" else [files[component]] if files[component] else []
+            for entry in entries:
+                t0 = time.perf_counter()
+                config = dict(vram_config) if self._managed(component) else self._plain_config()
+                model = (self._load_tiny(component, entry, tiny[component], config, vram_limit) if tiny
+                         else self._load_recognised(component, entry, config, vram_limit))
+                loaded.setdefault(component, []).append(model)
+                seconds[component] = round(seconds.get(component, 0.0) + time.perf_counter() - t0, 3)
+        self._assemble(pipe, loaded)
+        t0 = time.perf_counter()
+        from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer
+        pipe.tokenizer = HuggingfaceTokenizer(name=files["tokenizer"], seq_len=512, clean="whitespace")
+        seconds["tokenizer"] = round(time.perf_counter() - t0, 3)
+        pipe.vram_management_enabled = pipe.check_vram_management_state()
+        self._install_caches(pipe)
+        _quiet_vae_progress()
+        self.pipe = pipe
+
+        from ..media import ReferenceCache
+        g = self.generation
+        self.references = ReferenceCache(g.width, g.height, g.num_frames, g.fps)
+        self._job: dict = {}
+        self.load_info = {
+            "backend": self.name, "load_seconds": round(time.perf_counter() - started, 3),
+            "import_seconds": round(imported - started, 3), "components": seconds,
+            "loader": "components from wan_sweep_tiny_random.json (tests)" if tiny
+                      else "diffsynth ModelPool.auto_load_model (files recognised by fingerprint)",
+            "files": {k: v for k, v in files.items()},
+            "model_files": model_files_identity(self.model.path),
+            "vram_management": o.get("vram_management", True), "vram_limit_gib": vram_limit,
+            "versions": _versions(),
+        }
+
+    def _managed(self, component: str) -> bool:
+        vm = self.options.get("vram_management", True)
+        return self.cuda and (vm is True or (vm == "text_encoder" and component == "text_encoder"))
+
+    def _plain_config(self) -> dict:
+        keys = ("offload", "onload", "preparing", "computation")
+        config = {f"{k}_{what}": None for k in keys for what in ("dtype", "device")}
+        config.update(computation_dtype=self.dtype, computation_device=self.device)
+        return config
+
+    def _vram_config(self) -> tuple[dict, float | None]:
+        """DiffSynth's dynamic VRAM management: weights wait on the CPU ("onload" there), layers move to
+        the GPU ("preparing") while the card holds less than `vram_limit`, else are streamed per call."""
+        torch = self.torch
+        config = {"offload_dtype": self.dtype, "offload_device": "cpu", "onload_dtype": self.dtype,
+                  "onload_device": "cpu", "preparing_dtype": self.dtype, "preparing_device": self.device,
+                  "computation_dtype": self.dtype, "computation_device": self.device}
+        limit = self.options.get("vram_limit_gib")
+        if limit is None and self.cuda:
+            limit = torch.cuda.mem_get_info(0)[1] / (1 << 30) - 0.5
+        return config, (round(float(limit), 2) if limit is not None and self.cuda else None)
+
+    def _load_recognised(self, component: str, entry, config: dict, vram_limit):
+        """DiffSynth's own path: fingerprint the file, find it in the model table, load it."""
+        from diffsynth.models.model_loader import ModelPool
+        pool = ModelPool()
+        pool.auto_load_model(entry, vram_config=config, vram_limit=vram_limit)
+        for model, name in zip(pool.model, pool.model_name):
+            if name == MODEL_NAMES[component]:
+                return model
+        raise ValueError(f"{entry} loaded as {pool.model_name}, not as the {component}")
+
+    def _load_tiny(self, component: str, entry, spec: dict, config: dict, vram_limit):
+        """Test folders only: the class and configuration come from the folder's marker instead of the
+        fingerprint; the loading itself is DiffSynth's (`load_model`: DiskMap, converter, VRAM wrappers)."""
+        from diffsynth.core.loader import load_model
+        from diffsynth.models.model_loader import ModelPool
+        pool = ModelPool()
+        model_class = _tiny_vae_class() if spec.get("tiny_vae") else pool.import_model_class(spec["model_class"])
+        converter = pool.import_model_class(spec["state_dict_converter"]) if spec.get("state_dict_converter") else None
+        return load_model(model_class, entry, spec.get("extra_kwargs", {}), config["computation_dtype"],
+                          config["computation_device"], converter, use_disk_map=True, vram_config=config,
+                          module_map=pool.fetch_module_map(spec["model_class"], config), vram_limit=vram_limit)
+
+    @staticmethod
+    def _assemble(pipe, loaded: dict) -> None:
+        """Put the components in their places, as `WanVideoPipeline.from_pretrained` does."""
+        pipe.text_encoder = loaded["text_encoder"][0]
+        dits = loaded["dit"]
+        pipe.dit = dits[0]
+        pipe.dit2 = dits[1] if len(dits) > 1 else None
+        pipe.vae = loaded["vae"][0]
+        pipe.image_encoder = loaded.get("image_encoder", [None])[0]
+        pipe.height_division_factor = pipe.width_division_factor = pipe.vae.upsampling_factor * 2
+
+    def _install_caches(self, pipe) -> None:
+        from diffsynth.pipelines import wan_video as wv
+        backend = self
+        prompt_limit = int(self.options.get("prompt_cache", 64))
+        reference_limit = int(self.options.get("reference_cache", 4))
+        self.prompt_cache: OrderedDict[str, Any] = OrderedDict()
+        self.reference_latents: OrderedDict[tuple, Any] = OrderedDict()
+
+        class CachedPromptEmbedder(wv.WanVideoUnit_PromptEmbedder):
+            def process(self, pipe, prompt, positive) -> dict:
+                cached = backend.prompt_cache.get(prompt)
+                if cached is not None:
+                    backend.prompt_cache.move_to_end(prompt)
+                    return {"context": cached}
+                out = super().process(pipe, prompt, positive)
+                backend._job["prompt_encodings"] = backend._job.get("prompt_encodings", 0) + 1
+                backend.prompt_cache[prompt] = out["context"]
+                while len(backend.prompt_cache) > prompt_limit:
+                    backend.prompt_cache.popitem(last=False)
+                return out
+
+        class CachedInputVideoEmbedder(wv.WanVideoUnit_InputVideoEmbedder):
+            # The encoded clip depends on the clip and the tiling only; the job's noise is mixed in after.
+            def process(self, pipe, input_video, noise, tiled, tile_size, tile_stride, vace_reference_image,
+                        framewise_decoding, animate2_reference_image, animate2_reference_video):
+                key = getattr(input_video, "cache_key", None)
+                plain = (key is None or vace_reference_image is not None or pipe.scheduler.training)
+                if input_video is None or plain:
+                    return super().process(pipe, input_video, noise, tiled, tile_size, tile_stride,
+                                           vace_reference_image, framewise_decoding, animate2_reference_image,
+                                           animate2_reference_video)
+                key = (key, tiled, tuple(tile_size), tuple(tile_stride), framewise_decoding)
+                latents = backend.reference_latents.get(key)
+                backend._job["reference_encoding_reused"] = latents is not None
+                if latents is None:
+                    t0 = time.perf_counter()
+                    pipe.load_models_to_device(self.onload_model_names)
+                    video = pipe.preprocess_video(input_video)
+                    if framewise_decoding:
+                        latents = pipe.vae.encode_framewise(video, device=pipe.device)
+                    else:
+                        latents = pipe.vae.encode(video, device=pipe.device, tiled=tiled, tile_size=tile_size,
+                                                  tile_stride=tile_stride)
+                    latents = latents.to(dtype=pipe.torch_dtype, device=pipe.device)
+                    backend._job["reference_encode_seconds"] = round(time.perf_counter() - t0, 3)
+                    backend.reference_latents[key] = latents
+                    while len(backend.reference_latents) > reference_limit:
+                        backend.reference_latents.popitem(last=False)
+                else:
+                    backend.reference_latents.move_to_end(key)
+                return {"latents": pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])}
+
+        replacements = {wv.WanVideoUnit_PromptEmbedder: CachedPromptEmbedder,
+                        wv.WanVideoUnit_InputVideoEmbedder: CachedInputVideoEmbedder}
+        replaced = 0
+        for index, unit in enumerate(pipe.units):
+            if type(unit) in replacements:
+                pipe.units[index] = replacements[type(unit)]()
+                replaced += 1
+        if replaced != len(replacements):
+            raise RuntimeError("this diffsynth version's WanVideoPipeline lacks the units the caches replace")
+
+    def prepare(self, job) -> None:
+        references = getattr(self, "references", None)
+        if references is not None and job.reference:
+            references.prefetch(job.reference)
+
+    def generate(self, job, progress) -> np.ndarray:
+        torch = self.torch
+        g = self.generation
+        o = self.options
+        called = time.time()
+        self._job = {"prompt_encodings": 0}
+        if self.cuda:
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
+        step_times: list[float] = []
+        kwargs: dict[str, Any] = dict(
+            prompt=job.prompt, negative_prompt=g.negative_prompt, seed=int(job.seed), rand_device="cpu",
+            height=g.height, width=g.width, num_frames=g.num_frames, cfg_scale=g.guidance[0],
+            num_inference_steps=g.steps, tiled=bool(o.get("tiled", True)),
+            tile_size=tuple(o.get("tile_size", DEFAULT_TILE[0])),
+            tile_stride=tuple(o.get("tile_stride", DEFAULT_TILE[1])),
+            progress_bar_cmd=self._steps(progress, step_times), output_type="floatpoint", **g.extra)
+        if g.shift is not None:
+            kwargs["sigma_shift"] = float(g.shift)
+        try:
+            if self.model.task == "v2v":
+                kwargs["input_video"] = _Clip(self.references.video(job.reference), job.reference)
+                kwargs["denoising_strength"] = g.denoising_strength
+            elif self.model.task == "i2v":
+                from PIL import Image
+                kwargs["input_image"] = Image.fromarray(self.references.image(job.reference))
+            self._job["reference_read_seconds"] = round(time.time() - called, 3)
+            video = self.pipe(**kwargs)
+            frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # C T H W → T H W C
+        except Exception as exc:
+            if _is_oom(exc):
+                self._release()
+                raise OutOfMemory(f"CUDA out of memory at {g.width}x{g.height}x{g.num_frames}: "
+                                  f"{str(exc).splitlines()[0][:300]}") from None
+            raise
+        finally:
+            if self.cuda:
+                per_card = [torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count())]
+                self._job["peak_memory_bytes"] = sum(per_card)
+                self._job["peak_memory_bytes_per_card"] = per_card
+                self._job["peak_memory_allocated_bytes"] = sum(
+                    torch.cuda.max_memory_allocated(i) for i in range(len(per_card)))
+        returned = time.time()
+        job_facts = self._job
+        job_facts["prompt_cache_hit"] = job_facts["prompt_encodings"] == 0
+        job_facts["steps"] = len(step_times)
+        if len(step_times) > 1:  # steady state: the first step also pays for warm-up and onloading
+            job_facts["seconds_per_step"] = round((step_times[-1] - step_times[0]) / (len(step_times) - 1), 4)
+        elif step_times:
+            job_facts["seconds_per_step"] = round(step_times[0] - called, 4)
+        job_facts["timeline"] = {
+            "called": round(called, 3), "first_step_done": round(step_times[0], 3) if step_times else None,
+            "last_step_done": round(step_times[-1], 3) if step_times else None, "returned": round(returned, 3)}
+        return np.ascontiguousarray(frames)
+
+    def _steps(self, progress, step_times: list[float]):
+        """DiffSynth's `progress_bar_cmd` (it wraps the timesteps): reports and times each finished step."""
+        cuda = self.cuda
+
+        def steps(timesteps):
+            total = len(timesteps)
+            for index, timestep in enumerate(timesteps):
+                yield timestep
+                if cuda:  # a step takes seconds; waiting for it makes its time the GPU's, not the queue's
+                    self.torch.cuda.synchronize()
+                step_times.append(time.time())
+                progress(index + 1, total)
+        return steps
+
+    def job_info(self) -> dict:
+        references = getattr(self, "references", None)
+        facts = dict(getattr(self, "_job", {}))
+        if references is not None:
+            facts["reference_cache"] = {"hits": references.hits, "misses": references.misses}
+        return facts
+
+    def peak_memory_bytes(self) -> int | None:
+        return getattr(self, "_job", {}).get("peak_memory_bytes") if getattr(self, "cuda", False) else None
+
+    def _release(self) -> None:
+        gc.collect()
+        if getattr(self, "cuda", False):
+            self.torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        references = getattr(self, "references", None)
+        if references is not None:
+            references.close()
+        self.pipe = None
+        self.prompt_cache = OrderedDict()
+        self.reference_latents = OrderedDict()
+        self._release()
+
+
+class _Clip(list):
+    """The reference frames as DiffSynth's `input_video` (a list of H×W×3 arrays), carrying the key the
+    reference-latent cache files them under."""
+
+    def __init__(self, frames: np.ndarray, key: str):
+        super().__init__(frames)
+        self.cache_key = key
+
+
+def _quiet_vae_progress() -> None:
+    """DiffSynth's tiled VAE prints a tqdm bar per call; in a worker's pane it would bury our step lines."""
+    from functools import partial
+
+    from diffsynth.models import wan_video_vae
+    from tqdm import tqdm
+    wan_video_vae.tqdm = partial(tqdm, disable=True)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    found = {}
+    for package in ("diffsynth", "torch", "transformers", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Test checkpoints: tiny random weights in the original layout, for CI (see the module docstring)
+
+TINY = {
+    "dit": {"model_name": "wan_video_dit", "model_class": "diffsynth.models.wan_video_dit.WanModel",
+            "extra_kwargs": {"has_image_input": False, "patch_size": [1, 2, 2], "in_dim": 16, "dim": 24,
+                             "ffn_dim": 32, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2,
+                             "num_layers": 2, "eps": 1e-6}},
+    "text_encoder": {"model_name": "wan_video_text_encoder",
+                     "model_class": "diffsynth.models.wan_video_text_encoder.WanTextEncoder",
+                     "extra_kwargs": {"vocab": 260, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4,
+                                      "num_layers": 2, "num_buckets": 8}},
+    "vae": {"model_name": "wan_video_vae", "model_class": "diffsynth.models.wan_video_vae.WanVideoVAE",
+            "tiny_vae": True,
+            "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_vae.WanVideoVAEStateDictConverter",
+            "extra_kwargs": {"z_dim": 16, "dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}},
+}
+
+_TINY_VAE = None
+
+
+def _tiny_vae_class():
+    """WanVideoVAE (its scaling, tiling, encode/decode) around a VideoVAE_ of tiny width."""
+    global _TINY_VAE
+    if _TINY_VAE is None:
+        from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
+
+        class TinyWanVideoVAE(WanVideoVAE):
+            def __init__(self, z_dim=16, dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1):
+                super().__init__(z_dim=z_dim)  # under DiffSynth's loader this builds on the meta device
+                self.model = VideoVAE_(dim=dim, z_dim=z_dim, dim_mult=list(dim_mult),
+                                       num_res_blocks=num_res_blocks).eval().requires_grad_(False)
+        _TINY_VAE = TinyWanVideoVAE
+    return _TINY_VAE
+
+
+def offline_tokenizer(folder: str | os.PathLike) -> Path:
+    """A byte-level tokenizer saved where the umT5 one would be (no download): every text tokenizes,
+    different prompts give different ids. Its 259 ids fit any text encoder's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=512)
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random-weight Wan model in the original file layout, for tests: its videos are noise.
+
+    DiffSynth's file loader only recognises full-size files, so the folder carries `TINY_MARKER`,
+    naming each file's class and configuration; the backend loads a folder with that marker without
+    the recognition (see the module docstring). Returns the folder.
+    """
+    import torch
+    from diffsynth.models.wan_video_dit import WanModel
+    from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+    from diffsynth.models.wan_video_vae import VideoVAE_
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    dit = WanModel(**TINY["dit"]["extra_kwargs"])
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
+    torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
+    vae = TINY["vae"]["extra_kwargs"]
+    # the original VAE file holds VideoVAE_'s tensors; DiffSynth's converter adds the "model." prefix
+    torch.save(VideoVAE_(dim=vae["dim"], z_dim=vae["z_dim"], dim_mult=vae["dim_mult"],
+                         num_res_blocks=vae["num_res_blocks"]).state_dict(), folder / "Wan2.1_VAE.pth")
+    offline_tokenizer(folder / TOKENIZER)
+    (folder / "config.json").write_text(json.dumps({"model_type": "t2v", **TINY["dit"]["extra_kwargs"]}),
+                                        encoding="utf-8")
+    (folder / TINY_MARKER).write_text(json.dumps({
+        "note": "tiny random weights for tests; wan-sweep's diffsynth backend loads this folder with these "
+                "classes because DiffSynth's loader only recognises full-size files",
+        "components": TINY}, indent=1), encoding="utf-8")
+    return folder

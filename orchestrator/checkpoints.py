@@ -1,0 +1,855 @@
+"""Checkpoints on disk: what a checkpoint folder holds, whether it is complete, what fits on which
+GPU, getting one (`download`), and loading a diffusers checkpoint's components fast.
+
+Owns:
+  - layout detection: `diffusers` (model_index.json and one folder per component), `wan` (the original
+    Wan / DiffSynth release: diffusion_pytorch_model*.safetensors or Wan2.2's high_noise_model/ and
+    low_noise_model/, models_t5_*.pth, Wan2.x_VAE.pth, google/umt5-xxl/), `single-file` (one
+    .safetensors or .pth) and `weights` (a folder of safetensors without either, e.g. one component);
+  - verification from headers only (`inspect`, `verify`): every file an index names is there; a
+    safetensors file is at least as long as its header says (8-byte length + JSON header: a
+    truncated file is caught without reading its data); a .pth is a torch.save zip archive whose
+    storages are all present; each component's size, parameter count and dtypes;
+  - the memory estimate per strategy (`estimate`, `fit_report`), from parameter bytes in the headers
+    and the generation settings (the formula and its calibration are in the section's comment);
+  - `download` through huggingface_hub (resumable; only when asked);
+  - `load_components`: a diffusers checkpoint's components, each with its own class's
+    `from_pretrained`, their files read in parallel threads, timed one by one.
+Must not know: the ledger, executors, workers (a backend calls `load_components`; `cli` the rest).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import threading
+import time
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+GIB = 1024**3
+
+# safetensors dtype names → bytes per element
+ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+            "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+# torch.save's legacy storage class names (what a .pth pickle names) → safetensors dtype names
+STORAGE_DTYPES = {"FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+                  "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+                  "ByteStorage": "U8", "BoolStorage": "BOOL", "Float8_e4m3fnStorage": "F8_E4M3",
+                  "Float8_e5m2Storage": "F8_E5M2"}
+RUN_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+FIX = ("download it again into the same folder (`python run_experiment.py models download REPO_ID --to "
+       "{root}` resumes and fetches only what is missing or broken), or point model.path at a complete copy")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it is; the message names each file and the fix."""
+
+
+class DownloadError(CheckpointError):
+    """A download that did not finish (the hub unreachable, a wrong id); what arrived is kept."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading weight files: headers only
+
+
+@dataclass
+class WeightFile:
+    path: Path
+    size: int  # bytes on disk
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name → (dtype, shape)
+    note: str = ""  # what could not be read (not a problem for verification)
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors.values())
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(math.prod(shape) * ST_BYTES.get(dtype, 0) for dtype, shape in self.tensors.values())
+
+
+class _Broken(Exception):
+    """One file's problem (the caller adds which file)."""
+
+
+def read_safetensors(path: Path) -> WeightFile:
+    """The tensors a safetensors file declares, checked against its length; no tensor data is read."""
+    size = path.stat().st_size
+    if size < 8:
+        raise _Broken(f"truncated: {size} bytes, shorter than a safetensors header")
+    with open(path, "rb") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        if length > MAX_HEADER or 8 + length > size:
+            raise _Broken(f"truncated or not a safetensors file: its header claims {length:,} bytes, the file "
+                          f"has {size:,}")
+        raw = stream.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _Broken("unreadable safetensors header (not JSON): the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise _Broken("unreadable safetensors header (not a JSON object)")
+    tensors, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _Broken(f"unreadable safetensors header: tensor {name!r} lacks dtype, shape or offsets") from None
+        if dtype in ST_BYTES and stop - begin != math.prod(shape) * ST_BYTES[dtype]:
+            raise _Broken(f"corrupt safetensors header: tensor {name!r} spans {stop - begin} bytes, its shape "
+                          f"{list(shape)} × {dtype} needs {math.prod(shape) * ST_BYTES[dtype]}")
+        tensors[name] = (dtype, shape)
+        end = max(end, int(stop))
+    needed = 8 + length + end
+    if size < needed:
+        raise _Broken(f"truncated: {size:,} bytes on disk, its header declares {needed:,}")
+    return WeightFile(path, size, tensors)
+
+
+class _Storage:
+    def __init__(self, dtype: str, key: str, numel: int):
+        self.dtype, self.key, self.numel = dtype, key, numel
+
+
+class _Opaque:
+    """Stands in for every class a .pth pickle names other than tensors and dicts: nothing runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _TensorRef:
+    def __init__(self, storage, offset, size, *rest):
+        self.storage = storage if isinstance(storage, _Storage) else None
+        self.shape = tuple(int(d) for d in size) if isinstance(size, (tuple, list)) else None
+
+
+class _PthReader(pickle.Unpickler):
+    """Reads a torch.save pickle into names, dtypes and shapes without torch and without running any
+    code it names: every global resolves to a harmless stand-in."""
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        if module == "torch._utils" and name.startswith("_rebuild_tensor"):
+            return _TensorRef
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, *rest: data
+        if module == "torch" and name == "Size":
+            return tuple
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        return _Opaque
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, key, location, numel)
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            dtype = pid[1] if isinstance(pid[1], str) else "?"
+            return _Storage(dtype, str(pid[2]), int(pid[4]))
+        return _Opaque()
+
+
+def _flatten(obj, prefix: str = "") -> Iterable[tuple[str, _TensorRef]]:
+    if isinstance(obj, _TensorRef):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def read_pth(path: Path) -> WeightFile:
+    """A torch.save archive (a zip): its directory is read, its pickle parsed for names, dtypes and
+    shapes, and every storage the pickle names must be in it; no tensor data is read."""
+    size = path.stat().st_size
+    if size == 0:
+        raise _Broken("empty file (0 bytes)")
+    if not zipfile.is_zipfile(path):
+        raise _Broken(f"not a readable torch.save archive ({size:,} bytes, no zip directory at its end): "
+                      "truncated or corrupt")
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: info for info in archive.infolist()}
+        pickles = [name for name in entries if name.endswith("data.pkl")]
+        if not pickles:
+            raise _Broken("a zip file without data.pkl: not a torch.save archive")
+        prefix = pickles[0][: -len("data.pkl")]
+        for info in entries.values():
+            if info.header_offset + info.compress_size > size:
+                raise _Broken(f"truncated: member {info.filename} ends past the end of the file")
+        result = WeightFile(path, size)
+        try:
+            root = _PthReader(archive.open(pickles[0])).load()
+        except Exception as exc:  # an exotic pickle: the archive itself is whole, so only say so
+            result.note = f"contents not inspected ({type(exc).__name__})"
+            return result
+        for name, ref in _flatten(root):
+            storage = ref.storage
+            if storage is None or ref.shape is None:
+                continue
+            member = f"{prefix}data/{storage.key}"
+            if member not in entries:
+                raise _Broken(f"storage {storage.key} of tensor {name!r} is missing from the archive")
+            needed = storage.numel * ST_BYTES.get(storage.dtype, 1)
+            if entries[member].file_size < needed:
+                raise _Broken(f"storage {storage.key} of tensor {name!r} holds {entries[member].file_size} "
+                              f"bytes, {needed} needed")
+            result.tensors[name] = (storage.dtype, ref.shape)
+    return result
+
+
+def read_weight_file(path: Path) -> WeightFile:
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_pth(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts and components
+
+
+@dataclass
+class Component:
+    name: str
+    kind: str  # "weights", "tokenizer", "scheduler", "processor", "other"
+    where: str  # path relative to the checkpoint root
+    cls: str = ""  # the class model_index.json names (diffusers), or what it is
+    files: list[WeightFile] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(f.params for f in self.files)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def dtypes(self) -> Counter:
+        counts: Counter = Counter()
+        for f in self.files:
+            for dtype, shape in f.tensors.values():
+                counts[dtype] += math.prod(shape)
+        return counts
+
+    def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        merged: dict = {}
+        for f in self.files:
+            merged.update(f.tensors)
+        return merged
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    layout: str  # diffusers | wan | single-file | weights
+    description: str
+    components: list[Component] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "relative/path: what is wrong"
+    notes: list[str] = field(default_factory=list)
+
+    def component(self, name: str) -> Component | None:
+        return next((c for c in self.components if c.name == name), None)
+
+    def error(self) -> CheckpointError:
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        return CheckpointError(f"checkpoint {self.root} is incomplete or broken ({count}):\n"
+                               + "\n".join(f"  {p}" for p in self.problems)
+                               + f"\nfix: {FIX.format(root=self.root)}")
+
+
+class _Reader:
+    """Collects the problems of one checkpoint while its files are read."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+
+    def rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix() or path.name
+        except ValueError:
+            return str(path)
+
+    def file(self, path: Path, named_by: Path | None = None) -> WeightFile | None:
+        if not path.is_file():
+            by = f" (named by {self.rel(named_by)})" if named_by else ""
+            self.problems.append(f"{self.rel(path)}: missing{by}")
+            return None
+        try:
+            weights = read_weight_file(path)
+        except _Broken as exc:
+            self.problems.append(f"{self.rel(path)}: {exc}")
+            return None
+        except OSError as exc:
+            self.problems.append(f"{self.rel(path)}: cannot be read ({exc.strerror or exc})")
+            return None
+        if weights.note:
+            self.notes.append(f"{self.rel(path)}: {weights.note}")
+        return weights
+
+    def json(self, path: Path) -> dict | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self.problems.append(f"{self.rel(path)}: missing")
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self.problems.append(f"{self.rel(path)}: unreadable JSON ({exc}): the file is truncated or corrupt")
+            return None
+        if not isinstance(data, dict):
+            self.problems.append(f"{self.rel(path)}: not a JSON object")
+            return None
+        return data
+
+    def weight_set(self, folder: Path, stems: tuple[str, ...] | None = None) -> list[WeightFile]:
+        """The weight files of one folder: every file its safetensors indexes name (and each tensor an
+        index maps to a file must be in that file), else every weight file there."""
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if stems is not None:
+            indexes = [i for i in indexes if i.name.split(".safetensors.index.json")[0].startswith(stems)]
+        files: list[WeightFile] = []
+        if indexes:
+            for index_path in indexes:
+                index = self.json(index_path)
+                if index is None:
+                    continue
+                weight_map = index.get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    self.problems.append(f"{self.rel(index_path)}: has no weight_map")
+                    continue
+                wanted: dict[str, list[str]] = {}
+                for tensor, name in weight_map.items():
+                    wanted.setdefault(str(name), []).append(tensor)
+                for name, tensor_names in sorted(wanted.items()):
+                    path = folder / name
+                    if Path(name).is_absolute() or ".." in Path(name).parts:
+                        self.problems.append(f"{self.rel(index_path)}: names a file outside its folder: {name}")
+                        continue
+                    weights = self.file(path, named_by=index_path)
+                    if weights is None:
+                        continue
+                    absent = [t for t in tensor_names if t not in weights.tensors]
+                    if absent:
+                        self.problems.append(f"{self.rel(path)}: lacks {len(absent)} tensor(s) that "
+                                             f"{self.rel(index_path)} maps to it (e.g. {absent[0]}): a file of "
+                                             "another version or a broken download")
+                    files.append(weights)
+            return files
+        candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        if stems is not None:
+            candidates = [p for p in candidates if p.name.startswith(stems)]
+        for path in candidates:
+            weights = self.file(path)
+            if weights is not None:
+                files.append(weights)
+        return files
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "tokenizer.model")
+
+
+def _folder_kind(folder: Path) -> str:
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if "config.json" in names or any(n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") for n in names):
+        return "weights"
+    if "scheduler_config.json" in names:
+        return "scheduler"
+    if names & set(TOKENIZER_FILES):
+        return "tokenizer"
+    if "preprocessor_config.json" in names:
+        return "processor"
+    return "other"
+
+
+def detect_layout(path: str | os.PathLike) -> str | None:
+    """`diffusers`, `wan`, `single-file`, `weights`, or None for a folder of none of these."""
+    root = Path(path)
+    if root.is_file():
+        return "single-file" if root.suffix in WEIGHT_SUFFIXES else None
+    if not root.is_dir():
+        return None
+    if (root / "model_index.json").exists():
+        return "diffusers"
+    names = {p.name for p in root.iterdir()}
+    if ({"high_noise_model", "low_noise_model"} & names
+            or any(n.startswith("diffusion_pytorch_model") for n in names)
+            or any(n.startswith("models_t5") or re.match(r"Wan2\.\d_VAE\.pth$", n) for n in names)):
+        return "wan"
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return "weights"
+    return None
+
+
+def inspect(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint's indexes and weight headers; problems are collected, not raised."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {root} does not exist (fix: download it: python run_experiment.py "
+                              f"models download REPO_ID --to {root})")
+    layout = detect_layout(root)
+    if layout is None:
+        raise CheckpointError(
+            f"{root} is not a checkpoint layout this recognises: a diffusers folder has model_index.json; an "
+            "original Wan / DiffSynth folder has diffusion_pytorch_model*.safetensors (or high_noise_model/ and "
+            "low_noise_model/), models_t5_umt5-xxl-enc-bf16.pth and Wan2.1_VAE.pth; or give one .safetensors "
+            "or .pth file")
+    reader = _Reader(root if root.is_dir() else root.parent)
+    checkpoint = {"diffusers": _inspect_diffusers, "wan": _inspect_wan, "single-file": _inspect_single,
+                  "weights": _inspect_weights}[layout](root, reader)
+    checkpoint.problems = reader.problems
+    checkpoint.notes += reader.notes
+    return checkpoint
+
+
+def verify(path: str | os.PathLike) -> Checkpoint:
+    """`inspect`, raising CheckpointError (every problem, each naming its file, and the fix) when any."""
+    checkpoint = inspect(path)
+    if checkpoint.problems:
+        raise checkpoint.error()
+    return checkpoint
+
+
+def is_component_spec(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2
+
+
+def _inspect_diffusers(root: Path, reader: _Reader) -> Checkpoint:
+    index = reader.json(root / "model_index.json") or {}
+    checkpoint = Checkpoint(root, "diffusers", f"diffusers, {index.get('_class_name', 'pipeline')}")
+    for name, spec in index.items():
+        if name.startswith("_") or not is_component_spec(spec) or spec[0] is None:
+            continue
+        folder = root / name
+        cls = f"{spec[0]}.{spec[1]}"
+        if not folder.is_dir():
+            reader.problems.append(f"{name}/: missing: model_index.json names component `{name}` ({cls}), "
+                                   "but there is no such folder")
+            continue
+        kind = _folder_kind(folder)
+        component = Component(name, kind, f"{name}/", cls)
+        if kind == "weights":
+            if (folder / "config.json").exists():
+                component.config = reader.json(folder / "config.json") or {}
+            component.files = reader.weight_set(folder)
+            if not component.files and not any(p.startswith(f"{name}/") for p in reader.problems):
+                reader.problems.append(f"{name}/: no weight files (.safetensors) in the folder of a model component")
+        elif kind == "other":
+            reader.problems.append(f"{name}/: empty or unrecognised: component `{name}` ({cls}) has no config, "
+                                   "weights or tokenizer files")
+        checkpoint.components.append(component)
+    return checkpoint
+
+
+def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
+    names = {p.name for p in root.iterdir()}
+    experts = [n for n in ("high_noise_model", "low_noise_model") if n in names]
+    description = "original Wan / DiffSynth" + (", Wan 2.2 two experts" if experts else "")
+    checkpoint = Checkpoint(root, "wan", description)
+    if experts:
+        for name in ("high_noise_model", "low_noise_model"):
+            folder = root / name
+            if not folder.is_dir():
+                reader.problems.append(f"{name}/: missing: a Wan 2.2 A14B checkpoint has both experts "
+                                       "(high_noise_model/ and low_noise_model/)")
+                continue
+            component = Component(name, "weights", f"{name}/", "Wan DiT (expert)")
+            if (folder / "config.json").exists():
+                component.config = reader.json(folder / "config.json") or {}
+            component.files = reader.weight_set(folder, stems=("diffusion_pytorch_model",))
+            if not component.files and not any(p.startswith(f"{name}/") for p in reader.problems):
+                reader.problems.append(f"{name}/: no diffusion_pytorch_model*.safetensors in it")
+            checkpoint.components.append(component)
+    else:
+        component = Component("transformer", "weights", "diffusion_pytorch_model*.safetensors", "Wan DiT")
+        if (root / "config.json").exists():
+            component.config = reader.json(root / "config.json") or {}
+        component.files = reader.weight_set(root, stems=("diffusion_pytorch_model",))
+        if not component.files and not any(p.startswith("diffusion_pytorch_model") for p in reader.problems):
+            reader.problems.append("diffusion_pytorch_model.safetensors: missing: no DiT weights "
+                                   "(diffusion_pytorch_model*.safetensors, or high_noise_model/ and low_noise_model/)")
+        checkpoint.components.append(component)
+    for name, pattern, cls, example in (
+            ("text_encoder", "models_t5*.pth", "umT5-XXL encoder", "models_t5_umt5-xxl-enc-bf16.pth"),
+            ("vae", "Wan2.*_VAE.pth", "Wan VAE", "Wan2.1_VAE.pth")):
+        found = sorted(root.glob(pattern))
+        if not found:
+            reader.problems.append(f"{example}: missing (the {cls})")
+            continue
+        weights = reader.file(found[0])
+        checkpoint.components.append(Component(name, "weights", found[0].name, cls,
+                                               [weights] if weights else []))
+    for found in sorted(root.glob("models_clip_*.pth")):
+        weights = reader.file(found)
+        checkpoint.components.append(Component("image_encoder", "weights", found.name, "CLIP image encoder",
+                                               [weights] if weights else []))
+    tokenizer = root / "google" / "umt5-xxl"
+    if not tokenizer.is_dir() or not any((tokenizer / n).exists() for n in TOKENIZER_FILES):
+        reader.problems.append("google/umt5-xxl/: missing or empty (the text encoder's tokenizer: "
+                               "tokenizer.json, spiece.model, tokenizer_config.json)")
+    else:
+        checkpoint.components.append(Component("tokenizer", "tokenizer", "google/umt5-xxl/", "umT5 tokenizer"))
+    return checkpoint
+
+
+def _inspect_single(root: Path, reader: _Reader) -> Checkpoint:
+    weights = reader.file(root)
+    checkpoint = Checkpoint(root, "single-file", "one weight file")
+    checkpoint.components.append(Component(root.stem, "weights", root.name, "weights", [weights] if weights else []))
+    return checkpoint
+
+
+def _inspect_weights(root: Path, reader: _Reader) -> Checkpoint:
+    checkpoint = Checkpoint(root, "weights", "a folder of safetensors")
+    component = Component(root.name, "weights", ".", "weights")
+    if (root / "config.json").exists():
+        component.config = reader.json(root / "config.json") or {}
+    component.files = reader.weight_set(root)
+    checkpoint.components.append(component)
+    return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------
+# Status: what `models status` prints
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def dtype_summary(counts: Counter) -> str:
+    if not counts:
+        return "-"
+    total = sum(counts.values())
+    ranked = counts.most_common()
+    text = ranked[0][0]
+    rest = [f"{d} {n / total:.1%}" if n / total >= 0.001 else d for d, n in ranked[1:]]
+    return text + (f" (+ {', '.join(rest)})" if rest else "")
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def format_status(checkpoint: Checkpoint) -> str:
+    rows = []
+    for c in checkpoint.components:
+        if c.kind == "weights":
+            rows.append([c.name, c.where, c.cls, len(c.files), _bytes(c.disk_bytes), _count(c.params),
+                         dtype_summary(c.dtypes)])
+        else:
+            rows.append([c.name, c.where, c.cls, "-", "-", "-", c.kind])
+    weights = [c for c in checkpoint.components if c.kind == "weights"]
+    rows.append(["total", "", "", sum(len(c.files) for c in weights), _bytes(sum(c.disk_bytes for c in weights)),
+                 _count(sum(c.params for c in weights)), ""])
+    lines = [f"checkpoint {checkpoint.root}", f"layout     {checkpoint.layout} ({checkpoint.description})", "",
+             _table(["component", "where", "class", "files", "on disk", "params", "dtype"], rows)]
+    for note in checkpoint.notes:
+        lines.append(f"note: {note}")
+    if not checkpoint.problems:
+        count = sum(len(c.files) for c in weights)
+        lines.append(f"\ncomplete: every file the indexes name is present, and each of the {count} weight files "
+                     "is as long as its header says (headers read; no weights loaded)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a diffusers checkpoint's components
+#
+# Why the builds hold a lock: while a model is built, diffusers, transformers and accelerate change
+# process-wide state and put it back afterwards: the default dtype (`torch.set_default_dtype`),
+# `nn.Module.register_parameter` (accelerate's `init_empty_weights`, which saves "the old one" on entry)
+# and `torch.nn.init.*`. Two threads building at once restore each other's values: measured here, 15
+# of 20 rounds of three concurrent `from_pretrained` calls left the process with bfloat16 as its
+# default dtype or with `register_parameter` still putting every new parameter on the meta device.
+# So one `from_pretrained` of a model runs at a time, and what runs in parallel is the part that is
+# slow and safe: reading the weight files from disk into the page cache (large reads; the GIL is
+# released while the kernel reads). Each model's build then maps its safetensors (from_pretrained's
+# default, memory-mapped) from memory. Tokenizers, schedulers and processors touch none of that
+# state and load outside the lock.
+
+_BUILD_LOCK = threading.Lock()
+READ_CHUNK = 16 << 20
+READ_THREADS = 8
+PREFETCH_RAM_SHARE = 0.5  # read ahead only what fits in this share of the available memory
+LIBRARIES = ("diffusers", "transformers")
+
+
+def model_index(folder: str | os.PathLike) -> tuple[dict[str, tuple[str, str] | None], dict]:
+    """A diffusers checkpoint's components {name: (library, class) or None where absent} and its other
+    settings (e.g. `boundary_ratio`, `expand_timesteps`: what the pipeline's constructor also takes)."""
+    path = Path(folder) / "model_index.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing: {folder} is not a diffusers checkpoint folder") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); fix: {FIX.format(root=folder)}") from None
+    components, settings = {}, {}
+    for name, value in data.items():
+        if name.startswith("_"):
+            continue
+        if is_component_spec(value):
+            components[name] = (str(value[0]), str(value[1])) if value[0] is not None else None
+        else:
+            settings[name] = value
+    return components, settings
+
+
+def _component_class(library: str, name: str):
+    import importlib
+    if library not in LIBRARIES:
+        # model_index.json may name any module; importing one it names is running its code
+        raise CheckpointError(f"model_index.json names a component class from `{library}`; only classes of "
+                              f"{' and '.join(LIBRARIES)} are loaded")
+    module = importlib.import_module(library)
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise CheckpointError(f"{library} {getattr(module, '__version__', '')} has no class `{name}` (named by "
+                              f"model_index.json): install a version that has it")
+    return cls
+
+
+def component_weight_files(folder: Path) -> list[Path]:
+    """The files `from_pretrained` reads for one component folder: those its index names, else its one
+    weight file (variants such as `.fp16.safetensors` are not read by default, so not here either)."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError):
+                return []
+            return [folder / n for n in names if (folder / n).is_file()]
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+    return []
+
+
+def _resident_share(path: Path) -> float | None:
+    """The share of a file's pages already in the page cache (Linux `mincore`), None where unknown."""
+    try:
+        import ctypes
+        import mmap
+
+        import numpy as np
+        size = path.stat().st_size
+        if size == 0:
+            return 1.0
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+                vector = (ctypes.c_ubyte * pages)()
+                if libc.mincore(ctypes.c_void_p(address), size, vector) != 0:
+                    return None
+                return float((np.frombuffer(vector, dtype=np.uint8) & 1).mean())
+            finally:
+                libc.munmap(ctypes.c_void_p(address), size)
+        finally:
+            os.close(fd)
+    except Exception:
+        return None
+
+
+def read_ahead(path: Path) -> int:
+    """Bring a file into the page cache with large reads; returns the bytes read (0 when it already
+    was: a warm file costs one `mincore`, not a second pass over memory)."""
+    share = _resident_share(path)
+    if share is not None and share >= 0.98:
+        return 0
+    buffer = bytearray(READ_CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    with open(path, "rb", buffering=0) as stream:
+        while True:
+            n = stream.readinto(view)
+            if not n:
+                break
+            total += n
+    return total
+
+
+def _torch_state():
+    import torch
+    init = {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)
+            if not name.startswith("_") and callable(getattr(torch.nn.init, name))}
+    return (torch.get_default_dtype(), torch.nn.Module.register_parameter, torch.nn.Module.register_buffer, init)
+
+
+def _restore_torch_state(state) -> None:
+    """Put back what a build may have left changed (belt and braces: builds are serialised)."""
+    import torch
+    dtype, register_parameter, register_buffer, init = state
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    torch.nn.Module.register_parameter = register_parameter
+    torch.nn.Module.register_buffer = register_buffer
+    for name, function in init.items():
+        setattr(torch.nn.init, name, function)
+
+
+def _build(cls, path: Path, dtype, device, is_model: bool):
+    if not is_model:
+        return cls.from_pretrained(path)
+    kwargs = {}
+    if device is not None:
+        kwargs["device_map"] = str(device)
+    if cls.__module__.startswith("transformers"):
+        import transformers
+        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    else:
+        key = "torch_dtype"
+    kwargs[key] = dtype
+    return cls.from_pretrained(path, **kwargs)
+
+
+def load_components(folder: str | os.PathLike, dtype, parallel: bool = True, names: Iterable[str] | None = None,
+                    *, device=None, prefetch: bool | None = None,
+                    detail: dict | None = None) -> tuple[dict[str, object], dict[str, float]]:
+    """Load a diffusers checkpoint's components, each once, with its own class's `from_pretrained`.
+
+    folder    a diffusers checkpoint (model_index.json and one folder per component)
+    dtype     torch dtype (or its name) for the model components
+    parallel  True: the components' weight files are read ahead in parallel threads while the models
+              are built one at a time (see the comment above); False: one after the other, plain
+              `from_pretrained` (what `Pipeline.from_pretrained` does)
+    names     the components to load (default: every one model_index.json names, absent ones left out)
+    device    where model components go (`device_map=` of from_pretrained): None (the CPU), a device,
+              or {name: device}; tokenizers, schedulers and processors stay on the CPU
+    prefetch  read ahead (default: = parallel); skipped when the files would not fit in half the
+              available memory (they would push each other out of the page cache)
+    detail    a dict to fill with {name: {seconds, read_seconds, build_seconds, wait_seconds, bytes}}
+
+    Returns (components, seconds): {name: object}, and {name: seconds it took}: reading its files ahead
+    plus its own `from_pretrained`, not counting time spent waiting for another component's build.
+    """
+    import torch
+    root = Path(folder)
+    specs, _ = model_index(root)
+    available = {n: s for n, s in specs.items() if s is not None}
+    if names is None:
+        wanted = list(available)
+    else:
+        wanted = list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in available]
+        if unknown:
+            raise CheckpointError(f"{root}/model_index.json has no component {', '.join(map(repr, unknown))} "
+                                  f"(it has: {', '.join(available) or 'none'})")
+    for name in wanted:
+        if not (root / name).is_dir():
+            raise CheckpointError(f"{root / name}/: missing: model_index.json names component `{name}`; "
+                                  f"fix: {FIX.format(root=root)}")
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    classes = {n: _component_class(*available[n]) for n in wanted}
+    is_model = {n: isinstance(classes[n], type) and issubclass(classes[n], torch.nn.Module) for n in wanted}
+    files = {n: component_weight_files(root / n) if is_model[n] else [] for n in wanted}
+    sizes = {n: sum(f.stat().st_size for f in files[n]) for n in wanted}
+    if prefetch is None:
+        prefetch = parallel
+    if prefetch:
+        try:
+            import psutil
+            prefetch = sum(sizes.values()) <= PREFETCH_RAM_SHARE * psutil.virtual_memory().available
+        except Exception:
+            pass
+
+    def device_of(name: str):
+        return device.get(name) if isinstance(device, dict) else device
+
+    info = {n: {"seconds": 0.0, "read_seconds": 0.0, "build_seconds": 0.0, "wait_seconds": 0.0,
+                "bytes": sizes[n]} for n in wanted}
+    components: dict[str, object] = {}
+    state = _torch_state()
+    try:
+        if not parallel:
+            for name in wanted:
+                t0 = time.perf_counter()
+                if prefetch:
+                    for path in files[name]:
+                        read_ahead(path)
+                t1 = time.perf_counter()
+                components[name] = _build(classes[name], root / name, torch_dtype, device_of(name), is_model[name])
+                t2 = time.perf_counter()
+                info[name].update(read_seconds=t1 - t0, build_seconds=t2 - t1)
+        else:
+            # the biggest first: its reads start first, and models are built as their files arrive
+            order = sorted(wanted, key=lambda n: -sizes[n])
+            reads: dict[Path, object] = {}
+            with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, sum(len(files[n]) for n in order))),
+                                    thread_name_prefix="read-ahead") as readers, \
+                    ThreadPoolExecutor(max_workers=len(order) or 1, thread_name_prefix="load") as loaders:
+
+                def timed_read(path: Path) -> tuple[float, float]:
+                    start = time.perf_counter()
+                    read_ahead(path)
+                    return start, time.perf_counter()
+
+                if prefetch:
+                    for name in order:
+                        for path in sorted(files[name], key=lambda p: -p.stat().st_size):
+                            reads[path] = readers.submit(timed_read, path)
+
+                def load(name: str):
+                    t0 = time.perf_counter()
+                    spans = [reads[p].result() for p in files[name] if p in reads]
+                    t1 = time.perf_counter()
+                    if is_model[name]:
+                        with _BUILD_LOCK:
+                            t2 = time.perf_counter()
+                            obj = _build(classes[name], root / name, torch_dtype, device_of(name), True)
+                    else:
+                        t2 = time.perf_counter()
+                        obj = _build(classes[name], root / name, torch_dtype, None, False)
+                    t3 = time.perf_counter()
+                    read = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
+                    info[name].update(read_seconds=read, build_seconds=t3 - t2,
+                                      wait_seconds=(t1 - t0 - read if spans else 0.0) + (t2 - t1))
+                    return obj
+
+                futures = {name: loaders.submit(load, name) for name in order}
+                for name in wanted:
+                    components[name] = futures[name].result()
+    finally:
+        _restore_torch_state(state)
+    for name in wanted:
+        info[name]["seconds"] = info[name]["read_seconds"] + info[name]["build_seconds"]
+    if detail is not None:
+        detail.update(info)
+    return components, {n: info[n]["seconds"] for n in wanted}

@@ -9,6 +9,7 @@ the network.
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -174,6 +175,7 @@ class Page:
     time_left: str
     tile_width: int = TILE_WIDTH
     tile_height: int = TILE_WIDTH
+    seed_columns: int = 1
     reload_s: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -221,15 +223,18 @@ def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int 
         return False
     w = min(width, frame.width)
     h = max(2, round(frame.height * w / frame.width / 2) * 2)  # even: JPEG's 4:2:0 chroma
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".jpg", dir=target.parent)
-    os.close(handle)
+    temp_name = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".jpg", dir=target.parent)
+        os.close(handle)
         _save_jpeg(frame.reformat(width=w, height=h), temp_name)
         os.chmod(temp_name, video.stat().st_mode & 0o777)  # as shareable as the video, no more
         os.replace(temp_name, target)
+    except (OSError, av.error.FFmpegError, ValueError):
+        return False  # a page without this poster is still a page (a read-only folder, a full disk)
     finally:
-        if os.path.exists(temp_name):
+        if temp_name and os.path.exists(temp_name):
             os.unlink(temp_name)
     return True
 
@@ -362,6 +367,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
         workers=workers, activity=_activity(attempts, worker_rows, now, log_url), throughput=throughput,
         time_left="-" if total.left <= 0 else _duration(report.eta_s) if report.eta_s is not None else "unknown",
         tile_width=TILE_WIDTH, tile_height=max(1, round(TILE_WIDTH * g.height / g.width)),
+        seed_columns=len(m.seeds) if len(m.seeds) <= 3 else -(-len(m.seeds) // 2),  # 4 seeds: 2×2
         reload_s=int(max(reload_s, MIN_RELOAD_S)) if reload_s and total.left > 0 else None, notes=notes)
 
 
@@ -460,6 +466,7 @@ def _activity(attempts: list[dict], workers: list[dict], now: float, log_url) ->
 
 
 # ------------------------------------------------------------------------------------------ writing
+@functools.lru_cache(maxsize=1)  # `--watch --html` renders every few seconds
 def _environment():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
     env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),

@@ -433,3 +433,23 @@ def test_report_watch_html_keeps_rewriting_the_page(write_manifest, tmp_path):
     assert f"review page: {page}" in out
     html = page.read_text(encoding="utf-8")
     assert 'data-reload="30"' in html  # nothing has run: the open page reloads itself
+
+
+def test_activity_lanes_per_gpu_with_busy_share_and_merged_bars():
+    attempts = [
+        {"worker": "gpu1_worker0", "started_at": 100.0, "finished_at": 150.0, "outcome": "done", "error": None},
+        {"worker": "gpu1_worker0", "started_at": 140.0, "finished_at": 200.0, "outcome": "done", "error": None},
+        {"worker": "gpu0_worker0", "started_at": 100.0, "finished_at": 120.0, "outcome": "oom", "error": "OOM <x>"},
+        {"worker": "gpu0_worker0", "started_at": 150.0, "finished_at": None, "outcome": None, "error": None},
+    ]
+    workers = [{"id": "gpu0_worker0", "devices": "0"}, {"id": "gpu1_worker0", "devices": "1,2"}]
+    activity = review._activity(attempts, workers, now=300.0, log_url=lambda worker: None)
+    assert [(lane.device, lane.worker) for lane in activity.lanes] == [("GPU 0", "gpu0_worker0"),
+                                                                     ("GPU 1+2", "gpu1_worker0")]
+    gpu0, gpu1 = activity.lanes
+    assert gpu1.busy_percent == pytest.approx(100 * 100 / 200)  # overlapping attempts count once
+    assert gpu0.busy_percent == pytest.approx(100 * 170 / 200)
+    assert len(gpu1.bars) == 1 and gpu1.bars[0].count == 2  # touching bars of one outcome merge
+    assert [bar.outcome for bar in gpu0.bars] == ["oom", "running"]
+    assert gpu0.bars[1].x + gpu0.bars[1].width == pytest.approx(activity.width)  # running until now
+    assert activity.ticks and all(0 <= x <= activity.width for x, _ in activity.ticks)

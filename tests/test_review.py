@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from orchestrator import review
-from orchestrator.ledger import Ledger
 from orchestrator.manifest import load_manifest
 from orchestrator.outputs import TEMP_MARK, write_mp4
 from orchestrator.review import build_page, render, thumb_path, write_page
@@ -174,7 +173,7 @@ def test_posters_are_made_once_beside_each_mp4(write_manifest, make_refs, monkey
     _set_states(sweep)
     page = write_page(sweep)
     assert page == sweep.root / "index.html"
-    done = [j for j in sweep.jobs[5:]]
+    done = list(sweep.jobs[5:])
     posters = [thumb_path(j.output) for j in done]
     assert posters[0].name == Path(done[0].output).stem + ".thumb.jpg"
     assert all(p.read_bytes()[:2] == b"\xff\xd8" for p in posters)  # JPEG

@@ -271,21 +271,20 @@ def cmd_report(manifest, args) -> int:
     from .report import build_report, format_report, report_json
     from .sweep import Sweep
     sweep = Sweep(manifest)
-    while True:
-        report = build_report(sweep)
-        text = report_json(report) if args.json else format_report(report)
-        if args.html:
-            from .review import write_page
-            page = write_page(sweep, report, reload_s=args.watch)
-            text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
-        if args.watch:
-            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
-            try:
-                time.sleep(args.watch)
-            except KeyboardInterrupt:
+    try:
+        while True:
+            report = build_report(sweep)
+            text = report_json(report) if args.json else format_report(report)
+            if args.html:
+                from .review import write_page
+                page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
+                text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
+            if not args.watch:
+                print(text)
                 return 0
-            continue
-        print(text)
+            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # the usual way to leave --watch, wherever it lands
         return 0
 
 

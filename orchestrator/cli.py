@@ -4,6 +4,9 @@
     python run_experiment.py plan MANIFEST       # dry run
     python run_experiment.py report MANIFEST [--json] [--watch [S]] [--html]
     python run_experiment.py stop MANIFEST [--now]
+    python run_experiment.py models status PATH_OR_MANIFEST     # is the checkpoint complete?
+    python run_experiment.py models fit MANIFEST [--gpu 24GB x2]  # which memory strategy fits where
+    python run_experiment.py models download REPO_ID --to DIR    # resumable, only when asked
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 
 from .manifest import ManifestError, load_manifest
 
-COMMANDS = ("run", "plan", "report", "stop")
+COMMANDS = ("run", "plan", "report", "stop", "models")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
     stop.add_argument("manifest")
     stop.add_argument("--now", action="store_true", help="kill at once")
+    models = sub.add_parser("models", help="checkpoints: status, fit, download")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    status = models_sub.add_parser("status", help="is the checkpoint complete? each component's size and dtype")
+    status.add_argument("target", metavar="PATH_OR_MANIFEST")
+    fit = models_sub.add_parser("fit", help="GPU memory per worker for each strategy, and what fits where")
+    fit.add_argument("target", metavar="MANIFEST_OR_PATH")
+    fit.add_argument("--gpu", nargs="+", action="append", metavar="SPEC",
+                     help="a GPU to size for instead of this machine's, e.g. `--gpu 24GB x2` (repeatable)")
+    fit.add_argument("--size", help="for a checkpoint path: WIDTHxHEIGHT (default 832x480)")
+    fit.add_argument("--frames", type=int, help="for a checkpoint path: frames (default 81)")
+    fit.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="for a checkpoint path (default bfloat16)")
+    download = models_sub.add_parser("download", help="download a checkpoint from the Hugging Face hub (resumable)")
+    download.add_argument("repo_id", metavar="REPO_ID")
+    download.add_argument("--to", required=True, metavar="DIR", help="the folder to download into")
+    download.add_argument("--revision", help="a branch, tag or commit")
     return parser
 
 
@@ -54,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
+    if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
+        return cmd_models(args)
     try:
         manifest = load_manifest(args.manifest)
         if getattr(args, "ray_address", None):
@@ -70,6 +90,25 @@ def main(argv: list[str] | None = None) -> int:
 
 class UserError(RuntimeError):
     pass
+
+
+def _check_checkpoint(manifest) -> None:
+    """Refuse to start on an incomplete or broken local checkpoint, with what `models status` says."""
+    path = manifest.model.path
+    if not path or not os.path.exists(path):
+        return  # none, or a hub id: the backend's check says what to do
+    from .checkpoints import CheckpointError, detect_layout, inspect
+    if detect_layout(path) is None:
+        return
+    try:
+        checkpoint = inspect(path)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    if {"model_files", "tokenizer"} & set(manifest.model.options):
+        # the backend is told which files to use: only named files that are missing or broken count
+        checkpoint.problems = [p for p in checkpoint.problems if not p.layout]
+    if checkpoint.problems:
+        raise UserError(f"{checkpoint.error()}\nNothing was started.")
 
 
 def _gpus():
@@ -103,6 +142,7 @@ def cmd_plan(manifest, args) -> int:
     from .jobs import count_by_category
     from .sweep import Sweep
     from .executors import executor_class
+    _check_checkpoint(manifest)
     sweep = Sweep(manifest)
     name = args.executor or manifest.execution.executor
     executor = None
@@ -154,6 +194,7 @@ def cmd_run(manifest, args) -> int:
     from .report import build_report, format_report
     from .sweep import Sweep
 
+    _check_checkpoint(manifest)
     sweep = Sweep(manifest)
     # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
     # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
@@ -308,6 +349,94 @@ def cmd_stop(manifest, args) -> int:
             stopped += kind(sweep).stop(now=args.now)
             break
     print(f"stopped sweep `{manifest.name}`" + (" (killed)" if args.now else "") + f": {stopped} processes signalled")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import checkpoints
+    try:
+        if args.models_command == "download":
+            checkpoint = checkpoints.download(args.repo_id, args.to)
+            print(checkpoints.format_status(checkpoint))
+            return 0
+        path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
+        if args.models_command == "status":
+            checkpoint = checkpoints.inspect(path)
+            print(checkpoints.format_status(checkpoint))
+            if checkpoint.problems:
+                print(f"error: {checkpoint.error()}", file=sys.stderr)
+                return 2
+            return 0
+        return _models_fit(args, path, manifest)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except checkpoints.DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (checkpoints.CheckpointError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _model_target(target: str, need_manifest: bool):
+    """(checkpoint path, manifest or None) from a checkpoint path or a manifest's model.path."""
+    from pathlib import Path
+    file = Path(target)
+    if file.suffix not in (".yaml", ".yml") or not file.is_file():
+        return target, None
+    try:
+        manifest = load_manifest(file)
+    except ManifestError:
+        if need_manifest:
+            raise
+        # status works on a manifest whose other parts are not ready yet: read model.path alone
+        import yaml
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+            path = data["model"]["path"]
+        except Exception:
+            raise UserError(f"{file}: no model.path in it (give the checkpoint folder instead)") from None
+        path = Path(str(path)).expanduser()
+        return str(path if path.is_absolute() else file.parent / path), None
+    if not manifest.model.path:
+        raise UserError(f"{file}: its model has no path (backend {manifest.model.backend})")
+    if not os.path.exists(manifest.model.path):
+        raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; download it: "
+                        f"python run_experiment.py models download REPO_ID --to DIR, then set model.path to DIR")
+    return manifest.model.path, manifest
+
+
+def _models_fit(args, path: str, manifest) -> int:
+    from . import checkpoints
+    checkpoint = checkpoints.verify(path)
+    if manifest is not None:
+        g = manifest.generation
+        settings = checkpoints.Settings(g.width, g.height, g.num_frames, manifest.model.dtype,
+                                        int(manifest.model.options.get("max_sequence_length", checkpoints.TEXT_TOKENS)))
+        backend, options, margin = manifest.model.backend, dict(manifest.model.options), manifest.resources.memory_margin_gib
+        measured = checkpoints.measured_profiles(manifest)
+    else:
+        width, height = 832, 480
+        if args.size:
+            try:
+                width, height = (int(v) for v in args.size.lower().split("x"))
+            except ValueError:
+                raise UserError(f"--size {args.size!r}: write WIDTHxHEIGHT, e.g. 832x480") from None
+        settings = checkpoints.Settings(width, height, args.frames or 81, args.dtype or "bfloat16")
+        backend, options, margin, measured = "diffusers", {}, 2.0, []
+    if args.gpu:
+        try:
+            gpus = [checkpoints.parse_gpu(" ".join(words)) for words in args.gpu]
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        note = "named on the command line: an empty card of that size"
+    else:
+        gpus, why = checkpoints.machine_gpus()
+        note = "this machine, free memory now" if gpus else None
+        if why:
+            print(f"no GPU on this machine ({why}); name one to size for, e.g. --gpu 24GB x2\n")
+    print(checkpoints.fit_report(checkpoint, settings, gpus, margin, backend, options, measured, note))
     return 0
 
 

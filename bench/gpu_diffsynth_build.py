@@ -63,8 +63,9 @@ def layouts(size: str) -> dict[str, dict[str, list[int]]]:
 
 
 def verify(size: str) -> dict[str, dict]:
-    from diffsynth.core.loader.file import convert_keys_dict_to_single_str
     import hashlib
+
+    from diffsynth.core.loader.file import convert_keys_dict_to_single_str
     expected = {"dit": SIZES[size], "text_encoder": TEXT_ENCODER_HASH, "vae": VAE_HASH}
     report = {}
     for component, keys in layouts(size).items():
@@ -195,7 +196,8 @@ def main() -> int:
           + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
     checked = check_files(folder, args.size)
     print(json.dumps(checked, indent=1), flush=True)
-    ok = (not checked["problems"] and checked["dit"]["fingerprint"] == checked["dit"]["diffsynth_hash"] == SIZES[args.size]
+    dit = checked["dit"]
+    ok = (not checked["problems"] and dit["fingerprint"] == dit["diffsynth_hash"] == SIZES[args.size]
           and checked["text_encoder"]["fingerprint"] == TEXT_ENCODER_HASH and checked["vae"]["fingerprint"] == VAE_HASH)
     print("files recognised: " + ("yes" if ok else "NO"), flush=True)
     return 0 if ok else 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,24 @@ def test_v2v_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, t
     cars = [json.loads((out / p).with_suffix(".json").read_text(encoding="utf-8")) for p in mp4s]
     assert sum(bool(c["reference_encoding_reused"]) for c in cars) == 2
     assert sum(c["prompt_encodings"] for c in cars) == 2
+
+
+def test_wan22_two_expert_layout_and_named_files(tiny, tmp_path):
+    """high_noise_model/ + low_noise_model/ load as DiffSynth's dit and dit2 (high noise first);
+    model_files names other files, and a missing one is named."""
+    from orchestrator.backends.diffsynth_wan import model_files
+    a14b = tmp_path / "a14b"
+    shutil.copytree(tiny, a14b)
+    for expert in ("high_noise_model", "low_noise_model"):
+        (a14b / expert).mkdir()
+        shutil.copy(a14b / "diffusion_pytorch_model.safetensors", a14b / expert)
+    (a14b / "diffusion_pytorch_model.safetensors").unlink()
+    files, problems = model_files(a14b)
+    assert not problems and [Path(d[0]).parent.name for d in files["dit"]] == ["high_noise_model", "low_noise_model"]
+    backend = _backend(a14b)
+    assert backend.pipe.dit is not None and backend.pipe.dit2 is not None and backend.pipe.dit is not backend.pipe.dit2
+    assert backend.generate(_job(), lambda s, n: None).shape == (5, 32, 32, 3)
+
+    files, problems = model_files(a14b, {"model_files": {"dit": "low_noise_model/*.safetensors", "vae": "nope.pth"}})
+    assert len(files["dit"]) == 1 and files["dit"][0][0].endswith("low_noise_model/diffusion_pytorch_model.safetensors")
+    assert [(p.key, "nope.pth" in p.message) for p in problems] == [("model.options.model_files.vae", True)]

@@ -35,7 +35,8 @@ Options (`model.options`):
   tiled: bool                tiled VAE encode/decode (default true, DiffSynth's default)
   tile_size: [h, w]          tile size in latent pixels (default [30, 52])
   tile_stride: [h, w]        tile stride in latent pixels (default [15, 26])
-  tokenizer: path            the tokenizer folder (default `<model.path>/google/umt5-xxl`)
+  tokenizer: path            the tokenizer folder, relative to model.path or absolute
+                             (default `<model.path>/google/umt5-xxl`)
   model_files: {dit: glob | [globs], text_encoder: file, vae: file, image_encoder: file}
                              files relative to model.path, instead of the layout above; each `dit`
                              entry is one DiT (a glob may match its shards)
@@ -397,6 +398,11 @@ class DiffSynthWanBackend(Backend):
                 problems.append(BackendProblem("model.options.model_files", "unknown model_files entries: "
                                                f"{', '.join(sorted(set(value) - set(COMPONENTS)))}",
                                                f"use: {', '.join(COMPONENTS)}"))
+            elif key == "model_files" and not all(
+                    isinstance(v, str) or (c == "dit" and isinstance(v, list) and v
+                                           and all(isinstance(x, str) for x in v)) for c, v in value.items()):
+                problems.append(BackendProblem("model.options.model_files", "model_files entries are file names "
+                                               "relative to model.path (dit: one glob or a list, one per DiT)"))
         size = o.get("tile_size", DEFAULT_TILE[0])
         stride = o.get("tile_stride", DEFAULT_TILE[1])
         if _pair(size) and _pair(stride) and (stride[0] > size[0] or stride[1] > size[1]):
@@ -444,7 +450,9 @@ class DiffSynthWanBackend(Backend):
                                            "diffsynth backend loads local files in the original Wan layout",
                                            "point it at e.g. a Wan2.1-T2V-14B download; nothing is downloaded"))
             return problems
-        files, missing = model_files(model.path, o if isinstance(o.get("model_files", {}), dict) else {})
+        if any(p.key.startswith("model.options.model_files") for p in problems if isinstance(p, BackendProblem)):
+            return problems
+        files, missing = model_files(model.path, o)
         problems.extend(missing)
         if missing:
             return problems
@@ -535,6 +543,8 @@ class DiffSynthWanBackend(Backend):
         seconds: dict[str, float] = {}
         loaded: dict[str, Any] = {}
         for component in COMPONENTS:
+            if component == "image_encoder" and self.model.task != "i2v":
+                continue  # only image-to-video uses it
             entries = files["dit"] if component == "dit" else [files[component]] if files[component] else []
             for entry in entries:
                 t0 = time.perf_counter()
@@ -632,48 +642,60 @@ class DiffSynthWanBackend(Backend):
         self.reference_latents: OrderedDict[tuple, Any] = OrderedDict()
 
         class CachedPromptEmbedder(wv.WanVideoUnit_PromptEmbedder):
-            def process(self, pipe, prompt, positive) -> dict:
-                cached = backend.prompt_cache.get(prompt)
+            def process(self, pipe, **inputs) -> dict:
+                prompt = inputs.get("prompt")
+                cached = backend.prompt_cache.get(prompt) if isinstance(prompt, str) else None
                 if cached is not None:
                     backend.prompt_cache.move_to_end(prompt)
                     return {"context": cached}
-                out = super().process(pipe, prompt, positive)
+                out = super().process(pipe, **inputs)
                 backend._job["prompt_encodings"] = backend._job.get("prompt_encodings", 0) + 1
-                backend.prompt_cache[prompt] = out["context"]
-                while len(backend.prompt_cache) > prompt_limit:
-                    backend.prompt_cache.popitem(last=False)
+                if isinstance(prompt, str):
+                    backend.prompt_cache[prompt] = out["context"]
+                    while len(backend.prompt_cache) > prompt_limit:
+                        backend.prompt_cache.popitem(last=False)
                 return out
 
         class CachedInputVideoEmbedder(wv.WanVideoUnit_InputVideoEmbedder):
-            # The encoded clip depends on the clip and the tiling only; the job's noise is mixed in after.
-            def process(self, pipe, input_video, noise, tiled, tile_size, tile_stride, vace_reference_image,
-                        framewise_decoding, animate2_reference_image, animate2_reference_video):
-                key = getattr(input_video, "cache_key", None)
-                plain = (key is None or vace_reference_image is not None or pipe.scheduler.training)
-                if input_video is None or plain:
-                    return super().process(pipe, input_video, noise, tiled, tile_size, tile_stride,
-                                           vace_reference_image, framewise_decoding, animate2_reference_image,
-                                           animate2_reference_video)
-                key = (key, tiled, tuple(tile_size), tuple(tile_stride), framewise_decoding)
+            # The library encodes the clip, then mixes in the job's noise with `scheduler.add_noise`. The
+            # encoding depends on the clip and the tiling only, so it is kept: a miss runs the library's
+            # own code and keeps what it passes to add_noise; a hit only mixes in this job's noise.
+            plain_only = ("vace_reference_image", "animate2_reference_image", "animate2_reference_video")
+
+            def process(self, pipe, **inputs) -> dict:
+                key = getattr(inputs.get("input_video"), "cache_key", None)
+                if key is None or pipe.scheduler.training or any(inputs.get(k) is not None for k in self.plain_only):
+                    return super().process(pipe, **inputs)
+                key = (key, inputs.get("tiled"), tuple(inputs.get("tile_size") or ()),
+                       tuple(inputs.get("tile_stride") or ()), inputs.get("framewise_decoding"))
                 latents = backend.reference_latents.get(key)
                 backend._job["reference_encoding_reused"] = latents is not None
-                if latents is None:
-                    t0 = time.perf_counter()
-                    pipe.load_models_to_device(self.onload_model_names)
-                    video = pipe.preprocess_video(input_video)
-                    if framewise_decoding:
-                        latents = pipe.vae.encode_framewise(video, device=pipe.device)
+                if latents is not None:
+                    backend.reference_latents.move_to_end(key)
+                    return {"latents": pipe.scheduler.add_noise(latents, inputs["noise"],
+                                                                timestep=pipe.scheduler.timesteps[0])}
+                kept = {}
+                add_noise = pipe.scheduler.add_noise
+
+                def keep(original_samples, noise, timestep):
+                    kept["latents"] = original_samples
+                    return add_noise(original_samples, noise, timestep)
+                started = time.perf_counter()
+                own = vars(pipe.scheduler).get("add_noise")
+                pipe.scheduler.add_noise = keep
+                try:
+                    out = super().process(pipe, **inputs)
+                finally:
+                    if own is None:
+                        del pipe.scheduler.add_noise  # the class's method again
                     else:
-                        latents = pipe.vae.encode(video, device=pipe.device, tiled=tiled, tile_size=tile_size,
-                                                  tile_stride=tile_stride)
-                    latents = latents.to(dtype=pipe.torch_dtype, device=pipe.device)
-                    backend._job["reference_encode_seconds"] = round(time.perf_counter() - t0, 3)
-                    backend.reference_latents[key] = latents
+                        pipe.scheduler.add_noise = own
+                backend._job["reference_encode_seconds"] = round(time.perf_counter() - started, 3)
+                if "latents" in kept:
+                    backend.reference_latents[key] = kept["latents"]
                     while len(backend.reference_latents) > reference_limit:
                         backend.reference_latents.popitem(last=False)
-                else:
-                    backend.reference_latents.move_to_end(key)
-                return {"latents": pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])}
+                return out
 
         replacements = {wv.WanVideoUnit_PromptEmbedder: CachedPromptEmbedder,
                         wv.WanVideoUnit_InputVideoEmbedder: CachedInputVideoEmbedder}

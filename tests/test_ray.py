@@ -269,19 +269,35 @@ def test_without_ray_the_executor_says_how_to_install_it_and_starts_nothing(writ
     assert not (tmp_path / "out").exists()
 
 
-def test_a_late_result_of_a_given_up_worker_is_never_written(write_manifest, tmp_path):
-    """The driver gave up on w0 (its claim went back and w1 took the job): w0's answer writes nothing."""
+@pytest.fixture
+def offline_driver(write_manifest):
+    """A driver of two workers sharing one card, with its ledger, and no cluster: for its bookkeeping."""
     from orchestrator.executors.ray import Placement, _close_logger, _Driver
     from orchestrator.manifest import load_manifest
+    from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
     from orchestrator.sweep import Sweep
 
     manifest = load_manifest(write_manifest(ray_manifest(execution={"ray_stream_outputs": True})))
     sweep = Sweep(manifest)
     ledger = sweep.ledger()
-    queues = {job.id: "n0-gpu0" for job in sweep.jobs}
-    ledger.sync(sweep.jobs, queues, set(), manifest.max_attempts, 20, fresh=True)
-    for worker in ("n0-gpu0_worker0", "n0-gpu0_worker1"):
-        ledger.register_worker(worker, (0,), state="idle")
+    ledger.sync(sweep.jobs, {job.id: "n0-gpu0" for job in sweep.jobs}, set(), manifest.max_attempts, 20, fresh=True)
+    group = DeviceGroup(queue="n0-gpu0", devices=(0,), workers=2, reason="test")
+    slots = tuple(WorkerSlot(id=f"n0-gpu0_worker{k}", devices=(0,), queue="n0-gpu0") for k in range(2))
+    specs = sweep.write_specs(Plan(groups=(group,), workers=slots, queues={}))
+    driver = _Driver(sweep, [spec for spec, _ in specs], {"n0-gpu0": Placement("node", 0.5, "h")}, True, None)
+    driver.ledger = ledger
+    for slot in driver.slots:
+        ledger.register_worker(slot.id, (0,), state="idle")
+        slot.state, slot.where = "idle", {"node_id": "node", "gpu_ids": ["0"], "host": "h"}
+    yield driver, ledger
+    for log in [driver.log] + [slot.log for slot in driver.slots]:
+        _close_logger(log)
+    ledger.close()
+
+
+def test_a_late_result_of_a_given_up_worker_is_never_written(offline_driver, tmp_path):
+    """The driver gave up on w0 (its claim went back and w1 took the job): w0's answer writes nothing."""
+    driver, ledger = offline_driver
     first = ledger.claim("n0-gpu0_worker0", "n0-gpu0")
     ledger.requeue_worker("n0-gpu0_worker0", "no progress")  # given up on
     second = ledger.claim("n0-gpu0_worker1", "n0-gpu0", prefer_group=first.job.group)
@@ -290,9 +306,6 @@ def test_a_late_result_of_a_given_up_worker_is_never_written(write_manifest, tmp
     video = tmp_path / "video.mp4"
     write_mp4(__import__("numpy").zeros((5, 32, 32, 3), dtype="uint8"), video, 5, expected_frames=5)
     answer = {"status": "done", "seconds": 1.0, "mp4": video.read_bytes(), "sidecar": {"job_id": first.job.id}}
-    specs = sweep.write_specs(_plan_of(sweep))
-    driver = _Driver(sweep, [s for s, _ in specs], {"n0-gpu0": Placement("node", 0.5, "h")}, True, None)
-    driver.ledger = ledger
     slots = {s.id: s for s in driver.slots}
     late = slots["n0-gpu0_worker0"]
     late.claim, late.state = first, "busy"
@@ -304,15 +317,20 @@ def test_a_late_result_of_a_given_up_worker_is_never_written(write_manifest, tmp
     driver._on_run(current, answer)
     assert count_frames(first.job.output) == 5
     assert [a["outcome"] for a in ledger.attempts(first.job.id)] == ["lost", "done"]
-    for log in [driver.log] + [slot.log for slot in driver.slots]:
-        _close_logger(log)
 
 
-def _plan_of(sweep):
-    from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
-    group = DeviceGroup(queue="n0-gpu0", devices=(0,), workers=2, reason="test")
-    workers = tuple(WorkerSlot(id=f"n0-gpu0_worker{k}", devices=(0,), queue="n0-gpu0") for k in range(2))
-    return Plan(groups=(group,), workers=workers, queues={j.id: "n0-gpu0" for j in sweep.jobs})
+def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_driver):
+    driver, ledger = offline_driver
+    first, second = driver.slots
+    for slot in (first, first, second, second):
+        slot.claim, slot.state = ledger.claim(slot.id, "n0-gpu0"), "busy"
+        driver._on_run(slot, {"status": "oom", "error": "out of memory: synthetic"})
+    # The first retires (its card-mate goes on); the last worker of a card never does.
+    assert (first.state, second.state) == ("retired", "idle")
+    workers = {w["id"]: w for w in ledger.workers()}
+    assert workers[first.id]["state"] == "retired" and "now runs 1 worker(s)" in workers[first.id]["message"]
+    assert workers[second.id]["state"] != "retired"
+    assert [a["outcome"] for a in ledger.attempts()] == ["oom"] * 4
 
 
 def test_a_node_that_cannot_see_the_shared_output_folder_says_so(tmp_path):

@@ -54,6 +54,7 @@ WORKERS_META = "ray_workers"  # ledger meta: the worker ids the last Ray driver 
 POLL_S = 0.2
 IDLE_POLL_S = 1.0
 BUSY_STATES = ("loading", "idle", "busy")  # an actor that is placed on a node
+ENDED_STATES = ("ended", "failed", "retired")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -455,6 +456,7 @@ class _Slot:
     last_probe: float = 0.0
     next_claim: float = 0.0
     crashes: int = 0  # in a row without a finished job
+    ooms: int = 0  # out-of-memory failures in a row
     restarts: int = 0
     restart_at: float = 0.0
 
@@ -530,7 +532,7 @@ class _Driver(threading.Thread):
             self._finish()
 
     def alive_slots(self) -> int:
-        return sum(s.state not in ("ended", "failed") for s in self.slots)
+        return sum(s.state not in ENDED_STATES for s in self.slots)
 
     def _loop(self) -> None:
         last_beat = last_stop_check = 0.0
@@ -558,13 +560,13 @@ class _Driver(threading.Thread):
             if not self.alive_slots():
                 self.log.error("every worker failed: stopping with jobs left")
                 return
-            if any(s.state in BUSY_STATES for s in self.slots):
+            if any(s.state in BUSY_STATES or s.state == "waiting" for s in self.slots):
                 placed_at = now
             elif now - placed_at > self.placement_timeout:
                 self.log.error("no actor could be placed for %.0fs (no free GPU left in the cluster?): "
                                "stopping with jobs left", self.placement_timeout)
                 for slot in self.slots:
-                    if slot.state not in ("ended", "failed"):
+                    if slot.state not in ENDED_STATES:
                         self._give_up(slot, f"could not be placed on the Ray cluster for "
                                             f"{self.placement_timeout:.0f}s")
                 return
@@ -579,7 +581,7 @@ class _Driver(threading.Thread):
                 except Exception:
                     self.log.warning("could not release %s:\n%s", slot.claim.job.key, traceback.format_exc())
                 slot.claim = None
-            if slot.state != "failed":
+            if slot.state not in ("failed", "retired"):
                 slot.state = "ended"
                 if self.ledger is not None:
                     try:
@@ -699,7 +701,7 @@ class _Driver(threading.Thread):
                     return
                 seconds += time.monotonic() - started
             self.ledger.complete(job.id, slot.id, seconds)
-            slot.crashes = 0
+            slot.crashes = slot.ooms = 0
             slot.log.info("done %s in %.1fs (generate %.1fs)", job.key, seconds, answer.get("generate_seconds", 0.0))
             return
         outcome = "oom" if status == "oom" else "error"
@@ -707,6 +709,23 @@ class _Driver(threading.Thread):
             slot.log.error("job %s failed:\n%s", job.key, answer["traceback"])
         state = self.ledger.fail(job.id, slot.id, answer.get("error") or "failed", outcome=outcome)
         slot.log.info("job %s: %s; it is now %s", job.key, answer.get("error"), state)
+        slot.ooms = slot.ooms + 1 if outcome == "oom" else 0
+        if slot.ooms >= int(slot.spec.execution.get("ooms_before_retire", 2)):
+            self._retire_if_shared(slot)
+
+    def _retire_if_shared(self, slot: _Slot) -> None:
+        """Out of memory again and again on a card it shares: the card runs one worker fewer."""
+        node, cards = slot.where.get("node_id"), set(slot.where.get("gpu_ids") or ())
+        mates = [s for s in self.slots if s is not slot and s.state not in ENDED_STATES
+                 and s.where.get("node_id") == node and cards & set(s.where.get("gpu_ids") or ())]
+        if not cards or not mates:
+            return
+        message = (f"retired after {slot.ooms} out-of-memory errors in a row; its card on {slot.where.get('host')} "
+                   f"now runs {len(mates)} worker(s) for the rest of the sweep")
+        self._drop(slot)
+        slot.state = "retired"
+        self.ledger.set_worker(slot.id, state="retired", job=None, message=message)
+        slot.log.error(message)
 
     def _adopt(self, job, answer: dict) -> None:
         """Write a streamed mp4 into the driver's output folder: temp file beside it → check → rename."""
@@ -915,6 +934,7 @@ class RayExecutor(Executor):
             # A cluster joined through loopback: this driver must say 127.0.0.1 too, not the machine's
             # outward address, or the nodes cannot reach it back.
             options["_node_ip_address"] = "127.0.0.1"
+        _check_reachable(address)
         try:
             ray.init(address=address, **options)
         except ConnectionError as exc:
@@ -1030,6 +1050,21 @@ class RayExecutor(Executor):
             return signalled
         finally:
             ledger.close()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once where nothing listens at HOST:PORT: Ray itself keeps retrying for minutes."""
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except ValueError:
+        raise ExecutorError(f"ray_address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379) or `auto`") from None
+    except OSError as exc:
+        raise ExecutorError(f"nothing answers at the Ray address {address} ({exc}): is `ray start --head` "
+                            "running there, and is the port open?") from None
 
 
 def _kill(pid: int) -> int:

@@ -255,3 +255,26 @@ def test_wan22_two_expert_layout_and_named_files(tiny, tmp_path):
     files, problems = model_files(a14b, {"model_files": {"dit": "low_noise_model/*.safetensors", "vae": "nope.pth"}})
     assert len(files["dit"]) == 1 and files["dit"][0][0].endswith("low_noise_model/diffusion_pytorch_model.safetensors")
     assert [(p.key, "nope.pth" in p.message) for p in problems] == [("model.options.model_files.vae", True)]
+
+
+def test_i2v_starts_from_the_image_and_encodes_each_image_once(tmp_path):
+    """A tiny image-to-video DiT in the manner of Wan2.2 I2V-A14B (36 input channels, no CLIP)."""
+    from PIL import Image
+
+    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    folder = build_tiny_checkpoint(tmp_path / "i2v", task="i2v")
+    images = []
+    for name, level in (("dark", 30), ("light", 220)):
+        Image.fromarray(np.full((40, 48, 3), level, dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        images.append(tmp_path / f"{name}.png")
+    backend = _backend(folder, task="i2v")
+    encodes = []
+    vae_encode = backend.pipe.vae.encode
+    backend.pipe.vae.encode = lambda *a, **k: encodes.append(1) or vae_encode(*a, **k)
+    first = backend.generate(_job(seed=1, reference=images[0]), lambda s, n: None)
+    again = backend.generate(_job(seed=1, reference=images[0]), lambda s, n: None)
+    assert backend.job_info()["reference_encoding_reused"] is True
+    other = backend.generate(_job(seed=1, reference=images[1]), lambda s, n: None)
+    assert len(encodes) == 2 and np.array_equal(first, again) and not np.array_equal(first, other)
+    assert np.array_equal(_backend(folder, task="i2v").generate(_job(seed=1, reference=images[0]),
+                                                                lambda s, n: None), first)

@@ -54,14 +54,16 @@ Per job: DiffSynth's own seed argument with `rand_device="cpu"` (the initial noi
 `torch.Generator`, so a seed gives the same video on any card, and a rerun the same frames); the
 pipeline's progress iterator reports each step; CUDA out-of-memory becomes `OutOfMemory`.
 
-Two caches, both by replacing one of the pipeline's units (DiffSynth runs a list of `PipelineUnit`s
+Caches, each by replacing one of the pipeline's units (DiffSynth runs a list of `PipelineUnit`s
 before denoising, each turning inputs into tensors) with a subclass that remembers its output:
   - prompt embeddings (`WanVideoUnit_PromptEmbedder`), per worker: each prompt runs with every seed,
     and the negative prompt with every job, so the text encoder runs once per prompt;
   - the VAE-encoded reference video (`WanVideoUnit_InputVideoEmbedder`), per reference: the encoding
     depends only on the clip and the tiling, so the jobs of one video (prompts × seeds) encode it once;
-    the noise is still mixed in per job (`scheduler.add_noise` with the job's noise).
-For i2v the image units (VAE and CLIP embeddings of the first frame) are cheap and run per job.
+    the noise is still mixed in per job (`scheduler.add_noise` with the job's noise);
+  - in i2v, likewise per image, the VAE encoding of the first frame followed by empty frames (as
+    costly as encoding a clip) and its CLIP embedding (`WanVideoUnit_ImageEmbedderVAE`, `..CLIP`).
+TI2V-5B's fused first-frame latents depend on the job's noise and are encoded per job (one frame).
 
 Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline (`build_tiny_checkpoint`)
 from DiffSynth's component classes with tiny configurations. DiffSynth's loader only recognises
@@ -697,8 +699,35 @@ class DiffSynthWanBackend(Backend):
                         backend.reference_latents.popitem(last=False)
                 return out
 
+        def per_image(unit_class):
+            """An i2v unit whose output depends on the first frame and the worker's fixed settings only
+            (the VAE encoding of the frame followed by empty frames, its CLIP embedding): kept per image."""
+            class CachedPerImage(unit_class):
+                def process(self, pipe, **inputs) -> dict:
+                    image = inputs.get("input_image")
+                    key = getattr(image, "cache_key", None)
+                    if key is None or inputs.get("end_image") is not None:
+                        return super().process(pipe, **inputs)
+                    key = (unit_class.__name__, key, repr(sorted((k, v) for k, v in inputs.items()
+                                                                 if k not in ("input_image", "end_image"))))
+                    out = backend.reference_latents.get(key)
+                    if out is not None:
+                        backend.reference_latents.move_to_end(key)
+                        backend._job["reference_encoding_reused"] = True
+                        return dict(out)
+                    out = super().process(pipe, **inputs)
+                    if out:  # {} where the model has no use for it (no CLIP encoder, say)
+                        backend._job["reference_encoding_reused"] = False
+                        backend.reference_latents[key] = dict(out)
+                        while len(backend.reference_latents) > 2 * reference_limit:
+                            backend.reference_latents.popitem(last=False)
+                    return out
+            return CachedPerImage
+
         replacements = {wv.WanVideoUnit_PromptEmbedder: CachedPromptEmbedder,
-                        wv.WanVideoUnit_InputVideoEmbedder: CachedInputVideoEmbedder}
+                        wv.WanVideoUnit_InputVideoEmbedder: CachedInputVideoEmbedder,
+                        wv.WanVideoUnit_ImageEmbedderVAE: per_image(wv.WanVideoUnit_ImageEmbedderVAE),
+                        wv.WanVideoUnit_ImageEmbedderCLIP: per_image(wv.WanVideoUnit_ImageEmbedderCLIP)}
         replaced = 0
         for index, unit in enumerate(pipe.units):
             if type(unit) in replacements:
@@ -737,7 +766,9 @@ class DiffSynthWanBackend(Backend):
                 kwargs["denoising_strength"] = g.denoising_strength
             elif self.model.task == "i2v":
                 from PIL import Image
-                kwargs["input_image"] = Image.fromarray(self.references.image(job.reference))
+                image = Image.fromarray(self.references.image(job.reference))
+                image.cache_key = job.reference  # for the per-image caches
+                kwargs["input_image"] = image
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
             video = self.pipe(**kwargs)
             frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -890,12 +921,14 @@ def offline_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
+def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
     """A tiny random-weight Wan model in the original file layout, for tests: its videos are noise.
 
     DiffSynth's file loader only recognises full-size files, so the folder carries `TINY_MARKER`,
     naming each file's class and configuration; the backend loads a folder with that marker without
-    the recognition (see the module docstring). Returns the folder.
+    the recognition (see the module docstring). `task="i2v"` makes the DiT an image-to-video one in the
+    manner of Wan2.2 I2V-A14B (36 input channels: the first frame's VAE encoding; no CLIP encoder).
+    Returns the folder.
     """
     import torch
     from diffsynth.models.wan_video_dit import WanModel
@@ -906,7 +939,10 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    dit = WanModel(**TINY["dit"]["extra_kwargs"])
+    components = json.loads(json.dumps(TINY))
+    if task == "i2v":
+        components["dit"]["extra_kwargs"].update(in_dim=36, require_clip_embedding=False)
+    dit = WanModel(**components["dit"]["extra_kwargs"])
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
     text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
     torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
@@ -915,10 +951,10 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
     torch.save(VideoVAE_(dim=vae["dim"], z_dim=vae["z_dim"], dim_mult=vae["dim_mult"],
                          num_res_blocks=vae["num_res_blocks"]).state_dict(), folder / "Wan2.1_VAE.pth")
     offline_tokenizer(folder / TOKENIZER)
-    (folder / "config.json").write_text(json.dumps({"model_type": "t2v", **TINY["dit"]["extra_kwargs"]}),
+    (folder / "config.json").write_text(json.dumps({"model_type": task, **components["dit"]["extra_kwargs"]}),
                                         encoding="utf-8")
     (folder / TINY_MARKER).write_text(json.dumps({
         "note": "tiny random weights for tests; wan-sweep's diffsynth backend loads this folder with these "
                 "classes because DiffSynth's loader only recognises full-size files",
-        "components": TINY}, indent=1), encoding="utf-8")
+        "components": components}, indent=1), encoding="utf-8")
     return folder

@@ -46,14 +46,9 @@ def ray_cluster(monkeypatch):
 
 def ray_manifest(**overrides) -> dict:
     """Two workers per logical GPU: four actors, two on each node."""
-    manifest = synthetic_manifest(resources={"workers_per_gpu": 2},
-                                  execution={"executor": "ray", "heartbeat_timeout_s": 20})
-    for key, value in overrides.items():
-        if key in ("model", "generation", "resources", "execution"):
-            manifest[key] = {**manifest[key], **value, **({"options": {**manifest[key].get("options", {}), **value.get("options", {})}} if key == "model" else {})}
-        else:
-            manifest[key] = value
-    return manifest
+    overrides["resources"] = {"workers_per_gpu": 2, **overrides.get("resources", {})}
+    overrides["execution"] = {"executor": "ray", "heartbeat_timeout_s": 20, **overrides.get("execution", {})}
+    return synthetic_manifest(**overrides)
 
 
 def _mp4s(out: Path) -> list[Path]:

@@ -11,6 +11,7 @@
 # Prints, per model: load time (per component), seconds per step, seconds per video, peak memory per
 # worker (torch's reserved, and NVML's memory.used with the CUDA context), and how long the GPU idled
 # between jobs (sidecar timelines, and nvidia-smi utilisation sampled every 200 ms).
+# $OUT gets at most 5 files: diffsynth_machine.txt, diffsynth_build.log, diffsynth_{13,14,13resident}.log.
 # Disk: 1.3B set 14.8 GB (DiT 2.8, text encoder 11.4, VAE 0.5) + 14B DiT 28.6 GB (the rest linked).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -47,7 +48,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 build() {  # build NAME SIZE FOLDER [LINK_FROM]
     local link=""; [ -n "${4:-}" ] && link="--link-from $4"
     if [ -f "$3/.built" ]; then echo "$1: already built"; return 0; fi
-    python3 bench/gpu_diffsynth_build.py "$3" --size "$2" --device cuda $link 2>&1 | tee "$OUT/diffsynth_build_$1.log"
+    python3 bench/gpu_diffsynth_build.py "$3" --size "$2" --device cuda $link 2>&1 | tee -a "$OUT/diffsynth_build.log"
     [ "${PIPESTATUS[0]}" = 0 ] && touch "$3/.built"
 }
 
@@ -55,14 +56,14 @@ sweep() {  # sweep NAME MODEL JOBS OPTIONS_JSON TIMEOUT
     local name=$1 work=$ROOT_DIR/work_$1
     rm -rf "$work"
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 \
-        > "$OUT/diffsynth_util_$name.csv" 2>/dev/null &
+        > "$ROOT_DIR/util_$name.csv" 2>/dev/null &
     local smi=$!
     echo "== $name: $2, v2v 832x480x81, $STEPS steps, $3 videos, options $4 ($(elapsed)s into the script)"
     python3 bench/gpu_backends.py --backend diffsynth --model "$2" --work "$work" --task v2v --steps "$STEPS" \
         --jobs "$3" --options "$4" --timeout "$5" 2>&1 | grep -v "it/s\]\|^Loading\|^Using\|^\s*[\"{}\[]" \
         | tee "$OUT/diffsynth_$name.log"
     kill $smi 2>/dev/null; wait $smi 2>/dev/null
-    python3 - "$work" "$OUT/diffsynth_util_$name.csv" <<'EOF' 2>&1 | tee -a "$OUT/diffsynth_$name.log"
+    python3 - "$work" "$ROOT_DIR/util_$name.csv" <<'EOF' 2>&1 | tee -a "$OUT/diffsynth_$name.log"
 import json, sys
 from datetime import datetime
 from pathlib import Path

@@ -454,6 +454,7 @@ def _inspect_diffusers(root: Path, reader: _Reader) -> Checkpoint:
         if not folder.is_dir():
             reader.problem(f"{name}/", f"missing: model_index.json names component `{name}` ({cls}), but there "
                            "is no such folder", layout=True)
+            checkpoint.components.append(Component(name, "missing", f"{name}/", cls))
             continue
         kind = _folder_kind(folder)
         component = Component(name, kind, f"{name}/", cls)
@@ -482,6 +483,7 @@ def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
             if not folder.is_dir():
                 reader.problem(f"{name}/", "missing: a Wan 2.2 A14B checkpoint has both experts "
                                "(high_noise_model/ and low_noise_model/)", layout=True)
+                checkpoint.components.append(Component(name, "missing", f"{name}/", "Wan DiT (expert)"))
                 continue
             component = Component(name, "weights", f"{name}/", "Wan DiT (expert)")
             if (folder / "config.json").exists():
@@ -506,6 +508,7 @@ def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
         found = sorted(root.glob(pattern))
         if not found:
             reader.problem(example, f"missing (the {cls})", layout=True)
+            checkpoint.components.append(Component(name, "missing", example, cls))
             continue
         weights = reader.file(found[0])
         checkpoint.components.append(Component(name, "weights", found[0].name, cls,
@@ -518,6 +521,7 @@ def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
     if not tokenizer.is_dir() or not any((tokenizer / n).exists() for n in TOKENIZER_FILES):
         reader.problem("google/umt5-xxl/", "missing or empty (the text encoder's tokenizer: tokenizer.json, "
                        "spiece.model, tokenizer_config.json)", layout=True)
+        checkpoint.components.append(Component("tokenizer", "missing", "google/umt5-xxl/", "umT5 tokenizer"))
     else:
         checkpoint.components.append(Component("tokenizer", "tokenizer", "google/umt5-xxl/", "umT5 tokenizer"))
     return checkpoint
@@ -576,7 +580,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def format_status(checkpoint: Checkpoint) -> str:
     def state(c: Component) -> str:
-        prefix = c.where.rstrip("*.safetensors") if c.where.endswith("*.safetensors") else c.where
+        prefix = c.where.split("*")[0]
         return "BROKEN" if any(p.where.startswith(prefix) for p in checkpoint.problems) else "ok"
 
     rows = []
@@ -1169,23 +1173,22 @@ class GpuKind:
     usable_bytes: int  # free memory now (this machine), or the whole card (a card named by size)
 
 
-_GPU_SPEC = re.compile(
-    r"^\s*(?:(?P<count1>\d+)\s*[x×*]\s*)?(?P<size>\d+(?:\.\d+)?)\s*(?P<unit>gib|gb|g|mib|mb)?"
-    r"\s*(?:[x×*]\s*(?P<count2>\d+))?\s*$", re.IGNORECASE)
-
-
 def parse_gpu(text: str) -> GpuKind:
     """`24GB x2`, `24GBx2`, `2x24GB`, `80GB`, `48`, `16GiB x4`: memory per card and how many.
 
     A card sold as "24 GB" has 24 GiB (24576 MiB); so GB and GiB both mean GiB here, MB and MiB MiB."""
-    match = _GPU_SPEC.match(text or "")
-    if not match or (match["count1"] and match["count2"]):
+    text = (text or "").strip()
+    match = (re.fullmatch(r"(?P<size>\d+(?:\.\d+)?)\s*(?P<unit>gib|gb|g|mib|mb)?\s*(?:[x×*]\s*(?P<count>\d+))?",
+                          text, re.IGNORECASE)
+             or re.fullmatch(r"(?P<count>\d+)\s*[x×*]\s*(?P<size>\d+(?:\.\d+)?)\s*(?P<unit>gib|gb|g|mib|mb)",
+                             text, re.IGNORECASE))
+    if not match:
         raise ValueError(f"cannot read GPU {text!r}: write memory per card and an optional count, e.g. "
                          "`24GB x2`, `80GB`, `2x24GB`")
     size = float(match["size"])
     unit = (match["unit"] or "gb").lower()
     total = int(size * (1024**2 if unit in ("mb", "mib") else GIB))
-    count = int(match["count1"] or match["count2"] or 1)
+    count = int(match["count"] or 1)
     if total <= 0 or count <= 0:
         raise ValueError(f"GPU {text!r}: memory and count must be positive")
     label = f"{size:g} GB card" if unit not in ("mb", "mib") else f"{size:g} MB card"
@@ -1328,10 +1331,10 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
         strategy = strategy_for_options(backend, options or {}, profile.cards)
         e = estimate(model, settings, strategy, profile.cards)
         if profile.fits and profile.peak_nvml_bytes:
-            ratio = e.per_card / profile.peak_nvml_bytes - 1
+            percent = round(100 * (e.per_card / profile.peak_nvml_bytes - 1))
             lines.append(f"measured   {profile.gpu_name} ×{profile.cards}: peak {_gib(profile.peak_nvml_bytes)} per "
                          f"worker (NVML, calibration {profile.created_at or '?'}); estimate for these options "
-                         f"({e.label}): {_gib(e.per_card)} ({ratio:+.0%}) [{path}]")
+                         f"({e.label}): {_gib(e.per_card)} ({percent:+d}%) [{path}]")
         else:
             lines.append(f"measured   {profile.gpu_name} ×{profile.cards}: one worker ran out of memory "
                          f"(estimate {_gib(e.per_card)}) [{path}]")

@@ -235,7 +235,8 @@ def test_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, check
     path = write_manifest(synthetic_manifest(
         model={"backend": "diffusers", "task": task, "path": str(checkpoint), "dtype": "float32",
                "options": {"vae_tiling": True, "vae_slicing": True, "prompt_cache": 8}},
-        generation={**SMALL, "denoising_strength": 0.5}, seeds=[1, 2], categories=categories,
+        generation={**SMALL, "steps": 4 if task == "v2v" else 2, "denoising_strength": 0.5}, seeds=[1, 2],
+        categories=categories,
         resources={"cpu_slots": 1}))
     result = cli("run", str(path), "--executor", "local", "--no-progress", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -248,6 +249,6 @@ def test_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, check
     assert sidecar["settings"]["options"] == {"vae_tiling": True}  # the others do not change pixels
     assert sidecar["load"]["load_seconds"] > 0 and "transformer" in sidecar["load"]["components"]
     assert sidecar["load"]["model_files"]["weights"]  # names and sizes of the weight files
-    assert sidecar["seconds_per_step"] > 0 and sidecar["steps"] == (1 if task == "v2v" else 2)
+    assert sidecar["seconds_per_step"] > 0 and sidecar["steps"] == 2  # v2v: 4 steps × strength 0.5
     log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
     assert "model loaded in" in log and "transformer" in log

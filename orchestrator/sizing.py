@@ -260,7 +260,20 @@ class Sizer:
         for start in range(0, len(gpus) - per_worker + 1, per_worker):
             cards = gpus[start:start + per_worker]
             queue = "gpu" + "+".join(str(g.index) for g in cards)
-            profile, source = self.profile(manifest, cards, probe)
+            if requested != "auto" and not self.recalibrate:
+                # An explicit count is obeyed; it is checked against a profile measured before, but
+                # never calibrated for (a real job of a 14B model costs minutes): --recalibrate does.
+                cached = self.cache.get(profile_key(manifest, " + ".join(dict.fromkeys(g.name for g in cards)),
+                                                    len(cards)))
+                if cached is None:
+                    groups.append(DeviceGroup(queue=queue, devices=tuple(g.index for g in cards), workers=requested,
+                                              reason=f"workers_per_gpu: {requested} (from the manifest; not measured "
+                                                     "here yet: `plan --recalibrate` checks that it fits)",
+                                              gpus=tuple(cards)))
+                    continue
+                profile, source = cached, "cached"
+            else:
+                profile, source = self.profile(manifest, cards, probe)
             self.profiles[queue] = (profile, source)
             free = min(g.free_bytes for g in cards)
             if not profile.fits:
@@ -383,8 +396,10 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     devices = tuple(g.index for g in cards)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="calibration-", dir=_scratch(manifest)))
+    # A v2v or i2v model needs its reference: the probes use the manifest's first one.
+    reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
     config = {"model": asdict(manifest.model), "generation": asdict(manifest.generation), "devices": devices,
-              "workdir": str(work)}
+              "workdir": str(work), "reference": reference}
     (work / "config.json").write_text(json.dumps(config), encoding="utf-8")
     env = python_env()
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -513,7 +528,9 @@ def probe(config_path: str, index: int) -> int:
         os.replace(temp, work / name)
 
     def job(n: int) -> Job:
-        return Job(id=f"calibration-{index}-{n}", ordinal=n, category="calibration", stem=None, reference=None,
+        reference = config.get("reference")
+        return Job(id=f"calibration-{index}-{n}", ordinal=n, category="calibration",
+                   stem="calibration" if reference else None, reference=reference,
                    prompt_index=n, prompt=f"calibration prompt {n}: a red ball rolls across a wooden table",
                    seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"))
 

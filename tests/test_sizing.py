@@ -116,7 +116,12 @@ def test_model_that_needs_two_cards_groups_them(diffusers_manifest, tmp_path):
 
 def test_explicit_count_that_does_not_fit_is_obeyed_with_a_warning(diffusers_manifest, tmp_path):
     calibrator = FakeCalibrator({"FAKE RTX 3060 12GB": 5.0}, {1: 100.0})
-    plan, _ = plan_with(diffusers_manifest(workers_per_gpu=3), [("FAKE RTX 3060 12GB", 12, 0)], calibrator, tmp_path)
+    manifest = diffusers_manifest(workers_per_gpu=3)
+    plan, _ = plan_with(manifest, [("FAKE RTX 3060 12GB", 12, 0)], calibrator, tmp_path)
+    (group,) = plan.groups
+    assert group.workers == 3 and "not measured here yet" in group.reason
+    assert calibrator.calls == []  # an explicit count costs no calibration job unless asked
+    plan, _ = plan_with(manifest, [("FAKE RTX 3060 12GB", 12, 0)], calibrator, tmp_path, recalibrate=True)
     (group,) = plan.groups
     assert group.workers == 3 and "DOES NOT FIT" in group.reason
     warning = next(n for n in plan.notes if n.startswith("WARNING gpu0"))

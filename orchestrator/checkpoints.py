@@ -623,6 +623,7 @@ _BUILD_LOCK = threading.Lock()
 READ_CHUNK = 16 << 20
 READ_THREADS = 8
 PREFETCH_RAM_SHARE = 0.5  # read ahead only what fits in this share of the available memory
+PARALLEL_MIN_BYTES = 64 << 20  # below this, threads cost more than they save (bench/load_time.py, tiny)
 LIBRARIES = ("diffusers", "transformers")
 
 
@@ -779,7 +780,8 @@ def load_components(folder: str | os.PathLike, dtype, parallel: bool = True, nam
     device    where model components go (`device_map=` of from_pretrained): None (the CPU), a device,
               or {name: device}; tokenizers, schedulers and processors stay on the CPU
     prefetch  read ahead (default: = parallel); skipped when the files would not fit in half the
-              available memory (they would push each other out of the page cache)
+              available memory (they would push each other out of the page cache). Left at None, a
+              checkpoint under PARALLEL_MIN_BYTES loads sequentially: there is nothing to overlap
     detail    a dict to fill with {name: {seconds, read_seconds, build_seconds, wait_seconds, bytes}}
 
     Returns (components, seconds): {name: object}, and {name: seconds it took}: reading its files ahead
@@ -807,7 +809,7 @@ def load_components(folder: str | os.PathLike, dtype, parallel: bool = True, nam
     files = {n: component_weight_files(root / n) if is_model[n] else [] for n in wanted}
     sizes = {n: sum(f.stat().st_size for f in files[n]) for n in wanted}
     if prefetch is None:
-        prefetch = parallel
+        prefetch = parallel = parallel and sum(sizes.values()) >= PARALLEL_MIN_BYTES
     if prefetch:
         try:
             import psutil

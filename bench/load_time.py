@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {p.relative_to(folder).parts[0]: 0 for p in files_of(folder)}
     for path in files_of(folder):
         sizes[path.relative_to(folder).parts[0]] += path.stat().st_size
-    print("files: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in sorted(sizes.items()) if v > 1e3)
-          + f" (total {sum(sizes.values()) / 1e9:.3f} GB)", flush=True)
+    from orchestrator.checkpoints import _bytes
+    print("files: " + ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(sizes.items()) if v > 1e3)
+          + f" (total {_bytes(sum(sizes.values()))})", flush=True)
     modes = [m for m in args.modes.split(",") if m]
     rows = []
     for cache in [c for c in args.caches.split(",") if c]:

@@ -1068,6 +1068,7 @@ class Estimate:
     per_card: int  # bytes on the most loaded card, CUDA context included
     weights: int  # bytes of weights on that card
     working: int  # bytes of working memory on that card
+    host: int = 0  # bytes of weights each worker keeps in CPU memory instead
 
     @property
     def label(self) -> str:
@@ -1076,6 +1077,16 @@ class Estimate:
 
 def estimate(model: list[Part], settings: Settings, strategy: str, cards: int = 1) -> Estimate:
     """One worker's peak GPU memory per card under `strategy` (over `cards` cards for device_map/fsdp)."""
+    result = _estimate(model, settings, strategy, cards)
+    if strategy in ("text_encoder_cpu", "vae_cpu", "model_offload", "block_offload", "int8_offload"):
+        total = sum(p.params * settings.b for p in model)
+        if strategy == "int8_offload":
+            total -= sum(p.quantizable * (settings.b - 1) for p in model if p.role in ("denoiser", "text"))
+        result.host = max(0, int(total - (result.weights if strategy != "model_offload" else 0)))
+    return result
+
+
+def _estimate(model: list[Part], settings: Settings, strategy: str, cards: int) -> Estimate:
     b = settings.b
     ws = working_sets(model, settings)
     weights = {p.name: p.params * b for p in model}
@@ -1272,13 +1283,14 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
             if strategy == "text_encoder_cpu" and not any(p.role == "text" for p in model):
                 continue
             estimates.append(estimate(model, settings, strategy, k))
-    header = ["strategy", "per card", "weights", "working", f"{backend} backend"]
+    header = ["strategy", "per card", "weights", "working", "host RAM", f"{backend} backend"]
     rows = []
     for e in estimates:
         entry = _backend_entry(backend, e.strategy, e.cards)
         how = ("model.options " + _yaml_flow(entry[0]) if entry[0] else "(default)") if entry else \
             (f"not here; backend {_other_backend(e.strategy)}" if _other_backend(e.strategy) else "no backend offers it")
-        rows.append([e.label, _gib(e.per_card), _gib(e.weights), _gib(e.working), how])
+        rows.append([e.label, _gib(e.per_card), _gib(e.weights), _gib(e.working), _gib(e.host) if e.host else "-",
+                     how])
     lines += ["One worker's peak GPU memory per card (estimate: CUDA context "
               f"{_gib(CUDA_CONTEXT)} + weights on the card + the largest working set there):", _table(header, rows), ""]
 
@@ -1315,7 +1327,8 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
                 e, n = here[0]
                 opts, res = _backend_entry(backend, e.strategy, e.cards)
                 lines.append(f"{title}: use {e.label}: {_gib(e.per_card)} per card"
-                             + (f", {n} fit per card" if e.cards == 1 else "") + f" (backend {backend})")
+                             + (f", {n} fit per card" if e.cards == 1 else "") + f" (backend {backend})"
+                             + (f"; each worker keeps {_gib(e.host)} of weights in host memory" if e.host else ""))
                 merged = dict(options or {})
                 for key in _memory_keys(backend):
                     merged.pop(key, None)

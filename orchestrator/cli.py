@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     status = models_sub.add_parser("status", help="is the checkpoint complete? each component's size and dtype")
     status.add_argument("target", metavar="PATH_OR_MANIFEST")
     fit = models_sub.add_parser("fit", help="GPU memory per worker for each strategy, and what fits where")
-    fit.add_argument("target", metavar="MANIFEST_OR_PATH")
+    fit.add_argument("target", metavar="MANIFEST_OR_PATH", nargs="?")
     fit.add_argument("--gpu", nargs="+", action="append", metavar="SPEC",
                      help="a GPU to size for instead of this machine's, e.g. `--gpu 24GB x2` (repeatable)")
     fit.add_argument("--size", help="for a checkpoint path: WIDTHxHEIGHT (default 832x480)")
@@ -359,6 +359,12 @@ def cmd_models(args) -> int:
             checkpoint = checkpoints.download(args.repo_id, args.to)
             print(checkpoints.format_status(checkpoint))
             return 0
+        if args.models_command == "fit" and args.target is None:
+            # `fit --gpu 24GB x2 MANIFEST`: the --gpu words took the manifest too
+            if args.gpu and len(args.gpu[-1]) > 1 and os.path.exists(args.gpu[-1][-1]):
+                args.target = args.gpu[-1].pop()
+            else:
+                raise UserError("models fit needs a manifest or a checkpoint path")
         path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
         if args.models_command == "status":
             checkpoint = checkpoints.inspect(path)

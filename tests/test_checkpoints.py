@@ -363,6 +363,8 @@ def test_fit_cli_says_what_fits_on_named_and_fake_gpus(tmp_path):
     assert "also fits: 8-bit + model offload" in out  # faster, but no backend offers it yet
     fake = cli("models", "fit", str(folder), env={"ORCHESTRATOR_FAKE_GPUS": "FAKE RTX 3090:24:1;FAKE RTX 3090:24:0"})
     assert fake.returncode == 0 and "FAKE RTX 3090 ×2 (23.0 GiB)" in fake.stdout, fake.stderr
+    before = cli("models", "fit", "--gpu", "24GB", "x2", str(folder))  # the path after the --gpu words
+    assert before.returncode == 0 and "24 GB card ×2: use block offload" in before.stdout, before.stderr
     bad = cli("models", "fit", str(folder), "--gpu", "lots")
     assert bad.returncode == 2 and "cannot read GPU 'lots'" in bad.stderr
 

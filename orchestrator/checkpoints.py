@@ -47,6 +47,7 @@ STORAGE_DTYPES = {"FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": 
 RUN_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of old torch.save
 FIX = ("download it again into the same folder (`python run_experiment.py models download REPO_ID --to "
        "{root}` resumes and fetches only what is missing or broken), or point model.path at a complete copy")
 
@@ -73,10 +74,6 @@ class WeightFile:
     @property
     def params(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensors.values())
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(math.prod(shape) * ST_BYTES.get(dtype, 0) for dtype, shape in self.tensors.values())
 
 
 class _Broken(Exception):
@@ -180,6 +177,10 @@ def read_pth(path: Path) -> WeightFile:
     if size == 0:
         raise _Broken("empty file (0 bytes)")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as stream:
+            if stream.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC:
+                # torch.save before 1.6: one pickle stream, no directory to check it against
+                return WeightFile(path, size, note="legacy torch.save format: its completeness is not checked")
         raise _Broken(f"not a readable torch.save archive ({size:,} bytes, no zip directory at its end): "
                       "truncated or corrupt")
     with zipfile.ZipFile(path) as archive:
@@ -502,17 +503,19 @@ def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
                            "(diffusion_pytorch_model*.safetensors, or high_noise_model/ and low_noise_model/)",
                            layout=True)
         checkpoint.components.append(component)
-    for name, pattern, cls, example in (
-            ("text_encoder", "models_t5*.pth", "umT5-XXL encoder", "models_t5_umt5-xxl-enc-bf16.pth"),
-            ("vae", "Wan2.*_VAE.pth", "Wan VAE", "Wan2.1_VAE.pth")):
-        found = sorted(root.glob(pattern))
+    for name, stem, cls, example in (
+            ("text_encoder", "models_t5*", "umT5-XXL encoder", "models_t5_umt5-xxl-enc-bf16.pth"),
+            ("vae", "Wan2.*_VAE", "Wan VAE", "Wan2.1_VAE.pth")):
+        # a .safetensors of the same stem may stand beside or instead of the .pth (DiffSynth prefers it)
+        found = sorted(root.glob(f"{stem}.safetensors")) + sorted(root.glob(f"{stem}.pth"))
         if not found:
             reader.problem(example, f"missing (the {cls})", layout=True)
             checkpoint.components.append(Component(name, "missing", example, cls))
             continue
-        weights = reader.file(found[0])
-        checkpoint.components.append(Component(name, "weights", found[0].name, cls,
-                                               [weights] if weights else []))
+        files = [reader.file(path) for path in found]
+        checkpoint.components.append(Component(name, "weights", found[0].name, cls, [w for w in files[:1] if w]))
+        for path in found[1:]:
+            checkpoint.notes.append(f"{path.name}: also there, checked; {found[0].name} is the one counted")
     for found in sorted(root.glob("models_clip_*.pth")):
         weights = reader.file(found)
         checkpoint.components.append(Component("image_encoder", "weights", found.name, "CLIP image encoder",
@@ -616,8 +619,9 @@ def format_status(checkpoint: Checkpoint) -> str:
 # So one `from_pretrained` of a model runs at a time, and what runs in parallel is the part that is
 # slow and safe: reading the weight files from disk into the page cache (large reads; the GIL is
 # released while the kernel reads). Each model's build then maps its safetensors (from_pretrained's
-# default, memory-mapped) from memory. Tokenizers, schedulers and processors touch none of that
-# state and load outside the lock.
+# default, memory-mapped) from memory. Tokenizers and schedulers build under the same lock: they are
+# quick, and a scheduler making a tensor while another build has changed the default dtype would
+# inherit that dtype.
 
 _BUILD_LOCK = threading.Lock()
 READ_CHUNK = 16 << 20
@@ -857,17 +861,14 @@ def load_components(folder: str | os.PathLike, dtype, parallel: bool = True, nam
                     t0 = time.perf_counter()
                     spans = [reads[p].result() for p in files[name] if p in reads]
                     t1 = time.perf_counter()
-                    if is_model[name]:
-                        with _BUILD_LOCK:
-                            t2 = time.perf_counter()
-                            obj = _build(classes[name], root / name, torch_dtype, device_of(name), True)
-                    else:
+                    with _BUILD_LOCK:
                         t2 = time.perf_counter()
-                        obj = _build(classes[name], root / name, torch_dtype, None, False)
+                        obj = _build(classes[name], root / name, torch_dtype,
+                                     device_of(name) if is_model[name] else None, is_model[name])
                     t3 = time.perf_counter()
                     read = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
                     info[name].update(read_seconds=read, build_seconds=t3 - t2,
-                                      wait_seconds=(t1 - t0 - read if spans else 0.0) + (t2 - t1))
+                                      wait_seconds=max(0.0, t1 - t0 - read) + (t2 - t1))
                     return obj
 
                 futures = {name: loaders.submit(load, name) for name in order}
@@ -1406,7 +1407,7 @@ def remove_broken(folder: Path) -> list[str]:
 
 
 def download(repo_id: str, to: str | os.PathLike, revision: str | None = None,
-             say: Callable[[str], None] = print) -> Checkpoint:
+             say: Callable[[str], None] = print) -> Checkpoint | None:
     """`huggingface_hub.snapshot_download(repo_id, local_dir=to)`: resumable (an interrupted file goes
     on where it stopped), files already complete are skipped; then the result is verified."""
     if not REPO_ID.match(repo_id or ""):
@@ -1434,4 +1435,8 @@ def download(repo_id: str, to: str | os.PathLike, revision: str | None = None,
         raise DownloadError(f"download of {repo_id} into {target} failed: {type(exc).__name__}: {reason}\n"
                             "What arrived is kept; run the same command again to resume (check the repository "
                             "id, your network, and `huggingface-cli login` for gated repositories)") from None
+    if detect_layout(target) is None:
+        say(f"downloaded {repo_id} into {target}; it is not a checkpoint layout `models status` knows, so it "
+            "was not checked")
+        return None
     return verify(target)

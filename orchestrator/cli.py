@@ -356,8 +356,9 @@ def cmd_models(args) -> int:
     from . import checkpoints
     try:
         if args.models_command == "download":
-            checkpoint = checkpoints.download(args.repo_id, args.to)
-            print(checkpoints.format_status(checkpoint))
+            checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
+            if checkpoint is not None:
+                print(checkpoints.format_status(checkpoint))
             return 0
         if args.models_command == "fit" and args.target is None:
             # `fit --gpu 24GB x2 MANIFEST`: the --gpu words took the manifest too

@@ -254,6 +254,17 @@ def test_a_lacking_tensor_and_a_foreign_pickle_are_caught_and_nothing_runs(wan21
     assert verify(evil).layout == "single-file" and not (tmp_path / "ran").exists()
 
 
+def test_wan_variants_a_safetensors_text_encoder_and_a_legacy_pth_are_accepted(wan21):
+    t5 = wan21 / "models_t5_umt5-xxl-enc-bf16.pth"
+    save_file({"token_embedding.weight": torch.zeros(100, 32, dtype=torch.bfloat16)}, str(t5.with_suffix(".safetensors")))
+    t5.unlink()
+    vae = wan21 / "Wan2.1_VAE.pth"
+    torch.save({"decoder.head.2.weight": torch.zeros(3, 8, 3, 3, 3)}, vae, _use_new_zipfile_serialization=False)
+    checkpoint = verify(wan21)
+    assert checkpoint.component("text_encoder").where == "models_t5_umt5-xxl-enc-bf16.safetensors"
+    assert any("legacy torch.save format" in note for note in checkpoint.notes)
+
+
 def test_verification_reads_headers_not_weights(tmp_path):
     if not Path("/proc/self/io").exists():
         pytest.skip("needs /proc/self/io")

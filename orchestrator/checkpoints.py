@@ -131,6 +131,10 @@ class _Opaque:
         pass
 
 
+class _Dict(dict):
+    """An OrderedDict of a state dict: a dict that also takes the attributes pickle sets (`_metadata`)."""
+
+
 class _TensorRef:
     def __init__(self, storage, offset, size, *rest):
         self.storage = storage if isinstance(storage, _Storage) else None
@@ -143,7 +147,7 @@ class _PthReader(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _Dict
         if module == "torch._utils" and name.startswith("_rebuild_tensor"):
             return _TensorRef
         if module == "torch._utils" and name == "_rebuild_parameter":

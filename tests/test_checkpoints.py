@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -123,11 +124,16 @@ def write_sharded(folder: Path, tensors: dict, shards: int = 2) -> None:
 def write_wan_extras(root: Path) -> None:
     """The text encoder and VAE as torch.save files, and the tokenizer folder, as in a Wan release."""
     g = torch.Generator().manual_seed(1)
-    torch.save({"token_embedding.weight": torch.randn(100, 32, generator=g, dtype=torch.bfloat16),
-                "blocks.0.ffn.fc1.weight": torch.randn(64, 32, generator=g, dtype=torch.bfloat16)},
+
+    def state_dict(**tensors):  # what `torch.save(module.state_dict())` pickles: an OrderedDict with _metadata
+        out = OrderedDict(tensors)
+        out._metadata = OrderedDict({"": {"version": 1}})
+        return out
+    torch.save(state_dict(**{"token_embedding.weight": torch.randn(100, 32, generator=g, dtype=torch.bfloat16),
+                             "blocks.0.ffn.fc1.weight": torch.randn(64, 32, generator=g, dtype=torch.bfloat16)}),
                root / "models_t5_umt5-xxl-enc-bf16.pth")
-    torch.save({"decoder.head.2.weight": torch.randn(3, 8, 3, 3, 3, generator=g),
-                "decoder.head.2.bias": torch.zeros(3)}, root / "Wan2.1_VAE.pth")
+    torch.save(state_dict(**{"decoder.head.2.weight": torch.randn(3, 8, 3, 3, 3, generator=g),
+                             "decoder.head.2.bias": torch.zeros(3)}), root / "Wan2.1_VAE.pth")
     tokenizer = root / "google" / "umt5-xxl"
     tokenizer.mkdir(parents=True)
     (tokenizer / "tokenizer_config.json").write_text("{}", encoding="utf-8")

@@ -991,8 +991,9 @@ def parts(checkpoint: Checkpoint) -> list[Part]:
         part = Part(c.name, role, c.params, quantizable, max(blocks.values(), default=0))
         config = c.config
         if role == "denoiser":
-            shape = tensors.get("patch_embedding.weight", (None, None, None, None, None))[1]
-            part.hidden = int(shape[0]) if shape and shape[0] else int(
+            entry = tensors.get("patch_embedding.weight")  # (dtype, [hidden, in channels, 1, 2, 2])
+            shape = entry[1] if entry else None
+            part.hidden = int(shape[0]) if shape else int(
                 config.get("dim") or config.get("num_attention_heads", 12) * config.get("attention_head_dim", 128))
             part.patch = int(shape[-1]) if shape and len(shape) == 5 else 2
             ffn = _first(tensors, r"blocks\.0\.ffn\.(net\.0\.proj|0)\.weight")
@@ -1438,7 +1439,7 @@ def download(repo_id: str, to: str | os.PathLike, revision: str | None = None,
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise DownloadError(f"download of {repo_id} into {target} failed: {type(exc).__name__}: {reason}\n"
                             "What arrived is kept; run the same command again to resume (check the repository "
-                            "id, your network, and `huggingface-cli login` for gated repositories)") from None
+                            "id, your network, and `hf auth login` for gated repositories)") from None
     if detect_layout(target) is None:
         say(f"downloaded {repo_id} into {target}; it is not a checkpoint layout `models status` knows, so it "
             "was not checked")

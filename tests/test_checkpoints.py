@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import checkpoints
-from orchestrator.checkpoints import (CheckpointError, Settings, estimate, inspect, load_components, parse_gpu,
+from orchestrator.checkpoints import (CheckpointError, Settings, estimate, load_components, parse_gpu,
                                       parts, verify)
 
 from .conftest import ROOT, cli, synthetic_manifest

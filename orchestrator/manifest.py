@@ -283,7 +283,27 @@ def _read_model(reader: _Reader, node) -> ModelConfig | None:
         # a hub id, which the backend resolves.
         if candidate.exists():
             model_path = str(candidate.resolve())
+    options = _resolve_path_options(backend, options, reader.file.parent)
     return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options)
+
+
+def _resolve_path_options(backend: str | None, options: dict, base: Path) -> dict:
+    """The backend's path options made absolute from the manifest's folder: a value with a path
+    separator, or one that exists there (`python3` alone stays a command looked up on PATH)."""
+    from .backends import BACKENDS, backend_class
+    if backend not in BACKENDS:
+        return options
+    resolved = dict(options)
+    for key in backend_class(backend).path_options:
+        value = options.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(os.path.expanduser(value))
+        if not path.is_absolute() and (os.sep in value or (base / path).exists()):
+            resolved[key] = str((base / path).resolve())
+        elif path.is_absolute():
+            resolved[key] = str(path)
+    return resolved
 
 
 def _read_generation(reader: _Reader, node) -> GenerationConfig:
@@ -645,9 +665,9 @@ def _node_at(root, dotted: str):
     for part in dotted.split("."):
         if not isinstance(node, yaml.MappingNode):
             break
-        match = next((value for key, value in node.value
+        match = next(((key, value) for key, value in node.value
                       if isinstance(key, yaml.ScalarNode) and key.value == part), None)
         if match is None:
             break
-        node = found = match
+        found, node = match  # the key's line: a block mapping's value starts on the next one
     return found

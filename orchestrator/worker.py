@@ -248,6 +248,7 @@ def run_worker(spec: WorkerSpec) -> int:
     try:
         started = time.monotonic()
         backend = backend_class(model.backend)(model, generation, spec.devices)
+        backend.owner = spec.worker
         backend.load()
         beat.loading = False
         backend.load_info.setdefault("load_seconds", round(time.monotonic() - started, 2))

@@ -43,12 +43,16 @@ class Backend(ABC):
     measured_sizing: ClassVar[bool] = True  # workers per card come from calibration (sizing.py)
     # Options that change how fast or where a job runs, not its pixels: they stay out of job ids.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
+    # Options naming files or folders: the manifest resolves them against its own folder (workers
+    # never see that folder), as it does model.path.
+    path_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: "ModelConfig", generation: "GenerationConfig", devices: tuple[int, ...]):
         self.model = model
         self.generation = generation
         self.devices = devices
         self.attempt = 1  # which attempt of the current job this is; the worker sets it
+        self.owner = ""  # the worker's id, for temporary files a restarted worker may clean up
         # What `load` found out, recorded in every sidecar: seconds in all and per component, the
         # model files' identity, library versions.
         self.load_info: dict = {}

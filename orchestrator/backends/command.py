@@ -132,7 +132,6 @@ OPTIONS: dict[str, type | tuple] = {
 }
 PRESET_ONLY = ("script", "wan_task", "torchrun", "offload_model", "t5_cpu", "convert_model_dtype",
                "dit_fsdp", "t5_fsdp", "sample_solver")
-PATH_OPTIONS = ("script", "cwd")
 PLACEHOLDERS = ("prompt", "seed", "output", "reference", "width", "height", "size", "num_frames", "steps",
                 "cfg_scale", "cfg_scale_low", "shift", "negative_prompt", "fps", "ckpt_dir", "devices", "nproc",
                 "python")
@@ -179,6 +178,7 @@ class CommandBackend(Backend):
     measured_sizing = False
     runtime_options = frozenset({"python", "torchrun", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
                                  "env", "cwd", "script"})
+    path_options = frozenset({"script", "cwd", "python"})  # resolved by the manifest, like model.path
 
     # ------------------------------------------------------------------------------------------
     # Checks before anything starts
@@ -204,7 +204,6 @@ class CommandBackend(Backend):
                 mistyped = True
         if mistyped:  # the checks below read these values
             return problems
-        _resolve_paths(manifest)
 
         env = options.get("env", {})
         for var, value in env.items():
@@ -425,7 +424,7 @@ class CommandBackend(Backend):
 
     def generate(self, job, progress) -> Path:
         from ..outputs import temp_path_beside
-        temp = temp_path_beside(job.output)
+        temp = temp_path_beside(job.output, owner=self.owner)
         argv = self.command_line(job, str(temp))
         handed_over = False
         try:
@@ -595,21 +594,6 @@ def wan_task_of(model) -> tuple[str, str]:
         if task.lower() in name:
             return task, "model.path"
     return {"i2v": "i2v-A14B"}.get(model.task, "t2v-A14B"), "model.task"
-
-
-def _resolve_paths(manifest) -> None:
-    """Make relative `script`, `cwd` and `python` paths absolute from the manifest's folder.
-
-    The workers see only the options (not the manifest's folder), so they must hold absolute paths;
-    `python` counts as a path only when it names one (`../venv/bin/python`, not `python3`).
-    """
-    options, base = manifest.model.options, manifest.path.parent
-    for key in (*PATH_OPTIONS, "python"):
-        value = options.get(key)
-        if not isinstance(value, str) or not value or (key == "python" and os.sep not in value):
-            continue
-        path = Path(os.path.expanduser(value))
-        options[key] = str(path if path.is_absolute() else (base / path).resolve())
 
 
 def _check_python(options) -> list[BackendProblem]:

@@ -372,6 +372,7 @@ class DiffSynthWanBackend(Backend):
     name = "diffsynth"
     runs_on_cpu = True  # slowly; the CI tests run a tiny pipeline on the CPU
     runtime_options = frozenset({"vram_management", "vram_limit_gib", "prompt_cache", "reference_cache"})
+    path_options = frozenset({"tokenizer"})  # resolved by the manifest against its folder
 
     @classmethod
     def check(cls, manifest) -> list[str | BackendProblem]:

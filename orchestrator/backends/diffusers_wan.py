@@ -400,8 +400,3 @@ class DiffusersWanBackend(Backend):
             self.references.close()
         self._release()
 
-
-def build_random_wan(*args, **kwargs):
-    """Kept for old imports: see `orchestrator.random_checkpoints.build_random_wan`."""
-    from ..random_checkpoints import build_random_wan as build
-    return build(*args, **kwargs)

@@ -55,3 +55,31 @@ def test_the_examples_fail_clearly_before_their_checkpoints_are_downloaded():
     result = cli("plan", str(ROOT / "experiments" / "t2v_a14b_2gpu.yaml"))
     assert result.returncode == 2
     assert "t2v_a14b_2gpu.yaml:9: model.path" in result.stderr and "models download" in result.stderr
+
+
+def test_the_users_motion_transfer_experiment_plans_680_videos_over_four_cards(tmp_path, tiny_video):
+    pytest.importorskip("diffsynth")
+    import yaml
+
+    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    model = build_tiny_checkpoint(tmp_path / "Wan2.1-T2V-14B-stand-in")
+    counts = {"camera_motion": 14, "single_object": 33, "multiple_objects": 13, "complex_human_motion": 8}
+    for category, clips in counts.items():
+        folder = tmp_path / "refs" / category
+        folder.mkdir(parents=True)
+        stems = [f"ref_镜头仰角旋转_{i}" if category == "camera_motion" else f"clip_{i:02d}" for i in range(clips)]
+        for stem in stems:
+            shutil.copy(tiny_video, folder / f"{stem}.mp4")
+        prompts = {stem: [f"prompt {k} for {stem}: \"quoted\" $(not a shell)" for k in range(5)] for stem in stems}
+        (folder / "prompts.yaml").write_text(yaml.safe_dump(prompts, allow_unicode=True), encoding="utf-8")
+    text = (ROOT / "experiments" / "motion_transfer.yaml").read_text(encoding="utf-8")
+    manifest = tmp_path / "motion_transfer.yaml"
+    manifest.write_text(text.replace("path: ../models/Wan2.1-T2V-14B", f"path: {model}"), encoding="utf-8")
+    result = cli("plan", str(manifest), env={"ORCHESTRATOR_FAKE_GPUS": ";".join(["A800 80GB PCIe:80:1"] * 4)})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "jobs       680 (0 already done, 680 to run)" in out
+    for category, clips in counts.items():
+        assert f"  {category:<28} {clips * 10:>6}" in out
+    assert "workers    4: gpu0_worker0, gpu1_worker0, gpu2_worker0, gpu3_worker0" in out
+    assert "settings   832x480, 81 frames @ 15 fps, 50 steps" in out

@@ -81,6 +81,9 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
         raise ValueError(f"variant {variant!r} is built in size tiny only")
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
+
+    def cast(module):  # float32 is what they are built in; casting anyway makes diffusers warn
+        return module if torch_dtype == torch.float32 else module
     extra: dict = {}
     with torch.device(device):
         vae_spec = dict(spec["vae"])
@@ -97,18 +100,18 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
         if variant == "i2v":
             inner = transformer_spec["num_attention_heads"] * transformer_spec["attention_head_dim"]
             transformer_spec.update(image_dim=spec["clip"]["hidden_size"], added_kv_proj_dim=inner)
-        vae = AutoencoderKLWan(**vae_spec).to(torch_dtype)
-        transformer = WanTransformer3DModel(**transformer_spec).to(torch_dtype)
+        vae = cast(AutoencoderKLWan(**vae_spec))
+        transformer = cast(WanTransformer3DModel(**transformer_spec))
         if variant in BOUNDARY:
-            extra["transformer_2"] = WanTransformer3DModel(**transformer_spec).to(torch_dtype)
+            extra["transformer_2"] = cast(WanTransformer3DModel(**transformer_spec))
             extra["boundary_ratio"] = BOUNDARY[variant]
         text_config = UMT5Config(vocab_size=len(VOCAB), pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0, is_encoder_decoder=False, **spec["text"])
-        text_encoder = UMT5EncoderModel(text_config).to(torch_dtype)
+        text_encoder = cast(UMT5EncoderModel(text_config))
         if variant == "i2v":
             from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
             clip = spec["clip"]
-            extra["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**clip)).to(torch_dtype)
+            extra["image_encoder"] = cast(CLIPVisionModel(CLIPVisionConfig(**clip)))
             extra["image_processor"] = CLIPImageProcessor(
                 size={"shortest_edge": clip["image_size"]},
                 crop_size={"height": clip["image_size"], "width": clip["image_size"]})

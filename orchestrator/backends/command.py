@@ -93,6 +93,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import Backend, BackendProblem, OutOfMemory, model_files_identity
+from .cuda import OOM_MARKERS
 
 PRESET = "wan2.2-generate"
 
@@ -138,8 +139,6 @@ PLACEHOLDERS = ("prompt", "seed", "output", "reference", "width", "height", "siz
 
 # A sampling bar of tqdm: "…| 12/40 [00:31<01:10,  2.61s/it]".
 STEP_LINE = re.compile(r"(\d+)/(\d+) \[")
-OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED",
-               "cudaErrorMemoryAllocation", "HIP out of memory")
 TAIL_LINES = 60
 TAIL_CHARS = 4000
 TERM_GRACE_S = 15.0  # torchrun needs a moment to pass SIGTERM to its ranks and reap them

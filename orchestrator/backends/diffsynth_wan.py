@@ -75,7 +75,6 @@ full-size random weights saved in the original layout.
 """
 from __future__ import annotations
 
-import gc
 import glob
 import hashlib
 import importlib.util
@@ -91,7 +90,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, BackendProblem, OutOfMemory, model_files_identity
+from .base import Backend, BackendProblem, model_files_identity
+from .cuda import job_memory, release_memory
 
 OPTIONS: dict[str, tuple] = {
     "vram_management": (bool, str), "vram_limit_gib": (int, float), "tiled": (bool,),
@@ -352,15 +352,6 @@ def dit_kind(config: dict) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # The backend
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation"))
 
 
 def _pair(value) -> bool:
@@ -748,9 +739,6 @@ class DiffSynthWanBackend(Backend):
         o = self.options
         called = time.time()
         self._job = {"prompt_encodings": 0}
-        if self.cuda:
-            for index in range(torch.cuda.device_count()):
-                torch.cuda.reset_peak_memory_stats(index)
         step_times: list[float] = []
         kwargs: dict[str, Any] = dict(
             prompt=job.prompt, negative_prompt=g.negative_prompt, seed=int(job.seed), rand_device="cpu",
@@ -761,7 +749,7 @@ class DiffSynthWanBackend(Backend):
             progress_bar_cmd=self._steps(progress, step_times), output_type="floatpoint", **g.extra)
         if g.shift is not None:
             kwargs["sigma_shift"] = float(g.shift)
-        try:
+        with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             if self.model.task == "v2v":
                 kwargs["input_video"] = _Clip(self.references.video(job.reference), job.reference)
                 kwargs["denoising_strength"] = g.denoising_strength
@@ -774,19 +762,6 @@ class DiffSynthWanBackend(Backend):
             video = self.pipe(**kwargs)
             frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # C T H W → T H W C
-        except Exception as exc:
-            if _is_oom(exc):
-                self._release()
-                raise OutOfMemory(f"CUDA out of memory at {g.width}x{g.height}x{g.num_frames}: "
-                                  f"{str(exc).splitlines()[0][:300]}") from None
-            raise
-        finally:
-            if self.cuda:
-                per_card = [torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count())]
-                self._job["peak_memory_bytes"] = sum(per_card)
-                self._job["peak_memory_bytes_per_card"] = per_card
-                self._job["peak_memory_allocated_bytes"] = sum(
-                    torch.cuda.max_memory_allocated(i) for i in range(len(per_card)))
         returned = time.time()
         job_facts = self._job
         job_facts["prompt_cache_hit"] = job_facts["prompt_encodings"] == 0
@@ -824,11 +799,6 @@ class DiffSynthWanBackend(Backend):
     def peak_memory_bytes(self) -> int | None:
         return getattr(self, "_job", {}).get("peak_memory_bytes") if getattr(self, "cuda", False) else None
 
-    def _release(self) -> None:
-        gc.collect()
-        if getattr(self, "cuda", False):
-            self.torch.cuda.empty_cache()
-
     def close(self) -> None:
         references = getattr(self, "references", None)
         if references is not None:
@@ -836,7 +806,7 @@ class DiffSynthWanBackend(Backend):
         self.pipe = None
         self.prompt_cache = OrderedDict()
         self.reference_latents = OrderedDict()
-        self._release()
+        release_memory(getattr(self, "cuda", False))
 
 
 class _Clip(list):

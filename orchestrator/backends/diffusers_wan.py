@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, BackendProblem, OutOfMemory, model_files_identity
+from .base import Backend, BackendProblem, model_files_identity
+from .cuda import job_memory, release_memory
 
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"}
 OPTIONS = {"offload": str, "group_offload_blocks": int, "vae_tiling": bool, "vae_slicing": bool,
@@ -47,15 +48,6 @@ OPTIONS = {"offload": str, "group_offload_blocks": int, "vae_tiling": bool, "vae
            "max_sequence_length": int, "prompt_cache": int}
 CHOICES = {"offload": ("none", "model", "sequential", "group"), "text_encoder": ("gpu", "cpu"),
            "device_map": ("balanced",)}
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
-                                              or "cudaErrorMemoryAllocation" in text)
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
@@ -318,9 +310,6 @@ class DiffusersWanBackend(Backend):
         torch, g, pipe = self.torch, self.generation, self.pipe
         task = self.model.task
         steps = int(g.steps * g.denoising_strength) if task == "v2v" else g.steps
-        if self.cuda:
-            for index in range(self.cards):
-                torch.cuda.reset_peak_memory_stats(index)
         self._job = {}
         step_times: list[float] = []
 
@@ -330,7 +319,7 @@ class DiffusersWanBackend(Backend):
             return {}
 
         called = time.time()
-        try:
+        with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             high, low = g.guidance
             guidance = high > 1.0 or (low is not None and low > 1.0)
             positive, negative = self._embed(job.prompt, g.negative_prompt, guidance)
@@ -357,17 +346,6 @@ class DiffusersWanBackend(Backend):
                         key, lambda: original(pipe, image, device))
             with torch.no_grad():
                 video = pipe(**kwargs).frames[0]
-        except Exception as exc:
-            if _is_oom(exc):
-                self._release()
-                raise OutOfMemory(f"CUDA out of memory at {g.width}x{g.height}x{g.num_frames}: "
-                                  f"{str(exc).splitlines()[0][:300]}") from None
-            raise
-        finally:
-            if self.cuda:
-                per_card = [torch.cuda.max_memory_reserved(i) for i in range(self.cards)]
-                self._job["peak_memory_bytes"] = sum(per_card)
-                self._job["peak_memory_bytes_per_card"] = per_card
         returned = time.time()
         if len(step_times) > 1:  # steady state: the first step also pays for warm-up
             self._job["seconds_per_step"] = round((step_times[-1] - step_times[0]) / (len(step_times) - 1), 4)
@@ -382,13 +360,6 @@ class DiffusersWanBackend(Backend):
     def job_info(self) -> dict:
         return {**self._job, "reference_cache": {"hits": self.references.hits, "misses": self.references.misses}}
 
-    def _release(self) -> None:
-        """After an out-of-memory: give the allocator's cache back so the card's other tenants fit."""
-        import gc
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.empty_cache()
-
     def peak_memory_bytes(self) -> int | None:
         return self._job.get("peak_memory_bytes") if getattr(self, "_job", None) else None
 
@@ -398,5 +369,5 @@ class DiffusersWanBackend(Backend):
         self.encoded = OrderedDict()
         if getattr(self, "references", None) is not None:
             self.references.close()
-        self._release()
+        release_memory(getattr(self, "cuda", False))
 

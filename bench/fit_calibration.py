@@ -93,7 +93,7 @@ def main() -> int:
     k_ch = (real - tiny) / (96 - 3)
     k_px = tiny - 3 * k_ch
     print(f"K_HIDDEN {k_hidden:.2f}  K_FFN {k_ffn:.2f}  K_VAE_CH {k_ch:.1f}  K_VAE_PX {k_px:.0f}")
-    print(f"in orchestrator/checkpoints.py: K_HIDDEN {checkpoints.K_HIDDEN}  K_FFN {checkpoints.K_FFN}  "
+    print(f"in orchestrator/checkpoints/fit.py: K_HIDDEN {checkpoints.K_HIDDEN}  K_FFN {checkpoints.K_FFN}  "
           f"K_VAE_CH {checkpoints.K_VAE_CH}  K_VAE_PX {checkpoints.K_VAE_PX}  (GPU_FACTOR {checkpoints.GPU_FACTOR})")
     return 0
 

@@ -43,7 +43,8 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from orchestrator.checkpoints import _component_class, load_components, model_index
+from orchestrator.checkpoints import load_components, model_index
+from orchestrator.checkpoints.loading import _component_class
 folder, dtype, device, parallel = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "parallel"
 for spec in model_index(folder)[0].values():  # the classes' modules: imports, not loading
     if spec:
@@ -136,7 +137,7 @@ def warm_cache(folder: Path) -> None:
 
 
 def resident(folder: Path) -> float | None:
-    from orchestrator.checkpoints import _resident_share
+    from orchestrator.checkpoints.loading import _resident_share
     total = cached = 0.0
     for path in files_of(folder):
         share = _resident_share(path)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {p.relative_to(folder).parts[0]: 0 for p in files_of(folder)}
     for path in files_of(folder):
         sizes[path.relative_to(folder).parts[0]] += path.stat().st_size
-    from orchestrator.checkpoints import _bytes
+    from orchestrator.checkpoints.layouts import _bytes
     print("files: " + ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(sizes.items()) if v > 1e3)
           + f" (total {_bytes(sum(sizes.values()))})", flush=True)
     modes = [m for m in args.modes.split(",") if m]

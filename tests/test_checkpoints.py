@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import checkpoints
+from orchestrator.checkpoints import loading
 from orchestrator.checkpoints import (CheckpointError, Settings, estimate, load_components, parse_gpu,
                                       parts, verify)
 
@@ -515,6 +516,6 @@ def test_read_ahead_leaves_the_file_in_the_page_cache(tiny):
     with open(path, "rb") as stream:
         os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     checkpoints.read_ahead(path)
-    share = checkpoints._resident_share(path)
+    share = loading._resident_share(path)
     assert share is None or share >= 0.98
     assert checkpoints.read_ahead(path) == 0  # warm: nothing read again

@@ -36,6 +36,10 @@ def job_memory(cuda: bool, facts: dict, what: str) -> Iterator[None]:
     `what` ran out: the size of the video), and put each card's peak into `facts` for the sidecar."""
     import torch
     cards = torch.cuda.device_count() if cuda else 0
+    if cards:
+        # With model CPU offload nothing has touched the card before the first job, and the peak
+        # counters of a device without a CUDA context cannot be reset ("Invalid device argument").
+        torch.cuda.init()
     for index in range(cards):
         torch.cuda.reset_peak_memory_stats(index)
     try:

@@ -39,6 +39,7 @@ def test_a14b_over_two_24gb_cards_is_one_worker_holding_both(tmp_path, random_ch
     assert "gpu0+1     1 worker(s)" in result.stdout
     assert "workers    1: gpu0+1_worker0" in result.stdout
     assert "jobs       4 " in result.stdout
+    assert "note       diffusers: each worker loads the checkpoint once (" in result.stdout
 
 
 def test_ti2v_5b_plans_one_worker_per_card_from_first_frames(tmp_path, random_checkpoint):

@@ -145,6 +145,16 @@ class DiffusersWanBackend(Backend):
                                            "leaves no denoising step", "raise steps or denoising_strength"))
         return problems
 
+    @classmethod
+    def plan_notes(cls, manifest) -> list[str]:
+        weights = model_files_identity(manifest.model.path).get("weight_bytes") or 0
+        notes = [f"diffusers: each worker loads the checkpoint once ({weights / 2**30:.1f} GiB of weights) and "
+                 "keeps it; prompt embeddings are cached per worker"]
+        if manifest.model.task == "v2v":
+            notes.append("diffusers: each reference video is VAE-encoded once per worker and reused for all its "
+                         "prompts × seeds")
+        return notes
+
     # ------------------------------------------------------------------------------------------
 
     def load(self) -> None:

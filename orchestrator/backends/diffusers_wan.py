@@ -148,7 +148,8 @@ class DiffusersWanBackend(Backend):
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
         weights = model_files_identity(manifest.model.path).get("weight_bytes") or 0
-        notes = [f"diffusers: each worker loads the checkpoint once ({weights / 2**30:.1f} GiB of weights) and "
+        size = f"{weights / 2**30:.1f} GiB" if weights >= 2**30 else f"{weights / 2**20:.1f} MiB"
+        notes = [f"diffusers: each worker loads the checkpoint once ({size} of weights) and "
                  "keeps it; prompt embeddings are cached per worker"]
         if manifest.model.task == "v2v":
             notes.append("diffusers: each reference video is VAE-encoded once per worker and reused for all its "

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from .sweep import Sweep
+from .sweep import DiskScan, Sweep
 
 WINDOW_S = 1800.0  # throughput is measured over the last half hour (or since the sweep started)
 
@@ -43,6 +43,8 @@ class Report:
     jobs_per_hour: float | None = None
     eta_s: float | None = None
     ledger: bool = True
+    # The disk scan the counts came from (not in the JSON): the review page shows the same files.
+    scan: DiskScan | None = field(default=None, repr=False, compare=False)
 
     @property
     def totals(self) -> CategoryRow:
@@ -76,7 +78,7 @@ def build_report(sweep: Sweep) -> Report:
     for job in scan.stale:
         rows[job.category].stale += 1
     report = Report(sweep.manifest.name, str(sweep.root), now, list(rows.values()),
-                    ledger=sweep.has_ledger())
+                    ledger=sweep.has_ledger(), scan=scan)
     if not report.ledger:
         return report
     ledger = sweep.ledger()

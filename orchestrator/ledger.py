@@ -181,15 +181,7 @@ class Ledger:
         """
         with self.transaction() as db:
             self.requeue_expired(db)
-            row = None
-            if prefer_group is not None:
-                row = db.execute(
-                    "SELECT id, payload FROM jobs WHERE state='pending' AND active AND grp=? "
-                    "ORDER BY queue != ?, ordinal LIMIT 1", (prefer_group, queue)).fetchone()
-            if row is None:
-                row = db.execute(
-                    "SELECT id, payload FROM jobs WHERE state='pending' AND active AND queue=? "
-                    "ORDER BY ordinal LIMIT 1", (queue,)).fetchone()
+            row = self._next_pending(db, queue, prefer_group)
             if row is None:
                 fullest = db.execute(
                     "SELECT queue FROM jobs WHERE state='pending' AND active GROUP BY queue "
@@ -215,14 +207,20 @@ class Ledger:
 
         For reading ahead only: another worker may take it first, which costs a wasted read.
         """
+        row = self._next_pending(self.db, queue, prefer_group)
+        return Job.from_dict(json.loads(row[1])) if row else None
+
+    @staticmethod
+    def _next_pending(db: sqlite3.Connection, queue: str, prefer_group: str | None) -> tuple | None:
+        """(id, payload) of the next pending job of the same reference, else of the worker's queue."""
         row = None
         if prefer_group is not None:
-            row = self.db.execute("SELECT payload FROM jobs WHERE state='pending' AND active AND grp=? "
-                                  "ORDER BY queue != ?, ordinal LIMIT 1", (prefer_group, queue)).fetchone()
+            row = db.execute("SELECT id, payload FROM jobs WHERE state='pending' AND active AND grp=? "
+                             "ORDER BY queue != ?, ordinal LIMIT 1", (prefer_group, queue)).fetchone()
         if row is None:
-            row = self.db.execute("SELECT payload FROM jobs WHERE state='pending' AND active AND queue=? "
-                                  "ORDER BY ordinal LIMIT 1", (queue,)).fetchone()
-        return Job.from_dict(json.loads(row[0])) if row else None
+            row = db.execute("SELECT id, payload FROM jobs WHERE state='pending' AND active AND queue=? "
+                             "ORDER BY ordinal LIMIT 1", (queue,)).fetchone()
+        return row
 
     def _end_attempt(self, job_id: str, worker: str | None, outcome: str, error: str | None,
                      max_attempts: int) -> str:

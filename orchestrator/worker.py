@@ -110,7 +110,7 @@ class Heartbeat(threading.Thread):
 
 def versions() -> dict:
     found = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "diffsynth", "transformers", "av", "numpy"):
+    for name in ("torch", "diffusers", "diffsynth", "transformers", "accelerate", "safetensors", "av", "numpy"):
         module = sys.modules.get(name)
         if module is not None:
             found[name] = getattr(module, "__version__", "?")
@@ -133,6 +133,25 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
         "load": getattr(backend, "load_info", {}),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def settle_if_made(ledger, job, worker: str, frames: int, log: logging.Logger) -> bool:
+    """The skip-if-done rule of every executor's workers, applied to a job just claimed.
+
+    A complete mp4 of this job already there: recorded as done (skipped), True. One made with other
+    settings in the way: the attempt fails, never overwriting it, True. Nothing there: False, run it.
+    """
+    from .outputs import inspect_output
+    state = inspect_output(job.output, frames)
+    if not state.complete:
+        return False
+    if not state.stale_for(job.id):
+        log.info("skip %s: already done", job.key)
+        ledger.complete(job.id, worker, 0.0, skipped=True)
+    else:
+        ledger.fail(job.id, worker, "an mp4 made with other settings is in the way; "
+                    "run again with --redo-changed to move it aside", outcome="error")
+    return True
 
 
 class OutputWriter:
@@ -185,31 +204,23 @@ class OutputWriter:
 
 
 class ReadAhead:
-    """Calls `backend.prepare` for the job most likely to come next, in a thread (reference decoding)."""
+    """Tells the backend which job most likely comes next, so it can start reading its reference."""
 
     def __init__(self, backend, ledger, spec: WorkerSpec, log: logging.Logger):
-        from concurrent.futures import ThreadPoolExecutor
         from .backends import Backend
         self.backend, self.ledger, self.spec, self.log = backend, ledger, spec, log
-        self.enabled = type(backend).prepare is not Backend.prepare  # nothing to read ahead
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") if self.enabled else None
+        self.enabled = type(backend).prepare is not Backend.prepare  # nothing to read ahead: no query
 
     def after(self, job) -> None:
         if not self.enabled:
             return
         upcoming = self.ledger.peek(self.spec.queue, prefer_group=job.group)
-        if upcoming is not None and upcoming.reference and upcoming.reference != job.reference:
-            self.pool.submit(self._prepare, upcoming)
-
-    def _prepare(self, job) -> None:
+        if upcoming is None or not upcoming.reference or upcoming.reference == job.reference:
+            return
         try:
-            self.backend.prepare(job)
+            self.backend.prepare(upcoming)
         except Exception as exc:  # the job itself will read it again and report the error properly
-            self.log.warning("reading ahead for %s failed: %s", job.key, exc)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.log.warning("reading ahead for %s failed: %s", upcoming.key, exc)
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -217,7 +228,6 @@ def run_worker(spec: WorkerSpec) -> int:
     from .jobs import Job  # noqa: F401  (payloads are Jobs)
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig
-    from .outputs import inspect_output
 
     log = setup_logging(spec)
     ledger = Ledger(spec.ledger)
@@ -244,7 +254,6 @@ def run_worker(spec: WorkerSpec) -> int:
     ooms_in_row = 0
     exit_code = EXIT_DONE
     writer = OutputWriter(spec, log)
-    read_ahead = None
     try:
         started = time.monotonic()
         backend = backend_class(model.backend)(model, generation, spec.devices)
@@ -279,15 +288,7 @@ def run_worker(spec: WorkerSpec) -> int:
             job = claim.job
             group = job.group
             read_ahead.after(job)
-            state = inspect_output(job.output, generation.num_frames)
-            if state.complete and not state.stale_for(job.id):
-                log.info("skip %s: already done", job.key)
-                ledger.complete(job.id, spec.worker, 0.0, skipped=True)
-                claim = None
-                continue
-            if state.complete:
-                ledger.fail(job.id, spec.worker, "an mp4 made with other settings is in the way; "
-                            "run again with --redo-changed to move it aside", outcome="error")
+            if settle_if_made(ledger, job, spec.worker, generation.num_frames, log):
                 claim = None
                 continue
             log.info("job %s (attempt %d): %s", job.key, claim.attempt, job.prompt[:80])
@@ -338,8 +339,6 @@ def run_worker(spec: WorkerSpec) -> int:
             writer.close()  # the last video (or the one before a stop) is written before we exit
         except Exception:
             log.warning("output writer failed:\n%s", traceback.format_exc())
-        if read_ahead is not None:
-            read_ahead.close()
         beat.stopped.set()
         if backend is not None:
             try:

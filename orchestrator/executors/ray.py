@@ -828,7 +828,7 @@ class _Driver(threading.Thread):
 
     # ---------------------------------------------------------------- work
     def _dispatch(self, now: float) -> None:
-        from ..outputs import inspect_output
+        from ..worker import settle_if_made
         for slot in self.slots:
             if slot.state != "idle" or now < slot.next_claim:
                 continue
@@ -844,14 +844,7 @@ class _Driver(threading.Thread):
                     break
                 job = claim.job
                 slot.group = job.group
-                state = inspect_output(job.output, self.frames)
-                if state.complete and not state.stale_for(job.id):
-                    slot.log.info("skip %s: already done", job.key)
-                    self.ledger.complete(job.id, slot.id, 0.0, skipped=True)
-                    continue
-                if state.complete:
-                    self.ledger.fail(job.id, slot.id, "an mp4 made with other settings is in the way; "
-                                     "run again with --redo-changed to move it aside", outcome="error")
+                if settle_if_made(self.ledger, job, slot.id, self.frames, slot.log):
                     continue
                 slot.claim, slot.state = claim, "busy"
                 slot.dispatched = slot.last_sign = now

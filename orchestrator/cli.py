@@ -98,10 +98,7 @@ def _check_checkpoint(manifest) -> None:
     if not path or not os.path.exists(path):
         return  # none, or a hub id: the backend's check says what to do
     from .backends import backend_class
-    backend = backend_class(manifest.model.backend)
-    # Backends that load the weights here (diffusers, diffsynth) are checked; one that hands the folder
-    # to another program (command: Wan's generate.py) leaves it to that program unless it says otherwise.
-    if not getattr(backend, "verify_checkpoint", backend.measured_sizing):
+    if not backend_class(manifest.model.backend).verify_checkpoint:
         return
     from .checkpoints import CheckpointError, detect_layout, inspect
     if detect_layout(path) is None:

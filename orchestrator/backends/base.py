@@ -41,6 +41,9 @@ class Backend(ABC):
     name: ClassVar[str]
     runs_on_cpu: ClassVar[bool] = False  # may take CPU worker slots on a machine without GPUs
     measured_sizing: ClassVar[bool] = True  # workers per card come from calibration (sizing.py)
+    # `run` checks model.path file by file first (checkpoints.inspect): for backends that load the
+    # weights themselves, not for one that hands the folder to another program.
+    verify_checkpoint: ClassVar[bool] = False
     # Options that change how fast or where a job runs, not its pixels: they stay out of job ids.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
     # Options naming files or folders: the manifest resolves them against its own folder (workers
@@ -71,8 +74,9 @@ class Backend(ABC):
         return []
 
     def prepare(self, job: "Job") -> None:
-        """Read ahead what `job` needs (its reference video); called in a background thread while
-        another job generates, so it must not touch the device."""
+        """Start reading what `job` (most likely the next one) needs, its reference video, and return
+        at once: the read runs in the background (`media.ReferenceCache.prefetch`) while the current
+        job generates, and must not touch the device."""
 
     @abstractmethod
     def load(self) -> None:
@@ -97,6 +101,32 @@ class Backend(ABC):
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory of the last job, where the library can tell."""
         return None
+
+
+def option_problems(backend: str, options: dict, kinds: dict, choices: dict | None = None
+                    ) -> tuple[list[BackendProblem], set[str]]:
+    """The checks every backend makes of `model.options`: unknown keys, wrong types (a bool is not a
+    number) and values outside `choices`. Returns the problems and the keys that failed, so a
+    backend's own checks can skip them."""
+    problems: list[BackendProblem] = []
+    failed: set[str] = set()
+    for key, value in options.items():
+        where, kind = f"model.options.{key}", kinds.get(key)
+        if kind is None:
+            fix = ("the flow shift is a generation setting: generation.shift" if "shift" in key
+                   else f"use one of: {', '.join(kinds)}")
+            problems.append(BackendProblem(where, f"unknown {backend} option `{key}`", fix))
+        elif not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+                kind if isinstance(kind, tuple) else (kind,))):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            problems.append(BackendProblem(where, f"{backend} option `{key}` must be {names}, got {value!r}"))
+        elif choices and key in choices and value not in choices[key]:
+            problems.append(BackendProblem(where, f"{backend} option `{key}` is {value!r}",
+                                           f"use one of: {', '.join(map(str, choices[key]))}"))
+        else:
+            continue
+        failed.add(key)
+    return problems, failed
 
 
 IDENTITY_HASHED = (".json", ".txt", ".model", ".yaml")  # small files that say what the weights are

@@ -92,7 +92,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Backend, BackendProblem, OutOfMemory, model_files_identity
+from .base import Backend, BackendProblem, OutOfMemory, model_files_identity, option_problems
 from .cuda import OOM_MARKERS
 
 PRESET = "wan2.2-generate"
@@ -191,17 +191,9 @@ class CommandBackend(Backend):
         def problem(key: str, message: str, fix: str = "") -> None:
             problems.append(BackendProblem(key, message, fix))
 
-        mistyped = False
-        for key, value in options.items():
-            kind = OPTIONS.get(key)
-            if kind is None:
-                problem(f"model.options.{key}", f"unknown command option `{key}`",
-                        f"use one of: {', '.join(OPTIONS)}")
-            elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                names = kind.__name__ if isinstance(kind, type) else "number"
-                problem(f"model.options.{key}", f"command option `{key}` must be {names}, got {value!r}")
-                mistyped = True
-        if mistyped:  # the checks below read these values
+        found, failed = option_problems("command", options, OPTIONS)
+        problems.extend(found)
+        if failed & set(OPTIONS):  # the checks below read these values
             return problems
 
         env = options.get("env", {})

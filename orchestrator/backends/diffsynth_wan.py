@@ -90,7 +90,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, BackendProblem, model_files_identity
+from .base import Backend, BackendProblem, model_files_identity, option_problems
 from .cuda import job_memory, release_memory
 
 OPTIONS: dict[str, tuple] = {
@@ -364,26 +364,18 @@ class DiffSynthWanBackend(Backend):
     runs_on_cpu = True  # slowly; the CI tests run a tiny pipeline on the CPU
     runtime_options = frozenset({"vram_management", "vram_limit_gib", "prompt_cache", "reference_cache"})
     path_options = frozenset({"tokenizer"})  # resolved by the manifest against its folder
+    verify_checkpoint = True
 
     @classmethod
     def check(cls, manifest) -> list[str | BackendProblem]:
         model, g = manifest.model, manifest.generation
-        problems: list[str | BackendProblem] = []
         o = model.options
+        found, failed = option_problems("diffsynth", o, OPTIONS, {"vram_management": (True, False, "text_encoder")})
+        problems: list[str | BackendProblem] = list(found)
         for key, value in o.items():
-            kinds = OPTIONS.get(key)
-            if kinds is None:
-                fix = ("the flow shift is a generation setting: generation.shift" if "shift" in key
-                       else f"use: {', '.join(OPTIONS)}")
-                problems.append(BackendProblem(f"model.options.{key}", f"unknown diffsynth option `{key}`", fix))
-            elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                names = " or ".join(k.__name__ for k in kinds)
-                problems.append(BackendProblem(f"model.options.{key}", f"diffsynth option `{key}` must be "
-                                               f"{names}, got {value!r}"))
-            elif key == "vram_management" and value not in (True, False, "text_encoder"):
-                problems.append(BackendProblem("model.options.vram_management", f"vram_management is {value!r}",
-                                               "use true, false or text_encoder"))
-            elif key in ("tile_size", "tile_stride") and not _pair(value):
+            if key in failed:
+                continue
+            if key in ("tile_size", "tile_stride") and not _pair(value):
                 problems.append(BackendProblem(f"model.options.{key}", f"{key} must be [height, width] in latent "
                                                f"pixels (two positive integers), got {value!r}", "e.g. [30, 52]"))
             elif key in ("vram_limit_gib", "prompt_cache", "reference_cache") and value <= 0:
@@ -569,7 +561,6 @@ class DiffSynthWanBackend(Backend):
             "files": {k: v for k, v in files.items()},
             "model_files": model_files_identity(self.model.path),
             "vram_management": o.get("vram_management", True), "vram_limit_gib": vram_limit,
-            "versions": _versions(),
         }
 
     def _managed(self, component: str) -> bool:
@@ -825,17 +816,6 @@ def _quiet_vae_progress() -> None:
     from diffsynth.models import wan_video_vae
     from tqdm import tqdm
     wan_video_vae.tqdm = partial(tqdm, disable=True)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    found = {}
-    for package in ("diffsynth", "torch", "transformers", "safetensors"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 # --------------------------------------------------------------------------------------------------

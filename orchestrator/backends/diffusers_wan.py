@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, BackendProblem, model_files_identity
+from .base import Backend, BackendProblem, model_files_identity, option_problems
 from .cuda import job_memory, release_memory
 
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"}
@@ -73,6 +73,7 @@ def read_checkpoint_config(path: str | Path) -> dict:
 class DiffusersWanBackend(Backend):
     name = "diffusers"
     runs_on_cpu = True  # it does run on the CPU, slowly: CI uses tiny random-weight checkpoints
+    verify_checkpoint = True
     # Where and how memory-thriftily it runs, not what it draws: these stay out of job ids.
     runtime_options = frozenset({"offload", "group_offload_blocks", "device_map", "max_memory_gib", "text_encoder",
                                  "prompt_cache", "vae_slicing", "parallel_load"})
@@ -80,19 +81,7 @@ class DiffusersWanBackend(Backend):
     @classmethod
     def check(cls, manifest) -> list:
         model, g = manifest.model, manifest.generation
-        problems: list = []
-        for key, value in model.options.items():
-            kind = OPTIONS.get(key)
-            where = f"model.options.{key}"
-            if kind is None:
-                problems.append(BackendProblem(where, f"unknown diffusers option `{key}`",
-                                               f"use one of: {', '.join(OPTIONS)}"))
-            elif not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-                name = kind.__name__ if isinstance(kind, type) else "number"
-                problems.append(BackendProblem(where, f"diffusers option `{key}` must be {name}, got {value!r}"))
-            elif key in CHOICES and value not in CHOICES[key]:
-                problems.append(BackendProblem(where, f"diffusers option `{key}` is {value!r}",
-                                               f"use one of: {', '.join(CHOICES[key])}"))
+        problems, _ = option_problems("diffusers", model.options, OPTIONS, CHOICES)
         if model.options.get("device_map") and model.options.get("offload", "none") != "none":
             problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",
                                            "keep one: device_map spreads the model over cards, offload over CPU memory"))

@@ -196,6 +196,11 @@ def decide_workers(profile: Profile, free_bytes: int, margin_gib: float, request
 Calibrator = Callable[..., Profile]
 
 
+def cards_name(cards: list[Gpu]) -> str:
+    """The name a profile is filed under: the cards' model names, each once ("A + B" when mixed)."""
+    return " + ".join(dict.fromkeys(g.name for g in cards))
+
+
 class Sizer:
     """`sizing` hook of `planning.device_groups`: calibrate (or read the cache) and decide."""
 
@@ -209,7 +214,7 @@ class Sizer:
         self._done: set[str] = set()
 
     def profile(self, manifest: Manifest, cards: list[Gpu], probe_workers: int) -> tuple[Profile, str]:
-        name = " + ".join(dict.fromkeys(g.name for g in cards))
+        name = cards_name(cards)
         key = profile_key(manifest, name, len(cards))
         path = str(self.cache.path(key))
         if not (self.recalibrate and path not in self._done):
@@ -262,8 +267,7 @@ class Sizer:
             if requested != "auto" and not self.recalibrate:
                 # An explicit count is obeyed; it is checked against a profile measured before, but
                 # never calibrated for (a real job of a 14B model costs minutes): --recalibrate does.
-                cached = self.cache.get(profile_key(manifest, " + ".join(dict.fromkeys(g.name for g in cards)),
-                                                    len(cards)))
+                cached = self.cache.get(profile_key(manifest, cards_name(cards), len(cards)))
                 if cached is None:
                     groups.append(DeviceGroup(queue=queue, devices=tuple(g.index for g in cards), workers=requested,
                                               reason=f"workers_per_gpu: {requested} (from the manifest; not measured "
@@ -475,7 +479,7 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
         if per_process:
             peak = max(sampler.peaks.get(p.pid, 0) for p in procs)
         notes = [f"{k} timed job(s) per worker per phase; warm-up job of {first['warmup_steps']} step(s) not timed"]
-        return Profile(key={}, gpu_name=" + ".join(dict.fromkeys(g.name for g in cards)),
+        return Profile(key={}, gpu_name=cards_name(cards),
                        gpu_total_bytes=min(g.total_bytes for g in cards), cards=len(cards), fits=True,
                        peak_nvml_bytes=int(peak), peak_torch_reserved_bytes=torch_peak,
                        loaded_nvml_bytes=int(loaded) if loaded else None,

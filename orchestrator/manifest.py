@@ -277,12 +277,11 @@ def _read_model(reader: _Reader, node) -> ModelConfig | None:
     if get("options") is not None:
         reader.mapping(get("options"), "model.options")
         options = reader.value(get("options")) or {}
-    if model_path is not None and not os.path.isabs(model_path):
-        candidate = (reader.file.parent / model_path)
-        # A relative path that exists next to the manifest is a local checkpoint; otherwise it may be
-        # a hub id, which the backend resolves.
-        if candidate.exists():
-            model_path = str(candidate.resolve())
+    if model_path is not None:
+        # A local path, like every path here (nothing is downloaded unless `models download` is run):
+        # relative to the manifest's folder, also before it exists (the demo builds its checkpoint there).
+        path = Path(os.path.expanduser(model_path))
+        model_path = str(path if path.is_absolute() else (reader.file.parent / path).resolve())
     options = _resolve_path_options(backend, options, reader.file.parent)
     return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options)
 

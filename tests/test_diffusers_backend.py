@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import av
+import yaml
 import numpy as np
 import pytest
 
@@ -252,3 +253,19 @@ def test_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, check
     assert sidecar["seconds_per_step"] > 0 and sidecar["steps"] == 2  # v2v: 4 steps × strength 0.5
     log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
     assert "model loaded in" in log and "transformer" in log
+
+
+def test_the_demo_checkpoint_is_built_beside_the_manifest_not_the_working_directory(tmp_path, monkeypatch):
+    # `model.path: ../models/random-tiny-wan-t2v` (the demo's) names a folder relative to the manifest.
+    (tmp_path / "experiments").mkdir()
+    elsewhere = tmp_path / "elsewhere" / "cwd"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    manifest = tmp_path / "experiments" / "demo.yaml"
+    manifest.write_text(yaml.safe_dump(synthetic_manifest(
+        model={"backend": "diffusers", "task": "t2v", "path": "../models/random-tiny-wan-t2v", "dtype": "float32"})),
+        encoding="utf-8")
+    loaded = load_manifest(manifest)
+    built = tmp_path / "models" / "random-tiny-wan-t2v"
+    assert loaded.model.path == str(built) and (built / "model_index.json").is_file()
+    assert not (tmp_path / "elsewhere" / "models").exists()

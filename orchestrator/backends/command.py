@@ -605,7 +605,8 @@ def _check_checkpoint(path: str | None, base: Path, task_name: str, task: WanTas
                 "add `path:` with the folder you downloaded")
         return
     if not os.path.isdir(path):
-        problem("model.path", f"checkpoint folder `{path}` does not exist (looked at {(base / path).resolve()})",
+        # the path as the manifest gives it (relative to its folder), and where that is
+        problem("model.path", f"checkpoint folder `{os.path.relpath(path, base)}` does not exist (looked at {path})",
                 f"download it ({download} --local-dir …) and point model.path at it")
         return
     missing = [name for name in task.files if not os.path.exists(os.path.join(path, name))]

@@ -76,3 +76,11 @@ def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def backend_job(prompt: str = "a cat on a mat", seed: int = 1, reference=None):
+    """A Job to hand a backend's `generate` directly (no manifest, no worker)."""
+    from orchestrator.jobs import Job
+    return Job(id=f"{prompt}-{seed}", ordinal=0, category="a", stem="s" if reference else None,
+               reference=str(reference) if reference else None, prompt_index=0, prompt=prompt, seed=seed,
+               output="/nonexistent/x.mp4")

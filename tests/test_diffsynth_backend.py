@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 
 from orchestrator.backends import OutOfMemory
-from orchestrator.jobs import Job
 from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, load_manifest
 from orchestrator.outputs import count_frames, write_mp4
 
-from .conftest import cli, synthetic_manifest
+from .conftest import backend_job as _job, cli, synthetic_manifest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
@@ -56,12 +55,6 @@ def _backend(path, task="t2v", **options):
                                               options=options), generation, ())
     backend.load()
     return backend
-
-
-def _job(prompt="a cat on a mat", seed=1, reference=None):
-    return Job(id=f"{prompt}-{seed}", ordinal=0, category="a", stem="s" if reference else None,
-               reference=str(reference) if reference else None, prompt_index=0, prompt=prompt, seed=seed,
-               output="/nonexistent/x.mp4")
 
 
 def test_t2v_frames_seeds_steps_prompt_cache_and_sidecar_facts(tiny):

@@ -20,5 +20,5 @@ fi
 # pair whose torchvision imports on the CI machines.
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 # The ray extra too: the Ray executor's tests run a two-node Ray cluster on this machine.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,wan,ray,diffsynth]" -c tests/constraints.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,wan,ray,diffsynth,speed]" -c tests/constraints.txt
 exec .venv/bin/python -m pytest -q "$@"

@@ -60,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--size", help="for a checkpoint path: WIDTHxHEIGHT (default 832x480)")
     fit.add_argument("--frames", type=int, help="for a checkpoint path: frames (default 81)")
     fit.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="for a checkpoint path (default bfloat16)")
+    speed = models_sub.add_parser(
+        "speed", help="try speed settings (compile, fp8, attention) on this machine's card with the manifest's "
+        "model and shapes: seconds per step, first call, peak memory, drift from eager; prints the speed: block")
+    speed.add_argument("target", metavar="MANIFEST")
+    speed.add_argument("--try", dest="candidates", action="append", metavar="SETTINGS",
+                       help="a candidate such as `compile=blocks,quantize=fp8` (repeatable; default: "
+                            "compile=blocks, and compile=blocks,quantize=fp8; eager is always measured)")
+    speed.add_argument("--steps", type=int, default=4, help="denoising steps of the short real job (default 4)")
+    speed.add_argument("--warm", action="store_true",
+                       help="also time each compiled candidate's first call with its compile cache filled")
     download = models_sub.add_parser("download", help="download a checkpoint from the Hugging Face hub (resumable)")
     download.add_argument("repo_id", metavar="REPO_ID")
     download.add_argument("--to", required=True, metavar="DIR", help="the folder to download into")
@@ -161,6 +171,13 @@ def cmd_plan(manifest, args) -> int:
     print(f"model      {manifest.model.backend} {manifest.model.task} {manifest.model.path or ''}")
     g = manifest.generation
     print(f"settings   {g.width}x{g.height}, {g.num_frames} frames @ {g.fps} fps, {g.steps} steps")
+    from .speed import describe as describe_speed, identity as speed_identity
+    print(f"speed      {describe_speed(manifest.model.speed)}"
+          + ("  (quantize is part of each job's identity)" if speed_identity(manifest.model.speed) else ""))
+    if gpus:
+        from .sizing import expected_times
+        for line in expected_times(manifest, gpus):
+            print(f"           expected on {line}")
     print(f"jobs       {len(sweep.jobs)} ({len(scan.complete)} already done, "
           f"{len(sweep.jobs) - len(scan.complete)} to run)")
     for category, count in count_by_category(sweep.jobs).items():
@@ -369,6 +386,8 @@ def cmd_models(args) -> int:
                 args.target = args.gpu[-1].pop()
             else:
                 raise UserError("models fit needs a manifest or a checkpoint path")
+        if args.models_command == "speed":
+            return _models_speed(args)
         path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
         if args.models_command == "status":
             checkpoint = checkpoints.inspect(path)
@@ -387,6 +406,28 @@ def cmd_models(args) -> int:
     except (checkpoints.CheckpointError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _models_speed(args) -> int:
+    from .speed_trial import DEFAULT_CANDIDATES, TrialError, format_trials, parse_candidate, run_trials
+    manifest = load_manifest(args.target)
+    _check_checkpoint(manifest)
+    try:
+        candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
+    except TrialError as exc:
+        raise UserError(str(exc)) from None
+    if args.candidates is None:  # the default fp8 candidate only where it can run
+        from .backends.base import speed_card_problems
+        from dataclasses import replace
+        fp8 = replace(manifest, model=replace(manifest.model, speed=replace(manifest.model.speed, quantize="fp8")))
+        if speed_card_problems(fp8):
+            candidates = [c for c in candidates if c.quantize != "fp8"]
+    work = manifest.output_dir / ".sweep" / "speed_trial"
+    print(f"trying {1 + len([c for c in candidates if not c.is_default])} settings, each in a fresh process "
+          f"(files in {work}) …", flush=True)
+    results = run_trials(manifest, candidates, work, steps=args.steps, warm=args.warm)
+    print(format_trials(results, manifest))
+    return 1 if any(r.get("error") for r in results) else 0
 
 
 def _model_target(target: str, need_manifest: bool):

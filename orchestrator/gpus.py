@@ -24,6 +24,7 @@ class Gpu:
     total_bytes: int
     free_bytes: int
     used_by_others_bytes: int  # memory held by processes already on the card
+    compute_capability: tuple[int, int] | None = None  # (8, 0) A100/A800, (8, 9) Ada, (9, 0) Hopper
 
     @property
     def label(self) -> str:
@@ -80,9 +81,13 @@ def discover(nvml=None, visible: str | None = ...) -> list[Gpu]:
                     others += sum(p.usedGpuMemory or 0 for p in getattr(nvml, getter)(handle))
                 except Exception:
                     pass
+            try:
+                capability = tuple(int(v) for v in nvml.nvmlDeviceGetCudaComputeCapability(handle))
+            except Exception:  # an old driver: unknown
+                capability = None
             gpus.append(Gpu(index=index, uuid=uuid, name=_text(nvml.nvmlDeviceGetName(handle)),
                             total_bytes=int(memory.total), free_bytes=int(memory.free),
-                            used_by_others_bytes=int(others)))
+                            used_by_others_bytes=int(others), compute_capability=capability))
     finally:
         try:
             nvml.nvmlShutdown()
@@ -175,6 +180,14 @@ class FakeNvml:
         _, total, used = self.cards[handle]
         total_b, used_b = int(total * GIB), int(used * GIB)
         return self._Memory(total_b, total_b - used_b, used_b)
+
+    # What the real cards answer, by a word of the FAKE card's name (unknown names: Hopper's).
+    CAPABILITIES = {"A800": (8, 0), "A100": (8, 0), "A6000": (8, 6), "3090": (8, 6), "V100": (7, 0),
+                    "T4": (7, 5), "4090": (8, 9), "L40": (8, 9), "L4": (8, 9), "H100": (9, 0), "H200": (9, 0)}
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle):
+        name = self.cards[handle][0]
+        return next((cc for word, cc in self.CAPABILITIES.items() if word in name), (9, 0))
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         used = self.cards[handle][2]

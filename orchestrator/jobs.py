@@ -47,13 +47,20 @@ class Job:
 def settings_fingerprint(manifest: Manifest) -> dict:
     """What, besides the job's own inputs, determines every output of this manifest."""
     from .backends import backend_class
+    from .speed import identity
     model = manifest.model
     runtime = backend_class(model.backend).runtime_options
-    return {
+    fingerprint = {
         "backend": model.backend, "task": model.task, "model": model.path, "dtype": model.dtype,
         "options": {k: v for k, v in sorted(model.options.items()) if k not in runtime},
         "generation": asdict(manifest.generation),
     }
+    # Speed settings that change the pictures (quantize); compile and the attention kernel do not
+    # (orchestrator/speed.py says why) and are recorded in each sidecar instead.
+    speed = identity(model.speed)
+    if speed:
+        fingerprint["speed"] = speed
+    return fingerprint
 
 
 def output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,10 @@ TASKS = ("t2v", "i2v", "v2v")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXECUTORS = ("tmux", "local", "ray")
+# The `speed:` section (orchestrator/speed.py applies it): the values each key takes.
+COMPILE_MODES = ("none", "blocks", "full")
+SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
+QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,31 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class SpeedConfig:
+    """How fast the denoiser runs (`speed:`): torch.compile, the attention kernel, quantized weights."""
+    compile: str = "none"  # none | blocks (the repeated transformer blocks) | full (the whole denoiser)
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math, or a diffusers attention backend
+    quantize: str = "none"  # none | fp8 | int8 | fp8_storage
+
+    @property
+    def is_default(self) -> bool:
+        return self == SpeedConfig()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backend: str
     task: str
     path: str | None = None
     dtype: str = "bfloat16"
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific, checked by the backend
+    # The manifest's `speed:` section; it lives here because it is part of how the model is built and
+    # run, and every place that builds a backend (worker, Ray actor, calibration probe) gets it with it.
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def __post_init__(self):
+        if isinstance(self.speed, dict):  # read back from a worker's JSON spec
+            object.__setattr__(self, "speed", SpeedConfig(**self.speed))
 
 
 @dataclass(frozen=True)
@@ -234,7 +257,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     base = path.parent
     top = reader.mapping(root, "the manifest", {
         "name": True, "output_dir": False, "model": True, "generation": False, "seeds": True,
-        "categories": True, "resources": False, "execution": False})
+        "categories": True, "resources": False, "execution": False, "speed": False})
 
     name_node = top.get("name", (None, None))[1]
     name = reader.scalar(name_node, "name", str, default="experiment")
@@ -246,6 +269,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     output_dir = (base / output_dir).resolve()
 
     model = _read_model(reader, top.get("model", (None, None))[1])
+    if model is not None:
+        model = replace(model, speed=_read_speed(reader, top.get("speed", (None, None))[1]))
     generation = _read_generation(reader, top.get("generation", (None, None))[1])
     seeds = _read_seeds(reader, top.get("seeds", (None, None))[1])
     resources = _read_resources(reader, top.get("resources", (None, None))[1])
@@ -353,6 +378,27 @@ def _read_generation(reader: _Reader, node) -> GenerationConfig:
         denoising_strength=strength,
         negative_prompt=reader.scalar(get("negative_prompt"), "generation.negative_prompt", str, ""),
         extra=extra)
+
+
+def _read_speed(reader: _Reader, node) -> SpeedConfig:
+    if node is None:
+        return SpeedConfig()
+    keys = reader.mapping(node, "speed", {"compile": False, "attention": False, "quantize": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    d = SpeedConfig()
+    # YAML reads a bare `none` as the text "none", but `null`/`~`/an empty value as None: both mean off.
+    def text(key, choices=None):
+        value_node = get(key)
+        if value_node is not None and reader.value(value_node) is None:
+            return getattr(d, key)
+        return reader.scalar(value_node, f"speed.{key}", str, getattr(d, key), choices=choices)
+    attention = text("attention")
+    if not attention.strip():
+        reader.problem(get("attention"), "speed.attention is empty",
+                       f"use one of: {', '.join(SDPA_ATTENTION)}, or a diffusers attention backend name")
+        attention = d.attention
+    return SpeedConfig(compile=text("compile", COMPILE_MODES), attention=attention,
+                       quantize=text("quantize", QUANTIZE_MODES))
 
 
 def _read_cfg_scale(reader: _Reader, node, default: float) -> float | tuple[float, float]:

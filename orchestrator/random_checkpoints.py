@@ -45,6 +45,15 @@ SIZES = {
         vae=dict(),
         text=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
                   relative_attention_num_buckets=32, relative_attention_max_distance=128)),
+    # Wan2.1-T2V-14B's transformer (40 layers, 40 heads × 128, ffn 13824; 28.6 GB in bf16), the rest as
+    # wan-1.3b: for GPU benchmarks of the 14B model's speed (build with --dtype bfloat16).
+    "wan-14b": dict(
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        vae=dict(),
+        text=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128)),
 }
 VOCAB = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(997)]
 
@@ -81,6 +90,11 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
         raise ValueError(f"variant {variant!r} is built in size tiny only")
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
+    # Full-size weights are drawn in their own dtype: a 14B transformer in float32 would need 56 GB
+    # on the device and on disk.
+    default_dtype = torch.get_default_dtype()
+    if size != "tiny":
+        torch.set_default_dtype(torch_dtype)
 
     def cast(module):  # float32 is what they are built in; casting anyway makes diffusers warn
         return module if torch_dtype == torch.float32 else module
@@ -119,6 +133,7 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=5.0 if variant == "ti2v" else 3.0)
     pipeline_class = WanImageToVideoPipeline if variant in ("i2v", "a14b-i2v") else WanPipeline
+    torch.set_default_dtype(default_dtype)
     pipe = pipeline_class(tokenizer=tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                           transformer=transformer, **extra)
     folder = Path(folder)

@@ -108,7 +108,10 @@ def profile_key(manifest: Manifest, gpu_name: str, cards: int) -> dict:
     return {"backend": m.backend, "model": m.path, "task": m.task, "dtype": m.dtype,
             "width": g.width, "height": g.height, "frames": g.num_frames, "steps": g.steps,
             "guidance": g.uses_guidance, "options": {k: m.options[k] for k in sorted(m.options)},
-            "gpu": gpu_name, "cards": cards}
+            "gpu": gpu_name, "cards": cards,
+            # measured with the manifest's speed settings (compile, fp8, … change time and memory);
+            # left out when default, so profiles measured before `speed:` existed still match
+            **({"speed": asdict(m.speed)} if not m.speed.is_default else {})}
 
 
 def _slug(text: str) -> str:
@@ -311,6 +314,23 @@ def needs_sizing(manifest: Manifest) -> bool:
     """Measured sizing applies to backends that declare it (model backends, not the synthetic one)."""
     from .backends import backend_class
     return backend_class(manifest.model.backend).measured_sizing
+
+
+def expected_times(manifest: Manifest, gpus: list[Gpu]) -> list[str]:
+    """Seconds per video and per denoising step on each kind of card, where a calibration profile of
+    exactly these settings (speed settings included) was measured; `plan` prints them."""
+    cache = ProfileCache(manifest.output_dir / ".sweep" / "profiles")
+    g = manifest.generation
+    steps = max(1, int(g.steps * g.denoising_strength)) if manifest.model.task == "v2v" else g.steps
+    lines = []
+    for name in dict.fromkeys(gpu.name for gpu in gpus):
+        cards = manifest.resources.gpus_per_worker if isinstance(manifest.resources.gpus_per_worker, int) else 1
+        profile = cache.get(profile_key(manifest, name, cards))
+        if profile is None or not profile.seconds_per_job:
+            continue
+        lines.append(f"{name}: {profile.seconds_per_job:.1f} s per video, about {profile.seconds_per_job / steps:.2f} s "
+                     f"per step ({steps} steps; decoding included), measured {profile.created_at[:16]}")
+    return lines
 
 
 def make_sizer(manifest: Manifest, recalibrate: bool = False, calibrator: Calibrator | None = None,

@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from .planning import WorkerSpec
+from .speed import describe as describe_speed, first_call_lock
 
 EXIT_DONE = 0  # no work left, or asked to stop
 EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
@@ -133,6 +134,20 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
         "load": getattr(backend, "load_info", {}),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def first_call_facts(record: dict, waited: float, generate_s: float) -> dict:
+    """What the first, compiling call of a worker cost: the seconds waited for another worker's
+    compile, to the first finished step, and an estimate of the compile (that first step less a steady
+    one), from the backend's own step timeline."""
+    timeline = record.get("timeline") or {}
+    facts = {"waited_for_other_worker_seconds": round(waited, 1), "generate_seconds": round(generate_s, 1)}
+    if timeline.get("first_step_done") and timeline.get("called"):
+        first = timeline["first_step_done"] - timeline["called"]  # `called` comes after the wait
+        facts["first_step_seconds"] = round(first, 1)
+        if record.get("seconds_per_step"):
+            facts["compile_seconds_estimate"] = round(max(0.0, first - record["seconds_per_step"]), 1)
+    return facts
 
 
 def settle_if_made(ledger, job, worker: str, frames: int, log: logging.Logger) -> bool:
@@ -254,6 +269,12 @@ def run_worker(spec: WorkerSpec) -> int:
     ooms_in_row = 0
     exit_code = EXIT_DONE
     writer = OutputWriter(spec, log)
+    compile_cache = None
+    if model.speed.compile != "none":
+        from .speed import compile_cache_dir, use_compile_cache
+        compile_cache = use_compile_cache(compile_cache_dir(spec.output_dir))
+        log.info("speed: %s; compiled kernels are cached in %s for this machine's workers",
+                 describe_speed(model.speed), compile_cache)
     try:
         started = time.monotonic()
         backend = backend_class(model.backend)(model, generation, spec.devices)
@@ -305,9 +326,19 @@ def run_worker(spec: WorkerSpec) -> int:
 
             try:
                 backend.attempt = claim.attempt
-                result = backend.generate(job, progress)
+                # The first call compiles (minutes with fp8): one worker of the machine at a time, and
+                # heartbeats go on as while loading, since no step finishes until it is done.
+                first_call = compile_cache is not None
+                beat.loading = first_call
+                with first_call_lock(compile_cache if first_call else None) as waited:
+                    result = backend.generate(job, progress)
+                beat.loading = False
                 generate_s = time.monotonic() - t0
                 record = sidecar_record(spec, job, claim.attempt, backend, generate_s, gpu_names)
+                if first_call:
+                    compile_cache = None
+                    record["first_call"] = first_call_facts(record, waited, generate_s)
+                    log.info("first call (compiles the denoiser): %s", record["first_call"])
                 log.info("generated %s in %.1fs; writing it while the next job starts", job.key, generate_s)
                 writer.submit(job, result, record, t0)
                 ooms_in_row = 0

@@ -90,6 +90,12 @@ class Backend(ABC):
         file instead, a temporary name in the job's output folder; the worker checks and renames it.
         """
 
+    def denoise_once(self, seed: int):
+        """One forward pass of the (first) denoiser on seeded random inputs of the manifest's latent
+        shape, returning its output tensor: how `models speed` measures first-call time and the drift
+        of a speed setting from eager bf16. Backends without an in-process denoiser have none."""
+        raise NotImplementedError(f"the {self.name} backend has no in-process denoiser to probe")
+
     def job_info(self) -> dict:
         """Facts about the last job for its sidecar (seconds per step, peak memory, cache hits)."""
         peak = self.peak_memory_bytes()
@@ -127,6 +133,31 @@ def option_problems(backend: str, options: dict, kinds: dict, choices: dict | No
             continue
         failed.add(key)
     return problems, failed
+
+
+def speed_card_problems(manifest: "Manifest") -> list[BackendProblem]:
+    """The `speed:` checks every backend that applies it shares: torchao for fp8/int8, and fp8 only
+    on cards that have fp8 tensor cores (this machine's cards, as `resources.gpus` selects them; a Ray
+    cluster's cards are checked by each actor when it loads)."""
+    from .. import speed as speed_settings
+    from ..gpus import NoGpus, discover
+    speed = manifest.model.speed
+    problems = []
+    missing = speed_settings.torchao_missing(speed)
+    if missing:
+        problems.append(BackendProblem("speed.quantize", missing, "pip install torchao (or 'wan-sweep[speed]')"))
+    if speed.quantize == "fp8" and manifest.execution.executor != "ray":
+        try:
+            gpus = discover()
+        except NoGpus:
+            gpus = []
+        wanted = manifest.resources.gpus
+        cards = [(g.name, g.compute_capability) for g in gpus if wanted == "all" or g.index in wanted]
+        why = speed_settings.fp8_card_problem(cards)
+        if why:
+            problems.append(BackendProblem("speed.quantize", why, "use quantize: int8 or fp8_storage for memory, "
+                                           "or none; fp8 pays on Ada, Hopper and newer cards"))
+    return problems
 
 
 IDENTITY_HASHED = (".json", ".txt", ".model", ".yaml")  # small files that say what the weights are

@@ -193,6 +193,16 @@ class CommandBackend(Backend):
 
         found, failed = option_problems("command", options, OPTIONS)
         problems.extend(found)
+        if not model.speed.is_default:
+            changed = next(k for k in ("compile", "attention", "quantize")
+                           if getattr(model.speed, k) != getattr(type(model.speed)(), k))
+            problem(f"speed.{changed}", "the command backend runs Wan's generate.py (or your program) once per "
+                    "video, and `speed:` settings are applied inside this process's pipeline: generate.py "
+                    "has no such switches",
+                    "remove `speed:`; what generate.py offers instead: --offload_model, --t5_cpu, "
+                    "--convert_model_dtype (model.options offload_model, t5_cpu, convert_model_dtype), and "
+                    "--dit_fsdp --t5_fsdp --ulysses_size K over K cards (resources.gpus_per_worker: K); "
+                    "or use backend diffusers or diffsynth, which load the model once and take `speed:`")
         if failed & set(OPTIONS):  # the checks below read these values
             return problems
 

@@ -50,6 +50,14 @@ scale: DiffSynth's pipeline has one for both Wan2.2 experts, so a pair must repe
 `generation.extra` passes these `WanVideoPipeline` arguments: cfg_merge, switch_DiT_boundary (Wan2.2
 A14B), tea_cache_l1_thresh, tea_cache_model_id, sliding_window_size, sliding_window_stride.
 
+Speed (`speed:`, orchestrator/speed.py), applied to the DiT (both of Wan 2.2 A14B's): `compile: blocks`
+compiles each DiT block (DiffSynth's `model_fn_wan_video` calls the blocks itself, so `full` has nothing
+to compile and is refused); `attention` cudnn | flash | efficient | math runs torch SDPA with that kernel
+(DiffSynth's own choice, flash-attn or SageAttention when installed, is `auto`); `quantize` fp8 | int8 is
+torchao on the blocks' Linear layers, `fp8_storage` keeps their weights in float8 and computes in the
+model's dtype. All but `attention` need the DiT resident on the card: vram_management false or
+text_encoder (streamed layers would lose the compiled graphs and quantized weights at each move).
+
 Per job: DiffSynth's own seed argument with `rand_device="cpu"` (the initial noise comes from a CPU
 `torch.Generator`, so a seed gives the same video on any card, and a rerun the same frames); the
 pipeline's progress iterator reports each step; CUDA out-of-memory becomes `OutOfMemory`.
@@ -85,12 +93,14 @@ import struct
 import time
 import zipfile
 from collections import OrderedDict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import Backend, BackendProblem, model_files_identity, option_problems
+from .. import speed as speed_settings
+from .base import Backend, BackendProblem, model_files_identity, option_problems, speed_card_problems
 from .cuda import job_memory, release_memory
 
 OPTIONS: dict[str, tuple] = {
@@ -428,6 +438,7 @@ class DiffSynthWanBackend(Backend):
                 "resources.gpus_per_worker", "the diffsynth backend runs a worker on one card",
                 "use gpus_per_worker: 1 (vram_management streams a model larger than the card)"))
 
+        problems.extend(cls._speed_problems(manifest))
         if importlib.util.find_spec("diffsynth") is None:
             problems.append(BackendProblem("model.backend", "DiffSynth-Studio is not installed",
                                            "pip install 'wan-sweep[diffsynth]' (diffsynth>=2.1)"))
@@ -443,6 +454,30 @@ class DiffSynthWanBackend(Backend):
         if missing:
             return problems
         problems.extend(cls._check_models(model, g, files))
+        return problems
+
+    @staticmethod
+    def _speed_problems(manifest) -> list[BackendProblem]:
+        speed = manifest.model.speed
+        problems = speed_card_problems(manifest)
+        if speed.compile == "full":
+            problems.append(BackendProblem(
+                "speed.compile", "speed.compile full: DiffSynth's pipeline calls the DiT's blocks one by one "
+                "(model_fn_wan_video), never the DiT as a whole, so there is nothing whole to compile",
+                "use compile: blocks (the same kernels, compiled per block)"))
+        if speed.attention not in speed_settings.SDPA_ATTENTION:
+            problems.append(BackendProblem(
+                "speed.attention", f"speed.attention `{speed.attention}` is a diffusers attention backend; the "
+                "diffsynth backend chooses torch SDPA's kernel (DiffSynth itself uses flash-attn or "
+                "SageAttention when they are installed: that is `auto`)",
+                f"use one of: {', '.join(speed_settings.SDPA_ATTENTION)}"))
+        resident = manifest.model.options.get("vram_management", True) in (False, "text_encoder")
+        changed = [k for k in ("compile", "quantize") if getattr(speed, k) != "none"]
+        if changed and not resident:
+            problems.append(BackendProblem(
+                f"speed.{changed[0]}", f"speed.{changed[0]} {getattr(speed, changed[0])} needs the DiT resident on "
+                "the card, but vram_management true streams its layers between CPU and GPU at every call",
+                "set model.options.vram_management: text_encoder (the DiT and VAE stay on the card) or false"))
         return problems
 
     @staticmethod
@@ -540,6 +575,7 @@ class DiffSynthWanBackend(Backend):
                 loaded.setdefault(component, []).append(model)
                 seconds[component] = round(seconds.get(component, 0.0) + time.perf_counter() - t0, 3)
         self._assemble(pipe, loaded)
+        speed_facts = self._apply_speed(pipe)
         t0 = time.perf_counter()
         from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer
         pipe.tokenizer = HuggingfaceTokenizer(name=files["tokenizer"], seq_len=512, clean="whitespace")
@@ -561,7 +597,25 @@ class DiffSynthWanBackend(Backend):
             "files": {k: v for k, v in files.items()},
             "model_files": model_files_identity(self.model.path),
             "vram_management": o.get("vram_management", True), "vram_limit_gib": vram_limit,
+            "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
         }
+
+    def _apply_speed(self, pipe) -> dict:
+        """The `speed:` settings on each DiT (two for Wan2.2 A14B); the attention kernel is chosen per
+        call in `generate` instead (DiffSynth calls torch SDPA itself)."""
+        speed = self.model.speed
+        if speed.attention != "auto":
+            # DiffSynth prefers flash-attn 3/2 and SageAttention whenever they are importable; a chosen
+            # SDPA kernel means SDPA, so those module flags are turned off in this worker process.
+            from diffsynth.models import wan_video_dit
+            for flag in ("FLASH_ATTN_3_AVAILABLE", "FLASH_ATTN_2_AVAILABLE", "SAGE_ATTN_AVAILABLE"):
+                setattr(wan_video_dit, flag, False)
+        step = replace(speed, attention="auto")
+        if step.is_default:
+            return {}
+        return {name: speed_settings.apply_to_denoiser(dit, list(dit.blocks), step, compute_dtype=self.dtype,
+                                                       library="diffsynth")
+                for name, dit in (("dit", pipe.dit), ("dit2", pipe.dit2)) if dit is not None}
 
     def _managed(self, component: str) -> bool:
         vm = self.options.get("vram_management", True)
@@ -750,7 +804,8 @@ class DiffSynthWanBackend(Backend):
                 image.cache_key = job.reference  # for the per-image caches
                 kwargs["input_image"] = image
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
-            video = self.pipe(**kwargs)
+            with speed_settings.sdpa_kernel(self.model.speed.attention):
+                video = self.pipe(**kwargs)
             frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # C T H W → T H W C
         returned = time.time()
@@ -779,6 +834,24 @@ class DiffSynthWanBackend(Backend):
                 step_times.append(time.time())
                 progress(index + 1, total)
         return steps
+
+    def denoise_once(self, seed: int):
+        from diffsynth.pipelines.wan_video import model_fn_wan_video
+        torch, pipe, g, dit = self.torch, self.pipe, self.generation, self.pipe.dit
+        z = getattr(pipe.vae, "z_dim", 16)
+        image = dit.has_image_input and dit.require_vae_embedding
+        size = (1, z if image else dit.in_dim, (g.num_frames - 1) // 4 + 1, g.height // pipe.vae.upsampling_factor,
+                g.width // pipe.vae.upsampling_factor)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        draw = lambda *shape: torch.randn(*shape, generator=generator).to(self.device, self.dtype)  # noqa: E731
+        kwargs = {"latents": draw(*size), "context": draw(1, 512, dit.text_embedding[0].in_features),
+                  "timestep": torch.tensor([500.0], device=self.device, dtype=self.dtype)}
+        if image:
+            kwargs["y"] = draw(1, dit.in_dim - z, *size[2:])
+        if dit.has_image_input and dit.require_clip_embedding:
+            kwargs["clip_feature"] = draw(1, 257, 1280)
+        with torch.no_grad(), speed_settings.sdpa_kernel(self.model.speed.attention):
+            return model_fn_wan_video(dit=dit, **kwargs)
 
     def job_info(self) -> dict:
         references = getattr(self, "references", None)

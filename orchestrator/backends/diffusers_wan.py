@@ -29,17 +29,27 @@ Options (`model.options`), mapped to diffusers' own memory switches:
   parallel_load: bool                  load the components in parallel threads (default true)
   max_sequence_length: int             prompt tokens (default 512, as Wan)
   prompt_cache: int                    prompts whose embeddings are kept (default 64)
+
+Speed (`speed:`, orchestrator/speed.py), applied to the transformer (both of Wan 2.2's experts):
+`compile: blocks` is `compile_repeated_blocks(fullgraph=True)`, `full` compiles the whole
+transformer; `attention` is `set_attention_backend` (cudnn, flash, efficient, math: torch SDPA's
+kernels; or any diffusers backend whose package is installed, e.g. `sage`); `quantize` is torchao on
+the blocks' Linear layers (`int8` before the move to the card, so a model too large in bf16 still
+loads; `fp8` on the card) or `enable_layerwise_casting` for `fp8_storage`.
 """
 from __future__ import annotations
 
 import json
 import time
 from collections import OrderedDict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, BackendProblem, model_files_identity, option_problems
+from .. import speed as speed_settings
+from ..manifest import SpeedConfig
+from .base import Backend, BackendProblem, model_files_identity, option_problems, speed_card_problems
 from .cuda import job_memory, release_memory
 
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"}
@@ -70,6 +80,29 @@ def read_checkpoint_config(path: str | Path) -> dict:
     }
 
 
+def _diffusers_attention_problem(name: str) -> tuple[str, str] | None:
+    """(message, fix) when `name` is not a diffusers attention backend usable here, else None."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    except ImportError:
+        return None  # diffusers itself missing is reported elsewhere
+    names = [b.value for b in AttentionBackendName]
+    if name not in names:
+        return (f"speed.attention `{name}` is neither a torch SDPA kernel nor a diffusers attention backend",
+                f"use one of: {', '.join(speed_settings.SDPA_ATTENTION)}, or a diffusers backend such as "
+                f"{', '.join(n for n in names if not n.startswith('_') and not n.endswith('_hub'))}")
+    if name.endswith("_hub"):
+        return (f"speed.attention `{name}` downloads its kernel from the Hugging Face hub at the start; "
+                "nothing is downloaded unless asked", "install the kernel's package and use its local "
+                "backend (e.g. `flash_varlen` for flash-attn, `sage` for sageattention)")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ImportError) as exc:
+        return (f"speed.attention `{name}` cannot run here: {exc}", "install the package it names, or use "
+                "attention: auto")
+    return None
+
+
 class DiffusersWanBackend(Backend):
     name = "diffusers"
     runs_on_cpu = True  # it does run on the CPU, slowly: CI uses tiny random-weight checkpoints
@@ -85,6 +118,7 @@ class DiffusersWanBackend(Backend):
         if model.options.get("device_map") and model.options.get("offload", "none") != "none":
             problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",
                                            "keep one: device_map spreads the model over cards, offload over CPU memory"))
+        problems.extend(cls._speed_problems(manifest))
         length = model.options.get("max_sequence_length", 512)
         if isinstance(length, int) and not 1 <= length <= 512:
             problems.append(BackendProblem("model.options.max_sequence_length",
@@ -134,6 +168,23 @@ class DiffusersWanBackend(Backend):
                                            "leaves no denoising step", "raise steps or denoising_strength"))
         return problems
 
+    @staticmethod
+    def _speed_problems(manifest) -> list[BackendProblem]:
+        speed, options = manifest.model.speed, manifest.model.options
+        problems = speed_card_problems(manifest)
+        offload = options.get("offload", "none")
+        if offload in ("sequential", "group") and (speed.compile != "none" or speed.quantize in ("fp8", "int8")):
+            key = "speed.compile" if speed.compile != "none" else "speed.quantize"
+            problems.append(BackendProblem(key, f"{key} {getattr(speed, key.split('.')[1])} with offload: {offload}: "
+                                           "the offload hooks move each layer's weights per call, which compiled "
+                                           "graphs and torchao's weights do not survive",
+                                           "use offload: none or model, or quantize: fp8_storage for memory"))
+        if speed.attention not in speed_settings.SDPA_BACKENDS and speed.attention != "auto":
+            problem = _diffusers_attention_problem(speed.attention)
+            if problem:
+                problems.append(BackendProblem("speed.attention", *problem))
+        return problems
+
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
         weights = model_files_identity(manifest.model.path).get("weight_bytes") or 0
@@ -163,7 +214,9 @@ class DiffusersWanBackend(Backend):
         info = read_checkpoint_config(self.model.path)
         pipeline_class = getattr(diffusers, PIPELINES[self.model.task])
         started = time.monotonic()
-        if self.cards > 1 or o.get("device_map"):
+        self.device_mapped = bool(self.cards > 1 or o.get("device_map"))
+        early_speed: dict = {}
+        if self.device_mapped:
             kwargs = {"torch_dtype": self.dtype, "device_map": o.get("device_map", "balanced")}
             if o.get("max_memory_gib"):
                 kwargs["max_memory"] = {i: f"{o['max_memory_gib']}GiB" for i in range(max(1, self.cards))}
@@ -179,7 +232,10 @@ class DiffusersWanBackend(Backend):
             settings = {k: info["index"][k] for k in ("boundary_ratio", "expand_timesteps")
                         if k in accepted and info["index"].get(k) is not None}
             pipe = pipeline_class(**components, **settings)
+            early_speed = self._apply_speed(pipe, "cpu")
             self._place(pipe)
+        speed_facts = {stage: facts for stage, facts in (("cpu", early_speed), ("card", self._apply_speed(pipe, "card")))
+                       if facts}  # what each stage did, for the sidecars
         if self.generation.shift is not None:
             config = dict(pipe.scheduler.config)
             key = "flow_shift" if "flow_shift" in config else "shift"
@@ -201,8 +257,34 @@ class DiffusersWanBackend(Backend):
             "load_seconds": round(time.monotonic() - started, 2),
             "components": {k: round(v, 2) for k, v in seconds.items()},
             "pipeline": pipeline_class.__name__, "model_files": model_files_identity(self.model.path),
-            "parallel_load": bool(o.get("parallel_load", True)) and not (self.cards > 1 or o.get("device_map")),
+            "parallel_load": bool(o.get("parallel_load", True)) and not self.device_mapped,
+            "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
         }
+
+    def _apply_speed(self, pipe, stage: str) -> dict:
+        """The `speed:` settings on each transformer, in two stages: "cpu", before the move to the card
+        (int8 and fp8_storage shrink the weights while they are still in CPU memory, so a model too
+        large for the card in bf16 still loads), and "card", after it (fp8, attention, compile). A
+        device_map load, already on its cards, runs only the second, which then quantizes too."""
+        speed = self.model.speed
+        early = speed.quantize in ("int8", "fp8_storage") and not self.device_mapped
+        if stage == "cpu":
+            step = SpeedConfig(quantize=speed.quantize) if early else SpeedConfig()
+        else:
+            step = replace(speed, quantize="none") if early else speed
+        applied = {}
+        text_encoder = getattr(pipe, "text_encoder", None)
+        if step.quantize == "int8" and text_encoder is not None:
+            # 8-bit weights for the umT5 text encoder too (11 GB in bf16; it runs once per prompt), as
+            # `models fit` counts them for its 8-bit strategies
+            applied["text_encoder"] = {"quantized_layers": speed_settings.quantize(
+                text_encoder, [text_encoder], "int8", self.dtype, "transformers")}
+        for name in ("transformer", "transformer_2"):
+            transformer = getattr(pipe, name, None)
+            if transformer is not None and not step.is_default:
+                applied[name] = speed_settings.apply_to_denoiser(
+                    transformer, list(transformer.blocks), step, compute_dtype=self.dtype, library="diffusers")
+        return applied
 
     def _place(self, pipe) -> None:
         """Put the components where the memory options say (one card, or offloaded to the CPU)."""
@@ -356,6 +438,21 @@ class DiffusersWanBackend(Backend):
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video
+
+    def denoise_once(self, seed: int):
+        torch, pipe, g = self.torch, self.pipe, self.generation
+        transformer, config = pipe.transformer, pipe.transformer.config
+        frames = (g.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        shape = (1, config.in_channels, frames, g.height // pipe.vae_scale_factor_spatial,
+                 g.width // pipe.vae_scale_factor_spatial)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        draw = lambda *size: torch.randn(*size, generator=generator).to(self.device, self.dtype)  # noqa: E731
+        kwargs = {"hidden_states": draw(*shape), "encoder_hidden_states": draw(1, 512, config.text_dim),
+                  "timestep": torch.tensor([500.0], device=self.device), "return_dict": False}
+        if config.get("image_dim"):  # Wan2.1 I2V: the CLIP image embedding's tokens
+            kwargs["encoder_hidden_states_image"] = draw(1, 257, config.image_dim)
+        with torch.no_grad():
+            return transformer(**kwargs)[0]
 
     def job_info(self) -> dict:
         return {**self._job, "reference_cache": {"hits": self.references.hits, "misses": self.references.misses}}

@@ -16,6 +16,9 @@ Options (`model.options`):
   fail_attempts: int       every job fails its first N attempts
   hang_jobs: [glob]        job keys whose first attempt hangs halfway (no progress ever again)
   hang_attempts: int       every job hangs halfway through its first N attempts
+
+`speed:` is accepted and only recorded (there is no denoiser to compile or quantize), so the tests of
+job identity, planning and the compile cache can run a whole sweep with it.
 """
 from __future__ import annotations
 

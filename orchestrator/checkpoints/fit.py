@@ -272,16 +272,19 @@ def _estimate(model: list[Part], settings: Settings, strategy: str, cards: int) 
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-# What each backend calls a strategy: (model.options, resources) — None where it has no such switch.
-BACKEND_STRATEGIES: dict[str, dict[str, tuple[dict, dict] | None]] = {
+# What each backend calls a strategy: (model.options, resources[, speed]) — None where it has no such
+# switch. The 8-bit strategies are `speed: {quantize: int8}` (torchao 8-bit weights, orchestrator/speed.py).
+BACKEND_STRATEGIES: dict[str, dict[str, tuple | None]] = {
     "diffusers": {
         "whole": ({}, {}), "text_encoder_cpu": ({"text_encoder": "cpu"}, {}),
         "model_offload": ({"offload": "model"}, {}), "block_offload": ({"offload": "group"}, {}),
         "device_map": ({"device_map": "balanced"}, {"gpus_per_worker": "{k}", "workers_per_gpu": 1}),
+        "int8": ({}, {}, {"quantize": "int8"}), "int8_offload": ({"offload": "model"}, {}, {"quantize": "int8"}),
     },
     "diffsynth": {
         "whole": ({"vram_management": False}, {}), "text_encoder_cpu": ({"vram_management": "text_encoder"}, {}),
         "model_offload": ({"vram_management": True}, {}), "block_offload": ({"vram_management": True}, {}),
+        "int8": ({"vram_management": "text_encoder"}, {}, {"quantize": "int8"}),
     },
     "command": {
         "whole": ({"offload_model": False}, {}), "text_encoder_cpu": ({"offload_model": False, "t5_cpu": True}, {}),
@@ -295,7 +298,7 @@ def strategy_for_options(backend: str, options: dict, cards: int) -> str:
     """Which strategy a manifest's memory options amount to (to set an estimate beside a profile)."""
     table = BACKEND_STRATEGIES.get(backend, {})
     relevant = {k: v for k, v in options.items()
-                if any(k in opts for opts, _ in filter(None, table.values()))}
+                if any(k in entry[0] for entry in filter(None, table.values()))}
     for name, entry in table.items():
         if entry is not None and {k: v for k, v in entry[0].items()} == relevant:
             return name
@@ -363,13 +366,14 @@ def _yaml_flow(mapping: dict) -> str:
     return "{" + ", ".join(f"{k}: {value(v)}" for k, v in mapping.items()) + "}"
 
 
-def _backend_entry(backend: str, strategy: str, k: int) -> tuple[dict, dict] | None:
+def _backend_entry(backend: str, strategy: str, k: int) -> tuple[dict, dict, dict] | None:
+    """(model.options, resources, speed) of a strategy for a backend, or None where it has none."""
     entry = BACKEND_STRATEGIES.get(backend, {}).get(strategy)
     if entry is None:
         return None
-    options, resources = entry
+    options, resources, speed = (*entry, {}) if len(entry) == 2 else entry
     resources = {key: (int(v.format(k=k)) if isinstance(v, str) else v) for key, v in resources.items()}
-    return dict(options), {"gpus_per_worker": 1, "workers_per_gpu": "auto", **resources}
+    return dict(options), {"gpus_per_worker": 1, "workers_per_gpu": "auto", **resources}, dict(speed)
 
 
 def _other_backend(strategy: str) -> str | None:
@@ -418,7 +422,9 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
     rows = []
     for e in estimates:
         entry = _backend_entry(backend, e.strategy, e.cards)
-        how = ("model.options " + _yaml_flow(entry[0]) if entry[0] else "(default)") if entry else \
+        how = (" + ".join(filter(None, ["model.options " + _yaml_flow(entry[0]) if entry[0] else "",
+                                         "speed " + _yaml_flow(entry[2]) if entry[2] else ""])) or "(default)") \
+            if entry else \
             (f"not here; backend {_other_backend(e.strategy)}" if _other_backend(e.strategy) else "no backend offers it")
         rows.append([e.label, _gib(e.per_card), _gib(e.weights), _gib(e.working), _gib(e.host) if e.host else "-",
                      how])
@@ -456,7 +462,7 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
                 continue
             if here:
                 e, n = here[0]
-                opts, res = _backend_entry(backend, e.strategy, e.cards)
+                opts, res, speed = _backend_entry(backend, e.strategy, e.cards)
                 lines.append(f"{title}: use {e.label}: {_gib(e.per_card)} per card"
                              + (f", {n} fit per card" if e.cards == 1 else "") + f" (backend {backend})"
                              + (f"; each worker keeps {_gib(e.host)} of weights in host memory" if e.host else ""))
@@ -465,6 +471,8 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
                     merged.pop(key, None)
                 merged.update(opts)
                 lines += [f"  resources: {_yaml_flow(res)}", "  model:", f"    options: {_yaml_flow(merged)}"]
+                if speed:
+                    lines.append(f"  speed: {_yaml_flow(speed)}")
             else:
                 lines.append(f"{title}: the {backend} backend has no strategy that fits")
             better = fitting[0][0]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Issue 20 on the GPU machine: the speed settings, measured side by side in one run through the product's
+# own trial command (`models speed`, orchestrator/speed_trial.py), on random-weight checkpoints of real
+# size at the user's shapes (832x480x81, CFG on; s/video at 38 steps = 50 steps at strength 0.75).
+#   bash bench/gpu_speed.sh                       # STAGES="diffusers13 diffsynth13" by default
+#   STAGES=diffusers14 bash bench/gpu_speed.sh
+# Stages:
+#   diffusers13  Wan-1.3B-sized diffusers checkpoint: eager, compile=blocks, compile=blocks+fp8 (+ warm cache)
+#   diffusers14  Wan-14B-sized diffusers checkpoint (28.6 GB DiT): eager, compile=blocks, compile=blocks+fp8
+#   diffsynth13  Wan2.1-T2V-1.3B original layout (recognised by DiffSynth's loader): the same three
+# Needs, as wheels in .whl/: diffusers, importlib_metadata, torchao, av, and for diffsynth: diffsynth ftfy
+# wcwidth modelscope. Each stage prints the trial table and writes $OUT/speed_<stage>.log.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DIFFSYNTH_SKIP_DOWNLOAD=True
+STAGES=${STAGES:-"diffusers13 diffsynth13"}
+STEPS=${STEPS:-3}
+DEVICE=${DEVICE:-cuda}
+WORK=${WORK:-/tmp/speed}
+START=$(date +%s)
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+mkdir -p "$WORK"
+{ date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'torchao', torchao.__version__, 'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)"
+} 2>&1 | grep -v "^W1\|Enum subclass" | tee -a "$OUT/speed_machine.txt"
+
+manifest() {  # manifest NAME BACKEND MODEL OPTIONS -> $WORK/NAME.yaml
+    cat > "$WORK/$1.yaml" <<EOF
+name: speed_$1
+output_dir: $WORK/out_$1
+model: {backend: $2, task: t2v, path: $3, dtype: bfloat16, options: $4}
+generation: {width: ${WIDTH:-832}, height: ${HEIGHT:-480}, num_frames: ${FRAMES:-81}, fps: 15, steps: 38, cfg_scale: 5.0}
+seeds: [0]
+categories:
+  bench: {prompts: ["a red ball rolls across a wooden table"]}
+EOF
+    echo "$WORK/$1.yaml"
+}
+
+trial() {  # trial STAGE MANIFEST [models speed flags]
+    local stage=$1 file=$2; shift 2
+    echo "== $stage ($(( $(date +%s) - START ))s into the script)"
+    python3 run_experiment.py models speed "$file" --steps "$STEPS" "$@" 2>&1 \
+        | grep -v "^W1\|Enum subclass\|torchao. Tensor objects\|it/s\]" | tee "$OUT/speed_$stage.log"
+    for log in "$WORK"/out_"$stage"/.sweep/speed_trial/*/trial.log; do  # a failed candidate's own words
+        grep -q "Traceback" "$log" && { echo "-- $log"; tail -15 "$log"; } | tee -a "$OUT/speed_$stage.log"
+    done
+}
+
+for stage in $STAGES; do
+    case $stage in
+      diffusers13|diffusers14)
+        size=wan-1.3b; [ $stage = diffusers14 ] && size=wan-14b
+        model=$WORK/diffusers_$size
+        [ -f "$model/model_index.json" ] || python3 bench/gpu_build_model.py "$model" --size $size --device "$DEVICE" \
+            --dtype bfloat16 2>&1 | grep -v "Writing\|^W1\|Enum subclass" | tee -a "$OUT/speed_$stage.log"
+        warm=""; [ $stage = diffusers13 ] && warm="--warm"
+        trial $stage "$(manifest $stage diffusers "$model" '{}')" --try compile=blocks \
+            --try compile=blocks,quantize=fp8 $warm
+        [ "${KEEP:-0}" = 1 ] || [ $stage = diffusers13 ] || rm -rf "$model"
+        ;;
+      diffsynth13)
+        model=$WORK/Wan2.1-T2V-1.3B
+        [ -f "$model/.built" ] || { python3 bench/gpu_diffsynth_build.py "$model" --size 1.3b --device "$DEVICE" 2>&1 \
+            | tee -a "$OUT/speed_$stage.log" && touch "$model/.built"; }
+        trial $stage "$(manifest $stage diffsynth "$model" '{vram_management: text_encoder}')" \
+            --try compile=blocks --try compile=blocks,quantize=fp8
+        ;;
+      *) echo "unknown stage $stage" ;;
+    esac
+done
+echo "total $(( $(date +%s) - START ))s"

@@ -1,0 +1,210 @@
+"""Speed settings (the manifest's `speed:`): what each key does to the denoiser, which ones change the
+pictures, and the shared compile cache.
+
+    compile:   none | blocks | full       torch.compile of the repeated transformer blocks (regional
+                                          compilation, diffusers' `compile_repeated_blocks`) or of the
+                                          whole denoiser
+    attention: auto | cudnn | flash | efficient | math | <a diffusers attention backend>
+                                          torch SDPA's kernel (auto: torch's own choice, cuDNN on
+                                          Hopper), or diffusers' `set_attention_backend` (sage, …)
+    quantize:  none | fp8 | int8 | fp8_storage
+                                          fp8: torchao fp8 weights (per row) and dynamic fp8
+                                          activations on the blocks' Linear layers (speed; Ada,
+                                          Hopper or newer); int8: torchao 8-bit weights (memory:
+                                          a model that does not fit in bf16); fp8_storage: weights
+                                          stored in fp8 and computed in the model's dtype (memory)
+
+Identity: a key that changes the pictures beyond run-to-run noise is part of every job's identity, so
+a changed value is detected like a changed generation setting and old and new videos are never mixed.
+  quantize   yes: the weights themselves are rounded (to 8 bits), a different model in effect.
+  compile    no: the same arithmetic, fused; its drift from eager is that of two eager runs on different
+             kernels (0.4% relative L2 on the H200, docs/benchmarks.md), recorded in each sidecar.
+  attention  no: each kernel computes exact attention; differences are rounding, recorded in the sidecar.
+
+The backends (diffusers, diffsynth) call `apply_to_denoiser` once per denoiser after loading; the
+worker calls `use_compile_cache` before the backend loads and holds `first_call_lock` around its first
+job, so that of a machine's workers only one compiles and the others load its kernels from the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from .manifest import SDPA_ATTENTION, SpeedConfig
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+IDENTITY_KEYS = ("quantize",)  # the keys that change pictures (see the module docstring)
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+# diffusers' names for the same torch SDPA kernels (its `set_attention_backend`)
+DIFFUSERS_SDPA = {"cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
+                  "math": "_native_math"}
+FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
+
+
+def identity(speed: SpeedConfig) -> dict:
+    """The speed settings that belong in a job's identity; empty for the defaults, so a manifest
+    without `speed:` keeps the job ids it always had."""
+    return {key: getattr(speed, key) for key in IDENTITY_KEYS if getattr(speed, key) != getattr(SpeedConfig(), key)}
+
+
+def describe(speed: SpeedConfig) -> str:
+    return f"compile {speed.compile}, attention {speed.attention}, quantize {speed.quantize}"
+
+
+def needs_torchao(speed: SpeedConfig) -> bool:
+    return speed.quantize in ("fp8", "int8")
+
+
+def torchao_missing(speed: SpeedConfig) -> str | None:
+    """Why the quantize setting cannot run here (torchao missing), or None."""
+    import importlib.util
+    if needs_torchao(speed) and importlib.util.find_spec("torchao") is None:
+        return f"speed.quantize {speed.quantize} needs torchao, which is not installed"
+    return None
+
+
+def fp8_card_problem(cards: list[tuple[str, tuple[int, int] | None]]) -> str | None:
+    """Why fp8 compute cannot run on these cards ((name, compute capability) each), or None."""
+    if not cards:
+        return ("speed.quantize fp8 needs an fp8-capable NVIDIA card (Ada, Hopper or newer), and this "
+                "machine has none")
+    slow = [f"{name} (compute capability {cc[0]}.{cc[1]})" for name, cc in cards
+            if cc is not None and tuple(cc) < FP8_MIN_CAPABILITY]
+    if slow:
+        return (f"speed.quantize fp8 needs fp8 tensor cores (Ada, Hopper or newer, compute capability ≥ 8.9); "
+                f"{', '.join(sorted(set(slow)))} has none")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying the settings to a loaded denoiser
+
+
+def apply_to_denoiser(denoiser: "torch.nn.Module", blocks: list["torch.nn.Module"], speed: SpeedConfig, *,
+                      compute_dtype: "torch.dtype", library: str = "diffusers") -> dict:
+    """Quantize, choose the attention kernel and compile, in that order (torchao's weights must be in
+    place before compile traces them). `blocks` are the denoiser's repeated transformer blocks.
+    Returns what was done and how long it took, for the load record (compile itself happens lazily,
+    at the first call)."""
+    started = time.perf_counter()
+    done: dict = {"compile": speed.compile, "attention": speed.attention, "quantize": speed.quantize}
+    if speed.quantize != "none":
+        done["quantized_layers"] = quantize(denoiser, blocks, speed.quantize, compute_dtype, library)
+    if speed.attention != "auto" and library == "diffusers":
+        denoiser.set_attention_backend(DIFFUSERS_SDPA.get(speed.attention, speed.attention))
+    if speed.compile == "blocks":
+        for block in blocks:
+            block.compile(fullgraph=True)
+        done["compiled_modules"] = len(blocks)
+    elif speed.compile == "full":
+        denoiser.compile(fullgraph=True)
+        done["compiled_modules"] = 1
+    done["apply_seconds"] = round(time.perf_counter() - started, 3)
+    return done
+
+
+def quantize(denoiser, blocks, mode: str, compute_dtype, library: str) -> int:
+    """Replace the blocks' Linear weights: torchao's tensor subclasses (fp8, int8), or fp8 storage with
+    the model's dtype for compute. Returns the number of Linear layers changed."""
+    import torch
+    linears = [m for block in blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    if mode in ("fp8", "int8"):
+        from torchao.quantization import quantize_
+        if mode == "fp8":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+            config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        else:
+            from torchao.quantization import Int8WeightOnlyConfig
+            config = Int8WeightOnlyConfig()
+        for block in blocks:
+            quantize_(block, config)  # its default filter: every nn.Linear
+        return len(linears)
+    if mode == "fp8_storage":
+        if library == "diffusers":
+            # diffusers' layerwise casting (its own skip list keeps norms and embeddings in full precision)
+            denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+            return sum(1 for m in denoiser.modules() if isinstance(m, torch.nn.Linear)
+                       and m.weight.dtype == torch.float8_e4m3fn)
+        for layer in linears:
+            _store_in_fp8(layer, compute_dtype)
+        return len(linears)
+    raise ValueError(f"unknown quantize mode {mode!r}")
+
+
+def _store_in_fp8(layer, compute_dtype) -> None:
+    """Keep a Linear layer's weight in float8 and cast it to `compute_dtype` for each call (what
+    diffusers' layerwise casting does, for a model that is not a diffusers one)."""
+    import torch
+    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+
+    def upcast(module, args):
+        module.weight.data = module.weight.data.to(compute_dtype)
+
+    def downcast(module, args, output):
+        module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+    layer.register_forward_pre_hook(upcast)
+    layer.register_forward_hook(downcast)
+
+
+@contextlib.contextmanager
+def sdpa_kernel(attention: str) -> Iterator[None]:
+    """torch SDPA restricted to one kernel (for a library that calls SDPA itself, as DiffSynth does)."""
+    if attention not in SDPA_BACKENDS:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel as restrict
+    with restrict([getattr(SDPBackend, SDPA_BACKENDS[attention])]):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# One compile cache per machine
+
+
+def compile_cache_dir(output_dir: str | os.PathLike) -> Path:
+    """The inductor cache of this machine's workers of a sweep: under `.sweep/`, one per host (kernels
+    are built for the host's GPUs and compiler; a sweep's folder may be shared between machines)."""
+    return Path(output_dir) / ".sweep" / "compile_cache" / socket.gethostname()
+
+
+def use_compile_cache(folder: str | os.PathLike) -> Path:
+    """Point torch's inductor (and its FX graph and autograd caches) at `folder`; call before the first
+    compile. An already set TORCHINDUCTOR_CACHE_DIR (the user's own) is kept."""
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder)))
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return folder
+
+
+@contextlib.contextmanager
+def first_call_lock(folder: str | os.PathLike | None) -> Iterator[float]:
+    """Held around a worker's first compiled call: the first worker of the machine compiles and fills
+    the cache; the others wait for it (yields the seconds waited) and then find its kernels there,
+    instead of all compiling the same graphs at once."""
+    if folder is None:
+        yield 0.0
+        return
+    path = Path(folder) / "first_call.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        started = time.monotonic()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        waited = time.monotonic() - started
+        if waited > 1:
+            log.info("waited %.0fs for another worker to compile; its kernels are in %s", waited, folder)
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,234 @@
+"""`models speed MANIFEST`: try speed settings on this machine's card with the manifest's model, task
+and shapes, and print the `speed:` block to paste, as `models fit` does for memory.
+
+Each candidate runs in a fresh process (compiled graphs, quantized weights and peak memory must not
+carry over), with its own empty compile cache, then once more with that cache filled when `--warm`
+is given. Per candidate:
+  - load: seconds to load the model and apply the settings;
+  - first call: the first forward pass of the denoiser (where torch.compile compiles);
+  - seconds per forward pass of the denoiser, then a short real job (`--steps`, the manifest's first
+    prompt and reference, seed 0) twice: seconds per denoising step of the second, peak GPU memory;
+  - drift from eager bf16 (the first candidate, added when missing): the relative L2 of the
+    denoiser's output on the same seeded inputs, and the PSNR of the decoded frames of the same job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import COMPILE_MODES, QUANTIZE_MODES, Manifest, SpeedConfig
+
+log = logging.getLogger(__name__)
+
+EAGER = SpeedConfig()
+DEFAULT_CANDIDATES = ("compile=blocks", "compile=blocks,quantize=fp8")
+
+
+class TrialError(ValueError):
+    """A candidate written wrongly on the command line."""
+
+
+def parse_candidate(text: str) -> SpeedConfig:
+    """`compile=blocks,quantize=fp8` (or `eager`) → SpeedConfig."""
+    if text.strip() in ("eager", "none", ""):
+        return EAGER
+    values = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in ("compile", "attention", "quantize"):
+            raise TrialError(f"candidate `{text}`: `{item}` is not compile=…, attention=… or quantize=…")
+        if key == "compile" and value not in COMPILE_MODES or key == "quantize" and value not in QUANTIZE_MODES:
+            raise TrialError(f"candidate `{text}`: {key} {value!r} is not one of "
+                             f"{', '.join(COMPILE_MODES if key == 'compile' else QUANTIZE_MODES)}")
+        values[key] = value
+    return SpeedConfig(**values)
+
+
+def label(speed: SpeedConfig) -> str:
+    parts = [f"{k}={v}" for k, v in asdict(speed).items() if v != getattr(EAGER, k)]
+    return ",".join(parts) or "eager"
+
+
+def _folder(work: Path, name: str) -> Path:
+    return work / name.replace("=", "-").replace(",", "_")
+
+
+def run_trials(manifest: Manifest, candidates: list[SpeedConfig], work: Path, steps: int = 4,
+               warm: bool = False, timeout_s: float = 1800) -> list[dict]:
+    """Each candidate in its own process (cold compile cache, then warm if asked); eager first."""
+    candidates = [EAGER] + [c for c in candidates if c != EAGER]
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for speed in candidates:
+        name = label(speed)
+        folder = _folder(work, name)
+        runs = [("cold", True)] + ([("warm", False)] if warm and speed.compile != "none" else [])
+        result: dict = {"speed": asdict(speed), "label": name}
+        for kind, fresh in runs:
+            log.info("speed trial %s (%s compile cache) …", name, kind)
+            outcome = _trial_process(manifest, speed, folder, steps, fresh_cache=fresh, timeout_s=timeout_s)
+            if kind == "cold":
+                result.update(outcome)
+            else:
+                result["first_call_warm_seconds"] = outcome.get("first_call_seconds")
+                result["warm_error"] = outcome.get("error")
+        results.append(result)
+    _compare(results, work)
+    return results
+
+
+def _trial_process(manifest: Manifest, speed: SpeedConfig, folder: Path, steps: int, fresh_cache: bool,
+                   timeout_s: float) -> dict:
+    import shutil
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = folder / "compile_cache"
+    if fresh_cache and cache.exists():
+        shutil.rmtree(cache)
+    request = {"manifest": str(manifest.path), "speed": asdict(speed), "steps": steps, "folder": str(folder)}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "orchestrator.speed_trial", json.dumps(request)],
+                              capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f}s"}
+    (folder / "trial.log").write_text(done.stdout + done.stderr, encoding="utf-8")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {last[:300]}", "wall_seconds": round(time.monotonic() - started, 1)}
+    return json.loads(lines[-1])
+
+
+def _compare(results: list[dict], work: Path) -> None:
+    """Drift of each candidate from the eager one: relative L2 of the denoiser output, PSNR of frames."""
+    eager = _folder(work, label(EAGER))
+    reference_out, reference_frames = eager / "denoiser_out.npy", eager / "frames.npy"
+    for result in results:
+        folder = _folder(work, result["label"])
+        if result.get("error") or not reference_out.exists():
+            continue
+        out, ref = np.load(folder / "denoiser_out.npy"), np.load(reference_out)
+        result["denoiser_rel_l2"] = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12))
+        frames, ref_frames = np.load(folder / "frames.npy"), np.load(reference_frames)
+        mse = float(np.mean((frames.astype(np.float64) - ref_frames.astype(np.float64)) ** 2))
+        result["frames_psnr_db"] = math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def format_trials(results: list[dict], manifest: Manifest) -> str:
+    """The table and the `speed:` block of the fastest candidate that ran."""
+    g = manifest.generation
+    steps = next((r["steps_per_video"] for r in results if r.get("steps_per_video")), g.steps)
+    lines = [f"Speed of {manifest.model.backend} {manifest.model.task} {manifest.model.path} at "
+             f"{g.width}x{g.height}x{g.num_frames} on this machine's card (s/video: the short job's time "
+             f"plus the rest of the manifest's {steps} steps at s/step):", ""]
+    header = ["candidate", "s/step", "s/video", "s/forward", "first call", "first call (warm)", "load",
+              "peak GiB", "rel L2", "PSNR dB"]
+    rows = []
+    for r in results:
+        if r.get("error"):
+            rows.append([r["label"], f"failed: {r['error']}"] + [""] * (len(header) - 2))
+            continue
+        psnr = r.get("frames_psnr_db")
+        peak = r.get("peak_memory_bytes")
+        rows.append([r["label"], _f(r.get("seconds_per_step"), 2), _f(r.get("seconds_per_video"), 1),
+                     _f(r.get("seconds_per_forward"), 3),
+                     _f(r.get("first_call_seconds"), 1, "s"), _f(r.get("first_call_warm_seconds"), 1, "s"),
+                     _f(r.get("load_seconds"), 1, "s"), _f(peak / 2**30 if peak else None, 1),
+                     f"{100 * r['denoiser_rel_l2']:.2f}%" if "denoiser_rel_l2" in r else "-",
+                     "identical" if psnr == math.inf else _f(psnr, 1)])
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        lines.append("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    ran = [r for r in results if not r.get("error") and r.get("seconds_per_step")]
+    if ran:
+        best = min(ran, key=lambda r: r["seconds_per_step"])
+        eager = next((r for r in ran if r["label"] == "eager"), None)
+        gain = f" ({eager['seconds_per_step'] / best['seconds_per_step']:.2f}x eager)" if eager else ""
+        speed = {k: v for k, v in best["speed"].items() if v != getattr(EAGER, k)}
+        lines += ["", f"fastest: {best['label']}{gain}; paste into the manifest:",
+                  "  speed: {" + ", ".join(f"{k}: {v}" for k, v in speed.items()) + "}" if speed else
+                  "  (no speed: section; eager was fastest)",
+                  "Look at the drift before you switch: quantize changes the pictures (it is part of each job's "
+                  "identity); compile and attention only round differently."]
+    return "\n".join(lines)
+
+
+def _f(value, digits: int, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+# --------------------------------------------------------------------------------------------------
+# One candidate, in its own process
+
+
+def _one(request: dict) -> dict:
+    import torch
+
+    from .backends import backend_class
+    from .jobs import expand
+    from .manifest import load_manifest
+
+    manifest = load_manifest(request["manifest"])
+    folder = Path(request["folder"])
+    speed = SpeedConfig(**request["speed"])
+    model = replace(manifest.model, speed=speed)
+    generation = replace(manifest.generation, steps=int(request["steps"]))
+    cuda = torch.cuda.is_available()
+    backend = backend_class(model.backend)(model, generation, (0,) if cuda else ())
+    started = time.perf_counter()
+    backend.load()
+    facts: dict = {"load_seconds": round(time.perf_counter() - started, 2)}
+
+    def timed(call):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        value = call()
+        if cuda:
+            torch.cuda.synchronize()
+        return value, time.perf_counter() - t0
+
+    out, facts["first_call_seconds"] = timed(lambda: backend.denoise_once(seed=0))
+    times = [timed(lambda: backend.denoise_once(seed=0))[1] for _ in range(3)]
+    facts["seconds_per_forward"] = round(sorted(times)[1], 4)
+    np.save(folder / "denoiser_out.npy", out.float().cpu().numpy())
+    del out
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    job = replace(expand(manifest)[0], seed=0)
+    frames, seconds = timed(lambda: backend.generate(job, lambda step, steps: None))
+    info = backend.job_info()  # seconds per step: between step ends, so the first step's warm-up is out
+    facts["seconds_per_step"] = info.get("seconds_per_step")
+    facts["job_seconds"] = round(seconds, 2)
+    g = manifest.generation
+    full = int(g.steps * g.denoising_strength) if manifest.model.task == "v2v" else g.steps
+    ran = info.get("steps") or generation.steps
+    if facts["seconds_per_step"]:  # the manifest's own step count: the extra steps at the steady rate
+        facts["seconds_per_video"] = round(seconds + (full - ran) * facts["seconds_per_step"], 1)
+        facts["steps_per_video"] = full
+    facts["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+    np.save(folder / "frames.npy", np.asarray(frames))
+    backend.close()
+    return facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(_one(json.loads(argv[0]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,9 +57,10 @@ for stage in $STAGES; do
         model=$WORK/diffusers_$size
         [ -f "$model/model_index.json" ] || python3 bench/gpu_build_model.py "$model" --size $size --device "$DEVICE" \
             --dtype bfloat16 2>&1 | grep -v "Writing\|^W1\|Enum subclass" | tee -a "$OUT/speed_$stage.log"
-        warm=""; [ $stage = diffusers13 ] && warm="--warm"
-        trial $stage "$(manifest $stage diffusers "$model" '{}')" --try compile=blocks \
-            --try compile=blocks,quantize=fp8 $warm
+        # 14B: eager and fp8 + compile only, to stay inside one 10-minute device call
+        tries="--try compile=blocks --try compile=blocks,quantize=fp8 --warm"
+        [ $stage = diffusers14 ] && tries="${TRIES14:---try compile=blocks,quantize=fp8}"
+        trial $stage "$(manifest $stage diffusers "$model" '{}')" $tries
         [ "${KEEP:-0}" = 1 ] || [ $stage = diffusers13 ] || rm -rf "$model"
         ;;
       diffsynth13)

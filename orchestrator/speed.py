@@ -122,6 +122,12 @@ def quantize(denoiser, blocks, mode: str, compute_dtype, library: str) -> int:
     if mode in ("fp8", "int8"):
         from torchao.quantization import quantize_
         if mode == "fp8":
+            # checked before the start on this machine's cards; a Ray actor's card is checked here
+            card = (torch.cuda.get_device_name(), torch.cuda.get_device_capability()) if torch.cuda.is_available() \
+                else None
+            why = fp8_card_problem([card] if card else [])
+            if why:
+                raise RuntimeError(why)
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
             config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
         else:
@@ -180,9 +186,12 @@ def compile_cache_dir(output_dir: str | os.PathLike) -> Path:
 
 def use_compile_cache(folder: str | os.PathLike) -> Path:
     """Point torch's inductor (and its FX graph and autograd caches) at `folder`; call before the first
-    compile. An already set TORCHINDUCTOR_CACHE_DIR (the user's own) is kept."""
-    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder)))
+    compile. It replaces any TORCHINDUCTOR_CACHE_DIR already set: importing diffusers' attention
+    dispatch writes torch's per-user default into the environment, which the workers would inherit,
+    so an inherited value cannot be told from a user's choice; the sweep's cache is this one."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return folder

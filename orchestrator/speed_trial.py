@@ -77,6 +77,8 @@ def run_trials(manifest: Manifest, candidates: list[SpeedConfig], work: Path, st
         for kind, fresh in runs:
             log.info("speed trial %s (%s compile cache) …", name, kind)
             outcome = _trial_process(manifest, speed, folder, steps, fresh_cache=fresh, timeout_s=timeout_s)
+            print(f"  {name} ({kind} compile cache): " + ", ".join(f"{k} {v}" for k, v in outcome.items()),
+                  flush=True)  # as each finishes: a long trial that is cut short keeps what it measured
             if kind == "cold":
                 result.update(outcome)
             else:
@@ -202,6 +204,7 @@ def _one(request: dict) -> dict:
     out, facts["first_call_seconds"] = timed(lambda: backend.denoise_once(seed=0))
     times = [timed(lambda: backend.denoise_once(seed=0))[1] for _ in range(3)]
     facts["seconds_per_forward"] = round(sorted(times)[1], 4)
+    facts["denoiser_output_finite"] = bool(torch.isfinite(out).all())
     np.save(folder / "denoiser_out.npy", out.float().cpu().numpy())
     del out
     if cuda:
@@ -218,7 +221,9 @@ def _one(request: dict) -> dict:
         facts["seconds_per_video"] = round(seconds + (full - ran) * facts["seconds_per_step"], 1)
         facts["steps_per_video"] = full
     facts["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
-    np.save(folder / "frames.npy", np.asarray(frames))
+    frames = np.asarray(frames)
+    facts["frames_mean_std"] = [round(float(frames.mean()), 1), round(float(frames.std()), 1)]
+    np.save(folder / "frames.npy", frames)
     backend.close()
     return facts
 

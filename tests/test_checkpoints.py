@@ -378,7 +378,8 @@ def test_fit_cli_says_what_fits_on_named_and_fake_gpus(tmp_path):
     assert "24 GB card ×2 (24.0 GiB)" in out and "80 GB card ×1 (80.0 GiB)" in out
     assert "80 GB card ×1: use whole model on one card" in out  # 14B fits whole on an 80 GB card
     assert "24 GB card ×2: use block offload" in out and "options: {offload: group}" in out
-    assert "also fits: 8-bit + model offload" in out  # faster, but no backend offers it yet
+    assert "also fits: 8-bit + model offload" in out  # faster, with speed: {quantize: int8}, named second
+    assert "speed: {quantize: int8}" in out
     fake = cli("models", "fit", str(folder), env={"ORCHESTRATOR_FAKE_GPUS": "FAKE RTX 3090:24:1;FAKE RTX 3090:24:0"})
     assert fake.returncode == 0 and "FAKE RTX 3090 ×2 (23.0 GiB)" in fake.stdout, fake.stderr
     before = cli("models", "fit", "--gpu", "24GB", "x2", str(folder))  # the path after the --gpu words

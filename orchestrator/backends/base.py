@@ -136,9 +136,9 @@ def option_problems(backend: str, options: dict, kinds: dict, choices: dict | No
 
 
 def speed_card_problems(manifest: "Manifest") -> list[BackendProblem]:
-    """The `speed:` checks every backend that applies it shares: torchao for fp8/int8, and fp8 only
+    """The `speed:` checks every backend that applies it shares: torchao for fp8/int8, fp8 only
     on cards that have fp8 tensor cores (this machine's cards, as `resources.gpus` selects them; a Ray
-    cluster's cards are checked by each actor when it loads)."""
+    cluster's cards are checked by each actor when it loads), and no compile with fp8_storage."""
     from .. import speed as speed_settings
     from ..gpus import NoGpus, discover
     speed = manifest.model.speed
@@ -146,6 +146,16 @@ def speed_card_problems(manifest: "Manifest") -> list[BackendProblem]:
     missing = speed_settings.torchao_missing(speed)
     if missing:
         problems.append(BackendProblem("speed.quantize", missing, "pip install torchao (or 'wan-sweep[speed]')"))
+    if speed.quantize == "fp8_storage" and speed.compile != "none":
+        # Both backends' fp8 storage casts the weights in hooks around each layer's call (diffusers'
+        # layerwise casting builds a Parameter there, ours assigns `.data` of another dtype): dynamo
+        # cannot trace either, and with fullgraph=True the first job of every worker would fail.
+        problems.append(BackendProblem(
+            "speed.quantize", f"speed.quantize fp8_storage with compile: {speed.compile}: fp8 storage casts each "
+            "layer's weights in hooks around every call, which torch.compile cannot trace into one graph, so "
+            "every job would fail at its first step",
+            "for memory with compile use quantize: int8 (torchao's 8-bit weights compile); or keep "
+            "fp8_storage with compile: none"))
     if speed.quantize == "fp8" and manifest.execution.executor != "ray":
         try:
             gpus = discover()

@@ -189,6 +189,7 @@ STRATEGIES = {
     "int8_offload": "8-bit + model offload",
     "block_offload": "block offload",  # blocks stream from the CPU, two on the card
 }
+QUANTIZED = ("int8", "int8_offload")  # strategies that round the weights (`speed: {quantize: int8}`)
 PREFERENCE = ("whole", "text_encoder_cpu", "vae_cpu", "model_offload", "device_map", "fsdp", "int8",
               "int8_offload", "block_offload")
 
@@ -454,6 +455,11 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
         for g in gpus:
             fitting = verdicts[g.name]
             here = [(e, n) for e, n in fitting if _backend_entry(backend, e.strategy, e.cards)]
+            # 8-bit weights change the pictures: an exact strategy that fits is recommended first, the
+            # 8-bit one named beside it
+            exact = [(e, n) for e, n in here if e.strategy not in QUANTIZED]
+            quantized = [(e, n) for e, n in here if e.strategy in QUANTIZED]
+            here = exact + quantized
             title = f"{g.name} ×{g.count}"
             if not fitting:
                 smallest = min(estimates, key=lambda e: e.per_card)
@@ -475,6 +481,12 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
                     lines.append(f"  speed: {_yaml_flow(speed)}")
             else:
                 lines.append(f"{title}: the {backend} backend has no strategy that fits")
+            if exact and quantized and exact[0][0].strategy in ("model_offload", "block_offload"):
+                e, _ = quantized[0]
+                lines.append(f"  also fits: {e.label} ({_gib(e.per_card)} per card) with speed: "
+                             f"{_yaml_flow(_backend_entry(backend, e.strategy, e.cards)[2])} and model.options "
+                             f"{_yaml_flow(_backend_entry(backend, e.strategy, e.cards)[0])}: faster than streaming "
+                             "weights from the CPU, but 8-bit weights change the pictures slightly")
             better = fitting[0][0]
             if here and PREFERENCE.index(better.strategy) < PREFERENCE.index(here[0][0].strategy) or not here:
                 other = _other_backend(better.strategy)

@@ -1,0 +1,645 @@
+"""The `speed:` section (orchestrator/speed.py): every bad value is refused at its manifest line before
+anything starts; quantize is part of each job's identity, compile and attention are not; each switch
+is really applied by the diffusers and diffsynth backends to TINY random-weight checkpoints on the CPU;
+a sweep's workers share one compile cache behind a first-call lock; `plan`, `models fit` and
+`models speed` show and choose speed settings.
+
+torch.compile is lazy: loading only wraps the modules, which is checked directly. Where a compiled
+module is run, torch.compile's default backend (inductor, most of a minute per graph on a shared
+CPU) is swapped for one that only records the graph dynamo traced: the tracing (with the backends'
+fullgraph=True, where any graph break is an error) is what the manifest's settings decide; inductor's
+code generation from that graph is torch's own.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator.jobs import expand, settings_fingerprint
+from orchestrator.ledger import Ledger
+from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, SpeedConfig, load_manifest
+from orchestrator.speed import compile_cache_dir, first_call_lock, use_compile_cache
+
+from .conftest import ROOT, backend_job as _job, cli, synthetic_manifest
+
+GEN = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
+FAKE_GPUS = "ORCHESTRATOR_FAKE_GPUS"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers and fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusers(tmp_path_factory) -> Path:
+    """A tiny random-weight Wan2.1 T2V diffusers checkpoint, built once for the module."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("torchao")
+    from orchestrator.random_checkpoints import build_random_wan
+    return build_random_wan(tmp_path_factory.mktemp("wan") / "t2v", size="tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_diffsynth(tmp_path_factory) -> Path:
+    """DiffSynth's tiny random-weight Wan model in the original file layout, built once."""
+    pytest.importorskip("diffsynth")
+    pytest.importorskip("torchao")
+    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
+
+
+def _diffusers(path, **speed):
+    from orchestrator.backends.diffusers_wan import DiffusersWanBackend
+    backend = DiffusersWanBackend(ModelConfig(backend="diffusers", task="t2v", path=str(path), dtype="float32",
+                                              speed=SpeedConfig(**speed)), GenerationConfig(**GEN), ())
+    backend.load()
+    return backend
+
+
+def _diffsynth(path, **speed):
+    from orchestrator.backends.diffsynth_wan import DiffSynthWanBackend
+    backend = DiffSynthWanBackend(ModelConfig(backend="diffsynth", task="t2v", path=str(path), dtype="float32",
+                                              options={"vram_management": "text_encoder"},
+                                              speed=SpeedConfig(**speed)), GenerationConfig(**GEN), ())
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def eager_diffusers(tiny_diffusers):
+    """The tiny checkpoint without speed settings: what each setting is compared with."""
+    return _diffusers(tiny_diffusers)
+
+
+@pytest.fixture(scope="module")
+def eager_diffsynth(tiny_diffsynth):
+    return _diffsynth(tiny_diffsynth)
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """torch.compile with a backend that records each graph dynamo traced and runs it as traced."""
+    import torch
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=record))
+    yield graphs
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def sdpa_kernels(monkeypatch):
+    """The torch SDPA kernels allowed at each call of scaled_dot_product_attention, recorded as
+    (flash, efficient, cudnn, math) flags (torch's `sdpa_kernel` context sets them)."""
+    import torch
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        b = torch.backends.cuda
+        calls.append((b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(),
+                      b.math_sdp_enabled()))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    return calls
+
+
+def _linears(modules):
+    import torch
+    return [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _is_torchao(weight) -> bool:
+    from torchao.utils import TorchAOBaseTensor
+    return isinstance(weight, TorchAOBaseTensor)
+
+
+def _refused(path) -> ManifestError:
+    with pytest.raises(ManifestError) as error:
+        load_manifest(path)
+    return error.value
+
+
+def _line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if needle in line)
+
+
+def _assert_at(error: ManifestError, path: Path, needle: str, *fragments: str) -> None:
+    """A problem sits at the line holding `needle` (shown as file:line), and says each fragment."""
+    line = _line_of(path, needle)
+    here = [p for p in error.problems if p.line == line]
+    assert here, f"nothing at line {line} ({needle}):\n{error}"
+    said = " ".join(f"{p.message} (fix: {p.fix})" for p in here)
+    for fragment in fragments:
+        assert fragment in said, said
+    assert f"{path}:{line}: " in str(error)
+
+
+def _diffusers_manifest(checkpoint, speed: dict, **options) -> dict:
+    return synthetic_manifest(model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint),
+                                     "dtype": "float32", "options": options},
+                              generation=dict(GEN), speed=speed, resources={"cpu_slots": 1})
+
+
+def _diffsynth_manifest(checkpoint, speed: dict, **options) -> dict:
+    return synthetic_manifest(model={"backend": "diffsynth", "task": "t2v", "path": str(checkpoint),
+                                     "dtype": "float32", "options": options},
+                              generation=dict(GEN), speed=speed, resources={"cpu_slots": 1})
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. bad values: located errors, nothing starts
+
+
+def test_unknown_keys_and_values_are_reported_at_their_lines(write_manifest):
+    path = write_manifest(synthetic_manifest(speed={"compile": "fast", "quantize": "int4", "turbo": True}))
+    error = _refused(path)
+    _assert_at(error, path, "compile: fast", "speed.compile is 'fast'", "none, blocks, full")
+    _assert_at(error, path, "quantize: int4", "speed.quantize is 'int4'", "none, fp8, int8, fp8_storage")
+    _assert_at(error, path, "turbo:", "unknown key `turbo` in speed", "attention, compile, quantize")
+    assert len(error.problems) == 3, error
+    # `null` (or an empty value) is off, like the bare word none
+    path = write_manifest(synthetic_manifest(speed={"compile": None, "quantize": "none"}))
+    assert load_manifest(path).model.speed == SpeedConfig()
+
+
+def test_the_cli_refuses_before_anything_starts(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(speed={"compile": "fast"}))
+    for command, *flags in (("plan",), ("run", "--executor", "local", "--no-progress")):
+        result = cli(command, str(path), *flags)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"{path}:{_line_of(path, 'compile: fast')}: speed.compile is 'fast'" in result.stderr
+    assert not (tmp_path / "out").exists()  # no ledger, no logs, no compile cache
+
+
+@pytest.mark.parametrize("attention,fragments", [
+    ("nonsense", ("`nonsense` is neither a torch SDPA kernel nor a diffusers attention backend",
+                  "use one of: auto, cudnn, flash, efficient, math", "sage")),
+    ("flash_hub", ("`flash_hub` downloads its kernel from the Hugging Face hub", "flash_varlen")),
+    ("sage", ("`sage` cannot run here", "sageattention")),
+])
+def test_diffusers_refuses_an_attention_backend_it_cannot_run(write_manifest, tiny_diffusers, attention, fragments):
+    import importlib.util
+    if attention == "sage" and importlib.util.find_spec("sageattention") is not None:
+        pytest.skip("sageattention is installed here")
+    path = write_manifest(_diffusers_manifest(tiny_diffusers, {"attention": attention}))
+    error = _refused(path)
+    _assert_at(error, path, "attention:", *fragments)
+    assert len(error.problems) == 1, error
+
+
+def test_fp8_needs_cards_with_fp8_tensor_cores(write_manifest, tiny_diffusers, monkeypatch):
+    from orchestrator.gpus import NoGpus, discover
+    monkeypatch.delenv(FAKE_GPUS, raising=False)
+    try:
+        discover()
+        pytest.skip("this machine has NVIDIA GPUs")
+    except NoGpus:
+        pass
+    data = _diffusers_manifest(tiny_diffusers, {"quantize": "fp8"})
+    path = write_manifest(data)
+    _assert_at(_refused(path), path, "quantize: fp8", "fp8-capable NVIDIA card", "this machine has none")
+
+    monkeypatch.setenv(FAKE_GPUS, "NVIDIA A800-SXM4-80GB:80:0")
+    _assert_at(_refused(path), path, "quantize: fp8", "NVIDIA A800-SXM4-80GB (compute capability 8.0) has none",
+               "use quantize: int8 or fp8_storage")
+
+    monkeypatch.setenv(FAKE_GPUS, "NVIDIA H100 80GB HBM3:80:0")
+    assert load_manifest(path).model.speed.quantize == "fp8"
+
+    # only the cards resources.gpus selects count
+    monkeypatch.setenv(FAKE_GPUS, "NVIDIA A800-SXM4-80GB:80:0;NVIDIA H100 80GB HBM3:80:0")
+    assert "A800" in str(_refused(path))
+    data["resources"] = {"gpus": [1]}
+    assert load_manifest(write_manifest(data)).model.speed.quantize == "fp8"
+
+
+def test_compile_with_fp8_storage_is_refused(write_manifest, tiny_diffusers, tiny_diffsynth):
+    """fp8 storage's per-call casts cannot be traced (see the backend tests below): refused up front."""
+    for data in (_diffusers_manifest(tiny_diffusers, {"compile": "blocks", "quantize": "fp8_storage"}),
+                 _diffsynth_manifest(tiny_diffsynth, {"compile": "blocks", "quantize": "fp8_storage"},
+                                     vram_management="text_encoder")):
+        path = write_manifest(data)
+        _assert_at(_refused(path), path, "quantize: fp8_storage", "fp8_storage with compile: blocks",
+                   "quantize: int8")
+    load_manifest(write_manifest(_diffusers_manifest(tiny_diffusers, {"quantize": "fp8_storage"})))
+
+
+def test_command_backend_refuses_speed_and_names_generate_py_flags(write_manifest, tmp_path):
+    checkpoint = tmp_path / "Wan2.2-T2V-A14B"  # FAKE: the names generate.py looks for, no weights
+    for name in ("high_noise_model", "low_noise_model"):
+        (checkpoint / name).mkdir(parents=True)
+    for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+        (checkpoint / name).write_bytes(b"")
+    path = write_manifest({
+        "name": "cmd", "output_dir": "out",
+        "model": {"backend": "command", "task": "t2v", "path": "Wan2.2-T2V-A14B",
+                  "options": {"script": str(ROOT / "tests" / "stubs" / "generate_stub.py")}},
+        "generation": {"width": 832, "height": 480, "num_frames": 5, "fps": 16, "steps": 3},
+        "seeds": [1], "categories": {"c": {"prompts": ["a lighthouse"]}},
+        "speed": {"compile": "blocks"}})
+    error = _refused(path)
+    _assert_at(error, path, "compile: blocks", "generate.py has no such switches", "--offload_model", "--t5_cpu",
+               "--convert_model_dtype", "--ulysses_size", "backend diffusers or diffsynth")
+    assert len(error.problems) == 1, error
+
+
+def test_diffsynth_refuses_what_it_cannot_apply(write_manifest, tiny_diffsynth):
+    path = write_manifest(_diffsynth_manifest(tiny_diffsynth, {"compile": "full", "attention": "sage"},
+                                              vram_management="text_encoder"))
+    error = _refused(path)
+    _assert_at(error, path, "compile: full", "speed.compile full", "nothing whole to compile", "compile: blocks")
+    _assert_at(error, path, "attention: sage", "`sage` is a diffusers attention backend",
+               "use one of: auto, cudnn, flash, efficient, math")
+    assert len(error.problems) == 2, error
+
+    for speed in ({"compile": "blocks"}, {"quantize": "int8"}):
+        data = _diffsynth_manifest(tiny_diffsynth, speed)  # vram_management true, the default: streamed
+        path = write_manifest(data)
+        key = next(iter(speed))
+        _assert_at(_refused(path), path, f"{key}:", f"speed.{key} {speed[key]} needs the DiT resident",
+                   "vram_management: text_encoder")
+        for resident in ("text_encoder", False):
+            data["model"]["options"]["vram_management"] = resident
+            assert load_manifest(write_manifest(data)).model.speed == SpeedConfig(**speed)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. identity
+
+
+def _ids(write_manifest, **speed) -> list[str]:
+    data = synthetic_manifest(**({"speed": speed} if speed else {}))
+    return [job.id for job in expand(load_manifest(write_manifest(data)))]
+
+
+def test_quantize_changes_job_ids_compile_and_attention_do_not(write_manifest):
+    plain = _ids(write_manifest)
+    assert len(set(plain)) == 6
+    assert _ids(write_manifest, compile="blocks") == plain
+    assert _ids(write_manifest, attention="math") == plain
+    assert _ids(write_manifest, compile="full", attention="cudnn", quantize="none") == plain
+    int8 = _ids(write_manifest, quantize="int8")
+    fp8_storage = _ids(write_manifest, quantize="fp8_storage")
+    assert not set(int8) & set(plain) and not set(fp8_storage) & set(plain) and not set(int8) & set(fp8_storage)
+    assert _ids(write_manifest, quantize="int8", compile="blocks", attention="math") == int8
+
+
+def test_a_manifest_without_speed_keeps_the_ids_it_had_before(write_manifest):
+    import hashlib
+    manifest = load_manifest(write_manifest(synthetic_manifest()))
+    fingerprint = settings_fingerprint(manifest)
+    # what settings_fingerprint held before `speed:` existed, and nothing else
+    assert set(fingerprint) == {"backend", "task", "model", "dtype", "options", "generation"}
+    job = expand(manifest)[0]
+    identity = json.dumps([job.category, job.stem, job.prompt_index, job.prompt, job.seed, None], ensure_ascii=False)
+    before = hashlib.sha1(f"{identity}|{json.dumps(fingerprint, sort_keys=True, ensure_ascii=False)}".encode())
+    assert job.id == before.hexdigest()[:16]
+    quantized = load_manifest(write_manifest(synthetic_manifest(speed={"quantize": "int8", "compile": "blocks"})))
+    assert settings_fingerprint(quantized) == {**fingerprint, "speed": {"quantize": "int8"}}
+
+
+def _mp4s(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts)
+
+
+def test_a_changed_quantize_is_a_settings_change_a_changed_compile_is_not(write_manifest, tmp_path):
+    data = synthetic_manifest()
+    path = write_manifest(data)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in _mp4s(out)}
+    assert len(before) == 6
+    assert not (out / ".sweep" / "compile_cache").exists()  # no compile, no cache and no lock
+    assert not any("first_call" in json.loads(p.with_suffix(".json").read_text(encoding="utf-8")) for p in before)
+
+    data["speed"] = {"quantize": "int8"}
+    write_manifest(data)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "6 existing mp4s" in result.stderr and "speed None → {'quantize': 'int8'}" in result.stderr
+    assert "Nothing was started" in result.stderr
+    assert {p: p.read_bytes() for p in _mp4s(out)} == before  # untouched
+
+    data["speed"] = {"compile": "blocks", "attention": "math"}
+    write_manifest(data)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 6 jobs" in result.stdout
+    assert {p: p.read_bytes() for p in _mp4s(out)} == before
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. each switch applied by the backends
+
+
+def test_denoise_once_is_seeded(eager_diffusers, eager_diffsynth):
+    import torch
+    for backend in (eager_diffusers, eager_diffsynth):
+        a, b, other = backend.denoise_once(0), backend.denoise_once(0), backend.denoise_once(1)
+        assert a.shape == (1, 16, 2, 4, 4)  # the manifest's latent: 16 channels, 2 latent frames, 32/8 pixels
+        assert torch.equal(a, b) and not torch.equal(a, other)
+    assert eager_diffusers.load_info["speed"] == {"compile": "none", "attention": "auto", "quantize": "none"}
+
+
+def test_diffusers_compile_blocks_compiles_each_block_whole(tiny_diffusers, eager_diffusers, traced):
+    import torch
+    backend = _diffusers(tiny_diffusers, compile="blocks")
+    transformer = backend.pipe.transformer
+    assert len(transformer.blocks) == 2
+    assert all(block._compiled_call_impl is not None for block in transformer.blocks)
+    assert transformer._compiled_call_impl is None  # regional: the blocks, not the whole
+    applied = backend.load_info["speed"]["applied"]["card"]["transformer"]
+    assert applied["compile"] == "blocks" and applied["compiled_modules"] == 2
+    assert not traced  # compile happens at the first call
+    out = backend.denoise_once(0)  # fullgraph=True: a graph break in a block would raise here
+    assert traced and all(any(n.op == "call_function" for n in g.graph.nodes) for g in traced)
+    assert torch.allclose(out, eager_diffusers.denoise_once(0), rtol=1e-5, atol=1e-6)
+    assert backend.generate(_job(seed=1), lambda s, n: None).shape == (5, 32, 32, 3)
+
+
+def test_diffusers_compile_full_compiles_the_transformer(tiny_diffusers):
+    backend = _diffusers(tiny_diffusers, compile="full")
+    transformer = backend.pipe.transformer
+    assert transformer._compiled_call_impl is not None
+    assert not any(block._compiled_call_impl is not None for block in transformer.blocks)
+    assert backend.load_info["speed"]["applied"]["card"]["transformer"]["compiled_modules"] == 1
+
+
+def test_diffusers_attention_math_runs_sdpa_on_the_math_kernel(tiny_diffusers, sdpa_kernels, monkeypatch):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    # set_attention_backend also sets diffusers' process-wide default: restored after this test
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    backend = _diffusers(tiny_diffusers, attention="math")
+    processors = [m.processor for m in backend.pipe.transformer.modules() if getattr(m, "processor", None)]
+    assert processors and all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in processors)
+    assert backend.load_info["speed"]["applied"]["card"]["transformer"]["attention"] == "math"
+    sdpa_kernels.clear()
+    backend.denoise_once(0)
+    assert sdpa_kernels and set(sdpa_kernels) == {(False, False, False, True)}  # math only
+
+
+def test_diffusers_int8_quantizes_the_blocks_and_the_text_encoder(tiny_diffusers, eager_diffusers):
+    backend = _diffusers(tiny_diffusers, quantize="int8")
+    pipe = backend.pipe
+    blocks, text = _linears(pipe.transformer.blocks), _linears([pipe.text_encoder])
+    assert blocks and all(_is_torchao(m.weight) and "Int8" in type(m.weight).__name__ for m in blocks)
+    assert text and all(_is_torchao(m.weight) for m in text)
+    assert not _is_torchao(pipe.transformer.proj_out.weight)  # outside the blocks: untouched
+    applied = backend.load_info["speed"]["applied"]
+    assert applied["cpu"]["transformer"]["quantized_layers"] == len(blocks)  # before the move to a card
+    assert applied["cpu"]["text_encoder"]["quantized_layers"] == len(text)
+    assert "card" not in applied  # nothing left to do after the move
+    frames = backend.generate(_job(seed=1), lambda s, n: None)
+    assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
+    out, eager = backend.denoise_once(0), eager_diffusers.denoise_once(0)
+    drift = float((out - eager).norm() / eager.norm())
+    assert 0 < drift < 0.05  # rounded weights: a little different, not another model
+
+
+def test_diffusers_fp8_storage_keeps_block_weights_in_float8(tiny_diffusers, traced):
+    import torch
+    backend = _diffusers(tiny_diffusers, quantize="fp8_storage")
+    blocks = _linears(backend.pipe.transformer.blocks)
+    assert blocks and all(m.weight.dtype == torch.float8_e4m3fn for m in blocks)
+    assert backend.load_info["speed"]["applied"]["cpu"]["transformer"]["quantized_layers"] >= len(blocks)
+    frames = backend.generate(_job(seed=1), lambda s, n: None)
+    assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in blocks)  # computed in float32, stored in fp8
+    # why compile with fp8_storage is refused: its casting hooks break dynamo's graph
+    backend.pipe.transformer.blocks[0].compile(fullgraph=True)
+    with pytest.raises(Exception, match="Parameter"):
+        backend.denoise_once(0)
+
+
+def test_diffsynth_compile_blocks_compiles_each_block_whole(tiny_diffsynth, eager_diffsynth, traced):
+    import torch
+    eager = eager_diffsynth.denoise_once(0)
+    backend = _diffsynth(tiny_diffsynth, compile="blocks")
+    dit = backend.pipe.dit
+    assert all(block._compiled_call_impl is not None for block in dit.blocks)
+    assert dit._compiled_call_impl is None
+    assert backend.load_info["speed"]["applied"]["dit"]["compiled_modules"] == len(dit.blocks) == 2
+    out = backend.denoise_once(0)
+    assert traced and torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_diffsynth_int8_and_fp8_storage_quantize_the_blocks(tiny_diffsynth, eager_diffsynth):
+    """Cheap: the DiT's forward pass (what a denoising step runs) instead of whole jobs."""
+    import torch
+    eager = eager_diffsynth.denoise_once(0)
+
+    def drift(backend) -> float:
+        out = backend.denoise_once(0)
+        assert out.shape == eager.shape and torch.isfinite(out).all()
+        return float((out - eager).norm() / eager.norm())
+    int8 = _diffsynth(tiny_diffsynth, quantize="int8")
+    blocks = _linears(int8.pipe.dit.blocks)
+    assert blocks and all(_is_torchao(m.weight) and "Int8" in type(m.weight).__name__ for m in blocks)
+    assert not _is_torchao(int8.pipe.dit.head.head.weight)  # outside the blocks: untouched
+    assert int8.load_info["speed"]["applied"]["dit"]["quantized_layers"] == len(blocks)
+    assert 0 < drift(int8) < 0.05
+
+    fp8 = _diffsynth(tiny_diffsynth, quantize="fp8_storage")
+    blocks = _linears(fp8.pipe.dit.blocks)
+    assert blocks and all(m.weight.dtype == torch.float8_e4m3fn for m in blocks)
+    assert fp8.load_info["speed"]["applied"]["dit"]["quantized_layers"] == len(blocks)
+    assert 0 < drift(fp8) < 0.05  # computed in float32 from fp8-rounded weights
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in blocks)  # back to fp8 after each call
+
+
+def test_diffsynth_attention_math_runs_sdpa_on_the_math_kernel(tiny_diffsynth, sdpa_kernels, monkeypatch):
+    from diffsynth.models import wan_video_dit
+    # DiffSynth's own kernels, as where flash-attn or SageAttention is installed: a chosen kernel turns them off
+    for flag in ("FLASH_ATTN_3_AVAILABLE", "FLASH_ATTN_2_AVAILABLE", "SAGE_ATTN_AVAILABLE"):
+        monkeypatch.setattr(wan_video_dit, flag, True)
+    backend = _diffsynth(tiny_diffsynth, attention="math")
+    assert not (wan_video_dit.FLASH_ATTN_3_AVAILABLE or wan_video_dit.FLASH_ATTN_2_AVAILABLE
+                or wan_video_dit.SAGE_ATTN_AVAILABLE)
+    assert backend.load_info["speed"] == {"compile": "none", "attention": "math", "quantize": "none"}
+    sdpa_kernels.clear()
+    backend.denoise_once(0)
+    assert sdpa_kernels and set(sdpa_kernels) == {(False, False, False, True)}
+    sdpa_kernels.clear()
+    backend.generate(_job(seed=1), lambda s, n: None)
+    assert sdpa_kernels and set(sdpa_kernels) == {(False, False, False, True)}
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. one compile cache per machine, one first call at a time
+
+
+def test_use_compile_cache_sets_inductors_folder_over_an_inherited_one(tmp_path, monkeypatch):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the code sets is undone after the test
+        monkeypatch.delenv(name)
+    folder = compile_cache_dir(tmp_path / "out")
+    assert folder == tmp_path / "out" / ".sweep" / "compile_cache" / socket.gethostname()
+    assert use_compile_cache(folder) == folder and folder.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+
+    # an inherited value (importing diffusers' attention dispatch writes torch's per-user default into
+    # the environment) is replaced: the sweep's workers share the sweep's cache
+    inherited = tmp_path / "torchinductor_root"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inherited))
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    assert use_compile_cache(folder) == folder and not inherited.exists()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"  # a user's switch of the FX cache is kept
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from orchestrator.speed import first_call_lock
+folder = Path(sys.argv[1])
+with first_call_lock(folder):
+    print("holding", flush=True)
+    time.sleep(1.0)
+    (folder / "done").write_text("compiled")
+"""
+
+
+def test_first_call_lock_makes_the_next_worker_wait(tmp_path):
+    with first_call_lock(None) as waited:  # no compile: no lock
+        assert waited == 0.0
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with first_call_lock(tmp_path) as waited:
+            assert (tmp_path / "done").read_text() == "compiled"  # the other one finished first
+        assert waited > 0
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    with first_call_lock(tmp_path) as waited:  # free again
+        assert (tmp_path / "first_call.lock").exists()
+
+
+def test_a_compiling_sweeps_workers_share_the_cache_and_record_their_first_call(write_manifest, tmp_path,
+                                                                               monkeypatch):
+    # importing diffusers' attention_dispatch (earlier tests, in this process) sets torch's default
+    # TORCHINDUCTOR_CACHE_DIR in os.environ, which the workers inherit: the sweep's cache still wins
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inherited"))
+    path = write_manifest(synthetic_manifest(speed={"compile": "blocks"}, resources={"cpu_slots": 2},
+                                             seeds=[1, 2, 3]))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    cache = out / ".sweep" / "compile_cache" / socket.gethostname()
+    assert (cache / "first_call.lock").is_file()
+    for log in ("cpu0_worker0.log", "cpu1_worker0.log"):
+        text = (out / "logs" / log).read_text(encoding="utf-8")
+        assert f"compiled kernels are cached in {cache} for this machine's workers" in text
+        assert "speed: compile blocks, attention auto, quantize none" in text
+
+    sidecars = {}
+    for video in _mp4s(out):
+        sidecar = json.loads(video.with_suffix(".json").read_text(encoding="utf-8"))
+        sidecars[sidecar["job_id"]] = sidecar
+        assert sidecar["model"]["speed"] == {"compile": "blocks", "attention": "auto", "quantize": "none"}
+    assert len(sidecars) == 9
+    jobs_by_worker: dict[str, list[str]] = {}
+    for attempt in Ledger(out / ".sweep" / "ledger.sqlite").attempts():  # in the order they started
+        assert attempt["outcome"] == "done"
+        jobs_by_worker.setdefault(attempt["worker"], []).append(attempt["job_id"])
+    assert jobs_by_worker
+    for worker, jobs in jobs_by_worker.items():
+        first = sidecars[jobs[0]]
+        assert first["worker"] == worker
+        assert set(first["first_call"]) >= {"waited_for_other_worker_seconds", "generate_seconds"}
+        assert first["first_call"]["waited_for_other_worker_seconds"] >= 0
+        assert not any("first_call" in sidecars[job] for job in jobs[1:])
+    assert sum("first_call" in s for s in sidecars.values()) == len(jobs_by_worker)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5-7. plan, models fit, models speed
+
+
+def test_plan_prints_the_speed_line(write_manifest):
+    path = write_manifest(synthetic_manifest(speed={"compile": "blocks", "quantize": "int8"}))
+    result = cli("plan", str(path))
+    assert result.returncode == 0, result.stderr
+    assert ("\nspeed      compile blocks, attention auto, quantize int8  (quantize is part of each job's "
+            "identity)\n") in result.stdout
+    path = write_manifest(synthetic_manifest(speed={"compile": "full", "attention": "math"}))
+    result = cli("plan", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "\nspeed      compile full, attention math, quantize none\n" in result.stdout
+
+
+def test_models_fit_offers_8_bit_weights_through_speed(tmp_path, write_manifest, tiny_diffusers, tiny_diffsynth):
+    from orchestrator.checkpoints.fit import BACKEND_STRATEGIES, _backend_entry
+
+    from .test_checkpoints import sparse_diffusers
+    folder = sparse_diffusers(tmp_path / "w14", "wan-14b")  # Wan2.1-14B's shapes, sparse: no weights
+    result = cli("models", "fit", str(folder), "--gpu", "24GB", "--gpu", "80GB")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"\n8-bit weights .* speed \{quantize: int8\}\n", out)  # the table's diffusers column
+    assert re.search(r"\n8-bit \+ model offload .* model\.options \{offload: model\} \+ speed \{quantize: int8\}\n", out)
+    small, _, large = out.partition("\n80 GB card ×1: use")
+    small = small.partition("\n24 GB card ×1: use")[2]
+    # a 14B model on a 24 GB card: the exact strategy first, the faster 8-bit one beside it
+    assert small.startswith(" block offload")
+    assert "also fits: 8-bit + model offload" in small and "with speed: {quantize: int8} and model.options " \
+        "{offload: model}" in small
+    assert large.startswith(" whole model on one card") and "speed:" not in large
+
+    # every 8-bit strategy a backend is told to use passes that backend's own check
+    assert _backend_entry("diffusers", "int8", 1)[2] == {"quantize": "int8"}
+    assert _backend_entry("diffusers", "whole", 1)[2] == {}
+    checkpoints = {"diffusers": tiny_diffusers, "diffsynth": tiny_diffsynth}
+    for backend, checkpoint in checkpoints.items():
+        for strategy in ("int8", "int8_offload"):
+            if BACKEND_STRATEGIES[backend].get(strategy) is None:
+                continue
+            options, _, speed = _backend_entry(backend, strategy, 1)
+            data = (_diffusers_manifest if backend == "diffusers" else _diffsynth_manifest)(checkpoint, speed, **options)
+            assert load_manifest(write_manifest(data)).model.speed.quantize == "int8"
+
+
+def test_models_speed_compares_int8_with_eager(write_manifest, tmp_path, tiny_diffusers):
+    path = write_manifest(_diffusers_manifest(tiny_diffusers, {}))
+    result = cli("models", "speed", str(path), "--try", "quantize=int8", "--steps", "2", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["candidate", "s/step"])
+    end = next((i for i in range(header + 1, len(lines)) if not lines[i].strip()), len(lines))
+    rows = {line.split()[0]: line for line in lines[header + 1:end]}
+    assert set(rows) == {"eager", "quantize=int8"}, result.stdout
+    assert "failed" not in rows["eager"] + rows["quantize=int8"], result.stdout
+    assert "0.00%" in rows["eager"] and rows["eager"].rstrip().endswith("identical")
+    drift = float(re.search(r"(\d+\.\d+)%", rows["quantize=int8"]).group(1))
+    assert drift > 0, rows["quantize=int8"]
+    assert "  speed: {quantize: int8}" in result.stdout or "  (no speed: section; eager was fastest)" in result.stdout
+    work = tmp_path / "out" / ".sweep" / "speed_trial"
+    eager, int8 = np.load(work / "eager" / "denoiser_out.npy"), np.load(work / "quantize-int8" / "denoiser_out.npy")
+    assert eager.shape == int8.shape == (1, 16, 2, 4, 4) and not np.array_equal(eager, int8)
+    assert np.load(work / "quantize-int8" / "frames.npy").shape == (5, 32, 32, 3)
+
+
+def test_models_speed_refuses_a_bad_candidate(write_manifest, tmp_path, tiny_diffusers):
+    path = write_manifest(_diffusers_manifest(tiny_diffusers, {}))
+    result = cli("models", "speed", str(path), "--try", "compile=fast")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "candidate `compile=fast`: compile 'fast' is not one of none, blocks, full" in result.stderr
+    assert not (tmp_path / "out").exists()

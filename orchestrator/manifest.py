@@ -240,6 +240,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     name = reader.scalar(name_node, "name", str, default="experiment")
     if name_node is not None and isinstance(name, str) and safe_component_problem(name):
         reader.problem(name_node, f"name {name!r} {safe_component_problem(name)}", "use a plain name")
+    elif name_node is not None and isinstance(name, str) and "#" in name:
+        # The name goes into tmux session names, where `#{…}` and `#(…)` are formats tmux expands
+        # (`#(cmd)` runs a shell command): a session would come up under another name, or worse.
+        reader.problem(name_node, f"name {name!r} contains `#`, which tmux reads as the start of a "
+                                  "format in session names", f"remove the `#`, e.g. {name.replace('#', '')!r}")
 
     out_node = top.get("output_dir", (None, None))[1]
     output_dir = reader.scalar(out_node, "output_dir", str, default=f"results/{name}")

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
+        p.add_argument("--allow-non-empty", action="store_true",
+                       help="use an output_dir that already holds other files (nothing in it is deleted)")
     run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
     run.add_argument("--add-workers", action="store_true",
                      help="the sweep is already running: start this plan's workers beside it")
@@ -92,6 +94,16 @@ class UserError(RuntimeError):
     pass
 
 
+def _check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False) -> None:
+    """Refuse an output folder that is not this sweep's, at the manifest's `output_dir` line."""
+    from .manifest import located_problem
+    from .sweep import FolderProblem
+    try:
+        sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
+    except FolderProblem as exc:
+        raise located_problem(sweep.manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
+
+
 def _check_checkpoint(manifest) -> None:
     """Refuse to start on an incomplete or broken local checkpoint, with what `models status` says."""
     path = manifest.model.path
@@ -147,6 +159,7 @@ def cmd_plan(manifest, args) -> int:
     from .executors import executor_class
     _check_checkpoint(manifest)
     sweep = Sweep(manifest)
+    _check_folder(sweep, args.allow_non_empty)
     name = args.executor or manifest.execution.executor
     executor = None
     if name and hasattr(executor_class(name), "make_plan"):
@@ -199,6 +212,7 @@ def cmd_run(manifest, args) -> int:
 
     _check_checkpoint(manifest)
     sweep = Sweep(manifest)
+    _check_folder(sweep, args.allow_non_empty)
     # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
     # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
     name = args.executor or manifest.execution.executor or "tmux"
@@ -208,6 +222,7 @@ def cmd_run(manifest, args) -> int:
         raise UserError(f"executor `{name}` cannot run here: {missing}")
 
     executor = executor_type(sweep)
+    sweep.claim_folder()
     ledger = sweep.ledger()
     live = sweep.live_workers(ledger)
     # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
@@ -232,7 +247,7 @@ def cmd_run(manifest, args) -> int:
         moved_to = sweep.move_aside(scan.stale)
         print(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
     if not alive:
-        removed = remove_partials(sweep.root) if sweep.root.exists() else 0
+        removed = remove_partials(sweep.own_folders())
         if removed:
             print(f"removed {removed} partial files left by interrupted workers")
     ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
@@ -313,15 +328,20 @@ def _quote(path) -> str:
 
 def cmd_report(manifest, args) -> int:
     from .report import build_report, format_report, report_json
-    from .sweep import Sweep
+    from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
+    _check_folder(sweep, owner_only=True)
     try:
         while True:
             report = build_report(sweep)
             text = report_json(report) if args.json else format_report(report)
             if args.html:
                 from .review import write_page
-                page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
+                try:
+                    page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
+                except FolderProblem as exc:
+                    from .manifest import located_problem
+                    raise located_problem(manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
                 text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
             if not args.watch:
                 print(text)
@@ -336,6 +356,7 @@ def cmd_stop(manifest, args) -> int:
     from .executors import executor_class
     from .sweep import Sweep
     sweep = Sweep(manifest)
+    _check_folder(sweep, owner_only=True)
     if not sweep.has_ledger():
         print(f"sweep `{manifest.name}` has not run yet ({sweep.root})")
         return 0

@@ -340,6 +340,11 @@ class Ledger:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    def output_folders(self) -> set[str]:
+        """The folders the active jobs write into (where their temporary files are)."""
+        rows = self.db.execute("SELECT DISTINCT json_extract(payload, '$.output') FROM jobs WHERE active")
+        return {os.path.dirname(output) for (output,) in rows if output}
+
     def attempts(self, job_id: str | None = None) -> list[dict]:
         query = "SELECT * FROM attempts" + (" WHERE job_id=?" if job_id else "") + " ORDER BY started_at"
         cur = self.db.execute(query, (job_id,) if job_id else ())

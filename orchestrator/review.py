@@ -22,9 +22,10 @@ import av
 
 from .outputs import TEMP_MARK
 from .report import WINDOW_S, CategoryRow, Report, _duration, build_report
-from .sweep import Sweep
+from .sweep import FolderProblem, Sweep
 
 PAGE_NAME = "index.html"
+GENERATOR_MARK = b'<meta name="generator" content="wan-sweep review">'  # in the template's head
 THUMB_SUFFIX = ".thumb.jpg"
 THUMB_WIDTH = 320  # twice the tile width, so posters stay sharp on high-density screens
 TILE_WIDTH = 160
@@ -481,13 +482,25 @@ def render(page: Page) -> str:
     return _environment().get_template("review.html.j2").render(page=page)
 
 
+def _is_review_page(path: Path) -> bool:
+    """A page this module wrote (its template names the generator in the head), not someone's own."""
+    try:
+        with open(path, "rb") as stream:
+            return GENERATOR_MARK in stream.read(4096)
+    except OSError:
+        return False
+
+
 def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | None = None) -> Path:
     """Render the review page to `<output_dir>/index.html` atomically (a watcher's browser never
     sees half a page) and return its path."""
-    html = render(build_page(sweep, report, reload_s))
     root = sweep.root
-    root.mkdir(parents=True, exist_ok=True)
     target = root / PAGE_NAME
+    if target.exists() and not _is_review_page(target):
+        raise FolderProblem(f"{target} exists and is not a review page of this product: not replaced",
+                            "move that file away, or point output_dir at the sweep's own folder")
+    html = render(build_page(sweep, report, reload_s))
+    root.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".html", dir=root)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

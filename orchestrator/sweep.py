@@ -2,11 +2,16 @@
 
 `<output_dir>/.sweep/` holds the ledger, the worker spec files and caches; `<output_dir>/logs/` one
 log per worker; the mp4s and sidecars live under `<output_dir>/<category>/<stem>/`.
+
+One output folder holds one sweep: `.sweep/sweep.json` names the sweep that owns it, and a folder
+that is not a sweep's (not empty, no `.sweep/`), `/` or the home folder is refused (`check_folder`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +19,19 @@ from pathlib import Path
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import LIVE_WORKER_STATES, Ledger
 from .manifest import Manifest
-from .outputs import ProbeCache, inspect_output, read_sidecar, sidecar_path
+from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
 from .planning import Plan, WorkerSpec
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+OWNER_FILE = "sweep.json"  # in .sweep/: which sweep (manifest name) this output folder belongs to
+
+
+class FolderProblem(Exception):
+    """The output folder cannot hold this sweep; `fix` says what to do (the CLI adds file and line)."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.message, self.fix = message, fix
 
 
 @dataclass
@@ -39,12 +53,84 @@ class Sweep:
     def ledger(self) -> Ledger:
         return Ledger(self.ledger_path)
 
+    # ---------------------------------------------------------------- the output folder
+    def own_folders(self) -> set[Path]:
+        """Every folder the sweep writes its files (and so its temporary files) into, and no other."""
+        folders = {Path(job.output).parent for job in self.jobs}
+        folders |= {self.root, self.state_dir}
+        folders |= {self.state_dir / "thumbs" / category.name for category in self.manifest.categories}
+        return folders
+
+    def owner(self) -> dict | None:
+        """What `.sweep/sweep.json` says about the sweep that owns this folder (None: not said)."""
+        try:
+            owner = json.loads((self.state_dir / OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) and isinstance(owner.get("name"), str) else None
+
+    def check_folder(self, allow_non_empty: bool = False) -> None:
+        """Raise FolderProblem unless the output folder is this sweep's, new, or empty.
+
+        Refused always: `/`, the home folder and the folders above it. Refused unless
+        `allow_non_empty`: a folder with files in it but no `.sweep/` (not a sweep's). Refused: a
+        folder another sweep (another manifest `name`) owns.
+        """
+        root = self.root
+        home = Path.home().resolve()
+        if root == Path(root.anchor) or root == home or root in home.parents:
+            what = "your home folder" if root == home else "the root of the file system" \
+                if root == Path(root.anchor) else "a folder above your home folder"
+            raise FolderProblem(f"output_dir is {root}, {what}: a sweep writes and cleans up in its output "
+                                "folder, which must be a folder of its own",
+                                f"set output_dir to a new folder, e.g. results/{self.manifest.name}")
+        if root.exists() and not root.is_dir():
+            raise FolderProblem(f"output_dir {root} is a file, not a folder",
+                                "set output_dir to a new folder, or move that file away")
+        if self.check_owner() or self.state_dir.is_dir():
+            return  # ours (a folder of a version that wrote no owner file is adopted by `claim_folder`)
+        try:
+            with os.scandir(root) as entries:
+                non_empty = next(iter(entries), None) is not None
+        except FileNotFoundError:
+            return
+        if non_empty and not allow_non_empty:
+            raise FolderProblem(
+                f"output_dir {root} is not empty and is not a sweep's output folder (it has no .sweep/)",
+                "point output_dir at a new or empty folder, or run again with --allow-non-empty to use "
+                "this one (nothing in it is deleted; files at the videos' paths would count as made)")
+
+    def check_owner(self) -> bool:
+        """True when `.sweep/sweep.json` names this sweep; FolderProblem when it names another."""
+        owner = self.owner()
+        if owner is None:
+            return False
+        if owner["name"] != self.manifest.name:
+            raise FolderProblem(
+                f"output_dir {self.root} holds the sweep `{owner['name']}` (manifest {owner.get('manifest')}); "
+                f"one output folder holds one sweep, and this manifest's is `{self.manifest.name}`",
+                f"point output_dir at another folder (e.g. results/{self.manifest.name}), or, if this "
+                f"manifest continues that sweep, set its name to `{owner['name']}`")
+        return True
+
+    def claim_folder(self) -> None:
+        """Record in `.sweep/sweep.json` that this sweep owns the folder (after `check_folder`)."""
+        owner = {"name": self.manifest.name, "manifest": str(self.manifest.path)}
+        if self.owner() == owner:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=self.state_dir)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(owner, stream, ensure_ascii=False)
+        os.replace(temp_name, self.state_dir / OWNER_FILE)
+
     def has_ledger(self) -> bool:
         return self.ledger_path.exists()
 
     def scan(self) -> DiskScan:
         """What the disk says: which jobs are done, which outputs came from other settings."""
-        cache = ProbeCache(self.state_dir / "probe-cache.json") if self.root.exists() else None
+        # Only in a sweep's own folder: reading another folder must leave nothing behind in it.
+        cache = ProbeCache(self.state_dir / "probe-cache.json") if self.state_dir.is_dir() else None
         scan = DiskScan()
         frames = self.manifest.generation.num_frames
         present = _names_by_folder(job.output for job in self.jobs)

@@ -240,8 +240,9 @@ def run_worker(spec: WorkerSpec) -> int:
     beat.start()
     from .outputs import remove_partials
     if os.path.isdir(spec.output_dir):
-        # What an earlier run of this worker was writing when it died (a crash mid-encode).
-        left = remove_partials(spec.output_dir, owner=spec.worker)
+        # What an earlier run of this worker was writing when it died (a crash mid-encode): only in
+        # the folders of this sweep's jobs, never in a walk of the whole output folder.
+        left = remove_partials(ledger.output_folders(), owner=spec.worker)
         if left:
             log.info("removed %d partial file(s) left by this worker's previous run", left)
     model = ModelConfig(**spec.model)

@@ -99,3 +99,19 @@ def test_the_products_own_names_cannot_be_categories(write_manifest, name):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert name in lines[problem.line - 1] and lines[problem.line - 1].strip().endswith(":")
     assert f"category name {name!r} is taken" in problem.message and problem.fix
+
+
+def test_a_second_manifest_cannot_take_over_a_sweeps_folder(write_manifest, tmp_path):
+    a = write_manifest(synthetic_manifest(name="swa", seeds=[1]), name="a.yaml")
+    b = write_manifest(synthetic_manifest(name="swb", seeds=[7], generation={"num_frames": 9}), name="b.yaml")
+    assert cli("run", str(a), *RUN).returncode == 0
+    out = tmp_path / "out"
+    before = _files(out / "alpha")
+    for command in (("run", str(b), *RUN), ("plan", str(b)), ("report", str(b)), ("stop", str(b))):
+        result = cli(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stdout, result.stderr)
+        assert f"{b}:{_line_of(b, 'output_dir')}: output_dir {out} holds the sweep `swa` (manifest {a})" in result.stderr
+        assert "set its name to `swa`" in result.stderr
+    assert _files(out / "alpha") == before
+    report = cli("report", str(a), "--json")
+    assert report.returncode == 0 and '"done": 3' in report.stdout

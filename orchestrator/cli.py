@@ -221,14 +221,25 @@ def cmd_run(manifest, args) -> int:
     if missing:
         raise UserError(f"executor `{name}` cannot run here: {missing}")
 
+    # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
+    # start anything), and held until the workers hold their own locks; see `sweep`.
+    lock = sweep.run_lock()
+    if not lock.acquire("run"):
+        holder = lock.holder()
+        print(f"sweep `{manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
+              f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
+        print(format_report(build_report(sweep)))
+        return 0
     executor = executor_type(sweep)
     sweep.claim_folder()
     ledger = sweep.ledger()
     live = sweep.live_workers(ledger)
+    locked = sweep.locked_workers()  # supervisors and workers alive, registered in the ledger or not yet
     # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
     # processes of this machine: each executor counts its own (the local one, before `start`, none).
-    alive = max(len(live), executor.running())
+    alive = max(len(live), len(locked), executor.running())
     if alive and not args.add_workers:
+        lock.release()
         print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
               "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
         print(format_report(build_report(sweep)))
@@ -263,13 +274,20 @@ def cmd_run(manifest, args) -> int:
     if why:
         print(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
     specs = sweep.write_specs(plan)
-    if live:
-        taken = {w["id"] for w in live}
+    if live or locked:
+        taken = {w["id"] for w in live} | set(locked)
         specs = [(s, p) for s, p in specs if s.worker not in taken]
+    if sweep.stop_requested_since(_process_started()):
+        print("`stop` was issued while this `run` was starting: no worker started.\n")
+        print(format_report(build_report(sweep)))
+        return 0
     try:
         names = executor.start(specs)
     except ExecutorError as exc:
         raise UserError(str(exc)) from None
+    if executor.supervised:
+        sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
+    lock.release()
     counts = ledger.counts()
     print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")
@@ -296,6 +314,12 @@ def cmd_run(manifest, args) -> int:
     print()
     print(format_report(report))
     return 1 if report.totals.failed or report.totals.left else 0
+
+
+def _process_started() -> float:
+    """When this process started (a `stop` issued since then was meant for this `run`)."""
+    import psutil
+    return psutil.Process().create_time()
 
 
 def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
@@ -354,11 +378,26 @@ def cmd_report(manifest, args) -> int:
 
 def cmd_stop(manifest, args) -> int:
     from .executors import executor_class
-    from .sweep import Sweep
+    from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
     _check_folder(sweep, owner_only=True)
+    try:
+        sweep.check_folder()
+    except FolderProblem:
+        lock = None  # not a sweep's folder: nothing of ours runs there, and nothing is written there
+    else:
+        # A `run` still starting sees this and starts no worker; one that is past that point holds the
+        # run lock until its workers are up: wait for it, then stop them like any others.
+        sweep.request_stop()
+        lock = sweep.run_lock()
+        if not lock.acquire("stop"):
+            holder = lock.holder()
+            print(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "
+                  "setting the sweep up…", flush=True)
+            lock.acquire("stop", wait=True)
     if not sweep.has_ledger():
-        print(f"sweep `{manifest.name}` has not run yet ({sweep.root})")
+        print(f"sweep `{manifest.name}` has no workers to stop ({sweep.root}); a `run` of it that is "
+              "starting now will start none")
         return 0
     stopped = 0
     kinds = ("tmux", "local")

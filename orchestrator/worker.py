@@ -229,6 +229,8 @@ def run_worker(spec: WorkerSpec) -> int:
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig
 
+    from .sweep import hold_worker_lock
+    lock = hold_worker_lock(spec)  # noqa: F841 (held until exit: alive even if its supervisor is killed)
     log = setup_logging(spec)
     ledger = Ledger(spec.ledger)
     signal.signal(signal.SIGTERM, _on_signal)

@@ -149,6 +149,7 @@ class TmuxExecutor(Executor):
 
     # ------------------------------------------------------------------ Executor
     def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:
+        from libtmux.exc import TmuxSessionExists
         existing = {s.session_name: s for s in self.sessions()}
         names = []
         for spec, path in specs:
@@ -164,9 +165,13 @@ class TmuxExecutor(Executor):
                                    f"(another output folder?); rename the experiment or end that session")
             command = " ".join(["exec", shlex.quote(sys.executable), "-m", "orchestrator.supervisor",
                                 shlex.quote(str(Path(path).resolve()))])
-            session = self.server.new_session(
-                session_name=name, window_name=tmux_literal(spec.worker), window_command=command,
-                start_directory=tmux_literal(os.getcwd()), environment=self._environment(), attach=False)
+            try:
+                session = self.server.new_session(
+                    session_name=name, window_name=tmux_literal(spec.worker), window_command=command,
+                    start_directory=tmux_literal(os.getcwd()), environment=self._environment(), attach=False)
+            except TmuxSessionExists:  # made between the check above and now, by something else
+                raise ExecutorError(f"a tmux session named {name} appeared while starting the workers and "
+                                    "belongs to something else; rename the experiment or end that session") from None
             try:
                 # A finished worker closes its session, whatever the user's tmux.conf says; a worker
                 # that failed for good keeps its pane (the supervisor asks for that) to show why.

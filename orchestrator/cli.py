@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import time
 
+from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError, load_manifest
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
@@ -88,18 +90,27 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only or full folder
+        from .sweep import Sweep
+        problem = exc if isinstance(exc, LedgerError) else ledger_problem(Sweep(manifest).ledger_path, exc)
+        print(f"error: {problem}\nNothing was started." if args.command == "run" else f"error: {problem}",
+              file=sys.stderr)
+        return 2
 
 
 class UserError(RuntimeError):
     pass
 
 
-def _check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False) -> None:
-    """Refuse an output folder that is not this sweep's, at the manifest's `output_dir` line."""
+def _check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False, writable: bool = False) -> None:
+    """Refuse an output folder that is not this sweep's (or, with `writable`, that cannot take its
+    files), at the manifest's `output_dir` line."""
     from .manifest import located_problem
     from .sweep import FolderProblem
     try:
         sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
+        if writable:
+            sweep.check_writable()
     except FolderProblem as exc:
         raise located_problem(sweep.manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
 
@@ -212,7 +223,7 @@ def cmd_run(manifest, args) -> int:
 
     _check_checkpoint(manifest)
     sweep = Sweep(manifest)
-    _check_folder(sweep, args.allow_non_empty)
+    _check_folder(sweep, args.allow_non_empty, writable=True)
     # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
     # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
     name = args.executor or manifest.execution.executor or "tmux"
@@ -273,6 +284,9 @@ def cmd_run(manifest, args) -> int:
 
     if why:
         print(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
+    note = sweep.room_note(ledger.unfinished())
+    if note:
+        print(f"note: {note}")
     specs = sweep.write_specs(plan)
     if live or locked:
         taken = {w["id"] for w in live} | set(locked)
@@ -366,6 +380,9 @@ def cmd_report(manifest, args) -> int:
                 except FolderProblem as exc:
                     from .manifest import located_problem
                     raise located_problem(manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
+                except OSError as exc:  # a read-only output folder, a full disk
+                    raise UserError(f"cannot write the review page into {sweep.root}: {exc.strerror or exc} "
+                                    "(make the folder writable or free some space)") from None
                 text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
             if not args.watch:
                 print(text)
@@ -388,13 +405,16 @@ def cmd_stop(manifest, args) -> int:
     else:
         # A `run` still starting sees this and starts no worker; one that is past that point holds the
         # run lock until its workers are up: wait for it, then stop them like any others.
-        sweep.request_stop()
         lock = sweep.run_lock()
-        if not lock.acquire("stop"):
-            holder = lock.holder()
-            print(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "
-                  "setting the sweep up…", flush=True)
-            lock.acquire("stop", wait=True)
+        try:
+            sweep.request_stop()
+            if not lock.acquire("stop"):
+                holder = lock.holder()
+                print(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "
+                      "setting the sweep up…", flush=True)
+                lock.acquire("stop", wait=True)
+        except OSError:
+            pass  # a read-only folder: no `run` can set up there either; the ledger says the rest
     if not sweep.has_ledger():
         print(f"sweep `{manifest.name}` has no workers to stop ({sweep.root}); a `run` of it that is "
               "starting now will start none")

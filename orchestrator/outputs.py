@@ -176,8 +176,9 @@ class ProbeCache:
         self.dirty = False
         if self.file and self.file.exists():
             try:
-                self.entries = json.loads(self.file.read_text(encoding="utf-8"))
-            except ValueError:
+                entries = json.loads(self.file.read_text(encoding="utf-8"))
+                self.entries = entries if isinstance(entries, dict) else {}
+            except (OSError, ValueError):
                 self.entries = {}
 
     def get(self, path: Path, st: os.stat_result) -> int | None:
@@ -193,11 +194,17 @@ class ProbeCache:
     def save(self) -> None:
         if not (self.file and self.dirty):
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(self.entries, stream)
-        os.replace(temp_name, self.file)
+        temp_name = None
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(self.entries, stream)
+            os.replace(temp_name, self.file)
+        except OSError:  # a read-only folder or a full disk: the cache only saves time, it is not needed
+            if temp_name and os.path.exists(temp_name):
+                os.unlink(temp_name)
+            return
         self.dirty = False
 
 

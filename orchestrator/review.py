@@ -296,7 +296,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     rows_by_id: dict[str, dict] = {}
     attempts: list[dict] = []
     worker_rows: list[dict] = []
-    if sweep.has_ledger():
+    if report.ledger and sweep.has_ledger():  # not when the report found it unreadable
         ledger = sweep.ledger()
         try:
             rows_by_id = {row["id"]: row for row in ledger.jobs()}
@@ -351,7 +351,9 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     g = m.generation
     total = report.totals
     notes = []
-    if not report.ledger:
+    if report.ledger_problem:
+        notes.append(f"Ledger unreadable: counts come from the disk only. {report.ledger_problem}")
+    elif not report.ledger:
         notes.append("No ledger: counts come from the disk only (nothing has run here, or .sweep/ was removed).")
     if total.stale:
         notes.append(f"{total.stale} mp4s were made with other settings and are not counted "

@@ -35,6 +35,7 @@ OWNER_FILE = "sweep.json"  # in .sweep/: which sweep (manifest name) this output
 RUN_LOCK = "run.lock"
 WORKER_LOCKS = "locks"
 STOP_REQUEST = "stop-request"
+MIN_FREE_BYTES = 64 * 2**20  # below this a sweep does not start: logs, ledger and a few videos need room
 
 
 class FolderProblem(Exception):
@@ -168,6 +169,62 @@ class Sweep:
                 f"point output_dir at another folder (e.g. results/{self.manifest.name}), or, if this "
                 f"manifest continues that sweep, set its name to `{owner['name']}`")
         return True
+
+    def check_writable(self) -> None:
+        """Raise FolderProblem when a folder the sweep writes into cannot take a file, or its disk has
+        no room for a few videos.
+
+        Checked by writing (and removing) a temporary file in each: permission bits say nothing on a
+        read-only mount, and an ACL or root may allow what they forbid.
+        """
+        folders = set()
+        for folder in self.own_folders() | {self.logs}:
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent  # made at the start: its parent must take it
+            folders.add(folder)
+        for folder in sorted(folders):
+            try:
+                handle, name = tempfile.mkstemp(prefix=TEMP_MARK, dir=folder)
+                os.close(handle)
+                os.unlink(name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise FolderProblem(
+                    f"{folder} is not writable ({exc.strerror or exc}): its videos would be generated and then "
+                    "fail to be written", "make the output folder writable (e.g. chmod -R u+w on it) or point "
+                    "output_dir at a writable folder") from None
+        top = min(folders, key=lambda f: len(f.parts))
+        free = shutil.disk_usage(top).free
+        each = self.video_bytes_estimate()
+        need = max(MIN_FREE_BYTES, 4 * each)
+        if free < need:
+            raise FolderProblem(
+                f"the disk holding {self.root} has {_size(free)} free; a sweep needs {_size(need)} to start "
+                f"(its videos are about {_size(each)} each)", "free some space or point output_dir at another disk")
+
+    def room_note(self, left: int) -> str | None:
+        """A warning when the `left` videos look bigger than the free space of the output folder's disk."""
+        each, free = self.video_bytes_estimate(), shutil.disk_usage(self.root).free
+        if left * each <= free:
+            return None
+        return (f"the {left} videos left need about {_size(left * each)} and {_size(free)} are free on the "
+                f"disk of {self.root}: if it fills up the workers stop cleanly (free some space, run again)")
+
+    def video_bytes_estimate(self) -> int:
+        """Bytes per video: the mean of up to 20 made already, else a generous guess from the settings."""
+        sizes = []
+        for job in self.jobs[:2000]:  # enough to find a few made ones, cheap at 100k jobs
+            try:
+                sizes.append(os.path.getsize(job.output))
+            except OSError:
+                continue
+            if len(sizes) >= 20:
+                break
+        if sizes:
+            return int(sum(sizes) / len(sizes))
+        g = self.manifest.generation
+        return int(g.width * g.height * g.num_frames * 0.25)  # H.264 at crf 18 stays well below this
 
     def claim_folder(self) -> None:
         """Record in `.sweep/sweep.json` that this sweep owns the folder (after `check_folder`)."""
@@ -322,6 +379,14 @@ def _names_by_folder(outputs) -> dict[str, set[str] | None]:
         except OSError:
             names[folder] = None
     return names
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def is_sweep_process(pid: int) -> bool:

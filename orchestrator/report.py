@@ -84,8 +84,14 @@ def build_report(sweep: Sweep) -> Report:
         rows[job.category].stale += 1
     report = Report(sweep.manifest.name, str(sweep.root), now, list(rows.values()),
                     ledger=sweep.has_ledger(), scan=scan)
-    if not report.ledger:
-        return report
+    if report.ledger:
+        _read_ledger(report, sweep, by_id, rows, scan, now)
+    if report.stop_reason is None and report.totals.left:
+        report.stop_reason = sweep.disk_full_note()  # the ledger may be on that disk and unwritable
+    return report
+
+
+def _read_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
     try:
         _add_ledger(report, sweep, by_id, rows, scan, now)
     except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only folder
@@ -94,7 +100,6 @@ def build_report(sweep: Sweep) -> Report:
             row.running = row.failed = 0
         report.ledger, report.ledger_problem = False, problem
         report.workers, report.failed, report.jobs_per_hour, report.eta_s = [], [], None, None
-    return report
 
 
 def _add_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
@@ -156,10 +161,10 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 def format_report(report: Report) -> str:
     lines = [f"sweep {report.name}  ({report.output_dir})", ""]
     if report.ledger_problem:
-        lines[1:1] = [f"ledger unreadable: done counts are from the disk, nothing else is known. "
-                      f"{report.ledger_problem}", ""]
+        lines += [f"ledger unreadable: done counts are from the disk, nothing else is known. "
+                  f"{report.ledger_problem}", ""]
     if report.stop_reason:
-        lines[1:1] = [f"stopped: {report.stop_reason}", ""]
+        lines += [report.stop_reason, ""]
     rows = [[r.name, r.expected, r.done, r.failed, r.running, r.left, f"{r.percent:.1f}%"]
             for r in report.categories + [report.totals]]
     lines += _table(["category", "expected", "done", "failed", "running", "left", "percent"], rows)

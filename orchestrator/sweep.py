@@ -211,6 +211,17 @@ class Sweep:
         return (f"the {left} videos left need about {_size(left * each)} and {_size(free)} are free on the "
                 f"disk of {self.root}: if it fills up the workers stop cleanly (free some space, run again)")
 
+    def disk_full_note(self) -> str | None:
+        """A line for the report when the output folder's disk has (almost) no room left."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+        if free >= min(MIN_FREE_BYTES, 4 * self.video_bytes_estimate()):
+            return None
+        return (f"the disk of {self.root} is full ({_size(free)} free): the workers stop cleanly when they "
+                "cannot write, and nothing made is lost: free some space and run the same command again")
+
     def video_bytes_estimate(self) -> int:
         """Bytes per video: the mean of up to 20 made already, else a generous guess from the settings."""
         sizes = []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.ledger import Ledger
+from orchestrator.outputs import TEMP_MARK, count_frames
 
 from .conftest import ROOT, cli, synthetic_manifest
 
@@ -98,3 +99,87 @@ def test_a_read_only_output_folder_is_reported_from_the_disk_and_refused_by_run(
     finally:
         _chmod_tree(out, writable=True)
     assert sorted(p.name for p in _mp4s(out)) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 80 MiB tmpfs of its own (a real disk that can fill up); needs root to mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of the disk, as another program would."""
+    filler = disk / "filler.bin"
+    with open(filler, "wb") as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 65536)
+                stream.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_that_fills_up_mid_run_stops_the_workers_cleanly_and_loses_nothing(write_manifest, small_disk):
+    prompts = [f"prompt {i}" for i in range(8)]
+    path = write_manifest(synthetic_manifest(
+        output_dir=str(small_disk / "out"), categories={"a": {"prompts": prompts}},
+        model={"options": {"seconds_per_job": 0.4}}, generation={"steps": 8}))
+    out = small_disk / "out"
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.monotonic() + 60
+    while len(_mp4s(out)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    filler = _fill(small_disk)
+    stdout, stderr = run.communicate(timeout=90)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    assert run.returncode == 1 and stdout.count(f"the disk of {out} is full") == 1, stdout + stderr
+    assert "free some space and run the same command again" in stdout
+    made = _mp4s(out)
+    assert 3 <= len(made) < 16
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    assert ledger.counts()["failed"] == 0  # no attempt burnt on the full disk
+
+    filler.unlink()
+    again = cli("run", str(path), *RUN)
+    assert again.returncode == 0, again.stdout + again.stderr
+    mp4s = _mp4s(out)
+    assert len(mp4s) == 16 and all(count_frames(p) == 5 for p in mp4s)
+    assert not [p for p in out.rglob(f"{TEMP_MARK}*")]
+
+
+def test_no_room_or_a_read_only_category_folder_is_refused_before_the_start(write_manifest, tmp_path, monkeypatch,
+                                                                             capsys):
+    from orchestrator import cli as cli_module
+    from orchestrator import sweep as sweep_module
+    path = write_manifest(synthetic_manifest())
+    real = shutil.disk_usage
+    monkeypatch.setattr(sweep_module.shutil, "disk_usage",
+                        lambda folder: real(folder)._replace(free=10 * 2**20))  # a nearly full disk
+    assert cli_module.main(["run", str(path), *RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: the disk holding {tmp_path / 'out'} has 10.0 MiB free; a sweep needs 64.0 MiB" in err
+    assert "free some space" in err and not (tmp_path / "out" / ".sweep" / "ledger.sqlite").exists()
+    monkeypatch.undo()
+
+    assert cli("run", str(path), *RUN).returncode == 0
+    for mp4 in (tmp_path / "out" / "alpha").glob("*.mp4"):
+        mp4.unlink()
+    (tmp_path / "out" / "alpha").chmod(0o555)
+    try:
+        refused = _unprivileged("run", str(path), *RUN)
+    finally:
+        (tmp_path / "out" / "alpha").chmod(0o755)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{tmp_path / 'out' / 'alpha'} is not writable (Permission denied)" in refused.stderr
+    attempts = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite").attempts()
+    assert len(attempts) == 6  # the first run's, none burnt since

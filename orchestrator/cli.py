@@ -331,9 +331,17 @@ def cmd_run(manifest, args) -> int:
 
 
 def _process_started() -> float:
-    """When this process started (a `stop` issued since then was meant for this `run`)."""
-    import psutil
-    return psutil.Process().create_time()
+    """When this process started, on `time.time()`'s clock, to a clock tick (a `stop` issued since
+    then was meant for this `run`). psutil's create_time counts from a boot time in whole seconds,
+    which can put a `run` started just after a `stop` before it."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stream:
+            ticks = int(stream.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, since boot
+        since_boot = ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS)
+        import psutil
+        return psutil.Process().create_time()
 
 
 def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:

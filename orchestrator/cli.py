@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import time
 
+from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError, load_manifest
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
@@ -34,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
+        p.add_argument("--allow-non-empty", action="store_true",
+                       help="use an output_dir that already holds other files (nothing in it is deleted)")
     run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
     run.add_argument("--add-workers", action="store_true",
                      help="the sweep is already running: start this plan's workers beside it")
@@ -96,10 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only or full folder
+        from .sweep import Sweep
+        problem = exc if isinstance(exc, LedgerError) else ledger_problem(Sweep(manifest).ledger_path, exc)
+        print(f"error: {problem}\nNothing was started." if args.command == "run" else f"error: {problem}",
+              file=sys.stderr)
+        return 2
 
 
 class UserError(RuntimeError):
     pass
+
+
+def _check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False, writable: bool = False) -> None:
+    """Refuse an output folder that is not this sweep's (or, with `writable`, that cannot take its
+    files), at the manifest's `output_dir` line."""
+    from .manifest import located_problem
+    from .sweep import FolderProblem
+    try:
+        sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
+        if writable:
+            sweep.check_writable()
+    except FolderProblem as exc:
+        raise located_problem(sweep.manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
 
 
 def _check_checkpoint(manifest) -> None:
@@ -157,6 +180,7 @@ def cmd_plan(manifest, args) -> int:
     from .executors import executor_class
     _check_checkpoint(manifest)
     sweep = Sweep(manifest)
+    _check_folder(sweep, args.allow_non_empty)
     name = args.executor or manifest.execution.executor
     executor = None
     if name and hasattr(executor_class(name), "make_plan"):
@@ -216,6 +240,7 @@ def cmd_run(manifest, args) -> int:
 
     _check_checkpoint(manifest)
     sweep = Sweep(manifest)
+    _check_folder(sweep, args.allow_non_empty, writable=True)
     # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
     # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
     name = args.executor or manifest.execution.executor or "tmux"
@@ -224,13 +249,25 @@ def cmd_run(manifest, args) -> int:
     if missing:
         raise UserError(f"executor `{name}` cannot run here: {missing}")
 
+    # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
+    # start anything), and held until the workers hold their own locks; see `sweep`.
+    lock = sweep.run_lock()
+    if not lock.acquire("run"):
+        holder = lock.holder()
+        print(f"sweep `{manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
+              f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
+        print(format_report(build_report(sweep)))
+        return 0
     executor = executor_type(sweep)
+    sweep.claim_folder()
     ledger = sweep.ledger()
     live = sweep.live_workers(ledger)
+    locked = sweep.locked_workers()  # supervisors and workers alive, registered in the ledger or not yet
     # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
     # processes of this machine: each executor counts its own (the local one, before `start`, none).
-    alive = max(len(live), executor.running())
+    alive = max(len(live), len(locked), executor.running())
     if alive and not args.add_workers:
+        lock.release()
         print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
               "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
         print(format_report(build_report(sweep)))
@@ -249,7 +286,7 @@ def cmd_run(manifest, args) -> int:
         moved_to = sweep.move_aside(scan.stale)
         print(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
     if not alive:
-        removed = remove_partials(sweep.root) if sweep.root.exists() else 0
+        removed = remove_partials(sweep.own_folders())
         if removed:
             print(f"removed {removed} partial files left by interrupted workers")
     ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
@@ -264,14 +301,24 @@ def cmd_run(manifest, args) -> int:
 
     if why:
         print(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
+    note = sweep.room_note(ledger.unfinished())
+    if note:
+        print(f"note: {note}")
     specs = sweep.write_specs(plan)
-    if live:
-        taken = {w["id"] for w in live}
+    if live or locked:
+        taken = {w["id"] for w in live} | set(locked)
         specs = [(s, p) for s, p in specs if s.worker not in taken]
+    if sweep.stop_requested_since(_process_started()):
+        print("`stop` was issued while this `run` was starting: no worker started.\n")
+        print(format_report(build_report(sweep)))
+        return 0
     try:
         names = executor.start(specs)
     except ExecutorError as exc:
         raise UserError(str(exc)) from None
+    if executor.supervised:
+        sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
+    lock.release()
     counts = ledger.counts()
     print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")
@@ -298,6 +345,20 @@ def cmd_run(manifest, args) -> int:
     print()
     print(format_report(report))
     return 1 if report.totals.failed or report.totals.left else 0
+
+
+def _process_started() -> float:
+    """When this process started, on `time.time()`'s clock, to a clock tick (a `stop` issued since
+    then was meant for this `run`). psutil's create_time counts from a boot time in whole seconds,
+    which can put a `run` started just after a `stop` before it."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stream:
+            ticks = int(stream.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, since boot
+        since_boot = ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS)
+        import psutil
+        return psutil.Process().create_time()
 
 
 def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
@@ -330,15 +391,23 @@ def _quote(path) -> str:
 
 def cmd_report(manifest, args) -> int:
     from .report import build_report, format_report, report_json
-    from .sweep import Sweep
+    from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
+    _check_folder(sweep, owner_only=True)
     try:
         while True:
             report = build_report(sweep)
             text = report_json(report) if args.json else format_report(report)
             if args.html:
                 from .review import write_page
-                page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
+                try:
+                    page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
+                except FolderProblem as exc:
+                    from .manifest import located_problem
+                    raise located_problem(manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
+                except OSError as exc:  # a read-only output folder, a full disk
+                    raise UserError(f"cannot write the review page into {sweep.root}: {exc.strerror or exc} "
+                                    "(make the folder writable or free some space)") from None
                 text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
             if not args.watch:
                 print(text)
@@ -351,10 +420,29 @@ def cmd_report(manifest, args) -> int:
 
 def cmd_stop(manifest, args) -> int:
     from .executors import executor_class
-    from .sweep import Sweep
+    from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
+    _check_folder(sweep, owner_only=True)
+    try:
+        sweep.check_folder()
+    except FolderProblem:
+        lock = None  # not a sweep's folder: nothing of ours runs there, and nothing is written there
+    else:
+        # A `run` still starting sees this and starts no worker; one that is past that point holds the
+        # run lock until its workers are up: wait for it, then stop them like any others.
+        lock = sweep.run_lock()
+        try:
+            sweep.request_stop()
+            if not lock.acquire("stop"):
+                holder = lock.holder()
+                print(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "
+                      "setting the sweep up…", flush=True)
+                lock.acquire("stop", wait=True)
+        except OSError:
+            pass  # a read-only folder: no `run` can set up there either; the ledger says the rest
     if not sweep.has_ledger():
-        print(f"sweep `{manifest.name}` has not run yet ({sweep.root})")
+        print(f"sweep `{manifest.name}` has no workers to stop ({sweep.root}); a `run` of it that is "
+              "starting now will start none")
         return 0
     stopped = 0
     kinds = ("tmux", "local")

@@ -70,6 +70,24 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
 
 
+class LedgerError(RuntimeError):
+    """The ledger file cannot be used; the message says what is wrong and how to recover."""
+
+
+def ledger_problem(path: str | os.PathLike, error: BaseException) -> str:
+    """What is wrong with the ledger at `path` (from the error SQLite or the OS gave), and the fix."""
+    path = Path(path)
+    text = str(error) or type(error).__name__
+    if isinstance(error, sqlite3.DatabaseError) and not any(
+            word in text for word in ("unable to open", "readonly", "read-only", "disk is full", "disk I/O")):
+        return (f"the ledger {path} is damaged ({text}). The videos on disk are not affected. To recover, "
+                f"set it aside and run again: the ledger is rebuilt from the disk (done videos count as done; "
+                f"the history of attempts and failures is lost): mv {path} {path}.damaged")
+    return (f"the ledger {path} cannot be opened for writing ({text}): is the output folder {path.parent.parent} "
+            "read-only or its disk full? Make it writable (e.g. chmod -R u+w on it) or free some space, "
+            "then run again; nothing made is lost")
+
+
 @dataclass(frozen=True)
 class Claim:
     job: Job
@@ -79,16 +97,19 @@ class Claim:
 class Ledger:
     def __init__(self, path: str | os.PathLike, timeout_s: float = 60.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            with self.transaction() as db:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+        except (sqlite3.DatabaseError, OSError) as exc:  # garbage in the file, a read-only folder, …
+            raise LedgerError(ledger_problem(self.path, exc)) from None
 
     def close(self) -> None:
         self.db.close()
@@ -152,7 +173,7 @@ class Ledger:
                            "WHERE active AND state IN ('running', 'failed')")
                 db.execute("UPDATE workers SET state='exited', job=NULL WHERE state IN "
                            f"({','.join('?' * len(LIVE_WORKER_STATES))})", LIVE_WORKER_STATES)
-                db.execute("DELETE FROM meta WHERE key = 'stop_requested'")
+                db.execute("DELETE FROM meta WHERE key IN ('stop_requested', 'stop_reason')")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('max_attempts', ?)", (str(max_attempts),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat_timeout_s', ?)",
                        (str(heartbeat_timeout_s),))
@@ -339,6 +360,11 @@ class Ledger:
                               f"seconds, skipped, last_error FROM jobs WHERE {where} ORDER BY ordinal", params)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def output_folders(self) -> set[str]:
+        """The folders the active jobs write into (where their temporary files are)."""
+        rows = self.db.execute("SELECT DISTINCT json_extract(payload, '$.output') FROM jobs WHERE active")
+        return {os.path.dirname(output) for (output,) in rows if output}
 
     def attempts(self, job_id: str | None = None) -> list[dict]:
         query = "SELECT * FROM attempts" + (" WHERE job_id=?" if job_id else "") + " ORDER BY started_at"

@@ -21,6 +21,9 @@ EXECUTORS = ("tmux", "local", "ray")
 COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
 QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
+# What the product itself keeps in the output folder (`sweep`, `review`): a category of one of these
+# names would mix its videos with the ledger, the logs or the review page.
+RESERVED_NAMES = (".sweep", "logs", "index.html")
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     name = reader.scalar(name_node, "name", str, default="experiment")
     if name_node is not None and isinstance(name, str) and safe_component_problem(name):
         reader.problem(name_node, f"name {name!r} {safe_component_problem(name)}", "use a plain name")
+    elif name_node is not None and isinstance(name, str) and "#" in name:
+        # The name goes into tmux session names, where `#{…}` and `#(…)` are formats tmux expands
+        # (`#(cmd)` runs a shell command): a session would come up under another name, or worse.
+        reader.problem(name_node, f"name {name!r} contains `#`, which tmux reads as the start of a "
+                                  "format in session names", f"remove the `#`, e.g. {name.replace('#', '')!r}")
 
     out_node = top.get("output_dir", (None, None))[1]
     output_dir = reader.scalar(out_node, "output_dir", str, default=f"results/{name}")
@@ -525,6 +533,11 @@ def _read_categories(reader: _Reader, node, base: Path, task: str | None) -> tup
             reader.problem(key_node, f"category name {name!r} {why}",
                            "rename the category to a plain folder name")
             continue
+        if name.casefold() in RESERVED_NAMES:  # casefold: one folder on a case-insensitive disk
+            reader.problem(key_node, f"category name {name!r} is taken: the output folder keeps "
+                                     f"{', '.join(RESERVED_NAMES)} for the sweep itself",
+                           f"rename the category, e.g. `{name.strip('.')}_videos`")
+            continue
         category = _read_category(reader, name, value_node, base, task)
         if category is not None:
             categories.append(category)
@@ -716,3 +729,18 @@ def _node_at(root, dotted: str):
             break
         found, node = match  # the key's line: a block mapping's value starts on the next one
     return found
+
+
+def located_problem(manifest: Manifest, dotted: str, message: str, fix: str = "",
+                    fallback: str | None = None) -> ManifestError:
+    """A problem found after loading (the output folder's contents, …), at the line of `dotted` in
+    the manifest file, else of `fallback` (e.g. `name`, which a default output_dir comes from)."""
+    try:
+        root = _compose(manifest.path)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        root = None
+    node = _node_at(root, dotted) if root is not None else None
+    if node is None and fallback and root is not None:
+        node = _node_at(root, fallback)
+    line = node.start_mark.line + 1 if node is not None else 0
+    return ManifestError([Problem(manifest.path, line, message, fix)])

@@ -17,7 +17,9 @@ from typing import Iterable
 import av
 import numpy as np
 
-TEMP_MARK = ".partial-"
+# Every temporary file of the product starts with this, and `remove_partials` deletes nothing else:
+# a name no user or other program would choose (a user's `.partial-draft.txt` is left alone).
+TEMP_MARK = ".wan-sweep-partial-"
 
 
 class InvalidVideo(RuntimeError):
@@ -174,8 +176,9 @@ class ProbeCache:
         self.dirty = False
         if self.file and self.file.exists():
             try:
-                self.entries = json.loads(self.file.read_text(encoding="utf-8"))
-            except ValueError:
+                entries = json.loads(self.file.read_text(encoding="utf-8"))
+                self.entries = entries if isinstance(entries, dict) else {}
+            except (OSError, ValueError):
                 self.entries = {}
 
     def get(self, path: Path, st: os.stat_result) -> int | None:
@@ -191,24 +194,38 @@ class ProbeCache:
     def save(self) -> None:
         if not (self.file and self.dirty):
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(self.entries, stream)
-        os.replace(temp_name, self.file)
+        temp_name = None
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(self.entries, stream)
+            os.replace(temp_name, self.file)
+        except OSError:  # a read-only folder or a full disk: the cache only saves time, it is not needed
+            if temp_name and os.path.exists(temp_name):
+                os.unlink(temp_name)
+            return
         self.dirty = False
 
 
-def remove_partials(folder: str | os.PathLike, owner: str = "") -> int:
-    """Delete temporary files left by killed workers (only `owner`'s, when given); return how many."""
+def remove_partials(folders: Iterable[str | os.PathLike], owner: str = "") -> int:
+    """Delete temporary files left by killed workers (only `owner`'s, when given); return how many.
+
+    Only in `folders` themselves (the sweep's own: its jobs' folders, never a walk below them), and
+    only names this module made (`TEMP_MARK`), so nothing of anyone else's can match.
+    """
     removed = 0
     prefix = TEMP_MARK + (f"{owner}-" if owner else "")
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            if name.startswith(prefix):
-                try:
-                    os.unlink(os.path.join(root, name))
-                    removed += 1
-                except OSError:
-                    pass
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                names = [e.name for e in entries if e.name.startswith(prefix) and e.is_file(follow_symlinks=False)]
+        except OSError:  # not there (yet), or not a folder
+            continue
+        for name in names:
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
     return removed

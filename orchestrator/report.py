@@ -6,9 +6,11 @@ running jobs, failures, workers and speed come from the ledger when it exists.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 
+from .ledger import LedgerError, ledger_problem
 from .sweep import DiskScan, Sweep
 
 WINDOW_S = 1800.0  # throughput is measured over the last half hour (or since the sweep started)
@@ -43,6 +45,8 @@ class Report:
     jobs_per_hour: float | None = None
     eta_s: float | None = None
     ledger: bool = True
+    ledger_problem: str | None = None  # the ledger exists but cannot be read: counts are from the disk
+    stop_reason: str | None = None  # why the workers stopped by themselves (a full disk)
     # The disk scan the counts came from (not in the JSON): the review page shows the same files.
     scan: DiskScan | None = field(default=None, repr=False, compare=False)
 
@@ -61,7 +65,8 @@ class Report:
                 "categories": rows,
                 "totals": {**asdict(total), "left": total.left, "percent": round(total.percent, 2)},
                 "workers": self.workers, "failed": self.failed, "jobs_per_hour": self.jobs_per_hour,
-                "eta_s": self.eta_s, "ledger": self.ledger}
+                "eta_s": self.eta_s, "ledger": self.ledger, "ledger_problem": self.ledger_problem,
+                "stop_reason": self.stop_reason}
 
 
 def build_report(sweep: Sweep) -> Report:
@@ -79,8 +84,26 @@ def build_report(sweep: Sweep) -> Report:
         rows[job.category].stale += 1
     report = Report(sweep.manifest.name, str(sweep.root), now, list(rows.values()),
                     ledger=sweep.has_ledger(), scan=scan)
-    if not report.ledger:
-        return report
+    if report.ledger:
+        _read_ledger(report, sweep, by_id, rows, scan, now)
+    if report.stop_reason is None and report.totals.left:
+        report.stop_reason = sweep.disk_full_note()  # the ledger may be on that disk and unwritable
+    return report
+
+
+def _read_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
+    try:
+        _add_ledger(report, sweep, by_id, rows, scan, now)
+    except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only folder
+        problem = str(exc) if isinstance(exc, LedgerError) else ledger_problem(sweep.ledger_path, exc)
+        for row in rows.values():
+            row.running = row.failed = 0
+        report.ledger, report.ledger_problem = False, problem
+        report.workers, report.failed, report.jobs_per_hour, report.eta_s = [], [], None, None
+
+
+def _add_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
+    """What only the ledger knows: running and failed jobs, speed, workers."""
     ledger = sweep.ledger()
     try:
         recent: list[float] = []
@@ -114,9 +137,9 @@ def build_report(sweep: Sweep) -> Report:
                 "current": current.key if current else None,
                 "heartbeat_age_s": now - worker["heartbeat_at"] if worker["heartbeat_at"] else None,
                 "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"]})
+        report.stop_reason = ledger.get_meta("stop_reason")
     finally:
         ledger.close()
-    return report
 
 
 def _duration(seconds: float | None) -> str:
@@ -137,6 +160,11 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 def format_report(report: Report) -> str:
     lines = [f"sweep {report.name}  ({report.output_dir})", ""]
+    if report.ledger_problem:
+        lines += [f"ledger unreadable: done counts are from the disk, nothing else is known. "
+                  f"{report.ledger_problem}", ""]
+    if report.stop_reason:
+        lines += [report.stop_reason, ""]
     rows = [[r.name, r.expected, r.done, r.failed, r.running, r.left, f"{r.percent:.1f}%"]
             for r in report.categories + [report.totals]]
     lines += _table(["category", "expected", "done", "failed", "running", "left", "percent"], rows)

@@ -22,9 +22,10 @@ import av
 
 from .outputs import TEMP_MARK
 from .report import WINDOW_S, CategoryRow, Report, _duration, build_report
-from .sweep import Sweep
+from .sweep import FolderProblem, Sweep
 
 PAGE_NAME = "index.html"
+GENERATOR_MARK = b'<meta name="generator" content="wan-sweep review">'  # in the template's head
 THUMB_SUFFIX = ".thumb.jpg"
 THUMB_WIDTH = 320  # twice the tile width, so posters stay sharp on high-density screens
 TILE_WIDTH = 160
@@ -295,7 +296,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     rows_by_id: dict[str, dict] = {}
     attempts: list[dict] = []
     worker_rows: list[dict] = []
-    if sweep.has_ledger():
+    if report.ledger and sweep.has_ledger():  # not when the report found it unreadable
         ledger = sweep.ledger()
         try:
             rows_by_id = {row["id"]: row for row in ledger.jobs()}
@@ -350,7 +351,9 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     g = m.generation
     total = report.totals
     notes = []
-    if not report.ledger:
+    if report.ledger_problem:
+        notes.append(f"Ledger unreadable: counts come from the disk only. {report.ledger_problem}")
+    elif not report.ledger:
         notes.append("No ledger: counts come from the disk only (nothing has run here, or .sweep/ was removed).")
     if total.stale:
         notes.append(f"{total.stale} mp4s were made with other settings and are not counted "
@@ -481,13 +484,25 @@ def render(page: Page) -> str:
     return _environment().get_template("review.html.j2").render(page=page)
 
 
+def _is_review_page(path: Path) -> bool:
+    """A page this module wrote (its template names the generator in the head), not someone's own."""
+    try:
+        with open(path, "rb") as stream:
+            return GENERATOR_MARK in stream.read(4096)
+    except OSError:
+        return False
+
+
 def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | None = None) -> Path:
     """Render the review page to `<output_dir>/index.html` atomically (a watcher's browser never
     sees half a page) and return its path."""
-    html = render(build_page(sweep, report, reload_s))
     root = sweep.root
-    root.mkdir(parents=True, exist_ok=True)
     target = root / PAGE_NAME
+    if target.exists() and not _is_review_page(target):
+        raise FolderProblem(f"{target} exists and is not a review page of this product: not replaced",
+                            "move that file away, or point output_dir at the sweep's own folder")
+    html = render(build_page(sweep, report, reload_s))
+    root.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".html", dir=root)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

@@ -18,7 +18,7 @@ from datetime import datetime
 
 from .ledger import LIVE_WORKER_STATES
 from .planning import WorkerSpec
-from .worker import EXIT_DONE, EXIT_RETIRED
+from .worker import EXIT_DISK_FULL, EXIT_DONE, EXIT_RETIRED
 
 POLL_S = 0.5
 
@@ -29,8 +29,11 @@ def _say(spec: WorkerSpec, message: str) -> None:
         print(line, flush=True)
     except OSError:  # the terminal (tmux pane) is gone; the log still gets the line
         pass
-    with open(spec.log, "a", encoding="utf-8") as log:
-        log.write(line + "\n")
+    try:
+        with open(spec.log, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
+    except OSError:  # a full disk: the pane still has the line
+        pass
 
 
 def _keep_pane_open() -> None:
@@ -61,8 +64,10 @@ def worker_env(spec: WorkerSpec) -> dict[str, str]:
 class Supervisor:
     def __init__(self, spec_path: str):
         from .ledger import Ledger
+        from .sweep import hold_worker_lock
         self.spec_path = spec_path
         self.spec = spec = WorkerSpec.read(spec_path)
+        self.lock = hold_worker_lock(spec)  # for its whole life: a second `run` sees the sweep running
         self.ledger = Ledger(spec.ledger)
         self.child: subprocess.Popen | None = None
         self.stopping = False
@@ -93,6 +98,10 @@ class Supervisor:
                                           env=worker_env(spec))
             reason = self._watch()
             code = self.child.returncode
+            if code == EXIT_DISK_FULL and reason is None:
+                _say(spec, "the disk is full: the worker stopped cleanly and is not restarted "
+                           "(free some space and run the sweep again)")
+                return 0
             if code in (EXIT_DONE, EXIT_RETIRED) and reason is None:
                 if code == EXIT_RETIRED:
                     _say(spec, "worker retired itself after repeated out-of-memory; not restarting")

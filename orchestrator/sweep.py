@@ -2,11 +2,24 @@
 
 `<output_dir>/.sweep/` holds the ledger, the worker spec files and caches; `<output_dir>/logs/` one
 log per worker; the mp4s and sidecars live under `<output_dir>/<category>/<stem>/`.
+
+One output folder holds one sweep: `.sweep/sweep.json` names the sweep that owns it, and a folder
+that is not a sweep's (not empty, no `.sweep/`), `/` or the home folder is refused (`check_folder`).
+
+Starting is exclusive, with locks the kernel lets go of when their holder dies, however it dies
+(`fcntl.flock`; no check-then-start): `.sweep/run.lock` is held by the `run` that starts the sweep
+(or the `stop` that ends it) until its workers are up, and `.sweep/locks/<worker>.lock` by each
+worker's supervisor and worker for their whole lives. A `run` that cannot take the first, or finds
+any of the others held, starts nothing. `stop` leaves `.sweep/stop-request`, so a `run` that was
+still starting when it was issued starts no worker (`stop_requested_since`).
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +27,23 @@ from pathlib import Path
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import LIVE_WORKER_STATES, Ledger
 from .manifest import Manifest
-from .outputs import ProbeCache, inspect_output, read_sidecar, sidecar_path
+from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
 from .planning import Plan, WorkerSpec
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+OWNER_FILE = "sweep.json"  # in .sweep/: which sweep (manifest name) this output folder belongs to
+RUN_LOCK = "run.lock"
+WORKER_LOCKS = "locks"
+STOP_REQUEST = "stop-request"
+MIN_FREE_BYTES = 64 * 2**20  # below this a sweep does not start: logs, ledger and a few videos need room
+
+
+class FolderProblem(Exception):
+    """The output folder cannot hold this sweep; `fix` says what to do (the CLI adds file and line)."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.message, self.fix = message, fix
 
 
 @dataclass
@@ -39,12 +65,196 @@ class Sweep:
     def ledger(self) -> Ledger:
         return Ledger(self.ledger_path)
 
+    # ---------------------------------------------------------------- locks
+    def run_lock(self) -> "RunLock":
+        return RunLock(self.state_dir / RUN_LOCK)
+
+    def locked_workers(self) -> list[str]:
+        """Workers whose supervisor or worker process is alive now (it holds its lock)."""
+        folder = self.state_dir / WORKER_LOCKS
+        held = []
+        for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+            try:
+                with open(path, "rb") as stream:
+                    try:
+                        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        held.append(path.stem)
+            except OSError:
+                continue
+        return held
+
+    def wait_for_worker_locks(self, workers: list[str], still_starting, timeout_s: float = 30.0) -> None:
+        """Return once every worker just started holds its lock (or `still_starting()` says none is
+        left to wait for, or `timeout_s` passed): from then on a second `run` sees the sweep running."""
+        deadline = time.monotonic() + timeout_s
+        next_check = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if not set(workers) - set(self.locked_workers()):
+                return
+            if time.monotonic() > next_check:
+                if not still_starting():
+                    return
+                next_check = time.monotonic() + 1.0
+            time.sleep(0.05)
+
+    def request_stop(self) -> None:
+        """Leave the time of a `stop` where a `run` that is starting at this moment will see it."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / STOP_REQUEST).write_text(repr(time.time()), encoding="utf-8")
+
+    def stop_requested_since(self, since: float) -> bool:
+        """A `stop` was issued at or after `since` (the start of the `run` asking)."""
+        try:
+            return float((self.state_dir / STOP_REQUEST).read_text(encoding="utf-8")) >= since
+        except (OSError, ValueError):
+            return False
+
+    # ---------------------------------------------------------------- the output folder
+    def own_folders(self) -> set[Path]:
+        """Every folder the sweep writes its files (and so its temporary files) into, and no other."""
+        folders = {Path(job.output).parent for job in self.jobs}
+        folders |= {self.root, self.state_dir}
+        folders |= {self.state_dir / "thumbs" / category.name for category in self.manifest.categories}
+        return folders
+
+    def owner(self) -> dict | None:
+        """What `.sweep/sweep.json` says about the sweep that owns this folder (None: not said)."""
+        try:
+            owner = json.loads((self.state_dir / OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) and isinstance(owner.get("name"), str) else None
+
+    def check_folder(self, allow_non_empty: bool = False) -> None:
+        """Raise FolderProblem unless the output folder is this sweep's, new, or empty.
+
+        Refused always: `/`, the home folder and the folders above it. Refused unless
+        `allow_non_empty`: a folder with files in it but no `.sweep/` (not a sweep's). Refused: a
+        folder another sweep (another manifest `name`) owns.
+        """
+        root = self.root
+        home = Path.home().resolve()
+        if root == Path(root.anchor) or root == home or root in home.parents:
+            what = "your home folder" if root == home else "the root of the file system" \
+                if root == Path(root.anchor) else "a folder above your home folder"
+            raise FolderProblem(f"output_dir is {root}, {what}: a sweep writes and cleans up in its output "
+                                "folder, which must be a folder of its own",
+                                f"set output_dir to a new folder, e.g. results/{self.manifest.name}")
+        if root.exists() and not root.is_dir():
+            raise FolderProblem(f"output_dir {root} is a file, not a folder",
+                                "set output_dir to a new folder, or move that file away")
+        if self.check_owner() or self.state_dir.is_dir():
+            return  # ours (a folder of a version that wrote no owner file is adopted by `claim_folder`)
+        try:
+            with os.scandir(root) as entries:
+                non_empty = next(iter(entries), None) is not None
+        except FileNotFoundError:
+            return
+        if non_empty and not allow_non_empty:
+            raise FolderProblem(
+                f"output_dir {root} is not empty and is not a sweep's output folder (it has no .sweep/)",
+                "point output_dir at a new or empty folder, or run again with --allow-non-empty to use "
+                "this one (nothing in it is deleted; files at the videos' paths would count as made)")
+
+    def check_owner(self) -> bool:
+        """True when `.sweep/sweep.json` names this sweep; FolderProblem when it names another."""
+        owner = self.owner()
+        if owner is None:
+            return False
+        if owner["name"] != self.manifest.name:
+            raise FolderProblem(
+                f"output_dir {self.root} holds the sweep `{owner['name']}` (manifest {owner.get('manifest')}); "
+                f"one output folder holds one sweep, and this manifest's is `{self.manifest.name}`",
+                f"point output_dir at another folder (e.g. results/{self.manifest.name}), or, if this "
+                f"manifest continues that sweep, set its name to `{owner['name']}`")
+        return True
+
+    def check_writable(self) -> None:
+        """Raise FolderProblem when a folder the sweep writes into cannot take a file, or its disk has
+        no room for a few videos.
+
+        Checked by writing (and removing) a temporary file in each: permission bits say nothing on a
+        read-only mount, and an ACL or root may allow what they forbid.
+        """
+        folders = set()
+        for folder in self.own_folders() | {self.logs}:
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent  # made at the start: its parent must take it
+            folders.add(folder)
+        for folder in sorted(folders):
+            try:
+                handle, name = tempfile.mkstemp(prefix=TEMP_MARK, dir=folder)
+                os.close(handle)
+                os.unlink(name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise FolderProblem(
+                    f"{folder} is not writable ({exc.strerror or exc}): its videos would be generated and then "
+                    "fail to be written", "make the output folder writable (e.g. chmod -R u+w on it) or point "
+                    "output_dir at a writable folder") from None
+        top = min(folders, key=lambda f: len(f.parts))
+        free = shutil.disk_usage(top).free
+        each = self.video_bytes_estimate()
+        need = max(MIN_FREE_BYTES, 4 * each)
+        if free < need:
+            raise FolderProblem(
+                f"the disk holding {self.root} has {_size(free)} free; a sweep needs {_size(need)} to start "
+                f"(its videos are about {_size(each)} each)", "free some space or point output_dir at another disk")
+
+    def room_note(self, left: int) -> str | None:
+        """A warning when the `left` videos look bigger than the free space of the output folder's disk."""
+        each, free = self.video_bytes_estimate(), shutil.disk_usage(self.root).free
+        if left * each <= free:
+            return None
+        return (f"the {left} videos left need about {_size(left * each)} and {_size(free)} are free on the "
+                f"disk of {self.root}: if it fills up the workers stop cleanly (free some space, run again)")
+
+    def disk_full_note(self) -> str | None:
+        """A line for the report when the output folder's disk has (almost) no room left."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+        if free >= min(MIN_FREE_BYTES, 4 * self.video_bytes_estimate()):
+            return None
+        return (f"the disk of {self.root} is full ({_size(free)} free): the workers stop cleanly when they "
+                "cannot write, and nothing made is lost: free some space and run the same command again")
+
+    def video_bytes_estimate(self) -> int:
+        """Bytes per video: the mean of up to 20 made already, else a generous guess from the settings."""
+        sizes = []
+        for job in self.jobs[:2000]:  # enough to find a few made ones, cheap at 100k jobs
+            try:
+                sizes.append(os.path.getsize(job.output))
+            except OSError:
+                continue
+            if len(sizes) >= 20:
+                break
+        if sizes:
+            return int(sum(sizes) / len(sizes))
+        g = self.manifest.generation
+        return int(g.width * g.height * g.num_frames * 0.25)  # H.264 at crf 18 stays well below this
+
+    def claim_folder(self) -> None:
+        """Record in `.sweep/sweep.json` that this sweep owns the folder (after `check_folder`)."""
+        owner = {"name": self.manifest.name, "manifest": str(self.manifest.path)}
+        if self.owner() == owner:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=self.state_dir)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(owner, stream, ensure_ascii=False)
+        os.replace(temp_name, self.state_dir / OWNER_FILE)
+
     def has_ledger(self) -> bool:
         return self.ledger_path.exists()
 
     def scan(self) -> DiskScan:
         """What the disk says: which jobs are done, which outputs came from other settings."""
-        cache = ProbeCache(self.state_dir / "probe-cache.json") if self.root.exists() else None
+        # Only in a sweep's own folder: reading another folder must leave nothing behind in it.
+        cache = ProbeCache(self.state_dir / "probe-cache.json") if self.state_dir.is_dir() else None
         scan = DiskScan()
         frames = self.manifest.generation.num_frames
         present = _names_by_folder(job.output for job in self.jobs)
@@ -115,6 +325,53 @@ class Sweep:
         return specs
 
 
+class RunLock:
+    """`.sweep/run.lock`: one `run` (or `stop`) at a time sets the sweep up; it says who holds it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stream = None
+
+    def acquire(self, what: str, wait: bool = False) -> bool:
+        """Take the lock (waiting for it with `wait`); False when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            stream.close()
+            return False
+        stream.seek(0)
+        stream.truncate()
+        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time()}))
+        stream.flush()
+        self.stream = stream
+        return True
+
+    def holder(self) -> dict:
+        """What the holder wrote: {pid, command, since}; {} when unknown."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def release(self) -> None:
+        if self.stream is not None and not self.stream.closed:
+            fcntl.flock(self.stream, fcntl.LOCK_UN)
+            self.stream.close()
+
+
+def hold_worker_lock(spec) -> object:
+    """Hold `.sweep/locks/<worker>.lock` (shared: the supervisor and its worker) for this process's
+    life; keep the returned file open. Waits only while a `run` checks the lock (an instant)."""
+    folder = Path(spec.ledger).parent / WORKER_LOCKS
+    folder.mkdir(parents=True, exist_ok=True)
+    stream = open(folder / f"{spec.worker}.lock", "a+b")
+    fcntl.flock(stream, fcntl.LOCK_SH)
+    return stream
+
+
 def _names_by_folder(outputs) -> dict[str, set[str] | None]:
     """The file names in each folder that holds outputs: one directory listing per folder.
 
@@ -133,6 +390,14 @@ def _names_by_folder(outputs) -> dict[str, set[str] | None]:
         except OSError:
             names[folder] = None
     return names
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def is_sweep_process(pid: int) -> bool:

@@ -12,6 +12,7 @@ Run as `python -m orchestrator.worker SPEC.json` (the executors do this; see `su
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import platform
@@ -29,6 +30,32 @@ from .speed import describe as describe_speed, first_call_lock
 EXIT_DONE = 0  # no work left, or asked to stop
 EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
 EXIT_RETIRED = 76  # repeated out-of-memory on this card: do not restart me
+EXIT_DISK_FULL = 77  # the output folder's disk is full: do not restart me; the whole sweep stops
+
+
+def disk_full(exc: BaseException | None, depth: int = 0) -> bool:
+    """An error that means the disk is full (or the quota used up): no retry can help."""
+    if exc is None or depth > 5:
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # PyAV's errors are OSErrors
+        return True
+    if type(exc).__name__ == "OperationalError" and "disk is full" in str(exc):  # SQLite's SQLITE_FULL
+        return True
+    return disk_full(exc.__cause__ or exc.__context__, depth + 1)
+
+
+def stop_for_full_disk(ledger, spec: WorkerSpec, error: BaseException, log: logging.Logger) -> None:
+    """Ask the whole sweep to stop (every worker finishes cleanly) and say why, once, where it shows:
+    the ledger (`report`, `run`), the log and the pane. Each write may fail on the full disk."""
+    message = (f"stopped: the disk of {spec.output_dir} is full ({getattr(error, 'strerror', None) or error}); "
+               "the workers stopped cleanly and nothing made is lost: free some space and run the same command again")
+    log.error("%s", message)
+    for step in (lambda: ledger.set_meta("stop_reason", message), ledger.request_stop,
+                 lambda: ledger.set_worker(spec.worker, state="exited", job=None, message=message)):
+        try:
+            step()
+        except Exception:  # the ledger shares the full disk: the others stop when they hit it too
+            pass
 IDLE_POLL_S = 1.0
 
 
@@ -58,6 +85,7 @@ def _detach_from_terminal() -> None:
 
 
 def setup_logging(spec: WorkerSpec) -> logging.Logger:
+    logging.raiseExceptions = False  # a log line lost to a full disk must not print a traceback in the pane
     log = logging.getLogger(f"worker.{spec.worker}")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -183,6 +211,7 @@ class OutputWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output-writer")
         self.pending = None
         self._ledger = None
+        self.disk_full: BaseException | None = None  # a write failed for want of space: stop the worker
 
     def submit(self, job, result, record: dict, started: float) -> None:
         self.wait()
@@ -213,6 +242,13 @@ class OutputWriter:
             self._ledger.complete(job.id, self.spec.worker, seconds)
             self.log.info("done %s in %.1fs", job.key, seconds)
         except Exception as exc:
+            if disk_full(exc):  # not the job's fault: give it back unused (its temporary file is gone)
+                self.disk_full = exc
+                try:
+                    self._ledger.release(job.id, self.spec.worker)
+                except Exception:
+                    pass
+                return
             self.log.error("could not write %s:\n%s", job.key, traceback.format_exc())
             state = self._ledger.fail(job.id, self.spec.worker, f"writing the video failed: {exc}"[:500])
             self.log.info("job %s is now %s", job.key, state)
@@ -244,6 +280,8 @@ def run_worker(spec: WorkerSpec) -> int:
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig
 
+    from .sweep import hold_worker_lock
+    lock = hold_worker_lock(spec)  # noqa: F841 (held until exit: alive even if its supervisor is killed)
     log = setup_logging(spec)
     ledger = Ledger(spec.ledger)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -255,8 +293,9 @@ def run_worker(spec: WorkerSpec) -> int:
     beat.start()
     from .outputs import remove_partials
     if os.path.isdir(spec.output_dir):
-        # What an earlier run of this worker was writing when it died (a crash mid-encode).
-        left = remove_partials(spec.output_dir, owner=spec.worker)
+        # What an earlier run of this worker was writing when it died (a crash mid-encode): only in
+        # the folders of this sweep's jobs, never in a walk of the whole output folder.
+        left = remove_partials(ledger.output_folders(), owner=spec.worker)
         if left:
             log.info("removed %d partial file(s) left by this worker's previous run", left)
     model = ModelConfig(**spec.model)
@@ -290,6 +329,8 @@ def run_worker(spec: WorkerSpec) -> int:
         group = None
         while True:
             beat.sign_of_life()
+            if writer.disk_full is not None:
+                raise writer.disk_full
             if ledger.stop_requested():
                 log.info("stop requested: exiting")
                 break
@@ -355,6 +396,8 @@ def run_worker(spec: WorkerSpec) -> int:
                     claim = None
                     break
             except Exception as exc:
+                if disk_full(exc):
+                    raise
                 log.error("job %s failed:\n%s", job.key, traceback.format_exc())
                 last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                 state = ledger.fail(job.id, spec.worker, f"{type(exc).__name__}: {last}"[:500])
@@ -365,6 +408,15 @@ def run_worker(spec: WorkerSpec) -> int:
         log.info("received %s: stopping cleanly", stop)
         if claim is not None:
             ledger.release(claim.job.id, spec.worker)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        writer.disk_full = writer.disk_full or exc
+        if claim is not None:
+            try:
+                ledger.release(claim.job.id, spec.worker)
+            except Exception:
+                pass
     finally:
         try:
             writer.close()  # the last video (or the one before a stop) is written before we exit
@@ -376,6 +428,9 @@ def run_worker(spec: WorkerSpec) -> int:
                 backend.close()
             except Exception:
                 log.warning("backend close failed:\n%s", traceback.format_exc())
+    if writer.disk_full is not None:
+        stop_for_full_disk(ledger, spec, writer.disk_full, log)
+        return EXIT_DISK_FULL
     if exit_code != EXIT_RETIRED:
         ledger.set_worker(spec.worker, state="exited", job=None)
     return exit_code

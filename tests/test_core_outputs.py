@@ -44,12 +44,15 @@ def test_failed_check_leaves_nothing_under_the_final_name(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_partials_are_removed(tmp_path):
-    (tmp_path / "c").mkdir()
+def test_partials_are_removed_only_in_the_folders_given(tmp_path):
+    (tmp_path / "c" / "deeper").mkdir(parents=True)
     (tmp_path / "c" / f"{TEMP_MARK}abc.mp4").write_bytes(b"half")
+    (tmp_path / "c" / "deeper" / f"{TEMP_MARK}abc.mp4").write_bytes(b"half")
+    (tmp_path / "c" / ".partial-keep.mp4").write_bytes(b"a user's")
     (tmp_path / "c" / "real.mp4").write_bytes(b"x")
-    assert remove_partials(tmp_path) == 1
-    assert os.listdir(tmp_path / "c") == ["real.mp4"]
+    assert remove_partials([tmp_path / "c", tmp_path / "missing"]) == 1
+    assert sorted(os.listdir(tmp_path / "c")) == [".partial-keep.mp4", "deeper", "real.mp4"]
+    assert os.listdir(tmp_path / "c" / "deeper") == [f"{TEMP_MARK}abc.mp4"]
 
 
 def test_probe_cache_notices_a_changed_file(tmp_path):

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -132,6 +133,7 @@ def test_session_name_is_safe_for_tmux():
     assert session_name("wan", "cpu0_worker0") == "wan-cpu0-w0"
     assert session_name("v1.2: 镜头 run", "gpu3_worker0") == "v1_2__镜头_run-gpu3-w0"
     assert session_name("$(x)", "gpu0_worker0") == "_$(x)-gpu0-w0"
+    assert session_name("w#{pane_pid}#(x)", "cpu0_worker0") == "w_{pane_pid}_(x)-cpu0-w0"  # no tmux format
 
 
 def test_sessions_per_worker_show_live_output_and_nothing_reaches_a_shell(tmux, write_manifest, tmp_path):
@@ -310,3 +312,31 @@ def test_follow_shows_progress_until_the_sweep_ends(tmux, write_manifest, tmp_pa
     _wait_for(lambda: not _processes(tmp_path), 10, "the workers to exit")
     _check_complete(path, tmp_path / "out", 3)
     _wait_for(lambda: not _sessions(tmux), 10, "the sessions to end")
+
+
+def test_no_folder_or_name_reaches_tmux_formats(tmux, write_manifest, tmp_path):
+    """tmux expands `#{…}` and runs `#(…)` in a session's name, window name and start directory."""
+    refused = _manifest(write_manifest, name="inj#(touch${IFS}PWNED)")
+    result = _run("run", str(refused))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{refused}:1: name 'inj#(touch${{IFS}}PWNED)' contains `#`" in result.stderr
+    assert "fix: remove the `#`" in result.stderr and not _sessions(tmux)
+
+    workdir = tmp_path / "cwd #(touch${IFS}PWNED) #{pane_pid}"
+    workdir.mkdir()
+    out_name = "out #(touch${IFS}PWNED) #{session_id}"
+    path = _manifest(write_manifest, name="fmt", output_dir=out_name, seeds=[1],
+                     categories={"beta": {"prompts": ["a #(touch${IFS}PWNED) boat"]}})
+    out = tmp_path / out_name
+    started = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), "--cpu-slots", "1"],
+                             capture_output=True, text=True, timeout=60, cwd=workdir,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert started.returncode == 0, started.stdout + started.stderr
+    sessions = _sessions(tmux)
+    assert list(sessions) == ["fmt-cpu0-w0"]
+    window = sessions["fmt-cpu0-w0"].active_window
+    assert window.window_name == "cpu0_worker0"
+    assert window.active_pane.pane_current_path == str(workdir)
+    _wait_for(lambda: _finished(out, tmp_path), 30, "the sweep to finish")
+    _check_complete(path, out, 1)
+    assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()

@@ -28,6 +28,7 @@ def supervisor_command(spec_file: Path) -> list[str]:
 class Executor(ABC):
     name: ClassVar[str]
     detaches: ClassVar[bool] = False  # True: workers outlive the `run` command (tmux, ray)
+    supervised: ClassVar[bool] = True  # each worker runs under `orchestrator.supervisor` (not on Ray)
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep

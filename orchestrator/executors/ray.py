@@ -869,6 +869,7 @@ def _node_alive(node_id: str) -> bool:
 class RayExecutor(Executor):
     name = "ray"
     detaches = False  # the driver is this process: `run` stays, shows progress, Ctrl-C stops cleanly
+    supervised = False  # actors, not supervisor processes: the driver lock shows the sweep running
 
     def __init__(self, sweep):
         super().__init__(sweep)

@@ -8,7 +8,10 @@ connection kills nothing; a session ends by itself when its worker has no work l
 The only command tmux is given is `exec python -m orchestrator.supervisor SPEC.json`, with both paths
 shell-quoted (tmux hands that string to a shell). Everything from the manifest stays in the spec file
 the product wrote; the environment goes through tmux's own `-e` option (libtmux's `environment`), never
-through a shell string. `ORCHESTRATOR_TMUX_SOCKET` (or `socket_name`) selects a private tmux server, as
+through a shell string. tmux also expands formats (`#{…}`, and `#(…)`, which runs a shell command) in
+a new session's name (`-s`), window name (`-n`) and start directory (`-c`): session names never hold
+a `#` (the manifest refuses one in `name`, and `session_name` replaces any other), and the window name
+and start directory go through `tmux_literal`. The command and the `-e` values are not expanded. `ORCHESTRATOR_TMUX_SOCKET` (or `socket_name`) selects a private tmux server, as
 `tmux -L NAME` does: the tests use one per test and never touch the user's server.
 """
 from __future__ import annotations
@@ -40,14 +43,20 @@ def session_name(experiment: str, worker: str) -> str:
 
     tmux turns `.` and `:` into `_` (they separate window and pane in a target), and a leading `$`,
     `@`, `%` or `=` would make the name read as an id or an exact-match marker; whitespace and control
-    characters make names awkward to type. Everything else, non-ASCII included, is kept.
+    characters make names awkward to type; `#` starts a tmux format (`#(cmd)` runs a command), so it
+    becomes `_` too. Everything else, non-ASCII included, is kept.
     """
     match = re.fullmatch(r"(.+)_worker(\d+)", worker)
     slot = f"{match.group(1)}-w{match.group(2)}" if match else worker
-    name = re.sub(r"[.:\s\x00-\x1f\x7f]", "_", f"{experiment}-{slot}")
+    name = re.sub(r"[.:#\s\x00-\x1f\x7f]", "_", f"{experiment}-{slot}")
     if not name[:1].isalnum():
         name = "_" + name
     return name
+
+
+def tmux_literal(text: str) -> str:
+    """`text` as a tmux format that expands to itself: `##` is tmux's escape for a literal `#`."""
+    return text.replace("#", "##")
 
 
 class TmuxExecutor(Executor):
@@ -140,6 +149,7 @@ class TmuxExecutor(Executor):
 
     # ------------------------------------------------------------------ Executor
     def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:
+        from libtmux.exc import TmuxSessionExists
         existing = {s.session_name: s for s in self.sessions()}
         names = []
         for spec, path in specs:
@@ -155,9 +165,13 @@ class TmuxExecutor(Executor):
                                    f"(another output folder?); rename the experiment or end that session")
             command = " ".join(["exec", shlex.quote(sys.executable), "-m", "orchestrator.supervisor",
                                 shlex.quote(str(Path(path).resolve()))])
-            session = self.server.new_session(
-                session_name=name, window_name=spec.worker, window_command=command,
-                start_directory=os.getcwd(), environment=self._environment(), attach=False)
+            try:
+                session = self.server.new_session(
+                    session_name=name, window_name=tmux_literal(spec.worker), window_command=command,
+                    start_directory=tmux_literal(os.getcwd()), environment=self._environment(), attach=False)
+            except TmuxSessionExists:  # made between the check above and now, by something else
+                raise ExecutorError(f"a tmux session named {name} appeared while starting the workers and "
+                                    "belongs to something else; rename the experiment or end that session") from None
             try:
                 # A finished worker closes its session, whatever the user's tmux.conf says; a worker
                 # that failed for good keeps its pane (the supervisor asks for that) to show why.

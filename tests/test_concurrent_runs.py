@@ -1,0 +1,130 @@
+"""Starting and stopping a sweep is exclusive (issue 18): two `run`s started together start one set of
+workers, a `run` never cleans up or resets what live workers of its sweep hold, and a `stop` issued
+while a `run` is starting takes effect."""
+from __future__ import annotations
+
+import fcntl
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli as cli_module
+from orchestrator.ledger import Ledger
+from orchestrator.outputs import TEMP_MARK
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+RUN = ("--executor", "local", "--no-progress")
+
+
+def _launch(*args: str, env: dict | None = None) -> subprocess.Popen:
+    import os
+    return subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def _hold(path: Path, mode: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = open(path, "a+")
+    fcntl.flock(stream, mode | fcntl.LOCK_NB)
+    return stream
+
+
+def _done_once(out: Path, expected: int) -> None:
+    outcomes: dict[str, list[str]] = {}
+    for attempt in Ledger(out / ".sweep" / "ledger.sqlite").attempts():
+        outcomes.setdefault(attempt["job_id"], []).append(attempt["outcome"])
+    assert len(outcomes) == expected and all(o == ["done"] for o in outcomes.values()), outcomes
+
+
+def test_a_run_in_set_up_elsewhere_makes_a_second_run_start_nothing(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(seeds=[1]))
+    held = _hold(tmp_path / "out" / ".sweep" / "run.lock", fcntl.LOCK_EX)  # another `run` setting up
+    result = cli("run", str(path), *RUN)
+    held.close()
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "is being set up by another" in result.stdout and "started" not in result.stdout
+    assert not list((tmp_path / "out").rglob("*.mp4")) and not (tmp_path / "out" / "logs").exists()
+
+
+def test_a_live_worker_not_yet_in_the_ledger_keeps_its_sweep_running(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(seeds=[1]))
+    out = tmp_path / "out"
+    assert cli("run", str(path), *RUN).returncode == 0
+    (out / "alpha" / "seed_1_prompt_0.mp4").unlink()
+    partial = out / "alpha" / f"{TEMP_MARK}cpu0_worker0-abcd1234.mp4"
+    partial.write_bytes(b"being written")  # by the live worker below
+    held = _hold(out / ".sweep" / "locks" / "cpu0_worker0.lock", fcntl.LOCK_SH)  # its supervisor
+    result = cli("run", str(path), *RUN)
+    held.close()
+    assert result.returncode == 0 and "already running (1 workers alive)" in result.stdout, result.stdout
+    assert partial.exists() and not (out / "alpha" / "seed_1_prompt_0.mp4").exists()
+
+
+def test_runs_started_together_start_one_set_of_workers(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 0.3}}))
+    launches = [_launch("run", str(path), *RUN) for _ in range(3)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in launches]
+    assert all("Traceback" not in err for _, _, err in results), results
+    started = [out for _, out, _ in results if "started 2 workers" in out]
+    assert len(started) == 1, results
+    assert all(("is being set up by another" in out or "already running" in out)
+               for _, out, _ in results if out not in started), results
+    _done_once(tmp_path / "out", 6)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_tmux_runs_started_together_start_one_set_and_no_traceback(write_manifest, tmp_path):
+    import uuid
+
+    import libtmux
+    socket = f"orch-test-{uuid.uuid4().hex[:10]}"
+    path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 0.3}}))
+    env = {"ORCHESTRATOR_TMUX_SOCKET": socket}
+    try:
+        launches = [_launch("run", str(path), "--executor", "tmux", env=env) for _ in range(3)]
+        results = [(p.wait(timeout=60), *p.communicate()) for p in launches]
+        assert all(code == 0 and "Traceback" not in err for code, _, err in results), results
+        assert sum("started 2 workers" in out for _, out, _ in results) == 1, results
+        ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
+        deadline = time.monotonic() + 60
+        while ledger.unfinished() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cli("stop", str(path), env=env).returncode == 0  # whatever is left of the sessions
+        _done_once(tmp_path / "out", 6)
+    finally:
+        libtmux.Server(socket_name=socket).kill()
+
+
+@pytest.mark.parametrize("pause_at", ["_check_checkpoint", "_plan"])
+def test_stop_issued_while_run_is_starting_takes_effect(write_manifest, tmp_path, monkeypatch, capsys, pause_at):
+    """`_check_checkpoint`: before the ledger exists; `_plan`: while the run holds its set-up lock."""
+    path = write_manifest(synthetic_manifest())
+    paused, go = threading.Event(), threading.Event()
+    original = getattr(cli_module, pause_at)
+
+    def slow(*args, **kwargs):
+        paused.set()
+        assert go.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module, pause_at, slow)
+    codes = {}
+    run = threading.Thread(target=lambda: codes.setdefault("run", cli_module.main(["run", str(path), *RUN])))
+    run.start()
+    assert paused.wait(60)
+    stop = threading.Thread(target=lambda: codes.setdefault("stop", cli_module.main(["stop", str(path)])))
+    stop.start()
+    stop.join(1.0)  # it returns at once (no ledger yet) or waits for the run's set-up
+    go.set()
+    run.join(60)
+    stop.join(60)
+    assert codes == {"run": 0, "stop": 0}
+    printed = capsys.readouterr().out
+    assert "`stop` was issued while this `run` was starting: no worker started" in printed
+    assert not list((tmp_path / "out").rglob("*.mp4"))

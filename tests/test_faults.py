@@ -1,0 +1,185 @@
+"""Faults around the sweep rather than in its jobs (issue 18): a damaged ledger, a read-only output
+folder, a full disk. Each gets one clear message, no traceback, and loses nothing made.
+
+Read-only folders: a process running as root ignores permission bits, so as root the CLI runs
+without CAP_DAC_OVERRIDE (`setpriv`), which makes `chmod` bind it as it binds any user.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.ledger import Ledger
+from orchestrator.outputs import TEMP_MARK, count_frames
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+RUN = ("--executor", "local", "--no-progress")
+
+
+def _mp4s(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts)
+
+
+def _unprivileged(*args: str) -> subprocess.CompletedProcess:
+    """The CLI as a user without the power to ignore permissions (root loses CAP_DAC_OVERRIDE)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot be enforced")
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    return subprocess.run([*prefix, sys.executable, str(ROOT / "run_experiment.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _chmod_tree(folder: Path, writable: bool) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+def test_a_damaged_ledger_report_falls_back_to_the_disk_and_run_says_how_to_recover(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    out = tmp_path / "out"
+    assert cli("run", str(path), *RUN).returncode == 0
+    (out / "alpha" / "seed_1_prompt_0.mp4").unlink()
+    ledger = out / ".sweep" / "ledger.sqlite"
+    for extra in ("-wal", "-shm"):
+        Path(f"{ledger}{extra}").unlink(missing_ok=True)
+    ledger.write_bytes(os.urandom(8192))
+
+    report = cli("report", str(path))
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr
+    assert "ledger unreadable: done counts are from the disk" in report.stdout
+    assert "total" in report.stdout and f"mv {ledger} {ledger}.damaged" in report.stdout
+    as_json = json.loads(cli("report", str(path), "--json").stdout)
+    assert as_json["totals"]["done"] == 5 and as_json["ledger"] is False and "damaged" in as_json["ledger_problem"]
+    page = cli("report", str(path), "--html")
+    assert page.returncode == 0 and "Ledger unreadable" in (out / "index.html").read_text(encoding="utf-8")
+
+    for command in (("run", str(path), *RUN), ("stop", str(path))):
+        result = cli(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"the ledger {ledger} is damaged" in result.stderr and f"mv {ledger} {ledger}.damaged" in result.stderr
+    assert len(_mp4s(out)) == 5
+
+    ledger.rename(f"{ledger}.damaged")  # what the message says to do
+    again = cli("run", str(path), *RUN)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(_mp4s(out)) == 6
+    made = [a for a in Ledger(ledger).attempts() if a["outcome"] == "done"]
+    assert len(made) == 1  # only the missing video was made again
+
+
+def test_a_read_only_output_folder_is_reported_from_the_disk_and_refused_by_run(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    out = tmp_path / "out"
+    assert cli("run", str(path), *RUN).returncode == 0
+    (out / "beta" / "seed_2_prompt_0.mp4").unlink()
+    before = sorted(p.name for p in _mp4s(out))
+    _chmod_tree(out, writable=False)
+    try:
+        report = _unprivileged("report", str(path))
+        assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr
+        assert "ledger unreadable" in report.stdout and "read-only" in report.stdout
+        assert json.loads(_unprivileged("report", str(path), "--json").stdout)["totals"]["done"] == 5
+        run = _unprivileged("run", str(path), *RUN)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert f"{path}:2: " in run.stderr and "is not writable (Permission denied)" in run.stderr
+        stop = _unprivileged("stop", str(path))
+        assert stop.returncode == 2 and "Traceback" not in stop.stderr and "read-only" in stop.stderr
+        html = _unprivileged("report", str(path), "--html")
+        assert html.returncode == 2 and "Traceback" not in html.stderr and "cannot write the review page" in html.stderr
+    finally:
+        _chmod_tree(out, writable=True)
+    assert sorted(p.name for p in _mp4s(out)) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 80 MiB tmpfs of its own (a real disk that can fill up); needs root to mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of the disk, as another program would."""
+    filler = disk / "filler.bin"
+    with open(filler, "wb") as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 65536)
+                stream.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_that_fills_up_mid_run_stops_the_workers_cleanly_and_loses_nothing(write_manifest, small_disk):
+    prompts = [f"prompt {i}" for i in range(8)]
+    path = write_manifest(synthetic_manifest(
+        output_dir=str(small_disk / "out"), categories={"a": {"prompts": prompts}},
+        model={"options": {"seconds_per_job": 0.4}}, generation={"steps": 8}))
+    out = small_disk / "out"
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.monotonic() + 60
+    while len(_mp4s(out)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    filler = _fill(small_disk)
+    stdout, stderr = run.communicate(timeout=90)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    assert run.returncode == 1 and stdout.count(f"the disk of {out} is full") == 1, stdout + stderr
+    assert "free some space and run the same command again" in stdout
+    made = _mp4s(out)
+    assert 3 <= len(made) < 16
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    assert ledger.counts()["failed"] == 0  # no attempt burnt on the full disk
+
+    filler.unlink()
+    again = cli("run", str(path), *RUN)
+    assert again.returncode == 0, again.stdout + again.stderr
+    mp4s = _mp4s(out)
+    assert len(mp4s) == 16 and all(count_frames(p) == 5 for p in mp4s)
+    assert not [p for p in out.rglob(f"{TEMP_MARK}*")]
+
+
+def test_no_room_or_a_read_only_category_folder_is_refused_before_the_start(write_manifest, tmp_path, monkeypatch,
+                                                                             capsys):
+    from orchestrator import cli as cli_module
+    from orchestrator import sweep as sweep_module
+    path = write_manifest(synthetic_manifest())
+    real = shutil.disk_usage
+    monkeypatch.setattr(sweep_module.shutil, "disk_usage",
+                        lambda folder: real(folder)._replace(free=10 * 2**20))  # a nearly full disk
+    assert cli_module.main(["run", str(path), *RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: the disk holding {tmp_path / 'out'} has 10.0 MiB free; a sweep needs 64.0 MiB" in err
+    assert "free some space" in err and not (tmp_path / "out" / ".sweep" / "ledger.sqlite").exists()
+    monkeypatch.undo()
+
+    assert cli("run", str(path), *RUN).returncode == 0
+    for mp4 in (tmp_path / "out" / "alpha").glob("*.mp4"):
+        mp4.unlink()
+    (tmp_path / "out" / "alpha").chmod(0o555)
+    try:
+        refused = _unprivileged("run", str(path), *RUN)
+    finally:
+        (tmp_path / "out" / "alpha").chmod(0o755)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{tmp_path / 'out' / 'alpha'} is not writable (Permission denied)" in refused.stderr
+    attempts = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite").attempts()
+    assert len(attempts) == 6  # the first run's, none burnt since

@@ -746,6 +746,12 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
     return Category(name=name, kind=kind, references=tuple(references))
 
 
+def _absolute(path: Path) -> Path:
+    """`path` made absolute without following links: a linked reference is named by the link (its
+    stem names the outputs and keys the prompts) and read through it, from its target."""
+    return Path(os.path.abspath(path))
+
+
 def _check_output_paths(reader: _Reader, node, output_dir: Path, categories, seeds) -> None:
     """Every file a category's jobs will write must fit the file system's path length (checked
     for the longest name: the largest seed and prompt index, a poster's `.thumb.jpg`)."""
@@ -785,14 +791,14 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
             if not matches:
                 reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
                                "check the pattern and that the files are there")
-            found.extend((m.resolve(), item) for m in matches)
+            found.extend((_absolute(m), item) for m in matches)
             continue
         file = Path(full)
         if not os.path.isfile(file):  # (False, not an error, for a name too long to exist)
             reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
                            "fix the path; relative paths start at the manifest's folder")
             continue
-        found.append((file.resolve(), item))
+        found.append((_absolute(file), item))
     files = []
     for file, item in found:
         if file.suffix.lower() not in suffixes:

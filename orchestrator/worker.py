@@ -190,7 +190,7 @@ class OutputWriter:
         frames = int(self.spec.generation["num_frames"])
         try:
             if isinstance(result, Path):
-                adopt_mp4(result, job.output, expected_frames=frames, sidecar=record)
+                adopt_mp4(result, job.output, expected_frames=frames, sidecar=record, owner=self.spec.worker)
             else:
                 write_mp4(result, job.output, int(self.spec.generation["fps"]), expected_frames=frames,
                           sidecar=record, owner=self.spec.worker)

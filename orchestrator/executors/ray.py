@@ -374,7 +374,8 @@ class RayWorker:
     def _write_shared(self, job, result, record: dict) -> None:
         from ..outputs import adopt_mp4, write_mp4
         if isinstance(result, (str, os.PathLike)):  # the backend's program wrote the mp4 itself
-            adopt_mp4(result, job.output, expected_frames=self._frames_expected(), sidecar=record)
+            adopt_mp4(result, job.output, expected_frames=self._frames_expected(), sidecar=record,
+                      owner=self.spec.worker)
         else:
             write_mp4(result, job.output, int(self.spec.generation["fps"]),
                       expected_frames=self._frames_expected(), sidecar=record, owner=self.spec.worker)

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .sweep import DiskScan, Sweep
+from .terminal import printable
 
 WINDOW_S = 1800.0  # throughput is measured over the last half hour (or since the sweep started)
 
@@ -136,6 +137,7 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def format_report(report: Report) -> str:
+    """The report as text for a terminal (names and errors with their control characters escaped)."""
     lines = [f"sweep {report.name}  ({report.output_dir})", ""]
     rows = [[r.name, r.expected, r.done, r.failed, r.running, r.left, f"{r.percent:.1f}%"]
             for r in report.categories + [report.totals]]
@@ -166,7 +168,7 @@ def format_report(report: Report) -> str:
             lines.append(f"  {f['job']} ({f['attempts']} attempts): {f['error']}")
         if len(report.failed) > 50:
             lines.append(f"  … and {len(report.failed) - 50} more (see --json)")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def report_json(report: Report) -> str:

@@ -60,7 +60,8 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
     log = logging.getLogger(f"worker.{spec.worker}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
+    from .terminal import PrintableFormatter  # a prompt's escape sequences are printed, not obeyed
+    fmt = PrintableFormatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
     for handler in (logging.FileHandler(spec.log, encoding="utf-8"), logging.StreamHandler(sys.stdout)):
         handler.setFormatter(fmt)

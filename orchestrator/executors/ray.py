@@ -472,14 +472,15 @@ def _short(exc: BaseException) -> str:
 
 
 def _logger(name: str, file: str) -> logging.Logger:
+    from ..terminal import PrintableFormatter
     log = logging.getLogger(f"wan_sweep.ray.{file}")  # one per log file, even across runs in one process
     _close_logger(log)
     log.setLevel(logging.INFO)
     log.propagate = False
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [" + name + "] %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s [" + name + "] %(message)s",
+                                            "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     return log
 

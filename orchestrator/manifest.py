@@ -6,6 +6,7 @@ Every problem is collected (file, line, what is wrong, how to fix it) and raised
 from __future__ import annotations
 
 import glob
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,34 @@ from typing import Any
 import yaml
 
 TASKS = ("t2v", "i2v", "v2v")
+# Limits of what a manifest may hold, each far above any real sweep: past them YAML's own recursion,
+# aliases expanded in the settings fingerprint, or a walk of the file system would hang or crash.
+MAX_NESTING = 64  # lists and mappings inside each other (a manifest needs about 6)
+MAX_ALIAS_EXPANSION = 1_000_000  # values and characters that aliases may add once expanded
+# Plain YAML values only: they go to JSON specs and sidecars. A merge key (`<<: *defaults`) is fine.
+PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
+MERGE_TAG = "tag:yaml.org,2002:merge"
+KIND_TAGS = {yaml.ScalarNode: PLAIN_TAGS - {"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"},
+             yaml.SequenceNode: {"tag:yaml.org,2002:seq"}, yaml.MappingNode: {"tag:yaml.org,2002:map"}}
+# Bounds of the numbers: above what Wan (480p/720p, 81 frames at 16-24 fps, ~50 steps) and one
+# machine need, low enough that nothing downstream allocates, sleeps or spawns without end.
+MAX_SIDE = 4096  # generation.width and height, pixels
+MAX_FRAMES = 1025  # generation.num_frames
+MAX_FPS = 240
+MAX_STEPS = 1000  # the flow-matching schedulers have 1000 training timesteps
+MAX_CPU_SLOTS = 256
+MAX_WORKERS_PER_GPU = 64
+MAX_GPUS_PER_WORKER = 64
+MAX_RETRIES = 100
+MAX_RESTARTS = 1000
+MAX_TIMEOUT_S = 7 * 24 * 3600  # job_timeout_s and heartbeat_timeout_s: a week
+MAX_MARGIN_GIB = 1024
+MAX_GLOB_ENTRIES = 100_000  # files and folders one `videos:`/`images:` glob may look at
+NAME_MAX_BYTES = 255  # one file or folder name (ext4, xfs, btrfs, NTFS, APFS)
+PATH_MAX_BYTES = 4095  # a whole path (Linux PATH_MAX, less its terminating NUL)
+# A category or stem names a folder and, in the review page's cache, `<stem>.thumb.jpg`: it may take
+# what a name can hold less the longest suffix the product adds to it.
+MAX_COMPONENT_BYTES = NAME_MAX_BYTES - 15
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXECUTORS = ("tmux", "local", "ray")
@@ -196,9 +225,16 @@ class _Reader:
                     self.problem(node, f"{what} is missing `{key}`", f"add `{key}:` to {what}")
         return out
 
-    @staticmethod
-    def value(node) -> Any:
-        return yaml.safe_load(yaml.serialize(node)) if node is not None else None
+    def value(self, node) -> Any:
+        if node is None:
+            return None
+        try:
+            return yaml.safe_load(yaml.serialize(node))
+        except yaml.YAMLError as exc:  # e.g. a list as a mapping key, a merge of a non-mapping
+            # (the error's own marks count lines of the re-serialized value, not of the file)
+            self.problem(node, f"cannot read this value: {getattr(exc, 'problem', None) or exc}",
+                         "write plain text, numbers, lists and `key: value` mappings")
+            return None
 
     def scalar(self, node, what: str, kind: type | tuple, default=None, choices=None):
         if node is None:
@@ -216,16 +252,138 @@ class _Reader:
             return default
         return value
 
+    def check_tree(self, root, file: Path | None = None) -> bool:
+        """Report what no key's own check can catch, anywhere in a composed file: tags other than
+        plain YAML values, NUL characters, infinite or NaN numbers, and aliases that expand past
+        MAX_ALIAS_EXPANSION (a "billion laughs"), at the anchor's line. True when nothing was found."""
+        before = len(self.problems)
+        constructor = yaml.constructor.SafeConstructor()
+        seen: set[int] = set()
+        stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+        while stack:
+            node, is_key = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            if node.tag not in PLAIN_TAGS and not (is_key and node.tag == MERGE_TAG):
+                if node.tag == "tag:yaml.org,2002:timestamp":
+                    self.problem(node, f"`{node.value}` would be read as a date", "quote it: "
+                                 f"\"{node.value}\"", file=file)
+                else:
+                    self.problem(node, f"the YAML tag `{tag}` is not supported here",
+                                 "remove the tag (or quote the value): a manifest holds plain text, "
+                                 "numbers, lists and `key: value` mappings", file=file)
+            elif node.tag not in KIND_TAGS[type(node)] and node.tag != MERGE_TAG:
+                kind = {yaml.ScalarNode: "a single value", yaml.SequenceNode: "a list",
+                        yaml.MappingNode: "a mapping"}[type(node)]
+                self.problem(node, f"{kind} cannot be a `{tag}`", "remove the tag", file=file)
+            elif isinstance(node, yaml.ScalarNode):
+                if node.tag == MERGE_TAG:
+                    continue  # the `<<` of a merge; what it merges is checked where it is read
+                if "\x00" in node.value:
+                    self.problem(node, "a value contains a NUL character", "remove it", file=file)
+                    continue
+                try:
+                    value = constructor.construct_object(node)
+                except (ValueError, KeyError, yaml.YAMLError):  # `!!int abc`, `!!bool maybe`, `!!seq x`
+                    self.problem(node, f"`{node.value}` is not a valid `{tag}`",
+                                 "remove the tag (or quote the value)", file=file)
+                    continue
+                if isinstance(value, float) and not math.isfinite(value):
+                    self.problem(node, f"`{node.value}` is not a finite number", "use a number", file=file)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((item, False) for item in reversed(node.value))
+            else:
+                for key, item in reversed(node.value):
+                    stack.extend(((item, False), (key, True)))
+        found = self._alias_problem(root)
+        if found is not None:
+            node, message = found
+            self.problem(node, message, "write the values out instead of repeating this anchor", file=file)
+        return len(self.problems) == before
+
+    @staticmethod
+    def _alias_problem(root) -> tuple[yaml.Node, str] | None:
+        """(anchored node, what is wrong) when an alias sits inside its own anchor (an endless
+        value), or when aliases make the file expand by more than MAX_ALIAS_EXPANSION ("billion
+        laughs"), naming the anchor whose repetitions add most; else None. Sizes are computed once
+        per distinct node (an alias is the anchored node itself), so nothing is ever expanded."""
+        size: dict[int, int] = {}  # expanded size of each distinct node: 1 per node + its characters
+        uses: dict[int, int] = {}
+        nodes: dict[int, yaml.Node] = {}
+        stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+        while stack:
+            node, children_done = stack.pop()
+            key = id(node)
+            if children_done:
+                size[key] = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else
+                                 sum(size[id(kid)] for kid in _children(node)))
+                continue
+            uses[key] = uses.get(key, 0) + 1
+            if key in nodes:
+                if key not in size:  # still being walked: this alias is inside its own anchor
+                    return node, "an alias refers to the anchor on this line from inside it (an endless value)"
+                continue
+            nodes[key] = node
+            stack.append((node, True))
+            stack.extend((kid, False) for kid in _children(node))
+        written = sum(1 + (len(n.value) if isinstance(n, yaml.ScalarNode) else 0) for n in nodes.values())
+        if size[id(root)] - written <= MAX_ALIAS_EXPANSION:
+            return None
+        added = {key: size[key] * (count - 1) for key, count in uses.items() if count > 1}
+        worst = max(added, key=lambda key: (added[key], -nodes[key].start_mark.line))
+        return nodes[worst], (f"the aliases of the anchor on this line expand to about {added[worst]:,} "
+                              f"values and characters (aliases may add at most {MAX_ALIAS_EXPANSION:,})")
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than MAX_NESTING: the composer recurses once
+    per level, and 20,000 `[` would end in a RecursionError instead of a located error."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(
+                    None, None, f"lists or mappings nested more than {MAX_NESTING} levels deep "
+                    "(a manifest needs about 6)", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
 
 def _compose(path: Path) -> yaml.Node | None:
     with open(path, encoding="utf-8") as stream:
-        return yaml.compose(stream, Loader=yaml.SafeLoader)
+        return yaml.compose(stream, Loader=_ManifestLoader)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def path_length_problem(path: Path) -> str | None:
+    """Why the file system cannot hold `path` (a name over 255 bytes, a path over 4095), or None."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX_BYTES:
+            return (f"has a name of {len(os.fsencode(part))} bytes (`{part[:40]}…`); "
+                    f"file systems allow {NAME_MAX_BYTES}")
+    if len(os.fsencode(str(path))) > PATH_MAX_BYTES:
+        return f"is {len(os.fsencode(str(path)))} bytes long; paths may have {PATH_MAX_BYTES}"
+    return None
 
 
 def safe_component_problem(name: str) -> str | None:
     """Why `name` cannot be one folder/file name under the output folder, or None when it can."""
     if not name or name.strip() != name:
         return "is empty or has leading/trailing spaces"
+    if len(os.fsencode(name)) > MAX_COMPONENT_BYTES:
+        return (f"is {len(os.fsencode(name))} bytes long (at most {MAX_COMPONENT_BYTES}: a file name may "
+                f"have {NAME_MAX_BYTES}, and the product adds up to {NAME_MAX_BYTES - MAX_COMPONENT_BYTES})")
     if name in (".", "..") or ".." in name.split(os.sep):
         return "would escape the output folder (`..`)"
     if "/" in name or "\\" in name or os.path.isabs(name):
@@ -256,6 +414,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError([Problem(path, 0, "manifest is not UTF-8 text", "save it as UTF-8")]) from None
     if root is None:
         raise ManifestError([Problem(path, 0, "manifest is empty", "see experiments/demo.yaml")])
+    if not reader.check_tree(root):
+        raise ManifestError(reader.problems)  # its values cannot be read safely: stop here
 
     base = path.parent
     top = reader.mapping(root, "the manifest", {
@@ -273,8 +433,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                                   "format in session names", f"remove the `#`, e.g. {name.replace('#', '')!r}")
 
     out_node = top.get("output_dir", (None, None))[1]
-    output_dir = reader.scalar(out_node, "output_dir", str, default=f"results/{name}")
-    output_dir = (base / output_dir).resolve()
+    output_dir = _read_output_dir(reader, out_node, base, name)
 
     model = _read_model(reader, top.get("model", (None, None))[1])
     if model is not None:
@@ -285,6 +444,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     execution = _read_execution(reader, top.get("execution", (None, None))[1])
     categories = _read_categories(reader, top.get("categories", (None, None))[1], base,
                                   model.task if model else None)
+    _check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
@@ -293,6 +453,22 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     if reader.problems:
         raise ManifestError(reader.problems)
     return manifest
+
+
+def _read_output_dir(reader: _Reader, node, base: Path, name: str) -> Path:
+    value = reader.scalar(node, "output_dir", str, default=f"results/{name}")
+    if not value.strip():
+        reader.problem(node, "output_dir is empty (it would be the manifest's own folder)",
+                       f"name a folder for the videos, e.g. `output_dir: results/{name}`")
+        return base
+    output_dir = (base / value).resolve()
+    too_long = path_length_problem(output_dir)
+    if too_long:
+        reader.problem(node, f"output_dir {too_long}", "use a shorter path")
+    elif os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        reader.problem(node, f"output_dir `{output_dir}` exists and is not a folder",
+                       "name a folder (new or one of this sweep's), not a file or a device")
+    return output_dir
 
 
 def _read_model(reader: _Reader, node) -> ModelConfig | None:
@@ -309,7 +485,8 @@ def _read_model(reader: _Reader, node) -> ModelConfig | None:
     options = {}
     if get("options") is not None:
         reader.mapping(get("options"), "model.options")
-        options = reader.value(get("options")) or {}
+        if isinstance(get("options"), yaml.MappingNode):  # anything else was reported just now
+            options = reader.value(get("options")) or {}
     if model_path is not None:
         # A local path, like every path here (nothing is downloaded unless `models download` is run):
         # relative to the manifest's folder, also before it exists (the demo builds its checkpoint there).
@@ -331,7 +508,7 @@ def _resolve_path_options(backend: str | None, options: dict, base: Path) -> dic
         if not isinstance(value, str) or not value:
             continue
         path = Path(os.path.expanduser(value))
-        if not path.is_absolute() and (os.sep in value or (base / path).exists()):
+        if not path.is_absolute() and (os.sep in value or os.path.exists(base / path)):
             resolved[key] = str((base / path).resolve())
         elif path.is_absolute():
             resolved[key] = str(path)
@@ -351,20 +528,27 @@ def _read_generation(reader: _Reader, node) -> GenerationConfig:
     height = reader.scalar(get("height"), "generation.height", int, d.height)
     frames = reader.scalar(get("num_frames"), "generation.num_frames", int, d.num_frames)
     for key, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 16:
+        if value > MAX_SIDE:
+            reader.problem(get(key), f"generation.{key} is {value}, more than {MAX_SIDE} pixels",
+                           f"use a multiple of 16 up to {MAX_SIDE} (Wan makes 832x480 and 1280x720)")
+        elif value <= 0 or value % 16:
             lower = max(16, value // 16 * 16)
             reader.problem(get(key), f"generation.{key} is {value}, not a positive multiple of 16",
                            f"use {lower} or {lower + 16}")
-    if frames < 1 or (frames - 1) % 4:
+    if frames > MAX_FRAMES:
+        reader.problem(get("num_frames"), f"generation.num_frames is {frames}, more than {MAX_FRAMES}",
+                       f"use 4n+1 frames up to {MAX_FRAMES} (Wan makes 81)")
+    elif frames < 1 or (frames - 1) % 4:
         lower = max(1, (frames - 1) // 4 * 4 + 1)
         reader.problem(get("num_frames"), f"generation.num_frames is {frames}, not of the form 4n+1",
                        f"use {lower} or {lower + 4}")
     fps = reader.scalar(get("fps"), "generation.fps", int, d.fps)
     steps = reader.scalar(get("steps"), "generation.steps", int, d.steps)
-    if fps <= 0:
-        reader.problem(get("fps"), f"generation.fps is {fps}", "use a positive frame rate, e.g. 15")
-    if steps <= 0:
-        reader.problem(get("steps"), f"generation.steps is {steps}", "use a positive number of steps")
+    if not 0 < fps <= MAX_FPS:
+        reader.problem(get("fps"), f"generation.fps is {fps}", f"use a frame rate from 1 to {MAX_FPS}, e.g. 16")
+    if not 0 < steps <= MAX_STEPS:
+        reader.problem(get("steps"), f"generation.steps is {steps}",
+                       f"use 1 to {MAX_STEPS} denoising steps (Wan uses 50)")
     strength = reader.scalar(get("denoising_strength"), "generation.denoising_strength", float,
                              d.denoising_strength)
     if not 0.0 < strength <= 1.0:
@@ -373,7 +557,8 @@ def _read_generation(reader: _Reader, node) -> GenerationConfig:
     extra = {}
     if get("extra") is not None:
         reader.mapping(get("extra"), "generation.extra")
-        extra = reader.value(get("extra")) or {}
+        if isinstance(get("extra"), yaml.MappingNode):  # anything else was reported just now
+            extra = reader.value(get("extra")) or {}
     cfg_scale = _read_cfg_scale(reader, get("cfg_scale"), d.cfg_scale)
     shift = reader.scalar(get("shift"), "generation.shift", float, None)
     if shift is not None and not 0.0 < shift <= 100.0:
@@ -468,23 +653,29 @@ def _read_resources(reader: _Reader, node) -> Resources:
             reader.problem(get("gpus"), f"resources.gpus is {value!r}",
                            "use `all` or a list of distinct GPU indices, e.g. [0, 1]")
 
-    def count_or_auto(key: str, default):
+    def count_or_auto(key: str, default, most: int):
         n = get(key)
         if n is None:
             return default
         value = reader.value(n)
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most):
             return value
-        reader.problem(n, f"resources.{key} is {value!r}", "use `auto` or a whole number ≥ 1")
+        reader.problem(n, f"resources.{key} is {value!r}", f"use `auto` or a whole number from 1 to {most}")
         return default
 
     slots = reader.scalar(get("cpu_slots"), "resources.cpu_slots", int, 2)
-    if slots < 1:
-        reader.problem(get("cpu_slots"), f"resources.cpu_slots is {slots}", "use a number ≥ 1")
-    return Resources(gpus=gpus, workers_per_gpu=count_or_auto("workers_per_gpu", 1),
-                     gpus_per_worker=count_or_auto("gpus_per_worker", 1), cpu_slots=max(1, slots),
-                     memory_margin_gib=reader.scalar(get("memory_margin_gib"),
-                                                     "resources.memory_margin_gib", float, 2.0))
+    if not 1 <= slots <= MAX_CPU_SLOTS:
+        reader.problem(get("cpu_slots"), f"resources.cpu_slots is {slots}",
+                       f"use a number from 1 to {MAX_CPU_SLOTS} (one worker process each)")
+        slots = 2
+    margin = reader.scalar(get("memory_margin_gib"), "resources.memory_margin_gib", float, 2.0)
+    if not 0 <= margin <= MAX_MARGIN_GIB:
+        reader.problem(get("memory_margin_gib"), f"resources.memory_margin_gib is {margin}",
+                       f"use 0 to {MAX_MARGIN_GIB} GiB")
+        margin = 2.0
+    return Resources(gpus=gpus, workers_per_gpu=count_or_auto("workers_per_gpu", 1, MAX_WORKERS_PER_GPU),
+                     gpus_per_worker=count_or_auto("gpus_per_worker", 1, MAX_GPUS_PER_WORKER),
+                     cpu_slots=slots, memory_margin_gib=margin)
 
 
 def _read_execution(reader: _Reader, node) -> Execution:
@@ -507,12 +698,17 @@ def _read_execution(reader: _Reader, node) -> Execution:
         ray_address=reader.scalar(get("ray_address"), "execution.ray_address", str, None),
         ray_stream_outputs=reader.scalar(get("ray_stream_outputs"), "execution.ray_stream_outputs", bool,
                                          d.ray_stream_outputs))
-    for key in ("retries", "max_restarts"):
+    for key, most in (("retries", MAX_RETRIES), ("max_restarts", MAX_RESTARTS)):
         if getattr(execution, key) < 0:
             reader.problem(get(key), f"execution.{key} is negative", "use 0 or more")
+        elif getattr(execution, key) > most:
+            reader.problem(get(key), f"execution.{key} is {getattr(execution, key)}", f"use 0 to {most}")
     for key in ("job_timeout_s", "heartbeat_timeout_s"):
-        if getattr(execution, key) <= 0:
+        if not getattr(execution, key) > 0:  # (NaN too: it would turn the timeout off)
             reader.problem(get(key), f"execution.{key} must be positive", "use a number of seconds > 0")
+        elif getattr(execution, key) > MAX_TIMEOUT_S:
+            reader.problem(get(key), f"execution.{key} is {getattr(execution, key):g} seconds, more than a week",
+                           f"use at most {MAX_TIMEOUT_S} seconds")
     return execution
 
 
@@ -609,6 +805,29 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
     return Category(name=name, kind=kind, references=tuple(references))
 
 
+def _absolute(path: Path) -> Path:
+    """`path` made absolute without following links: a linked reference is named by the link (its
+    stem names the outputs and keys the prompts) and read through it, from its target."""
+    return Path(os.path.abspath(path))
+
+
+def _check_output_paths(reader: _Reader, node, output_dir: Path, categories, seeds) -> None:
+    """Every file a category's jobs will write must fit the file system's path length (checked
+    for the longest name: the largest seed and prompt index, a poster's `.thumb.jpg`)."""
+    if path_length_problem(output_dir) or not isinstance(node, yaml.MappingNode):
+        return  # reported with output_dir / categories already
+    key_nodes = {key.value: key for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+    for category in categories:
+        longest = max(
+            (output_dir / category.name / (ref.stem or "") /
+             f"seed_{max(seeds, default=0)}_prompt_{len(ref.prompts) - 1}.thumb.jpg"
+             for ref in category.references), key=lambda path: len(os.fsencode(str(path))), default=None)
+        too_long = longest is not None and path_length_problem(longest)
+        if too_long:
+            reader.problem(key_nodes.get(category.name), f"category `{category.name}`: the path of an output "
+                           f"({longest}) {too_long}", "use a shorter output_dir, category name or file names")
+
+
 def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> list[Path]:
     suffixes = VIDEO_SUFFIXES if kind == "videos" else IMAGE_SUFFIXES
     value = reader.value(node)
@@ -622,18 +841,23 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
     for pattern, item in zip(patterns, items):
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         if glob.has_magic(pattern):
+            too_wide = _glob_walk_problem(full)
+            if too_wide:
+                reader.problem(item, f"{what}: glob `{pattern}` {too_wide}",
+                               "start the pattern at the folder that holds the files, e.g. refs/**/*.mp4")
+                continue
             matches = sorted(Path(m) for m in glob.glob(full, recursive=True) if os.path.isfile(m))
             if not matches:
                 reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
                                "check the pattern and that the files are there")
-            found.extend((m.resolve(), item) for m in matches)
+            found.extend((_absolute(m), item) for m in matches)
             continue
         file = Path(full)
-        if not file.is_file():
+        if not os.path.isfile(file):  # (False, not an error, for a name too long to exist)
             reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
                            "fix the path; relative paths start at the manifest's folder")
             continue
-        found.append((file.resolve(), item))
+        found.append((_absolute(file), item))
     files = []
     for file, item in found:
         if file.suffix.lower() not in suffixes:
@@ -645,6 +869,41 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
         else:
             files.append(file)
     return files
+
+
+def _glob_walk_problem(pattern: str) -> str | None:
+    """Why globbing `pattern` would walk too much of the file system (`**` from `/` or the home
+    folder, or more than MAX_GLOB_ENTRIES files and folders), or None. It counts what glob would
+    look at, level by level from the pattern's fixed folder, and stops at the bound."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    start = Path(*parts[:fixed]) if fixed else Path(".")
+    recursive = any("**" in part for part in parts[fixed:])
+    depth = len(parts) - fixed
+    where = start.resolve()
+    if recursive and where in (Path(where.anchor), Path.home().resolve()):
+        return f"would search all of {where} (`**` walks every folder below it)"
+    seen = 0
+    folders = [(start, 1)]
+    while folders:
+        folder, level = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # glob's `*` and `**` skip hidden names
+            seen += 1
+            if seen > MAX_GLOB_ENTRIES:
+                return (f"would look at more than {MAX_GLOB_ENTRIES:,} files and folders under {where}")
+            try:  # glob follows links to folders too (a link to its own parent loops until ELOOP)
+                below = (recursive or level < depth) and entry.is_dir()
+            except OSError:
+                below = False
+            if below:
+                folders.append((Path(entry.path), level + 1))
+    return None
 
 
 def _readable_media(file: Path) -> bool:
@@ -667,26 +926,42 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
     if isinstance(value, str) and not value.strip().startswith(("[", "{")) and "\n" not in value \
             and Path(value).suffix.lower() in (".yaml", ".yml", ".txt", ".json"):
         prompt_path = Path(value) if os.path.isabs(value) else base / value
-        if not prompt_path.is_file():
+        if not os.path.isfile(prompt_path):
             reader.problem(node, f"{what}: prompts file `{value}` does not exist ({prompt_path})",
                            "fix the path; relative paths start at the manifest's folder")
             return None, file, {}, node
         file = prompt_path.resolve()
         if prompt_path.suffix.lower() == ".txt":
-            lines = [line.strip() for line in prompt_path.read_text(encoding="utf-8").splitlines()]
+            try:
+                text = prompt_path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as exc:
+                reader.problem(node, f"{what}: prompts file `{value}` cannot be read as text ({exc})",
+                               "save it as UTF-8 text, one prompt per line")
+                return None, file, {}, node
+            if "\x00" in text:
+                reader.problem(node, f"{what}: prompts file `{value}` contains NUL characters (a binary "
+                                     "file?)", "save it as UTF-8 text, one prompt per line")
+                return None, file, {}, node
+            lines = [line.strip() for line in text.splitlines()]
             value, node = [line for line in lines if line], None
         else:
             try:
                 node = _compose(prompt_path)
+            except (UnicodeDecodeError, OSError) as exc:
+                reader.problem(node, f"{what}: prompts file `{value}` cannot be read as text ({exc})",
+                               "save it as UTF-8 text")
+                return None, file, {}, node
             except yaml.YAMLError as exc:
                 mark = getattr(exc, "problem_mark", None)
                 reader.problems.append(Problem(file, mark.line + 1 if mark else 0,
                                                f"prompts file is not valid YAML: {exc}", "fix its syntax"))
                 return None, file, {}, None
+            if node is not None and not reader.check_tree(node, file=file):
+                return None, file, {}, None
             value = reader.value(node)
     lines: dict[str, Any] = {}
     if isinstance(node, yaml.MappingNode):
-        lines = {k.value: k for k, _ in node.value}
+        lines = {k.value: k for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
     if isinstance(value, list) and value and all(isinstance(p, str) and p.strip() for p in value):
         return value, file, lines, node
     if isinstance(value, dict) and value and all(

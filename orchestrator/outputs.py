@@ -61,7 +61,7 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: str | os.PathLike
     except BaseException:
         os.unlink(temp_name)
         raise
-    return adopt_mp4(temp_name, path, expected_frames, sidecar, started=started)
+    return adopt_mp4(temp_name, path, expected_frames, sidecar, started=started, owner=owner)
 
 
 def temp_path_beside(path: str | os.PathLike, suffix: str = ".mp4", owner: str = "") -> Path:
@@ -77,7 +77,7 @@ def temp_path_beside(path: str | os.PathLike, suffix: str = ".mp4", owner: str =
 
 
 def adopt_mp4(temp: str | os.PathLike, path: str | os.PathLike, expected_frames: int | None = None,
-              sidecar: dict | None = None, started: float | None = None) -> Path:
+              sidecar: dict | None = None, started: float | None = None, owner: str = "") -> Path:
     """Move a finished mp4 written under a temporary name in `path`'s folder into place, checked.
 
     The frames are counted first (a short or unreadable file raises `InvalidVideo` and is removed),
@@ -92,7 +92,7 @@ def adopt_mp4(temp: str | os.PathLike, path: str | os.PathLike, expected_frames:
             extra = {"frames": got, "bytes": os.path.getsize(temp)}
             if started is not None:
                 extra["encode_seconds"] = round(time.monotonic() - started, 3)
-            write_sidecar(path, {**sidecar, **extra})
+            write_sidecar(path, {**sidecar, **extra}, owner=owner)
         os.replace(temp, path)
     finally:
         if temp.exists():
@@ -120,13 +120,20 @@ def write_mp4_file(frames, filename: str, fps: int, crf: int = 18) -> None:
             container.mux(packet)
 
 
-def write_sidecar(mp4: str | os.PathLike, record: dict) -> Path:
+def write_sidecar(mp4: str | os.PathLike, record: dict, owner: str = "") -> Path:
+    """Write the JSON record beside `mp4` atomically. Its temporary file carries `owner` (the worker's
+    id) like the mp4's, so one left by a killed worker is removed when that worker starts again."""
     target = sidecar_path(mp4)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=target.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(record, stream, indent=2, ensure_ascii=False, sort_keys=True)
-    os.replace(temp_name, target)
+    handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK + (f"{owner}-" if owner else ""), suffix=".json",
+                                         dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(record, stream, indent=2, ensure_ascii=False, sort_keys=True)
+        os.replace(temp_name, target)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
     return target
 
 

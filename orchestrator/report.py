@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from .ledger import LedgerError, ledger_problem
 from .sweep import DiskScan, Sweep
+from .terminal import printable
 
 WINDOW_S = 1800.0  # throughput is measured over the last half hour (or since the sweep started)
 
@@ -159,6 +160,7 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def format_report(report: Report) -> str:
+    """The report as text for a terminal (names and errors with their control characters escaped)."""
     lines = [f"sweep {report.name}  ({report.output_dir})", ""]
     if report.ledger_problem:
         lines += [f"ledger unreadable: done counts are from the disk, nothing else is known. "
@@ -194,7 +196,7 @@ def format_report(report: Report) -> str:
             lines.append(f"  {f['job']} ({f['attempts']} attempts): {f['error']}")
         if len(report.failed) > 50:
             lines.append(f"  … and {len(report.failed) - 50} more (see --json)")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def report_json(report: Report) -> str:

@@ -18,13 +18,14 @@ from datetime import datetime
 
 from .ledger import LIVE_WORKER_STATES
 from .planning import WorkerSpec
+from .terminal import printable
 from .worker import EXIT_DISK_FULL, EXIT_DONE, EXIT_RETIRED
 
 POLL_S = 0.5
 
 
 def _say(spec: WorkerSpec, message: str) -> None:
-    line = f"{datetime.now():%Y-%m-%d %H:%M:%S} SUPERVISOR [{spec.worker}] {message}"
+    line = printable(f"{datetime.now():%Y-%m-%d %H:%M:%S} SUPERVISOR [{spec.worker}] {message}")
     try:
         print(line, flush=True)
     except OSError:  # the terminal (tmux pane) is gone; the log still gets the line

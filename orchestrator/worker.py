@@ -89,7 +89,8 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
     log = logging.getLogger(f"worker.{spec.worker}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
+    from .terminal import PrintableFormatter  # a prompt's escape sequences are printed, not obeyed
+    fmt = PrintableFormatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
     for handler in (logging.FileHandler(spec.log, encoding="utf-8"), logging.StreamHandler(sys.stdout)):
         handler.setFormatter(fmt)
@@ -234,7 +235,7 @@ class OutputWriter:
         frames = int(self.spec.generation["num_frames"])
         try:
             if isinstance(result, Path):
-                adopt_mp4(result, job.output, expected_frames=frames, sidecar=record)
+                adopt_mp4(result, job.output, expected_frames=frames, sidecar=record, owner=self.spec.worker)
             else:
                 write_mp4(result, job.output, int(self.spec.generation["fps"]), expected_frames=frames,
                           sidecar=record, owner=self.spec.worker)

@@ -191,3 +191,20 @@ def test_unknown_backend_and_bad_synthetic_option(write_manifest):
     assert any("unknown model.backend `magic`" in p for p in _problems(path))
     path = write_manifest(synthetic_manifest(model={"options": {"fail_rate": 3}}))
     assert any("fail_rate" in p for p in _problems(path))
+
+
+def test_a_linked_reference_is_named_by_the_link_and_read_from_its_target(tiny_video, write_manifest, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "secret_clip.mp4"
+    target.write_bytes(tiny_video.read_bytes())
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "x.mp4").symlink_to(target)
+    path = write_manifest(synthetic_manifest(model={"task": "v2v"}, categories={
+        "c1": {"videos": "refs/*.mp4", "prompts": {"x": ["a cat"]}}}))
+    jobs = expand(load_manifest(path))
+    assert {j.stem for j in jobs} == {"x"}
+    assert all(j.output.startswith(str(tmp_path / "out" / "c1" / "x") + "/") for j in jobs)
+    assert {j.reference for j in jobs} == {str(tmp_path / "refs" / "x.mp4")}
+    from orchestrator.media import read_video
+    assert read_video(jobs[0].reference, 32, 32, 5, 5).shape == (5, 32, 32, 3)  # the target's frames

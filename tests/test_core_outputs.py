@@ -62,3 +62,30 @@ def test_probe_cache_notices_a_changed_file(tmp_path):
     cache.save()
     path.write_bytes(path.read_bytes()[:100])  # size changes → probed again
     assert not inspect_output(path, 9, ProbeCache(tmp_path / "cache.json")).complete
+
+
+def test_a_worker_killed_while_writing_a_sidecar_leaves_files_its_restart_removes(tmp_path):
+    """SIGKILL in the middle of the sidecar's write: every temporary file left carries the worker's
+    id, so `remove_partials(owner=…)` at that worker's next start removes them all."""
+    import subprocess
+    import sys
+    script = """
+import json, os, signal, sys
+import numpy as np
+from orchestrator import outputs
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+outputs.json.dump = killed  # the worker dies while the sidecar is being written
+frames = np.zeros((5, 32, 32, 3), np.uint8)
+outputs.write_mp4(frames, sys.argv[1], fps=5, expected_frames=5, sidecar={"job_id": "x"}, owner="cpu0_worker0")
+"""
+    folder = tmp_path / "c1" / "x"
+    done = subprocess.run([sys.executable, "-c", script, str(folder / "seed_1_prompt_0.mp4")],
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True)
+    assert done.returncode == -9, done.stderr
+    left = sorted(os.listdir(folder))
+    assert [name for name in left if name.endswith(".json")], left  # the sidecar's temporary file
+    assert all(name.startswith(f"{TEMP_MARK}cpu0_worker0-") for name in left), left
+    assert remove_partials(tmp_path, owner="cpu0_worker1") == 0  # another worker's files are not touched
+    assert remove_partials(tmp_path, owner="cpu0_worker0") == len(left)
+    assert os.listdir(folder) == []

@@ -200,3 +200,20 @@ def test_next_job_starts_while_the_previous_video_is_written(write_manifest, tmp
     overlapping = sum(b["started_at"] < a["finished_at"] for a, b in zip(attempts, attempts[1:]))
     assert overlapping >= 4
     assert all(count_frames(p) == 33 for p in _mp4s(tmp_path / "out"))
+
+
+def test_terminal_escapes_in_prompts_and_names_are_printed_escaped(write_manifest, tmp_path):
+    """A prompt that retitles the tmux pane and clears it, and a category name with a one-character CSI
+    (U+009B): the worker's log (what its pane shows) and the report print them escaped."""
+    prompt = "a cat\x1b]2;PWNED\x07\x1b[2J\r"
+    path = write_manifest(synthetic_manifest(seeds=[1], resources={"cpu_slots": 1}, categories={
+        "cat\x9b2J": {"prompts": [prompt]}}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (tmp_path / "out" / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
+    assert "a cat\\x1b]2;PWNED\\x07\\x1b[2J\\r" in log
+    assert not {"\x1b", "\x07", "\r", "\x9b"} & set(log)
+    report = cli("report", str(path))
+    assert "cat\\x9b2J" in report.stdout and "\x9b" not in report.stdout
+    sidecar = json.loads(next((tmp_path / "out").rglob("seed_1_prompt_0.json")).read_text(encoding="utf-8"))
+    assert sidecar["job"]["prompt"] == prompt  # the data keeps the prompt as it was written

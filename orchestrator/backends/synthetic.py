@@ -29,11 +29,13 @@ import time
 
 import numpy as np
 
-from .base import Backend, OutOfMemory
+from .base import Backend, BackendProblem, OutOfMemory
 
 OPTIONS = {"seconds_per_job": float, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
            "oom_marker": str, "hang_jobs": list, "hang_attempts": int}
+# A negative or NaN time would crash time.sleep or skip it; jitter above 1 makes negative times.
+BOUNDS = {"seconds_per_job": (0, 86400), "jitter": (0, 1), "fail_attempts": (0, 1000), "hang_attempts": (0, 1000)}
 
 
 def _unit(*parts) -> float:
@@ -49,7 +51,7 @@ class SyntheticBackend(Backend):
     runtime_options = frozenset(OPTIONS)  # the picture depends only on prompt, seed and frame
 
     @classmethod
-    def check(cls, manifest) -> list[str]:
+    def check(cls, manifest) -> list:
         problems = []
         for key, value in manifest.model.options.items():
             kind = OPTIONS.get(key)
@@ -59,6 +61,10 @@ class SyntheticBackend(Backend):
                 problems.append(f"synthetic option `{key}` must be {kind.__name__}, got {value!r}")
             elif key.endswith("_rate") and not 0 <= value <= 1:
                 problems.append(f"synthetic option `{key}` must be between 0 and 1, got {value}")
+            elif key in BOUNDS and not BOUNDS[key][0] <= value <= BOUNDS[key][1]:  # NaN fails too
+                low, high = BOUNDS[key]
+                problems.append(BackendProblem(f"model.options.{key}", f"synthetic option `{key}` is {value}",
+                                               f"use a value from {low} to {high}"))
         return problems
 
     def load(self) -> None:

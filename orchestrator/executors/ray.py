@@ -374,7 +374,8 @@ class RayWorker:
     def _write_shared(self, job, result, record: dict) -> None:
         from ..outputs import adopt_mp4, write_mp4
         if isinstance(result, (str, os.PathLike)):  # the backend's program wrote the mp4 itself
-            adopt_mp4(result, job.output, expected_frames=self._frames_expected(), sidecar=record)
+            adopt_mp4(result, job.output, expected_frames=self._frames_expected(), sidecar=record,
+                      owner=self.spec.worker)
         else:
             write_mp4(result, job.output, int(self.spec.generation["fps"]),
                       expected_frames=self._frames_expected(), sidecar=record, owner=self.spec.worker)
@@ -471,14 +472,15 @@ def _short(exc: BaseException) -> str:
 
 
 def _logger(name: str, file: str) -> logging.Logger:
+    from ..terminal import PrintableFormatter
     log = logging.getLogger(f"wan_sweep.ray.{file}")  # one per log file, even across runs in one process
     _close_logger(log)
     log.setLevel(logging.INFO)
     log.propagate = False
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [" + name + "] %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s [" + name + "] %(message)s",
+                                            "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     return log
 

@@ -237,8 +237,6 @@ def cmd_run(manifest, args) -> int:
             print(f"removed {removed} partial files left by interrupted workers")
     ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
                 manifest.execution.heartbeat_timeout_s, fresh=not alive)
-    if not alive:
-        ledger.set_meta("started_at", str(time.time()))
     total = len(sweep.jobs)
     if ledger.unfinished() == 0:
         print(f"all {total} jobs of `{manifest.name}` are done.\n")

@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
+CREATE INDEX IF NOT EXISTS attempts_end ON attempts (finished_at);
+CREATE INDEX IF NOT EXISTS attempts_worker_end ON attempts (worker, finished_at);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     host TEXT,
@@ -68,6 +70,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
+# Attempts whose end the worker recorded itself as it happened: their start and end times measure
+# work. A `lost` attempt's end is when someone noticed (a sweep restarted hours later), a `released`
+# one was cut short by a stop, a `skipped` one did nothing.
+TIMED_OUTCOMES = ("done", "error", "oom", "timeout")
 
 
 @dataclass(frozen=True)
@@ -326,19 +332,25 @@ class Ledger:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE active AND state IN ('pending', 'running')"
                                ).fetchone()[0]
 
-    def jobs(self, report_since: float | None = None) -> list[dict]:
-        """Active jobs in manifest order; with `report_since`, only those a report looks at: running,
-        failed, or done (not skipped) after that time."""
-        where = "active"
-        params: tuple = ()
-        if report_since is not None:
-            where += (" AND (state IN ('running', 'failed') OR (state = 'done' AND NOT skipped "
-                      "AND finished_at > ?))")
-            params = (report_since,)
+    def jobs(self, running_or_failed: bool = False) -> list[dict]:
+        """Active jobs in manifest order; with `running_or_failed`, only those a report looks at."""
+        where = "active" + (" AND state IN ('running', 'failed')" if running_or_failed else "")
         cur = self.db.execute("SELECT id, queue, state, attempts, worker, heartbeat_at, finished_at, "
-                              f"seconds, skipped, last_error FROM jobs WHERE {where} ORDER BY ordinal", params)
+                              f"seconds, skipped, last_error FROM jobs WHERE {where} ORDER BY ordinal")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def timed_attempts(self, worker: str | None = None) -> Iterator[tuple[float, float, bool]]:
+        """(started_at, finished_at, made a video) of the attempts that measure work (`TIMED_OUTCOMES`),
+        the newest end first, of one worker or of all; read lazily, so a caller stops when it has enough."""
+        where = f"finished_at IS NOT NULL AND outcome IN ({','.join('?' * len(TIMED_OUTCOMES))})"
+        params: tuple = TIMED_OUTCOMES
+        if worker is not None:
+            where += " AND worker = ?"
+            params += (worker,)
+        cur = self.db.execute(f"SELECT started_at, finished_at, outcome = 'done' FROM attempts WHERE {where} "
+                              "ORDER BY finished_at DESC", params)
+        return ((start, end, bool(made)) for start, end, made in cur)
 
     def attempts(self, job_id: str | None = None) -> list[dict]:
         query = "SELECT * FROM attempts" + (" WHERE job_id=?" if job_id else "") + " ORDER BY started_at"

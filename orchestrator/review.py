@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import av
 
-from .outputs import TEMP_MARK
+from .outputs import TEMP_MARK, file_mode
 from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left
 from .sweep import Sweep
 
@@ -229,7 +229,7 @@ def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int 
         handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".jpg", dir=target.parent)
         os.close(handle)
         _save_jpeg(frame.reformat(width=w, height=h), temp_name)
-        os.chmod(temp_name, video.stat().st_mode & 0o777)  # as shareable as the video, no more
+        os.chmod(temp_name, file_mode())  # mkstemp makes it private; posters are shared like the videos
         os.replace(temp_name, target)
     except (OSError, av.error.FFmpegError, ValueError):
         return False  # a page without this poster is still a page (a read-only folder, a full disk)
@@ -487,7 +487,7 @@ def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(html)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it private; the page is for sharing
+        os.chmod(temp_name, file_mode())  # mkstemp makes it private; the page is for sharing
         os.replace(temp_name, target)
     finally:
         if os.path.exists(temp_name):

@@ -310,9 +310,11 @@ def _quote(path) -> str:
 
 
 def cmd_report(manifest, args) -> int:
+    """Exit 1 when jobs failed for good (as `run` does), so a script can tell; else 0."""
     from .report import build_report, format_report, report_json
     from .sweep import Sweep
     sweep = Sweep(manifest)
+    report = None
     try:
         while True:
             report = build_report(sweep)
@@ -323,11 +325,12 @@ def cmd_report(manifest, args) -> int:
                 text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
             if not args.watch:
                 print(text)
-                return 0
+                break
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:  # the usual way to leave --watch, wherever it lands
-        return 0
+        pass
+    return 1 if report is not None and report.totals.failed else 0
 
 
 def cmd_stop(manifest, args) -> int:

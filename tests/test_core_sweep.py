@@ -22,8 +22,9 @@ from .conftest import ROOT, cli, synthetic_manifest
 
 def _report(path) -> dict:
     result = cli("report", str(path), "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    assert result.returncode == (1 if report["totals"]["failed"] else 0), result.stderr
+    return report
 
 
 def _mp4s(out: Path) -> list[Path]:
@@ -91,6 +92,8 @@ def test_permanent_failure_is_reported_and_exit_code_is_nonzero(write_manifest, 
     report = _report(path)
     assert report["totals"]["done"] == 5 and report["totals"]["failed"] == 1
     assert report["failed"][0]["job"] == "alpha/seed_1_prompt_0"
+    text = cli("report", str(path))
+    assert text.returncode == 1 and "failed jobs (1)" in text.stdout  # a script can tell, as from `run`
 
 
 def test_resume_after_sigkill_mid_job(write_manifest, tmp_path):

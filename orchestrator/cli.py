@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 from .manifest import ManifestError, load_manifest
 
@@ -67,11 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_READER_GONE = 141  # what a shell reports for a program ended by SIGPIPE (`yes | head -1`)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except BrokenPipeError:  # `plan … | head -1`: the reader has what it wanted; end quietly
+        _discard(sys.stdout)
+        return EXIT_READER_GONE
+
+
+def _command(args) -> int:
     if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
         return cmd_models(args)
     try:
@@ -79,13 +91,61 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "ray_address", None):
             from dataclasses import replace
             manifest = replace(manifest, execution=replace(manifest.execution, ray_address=args.ray_address))
-        return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
+        if args.command == "run":
+            # Its workers must not be left half-started or unwatched because `| head -1` stopped reading.
+            with _output_may_close():
+                return cmd_run(manifest, args)
+        return {"plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _discard(stream) -> None:
+    """Point a stream's descriptor at /dev/null: its reader has gone (`| head`), and nothing written
+    later, the interpreter's last flush included, may raise BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _Outliving:
+    """A stdout or stderr that outlives its reader: the first write to a closed pipe discards the
+    rest of the output, and the command goes on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _discard(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _discard(self._stream)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _output_may_close():
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Outliving(sys.stdout), _Outliving(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 class UserError(RuntimeError):

@@ -17,7 +17,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.manifest import load_manifest
 from orchestrator.outputs import TEMP_MARK, count_frames
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import ROOT, cli, cli_into_closed_pipe, synthetic_manifest
 
 
 def _report(path) -> dict:
@@ -203,3 +203,17 @@ def test_next_job_starts_while_the_previous_video_is_written(write_manifest, tmp
     overlapping = sum(b["started_at"] < a["finished_at"] for a, b in zip(attempts, attempts[1:]))
     assert overlapping >= 4
     assert all(count_frames(p) == 33 for p in _mp4s(tmp_path / "out"))
+
+
+def test_output_into_a_closed_pipe_ends_quietly_and_a_run_still_finishes(write_manifest, tmp_path):
+    # `plan … | head -1`, `run … | head -1`, `report … | head`: no BrokenPipeError traceback, and the
+    # run makes every video (its workers are not abandoned because nobody reads its output).
+    path = write_manifest(synthetic_manifest())
+    plan = cli_into_closed_pipe("plan", str(path))
+    assert plan.returncode == 141 and not plan.stderr
+    run = cli_into_closed_pipe("run", str(path), "--executor", "local")
+    assert run.returncode == 0 and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+    assert len(_mp4s(tmp_path / "out")) == 6
+    for args in (["report", str(path)], ["report", str(path), "--json"]):
+        report = cli_into_closed_pipe(*args)
+        assert report.returncode == 141 and not report.stderr

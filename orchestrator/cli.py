@@ -378,15 +378,21 @@ def cmd_report(manifest, args) -> int:
     try:
         while True:
             report = build_report(sweep)
-            text = report_json(report) if args.json else format_report(report)
+            text = report_json(report, one_line=bool(args.watch)) if args.json else format_report(report)
             if args.html:
                 from .review import write_page
                 page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
-                text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
+                if not args.watch:
+                    text = str(page)
+                elif not args.json:
+                    text = f"{text}\n\nreview page: {page}"
             if not args.watch:
                 print(text)
                 break
-            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
+            if args.json:  # JSON Lines, for a program that follows the output: no screen control
+                print(text, flush=True)
+            else:
+                print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:  # the usual way to leave --watch, wherever it lands
         pass

@@ -256,5 +256,6 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def report_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+def report_json(report: Report, one_line: bool = False) -> str:
+    """The report as JSON; `one_line` for JSON Lines (`report --json --watch`: one object a line)."""
+    return json.dumps(report.to_dict(), indent=None if one_line else 2, ensure_ascii=False)

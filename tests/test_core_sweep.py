@@ -217,3 +217,17 @@ def test_output_into_a_closed_pipe_ends_quietly_and_a_run_still_finishes(write_m
     for args in (["report", str(path)], ["report", str(path), "--json"]):
         report = cli_into_closed_pipe(*args)
         assert report.returncode == 141 and not report.stderr
+
+
+def test_report_json_watch_prints_json_lines(write_manifest):
+    path = write_manifest(synthetic_manifest())
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "report", str(path),
+                                "--json", "--watch", "0.2"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(3)]
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert not any("\033" in line for line in lines)  # no screen clearing, no clock
+    assert [json.loads(line)["totals"]["expected"] for line in lines] == [6, 6, 6]  # one object a line

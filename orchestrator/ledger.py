@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS workers (
     pid INTEGER,
     supervisor_pid INTEGER,
     devices TEXT,
-    state TEXT,             -- starting | loading | idle | running | exited | failed | retired
+    state TEXT,             -- starting | loading | idle | running | exited | stopped | failed | retired
     started_at REAL,
     heartbeat_at REAL,
     job TEXT,
@@ -284,6 +284,19 @@ class Ledger:
             for (job_id,) in rows:
                 self._end_attempt(job_id, worker, "lost", reason, max_attempts)
         return len(rows)
+
+    def release_worker(self, worker: str, reason: str) -> int:
+        """The worker was stopped (`stop`, `stop --now`): its claims go back to the queue without using
+        an attempt, and it is no longer alive. Returns how many jobs it held."""
+        with self.transaction() as db:
+            held = db.execute("SELECT COUNT(*) FROM jobs WHERE state='running' AND worker=?", (worker,)).fetchone()[0]
+            db.execute("UPDATE attempts SET finished_at=?, outcome='released', error=? WHERE worker=? "
+                       "AND finished_at IS NULL", (time.time(), reason, worker))
+            db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
+                       "WHERE worker=? AND state='running'", (worker,))
+            db.execute(f"UPDATE workers SET state='stopped', job=NULL WHERE id=? AND state IN "
+                       f"({','.join('?' * len(LIVE_WORKER_STATES))})", (worker, *LIVE_WORKER_STATES))
+        return held
 
     def heartbeat(self, worker: str, job_id: str | None) -> None:
         now = time.time()

@@ -251,3 +251,27 @@ def test_rate_counts_the_last_half_hour_of_work_and_a_long_job_in_part():
     # failed attempts take time and make nothing; nothing at all measures nothing
     assert work_rate([(10.0, 20.0, False), (0.0, 10.0, True)]) == (1.0, 20.0)
     assert work_rate([]) == (0.0, 0.0)
+
+
+def test_workers_whose_processes_are_gone_are_shown_stopped(write_manifest):
+    # Every process of the sweep was killed (kill -9, a reboot): the ledger still says `running`.
+    import subprocess
+    import sys
+    from orchestrator.report import build_report, format_report
+    from orchestrator.review import build_page
+    sweep, ledger = _timed_sweep(write_manifest, prompts=2)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ledger.register_worker("cpu0_worker0", (), pid=gone.pid, supervisor_pid=gone.pid)
+    t0 = time.time() - 600
+    _attempt(ledger, sweep.jobs[0], "cpu0_worker0", t0, t0 + 4)
+    ledger.claim("cpu0_worker0", "q")
+    ledger.close()
+    report = build_report(sweep)
+    (worker,) = report.workers
+    assert worker["state"] == "stopped" and worker["current"] is None
+    assert report.totals.running == 0 and report.workers_alive == 0
+    assert report.jobs_per_hour == pytest.approx(900) and report.eta_s is None  # measured, but nobody works
+    assert "time left stopped (no worker is running" in format_report(report)
+    page = build_page(sweep, report)
+    assert page.workers[0]["state"] == "stopped" and page.time_left.startswith("stopped")

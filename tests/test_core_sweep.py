@@ -181,6 +181,30 @@ def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path)
     assert not list((tmp_path / "out").rglob(f"{TEMP_MARK}*"))
 
 
+def test_stop_now_uses_no_attempt_and_leaves_no_worker_running(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}, execution={"retries": 0}))
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
+                            "--executor", "local", "--no-progress"], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ledger_path.exists() and Ledger(ledger_path).counts()["running"] == 2:
+            break
+        time.sleep(0.2)
+    result = cli("stop", str(path), "--now")
+    assert result.returncode == 0 and "(killed)" in result.stdout
+    run.wait(timeout=30)
+    ledger = Ledger(ledger_path)
+    # With retries: 0 a killed job used to be failed for good; a stop is not the job's fault.
+    assert ledger.counts() == {"pending": 6, "running": 0, "done": 0, "failed": 0}
+    assert all(row["attempts"] == 0 for row in ledger.jobs())
+    report = _report(path)
+    assert {w["state"] for w in report["workers"]} == {"stopped"} and report["workers_alive"] == 0
+    assert report["totals"]["running"] == 0 and report["eta_s"] is None
+
+
 def test_job_timeout_abandons_the_job(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"hang_rate": 1.0}}, categories={"a": {"prompts": ["p"]}}, seeds=[1],

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
-    run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
+    run.add_argument("--follow", action="store_true",
+                     help="keep the progress bar on screen (tmux), also of a sweep that is already running")
     run.add_argument("--add-workers", action="store_true",
                      help="the sweep is already running: start this plan's workers beside it")
     run.add_argument("--redo-changed", action="store_true",
@@ -276,8 +277,18 @@ def cmd_run(manifest, args) -> int:
     if alive and not args.add_workers:
         print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
               "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
-        print(format_report(build_report(sweep)))
-        return 0
+        if not args.follow:
+            print(format_report(build_report(sweep)))
+            return 0
+        # Follow the running sweep, whoever started it: its workers are found through the ledger.
+        alive_now = lambda: max(len(sweep.live_workers(ledger)), executor.running())  # noqa: E731
+        if _follow(sweep, ledger, alive_now, len(sweep.jobs), show=not args.no_progress):
+            print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
+            return 0
+        report = build_report(sweep)
+        print()
+        print(format_report(report))
+        return 1 if report.totals.failed or report.totals.left else 0
 
     # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
     plan, gpus, why = _plan(manifest, sweep, args, executor)
@@ -322,7 +333,7 @@ def cmd_run(manifest, args) -> int:
         print(f"progress: python run_experiment.py report {_quote(manifest.path)}")
         print(f"stop:     python run_experiment.py stop {_quote(manifest.path)}")
         return 0
-    interrupted = _follow(sweep, ledger, executor, total, show=not args.no_progress)
+    interrupted = _follow(sweep, ledger, executor.running, total, show=not args.no_progress)
     if interrupted:
         if executor.detaches:
             print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
@@ -341,8 +352,9 @@ def cmd_run(manifest, args) -> int:
     return 1 if report.totals.failed or report.totals.left else 0
 
 
-def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
-    """Show a progress bar until no work is left or no worker is alive; True on Ctrl-C."""
+def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
+    """Show a progress bar until no work is left or no worker is alive (`alive()` counts them);
+    True on Ctrl-C."""
     from tqdm import tqdm
     counts = ledger.counts()
     bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
@@ -355,7 +367,7 @@ def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
             bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
             if counts["pending"] + counts["running"] == 0:
                 break
-            if not executor.running():
+            if not alive():
                 break
     except KeyboardInterrupt:
         return True

@@ -255,3 +255,22 @@ def test_report_json_watch_prints_json_lines(write_manifest):
         process.communicate(timeout=30)
     assert not any("\033" in line for line in lines)  # no screen clearing, no clock
     assert [json.loads(line)["totals"]["expected"] for line in lines] == [6, 6, 6]  # one object a line
+
+
+def test_run_follow_on_a_running_sweep_follows_it_to_the_end(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 2.0}}))
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
+                              "--executor", "local", "--no-progress"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    try:
+        deadline = time.monotonic() + 30
+        while not (ledger_path.exists() and Ledger(ledger_path).counts()["running"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        follow = cli("run", str(path), "--executor", "local", "--follow")
+        assert "already running" in follow.stdout, follow.stdout + follow.stderr
+        # It followed the sweep to its end (a progress bar, then the final report), not a one-off report.
+        assert len(_mp4s(tmp_path / "out")) == 6 and follow.returncode == 0, follow.stdout + follow.stderr
+        assert "6/6" in follow.stderr and "100.0%" in follow.stdout
+    finally:
+        first.wait(timeout=60)

@@ -356,6 +356,8 @@ def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
     """Show a progress bar until no work is left or no worker is alive (`alive()` counts them);
     True on Ctrl-C."""
     from tqdm import tqdm
+
+    from .report import workers_getting_ready
     counts = ledger.counts()
     bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
                smoothing=0.05)
@@ -363,8 +365,13 @@ def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
         while True:
             time.sleep(1.0)
             counts = ledger.counts()
-            bar.update(counts["done"] - bar.n)
             bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
+            bar.update(counts["done"] - bar.n)
+            # Before their first job, say what the workers are doing (a first run loads for a while).
+            getting_ready = workers_getting_ready(ledger.workers())
+            if getting_ready != bar.desc:
+                bar.set_description_str(getting_ready, refresh=False)
+                bar.refresh()
             if counts["pending"] + counts["running"] == 0:
                 break
             if not alive():

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS workers (
     busy_s REAL NOT NULL DEFAULT 0,
     ooms INTEGER NOT NULL DEFAULT 0,
     restarts INTEGER NOT NULL DEFAULT 0,
-    message TEXT
+    message TEXT,
+    phase TEXT              -- before its first job: what it is doing (importing, loading the model)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -95,6 +96,9 @@ class Ledger:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            # A ledger written before workers recorded their phase.
+            if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
+                db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -307,17 +311,18 @@ class Ledger:
 
     # ---------------------------------------------------------------- workers
     def register_worker(self, worker: str, devices: tuple[int, ...], pid: int | None = None,
-                        supervisor_pid: int | None = None, state: str = "loading") -> None:
+                        supervisor_pid: int | None = None, state: str = "loading",
+                        phase: str | None = None) -> None:
         now = time.time()
         with self.transaction() as db:
             db.execute("INSERT INTO workers (id, host, pid, supervisor_pid, devices, state, started_at, "
-                       "heartbeat_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                       "heartbeat_at, phase) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                        "host=excluded.host, pid=COALESCE(excluded.pid, pid), "
                        "supervisor_pid=COALESCE(excluded.supervisor_pid, supervisor_pid), "
                        "devices=excluded.devices, state=excluded.state, started_at=excluded.started_at, "
-                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL",
+                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL, phase=excluded.phase",
                        (worker, socket.gethostname(), pid, supervisor_pid,
-                        ",".join(map(str, devices)), state, now, now))
+                        ",".join(map(str, devices)), state, now, now, phase))
 
     def set_worker(self, worker: str, **fields) -> None:
         if not fields:

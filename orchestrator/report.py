@@ -128,7 +128,8 @@ def build_report(sweep: Sweep) -> Report:
                 "jobs_per_hour": rate * 3600 if rate is not None else None,
                 "current": current.key if current else None,
                 "heartbeat_age_s": now - worker["heartbeat_at"] if worker["heartbeat_at"] else None,
-                "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"]})
+                "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"],
+                "phase": worker["phase"] if worker["state"] in ("starting", "loading") and not stopped else None})
     finally:
         ledger.close()
     return report
@@ -212,6 +213,17 @@ def describe_time_left(report: Report) -> str:
     if not report.workers_alive:
         return "stopped (no worker is running; `run` resumes the sweep)"
     return "not known yet"
+
+
+def workers_getting_ready(workers: list[dict]) -> str:
+    """What the workers that have no job yet are doing, e.g. "2 workers loading the model (diffusers)":
+    the progress bar's description while a first run imports and loads for seconds to minutes."""
+    counts: dict[str, int] = {}
+    for worker in workers:
+        if worker["state"] in ("starting", "loading"):
+            phase = worker.get("phase") or ("starting" if worker["state"] == "starting" else "loading the model")
+            counts[phase] = counts.get(phase, 0) + 1
+    return ", ".join(f"{n} worker{'s' if n != 1 else ''} {phase}" for phase, n in counts.items())
 
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:

@@ -275,3 +275,20 @@ def test_workers_whose_processes_are_gone_are_shown_stopped(write_manifest):
     assert "time left stopped (no worker is running" in format_report(report)
     page = build_page(sweep, report)
     assert page.workers[0]["state"] == "stopped" and page.time_left.startswith("stopped")
+
+
+def test_a_ledger_from_before_worker_phases_gains_the_column(tmp_path):
+    import sqlite3
+    old = sqlite3.connect(tmp_path / "l.sqlite")
+    old.execute("CREATE TABLE workers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, supervisor_pid INTEGER, "
+                "devices TEXT, state TEXT, started_at REAL, heartbeat_at REAL, job TEXT, jobs_done INTEGER NOT "
+                "NULL DEFAULT 0, busy_s REAL NOT NULL DEFAULT 0, ooms INTEGER NOT NULL DEFAULT 0, restarts "
+                "INTEGER NOT NULL DEFAULT 0, message TEXT)")
+    old.execute("INSERT INTO workers (id, state) VALUES ('w0', 'exited')")
+    old.commit()
+    old.close()
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.register_worker("w1", (), phase="importing synthetic")
+    assert {w["id"]: w["phase"] for w in ledger.workers()} == {"w0": None, "w1": "importing synthetic"}
+    from orchestrator.report import workers_getting_ready
+    assert workers_getting_ready(ledger.workers()) == "1 worker importing synthetic"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,3 +275,12 @@ def test_run_follow_on_a_running_sweep_follows_it_to_the_end(write_manifest, tmp
         assert "6/6" in follow.stderr and "100.0%" in follow.stdout
     finally:
         first.wait(timeout=60)
+
+
+def test_progress_bar_says_what_the_workers_do_before_their_first_job(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(model={"options": {"load_seconds": 3.0}}))
+    result = cli("run", str(path), "--executor", "local")  # with the progress bar (on stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"[12] workers? loading the model \(synthetic\)", result.stderr)  # not a silent 0/6
+    ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
+    assert {w["phase"] for w in ledger.workers()} == {None}  # said until the first job, then cleared

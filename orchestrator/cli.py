@@ -361,6 +361,7 @@ def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
     counts = ledger.counts()
     bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
                smoothing=0.05)
+    getting_ready = ""
     try:
         while True:
             time.sleep(1.0)
@@ -368,8 +369,9 @@ def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
             bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
             bar.update(counts["done"] - bar.n)
             # Before their first job, say what the workers are doing (a first run loads for a while).
-            getting_ready = workers_getting_ready(ledger.workers())
-            if getting_ready != bar.desc:
+            now_ready = workers_getting_ready(ledger.workers())
+            if now_ready != getting_ready:
+                getting_ready = now_ready
                 bar.set_description_str(getting_ready, refresh=False)
                 bar.refresh()
             if counts["pending"] + counts["running"] == 0:

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import sys
 import time
+from contextlib import contextmanager
 
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError, load_manifest
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="measure memory and throughput again instead of using the cached profile")
         p.add_argument("--allow-non-empty", action="store_true",
                        help="use an output_dir that already holds other files (nothing in it is deleted)")
-    run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
+    run.add_argument("--follow", action="store_true",
+                     help="keep the progress bar on screen (tmux), also of a sweep that is already running")
     run.add_argument("--add-workers", action="store_true",
                      help="the sweep is already running: start this plan's workers beside it")
     run.add_argument("--redo-changed", action="store_true",
@@ -81,11 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_READER_GONE = 141  # what a shell reports for a program ended by SIGPIPE (`yes | head -1`)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except BrokenPipeError:  # `plan … | head -1`: the reader has what it wanted; end quietly
+        _discard(sys.stdout)
+        return EXIT_READER_GONE
+
+
+def _command(args) -> int:
     if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
         return cmd_models(args)
     try:
@@ -93,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "ray_address", None):
             from dataclasses import replace
             manifest = replace(manifest, execution=replace(manifest.execution, ray_address=args.ray_address))
-        return {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
+        if args.command == "run":
+            # Its workers must not be left half-started or unwatched because `| head -1` stopped reading.
+            with _output_may_close():
+                return cmd_run(manifest, args)
+        return {"plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +123,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}\nNothing was started." if args.command == "run" else f"error: {problem}",
               file=sys.stderr)
         return 2
+
+
+def _discard(stream) -> None:
+    """Point a stream's descriptor at /dev/null: its reader has gone (`| head`), and nothing written
+    later, the interpreter's last flush included, may raise BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _Outliving:
+    """A stdout or stderr that outlives its reader: the first write to a closed pipe discards the
+    rest of the output, and the command goes on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _discard(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _discard(self._stream)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _output_may_close():
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Outliving(sys.stdout), _Outliving(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 class UserError(RuntimeError):
@@ -270,8 +331,18 @@ def cmd_run(manifest, args) -> int:
         lock.release()
         print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
               "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
-        print(format_report(build_report(sweep)))
-        return 0
+        if not args.follow:
+            print(format_report(build_report(sweep)))
+            return 0
+        # Follow the running sweep, whoever started it: its workers are found through the ledger.
+        alive_now = lambda: max(len(sweep.live_workers(ledger)), executor.running())  # noqa: E731
+        if _follow(sweep, ledger, alive_now, len(sweep.jobs), show=not args.no_progress):
+            print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
+            return 0
+        report = build_report(sweep)
+        print()
+        print(format_report(report))
+        return 1 if report.totals.failed or report.totals.left else 0
 
     # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
     plan, gpus, why = _plan(manifest, sweep, args, executor)
@@ -291,8 +362,6 @@ def cmd_run(manifest, args) -> int:
             print(f"removed {removed} partial files left by interrupted workers")
     ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
                 manifest.execution.heartbeat_timeout_s, fresh=not alive)
-    if not alive:
-        ledger.set_meta("started_at", str(time.time()))
     total = len(sweep.jobs)
     if ledger.unfinished() == 0:
         print(f"all {total} jobs of `{manifest.name}` are done.\n")
@@ -328,7 +397,7 @@ def cmd_run(manifest, args) -> int:
         print(f"progress: python run_experiment.py report {_quote(manifest.path)}")
         print(f"stop:     python run_experiment.py stop {_quote(manifest.path)}")
         return 0
-    interrupted = _follow(sweep, ledger, executor, total, show=not args.no_progress)
+    interrupted = _follow(sweep, ledger, executor.running, total, show=not args.no_progress)
     if interrupted:
         if executor.detaches:
             print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
@@ -361,21 +430,31 @@ def _process_started() -> float:
         return psutil.Process().create_time()
 
 
-def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
-    """Show a progress bar until no work is left or no worker is alive; True on Ctrl-C."""
+def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
+    """Show a progress bar until no work is left or no worker is alive (`alive()` counts them);
+    True on Ctrl-C."""
     from tqdm import tqdm
+
+    from .report import workers_getting_ready
     counts = ledger.counts()
     bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
                smoothing=0.05)
+    getting_ready = ""
     try:
         while True:
             time.sleep(1.0)
             counts = ledger.counts()
-            bar.update(counts["done"] - bar.n)
             bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
+            bar.update(counts["done"] - bar.n)
+            # Before their first job, say what the workers are doing (a first run loads for a while).
+            now_ready = workers_getting_ready(ledger.workers())
+            if now_ready != getting_ready:
+                getting_ready = now_ready
+                bar.set_description_str(getting_ready, refresh=False)
+                bar.refresh()
             if counts["pending"] + counts["running"] == 0:
                 break
-            if not executor.running():
+            if not alive():
                 break
     except KeyboardInterrupt:
         return True
@@ -390,14 +469,16 @@ def _quote(path) -> str:
 
 
 def cmd_report(manifest, args) -> int:
+    """Exit 1 when jobs failed for good (as `run` does), so a script can tell; else 0."""
     from .report import build_report, format_report, report_json
     from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
     _check_folder(sweep, owner_only=True)
+    report = None
     try:
         while True:
             report = build_report(sweep)
-            text = report_json(report) if args.json else format_report(report)
+            text = report_json(report, one_line=bool(args.watch)) if args.json else format_report(report)
             if args.html:
                 from .review import write_page
                 try:
@@ -408,14 +489,21 @@ def cmd_report(manifest, args) -> int:
                 except OSError as exc:  # a read-only output folder, a full disk
                     raise UserError(f"cannot write the review page into {sweep.root}: {exc.strerror or exc} "
                                     "(make the folder writable or free some space)") from None
-                text = f"{text}\n\nreview page: {page}" if args.watch else str(page)
+                if not args.watch:
+                    text = str(page)
+                elif not args.json:
+                    text = f"{text}\n\nreview page: {page}"
             if not args.watch:
                 print(text)
-                return 0
-            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
+                break
+            if args.json:  # JSON Lines, for a program that follows the output: no screen control
+                print(text, flush=True)
+            else:
+                print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:  # the usual way to leave --watch, wherever it lands
-        return 0
+        pass
+    return 1 if report is not None and report.totals.failed else 0
 
 
 def cmd_stop(manifest, args) -> int:

@@ -48,13 +48,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
+CREATE INDEX IF NOT EXISTS attempts_end ON attempts (finished_at);
+CREATE INDEX IF NOT EXISTS attempts_worker_end ON attempts (worker, finished_at);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     host TEXT,
     pid INTEGER,
     supervisor_pid INTEGER,
     devices TEXT,
-    state TEXT,             -- starting | loading | idle | running | exited | failed | retired
+    state TEXT,             -- starting | loading | idle | running | exited | stopped | failed | retired
     started_at REAL,
     heartbeat_at REAL,
     job TEXT,
@@ -62,12 +64,17 @@ CREATE TABLE IF NOT EXISTS workers (
     busy_s REAL NOT NULL DEFAULT 0,
     ooms INTEGER NOT NULL DEFAULT 0,
     restarts INTEGER NOT NULL DEFAULT 0,
-    message TEXT
+    message TEXT,
+    phase TEXT              -- before its first job: what it is doing (importing, loading the model)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
+# Attempts whose end the worker recorded itself as it happened: their start and end times measure
+# work. A `lost` attempt's end is when someone noticed (a sweep restarted hours later), a `released`
+# one was cut short by a stop, a `skipped` one did nothing.
+TIMED_OUTCOMES = ("done", "error", "oom", "timeout")
 
 
 class LedgerError(RuntimeError):
@@ -108,6 +115,9 @@ class Ledger:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                # A ledger written before workers recorded their phase.
+                if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
+                    db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
         except (sqlite3.DatabaseError, OSError) as exc:  # garbage in the file, a read-only folder, …
             raise LedgerError(ledger_problem(self.path, exc)) from None
 
@@ -300,6 +310,19 @@ class Ledger:
                 self._end_attempt(job_id, worker, "lost", reason, max_attempts)
         return len(rows)
 
+    def release_worker(self, worker: str, reason: str) -> int:
+        """The worker was stopped (`stop`, `stop --now`): its claims go back to the queue without using
+        an attempt, and it is no longer alive. Returns how many jobs it held."""
+        with self.transaction() as db:
+            held = db.execute("SELECT COUNT(*) FROM jobs WHERE state='running' AND worker=?", (worker,)).fetchone()[0]
+            db.execute("UPDATE attempts SET finished_at=?, outcome='released', error=? WHERE worker=? "
+                       "AND finished_at IS NULL", (time.time(), reason, worker))
+            db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
+                       "WHERE worker=? AND state='running'", (worker,))
+            db.execute(f"UPDATE workers SET state='stopped', job=NULL WHERE id=? AND state IN "
+                       f"({','.join('?' * len(LIVE_WORKER_STATES))})", (worker, *LIVE_WORKER_STATES))
+        return held
+
     def heartbeat(self, worker: str, job_id: str | None) -> None:
         now = time.time()
         with self.transaction() as db:
@@ -309,17 +332,18 @@ class Ledger:
 
     # ---------------------------------------------------------------- workers
     def register_worker(self, worker: str, devices: tuple[int, ...], pid: int | None = None,
-                        supervisor_pid: int | None = None, state: str = "loading") -> None:
+                        supervisor_pid: int | None = None, state: str = "loading",
+                        phase: str | None = None) -> None:
         now = time.time()
         with self.transaction() as db:
             db.execute("INSERT INTO workers (id, host, pid, supervisor_pid, devices, state, started_at, "
-                       "heartbeat_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                       "heartbeat_at, phase) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                        "host=excluded.host, pid=COALESCE(excluded.pid, pid), "
                        "supervisor_pid=COALESCE(excluded.supervisor_pid, supervisor_pid), "
                        "devices=excluded.devices, state=excluded.state, started_at=excluded.started_at, "
-                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL",
+                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL, phase=excluded.phase",
                        (worker, socket.gethostname(), pid, supervisor_pid,
-                        ",".join(map(str, devices)), state, now, now))
+                        ",".join(map(str, devices)), state, now, now, phase))
 
     def set_worker(self, worker: str, **fields) -> None:
         if not fields:
@@ -347,17 +371,11 @@ class Ledger:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE active AND state IN ('pending', 'running')"
                                ).fetchone()[0]
 
-    def jobs(self, report_since: float | None = None) -> list[dict]:
-        """Active jobs in manifest order; with `report_since`, only those a report looks at: running,
-        failed, or done (not skipped) after that time."""
-        where = "active"
-        params: tuple = ()
-        if report_since is not None:
-            where += (" AND (state IN ('running', 'failed') OR (state = 'done' AND NOT skipped "
-                      "AND finished_at > ?))")
-            params = (report_since,)
+    def jobs(self, running_or_failed: bool = False) -> list[dict]:
+        """Active jobs in manifest order; with `running_or_failed`, only those a report looks at."""
+        where = "active" + (" AND state IN ('running', 'failed')" if running_or_failed else "")
         cur = self.db.execute("SELECT id, queue, state, attempts, worker, heartbeat_at, finished_at, "
-                              f"seconds, skipped, last_error FROM jobs WHERE {where} ORDER BY ordinal", params)
+                              f"seconds, skipped, last_error FROM jobs WHERE {where} ORDER BY ordinal")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
@@ -365,6 +383,18 @@ class Ledger:
         """The folders the active jobs write into (where their temporary files are)."""
         rows = self.db.execute("SELECT DISTINCT json_extract(payload, '$.output') FROM jobs WHERE active")
         return {os.path.dirname(output) for (output,) in rows if output}
+
+    def timed_attempts(self, worker: str | None = None) -> Iterator[tuple[float, float, bool]]:
+        """(started_at, finished_at, made a video) of the attempts that measure work (`TIMED_OUTCOMES`),
+        the newest end first, of one worker or of all; read lazily, so a caller stops when it has enough."""
+        where = f"finished_at IS NOT NULL AND outcome IN ({','.join('?' * len(TIMED_OUTCOMES))})"
+        params: tuple = TIMED_OUTCOMES
+        if worker is not None:
+            where += " AND worker = ?"
+            params += (worker,)
+        cur = self.db.execute(f"SELECT started_at, finished_at, outcome = 'done' FROM attempts WHERE {where} "
+                              "ORDER BY finished_at DESC", params)
+        return ((start, end, bool(made)) for start, end, made in cur)
 
     def attempts(self, job_id: str | None = None) -> list[dict]:
         query = "SELECT * FROM attempts" + (" WHERE job_id=?" if job_id else "") + " ORDER BY started_at"

@@ -3,6 +3,8 @@
 A final name only ever holds a checked video: frames go to a temporary file in the same folder, the
 file is reopened and its frames counted, and only then is it renamed into place. The sidecar (same
 name, `.json`) is written before the rename, so an mp4 without a sidecar was made by something else.
+Outputs get the mode of any file the user writes (0666 less the umask), though their temporary files
+are made private by `tempfile.mkstemp`: a shared review page must be able to play them.
 """
 from __future__ import annotations
 
@@ -24,6 +26,29 @@ TEMP_MARK = ".wan-sweep-partial-"
 
 class InvalidVideo(RuntimeError):
     pass
+
+
+def _umask_at_import() -> int:
+    # Setting the umask is the only portable way to read it, and it is process-wide: done once here,
+    # before a worker starts its threads, never while they write files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask_at_import()
+
+
+def file_mode() -> int:
+    """The mode a new file of the user's gets: 0666 less the umask (Linux reports it in /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~_UMASK
 
 
 def sidecar_path(mp4: str | os.PathLike) -> Path:
@@ -93,6 +118,7 @@ def adopt_mp4(temp: str | os.PathLike, path: str | os.PathLike, expected_frames:
             if started is not None:
                 extra["encode_seconds"] = round(time.monotonic() - started, 3)
             write_sidecar(path, {**sidecar, **extra}, owner=owner)
+        os.chmod(temp, file_mode())
         os.replace(temp, path)
     finally:
         if temp.exists():
@@ -130,6 +156,7 @@ def write_sidecar(mp4: str | os.PathLike, record: dict, owner: str = "") -> Path
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(record, stream, indent=2, ensure_ascii=False, sort_keys=True)
+        os.chmod(temp_name, file_mode())
         os.replace(temp_name, target)
     except BaseException:
         os.unlink(temp_name)

@@ -2,6 +2,10 @@
 
 Done counts come from valid mp4s on disk, so the report is right even when the ledger is lost;
 running jobs, failures, workers and speed come from the ledger when it exists.
+
+Speed is measured from the attempts' own start and end times, over the last half hour of work: the
+time between runs (a stopped sweep, a rerun that found nothing to do) is not work, so it neither
+dilutes nor inflates the rate. Time left is the work left at the pace of the workers alive now.
 """
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import json
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
-from .ledger import LedgerError, ledger_problem
-from .sweep import DiskScan, Sweep
+from .ledger import LIVE_WORKER_STATES, LedgerError, ledger_problem
+from .sweep import DiskScan, Sweep, processes_gone
 from .terminal import printable
 
-WINDOW_S = 1800.0  # throughput is measured over the last half hour (or since the sweep started)
+WINDOW_S = 1800.0  # throughput is measured over the last half hour of work (or all of it, if less)
+READ_BATCH = 256  # attempts read between two checks of whether the window is full
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Report:
     failed: list[dict] = field(default_factory=list)
     jobs_per_hour: float | None = None
     eta_s: float | None = None
+    workers_alive: int = 0
     ledger: bool = True
     ledger_problem: str | None = None  # the ledger exists but cannot be read: counts are from the disk
     stop_reason: str | None = None  # why the workers stopped by themselves (a full disk)
@@ -66,8 +73,8 @@ class Report:
                 "categories": rows,
                 "totals": {**asdict(total), "left": total.left, "percent": round(total.percent, 2)},
                 "workers": self.workers, "failed": self.failed, "jobs_per_hour": self.jobs_per_hour,
-                "eta_s": self.eta_s, "ledger": self.ledger, "ledger_problem": self.ledger_problem,
-                "stop_reason": self.stop_reason}
+                "eta_s": self.eta_s, "workers_alive": self.workers_alive, "ledger": self.ledger,
+                "ledger_problem": self.ledger_problem, "stop_reason": self.stop_reason}
 
 
 def build_report(sweep: Sweep) -> Report:
@@ -107,40 +114,108 @@ def _add_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: Dis
     """What only the ledger knows: running and failed jobs, speed, workers."""
     ledger = sweep.ledger()
     try:
-        recent: list[float] = []
-        # Only what the loop below uses: running, failed, and done within the window.
-        for entry in ledger.jobs(report_since=now - WINDOW_S):
+        workers = ledger.workers()
+        # A worker the ledger calls alive whose processes are gone (`stop --now`, every process
+        # killed, a reboot) is stopped: it holds no job and has no time left.
+        gone = {w["id"] for w in workers if w["state"] in LIVE_WORKER_STATES and processes_gone(w)}
+        live = {w["id"] for w in workers if w["state"] in LIVE_WORKER_STATES} - gone
+        # Only what the loop below uses: running and failed jobs.
+        for entry in ledger.jobs(running_or_failed=True):
             job = by_id.get(entry["id"])
             if job is None or job.id in scan.complete:
-                if job is not None and entry["state"] == "done" and not entry["skipped"] \
-                        and entry["finished_at"] and now - entry["finished_at"] < WINDOW_S:
-                    recent.append(entry["finished_at"])
                 continue
             row = rows[job.category]
-            if entry["state"] == "running":
+            if entry["state"] == "running" and entry["worker"] not in gone:
                 row.running += 1
             elif entry["state"] == "failed":
                 row.failed += 1
                 report.failed.append({"job": job.key, "id": job.id, "attempts": entry["attempts"],
                                       "error": entry["last_error"]})
-        started = float(ledger.get_meta("started_at", "0") or 0)
-        span = min(WINDOW_S, now - started) if started else WINDOW_S
-        if recent and span > 0:
-            report.jobs_per_hour = len(recent) / span * 3600
-            left = report.totals.left
-            report.eta_s = left / report.jobs_per_hour * 3600 if report.jobs_per_hour else None
-        for worker in ledger.workers():
-            current = by_id.get(worker["job"]) if worker["job"] else None
+        videos, busy_s = work_rate(ledger.timed_attempts())
+        if videos and busy_s > 0:
+            report.jobs_per_hour = videos / busy_s * 3600
+        rates: dict[str, float | None] = {}
+        for worker in workers:
+            videos, busy_s = work_rate(ledger.timed_attempts(worker["id"]))
+            rates[worker["id"]] = videos / busy_s if busy_s > 0 else None
+        report.workers_alive = len(live)
+        report.eta_s = time_left(report.totals.left, [rates[w] for w in live])
+        for worker in workers:
+            stopped = worker["id"] in gone
+            current = by_id.get(worker["job"]) if worker["job"] and not stopped else None
+            rate = rates[worker["id"]]
             report.workers.append({
-                "id": worker["id"], "state": worker["state"], "devices": worker["devices"],
-                "host": worker["host"], "jobs_done": worker["jobs_done"],
+                "id": worker["id"], "state": "stopped" if stopped else worker["state"],
+                "devices": worker["devices"], "host": worker["host"], "jobs_done": worker["jobs_done"],
                 "mean_s": worker["busy_s"] / worker["jobs_done"] if worker["jobs_done"] else None,
+                "jobs_per_hour": rate * 3600 if rate is not None else None,
                 "current": current.key if current else None,
                 "heartbeat_age_s": now - worker["heartbeat_at"] if worker["heartbeat_at"] else None,
-                "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"]})
+                "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"],
+                "phase": worker["phase"] if worker["state"] in ("starting", "loading") and not stopped else None})
         report.stop_reason = ledger.get_meta("stop_reason")
     finally:
         ledger.close()
+
+
+def work_rate(attempts: Iterable[tuple[float, float, bool]], window_s: float = WINDOW_S) -> tuple[float, float]:
+    """(videos made, seconds of work) over the last `window_s` seconds in which any of `attempts` ran.
+
+    `attempts` are (start, end, made a video), the newest end first (`Ledger.timed_attempts`); only
+    as many are read as fill the window. Time in which no attempt ran is not counted, so a sweep
+    that stood still between two runs has the speed it had while it ran. An attempt that began
+    before the window counts for the share of its time inside it (a job longer than the window
+    still gives the right rate).
+    """
+    taken: list[tuple[float, float, bool]] = []
+    for attempt in attempts:
+        taken.append(attempt)
+        # Every attempt not read yet ends before this one, so the work after this end is final.
+        if len(taken) % READ_BATCH == 0 and _covered(taken, since=attempt[1]) >= window_s:
+            break
+    if not taken:
+        return 0.0, 0.0
+    segments = _union([(start, end) for start, end, _ in taken])
+    cutoff, busy = segments[0][0], 0.0
+    for start, end in reversed(segments):  # back from the newest work until the window is full
+        if busy + (end - start) >= window_s:
+            cutoff, busy = end - (window_s - busy), window_s
+            break
+        busy += end - start
+    videos = 0.0
+    for start, end, made in taken:
+        if made and end >= cutoff:
+            videos += 1.0 if start >= cutoff or end <= start else (end - cutoff) / (end - start)
+    return videos, busy
+
+
+def time_left(jobs_left: int, rates: list[float | None]) -> float | None:
+    """Seconds to make `jobs_left` videos at the pace of the workers alive (their rates in videos
+    per second; None for a worker not measured yet, which is taken to go as fast as the others)."""
+    if jobs_left <= 0:
+        return 0.0
+    measured = [r for r in rates if r is not None]
+    if not measured:
+        return None  # no worker alive, or none has finished anything yet
+    pace = sum(measured) + (len(rates) - len(measured)) * sum(measured) / len(measured)
+    return jobs_left / pace if pace > 0 else None
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, ascending segments covering the intervals (a worker writes one video while it makes
+    the next, and workers run side by side, so attempts overlap)."""
+    segments: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if segments and start <= segments[-1][1]:
+            if end > segments[-1][1]:
+                segments[-1] = (segments[-1][0], end)
+        else:
+            segments.append((start, end))
+    return segments
+
+
+def _covered(attempts: list[tuple[float, float, bool]], since: float) -> float:
+    return sum(end - start for start, end in _union([(max(s, since), e) for s, e, _ in attempts if e > since]))
 
 
 def _duration(seconds: float | None) -> str:
@@ -150,6 +225,28 @@ def _duration(seconds: float | None) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def describe_time_left(report: Report) -> str:
+    """Time left as the text report and the review page say it."""
+    if report.totals.left <= 0:
+        return "-"
+    if report.eta_s is not None:
+        return _duration(report.eta_s)
+    if not report.workers_alive:
+        return "stopped (no worker is running; `run` resumes the sweep)"
+    return "not known yet"
+
+
+def workers_getting_ready(workers: list[dict]) -> str:
+    """What the workers that have no job yet are doing, e.g. "2 workers loading the model (diffusers)":
+    the progress bar's description while a first run imports and loads for seconds to minutes."""
+    counts: dict[str, int] = {}
+    for worker in workers:
+        if worker["state"] in ("starting", "loading"):
+            phase = worker.get("phase") or ("starting" if worker["state"] == "starting" else "loading the model")
+            counts[phase] = counts.get(phase, 0) + 1
+    return ", ".join(f"{n} worker{'s' if n != 1 else ''} {phase}" for phase, n in counts.items())
 
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:
@@ -173,10 +270,11 @@ def format_report(report: Report) -> str:
     total = report.totals
     lines.append("")
     if report.jobs_per_hour:
-        lines.append(f"throughput {report.jobs_per_hour:.1f} videos/hour (last {WINDOW_S / 60:.0f} min); "
-                     f"time left {_duration(report.eta_s)}")
+        line = f"throughput {report.jobs_per_hour:.1f} videos/hour (last {WINDOW_S / 60:.0f} min of work)"
+        lines.append(line + (f"; time left {describe_time_left(report)}" if total.left else ""))
     elif total.left:
-        lines.append("throughput: not measured yet" + ("" if report.ledger else " (no ledger: counts are from disk)"))
+        lines.append("throughput: not measured yet" + (f"; time left {describe_time_left(report)}" if report.ledger
+                                                       else " (no ledger: counts are from disk)"))
     if total.stale:
         lines.append(f"{total.stale} mp4s were made with other settings and are not counted "
                      "(`run --redo-changed` moves them aside and makes them again)")
@@ -199,5 +297,6 @@ def format_report(report: Report) -> str:
     return printable("\n".join(lines))
 
 
-def report_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+def report_json(report: Report, one_line: bool = False) -> str:
+    """The report as JSON; `one_line` for JSON Lines (`report --json --watch`: one object a line)."""
+    return json.dumps(report.to_dict(), indent=None if one_line else 2, ensure_ascii=False)

@@ -20,8 +20,8 @@ from urllib.parse import quote
 
 import av
 
-from .outputs import TEMP_MARK
-from .report import WINDOW_S, CategoryRow, Report, _duration, build_report
+from .outputs import TEMP_MARK, file_mode
+from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left
 from .sweep import FolderProblem, Sweep
 
 PAGE_NAME = "index.html"
@@ -230,7 +230,7 @@ def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int 
         handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".jpg", dir=target.parent)
         os.close(handle)
         _save_jpeg(frame.reformat(width=w, height=h), temp_name)
-        os.chmod(temp_name, video.stat().st_mode & 0o777)  # as shareable as the video, no more
+        os.chmod(temp_name, file_mode())  # mkstemp makes it private; posters are shared like the videos
         os.replace(temp_name, target)
     except (OSError, av.error.FFmpegError, ValueError):
         return False  # a page without this poster is still a page (a read-only folder, a full disk)
@@ -359,7 +359,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
         notes.append(f"{total.stale} mp4s were made with other settings and are not counted "
                      "(`run --redo-changed` moves them aside and makes them again).")
     if report.jobs_per_hour:
-        throughput = f"{report.jobs_per_hour:.1f} videos/hour (last {WINDOW_S / 60:.0f} min)"
+        throughput = f"{report.jobs_per_hour:.1f} videos/hour (last {WINDOW_S / 60:.0f} min of work)"
     else:
         throughput = "not measured yet" if total.left else "-"
     return Page(
@@ -368,7 +368,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
                  f"seeds {', '.join(map(str, m.seeds))}",
         generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), grids=grids, failures=failures,
         workers=workers, activity=_activity(attempts, worker_rows, now, log_url), throughput=throughput,
-        time_left="-" if total.left <= 0 else _duration(report.eta_s) if report.eta_s is not None else "unknown",
+        time_left=describe_time_left(report),
         tile_width=TILE_WIDTH, tile_height=max(1, round(TILE_WIDTH * g.height / g.width)),
         seed_columns=len(m.seeds) if len(m.seeds) <= 3 else -(-len(m.seeds) // 2),  # 4 seeds: 2×2
         reload_s=int(max(reload_s, MIN_RELOAD_S)) if reload_s and total.left > 0 else None, notes=notes)
@@ -415,12 +415,7 @@ def _device_label(devices: str | None, worker: str) -> str:
 def _covered(intervals: list[tuple[float, float]]) -> float:
     """Seconds covered by the union of the intervals: a worker writes one video while it makes the
     next, so its attempts overlap."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+    return sum(end - start for start, end in _union(intervals))
 
 
 _TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -507,7 +502,7 @@ def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(html)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it private; the page is for sharing
+        os.chmod(temp_name, file_mode())  # mkstemp makes it private; the page is for sharing
         os.replace(temp_name, target)
     finally:
         if os.path.exists(temp_name):

@@ -399,6 +399,16 @@ def _size(n: float) -> str:
         n /= 1024
     return f"{n:.1f} TiB"
 
+def processes_gone(worker: dict) -> bool:
+    """Whether a worker row's processes are known to have ended (killed, crashed, machine rebooted).
+
+    Only a worker of this host with a recorded pid can be judged so; any other (a Ray actor) is
+    taken at the ledger's word.
+    """
+    import socket
+    pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
+    return bool(pids) and worker["host"] == socket.gethostname() and not any(map(is_sweep_process, pids))
+
 
 def is_sweep_process(pid: int) -> bool:
     """A supervisor or worker of this product (a pid kept in the ledger may since have been reused)."""

@@ -289,7 +289,10 @@ def run_worker(spec: WorkerSpec) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)  # its tmux pane or server went away: stop cleanly
     supervisor = int(os.environ.get("ORCHESTRATOR_SUPERVISOR_PID", "0")) or None
-    ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor)
+    # Until its first job the worker says what it is doing (`run`'s progress bar shows it): a first
+    # run spends seconds to minutes importing the libraries and loading the model.
+    ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor,
+                           phase=f"importing {spec.model.get('backend')}")
     beat = Heartbeat(ledger, spec, log)
     beat.start()
     from .outputs import remove_partials
@@ -319,6 +322,7 @@ def run_worker(spec: WorkerSpec) -> int:
         started = time.monotonic()
         backend = backend_class(model.backend)(model, generation, spec.devices)
         backend.owner = spec.worker
+        ledger.set_worker(spec.worker, phase=f"loading the model ({model.backend})")
         backend.load()
         beat.loading = False
         backend.load_info.setdefault("load_seconds", round(time.monotonic() - started, 2))
@@ -326,7 +330,7 @@ def run_worker(spec: WorkerSpec) -> int:
         log.info("model loaded in %.1fs (%s)%s", time.monotonic() - started, model.backend,
                  "; " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) if parts else "")
         read_ahead = ReadAhead(backend, ledger, spec, log)
-        ledger.set_worker(spec.worker, state="idle")
+        ledger.set_worker(spec.worker, state="idle", phase=None)
         group = None
         while True:
             beat.sign_of_life()

@@ -78,6 +78,18 @@ def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess
                           text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
+def cli_into_closed_pipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI with its stdout a pipe whose reader has already gone, as in `… | head -1`."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        os.close(write)
+
+
 def backend_job(prompt: str = "a cat on a mat", seed: int = 1, reference=None):
     """A Job to hand a backend's `generate` directly (no manifest, no worker)."""
     from orchestrator.jobs import Job

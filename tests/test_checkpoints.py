@@ -28,7 +28,7 @@ from orchestrator.checkpoints import loading
 from orchestrator.checkpoints import (CheckpointError, Settings, estimate, load_components, parse_gpu,
                                       parts, verify)
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import ROOT, cli, cli_into_closed_pipe, synthetic_manifest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -386,6 +386,8 @@ def test_fit_cli_says_what_fits_on_named_and_fake_gpus(tmp_path):
     assert before.returncode == 0 and "24 GB card ×2: use block offload" in before.stdout, before.stderr
     bad = cli("models", "fit", str(folder), "--gpu", "lots")
     assert bad.returncode == 2 and "cannot read GPU 'lots'" in bad.stderr
+    piped = cli_into_closed_pipe("models", "fit", str(folder), "--gpu", "80GB")  # `models fit … | head`
+    assert piped.returncode == 141 and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
 
 
 def test_gpu_specs_parse():

@@ -22,6 +22,18 @@ def test_written_mp4_has_the_expected_frames_and_its_sidecar(tmp_path):
     assert not [p for p in os.listdir(path.parent) if p.startswith(TEMP_MARK)]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_mp4_and_sidecar_take_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = write_mp4(_frames(), tmp_path / "v.mp4", fps=15, expected_frames=9, sidecar={"job_id": "x"})
+    finally:
+        os.umask(old)
+    expected = oct(0o666 & ~umask)  # what any file the user writes gets, not mkstemp's private 0600
+    assert oct(path.stat().st_mode & 0o777) == expected
+    assert oct(path.with_suffix(".json").stat().st_mode & 0o777) == expected
+
+
 @pytest.mark.parametrize("keep", [0.0, 0.3, 0.6, 0.95])
 def test_truncated_mp4_is_not_done(tmp_path, keep):
     path = write_mp4(_frames(), tmp_path / "v.mp4", fps=15, expected_frames=9)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,13 +18,14 @@ from orchestrator.ledger import Ledger
 from orchestrator.manifest import load_manifest
 from orchestrator.outputs import TEMP_MARK, count_frames
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import ROOT, cli, cli_into_closed_pipe, synthetic_manifest
 
 
 def _report(path) -> dict:
     result = cli("report", str(path), "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    assert result.returncode == (1 if report["totals"]["failed"] else 0), result.stderr
+    return report
 
 
 def _mp4s(out: Path) -> list[Path]:
@@ -91,6 +93,8 @@ def test_permanent_failure_is_reported_and_exit_code_is_nonzero(write_manifest, 
     report = _report(path)
     assert report["totals"]["done"] == 5 and report["totals"]["failed"] == 1
     assert report["failed"][0]["job"] == "alpha/seed_1_prompt_0"
+    text = cli("report", str(path))
+    assert text.returncode == 1 and "failed jobs (1)" in text.stdout  # a script can tell, as from `run`
 
 
 def test_resume_after_sigkill_mid_job(write_manifest, tmp_path):
@@ -178,6 +182,30 @@ def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path)
     assert not list((tmp_path / "out").rglob(f"{TEMP_MARK}*"))
 
 
+def test_stop_now_uses_no_attempt_and_leaves_no_worker_running(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}, execution={"retries": 0}))
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
+                            "--executor", "local", "--no-progress"], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ledger_path.exists() and Ledger(ledger_path).counts()["running"] == 2:
+            break
+        time.sleep(0.2)
+    result = cli("stop", str(path), "--now")
+    assert result.returncode == 0 and "(killed)" in result.stdout
+    run.wait(timeout=30)
+    ledger = Ledger(ledger_path)
+    # With retries: 0 a killed job used to be failed for good; a stop is not the job's fault.
+    assert ledger.counts() == {"pending": 6, "running": 0, "done": 0, "failed": 0}
+    assert all(row["attempts"] == 0 for row in ledger.jobs())
+    report = _report(path)
+    assert {w["state"] for w in report["workers"]} == {"stopped"} and report["workers_alive"] == 0
+    assert report["totals"]["running"] == 0 and report["eta_s"] is None
+
+
 def test_job_timeout_abandons_the_job(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"hang_rate": 1.0}}, categories={"a": {"prompts": ["p"]}}, seeds=[1],
@@ -217,3 +245,58 @@ def test_terminal_escapes_in_prompts_and_names_are_printed_escaped(write_manifes
     assert "cat\\x9b2J" in report.stdout and "\x9b" not in report.stdout
     sidecar = json.loads(next((tmp_path / "out").rglob("seed_1_prompt_0.json")).read_text(encoding="utf-8"))
     assert sidecar["job"]["prompt"] == prompt  # the data keeps the prompt as it was written
+
+def test_output_into_a_closed_pipe_ends_quietly_and_a_run_still_finishes(write_manifest, tmp_path):
+    # `plan … | head -1`, `run … | head -1`, `report … | head`: no BrokenPipeError traceback, and the
+    # run makes every video (its workers are not abandoned because nobody reads its output).
+    path = write_manifest(synthetic_manifest())
+    plan = cli_into_closed_pipe("plan", str(path))
+    assert plan.returncode == 141 and not plan.stderr
+    run = cli_into_closed_pipe("run", str(path), "--executor", "local")
+    assert run.returncode == 0 and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+    assert len(_mp4s(tmp_path / "out")) == 6
+    for args in (["report", str(path)], ["report", str(path), "--json"]):
+        report = cli_into_closed_pipe(*args)
+        assert report.returncode == 141 and not report.stderr
+
+
+def test_report_json_watch_prints_json_lines(write_manifest):
+    path = write_manifest(synthetic_manifest())
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "report", str(path),
+                                "--json", "--watch", "0.2"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(3)]
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert not any("\033" in line for line in lines)  # no screen clearing, no clock
+    assert [json.loads(line)["totals"]["expected"] for line in lines] == [6, 6, 6]  # one object a line
+
+
+def test_run_follow_on_a_running_sweep_follows_it_to_the_end(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 2.0}}))
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
+                              "--executor", "local", "--no-progress"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    try:
+        deadline = time.monotonic() + 30
+        while not (ledger_path.exists() and Ledger(ledger_path).counts()["running"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        follow = cli("run", str(path), "--executor", "local", "--follow")
+        assert "already running" in follow.stdout, follow.stdout + follow.stderr
+        # It followed the sweep to its end (a progress bar, then the final report), not a one-off report.
+        assert len(_mp4s(tmp_path / "out")) == 6 and follow.returncode == 0, follow.stdout + follow.stderr
+        assert "6/6" in follow.stderr and "100.0%" in follow.stdout
+    finally:
+        first.wait(timeout=60)
+
+
+def test_progress_bar_says_what_the_workers_do_before_their_first_job(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(model={"options": {"load_seconds": 3.0}}))
+    result = cli("run", str(path), "--executor", "local")  # with the progress bar (on stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"[12] workers? loading the model \(synthetic\)", result.stderr)  # not a silent 0/6
+    ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
+    assert {w["phase"] for w in ledger.workers()} == {None}  # said until the first job, then cleared

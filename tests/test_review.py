@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator import review
 from orchestrator.manifest import load_manifest
-from orchestrator.outputs import TEMP_MARK, write_mp4
+from orchestrator.outputs import TEMP_MARK, file_mode, write_mp4
 from orchestrator.review import build_page, render, thumb_path, write_page
 from orchestrator.sweep import Sweep
 
@@ -254,7 +254,7 @@ def test_page_write_is_atomic_and_reloads_only_while_work_is_left(write_manifest
     assert 'data-reload=""' in write_page(sweep).read_text(encoding="utf-8")  # not watching
     assert [p.name for p in sweep.root.iterdir() if p.name.endswith(".html")] == ["index.html"]
     assert not list(sweep.root.glob(f"{TEMP_MARK}*"))
-    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(path.stat().st_mode & 0o777) == oct(file_mode())  # readable as the user's files are
     # Self-contained: no stylesheet, script or font from elsewhere.
     parsed = Page(html)
     assert not parsed.find("link") and all("src" not in a for a in parsed.find("script"))
@@ -372,7 +372,7 @@ def test_review_page_plays_in_headless_chromium(write_manifest, make_refs, tmp_p
     run = cli("run", str(path), "--executor", "local", "--no-progress")
     assert run.returncode == 1, run.stdout + run.stderr  # the one injected failure
     result = cli("report", str(path), "--html")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # a job failed for good; the page is written all the same
     page = Path(result.stdout.strip())
     assert page == tmp_path / "out" / "index.html" and page.exists()
 
@@ -452,3 +452,17 @@ def test_activity_lanes_per_gpu_with_busy_share_and_merged_bars():
     assert [bar.outcome for bar in gpu0.bars] == ["oom", "running"]
     assert gpu0.bars[1].x + gpu0.bars[1].width == pytest.approx(activity.width)  # running until now
     assert activity.ticks and all(0 <= x <= activity.width for x, _ in activity.ticks)
+
+
+def test_videos_sidecars_posters_and_page_take_the_umask(write_manifest, make_refs):
+    # A lab's shared server: umask 002, the group opens the page; no output may be private (0600).
+    old = os.umask(0o002)
+    try:
+        sweep = _v2v_sweep(write_manifest, make_refs)
+        _set_states(sweep)
+        page = write_page(sweep)
+    finally:
+        os.umask(old)
+    done = [Path(job.output) for job in sweep.jobs[5:]]
+    files = [page] + done + [p.with_suffix(".json") for p in done] + [thumb_path(p) for p in done]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o664) for f in files}

@@ -57,7 +57,8 @@ class Executor(ABC):
         """Stop the sweep's workers: ask them to finish cleanly, or kill them (`now`).
 
         Works from any process: it finds workers through the ledger and checks that each pid is
-        really one of ours before signalling it. Returns how many processes were signalled.
+        really one of ours before signalling it. The jobs they held go back to the queue without
+        using an attempt, killed or not. Returns how many processes were signalled.
         """
         ledger = self.sweep.ledger()
         ledger.request_stop()
@@ -81,6 +82,6 @@ class Executor(ABC):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        for worker in ledger.workers():
-            ledger.requeue_worker(worker["id"], "sweep stopped")
+        for worker in ledger.workers():  # what a killed worker held: back without using an attempt
+            ledger.release_worker(worker["id"], "sweep stopped")
         return len(pids)

@@ -1039,10 +1039,8 @@ class RayExecutor(Executor):
                 signalled += _kill(pid)
             ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
             for worker in ledger.workers():  # what a killed driver left running
-                if worker["id"] in ours:
-                    ledger.requeue_worker(worker["id"], "sweep stopped")
-                    if worker["state"] in LIVE_WORKER_STATES:
-                        ledger.set_worker(worker["id"], state="exited", job=None)
+                if worker["id"] in ours:  # back without using an attempt, as from any stopped worker
+                    ledger.release_worker(worker["id"], "sweep stopped")
             return signalled
         finally:
             ledger.close()

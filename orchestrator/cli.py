@@ -412,8 +412,11 @@ def _model_target(target: str, need_manifest: bool):
     if not manifest.model.path:
         raise UserError(f"{file}: its model has no path (backend {manifest.model.backend})")
     if not os.path.exists(manifest.model.path):
-        raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; download it: "
-                        f"python run_experiment.py models download REPO_ID --to DIR, then set model.path to DIR")
+        from .backends import backend_class
+        from .checkpoints import download_fix
+        layout = backend_class(manifest.model.backend).checkpoint_layout
+        raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; "
+                        + download_fix(manifest.model.path, layout, manifest.model.task))
     return manifest.model.path, manifest
 
 

@@ -196,6 +196,25 @@ def _compose(path: Path) -> yaml.Node | None:
         return yaml.compose(stream, Loader=yaml.SafeLoader)
 
 
+# What PyYAML's context names when something opened on an earlier line runs on (an unclosed `[`, `{`
+# or quote): that line is where to look, not where PyYAML gave up. Its other contexts (a block
+# mapping, …) name the enclosing block, often line 1, so there the problem's own line is the one.
+_OPENERS = {"flow sequence": "close the `[` with `]`", "flow mapping": "close the `{` with `}`",
+            "quoted scalar": "close the quote", "simple key": "end the key with `:`"}
+
+
+def _yaml_problem(file: Path, exc: yaml.YAMLError, what: str) -> Problem:
+    """A YAML syntax error at the line where the problem starts."""
+    problem_mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    line = problem_mark.line + 1 if problem_mark else 0
+    context, problem = getattr(exc, "context", None) or "", getattr(exc, "problem", None) or str(exc)
+    opener = next((name for name in _OPENERS if context.endswith(f" {name}")), None)
+    if opener and context_mark is not None and problem_mark is not None and context_mark.line < problem_mark.line:
+        return Problem(file, context_mark.line + 1, f"{what} is not valid YAML: the {opener} that starts on "
+                       f"this line runs on to line {line} ({problem})", _OPENERS[opener])
+    return Problem(file, line, f"{what} is not valid YAML: {problem}", "fix the YAML syntax at that line")
+
+
 def safe_component_problem(name: str) -> str | None:
     """Why `name` cannot be one folder/file name under the output folder, or None when it can."""
     if not name or name.strip() != name:
@@ -217,15 +236,16 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem."""
     path = Path(path).resolve()
     reader = _Reader(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        raise ManifestError([Problem(path, 0, "this is a folder, not a manifest file",
+                                     "give the manifest's YAML file" + (f", e.g. {path / inside[0]}" if inside else ""))])
     if not path.is_file():
         raise ManifestError([Problem(path, 0, "manifest file does not exist", "check the path")])
     try:
         root = _compose(path)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 0
-        raise ManifestError([Problem(path, line, f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                                     "fix the YAML syntax at that line")]) from None
+        raise ManifestError([_yaml_problem(path, exc, "the manifest")]) from None
     except UnicodeDecodeError:
         raise ManifestError([Problem(path, 0, "manifest is not UTF-8 text", "save it as UTF-8")]) from None
     if root is None:
@@ -503,8 +523,9 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
                              f"but model.task {task} needs {expected if expected != 'none' else 'none'}", fix)
 
     inputs: list[Path] = []
+    lost: set[str] | None = set()  # stems whose files are reported already; None: any may be
     if kind != "none":
-        inputs = _read_inputs(reader, what, keys[kind][1], base, kind)
+        inputs, lost = _read_inputs(reader, what, keys[kind][1], base, kind)
 
     prompts_node = keys.get("prompts", (None, None))[1]
     prompts, prompts_file, prompt_lines, prompts_node = _read_prompts(reader, what, prompts_node, base)
@@ -525,6 +546,8 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
             why = safe_component_problem(stem)
             if why:
                 reader.problem(keys[kind][1], f"{what}: file name {file.name!r} {why}", "rename the file")
+                if lost is not None:
+                    lost.add(stem)
                 continue
             if stem in stems:
                 reader.problem(keys[kind][1], f"{what}: {stems[stem].name} and {file.name} map to one "
@@ -534,7 +557,9 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
             stems[stem] = file
         if isinstance(prompts, dict):
             for stem in prompts:
-                if stem not in stems:
+                # a glob that matched nothing, or a missing file, is reported once, not again as
+                # each stem whose prompts then have no video
+                if stem not in stems and lost is not None and stem not in lost:
                     reader.problem(prompt_lines.get(stem, prompts_node),
                                    f"{what}: prompts are given for `{stem}`, but there is no such "
                                    f"{kind[:-1]}", f"add the {kind[:-1]} or remove those prompts",
@@ -550,16 +575,19 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
     return Category(name=name, kind=kind, references=tuple(references))
 
 
-def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> list[Path]:
+def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> tuple[list[Path], set[str] | None]:
+    """The readable files, and the stems of those reported missing or unreadable (None where a glob
+    matched nothing: then any stem may be one of its files)."""
     suffixes = VIDEO_SUFFIXES if kind == "videos" else IMAGE_SUFFIXES
     value = reader.value(node)
     patterns = [value] if isinstance(value, str) else value
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
         reader.problem(node, f"{what}: {kind} must be a glob pattern or a list of paths",
                        f"write e.g. `{kind}: refs/{kind}/*{suffixes[0]}`")
-        return []
+        return [], None
     items = node.value if isinstance(node, yaml.SequenceNode) else [node]
     found: list[tuple[Path, yaml.Node]] = []
+    lost: set[str] | None = set()
     for pattern, item in zip(patterns, items):
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         if glob.has_magic(pattern):
@@ -567,12 +595,15 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
             if not matches:
                 reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
                                "check the pattern and that the files are there")
+                lost = None
             found.extend((m.resolve(), item) for m in matches)
             continue
         file = Path(full)
         if not file.is_file():
             reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
                            "fix the path; relative paths start at the manifest's folder")
+            if lost is not None:
+                lost.add(file.stem)
             continue
         found.append((file.resolve(), item))
     files = []
@@ -585,7 +616,10 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
                                  "no permission)", "replace it with a working file or remove it")
         else:
             files.append(file)
-    return files
+            continue
+        if lost is not None:
+            lost.add(file.stem)
+    return files, lost
 
 
 def _readable_media(file: Path) -> bool:
@@ -620,9 +654,7 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
             try:
                 node = _compose(prompt_path)
             except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                reader.problems.append(Problem(file, mark.line + 1 if mark else 0,
-                                               f"prompts file is not valid YAML: {exc}", "fix its syntax"))
+                reader.problems.append(_yaml_problem(file, exc, "the prompts file"))
                 return None, file, {}, None
             value = reader.value(node)
     lines: dict[str, Any] = {}
@@ -630,14 +662,33 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
         lines = {k.value: k for k, _ in node.value}
     if isinstance(value, list) and value and all(isinstance(p, str) and p.strip() for p in value):
         return value, file, lines, node
-    if isinstance(value, dict) and value and all(
-            isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v)
-            for v in value.values()):
-        return {str(k): v for k, v in value.items()}, file, lines, node
+    if isinstance(value, dict) and value:
+        wrong = {str(k): _prompt_list_problem(v) for k, v in value.items()}
+        if not any(wrong.values()):
+            return {str(k): v for k, v in value.items()}, file, lines, node
+        for stem, why in wrong.items():
+            if why:  # at the stem's own line: an entry with nothing under it is a stem line
+                reader.problem(lines.get(stem, node), f"{what}: the prompts of `{stem}` {why}",
+                               f"list its prompts under `{stem}:`, one `- text` line each", file=file)
+        return None, file, {}, node
     reader.problem(node, f"{what}: prompts must be a non-empty list of texts, a mapping from video "
                          "stem to such a list, or the path of a .yaml/.txt file holding one",
                    "see experiments/motion_transfer.yaml", file=file)
     return None, file, {}, node
+
+
+def _prompt_list_problem(value) -> str | None:
+    """Why one stem's prompts are not a non-empty list of texts, or None."""
+    if value is None:
+        return "are empty (nothing under it)"
+    if not isinstance(value, list):
+        return f"must be a list of texts, not {type(value).__name__} {value!r}"
+    if not value:
+        return "are an empty list"
+    blank = [i + 1 for i, p in enumerate(value) if not (isinstance(p, str) and p.strip())]
+    if blank:
+        return f"have an empty or non-text prompt (number {', '.join(map(str, blank))})"
+    return None
 
 
 def _check_backend(reader: _Reader, manifest: Manifest, root) -> None:

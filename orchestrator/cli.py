@@ -21,7 +21,10 @@ COMMANDS = ("run", "plan", "report", "stop", "models")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_experiment.py", description=__doc__,
+    from .invocation import program_name
+    prog = program_name()
+    started_as = "python run_experiment.py" if prog == "run_experiment.py" else prog
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python run_experiment.py", started_as),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="validate, plan, start workers and show progress")
@@ -191,8 +194,10 @@ def cmd_plan(manifest, args) -> int:
 
 
 def cmd_run(manifest, args) -> int:
+    import shlex
     from .executors import executor_class
     from .executors.base import ExecutorError
+    from .invocation import command_prefix
     from .outputs import remove_partials
     from .report import build_report, format_report
     from .sweep import Sweep
@@ -261,8 +266,10 @@ def cmd_run(manifest, args) -> int:
     for line in executor.attach_hints(names):
         print(line)
     if executor.detaches and not args.follow:
-        print(f"progress: python run_experiment.py report {_quote(manifest.path)}")
-        print(f"stop:     python run_experiment.py stop {_quote(manifest.path)}")
+        # pasted into any shell in any folder, they run this same program on this same manifest
+        program, manifest_path = command_prefix(), shlex.quote(str(manifest.path))
+        print(f"progress: {program} report {manifest_path}")
+        print(f"stop:     {program} stop {manifest_path}")
         return 0
     interrupted = _follow(sweep, ledger, executor, total, show=not args.no_progress)
     if interrupted:
@@ -304,11 +311,6 @@ def _follow(sweep, ledger, executor, total: int, show: bool) -> bool:
     finally:
         bar.close()
     return False
-
-
-def _quote(path) -> str:
-    import shlex
-    return shlex.quote(os.path.relpath(path))
 
 
 def cmd_report(manifest, args) -> int:

@@ -12,13 +12,24 @@ import sys
 from pathlib import Path
 
 CONSOLE_SCRIPT = "wan-sweep"  # pyproject.toml's [project.scripts]
-ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "run_experiment.py"
+ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "run_experiment.py"  # in a checkout, not a wheel
+
+
+def _started() -> str:
+    return sys.argv[0] if sys.argv and sys.argv[0] else ""
+
+
+def _as_module() -> bool:
+    return Path(_started()).name == "__main__.py"  # python -m orchestrator
 
 
 def program_name() -> str:
-    """What `--help` calls the program: `wan-sweep` or `run_experiment.py`, as it was started."""
-    started = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return CONSOLE_SCRIPT if started == CONSOLE_SCRIPT else ENTRY_SCRIPT.name
+    """What `--help` calls the program, as it was started: `wan-sweep`, `python -m orchestrator` or
+    `run_experiment.py`."""
+    name = Path(_started()).name
+    if name == CONSOLE_SCRIPT:
+        return CONSOLE_SCRIPT
+    return "python -m orchestrator" if _as_module() else ENTRY_SCRIPT.name
 
 
 def _python() -> str:
@@ -32,11 +43,18 @@ def _python() -> str:
 
 def command_prefix() -> str:
     """The start of a command line that runs this program from any folder: `wan-sweep` when it was
-    started so (and that is on PATH), else this interpreter and the absolute path of run_experiment.py."""
-    started = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if started == CONSOLE_SCRIPT and shutil.which(CONSOLE_SCRIPT):
-        return CONSOLE_SCRIPT
-    return f"{_python()} {shlex.quote(str(ENTRY_SCRIPT))}"
+    started so (its full path where another or none is on PATH), else this interpreter and the absolute
+    path of run_experiment.py (`-m orchestrator` for an installed package without one)."""
+    started = _started()
+    if Path(started).name == CONSOLE_SCRIPT:
+        found = shutil.which(CONSOLE_SCRIPT)
+        script = shutil.which(started) or started  # a bare name was found on PATH to start it
+        if found and os.path.abspath(found) == os.path.abspath(script):
+            return CONSOLE_SCRIPT
+        return shlex.quote(os.path.abspath(script))
+    if ENTRY_SCRIPT.is_file():
+        return f"{_python()} {shlex.quote(str(ENTRY_SCRIPT))}"
+    return f"{_python()} -m orchestrator"
 
 
 def shell_path(path: str | os.PathLike) -> str:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -146,6 +147,12 @@ def test_sessions_per_worker_show_live_output_and_nothing_reaches_a_shell(tmux, 
     socket = os.environ["ORCHESTRATOR_TMUX_SOCKET"]
     assert f"tmux -L {socket} attach -t " in result.stdout and "report" in result.stdout
     assert all(name in result.stdout for name in names)
+    # the printed report command, pasted into a shell in another folder, reports this sweep
+    (progress,) = [line.split(":", 1)[1] for line in result.stdout.splitlines() if line.startswith("progress:")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pasted = subprocess.run(["bash", "-c", progress], cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0 and "sweep " in pasted.stdout, pasted.stdout + pasted.stderr
 
     sessions = _sessions(tmux)
     assert sorted(sessions) == sorted(names)

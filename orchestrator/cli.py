@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     started_as = "python run_experiment.py" if prog == "run_experiment.py" else prog
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python run_experiment.py", started_as),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"wan-sweep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="validate, plan, start workers and show progress")
     plan = sub.add_parser("plan", help="dry run: jobs, queues, workers per device and why")
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--executor", choices=("local", "tmux", "ray"), help="override execution.executor")
         p.add_argument("--ray-address", metavar="auto|HOST:PORT",
                        help="executor ray: the cluster to join (override execution.ray_address)")
-        p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
+        p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (overrides resources.cpu_slots)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
     run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
@@ -45,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     report = sub.add_parser("report", help="progress: per category, per worker, failures, time left")
     report.add_argument("manifest")
-    report.add_argument("--json", action="store_true")
-    report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS")
+    report.add_argument("--json", action="store_true",
+                        help="print the report as JSON (the same figures, for scripts) instead of tables")
+    report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS",
+                        help="print the report again every SECONDS (default 5) until Ctrl-C; with --html, "
+                             "rewrite the page each time")
     report.add_argument("--html", action="store_true",
                         help="write the review page <output_dir>/index.html and print its path")
     stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
@@ -146,6 +151,7 @@ def _plan(manifest, sweep, args, executor=None):
 
 def cmd_plan(manifest, args) -> int:
     from .jobs import count_by_category
+    from .report import pad
     from .sweep import Sweep
     from .executors import executor_class
     _check_checkpoint(manifest)
@@ -167,7 +173,7 @@ def cmd_plan(manifest, args) -> int:
     print(f"jobs       {len(sweep.jobs)} ({len(scan.complete)} already done, "
           f"{len(sweep.jobs) - len(scan.complete)} to run)")
     for category, count in count_by_category(sweep.jobs).items():
-        print(f"  {category:<28} {count:>6}")
+        print(f"  {pad(category, 28)} {count:>6}")
     print()
     if why:
         print(f"GPUs       none usable: {why}")
@@ -261,7 +267,7 @@ def cmd_run(manifest, args) -> int:
     except ExecutorError as exc:
         raise UserError(str(exc)) from None
     counts = ledger.counts()
-    print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
+    print(f"started {len(names)} worker{'' if len(names) == 1 else 's'} ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")
     for line in executor.attach_hints(names):
         print(line)
@@ -380,8 +386,9 @@ def cmd_models(args) -> int:
                 return 2
             return 0
         return _models_fit(args, path, manifest)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ManifestError as exc:  # only `fit` needs the whole manifest; nothing here starts anything
+        print(f"error: {exc.describe('nothing was sized (fix it, or give models fit the checkpoint folder)')}",
+              file=sys.stderr)
         return 2
     except checkpoints.DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)

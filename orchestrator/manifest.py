@@ -36,9 +36,12 @@ class ManifestError(ValueError):
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"manifest has {count}; nothing was started:\n" +
-                         "\n".join(f"  {p}" for p in problems))
+        super().__init__(self.describe("nothing was started"))
+
+    def describe(self, outcome: str) -> str:
+        """The problems, one a line, after what they prevented (`nothing was started`)."""
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        return f"manifest has {count}; {outcome}:\n" + "\n".join(f"  {p}" for p in self.problems)
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ class _Reader:
             value = float(value)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds).replace("str", "text").replace("int", "integer")
-            self.problem(node, f"{what} must be {names}, got {value!r}", f"set {what} to a {names}")
+            article = "an" if names[0] in "aeiou" else "a"
+            self.problem(node, f"{what} must be {names}, got {value!r}", f"set {what} to {article} {names}")
             return default
         if choices is not None and value not in choices:
             self.problem(node, f"{what} is {value!r}", f"use one of: {', '.join(map(str, choices))}")
@@ -649,7 +653,8 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
         file = prompt_path.resolve()
         if prompt_path.suffix.lower() == ".txt":
             lines = [line.strip() for line in prompt_path.read_text(encoding="utf-8").splitlines()]
-            value, node = [line for line in lines if line], None
+            # blank lines and `#` lines (comments, as in the YAML files) are not prompts
+            value, node = [line for line in lines if line and not line.startswith("#")], None
         else:
             try:
                 node = _compose(prompt_path)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import invocation
+from orchestrator.manifest import ManifestError, load_manifest
 
-from .conftest import ROOT
+from .conftest import ROOT, synthetic_manifest
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 ACTIVATE = "source .venv/bin/activate"
@@ -98,3 +99,40 @@ def test_printed_commands_name_the_program_as_started_and_run_from_any_folder(tm
     result = subprocess.run(["bash", "-c", f"{prefix} --help"], cwd=elsewhere, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0 and result.stdout.startswith("usage: run_experiment.py"), result.stderr
+
+
+
+def _png(path: Path) -> None:
+    import av
+    import numpy as np
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "rgb24"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")),
+                       *stream.encode()]:
+            out.mux(packet)
+
+
+def test_what_the_readme_says_a_category_may_hold_per_task_is_what_validation_accepts(make_refs, write_manifest,
+                                                                                      tmp_path):
+    table = re.findall(r"^  \| `(t2v|i2v|v2v)` \| (.*?) \| (.*?) \|$", README, flags=re.M)
+    assert [task for task, _, _ in table] == ["t2v", "i2v", "v2v"]
+    make_refs("clips", ["a"])
+    (tmp_path / "refs" / "pics").mkdir()
+    _png(tmp_path / "refs" / "pics" / "a.png")
+    kinds = {"videos": {"videos": "refs/clips/*.mp4"}, "images": {"images": "refs/pics/*.png"},
+             "neither": {}, "both": {"videos": "refs/clips/*.mp4", "images": "refs/pics/*.png"}}
+    for task, holds, prompts in table:
+        allowed = "neither" if holds.startswith("neither") else re.match(r"`(\w+)`", holds)[1]
+        for kind, files in kinds.items():
+            for per_stem in (False, True):
+                category = {**files, "prompts": {"a": ["p"]} if per_stem else ["p"]}
+                path = write_manifest(synthetic_manifest(model={"task": task}, categories={"c": category}))
+                says = kind == allowed and (not per_stem or "mapping" in prompts)
+                try:
+                    load_manifest(path)
+                    accepted = True
+                except ManifestError:
+                    accepted = False
+                assert accepted == says, (task, kind, per_stem)

@@ -21,12 +21,12 @@ COMMANDS = ("run", "plan", "report", "stop", "models")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .invocation import program_name
-    prog = program_name()
+    prog = program_name()  # as it was started: wan-sweep, run_experiment.py, python -m orchestrator
     started_as = "python run_experiment.py" if prog == "run_experiment.py" else prog
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python run_experiment.py", started_as),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
     parser.add_argument("--version", action="version", version=f"wan-sweep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="validate, plan, start workers and show progress")
@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--executor", choices=("local", "tmux", "ray"), help="override execution.executor")
         p.add_argument("--ray-address", metavar="auto|HOST:PORT",
                        help="executor ray: the cluster to join (override execution.ray_address)")
-        p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (overrides resources.cpu_slots)")
+        p.add_argument("--cpu-slots", type=int,
+                       help="worker slots on a machine without GPUs (overrides resources.cpu_slots)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
     run.add_argument("--follow", action="store_true", help="tmux: keep the progress bar on screen")
@@ -267,7 +268,8 @@ def cmd_run(manifest, args) -> int:
     except ExecutorError as exc:
         raise UserError(str(exc)) from None
     counts = ledger.counts()
-    print(f"started {len(names)} worker{'' if len(names) == 1 else 's'} ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
+    workers = f"{len(names)} worker{'' if len(names) == 1 else 's'}"
+    print(f"started {workers} ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")
     for line in executor.attach_hints(names):
         print(line)

@@ -242,8 +242,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     reader = _Reader(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        example = f", e.g. {path / inside[0]}" if inside else ""
         raise ManifestError([Problem(path, 0, "this is a folder, not a manifest file",
-                                     "give the manifest's YAML file" + (f", e.g. {path / inside[0]}" if inside else ""))])
+                                     f"give the manifest's YAML file{example}")])
     if not path.is_file():
         raise ManifestError([Problem(path, 0, "manifest file does not exist", "check the path")])
     try:

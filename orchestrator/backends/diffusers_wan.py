@@ -100,7 +100,8 @@ class DiffusersWanBackend(Backend):
             problems.append(BackendProblem(
                 "model.path", f"model.path `{model.path}` is not a local diffusers checkpoint folder (no "
                 "model_index.json there); nothing is downloaded unless you ask",
-                f"point it at a downloaded checkpoint, or {download_fix(model.path, cls.checkpoint_layout, model.task)}"))
+                "point it at a downloaded checkpoint, or "
+                + download_fix(model.path, cls.checkpoint_layout, model.task)))
             return problems
         try:
             info = read_checkpoint_config(model.path)

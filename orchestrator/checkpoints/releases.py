@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from ..invocation import command_prefix, shell_path
+
 HUB_ORG = "Wan-AI"
 # family → the tasks of this product it can run; the hub has each as `Wan-AI/<family>` (the original
 # layout: Wan's generate.py, DiffSynth) and `Wan-AI/<family>-Diffusers` (diffusers)
@@ -52,21 +54,8 @@ def candidates(task: str | None, layout: str) -> list[str]:
     return [repo_id(f, layout) for f, tasks in FAMILIES.items() if task is None or task in tasks]
 
 
-def _shown(path: str | os.PathLike) -> str:
-    from ..invocation import shell_path
-    return shell_path(path)
-
-
 def _command() -> str:
-    from ..invocation import command_prefix
     return f"{command_prefix()} models download"
-
-
-def _repos(family: str, layout: str | None) -> str:
-    if layout in LAYOUTS:
-        return repo_id(family, layout)
-    return (f"{repo_id(family, 'diffusers')} (for the diffusers backend; {repo_id(family, 'wan')} for "
-            "diffsynth and generate.py)")
 
 
 def download_fix(path: str | os.PathLike, layout: str | None, task: str | None = None,
@@ -86,12 +75,15 @@ def download_fix(path: str | os.PathLike, layout: str | None, task: str | None =
         # never pour a download into a folder holding something else: a new folder beside it
         name = repo_id(family, layout).split("/")[1] if family and layout else f"{folder.name}-{layout or 'download'}"
         where = folder.parent / name
-    then = "" if where == folder else f", then set model.path to {_shown(where)}"
+    then = "" if where == folder else f", then set model.path to {shell_path(where)}"
     if family:
-        return f"download it: {_command()} {_repos(family, layout)} --to {_shown(where)}{then}"
+        other = "" if layout else (f" (for the diffusers backend; {repo_id(family, 'wan')}, the original layout, "
+                                   "for diffsynth and generate.py)")
+        repo = repo_id(family, layout or "diffusers")
+        return f"download it: {_command()} {repo} --to {shell_path(where)}{then}{other}"
     what = {"diffusers": "the diffusers layout of ", "wan": "the original Wan layout of "}.get(layout or "", "")
     options = candidates(task, layout or "diffusers")
-    return (f"download {what}your model: {_command()} REPO_ID --to {_shown(where)}{then}; REPO_ID is one of "
+    return (f"download {what}your model: {_command()} REPO_ID --to {shell_path(where)}{then}; REPO_ID is one of "
             f"{', '.join(options)}" + (f" (the releases that run task {task})" if task else "")
             + ("" if layout else ", or the same without -Diffusers for diffsynth and generate.py")
             + f"; https://huggingface.co/{HUB_ORG} lists them all")
@@ -102,5 +94,5 @@ def repair_fix(root: str | os.PathLike, layout: str | None) -> str:
     (it resumes and fetches only what is missing or broken)."""
     family = family_of(Path(root).name)
     repo = repo_id(family, layout) if family and layout in LAYOUTS else "REPO_ID"
-    return (f"download it again into the same folder (`{_command()} {repo} --to {_shown(root)}` resumes and "
+    return (f"download it again into the same folder (`{_command()} {repo} --to {shell_path(root)}` resumes and "
             "fetches only what is missing or broken), or point model.path at a complete copy")

@@ -245,7 +245,7 @@ def test_second_run_does_not_double_workers_add_workers_and_stop(tmux, write_man
 
     added = _run("run", str(path), "--cpu-slots", "3", "--add-workers")
     assert added.returncode == 0, added.stdout + added.stderr
-    assert "started 1 workers" in added.stdout
+    assert "started 1 worker (tmux)" in added.stdout
     assert sorted(_sessions(tmux)) == [session_name("t", f"cpu{i}_worker0") for i in range(3)]
     _wait_for(lambda: len(_processes(tmp_path)) == 6, 10, "3 supervisors and 3 workers")
 

@@ -304,7 +304,7 @@ def test_worker_that_keeps_crashing_fails_with_its_reason_left_on_screen(tmux, w
     assert "gave up after 1 restarts" in _ledger(out).worker("cpu0_worker0")["message"]
 
     again = _run("run", str(path), "--cpu-slots", "1")  # a fresh try replaces the dead pane's session
-    assert again.returncode == 0 and "started 1 workers" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "started 1 worker (tmux)" in again.stdout, again.stdout + again.stderr
     assert list(_sessions(tmux)) == [name]
     _wait_for(lambda: _processes(tmp_path), 10, "the new supervisor")
 

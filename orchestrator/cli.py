@@ -24,8 +24,13 @@ COMMANDS = ("run", "plan", "report", "stop", "models")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_experiment.py", description=__doc__,
+    from . import __version__
+    from .invocation import program_name
+    prog = program_name()  # as it was started: wan-sweep, run_experiment.py, python -m orchestrator
+    started_as = "python run_experiment.py" if prog == "run_experiment.py" else prog
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python run_experiment.py", started_as),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"wan-sweep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="validate, plan, start workers and show progress")
     plan = sub.add_parser("plan", help="dry run: jobs, queues, workers per device and why")
@@ -34,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--executor", choices=("local", "tmux", "ray"), help="override execution.executor")
         p.add_argument("--ray-address", metavar="auto|HOST:PORT",
                        help="executor ray: the cluster to join (override execution.ray_address)")
-        p.add_argument("--cpu-slots", type=int, help="worker slots on a machine without GPUs (default 2)")
+        p.add_argument("--cpu-slots", type=int,
+                       help="worker slots on a machine without GPUs (overrides resources.cpu_slots)")
         p.add_argument("--recalibrate", action="store_true",
                        help="measure memory and throughput again instead of using the cached profile")
         p.add_argument("--allow-non-empty", action="store_true",
@@ -48,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     report = sub.add_parser("report", help="progress: per category, per worker, failures, time left")
     report.add_argument("manifest")
-    report.add_argument("--json", action="store_true")
-    report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS")
+    report.add_argument("--json", action="store_true",
+                        help="print the report as JSON (the same figures, for scripts) instead of tables")
+    report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS",
+                        help="print the report again every SECONDS (default 5) until Ctrl-C; with --html, "
+                             "rewrite the page each time")
     report.add_argument("--html", action="store_true",
                         help="write the review page <output_dir>/index.html and print its path")
     stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
@@ -237,6 +246,7 @@ def _plan(manifest, sweep, args, executor=None):
 
 def cmd_plan(manifest, args) -> int:
     from .jobs import count_by_category
+    from .report import pad
     from .sweep import Sweep
     from .executors import executor_class
     _check_checkpoint(manifest)
@@ -266,7 +276,7 @@ def cmd_plan(manifest, args) -> int:
     print(f"jobs       {len(sweep.jobs)} ({len(scan.complete)} already done, "
           f"{len(sweep.jobs) - len(scan.complete)} to run)")
     for category, count in count_by_category(sweep.jobs).items():
-        print(f"  {category:<28} {count:>6}")
+        print(f"  {pad(category, 28)} {count:>6}")
     print()
     if why:
         print(f"GPUs       none usable: {why}")
@@ -293,8 +303,10 @@ def cmd_plan(manifest, args) -> int:
 
 
 def cmd_run(manifest, args) -> int:
+    import shlex
     from .executors import executor_class
     from .executors.base import ExecutorError
+    from .invocation import command_prefix
     from .outputs import remove_partials
     from .report import build_report, format_report
     from .sweep import Sweep
@@ -389,13 +401,16 @@ def cmd_run(manifest, args) -> int:
         sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
     lock.release()
     counts = ledger.counts()
-    print(f"started {len(names)} workers ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
+    workers = f"{len(names)} worker{'' if len(names) == 1 else 's'}"
+    print(f"started {workers} ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
           f"({counts['done']} already done); logs in {sweep.logs}")
     for line in executor.attach_hints(names):
         print(line)
     if executor.detaches and not args.follow:
-        print(f"progress: python run_experiment.py report {_quote(manifest.path)}")
-        print(f"stop:     python run_experiment.py stop {_quote(manifest.path)}")
+        # pasted into any shell in any folder, they run this same program on this same manifest
+        program, manifest_path = command_prefix(), shlex.quote(str(manifest.path))
+        print(f"progress: {program} report {manifest_path}")
+        print(f"stop:     {program} stop {manifest_path}")
         return 0
     interrupted = _follow(sweep, ledger, executor.running, total, show=not args.no_progress)
     if interrupted:
@@ -461,11 +476,6 @@ def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
     finally:
         bar.close()
     return False
-
-
-def _quote(path) -> str:
-    import shlex
-    return shlex.quote(os.path.relpath(path))
 
 
 def cmd_report(manifest, args) -> int:
@@ -573,8 +583,9 @@ def cmd_models(args) -> int:
                 return 2
             return 0
         return _models_fit(args, path, manifest)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ManifestError as exc:  # only `fit` needs the whole manifest; nothing here starts anything
+        print(f"error: {exc.describe('nothing was sized (fix it, or give models fit the checkpoint folder)')}",
+              file=sys.stderr)
         return 2
     except checkpoints.DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -629,8 +640,11 @@ def _model_target(target: str, need_manifest: bool):
     if not manifest.model.path:
         raise UserError(f"{file}: its model has no path (backend {manifest.model.backend})")
     if not os.path.exists(manifest.model.path):
-        raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; download it: "
-                        f"python run_experiment.py models download REPO_ID --to DIR, then set model.path to DIR")
+        from .backends import backend_class
+        from .checkpoints import download_fix
+        layout = backend_class(manifest.model.backend).checkpoint_layout
+        raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; "
+                        + download_fix(manifest.model.path, layout, manifest.model.task))
     return manifest.model.path, manifest
 
 

@@ -72,9 +72,12 @@ class ManifestError(ValueError):
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"manifest has {count}; nothing was started:\n" +
-                         "\n".join(f"  {p}" for p in problems))
+        super().__init__(self.describe("nothing was started"))
+
+    def describe(self, outcome: str) -> str:
+        """The problems, one a line, after what they prevented (`nothing was started`)."""
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        return f"manifest has {count}; {outcome}:\n" + "\n".join(f"  {p}" for p in self.problems)
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,8 @@ class _Reader:
             value = float(value)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds).replace("str", "text").replace("int", "integer")
-            self.problem(node, f"{what} must be {names}, got {value!r}", f"set {what} to a {names}")
+            article = "an" if names[0] in "aeiou" else "a"
+            self.problem(node, f"{what} must be {names}, got {value!r}", f"set {what} to {article} {names}")
             return default
         if choices is not None and value not in choices:
             self.problem(node, f"{what} is {value!r}", f"use one of: {', '.join(map(str, choices))}")
@@ -377,6 +381,25 @@ def path_length_problem(path: Path) -> str | None:
     return None
 
 
+# What PyYAML's context names when something opened on an earlier line runs on (an unclosed `[`, `{`
+# or quote): that line is where to look, not where PyYAML gave up. Its other contexts (a block
+# mapping, …) name the enclosing block, often line 1, so there the problem's own line is the one.
+_OPENERS = {"flow sequence": "close the `[` with `]`", "flow mapping": "close the `{` with `}`",
+            "quoted scalar": "close the quote", "simple key": "end the key with `:`"}
+
+
+def _yaml_problem(file: Path, exc: yaml.YAMLError, what: str) -> Problem:
+    """A YAML syntax error at the line where the problem starts."""
+    problem_mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    line = problem_mark.line + 1 if problem_mark else 0
+    context, problem = getattr(exc, "context", None) or "", getattr(exc, "problem", None) or str(exc)
+    opener = next((name for name in _OPENERS if context.endswith(f" {name}")), None)
+    if opener and context_mark is not None and problem_mark is not None and context_mark.line < problem_mark.line:
+        return Problem(file, context_mark.line + 1, f"{what} is not valid YAML: the {opener} that starts on "
+                       f"this line runs on to line {line} ({problem})", _OPENERS[opener])
+    return Problem(file, line, f"{what} is not valid YAML: {problem}", "fix the YAML syntax at that line")
+
+
 def safe_component_problem(name: str) -> str | None:
     """Why `name` cannot be one folder/file name under the output folder, or None when it can."""
     if not name or name.strip() != name:
@@ -401,15 +424,17 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem."""
     path = Path(path).resolve()
     reader = _Reader(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        example = f", e.g. {path / inside[0]}" if inside else ""
+        raise ManifestError([Problem(path, 0, "this is a folder, not a manifest file",
+                                     f"give the manifest's YAML file{example}")])
     if not path.is_file():
         raise ManifestError([Problem(path, 0, "manifest file does not exist", "check the path")])
     try:
         root = _compose(path)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 0
-        raise ManifestError([Problem(path, line, f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                                     "fix the YAML syntax at that line")]) from None
+        raise ManifestError([_yaml_problem(path, exc, "the manifest")]) from None
     except UnicodeDecodeError:
         raise ManifestError([Problem(path, 0, "manifest is not UTF-8 text", "save it as UTF-8")]) from None
     if root is None:
@@ -758,8 +783,9 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
                              f"but model.task {task} needs {expected if expected != 'none' else 'none'}", fix)
 
     inputs: list[Path] = []
+    lost: set[str] | None = set()  # stems whose files are reported already; None: any may be
     if kind != "none":
-        inputs = _read_inputs(reader, what, keys[kind][1], base, kind)
+        inputs, lost = _read_inputs(reader, what, keys[kind][1], base, kind)
 
     prompts_node = keys.get("prompts", (None, None))[1]
     prompts, prompts_file, prompt_lines, prompts_node = _read_prompts(reader, what, prompts_node, base)
@@ -780,6 +806,8 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
             why = safe_component_problem(stem)
             if why:
                 reader.problem(keys[kind][1], f"{what}: file name {file.name!r} {why}", "rename the file")
+                if lost is not None:
+                    lost.add(stem)
                 continue
             if stem in stems:
                 reader.problem(keys[kind][1], f"{what}: {stems[stem].name} and {file.name} map to one "
@@ -789,7 +817,9 @@ def _read_category(reader: _Reader, name: str, node, base: Path, task: str | Non
             stems[stem] = file
         if isinstance(prompts, dict):
             for stem in prompts:
-                if stem not in stems:
+                # a glob that matched nothing, or a missing file, is reported once, not again as
+                # each stem whose prompts then have no video
+                if stem not in stems and lost is not None and stem not in lost:
                     reader.problem(prompt_lines.get(stem, prompts_node),
                                    f"{what}: prompts are given for `{stem}`, but there is no such "
                                    f"{kind[:-1]}", f"add the {kind[:-1]} or remove those prompts",
@@ -828,16 +858,19 @@ def _check_output_paths(reader: _Reader, node, output_dir: Path, categories, see
                            f"({longest}) {too_long}", "use a shorter output_dir, category name or file names")
 
 
-def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> list[Path]:
+def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> tuple[list[Path], set[str] | None]:
+    """The readable files, and the stems of those reported missing or unreadable (None where a glob
+    matched nothing: then any stem may be one of its files)."""
     suffixes = VIDEO_SUFFIXES if kind == "videos" else IMAGE_SUFFIXES
     value = reader.value(node)
     patterns = [value] if isinstance(value, str) else value
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
         reader.problem(node, f"{what}: {kind} must be a glob pattern or a list of paths",
                        f"write e.g. `{kind}: refs/{kind}/*{suffixes[0]}`")
-        return []
+        return [], None
     items = node.value if isinstance(node, yaml.SequenceNode) else [node]
     found: list[tuple[Path, yaml.Node]] = []
+    lost: set[str] | None = set()
     for pattern, item in zip(patterns, items):
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         if glob.has_magic(pattern):
@@ -850,12 +883,15 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
             if not matches:
                 reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
                                "check the pattern and that the files are there")
+                lost = None
             found.extend((_absolute(m), item) for m in matches)
             continue
         file = Path(full)
         if not os.path.isfile(file):  # (False, not an error, for a name too long to exist)
             reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
                            "fix the path; relative paths start at the manifest's folder")
+            if lost is not None:
+                lost.add(file.stem)
             continue
         found.append((_absolute(file), item))
     files = []
@@ -868,7 +904,10 @@ def _read_inputs(reader: _Reader, what: str, node, base: Path, kind: str) -> lis
                                  "no permission)", "replace it with a working file or remove it")
         else:
             files.append(file)
-    return files
+            continue
+        if lost is not None:
+            lost.add(file.stem)
+    return files, lost
 
 
 def _glob_walk_problem(pattern: str) -> str | None:
@@ -943,7 +982,8 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
                                      "file?)", "save it as UTF-8 text, one prompt per line")
                 return None, file, {}, node
             lines = [line.strip() for line in text.splitlines()]
-            value, node = [line for line in lines if line], None
+            # blank lines and `#` lines (comments, as in the YAML files) are not prompts
+            value, node = [line for line in lines if line and not line.startswith("#")], None
         else:
             try:
                 node = _compose(prompt_path)
@@ -952,9 +992,7 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
                                "save it as UTF-8 text")
                 return None, file, {}, node
             except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                reader.problems.append(Problem(file, mark.line + 1 if mark else 0,
-                                               f"prompts file is not valid YAML: {exc}", "fix its syntax"))
+                reader.problems.append(_yaml_problem(file, exc, "the prompts file"))
                 return None, file, {}, None
             if node is not None and not reader.check_tree(node, file=file):
                 return None, file, {}, None
@@ -964,14 +1002,33 @@ def _read_prompts(reader: _Reader, what: str, node, base: Path):
         lines = {k.value: k for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
     if isinstance(value, list) and value and all(isinstance(p, str) and p.strip() for p in value):
         return value, file, lines, node
-    if isinstance(value, dict) and value and all(
-            isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v)
-            for v in value.values()):
-        return {str(k): v for k, v in value.items()}, file, lines, node
+    if isinstance(value, dict) and value:
+        wrong = {str(k): _prompt_list_problem(v) for k, v in value.items()}
+        if not any(wrong.values()):
+            return {str(k): v for k, v in value.items()}, file, lines, node
+        for stem, why in wrong.items():
+            if why:  # at the stem's own line: an entry with nothing under it is a stem line
+                reader.problem(lines.get(stem, node), f"{what}: the prompts of `{stem}` {why}",
+                               f"list its prompts under `{stem}:`, one `- text` line each", file=file)
+        return None, file, {}, node
     reader.problem(node, f"{what}: prompts must be a non-empty list of texts, a mapping from video "
                          "stem to such a list, or the path of a .yaml/.txt file holding one",
                    "see experiments/motion_transfer.yaml", file=file)
     return None, file, {}, node
+
+
+def _prompt_list_problem(value) -> str | None:
+    """Why one stem's prompts are not a non-empty list of texts, or None."""
+    if value is None:
+        return "are empty (nothing under it)"
+    if not isinstance(value, list):
+        return f"must be a list of texts, not {type(value).__name__} {value!r}"
+    if not value:
+        return "are an empty list"
+    blank = [i + 1 for i, p in enumerate(value) if not (isinstance(p, str) and p.strip())]
+    if blank:
+        return f"have an empty or non-text prompt (number {', '.join(map(str, blank))})"
+    return None
 
 
 def _check_backend(reader: _Reader, manifest: Manifest, root) -> None:

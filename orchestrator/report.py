@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -248,11 +249,22 @@ def workers_getting_ready(workers: list[dict]) -> str:
             counts[phase] = counts.get(phase, 0) + 1
     return ", ".join(f"{n} worker{'s' if n != 1 else ''} {phase}" for phase, n in counts.items())
 
+def display_width(text: str) -> int:
+    """Columns `text` takes on a terminal: CJK (East Asian wide and full-width) characters take two,
+    combining marks none, so tables of names like `镜头仰角旋转` line up."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """`text` padded with spaces to `width` terminal columns (on the left when `right`)."""
+    fill = " " * max(0, width - display_width(text))
+    return fill + text if right else text + fill
+
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    widths = [max(display_width(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(pad(c, w, right=i > 0) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
 
 

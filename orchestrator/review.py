@@ -4,13 +4,15 @@ This module owns the page: gathering its data (from `report.build_report`, the d
 ledger's job, attempt and worker rows), the poster thumbnails cached beside each mp4, the layout of
 the per-worker activity plot, and the atomic write of `<output_dir>/index.html`. The markup lives in
 `templates/review.html.j2` (Jinja2, autoescaped). Every link in the page is relative to output_dir
-and URL-quoted, so the folder can be copied elsewhere and opened from disk; nothing is fetched from
+and URL-quoted, and reference videos and images from outside it are linked (or copied) into
+`.sweep/refs/`, so the folder can be copied elsewhere and opened from disk; nothing is fetched from
 the network.
 """
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -204,6 +206,29 @@ def thumb_path(mp4: str | os.PathLike) -> Path:
     return mp4.with_name(mp4.stem + THUMB_SUFFIX)
 
 
+def keep_copy(source: Path, target: Path) -> bool:
+    """Make `target` the same file as `source`: a hard link (no space used) where the file system
+    allows, else a copy; made again only when `source` changed. False when neither can be made."""
+    temp = target.with_name(f"{TEMP_MARK}{os.getpid()}-{target.name}")  # removed by the next `run` if left
+    try:
+        if target.exists():
+            have, want = target.stat(), source.stat()
+            if os.path.samestat(have, want) or (have.st_size, have.st_mtime_ns) == (want.st_size, want.st_mtime_ns):
+                return True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, temp)
+        except OSError:  # another file system, or links not allowed here
+            shutil.copy2(source, temp)  # keeps the mtime that the check above compares
+        os.replace(temp, target)
+        return True
+    except OSError:
+        return False
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+
+
 # ------------------------------------------------------------------------------------------ thumbnails
 def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int = THUMB_WIDTH) -> bool:
     """Write a small JPEG of the video's first frame to `target`, unless it is already newer than
@@ -339,6 +364,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
 
     counts = {row.name: row for row in report.categories}
     grids = [_grid(category, sweep, tiles, counts.get(category.name)) for category in sweep.manifest.categories]
+    outside = _reference_copies(grids, sweep)
     _reference_posters(grids, sweep)
 
     failures = [Failure(key=f["job"], id=f["id"], attempts=f["attempts"], error=f["error"],
@@ -358,6 +384,9 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     if total.stale:
         notes.append(f"{total.stale} mp4s were made with other settings and are not counted "
                      "(`run --redo-changed` moves them aside and makes them again).")
+    if outside:
+        notes.append(f"{outside} reference file(s) could not be linked or copied into .sweep/refs/ and are shown "
+                     "from where they are: a copy of this folder will not show them.")
     if report.jobs_per_hour:
         throughput = f"{report.jobs_per_hour:.1f} videos/hour (last {WINDOW_S / 60:.0f} min of work)"
     else:
@@ -392,6 +421,24 @@ def _grid(category, sweep: Sweep, tiles: dict[str, Tile], counts) -> Grid:
         rows.append(Row(ref.stem, media, cells + [None] * (width - len(cells))))
     return Grid(category=category.name, anchor=anchor(category.name), kind=category.kind,
                 columns=columns, rows=rows, counts=counts or CategoryRow(category.name))
+
+
+def _reference_copies(grids: list[Grid], sweep: Sweep) -> int:
+    """Point each reference that lies outside output_dir at its hard link (or copy) in
+    .sweep/refs/<category>/, so that the page still shows it when the folder is copied elsewhere.
+    Returns how many could be neither (they stay linked where they are)."""
+    left_outside = 0
+    for grid in grids:
+        for row in grid.rows:
+            media = row.reference
+            if media is None or media.source.resolve().is_relative_to(sweep.root.resolve()):
+                continue
+            target = sweep.state_dir / "refs" / grid.category / media.source.name
+            if keep_copy(media.source, target):
+                media.url = url(target, sweep.root)
+            else:
+                left_outside += 1
+    return left_outside
 
 
 def _reference_posters(grids: list[Grid], sweep: Sweep) -> None:

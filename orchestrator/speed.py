@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from .manifest import SDPA_ATTENTION, SpeedConfig
+from .manifest import SpeedConfig
 
 if TYPE_CHECKING:
     import torch

@@ -461,6 +461,39 @@ def test_download_first_removes_broken_files_so_they_are_fetched_again(wan21):
     assert (wan21 / "diffusion_pytorch_model-00002-of-00002.safetensors").exists()  # whole files stay
 
 
+def test_the_download_fix_names_the_release_of_the_folder_in_the_backends_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fix = checkpoints.download_fix(tmp_path / "models" / "Wan2.2-T2V-A14B-Diffusers", "diffusers", "t2v")
+    assert fix.endswith(" models download Wan-AI/Wan2.2-T2V-A14B-Diffusers --to models/Wan2.2-T2V-A14B-Diffusers")
+    original = checkpoints.download_fix(tmp_path / "Wan2.1_I2V_14B_480P", "wan", "i2v")
+    assert "models download Wan-AI/Wan2.1-I2V-14B-480P --to Wan2.1_I2V_14B_480P" in original
+    # generate.py's task names the release when the folder does not
+    assert "Wan-AI/Wan2.2-TI2V-5B --to ckpt" in checkpoints.download_fix(tmp_path / "ckpt", "wan", family="ti2v-5B")
+
+
+def test_the_download_fix_lists_the_releases_of_the_task_where_nothing_names_one(tmp_path):
+    fix = checkpoints.download_fix(tmp_path / "my-model", "diffusers", "i2v")
+    assert "models download REPO_ID --to" in fix
+    assert "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers" in fix and "Wan-AI/Wan2.2-TI2V-5B-Diffusers" in fix
+    assert "T2V" not in fix  # no release that cannot run i2v
+    # a folder named after a text-to-video release, in an i2v manifest: the name is not trusted
+    assert "REPO_ID" in checkpoints.download_fix(tmp_path / "Wan2.1-T2V-14B-Diffusers", "diffusers", "i2v")
+
+
+def test_the_download_fix_never_fills_a_folder_holding_something_else(tmp_path):
+    folder = tmp_path / "Wan2.1-T2V-14B"
+    folder.mkdir()
+    (folder / "Wan2.1_VAE.pth").write_bytes(b"")
+    fix = checkpoints.download_fix(folder, "diffusers", "t2v")
+    assert f"Wan-AI/Wan2.1-T2V-14B-Diffusers --to {tmp_path / 'Wan2.1-T2V-14B-Diffusers'}, then set model.path" in fix
+
+
+def test_a_broken_checkpoints_fix_names_its_release(tmp_path):
+    fix = checkpoints.repair_fix(tmp_path / "Wan2.1-T2V-1.3B-Diffusers", "diffusers")
+    assert "models download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --to" in fix
+    assert "models download REPO_ID --to" in checkpoints.repair_fix(tmp_path / "mine", "diffusers")
+
+
 # --------------------------------------------------------------------------------------------------
 # load_components
 

@@ -58,6 +58,21 @@ def test_the_examples_fail_clearly_before_their_checkpoints_are_downloaded():
     assert "t2v_a14b_2gpu.yaml:9: model.path" in result.stderr and "models download" in result.stderr
 
 
+@pytest.mark.parametrize("command, example, fix", [
+    ("plan", "t2v_a14b_2gpu.yaml", "models download Wan-AI/Wan2.2-T2V-A14B-Diffusers --to models/Wan2.2-T2V-A14B-Diffusers"),
+    ("plan", "ti2v_5b.yaml", "models download Wan-AI/Wan2.2-TI2V-5B-Diffusers --to models/Wan2.2-TI2V-5B-Diffusers"),
+    ("models fit", "ti2v_5b.yaml", "models download Wan-AI/Wan2.2-TI2V-5B-Diffusers --to models/Wan2.2-TI2V-5B-Diffusers"),
+    # the diffsynth and the command backends read the original layout: the repository without -Diffusers
+    ("plan", "motion_transfer.yaml", "models download Wan-AI/Wan2.1-T2V-14B --to models/Wan2.1-T2V-14B"),
+    ("plan", "i2v_a14b_fsdp.yaml", "models download Wan-AI/Wan2.2-I2V-A14B --to "),
+])
+def test_the_missing_checkpoint_fix_names_the_manifests_own_model_and_path(command, example, fix):
+    result = cli(*command.split(), str(ROOT / "experiments" / example))
+    assert result.returncode == 2
+    assert fix in result.stderr
+    assert "1.3B" not in result.stderr and "huggingface-cli" not in result.stderr
+
+
 def test_the_users_motion_transfer_experiment_plans_680_videos_over_four_cards(tmp_path, tiny_video):
     pytest.importorskip("diffsynth")
     import yaml

@@ -3,7 +3,6 @@ delete or replace (issue 18: a folder that is not a sweep's, `/`, the home folde
 a foreign index.html, the product's own names as categories)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

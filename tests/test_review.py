@@ -158,14 +158,38 @@ def test_links_are_relative_quoted_and_point_at_the_files(write_manifest, make_r
         assert quote(unquote(link)) == link, link
         assert (sweep.root / unquote(link)).resolve().exists(), link
     assert "%E9%95%9C%E5%A4%B4%20cam/%E5%8F%82%E8%80%83/seed_2_prompt_1.mp4" in links
-    # The reference videos live outside output_dir: reached relatively, poster cached under .sweep/.
+    # The reference videos live outside output_dir: linked into .sweep/refs/, poster cached under .sweep/.
     ref = next(v for v in parsed.find("video") if "refs/" in v["src"])
-    assert ref["src"].startswith("../refs/") and ref["poster"].startswith(".sweep/thumbs/")
-    # Copy the folders elsewhere: the links still resolve.
+    assert ref["src"] == ".sweep/refs/%E9%95%9C%E5%A4%B4%20cam/ref%201.mp4"
+    assert ref["poster"].startswith(".sweep/thumbs/")
+    linked = sweep.root / unquote(ref["src"])
+    assert linked.read_bytes() == (tmp_path / "refs" / "镜头 cam" / "ref 1.mp4").read_bytes()
+    # Copy the output folder alone elsewhere: every link still resolves, inside the copy.
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path / "out", moved / "out")
-    shutil.copytree(tmp_path / "refs", moved / "refs")
-    assert all((moved / "out" / unquote(link)).resolve().exists() for link in links)
+    for link in links:
+        assert (moved / "out" / unquote(link)).resolve().is_relative_to(moved / "out"), link
+        assert (moved / "out" / unquote(link)).exists(), link
+
+
+def test_a_changed_reference_is_linked_again_and_one_that_cannot_be_is_said(write_manifest, make_refs, tmp_path,
+                                                                            monkeypatch):
+    sweep = _v2v_sweep(write_manifest, make_refs)
+    source = tmp_path / "refs" / "other" / "x.mp4"
+    build_page(sweep)
+    linked = sweep.state_dir / "refs" / "other" / "x.mp4"
+    assert linked.read_bytes() == source.read_bytes()
+    replacement = tmp_path / "new.mp4"  # a new file under the old name (a new inode, as editors write)
+    write_mp4(_frames(shade=200), replacement, fps=5, expected_frames=5)
+    os.replace(replacement, source)
+    build_page(sweep)
+    assert linked.read_bytes() == source.read_bytes()
+    assert not [p for p in linked.parent.iterdir() if p.name.startswith(TEMP_MARK)]
+
+    monkeypatch.setattr("orchestrator.review.keep_copy", lambda source, target: False)  # e.g. a full disk
+    parsed = Page(render(build_page(sweep)))
+    assert {v["src"] for v in parsed.find("video") if "refs/" in v["src"]} >= {"../refs/other/x.mp4"}
+    assert "a copy of this folder will not show them" in " ".join(parsed.text)
 
 
 def test_posters_are_made_once_beside_each_mp4(write_manifest, make_refs, monkeypatch):
@@ -241,7 +265,8 @@ def test_text_and_image_tasks(write_manifest, make_refs, tmp_path):
         name="i2v.yaml")))
     parsed = Page(render(build_page(i2v)))
     # The image itself heads its row (no poster needed).
-    assert sorted(img["src"] for img in parsed.find("img")) == ["../imgs/%E4%BA%8C.png", "../imgs/first%20frame.png"]
+    assert sorted(img["src"] for img in parsed.find("img")) == [".sweep/refs/pics/%E4%BA%8C.png",
+                                                                ".sweep/refs/pics/first%20frame.png"]
     assert len(parsed.find("td", class_="cell")) == 2 and not parsed.find("video")
 
 
@@ -401,7 +426,7 @@ def test_review_page_plays_in_headless_chromium(write_manifest, make_refs, tmp_p
         assert advanced, seen  # currentTime moves on and frames are decoded: the videos really play
         assert browser.evaluate("document.querySelectorAll('figure[data-state=failed]').length") == 1
         ref = browser.evaluate("document.querySelector('th.ref video').currentSrc")
-        assert ref.endswith("/refs/%E9%95%9C%E5%A4%B4%20cam/ref%201.mp4")
+        assert ref.endswith("/out/.sweep/refs/%E9%95%9C%E5%A4%B4%20cam/ref%201.mp4")
         time.sleep(1.0)  # let every visible video show a frame
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     finally:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from orchestrator.jobs import expand, settings_fingerprint
 from orchestrator.ledger import Ledger

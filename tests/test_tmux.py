@@ -148,6 +148,12 @@ def test_sessions_per_worker_show_live_output_and_nothing_reaches_a_shell(tmux, 
     socket = os.environ["ORCHESTRATOR_TMUX_SOCKET"]
     assert f"tmux -L {socket} attach -t " in result.stdout and "report" in result.stdout
     assert all(name in result.stdout for name in names)
+    # the printed report command, pasted into a shell in another folder, reports this sweep
+    (progress,) = [line.split(":", 1)[1] for line in result.stdout.splitlines() if line.startswith("progress:")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pasted = subprocess.run(["bash", "-c", progress], cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0 and "sweep " in pasted.stdout, pasted.stdout + pasted.stderr
 
     sessions = _sessions(tmux)
     assert sorted(sessions) == sorted(names)
@@ -240,7 +246,7 @@ def test_second_run_does_not_double_workers_add_workers_and_stop(tmux, write_man
 
     added = _run("run", str(path), "--cpu-slots", "3", "--add-workers")
     assert added.returncode == 0, added.stdout + added.stderr
-    assert "started 1 workers" in added.stdout
+    assert "started 1 worker (tmux)" in added.stdout
     assert sorted(_sessions(tmux)) == [session_name("t", f"cpu{i}_worker0") for i in range(3)]
     _wait_for(lambda: len(_processes(tmp_path)) == 6, 10, "3 supervisors and 3 workers")
 
@@ -299,7 +305,7 @@ def test_worker_that_keeps_crashing_fails_with_its_reason_left_on_screen(tmux, w
     assert "gave up after 1 restarts" in _ledger(out).worker("cpu0_worker0")["message"]
 
     again = _run("run", str(path), "--cpu-slots", "1")  # a fresh try replaces the dead pane's session
-    assert again.returncode == 0 and "started 1 workers" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "started 1 worker (tmux)" in again.stdout, again.stdout + again.stderr
     assert list(_sessions(tmux)) == [name]
     _wait_for(lambda: _processes(tmp_path), 10, "the new supervisor")
 

@@ -44,6 +44,9 @@ class Backend(ABC):
     # `run` checks model.path file by file first (checkpoints.inspect): for backends that load the
     # weights themselves, not for one that hands the folder to another program.
     verify_checkpoint: ClassVar[bool] = False
+    # The layout model.path holds (`diffusers`, or `wan`: the original release): which hub repository
+    # a missing-checkpoint fix names (checkpoints.download_fix). None: no checkpoint.
+    checkpoint_layout: ClassVar[str | None] = None
     # Options that change how fast or where a job runs, not its pixels: they stay out of job ids.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
     # Options naming files or folders: the manifest resolves them against its own folder (workers

@@ -92,6 +92,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoints.releases import download_fix
 from .base import Backend, BackendProblem, OutOfMemory, model_files_identity, option_problems
 from .cuda import OOM_MARKERS
 
@@ -175,6 +176,7 @@ class CommandBackend(Backend):
     # The child owns its cards: nothing of it can be measured from a worker process (sizing.py),
     # so a worker group is the manifest's card count with one worker on it.
     measured_sizing = False
+    checkpoint_layout = "wan"  # generate.py reads the original release folder (--ckpt_dir)
     runtime_options = frozenset({"python", "torchrun", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
                                  "env", "cwd", "script"})
     path_options = frozenset({"script", "cwd", "python"})  # resolved by the manifest, like model.path
@@ -609,7 +611,6 @@ def _check_python(options) -> list[BackendProblem]:
 
 
 def _check_checkpoint(path: str | None, base: Path, task_name: str, task: WanTask, problem) -> None:
-    download = f"huggingface-cli download Wan-AI/Wan2.2-{task_name.upper()}"
     if not path:
         problem("model", f"generate.py needs model.path: the {task_name} checkpoint folder (--ckpt_dir)",
                 "add `path:` with the folder you downloaded")
@@ -617,7 +618,7 @@ def _check_checkpoint(path: str | None, base: Path, task_name: str, task: WanTas
     if not os.path.isdir(path):
         # the path as the manifest gives it (relative to its folder), and where that is
         problem("model.path", f"checkpoint folder `{os.path.relpath(path, base)}` does not exist (looked at {path})",
-                f"download it ({download} --local-dir …) and point model.path at it")
+                download_fix(path, CommandBackend.checkpoint_layout, family=task_name))
         return
     missing = [name for name in task.files if not os.path.exists(os.path.join(path, name))]
     if missing:

@@ -100,6 +100,7 @@ from typing import Any
 import numpy as np
 
 from .. import speed as speed_settings
+from ..checkpoints.releases import download_fix
 from .base import Backend, BackendProblem, model_files_identity, option_problems, speed_card_problems
 from .cuda import job_memory, release_memory
 
@@ -375,6 +376,7 @@ class DiffSynthWanBackend(Backend):
     runtime_options = frozenset({"vram_management", "vram_limit_gib", "prompt_cache", "reference_cache"})
     path_options = frozenset({"tokenizer"})  # resolved by the manifest against its folder
     verify_checkpoint = True
+    checkpoint_layout = "wan"
 
     @classmethod
     def check(cls, manifest) -> list[str | BackendProblem]:
@@ -444,8 +446,10 @@ class DiffSynthWanBackend(Backend):
                                            "pip install 'wan-sweep[diffsynth]' (diffsynth>=2.1)"))
         if not model.path or not Path(model.path).is_dir():
             problems.append(BackendProblem("model.path", f"model.path `{model.path}` is not a folder: the "
-                                           "diffsynth backend loads local files in the original Wan layout",
-                                           "point it at e.g. a Wan2.1-T2V-14B download; nothing is downloaded"))
+                                           "diffsynth backend loads local files in the original Wan layout "
+                                           "(nothing is downloaded unless you ask)",
+                                           download_fix(model.path or "models/Wan2.1-T2V-14B", cls.checkpoint_layout,
+                                                        model.task)))
             return problems
         if any(p.key.startswith("model.options.model_files") for p in problems if isinstance(p, BackendProblem)):
             return problems

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import speed as speed_settings
+from ..checkpoints.releases import download_fix
 from ..manifest import SpeedConfig
 from .base import Backend, BackendProblem, model_files_identity, option_problems, speed_card_problems
 from .cuda import job_memory, release_memory
@@ -107,6 +108,7 @@ class DiffusersWanBackend(Backend):
     name = "diffusers"
     runs_on_cpu = True  # it does run on the CPU, slowly: CI uses tiny random-weight checkpoints
     verify_checkpoint = True
+    checkpoint_layout = "diffusers"
     # Where and how memory-thriftily it runs, not what it draws: these stay out of job ids.
     runtime_options = frozenset({"offload", "group_offload_blocks", "device_map", "max_memory_gib", "text_encoder",
                                  "prompt_cache", "vae_slicing", "parallel_load"})
@@ -132,8 +134,8 @@ class DiffusersWanBackend(Backend):
             problems.append(BackendProblem(
                 "model.path", f"model.path `{model.path}` is not a local diffusers checkpoint folder (no "
                 "model_index.json there); nothing is downloaded unless you ask",
-                "point it at a downloaded checkpoint, or download one: python run_experiment.py models download "
-                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers --to models/Wan2.1-T2V-1.3B-Diffusers"))
+                "point it at a downloaded checkpoint, or "
+                + download_fix(model.path, cls.checkpoint_layout, model.task)))
             return problems
         try:
             info = read_checkpoint_config(model.path)

@@ -13,6 +13,8 @@ GPU, getting one, and loading a diffusers checkpoint's components fast.
   fit.py       one worker's GPU memory per strategy (`estimate`, `fit_report`), from parameter bytes
                in the headers and the generation settings; GPUs of this machine or named (`24GB x2`)
   download.py  `download` through huggingface_hub (resumable; only when asked)
+  releases.py  Wan's releases on the hub (family → repository per layout) and the download command
+               every missing-checkpoint fix prints (`download_fix`, `repair_fix`)
 
 Must not know: the ledger, executors, workers (a backend calls `load_components`; `cli` the rest).
 """
@@ -22,8 +24,10 @@ from .loading import load_components, model_index, read_ahead
 from .fit import (GPU_FACTOR, K_FFN, K_HIDDEN, K_VAE_CH, K_VAE_PX, PREFERENCE, TEXT_TOKENS, Settings, estimate,
                   fit_report, machine_gpus, measured_profiles, parse_gpu, parts, working_sets)
 from .download import download, remove_broken
+from .releases import download_fix, family_of, repair_fix, repo_id
 
 __all__ = ["CheckpointError", "DownloadError", "GIB", "ST_BYTES", "detect_layout", "dtype_summary", "format_status",
            "inspect", "verify", "load_components", "model_index", "read_ahead", "GPU_FACTOR", "K_FFN", "K_HIDDEN",
            "K_VAE_CH", "K_VAE_PX", "PREFERENCE", "TEXT_TOKENS", "Settings", "estimate", "fit_report", "machine_gpus",
-           "measured_profiles", "parse_gpu", "parts", "working_sets", "download", "remove_broken"]
+           "measured_profiles", "parse_gpu", "parts", "working_sets", "download", "remove_broken",
+           "download_fix", "family_of", "repair_fix", "repo_id"]

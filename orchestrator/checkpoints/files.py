@@ -26,8 +26,6 @@ RUN_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of old torch.save
-FIX = ("download it again into the same folder (`python run_experiment.py models download REPO_ID --to "
-       "{root}` resumes and fetches only what is missing or broken), or point model.path at a complete copy")
 
 
 class CheckpointError(RuntimeError):

@@ -10,7 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import CheckpointError, FIX, WEIGHT_SUFFIXES, WeightFile, _Broken, read_weight_file
+from .files import CheckpointError, WEIGHT_SUFFIXES, WeightFile, _Broken, read_weight_file
+from .releases import download_fix, repair_fix
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class Checkpoint:
         count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
         return CheckpointError(f"checkpoint {self.root} is incomplete or broken ({count}):\n"
                                + "\n".join(f"  {p}" for p in self.problems)
-                               + f"\nfix: {FIX.format(root=self.root)}")
+                               + f"\nfix: {repair_fix(self.root, self.layout)}")
 
 
 class _Reader:
@@ -211,8 +212,7 @@ def inspect(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint's indexes and weight headers; problems are collected, not raised."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise CheckpointError(f"checkpoint {root} does not exist (fix: download it: python run_experiment.py "
-                              f"models download REPO_ID --to {root})")
+        raise CheckpointError(f"checkpoint {root} does not exist (fix: {download_fix(root, None)})")
     layout = detect_layout(root)
     if layout is None:
         raise CheckpointError(

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from .files import CheckpointError, FIX
+from .files import CheckpointError
+from .releases import repair_fix
 from .layouts import is_component_spec
 
 
@@ -47,7 +48,7 @@ def model_index(folder: str | os.PathLike) -> tuple[dict[str, tuple[str, str] | 
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing: {folder} is not a diffusers checkpoint folder") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc}); fix: {FIX.format(root=folder)}") from None
+        raise CheckpointError(f"{path}: unreadable ({exc}); fix: {repair_fix(folder, 'diffusers')}") from None
     components, settings = {}, {}
     for name, value in data.items():
         if name.startswith("_"):
@@ -213,7 +214,7 @@ def load_components(folder: str | os.PathLike, dtype, parallel: bool = True, nam
     for name in wanted:
         if not (root / name).is_dir():
             raise CheckpointError(f"{root / name}/: missing: model_index.json names component `{name}`; "
-                                  f"fix: {FIX.format(root=root)}")
+                                  f"fix: {repair_fix(root, 'diffusers')}")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     classes = {n: _component_class(*available[n]) for n in wanted}
     is_model = {n: isinstance(classes[n], type) and issubclass(classes[n], torch.nn.Module) for n in wanted}

@@ -1,0 +1,90 @@
+"""Small things a new user reads: tables that line up with CJK names, plurals and articles, what a
+`models fit` error says, help texts, `--version`, the README's option list, example manifests' comments,
+comments in a prompts .txt."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import orchestrator
+from orchestrator.cli import _parser
+from orchestrator.manifest import ManifestError, load_manifest
+from orchestrator.report import build_report, display_width, format_report
+from orchestrator.sweep import Sweep
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+CJK = "镜头仰角旋转"
+
+
+def test_display_width_counts_cjk_characters_as_two_columns():
+    assert display_width(CJK) == 12 and display_width("abc") == 3 and display_width("é") == 1
+
+
+def test_report_and_plan_tables_line_up_with_cjk_names(write_manifest):
+    path = write_manifest(synthetic_manifest(categories={CJK: {"prompts": ["a"]}, "beta": {"prompts": ["b"]}}))
+    text = format_report(build_report(Sweep(load_manifest(path))))
+    table = [line for line in text.splitlines() if line.startswith((CJK, "beta", "total", "category"))]
+    assert len(table) == 4 and len({display_width(line) for line in table}) == 1, text
+    plan = cli("plan", str(path), "--cpu-slots", "1")
+    assert plan.returncode == 0, plan.stderr
+    rows = [line for line in plan.stdout.splitlines() if line.startswith("  ") and line.split()[0] in (CJK, "beta")]
+    assert len(rows) == 2 and len({display_width(line) for line in rows}) == 1, plan.stdout
+
+
+def test_one_worker_is_one_worker(write_manifest):
+    path = write_manifest(synthetic_manifest(seeds=[1], categories={"alpha": {"prompts": ["a"]}},
+                                             execution={"executor": "local"}))
+    result = cli("run", str(path), "--cpu-slots", "1", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started 1 worker (local)" in result.stdout
+
+
+def test_a_wrong_seed_asks_for_an_integer(write_manifest):
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(write_manifest(synthetic_manifest(seeds=["x"])))
+    assert "set each seed to an integer" in str(caught.value)
+
+
+def test_a_models_fit_error_does_not_say_something_was_started():
+    result = cli("models", "fit", str(ROOT / "experiments" / "ti2v_5b.yaml"))
+    assert result.returncode == 2
+    assert "nothing was started" not in result.stderr.lower()
+    assert result.stderr.startswith("error: manifest has 1 problem; nothing was sized")
+
+
+def test_version_and_the_help_of_every_report_option():
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"wan-sweep {orchestrator.__version__}"
+    report = cli("report", "--help").stdout
+    assert re.search(r"--json\s+print the report as JSON", report)
+    assert re.search(r"--watch \[SECONDS\]\s+print the report again every SECONDS", report)
+
+
+def test_the_readme_lists_every_option_of_every_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = readme.split("## The commands", 1)[1].split("```", 2)[1]
+    parser = _parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("run", "plan", "report", "stop"):
+        line = next(l for l in commands.splitlines() if l.startswith(f"python run_experiment.py {name} "))
+        block = commands[commands.index(line):].split("\npython run_experiment.py ", 1)[0]
+        for action in subcommands[name]._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in block, (name, option)
+
+
+def test_example_manifests_point_at_nothing_a_user_does_not_have():
+    for example in (ROOT / "experiments").glob("*.yaml"):
+        text = example.read_text(encoding="utf-8")
+        assert "shared/" not in text and "huggingface-cli" not in text, example.name
+
+
+def test_hash_lines_in_a_prompts_txt_are_comments(write_manifest, tmp_path):
+    (tmp_path / "prompts.txt").write_text("# camera moves\na crane shot\n\n  # slow ones\na dolly zoom\n",
+                                          encoding="utf-8")
+    manifest = load_manifest(write_manifest(synthetic_manifest(categories={"alpha": {"prompts": "prompts.txt"}})))
+    (category,) = manifest.categories
+    assert category.references[0].prompts == ("a crane shot", "a dolly zoom")

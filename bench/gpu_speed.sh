@@ -68,7 +68,7 @@ for stage in $STAGES; do
         [ -f "$model/.built" ] || { python3 bench/gpu_diffsynth_build.py "$model" --size 1.3b --device "$DEVICE" 2>&1 \
             | tee -a "$OUT/speed_$stage.log" && touch "$model/.built"; }
         trial $stage "$(manifest $stage diffsynth "$model" '{vram_management: text_encoder}')" \
-            --try compile=blocks --try compile=blocks,quantize=fp8
+            ${TRIES_DIFFSYNTH:---try compile=blocks --try compile=blocks,quantize=fp8}
         ;;
       *) echo "unknown stage $stage" ;;
     esac

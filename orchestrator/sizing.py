@@ -421,8 +421,12 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     work = Path(tempfile.mkdtemp(prefix="calibration-", dir=_scratch(manifest)))
     # A v2v or i2v model needs its reference: the probes use the manifest's first one.
     reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
+    from .speed import compile_cache_dir
     config = {"model": asdict(manifest.model), "generation": asdict(manifest.generation), "devices": devices,
-              "workdir": str(work), "reference": reference}
+              "workdir": str(work), "reference": reference,
+              # the probes compile as the workers will, into the same cache (the workers then start warm)
+              "compile_cache": str(compile_cache_dir(manifest.output_dir)) if manifest.model.speed.compile != "none"
+              else None}
     (work / "config.json").write_text(json.dumps(config), encoding="utf-8")
     env = python_env()
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -564,6 +568,10 @@ def probe(config_path: str, index: int) -> int:
                   expected_frames=backend.generation.num_frames)
         return time.monotonic() - t0
 
+    from .speed import first_call_lock, use_compile_cache
+    cache = config.get("compile_cache")
+    if cache:
+        use_compile_cache(cache)
     try:
         t0 = time.monotonic()
         backend = backend_class(model.backend)(model, generation, tuple(config["devices"]))
@@ -571,7 +579,8 @@ def probe(config_path: str, index: int) -> int:
         load_s = time.monotonic() - t0
         write(f"probe{index}.loaded", {"load_s": load_s, "pid": os.getpid()})
         backend.generation = replace(generation, steps=warmup_steps)
-        warm_s = run_job(backend, 0)
+        with first_call_lock(cache):  # the warm-up compiles (speed.compile), one probe at a time
+            warm_s = run_job(backend, 0)
         backend.generation = generation
         write(f"probe{index}.ready", {"load_s": load_s, "warmup_s": warm_s, "warmup_steps": warmup_steps,
                                       "peak_torch": backend.peak_memory_bytes()})

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from .manifest import SpeedConfig
+from .manifest import SDPA_ATTENTION, SpeedConfig  # noqa: F401  (SDPA_ATTENTION: re-exported for the backends)
 
 if TYPE_CHECKING:
     import torch

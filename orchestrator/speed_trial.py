@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 EAGER = SpeedConfig()
 DEFAULT_CANDIDATES = ("compile=blocks", "compile=blocks,quantize=fp8")
+MIN_PSNR_DB = 20.0  # below this the frames are another picture, not eager's rounded differently
 
 
 class TrialError(ValueError):
@@ -152,7 +153,10 @@ def format_trials(results: list[dict], manifest: Manifest) -> str:
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-    ran = [r for r in results if not r.get("error") and r.get("seconds_per_step")]
+    # a candidate whose frames are far from eager's (PSNR under 20 dB: another picture, not rounding)
+    # is not recommended, however fast
+    ran = [r for r in results if not r.get("error") and r.get("seconds_per_step")
+           and r.get("frames_psnr_db", math.inf) >= MIN_PSNR_DB]
     if ran:
         best = min(ran, key=lambda r: r["seconds_per_step"])
         eager = next((r for r in ran if r["label"] == "eager"), None)

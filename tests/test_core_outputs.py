@@ -98,6 +98,6 @@ outputs.write_mp4(frames, sys.argv[1], fps=5, expected_frames=5, sidecar={"job_i
     left = sorted(os.listdir(folder))
     assert [name for name in left if name.endswith(".json")], left  # the sidecar's temporary file
     assert all(name.startswith(f"{TEMP_MARK}cpu0_worker0-") for name in left), left
-    assert remove_partials(tmp_path, owner="cpu0_worker1") == 0  # another worker's files are not touched
-    assert remove_partials(tmp_path, owner="cpu0_worker0") == len(left)
+    assert remove_partials([folder], owner="cpu0_worker1") == 0  # another worker's files are not touched
+    assert remove_partials([folder], owner="cpu0_worker0") == len(left)
     assert os.listdir(folder) == []

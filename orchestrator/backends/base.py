@@ -26,6 +26,16 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory during a job (a backend translates its library's error)."""
 
 
+class NonFiniteFrames(RuntimeError):
+    """The decoded video holds NaN or infinite values: written as an mp4 it would be a black clip that
+    counts as done, so the job fails instead (a numerical problem, e.g. of a quantized denoiser)."""
+
+    def __init__(self, speed):
+        hint = (f" with speed settings (compile {speed.compile}, quantize {speed.quantize}); try them with "
+                "`models speed` or leave them out" if not speed.is_default else "")
+        super().__init__("the decoded video holds NaN or infinite values" + hint)
+
+
 @dataclass(frozen=True)
 class BackendProblem:
     """A problem with one manifest key, e.g. `generation.num_frames` or `model.options.offload`.

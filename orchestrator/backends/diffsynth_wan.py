@@ -101,7 +101,8 @@ import numpy as np
 
 from .. import speed as speed_settings
 from ..checkpoints.releases import download_fix
-from .base import Backend, BackendProblem, model_files_identity, option_problems, speed_card_problems
+from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identity, option_problems,
+                   speed_card_problems)
 from .cuda import job_memory, release_memory
 
 OPTIONS: dict[str, tuple] = {
@@ -536,13 +537,16 @@ class DiffSynthWanBackend(Backend):
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
         o = manifest.model.options
+        fp8 = (["diffsynth: speed.quantize fp8 made NaN (black) frames with DiffSynth's DiT on random weights "
+                "on an H200 (docs/benchmarks.md); try it with `models speed` first: a job whose frames are "
+                "not finite fails instead of being written"] if manifest.model.speed.quantize == "fp8" else [])
         vm = o.get("vram_management", True)
         notes = [f"diffsynth: each worker loads the model once (vram_management: {vm}); prompt embeddings "
                  f"are cached per worker (up to {o.get('prompt_cache', 64)} prompts)"]
         if manifest.model.task == "v2v":
             notes.append("diffsynth: a reference video is VAE-encoded once per worker and reused for all its "
                          "prompts × seeds")
-        return notes
+        return fp8 + notes
 
     # ------------------------------------------------------------------------------------------
 
@@ -810,6 +814,8 @@ class DiffSynthWanBackend(Backend):
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
             with speed_settings.sdpa_kernel(self.model.speed.attention):
                 video = self.pipe(**kwargs)
+            if not bool(torch.isfinite(video[0]).all()):
+                raise NonFiniteFrames(self.model.speed)
             frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # C T H W → T H W C
         returned = time.time()

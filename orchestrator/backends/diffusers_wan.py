@@ -50,7 +50,8 @@ import numpy as np
 from .. import speed as speed_settings
 from ..checkpoints.releases import download_fix
 from ..manifest import SpeedConfig
-from .base import Backend, BackendProblem, model_files_identity, option_problems, speed_card_problems
+from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identity, option_problems,
+                   speed_card_problems)
 from .cuda import job_memory, release_memory
 
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"}
@@ -437,6 +438,8 @@ class DiffusersWanBackend(Backend):
             "called": round(called, 3), "first_step_done": round(step_times[0], 3) if step_times else None,
             "last_step_done": round(step_times[-1], 3) if step_times else None, "returned": round(returned, 3)})
         video = np.asarray(video)
+        if video.dtype != np.uint8 and not np.isfinite(video).all():
+            raise NonFiniteFrames(self.model.speed)
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video

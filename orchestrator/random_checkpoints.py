@@ -45,16 +45,11 @@ SIZES = {
         vae=dict(),
         text=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
                   relative_attention_num_buckets=32, relative_attention_max_distance=128)),
-    # Wan2.1-T2V-14B's transformer (40 layers, 40 heads × 128, ffn 13824; 28.6 GB in bf16), the rest as
-    # wan-1.3b: for GPU benchmarks of the 14B model's speed (build with --dtype bfloat16).
-    "wan-14b": dict(
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-        vae=dict(),
-        text=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
-                  relative_attention_num_buckets=32, relative_attention_max_distance=128)),
 }
+# Wan2.1-T2V-14B's transformer (40 layers, 40 heads × 128, ffn 13824; 28.6 GB in bf16), the rest as
+# wan-1.3b: for GPU benchmarks of the 14B model's speed (build with --dtype bfloat16).
+SIZES["wan-14b"] = dict(SIZES["wan-1.3b"], transformer=dict(SIZES["wan-1.3b"]["transformer"], num_attention_heads=40,
+                                                            ffn_dim=13824, num_layers=40))
 VOCAB = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(997)]
 
 

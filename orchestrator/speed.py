@@ -114,6 +114,20 @@ def apply_to_denoiser(denoiser: "torch.nn.Module", blocks: list["torch.nn.Module
     return done
 
 
+# The cross-attention's key and value projections read the text (and, for Wan2.1 I2V, the image)
+# context: 512 (+257) tokens against the 32,760 of a 480p video, so fp8 buys nothing there, and the
+# padding of the text context is rows of zeros, whose per-row fp8 scale is zero (0/0: NaN). They keep
+# the model's dtype under `quantize: fp8`. Names: diffusers' WanTransformerBlock, DiffSynth's DiTBlock.
+TEXT_CONTEXT_LAYERS = ("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj",
+                       "cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img")
+
+
+def fp8_layers(module, name: str) -> bool:
+    """Whether `quantize: fp8` turns this layer of a block (`name` relative to the block) into fp8."""
+    import torch
+    return isinstance(module, torch.nn.Linear) and not name.endswith(TEXT_CONTEXT_LAYERS)
+
+
 def quantize(denoiser, blocks, mode: str, compute_dtype, library: str) -> int:
     """Replace the blocks' Linear weights: torchao's tensor subclasses (fp8, int8), or fp8 storage with
     the model's dtype for compute. Returns the number of Linear layers changed."""
@@ -133,9 +147,10 @@ def quantize(denoiser, blocks, mode: str, compute_dtype, library: str) -> int:
         else:
             from torchao.quantization import Int8WeightOnlyConfig
             config = Int8WeightOnlyConfig()
+        chosen = fp8_layers if mode == "fp8" else (lambda module, name: isinstance(module, torch.nn.Linear))
         for block in blocks:
-            quantize_(block, config)  # its default filter: every nn.Linear
-        return len(linears)
+            quantize_(block, config, filter_fn=chosen)
+        return sum(1 for block in blocks for name, m in block.named_modules() if chosen(m, name))
     if mode == "fp8_storage":
         if library == "diffusers":
             # diffusers' layerwise casting (its own skip list keeps norms and embeddings in full precision)

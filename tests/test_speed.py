@@ -652,3 +652,22 @@ def test_frames_that_are_not_finite_fail_the_job_instead_of_becoming_a_black_vid
     backend.pipe.transformer.register_forward_hook(lambda module, args, output: (output[0] * float("nan"),))
     with pytest.raises(NonFiniteFrames, match="NaN or infinite values with speed settings .*quantize int8"):
         backend.generate(_job(), lambda step, steps: None)
+
+
+def test_fp8_leaves_the_cross_attentions_text_projections_in_full_precision(tiny_diffusers, tiny_diffsynth):
+    """fp8's per-row scales of the text context's padding (rows of zeros) are zero: 0/0 made NaN frames on
+    the GPU with DiffSynth's DiT. The layers that read the context keep the model's dtype; the rest are fp8."""
+    import torch
+
+    from orchestrator.speed import fp8_layers
+
+    def split(block):
+        linears = [(n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+        return ({n for n, m in linears if fp8_layers(m, n)}, {n for n, m in linears if not fp8_layers(m, n)})
+
+    fp8, kept = split(_diffusers(tiny_diffusers).pipe.transformer.blocks[0])
+    assert kept == {"attn2.to_k", "attn2.to_v"}
+    assert {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ffn.net.2"} <= fp8
+    fp8, kept = split(_diffsynth(tiny_diffsynth).pipe.dit.blocks[0])
+    assert kept == {"cross_attn.k", "cross_attn.v"}
+    assert {"self_attn.q", "self_attn.k", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2"} <= fp8

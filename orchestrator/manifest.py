@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -420,8 +420,15 @@ def safe_component_problem(name: str) -> str | None:
 # Loading
 
 
-def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Read and validate a manifest; raise ManifestError listing every problem."""
+# A check made above this module (validation.load_manifest: the backend's): it gets the manifest read
+# so far and `problem(at, message, fix)`, which reports at the line of the first of the dotted keys
+# `at` that the file has (or its nearest enclosing key), and returns the manifest, refined or not.
+ManifestCheck = Callable[[Manifest, Callable[..., None]], Manifest]
+
+
+def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -> Manifest:
+    """Read and validate a manifest's YAML; raise ManifestError listing every problem, those of
+    `check` included. It knows no backend: `validation.load_manifest` is what callers use."""
     path = Path(path).resolve()
     reader = _Reader(path)
     if path.is_dir():
@@ -474,7 +481,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
                         resources=resources, execution=execution)
-    _check_backend(reader, manifest, root)
+    if check is not None and model is not None:
+        def problem(at: tuple[str, ...], message: str, fix: str = "") -> None:
+            node = next((found for key in at if (found := _node_at(root, key)) is not None), None)
+            reader.problem(node, message, fix)
+        manifest = check(manifest, problem)
     if reader.problems:
         raise ManifestError(reader.problems)
     return manifest
@@ -517,27 +528,7 @@ def _read_model(reader: _Reader, node) -> ModelConfig | None:
         # relative to the manifest's folder, also before it exists (the demo builds its checkpoint there).
         path = Path(os.path.expanduser(model_path))
         model_path = str(path if path.is_absolute() else (reader.file.parent / path).resolve())
-    options = _resolve_path_options(backend, options, reader.file.parent)
     return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options)
-
-
-def _resolve_path_options(backend: str | None, options: dict, base: Path) -> dict:
-    """The backend's path options made absolute from the manifest's folder: a value with a path
-    separator, or one that exists there (`python3` alone stays a command looked up on PATH)."""
-    from .backends import BACKENDS, backend_class
-    if backend not in BACKENDS:
-        return options
-    resolved = dict(options)
-    for key in backend_class(backend).path_options:
-        value = options.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        path = Path(os.path.expanduser(value))
-        if not path.is_absolute() and (os.sep in value or os.path.exists(base / path)):
-            resolved[key] = str((base / path).resolve())
-        elif path.is_absolute():
-            resolved[key] = str(path)
-    return resolved
 
 
 def _read_generation(reader: _Reader, node) -> GenerationConfig:
@@ -1029,24 +1020,6 @@ def _prompt_list_problem(value) -> str | None:
     if blank:
         return f"have an empty or non-text prompt (number {', '.join(map(str, blank))})"
     return None
-
-
-def _check_backend(reader: _Reader, manifest: Manifest, root) -> None:
-    """Let the chosen backend check the manifest (unknown backend → a problem here)."""
-    if manifest.model is None:
-        return
-    from .backends import BACKENDS, BackendProblem, backend_class
-    model_node = _node_at(root, "model")
-    if manifest.model.backend not in BACKENDS:
-        reader.problem(_node_at(root, "model.backend") or model_node,
-                       f"unknown model.backend `{manifest.model.backend}`",
-                       f"use one of: {', '.join(sorted(BACKENDS))}")
-        return
-    for found in backend_class(manifest.model.backend).check(manifest):
-        if isinstance(found, BackendProblem):
-            reader.problem(_node_at(root, found.key) or model_node, found.message, found.fix)
-        else:
-            reader.problem(model_node, found)
 
 
 def _node_at(root, dotted: str):

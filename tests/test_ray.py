@@ -268,7 +268,7 @@ def test_without_ray_the_executor_says_how_to_install_it_and_starts_nothing(writ
 def offline_driver(write_manifest):
     """A driver of two workers sharing one card, with its ledger, and no cluster: for its bookkeeping."""
     from orchestrator.executors.ray import Placement, _close_logger, _Driver
-    from orchestrator.manifest import load_manifest
+    from orchestrator.validation import load_manifest
     from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
     from orchestrator.sweep import Sweep
 

@@ -10,7 +10,7 @@ import pytest
 from orchestrator.gpus import GIB, FakeNvml, discover
 from orchestrator.jobs import expand
 from orchestrator.ledger import Ledger
-from orchestrator.manifest import load_manifest
+from orchestrator.validation import load_manifest
 from orchestrator.planning import make_plan
 from orchestrator.sizing import DoesNotFit, Profile, Sizer, decide_workers, fit_count
 

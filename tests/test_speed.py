@@ -26,7 +26,8 @@ import pytest
 
 from orchestrator.jobs import expand, settings_fingerprint
 from orchestrator.ledger import Ledger
-from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, SpeedConfig, load_manifest
+from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, SpeedConfig
+from orchestrator.validation import load_manifest
 from orchestrator.speed import compile_cache_dir, first_call_lock, use_compile_cache
 
 from .conftest import ROOT, backend_job as _job, cli, synthetic_manifest

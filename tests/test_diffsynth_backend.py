@@ -33,7 +33,7 @@ GEN = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
 
 
@@ -116,7 +116,7 @@ def test_check_fingerprint_matches_diffsynths_and_recognises_a_real_layout_dit(t
     from diffsynth.core.loader.file import hash_model_file
     from diffsynth.models.wan_video_dit import WanModel
 
-    from orchestrator.backends.diffsynth_wan import diffsynth_model_table, dit_kind, fingerprint, identify, model_files
+    from orchestrator.backends.diffsynth_files import diffsynth_model_table, dit_kind, fingerprint, identify, model_files
     files, problems = model_files(tiny)
     assert not problems
     for file in (files["dit"][0], files["text_encoder"], files["vae"]):
@@ -233,7 +233,7 @@ def test_v2v_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, t
 def test_wan22_two_expert_layout_and_named_files(tiny, tmp_path):
     """high_noise_model/ + low_noise_model/ load as DiffSynth's dit and dit2 (high noise first);
     model_files names other files, and a missing one is named."""
-    from orchestrator.backends.diffsynth_wan import model_files
+    from orchestrator.backends.diffsynth_files import model_files
     a14b = tmp_path / "a14b"
     shutil.copytree(tiny, a14b)
     for expert in ("high_noise_model", "low_noise_model"):
@@ -255,7 +255,7 @@ def test_i2v_starts_from_the_image_and_encodes_each_image_once(tmp_path):
     """A tiny image-to-video DiT in the manner of Wan2.2 I2V-A14B (36 input channels, no CLIP)."""
     from PIL import Image
 
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     folder = build_tiny_checkpoint(tmp_path / "i2v", task="i2v")
     images = []
     for name, level in (("dark", 30), ("light", 220)):

@@ -54,7 +54,7 @@ def tiny_diffsynth(tmp_path_factory) -> Path:
     """DiffSynth's tiny random-weight Wan model in the original file layout, built once."""
     pytest.importorskip("diffsynth")
     pytest.importorskip("torchao")
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
 
 

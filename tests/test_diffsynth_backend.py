@@ -145,6 +145,29 @@ def test_check_fingerprint_matches_diffsynths_and_recognises_a_real_layout_dit(t
     assert found["text_encoder"] is None and found["vae"] is None  # tiny files: not DiffSynth's models
 
 
+def test_one_header_reader_gives_flat_names_to_the_checks_and_the_nesting_to_the_fingerprint(tmp_path):
+    """checkpoints.files is the one reader of .pth headers: the checkpoint checks get dotted names, the
+    fingerprint the state dict's nesting, and the fingerprint stays DiffSynth's own hash for nested and
+    wrapped state dicts, parameters and tensors carrying Python state."""
+    from diffsynth.core.loader.file import hash_model_file
+
+    from orchestrator.backends.diffsynth_files import fingerprint
+    from orchestrator.checkpoints.files import read_weight_file
+
+    noted = torch.zeros(3)
+    noted.note = "a tensor with Python state"  # pickled through torch._tensor._rebuild_from_type_v2
+    nested = {"blocks": {"0": {"weight": torch.zeros(2, 3)}, "1": {"weight": torch.zeros(4)}},
+              "head.bias": torch.nn.Parameter(torch.zeros(5)), "noted": noted}
+    for name, state in (("nested", nested), ("wrapped", {"state_dict": nested}), ("flat", {"w": torch.zeros(1)})):
+        torch.save(state, tmp_path / f"{name}.pth")
+        assert fingerprint(str(tmp_path / f"{name}.pth")) == hash_model_file(str(tmp_path / f"{name}.pth"))
+    weights = read_weight_file(tmp_path / "nested.pth")
+    assert weights.tensors == {"blocks.0.weight": ("F32", (2, 3)), "blocks.1.weight": ("F32", (4,)),
+                               "head.bias": ("F32", (5,)), "noted": ("F32", (3,))}
+    assert weights.tree == {"blocks": {"0": {"weight": ("F32", (2, 3))}, "1": {"weight": ("F32", (4,))}},
+                            "head.bias": ("F32", (5,)), "noted": ("F32", (3,))}
+
+
 def _manifest(tiny, task="t2v", **overrides):
     data = synthetic_manifest(
         model={"backend": "diffsynth", "task": task, "path": str(tiny), "dtype": "float32",

@@ -21,13 +21,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import pickle
-import struct
-import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints.files import _Broken, read_weight_file
 from .base import BackendProblem
 
 COMPONENTS = ("dit", "text_encoder", "vae", "image_encoder")
@@ -132,46 +129,12 @@ def model_files(path: str | os.PathLike, options: dict | None = None) -> tuple[d
     return files, problems
 
 
-class _Shape:
-    """A tensor as the fingerprint sees it: its shape only."""
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-
-class _HeaderUnpickler(pickle.Unpickler):
-    """Reads a `torch.save` state dict's names and shapes without torch and without the weights."""
-
-    def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module.startswith("torch"):
-            if name == "_rebuild_tensor_v2":
-                return lambda storage, offset, size, *rest: _Shape(size)
-            if name == "_rebuild_parameter":
-                return lambda data, *rest: data
-            if name == "_rebuild_from_type_v2":
-                return lambda func, new_type, args, state: func(*args)
-            return _Shape  # storage types, dtypes: only passed along
-        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
-
-    def persistent_load(self, pid):
-        return None
-
-
 def _keys_and_shapes(file: str) -> dict | None:
-    """{name: shape} of one weight file, from its header alone; None when it cannot be read so."""
+    """{name: shape, or a dict of the same} of one weight file, nested as its state dict is (DiffSynth
+    hashes the nesting), from its header alone (checkpoints.files); None when it cannot be read so."""
     try:
-        if file.endswith(".safetensors"):
-            with open(file, "rb") as stream:
-                (length,) = struct.unpack("<Q", stream.read(8))
-                header = json.loads(stream.read(length))
-            return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-        with zipfile.ZipFile(file) as archive:
-            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-            with archive.open(pkl) as stream:
-                state = _HeaderUnpickler(stream).load()
-    except (OSError, ValueError, KeyError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError,
-            struct.error, EOFError, AttributeError, TypeError):
+        state = read_weight_file(Path(file)).tree
+    except (_Broken, OSError, ValueError, TypeError):  # (a header too corrupt for the reader's own checks)
         return None
     # DiffSynth unwraps a lone "state_dict" / "module" / "model_state" entry before hashing
     if isinstance(state, dict) and len(state) == 1:
@@ -180,8 +143,7 @@ def _keys_and_shapes(file: str) -> dict | None:
                 state = state[wrapper]
 
     def shapes(tree):
-        return {k: (list(v.shape) if isinstance(v, _Shape) else shapes(v)) for k, v in tree.items()
-                if isinstance(v, (_Shape, dict))}
+        return {k: (shapes(v) if isinstance(v, dict) else list(v[1])) for k, v in tree.items()}
     return shapes(state) if isinstance(state, dict) else None
 
 

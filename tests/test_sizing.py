@@ -162,6 +162,28 @@ def test_profile_cache_hit_miss_and_recalibrate(diffusers_manifest, tmp_path):
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
 
 
+def test_one_reader_of_the_profiles_folder_serves_sizing_fit_and_the_ray_plan(diffusers_manifest):
+    """Sizing's cache, `models fit`'s measured profiles and the Ray plan's profiles all read the sweep's
+    profiles folder through sizing.profiles: the same files, unreadable and old ones skipped."""
+    from orchestrator.checkpoints import measured_profiles
+    from orchestrator.sizing.profiles import ProfileCache, cached_profiles, profile_key, profiles_folder
+
+    manifest = diffusers_manifest()
+    cache = ProfileCache(profiles_folder(manifest))
+    ours = Profile(key=profile_key(manifest, "FAKE H100 80GB", 1), gpu_name="FAKE H100 80GB",
+                   gpu_total_bytes=80 * GIB, cards=1, peak_nvml_bytes=17 * GIB, jobs_per_hour={1: 200.0})
+    other = Profile(key={**profile_key(manifest, "FAKE H200 141GB", 2), "width": 64}, gpu_name="FAKE H200 141GB",
+                    gpu_total_bytes=141 * GIB, cards=2, peak_nvml_bytes=9 * GIB, jobs_per_hour={1: 300.0})
+    paths = [cache.put(ours), cache.put(other)]
+    (cache.folder / "torn.json").write_text("{", encoding="utf-8")
+    (cache.folder / "old.json").write_text(json.dumps({"version": 0}), encoding="utf-8")
+
+    assert sorted(path for _, path in cache.all()) == sorted(paths)
+    assert cache.get(ours.key) == ours
+    assert sorted(p.gpu_name for p in cached_profiles(manifest)) == ["FAKE H100 80GB", "FAKE H200 141GB"]
+    assert [profile for profile, _ in measured_profiles(manifest)] == [ours]  # this manifest's settings only
+
+
 def test_synthetic_backend_is_not_sized(write_manifest, tmp_path):
     manifest = load_manifest(write_manifest(synthetic_manifest(resources={"workers_per_gpu": "auto"})))
     from orchestrator.sizing import make_sizer

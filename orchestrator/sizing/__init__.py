@@ -26,24 +26,22 @@ The synthetic backend and CPU slots are not sized (planning's defaults apply).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from .gpus import GIB, Gpu, nvml_module, process_memories
-from .manifest import Manifest
-from .planning import DeviceGroup, PlanError
+from ..gpus import GIB, Gpu, nvml_module, process_memories
+from ..manifest import Manifest
+from ..planning import DeviceGroup, PlanError
+from .profiles import Profile, ProfileCache, cards_name, gib_text, profile_key, profiles_folder
 
-PROFILE_VERSION = 1
 MAX_PROBE_WORKERS = 3
 CLEAR_GAIN = 0.10  # more workers must add at least this much throughput
 NEAR_BEST = 0.97  # the fewest workers within this share of the best throughput win
@@ -53,94 +51,6 @@ SAMPLE_S = 0.1
 
 class DoesNotFit(RuntimeError):
     """One worker ran out of memory on this device group during calibration."""
-
-
-@dataclass
-class Profile:
-    key: dict
-    gpu_name: str
-    gpu_total_bytes: int
-    cards: int  # cards per worker when measured
-    fits: bool = True  # False: one worker ran out of memory on this many cards
-    peak_nvml_bytes: int | None = None  # per worker, on its most loaded card, CUDA context included
-    peak_torch_reserved_bytes: int | None = None  # per worker (summed over its cards)
-    loaded_nvml_bytes: int | None = None  # per worker after loading, before the first job
-    nvml_source: str = "per-process"  # or "device-delta" where NVML cannot see the process
-    load_seconds: float | None = None
-    seconds_per_job: float | None = None  # one worker alone, mean of the timed jobs
-    jobs_per_hour: dict[int, float] = field(default_factory=dict)  # concurrent workers -> measured
-    free_bytes_at_calibration: int | None = None
-    calibration_seconds: float | None = None
-    created_at: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["version"] = PROFILE_VERSION
-        data["jobs_per_hour"] = {str(k): v for k, v in self.jobs_per_hour.items()}
-        return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Profile":
-        data = json.loads(text)
-        if data.pop("version", None) != PROFILE_VERSION:
-            raise ValueError("old profile version")
-        data["jobs_per_hour"] = {int(k): float(v) for k, v in data.get("jobs_per_hour", {}).items()}
-        return cls(**data)
-
-    def summary(self) -> str:
-        if not self.fits:
-            return f"{self.gpu_name} ×{self.cards}: one worker ran out of memory"
-        tp = ", ".join(f"{n}: {v:.1f}" for n, v in sorted(self.jobs_per_hour.items()))
-        torch_peak = (f", torch peak reserved {_gib(self.peak_torch_reserved_bytes)}"
-                      if self.peak_torch_reserved_bytes else "")
-        return (f"{self.gpu_name} ×{self.cards}: peak {_gib(self.peak_nvml_bytes)} per worker (NVML "
-                f"{self.nvml_source}{torch_peak}), loaded {_gib(self.loaded_nvml_bytes)}, load "
-                f"{self.load_seconds:.1f}s, {self.seconds_per_job:.1f}s/job; jobs/hour by workers {{{tp}}}")
-
-
-def _gib(value: int | None) -> str:
-    return "?" if value is None else f"{value / GIB:.1f} GiB"
-
-
-def profile_key(manifest: Manifest, gpu_name: str, cards: int) -> dict:
-    m, g = manifest.model, manifest.generation
-    return {"backend": m.backend, "model": m.path, "task": m.task, "dtype": m.dtype,
-            "width": g.width, "height": g.height, "frames": g.num_frames, "steps": g.steps,
-            "guidance": g.uses_guidance, "options": {k: m.options[k] for k in sorted(m.options)},
-            "gpu": gpu_name, "cards": cards,
-            # measured with the manifest's speed settings (compile, fp8, … change time and memory);
-            # left out when default, so profiles measured before `speed:` existed still match
-            **({"speed": asdict(m.speed)} if not m.speed.is_default else {})}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "gpu"
-
-
-class ProfileCache:
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-
-    def path(self, key: dict) -> Path:
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return self.folder / f"{_slug(key['backend'])}-{_slug(key['gpu'])}-x{key['cards']}-{digest}.json"
-
-    def get(self, key: dict) -> Profile | None:
-        try:
-            profile = Profile.from_json(self.path(key).read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            return None
-        return profile if profile.key == key else None
-
-    def put(self, profile: Profile) -> Path:
-        path = self.path(profile.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(profile.to_json())
-        os.replace(temp, path)
-        return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,12 +75,12 @@ def decide_workers(profile: Profile, free_bytes: int, margin_gib: float, request
     margin = int(margin_gib * GIB)
     peak = profile.peak_nvml_bytes or 0
     fit = fit_count(free_bytes, peak, margin)
-    memory = (f"peak {_gib(peak)}/worker + {margin_gib:g} GiB margin, {_gib(free_bytes)} free → {fit} fit")
+    memory = (f"peak {gib_text(peak)}/worker + {margin_gib:g} GiB margin, {gib_text(free_bytes)} free → {fit} fit")
     if isinstance(requested, int):
         if requested <= fit:
             return Decision(requested, fit, f"workers_per_gpu: {requested} (manifest); {memory}")
-        warning = (f"workers_per_gpu: {requested} does not fit: {requested} × ({_gib(peak)} + {margin_gib:g} GiB) "
-                   f"> {_gib(free_bytes)} free; expect out-of-memory (a worker that keeps running out of "
+        warning = (f"workers_per_gpu: {requested} does not fit: {requested} × ({gib_text(peak)} + {margin_gib:g} GiB) "
+                   f"> {gib_text(free_bytes)} free; expect out-of-memory (a worker that keeps running out of "
                    f"memory retires itself)")
         return Decision(requested, fit, f"workers_per_gpu: {requested} (manifest, obeyed); {memory}: "
                                         f"DOES NOT FIT", warning)
@@ -197,11 +107,6 @@ def decide_workers(profile: Profile, free_bytes: int, margin_gib: float, request
 
 
 Calibrator = Callable[..., Profile]
-
-
-def cards_name(cards: list[Gpu]) -> str:
-    """The name a profile is filed under: the cards' model names, each once ("A + B" when mixed)."""
-    return " + ".join(dict.fromkeys(g.name for g in cards))
 
 
 class Sizer:
@@ -312,14 +217,14 @@ class Sizer:
 
 def needs_sizing(manifest: Manifest) -> bool:
     """Measured sizing applies to backends that declare it (model backends, not the synthetic one)."""
-    from .backends import backend_class
+    from ..backends import backend_class
     return backend_class(manifest.model.backend).measured_sizing
 
 
 def expected_times(manifest: Manifest, gpus: list[Gpu]) -> list[str]:
     """Seconds per video and per denoising step on each kind of card, where a calibration profile of
     exactly these settings (speed settings included) was measured; `plan` prints them."""
-    cache = ProfileCache(manifest.output_dir / ".sweep" / "profiles")
+    cache = ProfileCache(profiles_folder(manifest))
     g = manifest.generation
     steps = max(1, int(g.steps * g.denoising_strength)) if manifest.model.task == "v2v" else g.steps
     lines = []
@@ -337,10 +242,10 @@ def make_sizer(manifest: Manifest, recalibrate: bool = False, calibrator: Calibr
                say: Callable[[str], None] | None = None) -> Sizer | None:
     if not needs_sizing(manifest):
         return None
-    from .gpus import FAKE_ENV
+    from ..gpus import FAKE_ENV
     if calibrator is None and os.environ.get(FAKE_ENV):
         return None  # FAKE cards cannot run a calibration job: plan from the manifest's counts
-    return Sizer(manifest.output_dir / ".sweep" / "profiles", recalibrate=recalibrate, calibrator=calibrator,
+    return Sizer(profiles_folder(manifest), recalibrate=recalibrate, calibrator=calibrator,
                  say=say)
 
 
@@ -412,7 +317,7 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
               margin_gib: float = 2.0, jobs_per_phase: int | None = None, timeout: float | None = None,
               say: Callable[[str], None] | None = None) -> Profile:
     """Measure memory and throughput of this manifest's jobs on `cards` with probe subprocesses."""
-    from .sweep import python_env
+    from ..sweep import python_env
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     k = jobs_per_phase or int(os.environ.get("ORCHESTRATOR_CALIBRATION_JOBS", "2"))
     timeout = timeout or max(600.0, manifest.execution.job_timeout_s * 2)
@@ -421,7 +326,7 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     work = Path(tempfile.mkdtemp(prefix="calibration-", dir=_scratch(manifest)))
     # A v2v or i2v model needs its reference: the probes use the manifest's first one.
     reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
-    from .speed import compile_cache_dir
+    from ..speed import compile_cache_dir
     config = {"model": asdict(manifest.model), "generation": asdict(manifest.generation), "devices": devices,
               "workdir": str(work), "reference": reference,
               # the probes compile as the workers will, into the same cache (the workers then start warm)
@@ -460,8 +365,8 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
         peak = sampler.peaks[procs[0].pid] if per_process else sampler.device_peak
         free = min(g.free_bytes for g in cards)
         fit = fit_count(free, peak, int(margin_gib * GIB))
-        say(f"  one worker: loaded in {first['load_s']:.1f}s, peak {_gib(peak)} "
-            f"({'NVML per process' if per_process else 'NVML card delta'}), {fit} fit in {_gib(free)} free")
+        say(f"  one worker: loaded in {first['load_s']:.1f}s, peak {gib_text(peak)} "
+            f"({'NVML per process' if per_process else 'NVML card delta'}), {fit} fit in {gib_text(free)} free")
         n_max = max(1, min(probe_workers, fit))
         for index in range(1, n_max):
             start_probe(index)
@@ -538,10 +443,10 @@ def _scratch(manifest: Manifest) -> str:
 
 
 def probe(config_path: str, index: int) -> int:
-    from .backends import OutOfMemory, backend_class
-    from .jobs import Job
-    from .manifest import GenerationConfig, ModelConfig
-    from .outputs import write_mp4
+    from ..backends import OutOfMemory, backend_class
+    from ..jobs import Job
+    from ..manifest import GenerationConfig, ModelConfig
+    from ..outputs import write_mp4
 
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     work = Path(config["workdir"])
@@ -568,7 +473,7 @@ def probe(config_path: str, index: int) -> int:
                   expected_frames=backend.generation.num_frames)
         return time.monotonic() - t0
 
-    from .speed import first_call_lock, use_compile_cache
+    from ..speed import first_call_lock, use_compile_cache
     cache = config.get("compile_cache")
     if cache:
         use_compile_cache(cache)

@@ -226,3 +226,32 @@ def test_repeated_out_of_memory_retires_one_worker_of_the_card(write_manifest, t
     assert "out of memory" in report.stdout  # the failed jobs' last error
     log = (out / "logs" / f"{retired['id']}.log").read_text(encoding="utf-8")
     assert "worker retired itself after repeated out-of-memory; not restarting" in log
+
+
+def test_the_calibration_probe_runs_as_python_m_orchestrator_sizing(tmp_path):
+    """`calibrate` starts each probe as `python -m orchestrator.sizing probe CONFIG INDEX`: the entry
+    point survives the package's split (synthetic backend: load, warm-up, one timed phase, stop)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+
+    config = {"model": asdict(ModelConfig(backend="synthetic", task="t2v")), "devices": [], "workdir": str(tmp_path),
+              "generation": asdict(GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2)),
+              "reference": None, "compile_cache": None}
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    probe = subprocess.Popen([sys.executable, "-m", "orchestrator.sizing", "probe", str(tmp_path / "config.json"), "0"],
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        for name, then in (("probe0.ready", "go1-0"), ("probe0.phase1.json", "stop")):
+            while not (tmp_path / name).exists() and probe.poll() is None:
+                time.sleep(0.05)
+            (tmp_path / then).write_text(json.dumps({"jobs": 1}), encoding="utf-8")
+        assert probe.wait(timeout=120) == 0
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+    assert len(json.loads((tmp_path / "probe0.phase1.json").read_text(encoding="utf-8"))["seconds"]) == 1

@@ -124,7 +124,7 @@ print(json.dumps(found))
 class CommandBackend(Backend):
     name = "command"
     runs_on_cpu = False  # generate.py needs CUDA
-    # The child owns its cards: nothing of it can be measured from a worker process (sizing.py),
+    # The child owns its cards: nothing of it can be measured from a worker process (sizing),
     # so a worker group is the manifest's card count with one worker on it.
     measured_sizing = False
     checkpoint_layout = CHECKPOINT_LAYOUT

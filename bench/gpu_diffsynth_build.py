@@ -40,7 +40,7 @@ SHARDS = {"1.3b": 1, "14b": 6}  # as the release folders have them
 
 
 def table_entry(model_hash: str) -> dict:
-    from orchestrator.backends.diffsynth_wan import diffsynth_model_table
+    from orchestrator.backends.diffsynth_files import diffsynth_model_table
     return next(c for c in diffsynth_model_table() if c.get("model_hash") == model_hash)
 
 
@@ -100,7 +100,8 @@ def build(folder: Path, size: str, device: str, link_from: Path | None) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from orchestrator.backends.diffsynth_wan import TEXT_ENCODER, TOKENIZER, offline_tokenizer
+    from orchestrator.backends.diffsynth_files import TEXT_ENCODER, TOKENIZER
+    from orchestrator.random_checkpoints import offline_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(0)
     bf16 = torch.bfloat16
@@ -154,7 +155,7 @@ def check_files(folder: Path, size: str) -> dict:
     """What the backend's pre-start check and DiffSynth's own hash make of the written files."""
     from diffsynth.core.loader.file import hash_model_file
 
-    from orchestrator.backends.diffsynth_wan import fingerprint, identify, model_files
+    from orchestrator.backends.diffsynth_files import fingerprint, identify, model_files
     files, problems = model_files(folder)
     found = identify(files, str(folder))
     return {

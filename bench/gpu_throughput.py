@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def _jobs(manifest_path: Path):
     from orchestrator.jobs import expand
-    from orchestrator.manifest import load_manifest
+    from orchestrator.validation import load_manifest
     manifest = load_manifest(manifest_path)
     return manifest, expand(manifest)
 

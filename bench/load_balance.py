@@ -52,7 +52,7 @@ from _common import (ROOT, SEED_CATEGORIES, SEED_GPUS, SEED_PROCS_PER_GPU, machi
 from orchestrator.backends.synthetic import _unit  # noqa: E402
 from orchestrator.jobs import expand  # noqa: E402
 from orchestrator.ledger import Ledger  # noqa: E402
-from orchestrator.manifest import load_manifest  # noqa: E402
+from orchestrator.validation import load_manifest  # noqa: E402
 from orchestrator.planning import DeviceGroup, assign_queues  # noqa: E402
 
 WORKERS = SEED_GPUS * SEED_PROCS_PER_GPU

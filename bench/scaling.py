@@ -31,7 +31,7 @@ from _common import ROOT, machine, table, tiny_mp4, write_yaml  # noqa: E402
 
 from orchestrator.jobs import expand  # noqa: E402
 from orchestrator.ledger import Ledger  # noqa: E402
-from orchestrator.manifest import load_manifest  # noqa: E402
+from orchestrator.validation import load_manifest  # noqa: E402
 from orchestrator.outputs import sidecar_path  # noqa: E402
 from orchestrator.planning import make_plan  # noqa: E402
 from orchestrator.report import build_report, format_report  # noqa: E402

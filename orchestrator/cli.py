@@ -18,7 +18,8 @@ import time
 from contextlib import contextmanager
 
 from .ledger import LedgerError, ledger_problem
-from .manifest import ManifestError, load_manifest
+from .manifest import ManifestError
+from .validation import load_manifest
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
 

@@ -1,4 +1,5 @@
-"""Random-weight Wan checkpoints in the diffusers layout: a FAKE of real weights, for tests, the demo
+"""Random-weight Wan checkpoints in the diffusers layout (and, `build_tiny_checkpoint`, a tiny one in
+the original layout for the diffsynth backend): a FAKE of real weights, for tests, the demo
 and benchmarks, where nothing can be downloaded. Their videos are noise; their shapes, files and
 loading path are the real ones, so the product's loading code runs unchanged on them.
 
@@ -14,6 +15,7 @@ Variants (the model families users run):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -163,6 +165,83 @@ def build_on_first_use(path: str | os.PathLike) -> bool:
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return (folder / "model_index.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# DiffSynth's layout: tiny random weights in the original Wan files, for the diffsynth backend's CI
+
+TINY = {
+    "dit": {"model_name": "wan_video_dit", "model_class": "diffsynth.models.wan_video_dit.WanModel",
+            "extra_kwargs": {"has_image_input": False, "patch_size": [1, 2, 2], "in_dim": 16, "dim": 24,
+                             "ffn_dim": 32, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2,
+                             "num_layers": 2, "eps": 1e-6}},
+    "text_encoder": {"model_name": "wan_video_text_encoder",
+                     "model_class": "diffsynth.models.wan_video_text_encoder.WanTextEncoder",
+                     "extra_kwargs": {"vocab": 260, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4,
+                                      "num_layers": 2, "num_buckets": 8}},
+    "vae": {"model_name": "wan_video_vae", "model_class": "diffsynth.models.wan_video_vae.WanVideoVAE",
+            "tiny_vae": True,
+            "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_vae.WanVideoVAEStateDictConverter",
+            "extra_kwargs": {"z_dim": 16, "dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}},
+}
+
+def offline_tokenizer(folder: str | os.PathLike) -> Path:
+    """A byte-level tokenizer saved where the umT5 one would be (no download): every text tokenizes,
+    different prompts give different ids. Its 259 ids fit any text encoder's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=512)
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
+    """A tiny random-weight Wan model in the original file layout, for tests: its videos are noise.
+
+    DiffSynth's file loader only recognises full-size files, so the folder carries `TINY_MARKER`,
+    naming each file's class and configuration; the backend loads a folder with that marker without
+    the recognition (see orchestrator/backends/diffsynth_wan.py's docstring). `task="i2v"` makes the DiT an image-to-video one in the
+    manner of Wan2.2 I2V-A14B (36 input channels: the first frame's VAE encoding; no CLIP encoder).
+    Returns the folder.
+    """
+    import torch
+    from diffsynth.models.wan_video_dit import WanModel
+    from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+    from diffsynth.models.wan_video_vae import VideoVAE_
+    from safetensors.torch import save_file
+
+    from .backends.diffsynth_files import TEXT_ENCODER, TINY_MARKER, TOKENIZER
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    components = json.loads(json.dumps(TINY))
+    if task == "i2v":
+        components["dit"]["extra_kwargs"].update(in_dim=36, require_clip_embedding=False)
+    dit = WanModel(**components["dit"]["extra_kwargs"])
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
+    torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
+    vae = TINY["vae"]["extra_kwargs"]
+    # the original VAE file holds VideoVAE_'s tensors; DiffSynth's converter adds the "model." prefix
+    torch.save(VideoVAE_(dim=vae["dim"], z_dim=vae["z_dim"], dim_mult=vae["dim_mult"],
+                         num_res_blocks=vae["num_res_blocks"]).state_dict(), folder / "Wan2.1_VAE.pth")
+    offline_tokenizer(folder / TOKENIZER)
+    (folder / "config.json").write_text(json.dumps({"model_type": task, **components["dit"]["extra_kwargs"]}),
+                                        encoding="utf-8")
+    (folder / TINY_MARKER).write_text(json.dumps({
+        "note": "tiny random weights for tests; wan-sweep's diffsynth backend loads this folder with these "
+                "classes because DiffSynth's loader only recognises full-size files",
+        "components": components}, indent=1), encoding="utf-8")
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,7 +183,7 @@ def _one(request: dict) -> dict:
 
     from .backends import backend_class
     from .jobs import expand
-    from .manifest import load_manifest
+    from .validation import load_manifest
 
     manifest = load_manifest(request["manifest"])
     folder = Path(request["folder"])

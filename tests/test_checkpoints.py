@@ -402,8 +402,8 @@ def test_gpu_specs_parse():
 
 
 def test_fit_of_a_manifest_shows_the_measured_profile_beside_the_estimate(tmp_path, write_manifest):
-    from orchestrator.manifest import load_manifest
-    from orchestrator.sizing import Profile, ProfileCache, profile_key
+    from orchestrator.validation import load_manifest
+    from orchestrator.sizing.profiles import Profile, ProfileCache, profile_key
     folder = sparse_diffusers(tmp_path / "w13", "wan-1.3b")
     path = write_manifest(synthetic_manifest(
         model={"backend": "diffusers", "task": "t2v", "path": str(folder), "dtype": "bfloat16", "options": {}},

@@ -9,7 +9,8 @@ import pytest
 
 import orchestrator
 from orchestrator.cli import _parser
-from orchestrator.manifest import ManifestError, load_manifest
+from orchestrator.manifest import ManifestError
+from orchestrator.validation import load_manifest
 from orchestrator.report import build_report, display_width, format_report
 from orchestrator.sweep import Sweep
 

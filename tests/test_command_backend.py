@@ -21,7 +21,8 @@ import yaml
 from orchestrator.backends import OutOfMemory
 from orchestrator.backends.command import CommandBackend
 from orchestrator.jobs import Job
-from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, load_manifest
+from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
+from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK, count_frames, read_sidecar
 
 from .conftest import ROOT, cli

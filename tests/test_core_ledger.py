@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.jobs import expand
 from orchestrator.ledger import Ledger
-from orchestrator.manifest import load_manifest
+from orchestrator.validation import load_manifest
 from orchestrator.planning import assign_queues, make_plan
 
 from .conftest import synthetic_manifest

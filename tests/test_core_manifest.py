@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.jobs import count_by_category, expand
-from orchestrator.manifest import ManifestError, load_manifest
+from orchestrator.manifest import ManifestError
+from orchestrator.validation import load_manifest
 
 from .conftest import synthetic_manifest
 

@@ -15,7 +15,7 @@ import psutil
 
 from orchestrator.jobs import expand
 from orchestrator.ledger import Ledger
-from orchestrator.manifest import load_manifest
+from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK, count_frames
 
 from .conftest import ROOT, cli, cli_into_closed_pipe, synthetic_manifest

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from orchestrator.backends import OutOfMemory
-from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, load_manifest
+from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
+from orchestrator.validation import load_manifest
 from orchestrator.outputs import count_frames, write_mp4
 
 from .conftest import backend_job as _job, cli, synthetic_manifest
@@ -32,7 +33,7 @@ GEN = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
 
 
@@ -115,7 +116,7 @@ def test_check_fingerprint_matches_diffsynths_and_recognises_a_real_layout_dit(t
     from diffsynth.core.loader.file import hash_model_file
     from diffsynth.models.wan_video_dit import WanModel
 
-    from orchestrator.backends.diffsynth_wan import diffsynth_model_table, dit_kind, fingerprint, identify, model_files
+    from orchestrator.backends.diffsynth_files import diffsynth_model_table, dit_kind, fingerprint, identify, model_files
     files, problems = model_files(tiny)
     assert not problems
     for file in (files["dit"][0], files["text_encoder"], files["vae"]):
@@ -142,6 +143,29 @@ def test_check_fingerprint_matches_diffsynths_and_recognises_a_real_layout_dit(t
     found = identify(model_files(real)[0], str(real))
     assert found["dit"][0]["extra_kwargs"]["dim"] == 1536 and dit_kind(found["dit"][0]) == "t2v"
     assert found["text_encoder"] is None and found["vae"] is None  # tiny files: not DiffSynth's models
+
+
+def test_one_header_reader_gives_flat_names_to_the_checks_and_the_nesting_to_the_fingerprint(tmp_path):
+    """checkpoints.files is the one reader of .pth headers: the checkpoint checks get dotted names, the
+    fingerprint the state dict's nesting, and the fingerprint stays DiffSynth's own hash for nested and
+    wrapped state dicts, parameters and tensors carrying Python state."""
+    from diffsynth.core.loader.file import hash_model_file
+
+    from orchestrator.backends.diffsynth_files import fingerprint
+    from orchestrator.checkpoints.files import read_weight_file
+
+    noted = torch.zeros(3)
+    noted.note = "a tensor with Python state"  # pickled through torch._tensor._rebuild_from_type_v2
+    nested = {"blocks": {"0": {"weight": torch.zeros(2, 3)}, "1": {"weight": torch.zeros(4)}},
+              "head.bias": torch.nn.Parameter(torch.zeros(5)), "noted": noted}
+    for name, state in (("nested", nested), ("wrapped", {"state_dict": nested}), ("flat", {"w": torch.zeros(1)})):
+        torch.save(state, tmp_path / f"{name}.pth")
+        assert fingerprint(str(tmp_path / f"{name}.pth")) == hash_model_file(str(tmp_path / f"{name}.pth"))
+    weights = read_weight_file(tmp_path / "nested.pth")
+    assert weights.tensors == {"blocks.0.weight": ("F32", (2, 3)), "blocks.1.weight": ("F32", (4,)),
+                               "head.bias": ("F32", (5,)), "noted": ("F32", (3,))}
+    assert weights.tree == {"blocks": {"0": {"weight": ("F32", (2, 3))}, "1": {"weight": ("F32", (4,))}},
+                            "head.bias": ("F32", (5,)), "noted": ("F32", (3,))}
 
 
 def _manifest(tiny, task="t2v", **overrides):
@@ -232,7 +256,7 @@ def test_v2v_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, t
 def test_wan22_two_expert_layout_and_named_files(tiny, tmp_path):
     """high_noise_model/ + low_noise_model/ load as DiffSynth's dit and dit2 (high noise first);
     model_files names other files, and a missing one is named."""
-    from orchestrator.backends.diffsynth_wan import model_files
+    from orchestrator.backends.diffsynth_files import model_files
     a14b = tmp_path / "a14b"
     shutil.copytree(tiny, a14b)
     for expert in ("high_noise_model", "low_noise_model"):
@@ -254,7 +278,7 @@ def test_i2v_starts_from_the_image_and_encodes_each_image_once(tmp_path):
     """A tiny image-to-video DiT in the manner of Wan2.2 I2V-A14B (36 input channels, no CLIP)."""
     from PIL import Image
 
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     folder = build_tiny_checkpoint(tmp_path / "i2v", task="i2v")
     images = []
     for name, level in (("dark", 30), ("light", 220)):

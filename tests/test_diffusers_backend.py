@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from orchestrator.backends import OutOfMemory
-from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, load_manifest
+from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
+from orchestrator.validation import load_manifest
 from orchestrator.outputs import count_frames, write_mp4
 
 from .conftest import backend_job as _job, cli, synthetic_manifest

@@ -77,7 +77,7 @@ def test_the_users_motion_transfer_experiment_plans_680_videos_over_four_cards(t
     pytest.importorskip("diffsynth")
     import yaml
 
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     model = build_tiny_checkpoint(tmp_path / "Wan2.1-T2V-14B-stand-in")
     counts = {"camera_motion": 14, "single_object": 33, "multiple_objects": 13, "complex_human_motion": 8}
     for category, clips in counts.items():

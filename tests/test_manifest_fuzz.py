@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli
-from orchestrator.manifest import ManifestError, load_manifest
+from orchestrator.manifest import ManifestError
+from orchestrator.validation import load_manifest
 
 BASE = """\
 name: fuzz

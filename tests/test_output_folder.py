@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.manifest import ManifestError, load_manifest
+from orchestrator.manifest import ManifestError
+from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK
 from orchestrator.sweep import FolderProblem, Sweep
 

@@ -268,7 +268,7 @@ def test_without_ray_the_executor_says_how_to_install_it_and_starts_nothing(writ
 def offline_driver(write_manifest):
     """A driver of two workers sharing one card, with its ledger, and no cluster: for its bookkeeping."""
     from orchestrator.executors.ray import Placement, _close_logger, _Driver
-    from orchestrator.manifest import load_manifest
+    from orchestrator.validation import load_manifest
     from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
     from orchestrator.sweep import Sweep
 
@@ -346,7 +346,7 @@ def test_a_node_that_cannot_see_the_shared_output_folder_says_so(tmp_path):
 def test_plan_per_node_from_its_gpu_type_and_cached_profile(tmp_path):
     from orchestrator.executors.ray import RayNode, plan_cluster
     from orchestrator.manifest import Execution, GenerationConfig, Manifest, ModelConfig, Resources
-    from orchestrator.sizing import Profile, profile_key
+    from orchestrator.sizing.profiles import Profile, profile_key
 
     gib = 1 << 30
     manifest = Manifest(path=tmp_path / "m.yaml", name="t", output_dir=tmp_path / "out",

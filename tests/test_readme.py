@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import invocation
-from orchestrator.manifest import ManifestError, load_manifest
+from orchestrator.manifest import ManifestError
+from orchestrator.validation import load_manifest
 
 from .conftest import ROOT, synthetic_manifest
 

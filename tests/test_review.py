@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from orchestrator import review
-from orchestrator.manifest import load_manifest
+from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK, file_mode, write_mp4
 from orchestrator.review import build_page, render, thumb_path, write_page
 from orchestrator.sweep import Sweep

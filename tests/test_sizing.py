@@ -10,7 +10,7 @@ import pytest
 from orchestrator.gpus import GIB, FakeNvml, discover
 from orchestrator.jobs import expand
 from orchestrator.ledger import Ledger
-from orchestrator.manifest import load_manifest
+from orchestrator.validation import load_manifest
 from orchestrator.planning import make_plan
 from orchestrator.sizing import DoesNotFit, Profile, Sizer, decide_workers, fit_count
 
@@ -162,6 +162,28 @@ def test_profile_cache_hit_miss_and_recalibrate(diffusers_manifest, tmp_path):
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
 
 
+def test_one_reader_of_the_profiles_folder_serves_sizing_fit_and_the_ray_plan(diffusers_manifest):
+    """Sizing's cache, `models fit`'s measured profiles and the Ray plan's profiles all read the sweep's
+    profiles folder through sizing.profiles: the same files, unreadable and old ones skipped."""
+    from orchestrator.checkpoints import measured_profiles
+    from orchestrator.sizing.profiles import ProfileCache, cached_profiles, profile_key, profiles_folder
+
+    manifest = diffusers_manifest()
+    cache = ProfileCache(profiles_folder(manifest))
+    ours = Profile(key=profile_key(manifest, "FAKE H100 80GB", 1), gpu_name="FAKE H100 80GB",
+                   gpu_total_bytes=80 * GIB, cards=1, peak_nvml_bytes=17 * GIB, jobs_per_hour={1: 200.0})
+    other = Profile(key={**profile_key(manifest, "FAKE H200 141GB", 2), "width": 64}, gpu_name="FAKE H200 141GB",
+                    gpu_total_bytes=141 * GIB, cards=2, peak_nvml_bytes=9 * GIB, jobs_per_hour={1: 300.0})
+    paths = [cache.put(ours), cache.put(other)]
+    (cache.folder / "torn.json").write_text("{", encoding="utf-8")
+    (cache.folder / "old.json").write_text(json.dumps({"version": 0}), encoding="utf-8")
+
+    assert sorted(path for _, path in cache.all()) == sorted(paths)
+    assert cache.get(ours.key) == ours
+    assert sorted(p.gpu_name for p in cached_profiles(manifest)) == ["FAKE H100 80GB", "FAKE H200 141GB"]
+    assert [profile for profile, _ in measured_profiles(manifest)] == [ours]  # this manifest's settings only
+
+
 def test_synthetic_backend_is_not_sized(write_manifest, tmp_path):
     manifest = load_manifest(write_manifest(synthetic_manifest(resources={"workers_per_gpu": "auto"})))
     from orchestrator.sizing import make_sizer
@@ -204,3 +226,32 @@ def test_repeated_out_of_memory_retires_one_worker_of_the_card(write_manifest, t
     assert "out of memory" in report.stdout  # the failed jobs' last error
     log = (out / "logs" / f"{retired['id']}.log").read_text(encoding="utf-8")
     assert "worker retired itself after repeated out-of-memory; not restarting" in log
+
+
+def test_the_calibration_probe_runs_as_python_m_orchestrator_sizing(tmp_path):
+    """`calibrate` starts each probe as `python -m orchestrator.sizing probe CONFIG INDEX`: the entry
+    point survives the package's split (synthetic backend: load, warm-up, one timed phase, stop)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+
+    config = {"model": asdict(ModelConfig(backend="synthetic", task="t2v")), "devices": [], "workdir": str(tmp_path),
+              "generation": asdict(GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2)),
+              "reference": None, "compile_cache": None}
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    probe = subprocess.Popen([sys.executable, "-m", "orchestrator.sizing", "probe", str(tmp_path / "config.json"), "0"],
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        for name, then in (("probe0.ready", "go1-0"), ("probe0.phase1.json", "stop")):
+            while not (tmp_path / name).exists() and probe.poll() is None:
+                time.sleep(0.05)
+            (tmp_path / then).write_text(json.dumps({"jobs": 1}), encoding="utf-8")
+        assert probe.wait(timeout=120) == 0
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+    assert len(json.loads((tmp_path / "probe0.phase1.json").read_text(encoding="utf-8"))["seconds"]) == 1

@@ -26,7 +26,8 @@ import pytest
 
 from orchestrator.jobs import expand, settings_fingerprint
 from orchestrator.ledger import Ledger
-from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, SpeedConfig, load_manifest
+from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, SpeedConfig
+from orchestrator.validation import load_manifest
 from orchestrator.speed import compile_cache_dir, first_call_lock, use_compile_cache
 
 from .conftest import ROOT, backend_job as _job, cli, synthetic_manifest
@@ -53,7 +54,7 @@ def tiny_diffsynth(tmp_path_factory) -> Path:
     """DiffSynth's tiny random-weight Wan model in the original file layout, built once."""
     pytest.importorskip("diffsynth")
     pytest.importorskip("torchao")
-    from orchestrator.backends.diffsynth_wan import build_tiny_checkpoint
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
 
 

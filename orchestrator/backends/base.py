@@ -50,7 +50,7 @@ class BackendProblem:
 class Backend(ABC):
     name: ClassVar[str]
     runs_on_cpu: ClassVar[bool] = False  # may take CPU worker slots on a machine without GPUs
-    measured_sizing: ClassVar[bool] = True  # workers per card come from calibration (sizing.py)
+    measured_sizing: ClassVar[bool] = True  # workers per card come from calibration (orchestrator/sizing/)
     # `run` checks model.path file by file first (checkpoints.inspect): for backends that load the
     # weights themselves, not for one that hands the folder to another program.
     verify_checkpoint: ClassVar[bool] = False

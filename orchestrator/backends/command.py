@@ -73,6 +73,10 @@ The child runs in its own session; when the worker stops while it runs (SIGTERM 
 whole process group gets SIGTERM (torchrun passes it to its ranks), then SIGKILL. If the worker
 itself is killed, the child gets SIGTERM from the kernel (Linux `PR_SET_PDEATHSIG`), so no
 orphaned generate.py keeps holding the cards.
+
+Here: the backend (checks, plan notes, the argument list, a job's run). The generate.py preset's
+tasks and checks are in wan_generate.py, the child-process runner in child_run.py, the per-job cost
+that `plan` shows in command_costs.py.
 """
 from __future__ import annotations
 
@@ -80,52 +84,19 @@ import hashlib
 import json
 import os
 import re
-import selectors
 import shlex
 import shutil
-import signal
 import string
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints.releases import download_fix
 from .base import Backend, BackendProblem, OutOfMemory, model_files_identity, option_problems
-from .cuda import OOM_MARKERS
-
-PRESET = "wan2.2-generate"
-
-
-@dataclass(frozen=True)
-class WanTask:
-    """What Wan2.2's generate.py and its configs (wan/configs/*.py) say about one --task."""
-    manifest_tasks: tuple[str, ...]  # model.task values it serves
-    sizes: tuple[str, ...]  # SUPPORTED_SIZES, "width*height"
-    heads: int  # num_heads: Ulysses needs it divisible by the card count
-    fps: int  # sample_fps: generate.py writes the mp4 at this rate
-    files: tuple[str, ...]  # what the checkpoint folder must hold
-    params: str
-    guidance: tuple[float, float]  # sample_guide_scale as [high-noise, low-noise] (Wan lists low first)
-
-
-_A14B_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "high_noise_model", "low_noise_model")
-WAN_TASKS = {
-    "t2v-A14B": WanTask(("t2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B",
-                        (4.0, 3.0)),
-    "i2v-A14B": WanTask(("i2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B",
-                        (3.5, 3.5)),
-    "ti2v-5B": WanTask(("t2v", "i2v"), ("704*1280", "1280*704"), 24, 24,
-                       ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.2_VAE.pth"), "5B", (5.0, 5.0)),
-}
-OTHER_WAN_TASKS = {  # generate.py has them, but a manifest cannot give what they need
-    "s2v-14B": "needs an audio track per job",
-    "animate-14B": "needs a preprocessed folder (src_root_path) per job",
-}
-SOLVERS = ("unipc", "dpm++")
-MAX_STEPS = 1000  # the schedulers' num_train_timesteps: more steps than timesteps do not exist
+from .child_run import ChildRun
+from .command_costs import minutes, startup_seconds
+from .wan_generate import CHECKPOINT_LAYOUT, PRESET, WAN_TASKS, check_preset, wan_task_of
 
 OPTIONS: dict[str, type | tuple] = {
     "preset": str, "script": str, "command": list, "python": str, "torchrun": str, "wan_task": str,
@@ -137,26 +108,6 @@ PRESET_ONLY = ("script", "wan_task", "torchrun", "offload_model", "t5_cpu", "con
 PLACEHOLDERS = ("prompt", "seed", "output", "reference", "width", "height", "size", "num_frames", "steps",
                 "cfg_scale", "cfg_scale_low", "shift", "negative_prompt", "fps", "ckpt_dir", "devices", "nproc",
                 "python")
-
-# A sampling bar of tqdm: "…| 12/40 [00:31<01:10,  2.61s/it]".
-STEP_LINE = re.compile(r"(\d+)/(\d+) \[")
-TAIL_LINES = 60
-TAIL_CHARS = 4000
-TERM_GRACE_S = 15.0  # torchrun needs a moment to pass SIGTERM to its ranks and reap them
-PIPE_GRACE_S = 5.0  # the child has exited but something it started still holds the pipe open
-
-# Run first in the child: ask the kernel for SIGTERM when the worker dies (even by SIGKILL), then
-# become the real program. Python code as an argument, not a shell: the argv after it is untouched.
-_GUARD = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass  # not Linux: the worker's own clean-up still applies
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(143)  # the worker died before the request took effect
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
 
 _VERSIONS = """\
 import importlib.metadata as m, json, platform
@@ -173,10 +124,10 @@ print(json.dumps(found))
 class CommandBackend(Backend):
     name = "command"
     runs_on_cpu = False  # generate.py needs CUDA
-    # The child owns its cards: nothing of it can be measured from a worker process (sizing.py),
+    # The child owns its cards: nothing of it can be measured from a worker process (sizing),
     # so a worker group is the manifest's card count with one worker on it.
     measured_sizing = False
-    checkpoint_layout = "wan"  # generate.py reads the original release folder (--ckpt_dir)
+    checkpoint_layout = CHECKPOINT_LAYOUT
     runtime_options = frozenset({"python", "torchrun", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
                                  "env", "cwd", "script"})
     path_options = frozenset({"script", "cwd", "python"})  # resolved by the manifest, like model.path
@@ -186,7 +137,7 @@ class CommandBackend(Backend):
 
     @classmethod
     def check(cls, manifest) -> list[str | BackendProblem]:
-        model, g = manifest.model, manifest.generation
+        model = manifest.model
         options = model.options
         problems: list[str | BackendProblem] = []
 
@@ -228,78 +179,7 @@ class CommandBackend(Backend):
             problems.extend(_check_template(manifest, options))
             return problems
 
-        # The generate.py preset.
-        if options.get("preset", PRESET) != PRESET:
-            problem("model.options.preset", f"unknown preset {options['preset']!r}", f"use `{PRESET}`")
-            return problems
-        script = options.get("script")
-        if not script:
-            problem("model.options", "the command backend needs `script: path/to/Wan2.2/generate.py` "
-                    "(the generate.py preset) or `command: [...]` (a template)",
-                    "add `script:` with the path of Wan2.2's generate.py")
-        elif not os.path.isfile(script):
-            problem("model.options.script", f"script `{script}` does not exist",
-                    "clone https://github.com/Wan-Video/Wan2.2 and point `script` at its generate.py "
-                    "(relative paths start at the manifest's folder)")
-        task_name, task_key = wan_task_of(model)
-        if model.task == "v2v" and "wan_task" not in options:
-            problem("model.task", "generate.py has no plain video-to-video task (animate-14B needs a "
-                    "preprocessed folder, s2v-14B an audio track)",
-                    "use `task: i2v` or `t2v`, or a `command:` template for another program")
-            return problems
-        if task_name in OTHER_WAN_TASKS:
-            problem(task_key, f"wan_task {task_name} {OTHER_WAN_TASKS[task_name]}, which a manifest "
-                    "cannot give", f"use one of: {', '.join(WAN_TASKS)}, or a `command:` template")
-            return problems
-        task = WAN_TASKS.get(task_name)
-        if task is None:
-            problem(task_key, f"wan_task {task_name!r} is not a generate.py task",
-                    f"use one of: {', '.join(WAN_TASKS)}")
-            return problems
-        if model.task not in task.manifest_tasks:
-            problem("model.task", f"model.task {model.task} does not match generate.py's --task {task_name}",
-                    f"use task: {' or '.join(task.manifest_tasks)}, or set model.options.wan_task")
-        _check_checkpoint(model.path, manifest.path.parent, task_name, task, problem)
-
-        size = f"{g.width}*{g.height}"
-        if size not in task.sizes:
-            problem("generation.width", f"{g.width}x{g.height} is not a size generate.py supports for "
-                    f"{task_name}", "use width × height " + ", ".join(s.replace("*", "×") for s in task.sizes))
-        if g.fps != task.fps:
-            problem("generation.fps", f"generate.py writes {task_name} videos at {task.fps} fps, not {g.fps}",
-                    f"set `fps: {task.fps}`")
-        if g.steps > MAX_STEPS:
-            problem("generation.steps", f"generation.steps is {g.steps}", f"use at most {MAX_STEPS}")
-        if g.negative_prompt:
-            problem("generation.negative_prompt", "generate.py takes no negative prompt (it uses its "
-                    "config's own)", "remove negative_prompt, or use a `command:` template")
-        if g.denoising_strength != 1.0:
-            problem("generation.denoising_strength", "generate.py takes no denoising strength",
-                    "remove denoising_strength")
-        if model.dtype != "bfloat16":
-            problem("model.dtype", f"generate.py runs in bfloat16, not {model.dtype}",
-                    "remove model.dtype (or set bfloat16)")
-        for key in g.extra:
-            problem(f"generation.extra.{key}", f"generate.py has no setting `{key}`",
-                    "remove it (model.options lists what the generate.py preset takes)")
-        high, low = g.guidance
-        if low is not None and low != high and (high, low) != task.guidance:
-            problem("generation.cfg_scale", f"generate.py takes one guidance scale on its command line, not "
-                    f"the pair [{high:g}, {low:g}]", f"use one scale, or {task_name}'s own pair "
-                    f"[{task.guidance[0]:g}, {task.guidance[1]:g}] (high-noise, low-noise expert)")
-        solver = options.get("sample_solver")
-        if solver is not None and solver not in SOLVERS:
-            problem("model.options.sample_solver", f"sample_solver is {solver!r}", f"use one of: {', '.join(SOLVERS)}")
-        torchrun = options.get("torchrun", "auto")
-        if torchrun not in ("auto", "always", "never"):
-            problem("model.options.torchrun", f"torchrun is {torchrun!r}", "use auto, always or never")
-        elif cards > 1 and torchrun == "never":
-            problem("model.options.torchrun", f"without torchrun generate.py uses one of the worker's {cards} cards",
-                    "remove `torchrun: never`, or set resources.gpus_per_worker: 1")
-        elif cards > 1 and task.heads % cards:
-            fits = [k for k in range(2, 9) if task.heads % k == 0]
-            problem("resources.gpus_per_worker", f"{task_name} has {task.heads} attention heads, which "
-                    f"Ulysses cannot split over {cards} cards", f"use {', '.join(map(str, fits))} cards per worker")
+        check_preset(manifest, cards, problem)
         return problems
 
     @classmethod
@@ -310,11 +190,11 @@ class CommandBackend(Backend):
         jobs = len(manifest.seeds) * sum(len(ref.prompts) for c in manifest.categories for ref in c.references)
         task_name = wan_task_of(model)[0] if preset else None
         params = WAN_TASKS[task_name].params if task_name in WAN_TASKS else None
-        seconds, how = _startup_seconds(manifest, params)
+        seconds, how = startup_seconds(manifest, params)
         if seconds is None:
             cost = "how long that takes is known once a job has run"
         else:
-            cost = (f"~{_minutes(seconds)} each{f' for a {params} model' if params else ''} ({how}), "
+            cost = (f"~{minutes(seconds)} each{f' for a {params} model' if params else ''} ({how}), "
                     f"~{jobs * seconds / 3600:.1f} h of worker time over the {jobs} jobs")
         notes = [f"the command backend starts {program} per job: the model is loaded for every video, {cost}; "
                  "a diffusers or diffsynth backend loads it once per worker"]
@@ -431,7 +311,7 @@ class CommandBackend(Backend):
         argv = self.command_line(job, str(temp))
         handed_over = False
         try:
-            run = _ChildRun(argv, self.generation.steps, progress)
+            run = ChildRun(argv, self.generation.steps, progress)
             self._last = run.facts
             code = run.run(self.environment(), self.working_folder())
             program = self._program_name(argv)
@@ -456,125 +336,6 @@ class CommandBackend(Backend):
         return dict(self._last) if getattr(self, "_last", None) else {}
 
 
-class _ChildRun:
-    """One run of the program: its output read line by line, steps parsed, its group killed at the end."""
-
-    def __init__(self, argv: list[str], steps: int, progress):
-        self.argv, self.steps, self.progress = argv, steps, progress
-        self.step = 0
-        self.step_times: list[tuple[int, float]] = []  # (step, seconds since start) as steps increase
-        self.lines: deque[str] = deque(maxlen=TAIL_LINES)
-        self.last_was_bar = False
-        self.oom_line: str | None = None
-        self.reported = float("-inf")
-        self.facts: dict = {"command": list(argv), "exit_code": None}
-
-    def run(self, env: dict, cwd: str | None) -> int:
-        started = time.monotonic()
-        self.started = started
-        proc = subprocess.Popen([sys.executable, "-c", _GUARD, str(os.getpid()), *self.argv],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd, start_new_session=True)
-        try:
-            self._read(proc)
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                _end_group(proc)
-            proc.stdout.close()
-            self._record(proc.returncode, time.monotonic() - started)
-        return code
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        fd = proc.stdout.fileno()
-        pending = b""
-        exited_at = None
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while True:
-                if selector.select(timeout=1.0):
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    pending += chunk
-                    *lines, pending = re.split(rb"[\r\n]", pending)
-                    for line in lines:
-                        self._line(line.decode("utf-8", errors="replace"))
-                elif proc.poll() is not None:
-                    exited_at = exited_at or time.monotonic()
-                    if time.monotonic() - exited_at > PIPE_GRACE_S:
-                        break  # a grandchild holds the pipe open; the program itself is done
-        if pending:
-            self._line(pending.decode("utf-8", errors="replace"))
-
-    def _line(self, line: str) -> None:
-        if not line.strip():
-            return
-        if any(marker in line for marker in OOM_MARKERS):
-            self.oom_line = line.strip()[:300]
-        match = STEP_LINE.search(line)
-        bar = match is not None and int(match.group(2)) == self.steps
-        # tqdm redraws its bar with \r: keep the latest drawing only, as a terminal would show it
-        if bar and self.last_was_bar and self.lines:
-            self.lines[-1] = line.rstrip()
-        else:
-            self.lines.append(line.rstrip())
-        self.last_was_bar = bar
-        now = time.monotonic()
-        if bar:
-            step = int(match.group(1))
-            if step > self.step or not self.step_times:  # ranks draw the same bar; count it once
-                self.step = max(self.step, step)
-                self.step_times.append((self.step, now - self.started))
-                self.reported = now
-                self.progress(self.step, self.steps)
-                return
-        # Any other line is a sign of life too (a model loading for minutes logs as it goes); once a
-        # second is plenty, and keeps the worker from printing the same step again and again.
-        if now - self.reported >= 1.0:
-            self.reported = now
-            self.progress(self.step, self.steps)
-
-    def _record(self, code: int | None, wall: float) -> None:
-        facts = self.facts
-        facts["exit_code"] = code
-        facts["wall_seconds"] = round(wall, 3)
-        if self.step_times:
-            first_step, first_at = self.step_times[0]
-            last_step, last_at = self.step_times[-1]
-            # The first drawing of the bar (0/N) comes once the model is loaded and the prompt encoded.
-            facts["startup_seconds"] = round(first_at, 3)
-            if last_step > first_step:
-                facts["seconds_per_step"] = round((last_at - first_at) / (last_step - first_step), 4)
-            facts["steps_seen"] = last_step
-        facts["output_tail"] = self.tail()
-
-    def tail(self) -> str:
-        text = "\n".join(self.lines)
-        return text[-TAIL_CHARS:]
-
-    def summary(self) -> str:
-        """The line that most likely says what went wrong."""
-        for line in reversed(self.lines):
-            if re.search(r"(Error|Exception|error:|Traceback|assert)", line) and not line.startswith(" " * 4):
-                return line.strip()[:300]
-        return next((line.strip()[:300] for line in reversed(self.lines)), "(no output)")
-
-
-def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the child's process group (torchrun passes it to its ranks), then SIGKILL."""
-    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @dataclass(frozen=True)
 class _SampleJob:
     """A stand-in job for showing the command line in `plan`."""
@@ -587,18 +348,6 @@ class _SampleJob:
 # Helpers for check and plan
 
 
-def wan_task_of(model) -> tuple[str, str]:
-    """generate.py's --task for this model, and the manifest key it comes from."""
-    chosen = model.options.get("wan_task")
-    if chosen:
-        return str(chosen), "model.options.wan_task"
-    name = Path(str(model.path or "")).name.lower()
-    for task in ("ti2v-5B", "i2v-A14B", "t2v-A14B"):  # ti2v before i2v: one contains the other
-        if task.lower() in name:
-            return task, "model.path"
-    return {"i2v": "i2v-A14B"}.get(model.task, "t2v-A14B"), "model.task"
-
-
 def _check_python(options) -> list[BackendProblem]:
     python = options.get("python")
     if python is None:
@@ -608,22 +357,6 @@ def _check_python(options) -> list[BackendProblem]:
         return [BackendProblem("model.options.python", f"python `{python}` is not an executable here",
                                "give the interpreter of Wan's environment, e.g. /opt/wan/venv/bin/python")]
     return []
-
-
-def _check_checkpoint(path: str | None, base: Path, task_name: str, task: WanTask, problem) -> None:
-    if not path:
-        problem("model", f"generate.py needs model.path: the {task_name} checkpoint folder (--ckpt_dir)",
-                "add `path:` with the folder you downloaded")
-        return
-    if not os.path.isdir(path):
-        # the path as the manifest gives it (relative to its folder), and where that is
-        problem("model.path", f"checkpoint folder `{os.path.relpath(path, base)}` does not exist (looked at {path})",
-                download_fix(path, CommandBackend.checkpoint_layout, family=task_name))
-        return
-    missing = [name for name in task.files if not os.path.exists(os.path.join(path, name))]
-    if missing:
-        problem("model.path", f"`{path}` is not a {task_name} checkpoint: it lacks {', '.join(missing)}",
-                f"point model.path at the {task_name} download, or set model.options.wan_task")
 
 
 def _check_template(manifest, options: dict) -> list[BackendProblem]:
@@ -681,49 +414,6 @@ def _check_template(manifest, options: dict) -> list[BackendProblem]:
             problems.append(BackendProblem(key, f"program `{program}` is not found here",
                                            "give its absolute path, or a name on PATH"))
     return problems
-
-
-def _startup_seconds(manifest, params: str | None) -> tuple[float | None, str]:
-    """Seconds one job spends loading: measured from earlier sidecars, else estimated."""
-    measured = _measured_startups(manifest.output_dir)
-    if measured:
-        measured.sort()
-        return measured[len(measured) // 2], f"measured: median of {len(measured)} earlier jobs' start"
-    identity = model_files_identity(manifest.model.path)
-    gigabytes = identity.get("weight_bytes", 0) / 1e9
-    if gigabytes:
-        # Reading the weights at ~1 GB/s (page cache helps, sharding and the move to the cards cost),
-        # plus starting Python, torch and CUDA.
-        return 30 + gigabytes, f"estimated from its {gigabytes:.0f} GB of weights at ~1 GB/s"
-    if params:
-        guess = {"14B": 180.0, "5B": 60.0}.get(params, 120.0)
-        return guess, "estimated: no weights at model.path to size it by"
-    return None, ""
-
-
-def _measured_startups(output_dir: Path, want: int = 20, scan: int = 500) -> list[float]:
-    found: list[float] = []
-    seen = 0
-    for root, dirs, files in os.walk(output_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.endswith(".json") or name.startswith("."):
-                continue
-            seen += 1
-            try:
-                record = json.loads(Path(root, name).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(record, dict) and record.get("backend") == "command" \
-                    and isinstance(record.get("startup_seconds"), (int, float)):
-                found.append(float(record["startup_seconds"]))
-            if len(found) >= want or seen >= scan:
-                return found
-    return found
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _number(value) -> str:

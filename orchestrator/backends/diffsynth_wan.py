@@ -4,18 +4,12 @@ This is the library the user's motion-transfer experiment runs in (Wan2.1-T2V-14
 a reference clip with `denoising_strength`, VRAM management, tiled VAE). A worker loads the pipeline
 once and keeps it for every job.
 
-The model folder (`model.path`) is an original Wan release folder, e.g. `Wan2.1-T2V-14B/`:
-  diffusion_pytorch_model*.safetensors   the DiT (one file, or shards with their .index.json)
-  high_noise_model/, low_noise_model/    instead, for Wan2.2 A14B (two DiTs, switched during denoising)
-  models_t5_umt5-xxl-enc-bf16.pth        the umT5-XXL text encoder (a `.safetensors` of the same stem
-                                         is preferred when present: DiffSynth reads a .pth twice)
-  Wan2.1_VAE.pth | Wan2.2_VAE.pth        the VAE (Wan2.2's for TI2V-5B)
-  models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   the image encoder (Wan2.1 I2V only)
-  google/umt5-xxl/                       the tokenizer (DiffSynth's default would download it)
-Every file goes through DiffSynth's own loader (`ModelPool.auto_load_model`), which recognises a file
-by an md5 of its tensor names and shapes; `check()` computes the same fingerprint from the files'
-headers before anything starts, so an unrecognised file, a missing file or a model that cannot run the
-task is reported at the manifest's line rather than in every worker after the start.
+The model folder (`model.path`) is an original Wan release folder, e.g. `Wan2.1-T2V-14B/`
+(diffsynth_files.py lists its files). Every file goes through DiffSynth's own loader, which recognises
+a file by a fingerprint of its tensor names and shapes; `check()` computes the same fingerprint from
+the files' headers (diffsynth_files.identify) before anything starts, so an unrecognised file, a
+missing file or a model that cannot run the task is reported at the manifest's line rather than in
+every worker after the start.
 
 Tasks: `t2v`; `v2v` (the reference video, read by `orchestrator.media`'s rule, is the `input_video`
 and `generation.denoising_strength` < 1 says how much of it is replaced by noise); `i2v` (the reference
@@ -73,7 +67,8 @@ before denoising, each turning inputs into tensors) with a subclass that remembe
     costly as encoding a clip) and its CLIP embedding (`WanVideoUnit_ImageEmbedderVAE`, `..CLIP`).
 TI2V-5B's fused first-frame latents depend on the job's noise and are encoded per job (one frame).
 
-Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline (`build_tiny_checkpoint`)
+Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline
+(`random_checkpoints.build_tiny_checkpoint`)
 from DiffSynth's component classes with tiny configurations. DiffSynth's loader only recognises
 full-size files (by their fingerprint), so a tiny folder carries a marker, `wan_sweep_tiny_random.json`,
 that names each file's class and configuration; only then does the loader skip the recognition and
@@ -83,15 +78,8 @@ full-size random weights saved in the original layout.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import importlib.util
-import json
-import os
-import pickle
-import struct
 import time
-import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -104,6 +92,7 @@ from ..checkpoints.releases import download_fix
 from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identity, option_problems,
                    speed_card_problems)
 from .cuda import job_memory, release_memory
+from .diffsynth_files import COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, dit_kind, identify, model_files, tiny_configs
 
 OPTIONS: dict[str, tuple] = {
     "vram_management": (bool, str), "vram_limit_gib": (int, float), "tiled": (bool,),
@@ -115,255 +104,7 @@ EXTRA: dict[str, tuple] = {
     "tea_cache_l1_thresh": (int, float), "tea_cache_model_id": (str,), "sliding_window_size": (int,),
     "sliding_window_stride": (int,),
 }
-COMPONENTS = ("dit", "text_encoder", "vae", "image_encoder")
-DIT_GLOB = "diffusion_pytorch_model*.safetensors"
-TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16"
-VAES = ("Wan2.2_VAE", "Wan2.1_VAE")
-IMAGE_ENCODER = "models_clip_open-clip-xlm-roberta-large-vit-huge-14"
-TOKENIZER = "google/umt5-xxl"
-TINY_MARKER = "wan_sweep_tiny_random.json"
 DEFAULT_TILE = ([30, 52], [15, 26])
-MODEL_NAMES = {"dit": "wan_video_dit", "text_encoder": "wan_video_text_encoder", "vae": "wan_video_vae",
-               "image_encoder": "wan_video_image_encoder"}
-
-
-# --------------------------------------------------------------------------------------------------
-# The model files: where they are, and what DiffSynth will take them for
-
-
-def _weight_file(folder: Path, stem: str) -> Path | None:
-    for suffix in (".safetensors", ".pth"):
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    return None
-
-
-def _dit_shards(folder: Path, pattern: str = DIT_GLOB) -> tuple[list[Path], str | None]:
-    """The files of one DiT and, if its index names a shard that is not there, that shard."""
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if pattern == DIT_GLOB and index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError):
-            return [], f"{index.name} (unreadable index)"
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            return [], missing[0]
-        return [folder / n for n in names], None
-    return sorted(Path(p) for p in glob.glob(str(folder / pattern)) if os.path.isfile(p)), None
-
-
-def model_files(path: str | os.PathLike, options: dict | None = None) -> tuple[dict, list[BackendProblem]]:
-    """The component files of a model folder: {dit: [[shards of DiT 1], ...], text_encoder, vae,
-    image_encoder (or None), tokenizer}, and a problem for each one that is missing."""
-    options = options or {}
-    root = Path(path)
-    problems: list[BackendProblem] = []
-    files: dict[str, Any] = {"dit": [], "text_encoder": None, "vae": None, "image_encoder": None}
-    overrides = options.get("model_files") or {}
-    if not isinstance(overrides, dict):
-        overrides = {}
-
-    dits = overrides.get("dit")
-    if dits is not None:
-        for pattern in ([dits] if isinstance(dits, str) else list(dits)):
-            matched = sorted(Path(p) for p in glob.glob(str(root / pattern)) if os.path.isfile(p))
-            if not matched:
-                problems.append(BackendProblem("model.options.model_files.dit",
-                                               f"model_files.dit `{pattern}` matches no file in {root}",
-                                               "fix the pattern (relative to model.path)"))
-            files["dit"].append([str(p) for p in matched])
-    else:
-        experts = [root / "high_noise_model", root / "low_noise_model"]  # Wan2.2 A14B: high noise first
-        folders = experts if all(e.is_dir() for e in experts) else [root]
-        for folder in folders:
-            shards, missing = _dit_shards(folder)
-            where = folder.relative_to(root).as_posix() + "/" if folder != root else ""
-            if missing:
-                problems.append(BackendProblem("model.path", f"DiT shard `{where}{missing}` is missing in "
-                                               f"{root} (named by its index)", "complete the download"))
-            elif not shards:
-                problems.append(BackendProblem(
-                    "model.path", f"no DiT `{where}{DIT_GLOB}` in {root}",
-                    "point model.path at an original Wan release folder (e.g. Wan2.1-T2V-14B), or name "
-                    "the files in model.options.model_files"))
-            else:
-                files["dit"].append([str(p) for p in shards])
-
-    defaults = {"text_encoder": (TEXT_ENCODER,), "vae": VAES, "image_encoder": (IMAGE_ENCODER,)}
-    for component in ("text_encoder", "vae", "image_encoder"):
-        if component in overrides:
-            file = root / str(overrides[component])
-            if not file.is_file():
-                problems.append(BackendProblem(f"model.options.model_files.{component}",
-                                               f"model_files.{component} `{overrides[component]}` does not "
-                                               f"exist in {root}", "fix the file name (relative to model.path)"))
-            else:
-                files[component] = str(file)
-            continue
-        found = next((f for f in (_weight_file(root, stem) for stem in defaults[component]) if f), None)
-        if found is not None:
-            files[component] = str(found)
-        elif component != "image_encoder":  # only image-to-video DiTs need it; checked with the task
-            problems.append(BackendProblem("model.path", f"`{defaults[component][-1]}.pth` (the "
-                                           f"{component.replace('_', ' ')}) is missing in {root}",
-                                           "complete the download, or name the file in model.options.model_files"))
-
-    tokenizer = Path(options["tokenizer"]) if options.get("tokenizer") else root / TOKENIZER
-    if not tokenizer.is_absolute():
-        tokenizer = root / tokenizer
-    files["tokenizer"] = str(tokenizer)
-    if not (tokenizer.is_dir() and any((tokenizer / n).is_file() for n in ("tokenizer.json", "spiece.model"))):
-        problems.append(BackendProblem("model.options.tokenizer" if options.get("tokenizer") else "model.path",
-                                       f"no tokenizer at {tokenizer} (a folder with tokenizer.json or "
-                                       "spiece.model); DiffSynth's default would download it",
-                                       f"keep the release's `{TOKENIZER}/` folder, or set model.options.tokenizer"))
-    return files, problems
-
-
-class _Shape:
-    """A tensor as the fingerprint sees it: its shape only."""
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-
-class _HeaderUnpickler(pickle.Unpickler):
-    """Reads a `torch.save` state dict's names and shapes without torch and without the weights."""
-
-    def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module.startswith("torch"):
-            if name == "_rebuild_tensor_v2":
-                return lambda storage, offset, size, *rest: _Shape(size)
-            if name == "_rebuild_parameter":
-                return lambda data, *rest: data
-            if name == "_rebuild_from_type_v2":
-                return lambda func, new_type, args, state: func(*args)
-            return _Shape  # storage types, dtypes: only passed along
-        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
-
-    def persistent_load(self, pid):
-        return None
-
-
-def _keys_and_shapes(file: str) -> dict | None:
-    """{name: shape} of one weight file, from its header alone; None when it cannot be read so."""
-    try:
-        if file.endswith(".safetensors"):
-            with open(file, "rb") as stream:
-                (length,) = struct.unpack("<Q", stream.read(8))
-                header = json.loads(stream.read(length))
-            return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-        with zipfile.ZipFile(file) as archive:
-            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-            with archive.open(pkl) as stream:
-                state = _HeaderUnpickler(stream).load()
-    except (OSError, ValueError, KeyError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError,
-            struct.error, EOFError, AttributeError, TypeError):
-        return None
-    # DiffSynth unwraps a lone "state_dict" / "module" / "model_state" entry before hashing
-    if isinstance(state, dict) and len(state) == 1:
-        for wrapper in ("state_dict", "module", "model_state"):
-            if wrapper in state:
-                state = state[wrapper]
-
-    def shapes(tree):
-        return {k: (list(v.shape) if isinstance(v, _Shape) else shapes(v)) for k, v in tree.items()
-                if isinstance(v, (_Shape, dict))}
-    return shapes(state) if isinstance(state, dict) else None
-
-
-def _fingerprint_string(keys: dict) -> str:
-    parts = []
-    for key, value in keys.items():
-        if isinstance(value, dict):
-            parts.append(f"{key}|{_fingerprint_string(value)}")
-        else:
-            parts.append(f"{key}:{'_'.join(map(str, value))}")
-            parts.append(key)
-    return ",".join(sorted(parts))
-
-
-def fingerprint(files: str | list[str]) -> str | None:
-    """The md5 DiffSynth recognises a model file (or a DiT's shards) by: tensor names and shapes."""
-    keys: dict = {}
-    for file in [files] if isinstance(files, str) else files:
-        found = _keys_and_shapes(file)
-        if found is None:
-            return None
-        keys.update(found)
-    return hashlib.md5(_fingerprint_string(keys).encode("utf-8")).hexdigest()
-
-
-_MODEL_TABLE: list[dict] | None = None
-
-
-def diffsynth_model_table() -> list[dict] | None:
-    """DiffSynth's table of known model files (hash → class, configuration), read without importing
-    the package (its import takes seconds and torch): the table is a plain data module."""
-    global _MODEL_TABLE
-    if _MODEL_TABLE is None:
-        spec = importlib.util.find_spec("diffsynth")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        source = Path(next(iter(spec.submodule_search_locations))) / "configs" / "model_configs.py"
-        try:
-            namespace: dict = {}
-            exec(compile(source.read_text(encoding="utf-8"), str(source), "exec"), namespace)
-            _MODEL_TABLE = list(namespace["MODEL_CONFIGS"])
-        except Exception:  # a reorganised package: the workers' own loader still checks
-            return None
-    return _MODEL_TABLE
-
-
-def _tiny_configs(path: str) -> dict | None:
-    marker = Path(path) / TINY_MARKER
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text(encoding="utf-8"))["components"]
-
-
-def identify(files: dict, path: str) -> dict[str, list[dict] | dict | None]:
-    """What DiffSynth will load each file as: {component: table entry (for `dit`, one per DiT)}, an entry
-    being None where the file is not recognised and {} where it could not be fingerprinted."""
-    tiny = _tiny_configs(path)
-    if tiny is not None:
-        return {"dit": [tiny["dit"] for _ in files["dit"]],
-                **{c: tiny.get(c) if files.get(c) else None for c in ("text_encoder", "vae", "image_encoder")}}
-    table = diffsynth_model_table() or []
-
-    def lookup(entry_files, model_name):
-        if not table:
-            return {}
-        digest = fingerprint(entry_files)
-        if digest is None:
-            return {}
-        matches = [c for c in table if c.get("model_hash") == digest]
-        return next((c for c in matches if c["model_name"] == model_name), matches[0] if matches else None)
-
-    found: dict[str, Any] = {"dit": [lookup(shards, MODEL_NAMES["dit"]) for shards in files["dit"]]}
-    for component in ("text_encoder", "vae", "image_encoder"):
-        found[component] = lookup(files[component], MODEL_NAMES[component]) if files.get(component) else None
-    return found
-
-
-def dit_kind(config: dict) -> str:
-    """t2v, i2v, ti2v (Wan2.2 TI2V-5B: both) or other (control, VACE, speech... models)."""
-    kwargs = config.get("extra_kwargs") or {}
-    if not config.get("model_class", "").endswith("wan_video_dit.WanModel"):
-        return "other"
-    if kwargs.get("fuse_vae_embedding_in_latents"):
-        return "ti2v"
-    if kwargs.get("in_dim") == 16 and not kwargs.get("has_image_input"):
-        return "t2v"
-    if kwargs.get("in_dim") == 36 and not kwargs.get("add_control_adapter") and not kwargs.get("has_ref_conv"):
-        return "i2v"
-    return "other"
-
-
-# --------------------------------------------------------------------------------------------------
-# The backend
 
 
 def _pair(value) -> bool:
@@ -566,7 +307,7 @@ class DiffSynthWanBackend(Backend):
             raise FileNotFoundError("; ".join(p.message for p in problems))
         self.files = files
         vram_config, vram_limit = self._vram_config()
-        tiny = _tiny_configs(self.model.path)
+        tiny = tiny_configs(self.model.path)
 
         pipe = WanVideoPipeline(device=self.device, torch_dtype=self.dtype)
         seconds: dict[str, float] = {}
@@ -901,24 +642,6 @@ def _quiet_vae_progress() -> None:
     wan_video_vae.tqdm = partial(tqdm, disable=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Test checkpoints: tiny random weights in the original layout, for CI (see the module docstring)
-
-TINY = {
-    "dit": {"model_name": "wan_video_dit", "model_class": "diffsynth.models.wan_video_dit.WanModel",
-            "extra_kwargs": {"has_image_input": False, "patch_size": [1, 2, 2], "in_dim": 16, "dim": 24,
-                             "ffn_dim": 32, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2,
-                             "num_layers": 2, "eps": 1e-6}},
-    "text_encoder": {"model_name": "wan_video_text_encoder",
-                     "model_class": "diffsynth.models.wan_video_text_encoder.WanTextEncoder",
-                     "extra_kwargs": {"vocab": 260, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4,
-                                      "num_layers": 2, "num_buckets": 8}},
-    "vae": {"model_name": "wan_video_vae", "model_class": "diffsynth.models.wan_video_vae.WanVideoVAE",
-            "tiny_vae": True,
-            "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_vae.WanVideoVAEStateDictConverter",
-            "extra_kwargs": {"z_dim": 16, "dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}},
-}
-
 _TINY_VAE = None
 
 
@@ -935,60 +658,3 @@ def _tiny_vae_class():
                                        num_res_blocks=num_res_blocks).eval().requires_grad_(False)
         _TINY_VAE = TinyWanVideoVAE
     return _TINY_VAE
-
-
-def offline_tokenizer(folder: str | os.PathLike) -> Path:
-    """A byte-level tokenizer saved where the umT5 one would be (no download): every text tokenizes,
-    different prompts give different ids. Its 259 ids fit any text encoder's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=512)
-    folder = Path(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
-    """A tiny random-weight Wan model in the original file layout, for tests: its videos are noise.
-
-    DiffSynth's file loader only recognises full-size files, so the folder carries `TINY_MARKER`,
-    naming each file's class and configuration; the backend loads a folder with that marker without
-    the recognition (see the module docstring). `task="i2v"` makes the DiT an image-to-video one in the
-    manner of Wan2.2 I2V-A14B (36 input channels: the first frame's VAE encoding; no CLIP encoder).
-    Returns the folder.
-    """
-    import torch
-    from diffsynth.models.wan_video_dit import WanModel
-    from diffsynth.models.wan_video_text_encoder import WanTextEncoder
-    from diffsynth.models.wan_video_vae import VideoVAE_
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    components = json.loads(json.dumps(TINY))
-    if task == "i2v":
-        components["dit"]["extra_kwargs"].update(in_dim=36, require_clip_embedding=False)
-    dit = WanModel(**components["dit"]["extra_kwargs"])
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
-    text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
-    torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
-    vae = TINY["vae"]["extra_kwargs"]
-    # the original VAE file holds VideoVAE_'s tensors; DiffSynth's converter adds the "model." prefix
-    torch.save(VideoVAE_(dim=vae["dim"], z_dim=vae["z_dim"], dim_mult=vae["dim_mult"],
-                         num_res_blocks=vae["num_res_blocks"]).state_dict(), folder / "Wan2.1_VAE.pth")
-    offline_tokenizer(folder / TOKENIZER)
-    (folder / "config.json").write_text(json.dumps({"model_type": task, **components["dit"]["extra_kwargs"]}),
-                                        encoding="utf-8")
-    (folder / TINY_MARKER).write_text(json.dumps({
-        "note": "tiny random weights for tests; wan-sweep's diffsynth backend loads this folder with these "
-                "classes because DiffSynth's loader only recognises full-size files",
-        "components": components}, indent=1), encoding="utf-8")
-    return folder

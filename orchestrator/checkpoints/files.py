@@ -1,5 +1,8 @@
 """Weight files read by their headers only: safetensors JSON headers and torch.save archives'
-pickled indexes (with an unpickler that runs no code); the byte sizes of dtypes."""
+pickled indexes (with an unpickler that runs no code); the byte sizes of dtypes.
+
+The one reader of weight-file headers: the checkpoint checks use the flat names (`tensors`), the
+diffsynth backend's fingerprint the state dict as the file nests it (`tree`)."""
 from __future__ import annotations
 
 import json
@@ -45,6 +48,10 @@ class WeightFile:
     size: int  # bytes on disk
     tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name → (dtype, shape)
     note: str = ""  # what could not be read (not a problem for verification)
+    # The same tensors nested as the file's state dict nests them (a .pth may hold dicts in dicts,
+    # which `tensors` flattens to dotted names): name → (dtype, shape) or a dict of the same. None
+    # where the contents were not read (a legacy or exotic .pth) or hold no dict.
+    tree: dict | None = None
 
     @property
     def params(self) -> int:
@@ -88,7 +95,7 @@ def read_safetensors(path: Path) -> WeightFile:
     needed = 8 + length + end
     if size < needed:
         raise _Broken(f"truncated: {size:,} bytes on disk, its header declares {needed:,}")
-    return WeightFile(path, size, tensors)
+    return WeightFile(path, size, tensors, tree=dict(tensors))  # safetensors are flat
 
 
 class _Storage:
@@ -127,6 +134,8 @@ class _PthReader(pickle.Unpickler):
             return _TensorRef
         if module == "torch._utils" and name == "_rebuild_parameter":
             return lambda data, *rest: data
+        if module.startswith("torch") and name == "_rebuild_from_type_v2":  # a tensor with Python state
+            return lambda func, new_type, args, state: func(*args)
         if module == "torch" and name == "Size":
             return tuple
         if module == "torch" and name in STORAGE_DTYPES:
@@ -141,12 +150,32 @@ class _PthReader(pickle.Unpickler):
         return _Opaque()
 
 
-def _flatten(obj, prefix: str = "") -> Iterable[tuple[str, _TensorRef]]:
+def _tree(obj, check, prefix: str = ""):
+    """An unpickled state dict's dicts and tensors, nested as in the file (name → (dtype, shape));
+    `check(dotted name, storage)` sees each tensor."""
     if isinstance(obj, _TensorRef):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        if obj.storage is None or obj.shape is None:
+            return None
+        check(prefix, obj.storage)
+        return (obj.storage.dtype, obj.shape)
+    if not isinstance(obj, dict):
+        return None
+    tree = {}
+    for key, value in obj.items():
+        found = _tree(value, check, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            tree[str(key)] = found
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> Iterable[tuple[str, tuple[str, tuple[int, ...]]]]:
+    """(dotted name, (dtype, shape)) of each tensor of a nested `WeightFile.tree`."""
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            yield from flatten(value, name)
+        else:
+            yield name, value
 
 
 def read_pth(path: Path) -> WeightFile:
@@ -177,10 +206,8 @@ def read_pth(path: Path) -> WeightFile:
         except Exception as exc:  # an exotic pickle: the archive itself is whole, so only say so
             result.note = f"contents not inspected ({type(exc).__name__})"
             return result
-        for name, ref in _flatten(root):
-            storage = ref.storage
-            if storage is None or ref.shape is None:
-                continue
+
+        def check(name: str, storage: _Storage) -> None:
             member = f"{prefix}data/{storage.key}"
             if member not in entries:
                 raise _Broken(f"storage {storage.key} of tensor {name!r} is missing from the archive")
@@ -188,7 +215,12 @@ def read_pth(path: Path) -> WeightFile:
             if entries[member].file_size < needed:
                 raise _Broken(f"storage {storage.key} of tensor {name!r} holds {entries[member].file_size} "
                               f"bytes, {needed} needed")
-            result.tensors[name] = (storage.dtype, ref.shape)
+        tree = _tree(root, check)
+        if isinstance(tree, tuple):  # a file holding one bare tensor
+            result.tensors[""] = tree
+        elif tree is not None:
+            result.tree = tree
+            result.tensors.update(flatten(tree))
     return result
 
 

@@ -7,7 +7,6 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from .files import CheckpointError, GIB, RUN_BYTES
 from .layouts import Checkpoint, _count, _table
@@ -513,17 +512,7 @@ def _memory_keys(backend: str) -> set[str]:
 
 def measured_profiles(manifest) -> list:
     """Calibration profiles of this manifest's settings (any GPU, any card count) with their paths."""
-    from ..sizing import Profile, profile_key
-    folder = Path(manifest.output_dir) / ".sweep" / "profiles"
-    if not folder.is_dir():
-        return []
+    from ..sizing.profiles import ProfileCache, profile_key, profiles_folder
     mine = {k: v for k, v in profile_key(manifest, "", 1).items() if k not in ("gpu", "cards")}
-    found = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            profile = Profile.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            continue
-        if {k: v for k, v in profile.key.items() if k not in ("gpu", "cards")} == mine:
-            found.append((profile, os.path.relpath(path)))
-    return found
+    return [(profile, os.path.relpath(path)) for profile, path in ProfileCache(profiles_folder(manifest)).all()
+            if {k: v for k, v in profile.key.items() if k not in ("gpu", "cards")} == mine]

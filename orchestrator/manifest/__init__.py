@@ -1,0 +1,25 @@
+"""The experiment manifest: read YAML with line marks and validate it into frozen dataclasses.
+
+Every problem is collected (file, line, what is wrong, how to fix it) and raised together as one
+`ManifestError`, before anything starts. Relative paths resolve against the manifest's folder.
+What a manifest holds is in `model`; reading YAML safely with line marks in `reader`; the sections in
+`sections`, the categories with their references and prompts in `categories`; names the output
+folder can hold in `names`. This package knows no backend: `orchestrator.validation.load_manifest`
+reads a manifest and has its backend check it.
+"""
+from .categories import IMAGE_SUFFIXES, MAX_GLOB_ENTRIES, RESERVED_NAMES, VIDEO_SUFFIXES
+from .model import (COMPILE_MODES, EXECUTORS, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Category, Execution,
+                    GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Reference, Resources,
+                    SpeedConfig)
+from .names import MAX_COMPONENT_BYTES, NAME_MAX_BYTES, PATH_MAX_BYTES, path_length_problem, safe_component_problem
+from .reader import MAX_ALIAS_EXPANSION, MAX_NESTING, located_problem
+from .sections import ManifestCheck, read_manifest
+
+__all__ = [
+    "COMPILE_MODES", "EXECUTORS", "IMAGE_SUFFIXES", "MAX_ALIAS_EXPANSION", "MAX_COMPONENT_BYTES",
+    "MAX_GLOB_ENTRIES", "MAX_NESTING", "NAME_MAX_BYTES", "PATH_MAX_BYTES", "QUANTIZE_MODES",
+    "RESERVED_NAMES", "SDPA_ATTENTION", "TASKS", "VIDEO_SUFFIXES", "Category", "Execution",
+    "GenerationConfig", "Manifest", "ManifestCheck", "ManifestError", "ModelConfig", "Problem",
+    "Reference", "Resources", "SpeedConfig", "located_problem", "path_length_problem", "read_manifest",
+    "safe_component_problem",
+]

@@ -1,0 +1,311 @@
+"""A manifest's categories: their reference videos or images (globs, bounded walks, readable media),
+their prompts (inline, or a .yaml/.txt file), and the output paths their jobs will write."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import Category, Reference
+from .names import path_length_problem, safe_component_problem
+from .reader import Reader, compose, yaml_problem
+
+MAX_GLOB_ENTRIES = 100_000  # files and folders one `videos:`/`images:` glob may look at
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What the product itself keeps in the output folder (`sweep`, `review`): a category of one of these
+# names would mix its videos with the ledger, the logs or the review page.
+RESERVED_NAMES = (".sweep", "logs", "index.html")
+
+
+def read_categories(reader: Reader, node, base: Path, task: str | None) -> tuple[Category, ...]:
+    if node is None:
+        return ()
+    entries = reader.mapping(node, "categories")
+    if not entries and isinstance(node, yaml.MappingNode):
+        reader.problem(node, "categories is empty", "add at least one category")
+    categories = []
+    for name, (key_node, value_node) in entries.items():
+        why = safe_component_problem(name)
+        if why:
+            reader.problem(key_node, f"category name {name!r} {why}",
+                           "rename the category to a plain folder name")
+            continue
+        if name.casefold() in RESERVED_NAMES:  # casefold: one folder on a case-insensitive disk
+            reader.problem(key_node, f"category name {name!r} is taken: the output folder keeps "
+                                     f"{', '.join(RESERVED_NAMES)} for the sweep itself",
+                           f"rename the category, e.g. `{name.strip('.')}_videos`")
+            continue
+        category = _read_category(reader, name, value_node, base, task)
+        if category is not None:
+            categories.append(category)
+    return tuple(categories)
+
+
+def _read_category(reader: Reader, name: str, node, base: Path, task: str | None) -> Category | None:
+    what = f"category `{name}`"
+    keys = reader.mapping(node, what, {"videos": False, "images": False, "prompts": True})
+    if not keys:
+        return None
+    if "videos" in keys and "images" in keys:
+        reader.problem(node, f"{what} has both videos and images", "keep one of them")
+        return None
+    kind = "videos" if "videos" in keys else "images" if "images" in keys else "none"
+    expected = {"v2v": "videos", "i2v": "images", "t2v": "none"}.get(task or "")
+    if expected and kind != expected:
+        fix = {"videos": "add `videos:` (reference videos) or change model.task",
+               "images": "add `images:` (first frames) or change model.task",
+               "none": "remove the reference files or change model.task to v2v/i2v"}[expected]
+        reader.problem(node, f"{what} has {kind if kind != 'none' else 'no references'}, "
+                             f"but model.task {task} needs {expected if expected != 'none' else 'none'}", fix)
+
+    inputs: list[Path] = []
+    lost: set[str] | None = set()  # stems whose files are reported already; None: any may be
+    if kind != "none":
+        inputs, lost = _read_inputs(reader, what, keys[kind][1], base, kind)
+
+    prompts_node = keys.get("prompts", (None, None))[1]
+    prompts, prompts_file, prompt_lines, prompts_node = _read_prompts(reader, what, prompts_node, base)
+    if prompts is None:
+        return None
+
+    references: list[Reference] = []
+    if kind == "none":
+        if isinstance(prompts, dict):
+            reader.problem(prompts_node, f"{what} has no videos, so its prompts must be a list, "
+                                         "not a mapping from video stem", "write the prompts as a list")
+            return None
+        references.append(Reference(stem=None, path=None, prompts=tuple(prompts)))
+    else:
+        stems: dict[str, Path] = {}
+        for file in inputs:
+            stem = file.stem
+            why = safe_component_problem(stem)
+            if why:
+                reader.problem(keys[kind][1], f"{what}: file name {file.name!r} {why}", "rename the file")
+                if lost is not None:
+                    lost.add(stem)
+                continue
+            if stem in stems:
+                reader.problem(keys[kind][1], f"{what}: {stems[stem].name} and {file.name} map to one "
+                                              f"output folder `{name}/{stem}`",
+                               "rename one of the files or put them in separate categories")
+                continue
+            stems[stem] = file
+        if isinstance(prompts, dict):
+            for stem in prompts:
+                # a glob that matched nothing, or a missing file, is reported once, not again as
+                # each stem whose prompts then have no video
+                if stem not in stems and lost is not None and stem not in lost:
+                    reader.problem(prompt_lines.get(stem, prompts_node),
+                                   f"{what}: prompts are given for `{stem}`, but there is no such "
+                                   f"{kind[:-1]}", f"add the {kind[:-1]} or remove those prompts",
+                                   file=prompts_file)
+            for stem, file in stems.items():
+                if stem not in prompts:
+                    reader.problem(prompts_node, f"{what}: {kind[:-1]} `{file.name}` has no prompts",
+                                   f"add `{stem}:` with its prompts", file=prompts_file)
+                    continue
+                references.append(Reference(stem=stem, path=file, prompts=tuple(prompts[stem])))
+        else:
+            references.extend(Reference(stem=s, path=f, prompts=tuple(prompts)) for s, f in stems.items())
+    return Category(name=name, kind=kind, references=tuple(references))
+
+
+def _absolute(path: Path) -> Path:
+    """`path` made absolute without following links: a linked reference is named by the link (its
+    stem names the outputs and keys the prompts) and read through it, from its target."""
+    return Path(os.path.abspath(path))
+
+
+def check_output_paths(reader: Reader, node, output_dir: Path, categories, seeds) -> None:
+    """Every file a category's jobs will write must fit the file system's path length (checked
+    for the longest name: the largest seed and prompt index, a poster's `.thumb.jpg`)."""
+    if path_length_problem(output_dir) or not isinstance(node, yaml.MappingNode):
+        return  # reported with output_dir / categories already
+    key_nodes = {key.value: key for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+    for category in categories:
+        longest = max(
+            (output_dir / category.name / (ref.stem or "") /
+             f"seed_{max(seeds, default=0)}_prompt_{len(ref.prompts) - 1}.thumb.jpg"
+             for ref in category.references), key=lambda path: len(os.fsencode(str(path))), default=None)
+        too_long = longest is not None and path_length_problem(longest)
+        if too_long:
+            reader.problem(key_nodes.get(category.name), f"category `{category.name}`: the path of an output "
+                           f"({longest}) {too_long}", "use a shorter output_dir, category name or file names")
+
+
+def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tuple[list[Path], set[str] | None]:
+    """The readable files, and the stems of those reported missing or unreadable (None where a glob
+    matched nothing: then any stem may be one of its files)."""
+    suffixes = VIDEO_SUFFIXES if kind == "videos" else IMAGE_SUFFIXES
+    value = reader.value(node)
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+        reader.problem(node, f"{what}: {kind} must be a glob pattern or a list of paths",
+                       f"write e.g. `{kind}: refs/{kind}/*{suffixes[0]}`")
+        return [], None
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    found: list[tuple[Path, yaml.Node]] = []
+    lost: set[str] | None = set()
+    for pattern, item in zip(patterns, items):
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        if glob.has_magic(pattern):
+            too_wide = _glob_walk_problem(full)
+            if too_wide:
+                reader.problem(item, f"{what}: glob `{pattern}` {too_wide}",
+                               "start the pattern at the folder that holds the files, e.g. refs/**/*.mp4")
+                continue
+            matches = sorted(Path(m) for m in glob.glob(full, recursive=True) if os.path.isfile(m))
+            if not matches:
+                reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
+                               "check the pattern and that the files are there")
+                lost = None
+            found.extend((_absolute(m), item) for m in matches)
+            continue
+        file = Path(full)
+        if not os.path.isfile(file):  # (False, not an error, for a name too long to exist)
+            reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
+                           "fix the path; relative paths start at the manifest's folder")
+            if lost is not None:
+                lost.add(file.stem)
+            continue
+        found.append((_absolute(file), item))
+    files = []
+    for file, item in found:
+        if file.suffix.lower() not in suffixes:
+            reader.problem(item, f"{what}: `{file.name}` is not a {kind[:-1]} file ({', '.join(suffixes)})",
+                           f"list only {kind} here")
+        elif not _readable_media(file):
+            reader.problem(item, f"{what}: `{file}` cannot be read as a {kind[:-1]} (empty, corrupt or "
+                                 "no permission)", "replace it with a working file or remove it")
+        else:
+            files.append(file)
+            continue
+        if lost is not None:
+            lost.add(file.stem)
+    return files, lost
+
+
+def _glob_walk_problem(pattern: str) -> str | None:
+    """Why globbing `pattern` would walk too much of the file system (`**` from `/` or the home
+    folder, or more than MAX_GLOB_ENTRIES files and folders), or None. It counts what glob would
+    look at, level by level from the pattern's fixed folder, and stops at the bound."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    start = Path(*parts[:fixed]) if fixed else Path(".")
+    recursive = any("**" in part for part in parts[fixed:])
+    depth = len(parts) - fixed
+    where = start.resolve()
+    if recursive and where in (Path(where.anchor), Path.home().resolve()):
+        return f"would search all of {where} (`**` walks every folder below it)"
+    seen = 0
+    folders = [(start, 1)]
+    while folders:
+        folder, level = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # glob's `*` and `**` skip hidden names
+            seen += 1
+            if seen > MAX_GLOB_ENTRIES:
+                return (f"would look at more than {MAX_GLOB_ENTRIES:,} files and folders under {where}")
+            try:  # glob follows links to folders too (a link to its own parent loops until ELOOP)
+                below = (recursive or level < depth) and entry.is_dir()
+            except OSError:
+                below = False
+            if below:
+                folders.append((Path(entry.path), level + 1))
+    return None
+
+
+def _readable_media(file: Path) -> bool:
+    """Open the file and find a picture stream in it (cheap: headers only)."""
+    import av
+    try:
+        with open(file, "rb") as stream:
+            if not stream.read(1):
+                return False
+        with av.open(str(file)) as container:
+            return bool(container.streams.video)
+    except (OSError, av.error.FFmpegError, ValueError):
+        return False
+
+
+def _read_prompts(reader: Reader, what: str, node, base: Path):
+    """Return (list | {stem: list} | None, the file they came from, {stem: key node}, their node)."""
+    file = reader.file
+    value = reader.value(node)
+    if isinstance(value, str) and not value.strip().startswith(("[", "{")) and "\n" not in value \
+            and Path(value).suffix.lower() in (".yaml", ".yml", ".txt", ".json"):
+        prompt_path = Path(value) if os.path.isabs(value) else base / value
+        if not os.path.isfile(prompt_path):
+            reader.problem(node, f"{what}: prompts file `{value}` does not exist ({prompt_path})",
+                           "fix the path; relative paths start at the manifest's folder")
+            return None, file, {}, node
+        file = prompt_path.resolve()
+        if prompt_path.suffix.lower() == ".txt":
+            try:
+                text = prompt_path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as exc:
+                reader.problem(node, f"{what}: prompts file `{value}` cannot be read as text ({exc})",
+                               "save it as UTF-8 text, one prompt per line")
+                return None, file, {}, node
+            if "\x00" in text:
+                reader.problem(node, f"{what}: prompts file `{value}` contains NUL characters (a binary "
+                                     "file?)", "save it as UTF-8 text, one prompt per line")
+                return None, file, {}, node
+            lines = [line.strip() for line in text.splitlines()]
+            # blank lines and `#` lines (comments, as in the YAML files) are not prompts
+            value, node = [line for line in lines if line and not line.startswith("#")], None
+        else:
+            try:
+                node = compose(prompt_path)
+            except (UnicodeDecodeError, OSError) as exc:
+                reader.problem(node, f"{what}: prompts file `{value}` cannot be read as text ({exc})",
+                               "save it as UTF-8 text")
+                return None, file, {}, node
+            except yaml.YAMLError as exc:
+                reader.problems.append(yaml_problem(file, exc, "the prompts file"))
+                return None, file, {}, None
+            if node is not None and not reader.check_tree(node, file=file):
+                return None, file, {}, None
+            value = reader.value(node)
+    lines: dict[str, Any] = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {k.value: k for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    if isinstance(value, list) and value and all(isinstance(p, str) and p.strip() for p in value):
+        return value, file, lines, node
+    if isinstance(value, dict) and value:
+        wrong = {str(k): _prompt_list_problem(v) for k, v in value.items()}
+        if not any(wrong.values()):
+            return {str(k): v for k, v in value.items()}, file, lines, node
+        for stem, why in wrong.items():
+            if why:  # at the stem's own line: an entry with nothing under it is a stem line
+                reader.problem(lines.get(stem, node), f"{what}: the prompts of `{stem}` {why}",
+                               f"list its prompts under `{stem}:`, one `- text` line each", file=file)
+        return None, file, {}, node
+    reader.problem(node, f"{what}: prompts must be a non-empty list of texts, a mapping from video "
+                         "stem to such a list, or the path of a .yaml/.txt file holding one",
+                   "see experiments/motion_transfer.yaml", file=file)
+    return None, file, {}, node
+
+
+def _prompt_list_problem(value) -> str | None:
+    """Why one stem's prompts are not a non-empty list of texts, or None."""
+    if value is None:
+        return "are empty (nothing under it)"
+    if not isinstance(value, list):
+        return f"must be a list of texts, not {type(value).__name__} {value!r}"
+    if not value:
+        return "are an empty list"
+    blank = [i + 1 for i, p in enumerate(value) if not (isinstance(p, str) and p.strip())]
+    if blank:
+        return f"have an empty or non-text prompt (number {', '.join(map(str, blank))})"
+    return None

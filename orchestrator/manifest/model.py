@@ -1,0 +1,147 @@
+"""What a manifest holds: frozen dataclasses, the values some of their keys take, and the
+problems found reading one (`Problem`, `ManifestError`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS = ("t2v", "i2v", "v2v")
+EXECUTORS = ("tmux", "local", "ray")
+# The `speed:` section (orchestrator/speed.py applies it): the values each key takes.
+COMPILE_MODES = ("none", "blocks", "full")
+SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
+QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int  # 1-based; 0 when the problem concerns the whole file
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else f"{self.file}"
+        return f"{where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
+
+
+class ManifestError(ValueError):
+    """All the problems of one manifest, reported together."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__(self.describe("nothing was started"))
+
+    def describe(self, outcome: str) -> str:
+        """The problems, one a line, after what they prevented (`nothing was started`)."""
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        return f"manifest has {count}; {outcome}:\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """How fast the denoiser runs (`speed:`): torch.compile, the attention kernel, quantized weights."""
+    compile: str = "none"  # none | blocks (the repeated transformer blocks) | full (the whole denoiser)
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math, or a diffusers attention backend
+    quantize: str = "none"  # none | fp8 | int8 | fp8_storage
+
+    @property
+    def is_default(self) -> bool:
+        return self == SpeedConfig()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backend: str
+    task: str
+    path: str | None = None
+    dtype: str = "bfloat16"
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific, checked by the backend
+    # The manifest's `speed:` section; it lives here because it is part of how the model is built and
+    # run, and every place that builds a backend (worker, Ray actor, calibration probe) gets it with it.
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def __post_init__(self):
+        if isinstance(self.speed, dict):  # read back from a worker's JSON spec
+            object.__setattr__(self, "speed", SpeedConfig(**self.speed))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    width: int = 832
+    height: int = 480
+    num_frames: int = 81
+    fps: int = 15
+    steps: int = 50
+    # One guidance scale, or a pair for Wan 2.2's two experts: [high-noise expert, low-noise expert]
+    # in the order they run (Wan's own configs list them the other way round, low first).
+    cfg_scale: float | tuple[float, float] = 5.0
+    shift: float | None = None  # the sampler's flow shift; None keeps the checkpoint's own
+    denoising_strength: float = 1.0
+    negative_prompt: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to the backend as keyword arguments
+
+    @property
+    def guidance(self) -> tuple[float, float | None]:
+        """(scale, second expert's scale or None); a pair read back from a JSON spec is a list."""
+        if isinstance(self.cfg_scale, (list, tuple)):
+            return float(self.cfg_scale[0]), float(self.cfg_scale[1])
+        return float(self.cfg_scale), None
+
+    @property
+    def uses_guidance(self) -> bool:
+        high, low = self.guidance
+        return high > 1.0 or (low is not None and low > 1.0)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One input of a category: a reference video, an image, or nothing (text-to-video)."""
+    stem: str | None
+    path: Path | None
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    kind: str  # "videos", "images" or "none"
+    references: tuple[Reference, ...]
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: str | tuple[int, ...] = "all"
+    workers_per_gpu: int | str = 1  # an integer, or "auto" (measured sizing)
+    gpus_per_worker: int | str = 1
+    cpu_slots: int = 2  # worker slots when the machine has no NVIDIA GPU and the backend runs on CPU
+    memory_margin_gib: float = 2.0
+
+
+@dataclass(frozen=True)
+class Execution:
+    executor: str | None = None  # None: tmux where tmux exists, else local
+    retries: int = 2
+    job_timeout_s: float = 1800.0
+    heartbeat_timeout_s: float = 300.0
+    max_restarts: int = 5
+    ray_address: str | None = None  # executor ray: `auto`, HOST:PORT, or None for a local Ray
+    ray_stream_outputs: bool = False  # executor ray: send each mp4 back to this machine's output_dir
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    output_dir: Path
+    model: ModelConfig
+    generation: GenerationConfig
+    seeds: tuple[int, ...]
+    categories: tuple[Category, ...]
+    resources: Resources
+    execution: Execution
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + self.execution.retries

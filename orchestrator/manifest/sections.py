@@ -1,0 +1,339 @@
+"""Validating a manifest's sections into its dataclasses: `read_manifest` reads the file (reader),
+each top-level key (name, output_dir, model, speed, generation, seeds, resources, execution) here,
+the categories in `categories`, and lets a check made above this package (the backend's) add its own."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .categories import check_output_paths, read_categories
+from .model import (COMPILE_MODES, EXECUTORS, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Execution, GenerationConfig,
+                    Manifest, ManifestError, ModelConfig, Problem, Resources, SpeedConfig)
+from .names import path_length_problem, safe_component_problem
+from .reader import Reader, compose, node_at, yaml_problem
+
+# Bounds of the numbers: above what Wan (480p/720p, 81 frames at 16-24 fps, ~50 steps) and one
+# machine need, low enough that nothing downstream allocates, sleeps or spawns without end.
+MAX_SIDE = 4096  # generation.width and height, pixels
+MAX_FRAMES = 1025  # generation.num_frames
+MAX_FPS = 240
+MAX_STEPS = 1000  # the flow-matching schedulers have 1000 training timesteps
+MAX_CPU_SLOTS = 256
+MAX_WORKERS_PER_GPU = 64
+MAX_GPUS_PER_WORKER = 64
+MAX_RETRIES = 100
+MAX_RESTARTS = 1000
+MAX_TIMEOUT_S = 7 * 24 * 3600  # job_timeout_s and heartbeat_timeout_s: a week
+MAX_MARGIN_GIB = 1024
+
+
+# A check made above this package (validation.load_manifest: the backend's): it gets the manifest read
+# so far and `problem(at, message, fix)`, which reports at the line of the first of the dotted keys
+# `at` that the file has (or its nearest enclosing key), and returns the manifest, refined or not.
+ManifestCheck = Callable[[Manifest, Callable[..., None]], Manifest]
+
+
+def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -> Manifest:
+    """Read and validate a manifest's YAML; raise ManifestError listing every problem, those of
+    `check` included. It knows no backend: `validation.load_manifest` is what callers use."""
+    path = Path(path).resolve()
+    reader = Reader(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        example = f", e.g. {path / inside[0]}" if inside else ""
+        raise ManifestError([Problem(path, 0, "this is a folder, not a manifest file",
+                                     f"give the manifest's YAML file{example}")])
+    if not path.is_file():
+        raise ManifestError([Problem(path, 0, "manifest file does not exist", "check the path")])
+    try:
+        root = compose(path)
+    except yaml.YAMLError as exc:
+        raise ManifestError([yaml_problem(path, exc, "the manifest")]) from None
+    except UnicodeDecodeError:
+        raise ManifestError([Problem(path, 0, "manifest is not UTF-8 text", "save it as UTF-8")]) from None
+    if root is None:
+        raise ManifestError([Problem(path, 0, "manifest is empty", "see experiments/demo.yaml")])
+    if not reader.check_tree(root):
+        raise ManifestError(reader.problems)  # its values cannot be read safely: stop here
+
+    base = path.parent
+    top = reader.mapping(root, "the manifest", {
+        "name": True, "output_dir": False, "model": True, "generation": False, "seeds": True,
+        "categories": True, "resources": False, "execution": False, "speed": False})
+
+    name_node = top.get("name", (None, None))[1]
+    name = reader.scalar(name_node, "name", str, default="experiment")
+    if name_node is not None and isinstance(name, str) and safe_component_problem(name):
+        reader.problem(name_node, f"name {name!r} {safe_component_problem(name)}", "use a plain name")
+    elif name_node is not None and isinstance(name, str) and "#" in name:
+        # The name goes into tmux session names, where `#{…}` and `#(…)` are formats tmux expands
+        # (`#(cmd)` runs a shell command): a session would come up under another name, or worse.
+        reader.problem(name_node, f"name {name!r} contains `#`, which tmux reads as the start of a "
+                                  "format in session names", f"remove the `#`, e.g. {name.replace('#', '')!r}")
+
+    out_node = top.get("output_dir", (None, None))[1]
+    output_dir = _read_output_dir(reader, out_node, base, name)
+
+    model = _read_model(reader, top.get("model", (None, None))[1])
+    if model is not None:
+        model = replace(model, speed=_read_speed(reader, top.get("speed", (None, None))[1]))
+    generation = _read_generation(reader, top.get("generation", (None, None))[1])
+    seeds = _read_seeds(reader, top.get("seeds", (None, None))[1])
+    resources = _read_resources(reader, top.get("resources", (None, None))[1])
+    execution = _read_execution(reader, top.get("execution", (None, None))[1])
+    categories = read_categories(reader, top.get("categories", (None, None))[1], base,
+                                  model.task if model else None)
+    check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
+
+    manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
+                        generation=generation, seeds=seeds, categories=categories,
+                        resources=resources, execution=execution)
+    if check is not None and model is not None:
+        def problem(at: tuple[str, ...], message: str, fix: str = "") -> None:
+            node = next((found for key in at if (found := node_at(root, key)) is not None), None)
+            reader.problem(node, message, fix)
+        manifest = check(manifest, problem)
+    if reader.problems:
+        raise ManifestError(reader.problems)
+    return manifest
+
+
+def _read_output_dir(reader: Reader, node, base: Path, name: str) -> Path:
+    value = reader.scalar(node, "output_dir", str, default=f"results/{name}")
+    if not value.strip():
+        reader.problem(node, "output_dir is empty (it would be the manifest's own folder)",
+                       f"name a folder for the videos, e.g. `output_dir: results/{name}`")
+        return base
+    output_dir = (base / value).resolve()
+    too_long = path_length_problem(output_dir)
+    if too_long:
+        reader.problem(node, f"output_dir {too_long}", "use a shorter path")
+    elif os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        reader.problem(node, f"output_dir `{output_dir}` exists and is not a folder",
+                       "name a folder (new or one of this sweep's), not a file or a device")
+    return output_dir
+
+
+def _read_model(reader: Reader, node) -> ModelConfig | None:
+    if node is None:
+        return None
+    keys = reader.mapping(node, "model", {"backend": True, "task": True, "path": False,
+                                          "dtype": False, "options": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    backend = reader.scalar(get("backend"), "model.backend", str, default="synthetic")
+    task = reader.scalar(get("task"), "model.task", str, default="t2v", choices=TASKS)
+    model_path = reader.scalar(get("path"), "model.path", str)
+    dtype = reader.scalar(get("dtype"), "model.dtype", str, default="bfloat16",
+                          choices=("bfloat16", "float16", "float32"))
+    options = {}
+    if get("options") is not None:
+        reader.mapping(get("options"), "model.options")
+        if isinstance(get("options"), yaml.MappingNode):  # anything else was reported just now
+            options = reader.value(get("options")) or {}
+    if model_path is not None:
+        # A local path, like every path here (nothing is downloaded unless `models download` is run):
+        # relative to the manifest's folder, also before it exists (the demo builds its checkpoint there).
+        path = Path(os.path.expanduser(model_path))
+        model_path = str(path if path.is_absolute() else (reader.file.parent / path).resolve())
+    return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options)
+
+
+def _read_generation(reader: Reader, node) -> GenerationConfig:
+    if node is None:
+        return GenerationConfig()
+    keys = reader.mapping(node, "generation", {
+        "width": False, "height": False, "num_frames": False, "fps": False, "steps": False,
+        "cfg_scale": False, "shift": False, "denoising_strength": False, "negative_prompt": False,
+        "extra": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    d = GenerationConfig()
+    width = reader.scalar(get("width"), "generation.width", int, d.width)
+    height = reader.scalar(get("height"), "generation.height", int, d.height)
+    frames = reader.scalar(get("num_frames"), "generation.num_frames", int, d.num_frames)
+    for key, value in (("width", width), ("height", height)):
+        if value > MAX_SIDE:
+            reader.problem(get(key), f"generation.{key} is {value}, more than {MAX_SIDE} pixels",
+                           f"use a multiple of 16 up to {MAX_SIDE} (Wan makes 832x480 and 1280x720)")
+        elif value <= 0 or value % 16:
+            lower = max(16, value // 16 * 16)
+            reader.problem(get(key), f"generation.{key} is {value}, not a positive multiple of 16",
+                           f"use {lower} or {lower + 16}")
+    if frames > MAX_FRAMES:
+        reader.problem(get("num_frames"), f"generation.num_frames is {frames}, more than {MAX_FRAMES}",
+                       f"use 4n+1 frames up to {MAX_FRAMES} (Wan makes 81)")
+    elif frames < 1 or (frames - 1) % 4:
+        lower = max(1, (frames - 1) // 4 * 4 + 1)
+        reader.problem(get("num_frames"), f"generation.num_frames is {frames}, not of the form 4n+1",
+                       f"use {lower} or {lower + 4}")
+    fps = reader.scalar(get("fps"), "generation.fps", int, d.fps)
+    steps = reader.scalar(get("steps"), "generation.steps", int, d.steps)
+    if not 0 < fps <= MAX_FPS:
+        reader.problem(get("fps"), f"generation.fps is {fps}", f"use a frame rate from 1 to {MAX_FPS}, e.g. 16")
+    if not 0 < steps <= MAX_STEPS:
+        reader.problem(get("steps"), f"generation.steps is {steps}",
+                       f"use 1 to {MAX_STEPS} denoising steps (Wan uses 50)")
+    strength = reader.scalar(get("denoising_strength"), "generation.denoising_strength", float,
+                             d.denoising_strength)
+    if not 0.0 < strength <= 1.0:
+        reader.problem(get("denoising_strength"), f"generation.denoising_strength is {strength}",
+                       "use a value in (0, 1]")
+    extra = {}
+    if get("extra") is not None:
+        reader.mapping(get("extra"), "generation.extra")
+        if isinstance(get("extra"), yaml.MappingNode):  # anything else was reported just now
+            extra = reader.value(get("extra")) or {}
+    cfg_scale = _read_cfg_scale(reader, get("cfg_scale"), d.cfg_scale)
+    shift = reader.scalar(get("shift"), "generation.shift", float, None)
+    if shift is not None and not 0.0 < shift <= 100.0:
+        reader.problem(get("shift"), f"generation.shift is {shift}",
+                       "use a positive shift (Wan uses 3.0 for 480p, 5.0 for 720p) or leave it out")
+        shift = None
+    return GenerationConfig(
+        width=width, height=height, num_frames=frames, fps=fps, steps=steps,
+        cfg_scale=cfg_scale, shift=shift,
+        denoising_strength=strength,
+        negative_prompt=reader.scalar(get("negative_prompt"), "generation.negative_prompt", str, ""),
+        extra=extra)
+
+
+def _read_speed(reader: Reader, node) -> SpeedConfig:
+    if node is None:
+        return SpeedConfig()
+    keys = reader.mapping(node, "speed", {"compile": False, "attention": False, "quantize": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    d = SpeedConfig()
+    # YAML reads a bare `none` as the text "none", but `null`/`~`/an empty value as None: both mean off.
+    def text(key, choices=None):
+        value_node = get(key)
+        if value_node is not None and reader.value(value_node) is None:
+            return getattr(d, key)
+        return reader.scalar(value_node, f"speed.{key}", str, getattr(d, key), choices=choices)
+    attention = text("attention")
+    if not attention.strip():
+        reader.problem(get("attention"), "speed.attention is empty",
+                       f"use one of: {', '.join(SDPA_ATTENTION)}, or a diffusers attention backend name")
+        attention = d.attention
+    return SpeedConfig(compile=text("compile", COMPILE_MODES), attention=attention,
+                       quantize=text("quantize", QUANTIZE_MODES))
+
+
+def _read_cfg_scale(reader: Reader, node, default: float) -> float | tuple[float, float]:
+    if node is None:
+        return default
+    value = reader.value(node)
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+    if isinstance(value, list) and len(value) == 2 and all(map(number, value)):
+        return (float(value[0]), float(value[1]))
+    if number(value):
+        return float(value)
+    reader.problem(node, f"generation.cfg_scale is {value!r}",
+                   "use a number ≥ 0, or a pair [high-noise expert, low-noise expert] for Wan 2.2 A14B")
+    return default
+
+
+def _read_seeds(reader: Reader, node) -> tuple[int, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        reader.problem(node, "seeds must be a non-empty list of integers", "write e.g. `seeds: [42, 142]`")
+        return ()
+    seeds: list[int] = []
+    for item in node.value:
+        seed = reader.scalar(item, "each seed", int)
+        if seed is None:
+            continue
+        if seed in seeds:
+            reader.problem(item, f"seed {seed} is listed twice", "remove the duplicate seed")
+            continue
+        if not 0 <= seed < 2**63:
+            reader.problem(item, f"seed {seed} is out of range", "use a seed in [0, 2^63)")
+            continue
+        seeds.append(seed)
+    return tuple(seeds)
+
+
+def _read_resources(reader: Reader, node) -> Resources:
+    if node is None:
+        return Resources()
+    keys = reader.mapping(node, "resources", {"gpus": False, "workers_per_gpu": False,
+                                              "gpus_per_worker": False, "cpu_slots": False,
+                                              "memory_margin_gib": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    gpus: str | tuple[int, ...] = "all"
+    if get("gpus") is not None:
+        value = reader.value(get("gpus"))
+        if value == "all":
+            gpus = "all"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            gpus = (value,)
+        elif isinstance(value, list) and value and all(isinstance(v, int) and v >= 0 for v in value) \
+                and len(set(value)) == len(value):
+            gpus = tuple(value)
+        else:
+            reader.problem(get("gpus"), f"resources.gpus is {value!r}",
+                           "use `all` or a list of distinct GPU indices, e.g. [0, 1]")
+
+    def count_or_auto(key: str, default, most: int):
+        n = get(key)
+        if n is None:
+            return default
+        value = reader.value(n)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most):
+            return value
+        reader.problem(n, f"resources.{key} is {value!r}", f"use `auto` or a whole number from 1 to {most}")
+        return default
+
+    slots = reader.scalar(get("cpu_slots"), "resources.cpu_slots", int, 2)
+    if not 1 <= slots <= MAX_CPU_SLOTS:
+        reader.problem(get("cpu_slots"), f"resources.cpu_slots is {slots}",
+                       f"use a number from 1 to {MAX_CPU_SLOTS} (one worker process each)")
+        slots = 2
+    margin = reader.scalar(get("memory_margin_gib"), "resources.memory_margin_gib", float, 2.0)
+    if not 0 <= margin <= MAX_MARGIN_GIB:
+        reader.problem(get("memory_margin_gib"), f"resources.memory_margin_gib is {margin}",
+                       f"use 0 to {MAX_MARGIN_GIB} GiB")
+        margin = 2.0
+    return Resources(gpus=gpus, workers_per_gpu=count_or_auto("workers_per_gpu", 1, MAX_WORKERS_PER_GPU),
+                     gpus_per_worker=count_or_auto("gpus_per_worker", 1, MAX_GPUS_PER_WORKER),
+                     cpu_slots=slots, memory_margin_gib=margin)
+
+
+def _read_execution(reader: Reader, node) -> Execution:
+    if node is None:
+        return Execution()
+    keys = reader.mapping(node, "execution", {"executor": False, "retries": False,
+                                              "job_timeout_s": False, "heartbeat_timeout_s": False,
+                                              "max_restarts": False, "ray_address": False,
+                                              "ray_stream_outputs": False})
+    get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+    d = Execution()
+    execution = Execution(
+        executor=reader.scalar(get("executor"), "execution.executor", str, None, choices=EXECUTORS),
+        retries=reader.scalar(get("retries"), "execution.retries", int, d.retries),
+        job_timeout_s=reader.scalar(get("job_timeout_s"), "execution.job_timeout_s", float,
+                                    d.job_timeout_s),
+        heartbeat_timeout_s=reader.scalar(get("heartbeat_timeout_s"), "execution.heartbeat_timeout_s",
+                                          float, d.heartbeat_timeout_s),
+        max_restarts=reader.scalar(get("max_restarts"), "execution.max_restarts", int, d.max_restarts),
+        ray_address=reader.scalar(get("ray_address"), "execution.ray_address", str, None),
+        ray_stream_outputs=reader.scalar(get("ray_stream_outputs"), "execution.ray_stream_outputs", bool,
+                                         d.ray_stream_outputs))
+    for key, most in (("retries", MAX_RETRIES), ("max_restarts", MAX_RESTARTS)):
+        if getattr(execution, key) < 0:
+            reader.problem(get(key), f"execution.{key} is negative", "use 0 or more")
+        elif getattr(execution, key) > most:
+            reader.problem(get(key), f"execution.{key} is {getattr(execution, key)}", f"use 0 to {most}")
+    for key in ("job_timeout_s", "heartbeat_timeout_s"):
+        if not getattr(execution, key) > 0:  # (NaN too: it would turn the timeout off)
+            reader.problem(get(key), f"execution.{key} must be positive", "use a number of seconds > 0")
+        elif getattr(execution, key) > MAX_TIMEOUT_S:
+            reader.problem(get(key), f"execution.{key} is {getattr(execution, key):g} seconds, more than a week",
+                           f"use at most {MAX_TIMEOUT_S} seconds")
+    return execution

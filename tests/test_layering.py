@@ -1,0 +1,75 @@
+"""The package's import graph (issue 21): no module imports, even inside a function, one that imports
+it back, and the manifest reader comes without the backends."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import orchestrator
+
+PACKAGE = Path(orchestrator.__file__).parent
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: the orchestrator modules it imports anywhere in its body}, TYPE_CHECKING blocks aside;
+    importing a submodule counts as importing its packages too, as Python runs them."""
+    modules = {}
+    for file in PACKAGE.rglob("*.py"):
+        parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (file, is_package)
+    graph = {}
+    for name, (file, is_package) in modules.items():
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[:len(base) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                targets.update(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module
+                               for alias in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        with_parents = set()
+        for target in targets:
+            pieces = target.split(".")
+            with_parents.update(".".join(pieces[:i]) for i in range(1, len(pieces) + 1))
+        graph[name] = {t for t in with_parents if t in modules and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def test_no_import_circle():
+    graph = _import_graph()
+    state: dict[str, str] = {}
+    circles = []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "import circles: " + "; ".join(" → ".join(c) for c in circles)
+
+
+def test_manifest_reader_imports_no_backend():
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, orchestrator.manifest, orchestrator.jobs; "
+                               "print(sorted(m for m in sys.modules if m.startswith('orchestrator.')))"],
+        capture_output=True, text=True, check=True, cwd=PACKAGE.parent).stdout
+    assert "orchestrator.backends" not in loaded
+    assert "orchestrator.manifest" in loaded

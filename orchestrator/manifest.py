@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .executors import EXECUTOR_NAMES as EXECUTORS  # the one list of executors
+
 TASKS = ("t2v", "i2v", "v2v")
 # Limits of what a manifest may hold, each far above any real sweep: past them YAML's own recursion,
 # aliases expanded in the settings fingerprint, or a walk of the file system would hang or crash.
@@ -45,7 +47,6 @@ PATH_MAX_BYTES = 4095  # a whole path (Linux PATH_MAX, less its terminating NUL)
 MAX_COMPONENT_BYTES = NAME_MAX_BYTES - 15
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-EXECUTORS = ("tmux", "local", "ray")
 # The `speed:` section (orchestrator/speed.py applies it): the values each key takes.
 COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'

@@ -872,6 +872,7 @@ class RayExecutor(Executor):
     name = "ray"
     detaches = False  # the driver is this process: `run` stays, shows progress, Ctrl-C stops cleanly
     supervised = False  # actors, not supervisor processes: the driver lock shows the sweep running
+    plans_here = False  # from the cluster's nodes and their GPU types, never this machine's NVML
 
     def __init__(self, sweep):
         super().__init__(sweep)
@@ -941,7 +942,7 @@ class RayExecutor(Executor):
             raise ExecutorError(f"could not start or join Ray ({address}): {exc}") from None
         self._connected_here = True
 
-    def make_plan(self, jobs, cpu_slots: int | None = None, recalibrate: bool = False) -> Plan:
+    def make_plan(self, jobs, cpu_slots: int | None = None, recalibrate: bool = False):
         """The plan from the cluster's nodes and their GPU types (never this machine's NVML)."""
         self.connect()
         self.nodes = cluster_nodes()
@@ -955,7 +956,7 @@ class RayExecutor(Executor):
         else:
             plan = replace(plan, notes=plan.notes + (f"outputs go to {self.sweep.root} on every node: it must "
                                                      "be shared storage mounted at that path",))
-        return plan
+        return plan, None, None
 
     # ---------------------------------------------------------------- Executor
     def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:

@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import UserError, WanSweepError
 from .executors import EXECUTOR_NAMES
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError, load_manifest
@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args) -> int:
-    if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
-        return cmd_models(args)
+    manifest = None
     try:
+        if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
+            return cmd_models(args)
         manifest = load_manifest(args.manifest)
         if getattr(args, "ray_address", None):
             from dataclasses import replace
@@ -123,18 +124,24 @@ def _command(args) -> int:
             with _output_may_close():
                 return cmd_run(manifest, args)
         return {"plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only or full folder
+    except sqlite3.DatabaseError as exc:  # damaged, or in a read-only or full folder
+        if manifest is None:
+            raise
         from .sweep import Sweep
-        problem = exc if isinstance(exc, LedgerError) else ledger_problem(Sweep(manifest).ledger_path, exc)
-        print(f"error: {problem}\nNothing was started." if args.command == "run" else f"error: {problem}",
-              file=sys.stderr)
-        return 2
+        return _fail(args, LedgerError(ledger_problem(Sweep(manifest).ledger_path, exc)))
+    except WanSweepError as exc:
+        return _fail(args, exc)
+
+
+def _fail(args, exc: WanSweepError) -> int:
+    """The one place an error becomes a message on stderr and the command's exit code."""
+    message = str(exc)
+    if isinstance(exc, ManifestError) and args.command == "models":  # only `fit` needs the whole manifest
+        message = exc.describe("nothing was sized (fix it, or give models fit the checkpoint folder)")
+    elif isinstance(exc, LedgerError) and args.command == "run":
+        message += "\nNothing was started."
+    print(f"error: {message}", file=sys.stderr)
+    return exc.exit_code
 
 
 def _discard(stream) -> None:
@@ -296,49 +303,35 @@ def cmd_stop(manifest, args) -> int:
 
 def cmd_models(args) -> int:
     from . import checkpoints
-    try:
-        if args.models_command == "download":
-            checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
-            if checkpoint is not None:
-                print(checkpoints.format_status(checkpoint))
-            return 0
-        if args.models_command == "fit" and args.target is None:
-            # `fit --gpu 24GB x2 MANIFEST`: the --gpu words took the manifest too
-            if args.gpu and len(args.gpu[-1]) > 1 and os.path.exists(args.gpu[-1][-1]):
-                args.target = args.gpu[-1].pop()
-            else:
-                raise UserError("models fit needs a manifest or a checkpoint path")
-        if args.models_command == "speed":
-            return _models_speed(args)
-        path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
-        if args.models_command == "status":
-            checkpoint = checkpoints.inspect(path)
+    if args.models_command == "download":
+        checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
+        if checkpoint is not None:
             print(checkpoints.format_status(checkpoint))
-            if checkpoint.problems:
-                print(f"error: {checkpoint.error()}", file=sys.stderr)
-                return 2
-            return 0
-        return _models_fit(args, path, manifest)
-    except ManifestError as exc:  # only `fit` needs the whole manifest; nothing here starts anything
-        print(f"error: {exc.describe('nothing was sized (fix it, or give models fit the checkpoint folder)')}",
-              file=sys.stderr)
-        return 2
-    except checkpoints.DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (checkpoints.CheckpointError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 0
+    if args.models_command == "fit" and args.target is None:
+        # `fit --gpu 24GB x2 MANIFEST`: the --gpu words took the manifest too
+        if args.gpu and len(args.gpu[-1]) > 1 and os.path.exists(args.gpu[-1][-1]):
+            args.target = args.gpu[-1].pop()
+        else:
+            raise UserError("models fit needs a manifest or a checkpoint path")
+    if args.models_command == "speed":
+        return _models_speed(args)
+    path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
+    if args.models_command == "status":
+        checkpoint = checkpoints.inspect(path)
+        print(checkpoints.format_status(checkpoint))
+        if checkpoint.problems:
+            print(f"error: {checkpoint.error()}", file=sys.stderr)
+            return 2
+        return 0
+    return _models_fit(args, path, manifest)
 
 
 def _models_speed(args) -> int:
-    from .speed_trial import DEFAULT_CANDIDATES, TrialError, format_trials, parse_candidate, run_trials
+    from .speed_trial import DEFAULT_CANDIDATES, format_trials, parse_candidate, run_trials
     manifest = load_manifest(args.target)
     check_checkpoint(manifest)
-    try:
-        candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
-    except TrialError as exc:
-        raise UserError(str(exc)) from None
+    candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
     if args.candidates is None:  # the default fp8 candidate only where it can run
         from .backends.base import speed_card_problems
         from dataclasses import replace

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .errors import WanSweepError
 from .executors import EXECUTOR_NAMES as EXECUTORS  # the one list of executors
 
 TASKS = ("t2v", "i2v", "v2v")
@@ -68,7 +69,7 @@ class Problem:
         return f"{where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
-class ManifestError(ValueError):
+class ManifestError(WanSweepError, ValueError):
     """All the problems of one manifest, reported together."""
 
     def __init__(self, problems: list[Problem]):

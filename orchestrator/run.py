@@ -103,13 +103,9 @@ def executor_kind(manifest, options: RunOptions, need_available: bool = True):
 
 
 def plan_resources(manifest, sweep, executor, options: RunOptions):
-    """The executor's plan over its resources: (plan, this machine's GPUs or None, why no GPU)."""
-    from .executors.base import ExecutorError
-    from .planning import PlanError
-    try:
-        return executor.make_plan(sweep.jobs, cpu_slots=options.cpu_slots, recalibrate=options.recalibrate)
-    except (PlanError, ExecutorError) as exc:
-        raise UserError(str(exc)) from None
+    """The executor's plan over its resources: (plan, this machine's GPUs or None, why no GPU).
+    Raises PlanError or ExecutorError."""
+    return executor.make_plan(sweep.jobs, cpu_slots=options.cpu_slots, recalibrate=options.recalibrate)
 
 
 def preview(manifest, options: RunOptions = RunOptions()) -> Preview:
@@ -209,11 +205,7 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     if sweep.stop_requested_since(process_started()):
         say("`stop` was issued while this `run` was starting: no worker started.\n")
         return reported(0)
-    from .executors.base import ExecutorError
-    try:
-        names = executor.start(specs)
-    except ExecutorError as exc:
-        raise UserError(str(exc)) from None
+    names = executor.start(specs)
     if executor.supervised:
         sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
     lock.release()

@@ -42,3 +42,31 @@ def test_the_cli_names_no_executor_and_asks_the_interface_only():
         kind = executor_class(name)
         assert issubclass(kind, Executor) and kind.name == name
         assert isinstance(kind.drives.__self__, type)  # a classmethod: asked before any executor is made
+
+
+def test_every_user_facing_error_shares_one_base_and_the_cli_reports_it_in_one_place(write_manifest, monkeypatch,
+                                                                                      capsys):
+    from orchestrator import cli, run
+    from orchestrator.checkpoints import CheckpointError, DownloadError
+    from orchestrator.errors import UserError, WanSweepError
+    from orchestrator.executors.base import ExecutorError
+    from orchestrator.ledger import LedgerError
+    from orchestrator.manifest import ManifestError
+    from orchestrator.planning import PlanError
+    from orchestrator.speed_trial import TrialError
+    from orchestrator.sweep import FolderProblem
+    for kind in (ManifestError, LedgerError, PlanError, ExecutorError, CheckpointError, DownloadError, UserError,
+                 TrialError, FolderProblem):
+        assert issubclass(kind, WanSweepError), kind
+    assert DownloadError.exit_code == 1 and PlanError.exit_code == 2
+
+    class Odd(WanSweepError):
+        exit_code = 5
+
+    def refuse(*args, **kwargs):
+        raise Odd("the plan cannot be made here (do this instead)")
+
+    monkeypatch.setattr(run, "plan_resources", refuse)
+    path = write_manifest(synthetic_manifest())
+    assert cli.main(["plan", str(path)]) == 5
+    assert capsys.readouterr().err == "error: the plan cannot be made here (do this instead)\n"

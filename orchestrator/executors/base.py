@@ -16,11 +16,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
+from ..errors import WanSweepError
 from ..planning import Plan, WorkerSpec
 from ..sweep import Sweep, is_sweep_process
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(WanSweepError, RuntimeError):
     """An executor cannot start or stop workers; the message says why and what to do."""
 
 

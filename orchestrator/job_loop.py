@@ -28,7 +28,6 @@ from .planning import WorkerSpec
 from .speed import first_call_lock
 
 IDLE_POLL_S = 1.0
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------

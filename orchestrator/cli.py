@@ -17,8 +17,11 @@ import sys
 import time
 from contextlib import contextmanager
 
+from .errors import UserError, WanSweepError
+from .executors import EXECUTOR_NAMES
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError
+from .run import RunOptions, check_checkpoint, check_folder, preview, run_sweep, stop_sweep
 from .validation import load_manifest
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
@@ -37,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: jobs, queues, workers per device and why")
     for p in (run, plan):
         p.add_argument("manifest")
-        p.add_argument("--executor", choices=("local", "tmux", "ray"), help="override execution.executor")
+        p.add_argument("--executor", choices=EXECUTOR_NAMES, help="override execution.executor")
         p.add_argument("--ray-address", metavar="auto|HOST:PORT",
                        help="executor ray: the cluster to join (override execution.ray_address)")
         p.add_argument("--cpu-slots", type=int,
@@ -109,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args) -> int:
-    if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
-        return cmd_models(args)
+    manifest = None
     try:
+        if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
+            return cmd_models(args)
         manifest = load_manifest(args.manifest)
         if getattr(args, "ray_address", None):
             from dataclasses import replace
@@ -121,18 +125,24 @@ def _command(args) -> int:
             with _output_may_close():
                 return cmd_run(manifest, args)
         return {"plan": cmd_plan, "report": cmd_report, "stop": cmd_stop}[args.command](manifest, args)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only or full folder
+    except sqlite3.DatabaseError as exc:  # damaged, or in a read-only or full folder
+        if manifest is None:
+            raise
         from .sweep import Sweep
-        problem = exc if isinstance(exc, LedgerError) else ledger_problem(Sweep(manifest).ledger_path, exc)
-        print(f"error: {problem}\nNothing was started." if args.command == "run" else f"error: {problem}",
-              file=sys.stderr)
-        return 2
+        return _fail(args, LedgerError(ledger_problem(Sweep(manifest).ledger_path, exc)))
+    except WanSweepError as exc:
+        return _fail(args, exc)
+
+
+def _fail(args, exc: WanSweepError) -> int:
+    """The one place an error becomes a message on stderr and the command's exit code."""
+    message = str(exc)
+    if isinstance(exc, ManifestError) and args.command == "models":  # only `fit` needs the whole manifest
+        message = exc.describe("nothing was sized (fix it, or give models fit the checkpoint folder)")
+    elif isinstance(exc, LedgerError) and args.command == "run":
+        message += "\nNothing was started."
+    print(f"error: {message}", file=sys.stderr)
+    return exc.exit_code
 
 
 def _discard(stream) -> None:
@@ -179,89 +189,23 @@ def _output_may_close():
         sys.stdout, sys.stderr = saved
 
 
-class UserError(RuntimeError):
-    pass
+def _options(args) -> RunOptions:
+    return RunOptions(executor=args.executor, cpu_slots=args.cpu_slots, recalibrate=args.recalibrate,
+                      allow_non_empty=args.allow_non_empty, follow=getattr(args, "follow", False),
+                      add_workers=getattr(args, "add_workers", False),
+                      redo_changed=getattr(args, "redo_changed", False),
+                      progress=not getattr(args, "no_progress", False))
 
 
-def _check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False, writable: bool = False) -> None:
-    """Refuse an output folder that is not this sweep's (or, with `writable`, that cannot take its
-    files), at the manifest's `output_dir` line."""
-    from .manifest import located_problem
-    from .sweep import FolderProblem
-    try:
-        sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
-        if writable:
-            sweep.check_writable()
-    except FolderProblem as exc:
-        raise located_problem(sweep.manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
-
-
-def _check_checkpoint(manifest) -> None:
-    """Refuse to start on an incomplete or broken local checkpoint, with what `models status` says."""
-    path = manifest.model.path
-    if not path or not os.path.exists(path):
-        return  # none, or a hub id: the backend's check says what to do
-    from .backends import backend_class
-    if not backend_class(manifest.model.backend).verify_checkpoint:
-        return
-    from .checkpoints import CheckpointError, detect_layout, inspect
-    if detect_layout(path) is None:
-        return
-    try:
-        checkpoint = inspect(path)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
-    if {"model_files", "tokenizer"} & set(manifest.model.options):
-        # the backend is told which files to use: only named files that are missing or broken count
-        checkpoint.problems = [p for p in checkpoint.problems if not p.layout]
-    if checkpoint.problems:
-        raise UserError(f"{checkpoint.error()}\nNothing was started.")
-
-
-def _gpus():
-    from .gpus import NoGpus, discover
-    try:
-        return discover(), None
-    except NoGpus as exc:
-        return None, str(exc)
-
-
-def _plan(manifest, sweep, args, executor=None):
-    from .executors.base import ExecutorError
-    from .planning import PlanError, make_plan
-    from .sizing import make_sizer
-    if hasattr(executor, "make_plan"):  # a cluster executor plans from its nodes, not this machine's GPUs
-        try:
-            return executor.make_plan(sweep.jobs, cpu_slots=getattr(args, "cpu_slots", None),
-                                      recalibrate=getattr(args, "recalibrate", False)), None, None
-        except (PlanError, ExecutorError) as exc:
-            raise UserError(str(exc)) from None
-    gpus, why = _gpus()
-    sizer = make_sizer(manifest, recalibrate=getattr(args, "recalibrate", False)) if gpus else None
-    try:
-        plan = make_plan(manifest, sweep.jobs, gpus, cpu_slots=getattr(args, "cpu_slots", None), sizing=sizer)
-    except PlanError as exc:
-        raise UserError(f"{exc} ({why})" if why else str(exc)) from None
-    return plan, gpus, why
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 def cmd_plan(manifest, args) -> int:
     from .jobs import count_by_category
     from .report import pad
-    from .sweep import Sweep
-    from .executors import executor_class
-    _check_checkpoint(manifest)
-    sweep = Sweep(manifest)
-    _check_folder(sweep, args.allow_non_empty)
-    name = args.executor or manifest.execution.executor
-    executor = None
-    if name and hasattr(executor_class(name), "make_plan"):
-        missing = executor_class(name).unavailable()
-        if missing:
-            raise UserError(f"executor `{name}` cannot run here: {missing}")
-        executor = executor_class(name)(sweep)
-    plan, gpus, why = _plan(manifest, sweep, args, executor)
-    scan = sweep.scan()
+    planned = preview(manifest, _options(args))
+    sweep, plan, gpus, why, scan = planned.sweep, planned.plan, planned.gpus, planned.why, planned.scan
     print(f"manifest   {manifest.path}")
     print(f"output     {manifest.output_dir}")
     print(f"model      {manifest.model.backend} {manifest.model.task} {manifest.model.path or ''}")
@@ -304,179 +248,7 @@ def cmd_plan(manifest, args) -> int:
 
 
 def cmd_run(manifest, args) -> int:
-    import shlex
-    from .executors import executor_class
-    from .executors.base import ExecutorError
-    from .invocation import command_prefix
-    from .outputs import remove_partials
-    from .report import build_report, format_report
-    from .sweep import Sweep
-
-    _check_checkpoint(manifest)
-    sweep = Sweep(manifest)
-    _check_folder(sweep, args.allow_non_empty, writable=True)
-    # tmux unless told otherwise; where tmux is missing, `unavailable()` says how to install it, and
-    # the local executor runs only when asked for (`--executor local`), never as a silent fallback.
-    name = args.executor or manifest.execution.executor or "tmux"
-    executor_type = executor_class(name)
-    missing = executor_type.unavailable()
-    if missing:
-        raise UserError(f"executor `{name}` cannot run here: {missing}")
-
-    # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
-    # start anything), and held until the workers hold their own locks; see `sweep`.
-    lock = sweep.run_lock()
-    if not lock.acquire("run"):
-        holder = lock.holder()
-        print(f"sweep `{manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
-              f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
-        print(format_report(build_report(sweep)))
-        return 0
-    executor = executor_type(sweep)
-    sweep.claim_folder()
-    ledger = sweep.ledger()
-    live = sweep.live_workers(ledger)
-    locked = sweep.locked_workers()  # supervisors and workers alive, registered in the ledger or not yet
-    # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
-    # processes of this machine: each executor counts its own (the local one, before `start`, none).
-    alive = max(len(live), len(locked), executor.running())
-    if alive and not args.add_workers:
-        lock.release()
-        print(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
-              "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
-        if not args.follow:
-            print(format_report(build_report(sweep)))
-            return 0
-        # Follow the running sweep, whoever started it: its workers are found through the ledger.
-        alive_now = lambda: max(len(sweep.live_workers(ledger)), executor.running())  # noqa: E731
-        if _follow(sweep, ledger, alive_now, len(sweep.jobs), show=not args.no_progress):
-            print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
-            return 0
-        report = build_report(sweep)
-        print()
-        print(format_report(report))
-        return 1 if report.totals.failed or report.totals.left else 0
-
-    # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
-    plan, gpus, why = _plan(manifest, sweep, args, executor)
-    scan = sweep.scan()
-    if scan.stale:
-        if not args.redo_changed:
-            raise UserError(
-                f"{len(scan.stale)} existing mp4s under {sweep.root} were made with other settings than "
-                f"this manifest's:\n{sweep.describe_stale(scan.stale)}\n"
-                "Nothing was started. Either restore the old settings, point output_dir at a new folder, "
-                "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
-        moved_to = sweep.move_aside(scan.stale)
-        print(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
-    if not alive:
-        removed = remove_partials(sweep.own_folders())
-        if removed:
-            print(f"removed {removed} partial files left by interrupted workers")
-    ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
-                manifest.execution.heartbeat_timeout_s, fresh=not alive)
-    total = len(sweep.jobs)
-    if ledger.unfinished() == 0:
-        print(f"all {total} jobs of `{manifest.name}` are done.\n")
-        print(format_report(build_report(sweep)))
-        return 0
-
-    if why:
-        print(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
-    note = sweep.room_note(ledger.unfinished())
-    if note:
-        print(f"note: {note}")
-    specs = sweep.write_specs(plan)
-    if live or locked:
-        taken = {w["id"] for w in live} | set(locked)
-        specs = [(s, p) for s, p in specs if s.worker not in taken]
-    if sweep.stop_requested_since(_process_started()):
-        print("`stop` was issued while this `run` was starting: no worker started.\n")
-        print(format_report(build_report(sweep)))
-        return 0
-    try:
-        names = executor.start(specs)
-    except ExecutorError as exc:
-        raise UserError(str(exc)) from None
-    if executor.supervised:
-        sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
-    lock.release()
-    counts = ledger.counts()
-    workers = f"{len(names)} worker{'' if len(names) == 1 else 's'}"
-    print(f"started {workers} ({name}) for {counts['pending'] + counts['running']} of {total} jobs "
-          f"({counts['done']} already done); logs in {sweep.logs}")
-    for line in executor.attach_hints(names):
-        print(line)
-    if executor.detaches and not args.follow:
-        # pasted into any shell in any folder, they run this same program on this same manifest
-        program, manifest_path = command_prefix(), shlex.quote(str(manifest.path))
-        print(f"progress: {program} report {manifest_path}")
-        print(f"stop:     {program} stop {manifest_path}")
-        return 0
-    interrupted = _follow(sweep, ledger, executor.running, total, show=not args.no_progress)
-    if interrupted:
-        if executor.detaches:
-            print("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
-            return 0
-        print("\nstopping the workers cleanly (run the same command again to resume)…")
-        executor.stop()
-        executor.wait()
-        return 130
-    executor.wait()
-    deadline = time.monotonic() + 15
-    while executor.detaches and executor.running() and time.monotonic() < deadline:
-        time.sleep(0.5)  # let the sessions of finished workers end before the report lists them
-    report = build_report(sweep)
-    print()
-    print(format_report(report))
-    return 1 if report.totals.failed or report.totals.left else 0
-
-
-def _process_started() -> float:
-    """When this process started, on `time.time()`'s clock, to a clock tick (a `stop` issued since
-    then was meant for this `run`). psutil's create_time counts from a boot time in whole seconds,
-    which can put a `run` started just after a `stop` before it."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as stream:
-            ticks = int(stream.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, since boot
-        since_boot = ticks / os.sysconf("SC_CLK_TCK")
-        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
-    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS)
-        import psutil
-        return psutil.Process().create_time()
-
-
-def _follow(sweep, ledger, alive, total: int, show: bool) -> bool:
-    """Show a progress bar until no work is left or no worker is alive (`alive()` counts them);
-    True on Ctrl-C."""
-    from tqdm import tqdm
-
-    from .report import workers_getting_ready
-    counts = ledger.counts()
-    bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
-               smoothing=0.05)
-    getting_ready = ""
-    try:
-        while True:
-            time.sleep(1.0)
-            counts = ledger.counts()
-            bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
-            bar.update(counts["done"] - bar.n)
-            # Before their first job, say what the workers are doing (a first run loads for a while).
-            now_ready = workers_getting_ready(ledger.workers())
-            if now_ready != getting_ready:
-                getting_ready = now_ready
-                bar.set_description_str(getting_ready, refresh=False)
-                bar.refresh()
-            if counts["pending"] + counts["running"] == 0:
-                break
-            if not alive():
-                break
-    except KeyboardInterrupt:
-        return True
-    finally:
-        bar.close()
-    return False
+    return run_sweep(manifest, _options(args), say=_say).exit_code
 
 
 def cmd_report(manifest, args) -> int:
@@ -484,7 +256,7 @@ def cmd_report(manifest, args) -> int:
     from .report import build_report, format_report, report_json
     from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
-    _check_folder(sweep, owner_only=True)
+    check_folder(sweep, owner_only=True)
     report = None
     try:
         while True:
@@ -518,92 +290,49 @@ def cmd_report(manifest, args) -> int:
 
 
 def cmd_stop(manifest, args) -> int:
-    from .executors import executor_class
-    from .sweep import FolderProblem, Sweep
+    from .sweep import Sweep
     sweep = Sweep(manifest)
-    _check_folder(sweep, owner_only=True)
-    try:
-        sweep.check_folder()
-    except FolderProblem:
-        lock = None  # not a sweep's folder: nothing of ours runs there, and nothing is written there
-    else:
-        # A `run` still starting sees this and starts no worker; one that is past that point holds the
-        # run lock until its workers are up: wait for it, then stop them like any others.
-        lock = sweep.run_lock()
-        try:
-            sweep.request_stop()
-            if not lock.acquire("stop"):
-                holder = lock.holder()
-                print(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "
-                      "setting the sweep up…", flush=True)
-                lock.acquire("stop", wait=True)
-        except OSError:
-            pass  # a read-only folder: no `run` can set up there either; the ledger says the rest
-    if not sweep.has_ledger():
+    check_folder(sweep, owner_only=True)
+    stopped = stop_sweep(sweep, now=args.now, say=_say)
+    if stopped is None:
         print(f"sweep `{manifest.name}` has no workers to stop ({sweep.root}); a `run` of it that is "
               "starting now will start none")
         return 0
-    stopped = 0
-    kinds = ("tmux", "local")
-    if executor_class("ray").drives(sweep):  # its driver releases the jobs and ends the actors itself
-        kinds = ("ray",)
-    for name in kinds:
-        try:
-            kind = executor_class(name)
-        except (ImportError, KeyError):
-            continue
-        if kind.unavailable() is None:
-            stopped += kind(sweep).stop(now=args.now)
-            break
     print(f"stopped sweep `{manifest.name}`" + (" (killed)" if args.now else "") + f": {stopped} processes signalled")
     return 0
 
 
 def cmd_models(args) -> int:
     from . import checkpoints
-    try:
-        if args.models_command == "download":
-            checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
-            if checkpoint is not None:
-                print(checkpoints.format_status(checkpoint))
-            return 0
-        if args.models_command == "fit" and args.target is None:
-            # `fit --gpu 24GB x2 MANIFEST`: the --gpu words took the manifest too
-            if args.gpu and len(args.gpu[-1]) > 1 and os.path.exists(args.gpu[-1][-1]):
-                args.target = args.gpu[-1].pop()
-            else:
-                raise UserError("models fit needs a manifest or a checkpoint path")
-        if args.models_command == "speed":
-            return _models_speed(args)
-        path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
-        if args.models_command == "status":
-            checkpoint = checkpoints.inspect(path)
+    if args.models_command == "download":
+        checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
+        if checkpoint is not None:
             print(checkpoints.format_status(checkpoint))
-            if checkpoint.problems:
-                print(f"error: {checkpoint.error()}", file=sys.stderr)
-                return 2
-            return 0
-        return _models_fit(args, path, manifest)
-    except ManifestError as exc:  # only `fit` needs the whole manifest; nothing here starts anything
-        print(f"error: {exc.describe('nothing was sized (fix it, or give models fit the checkpoint folder)')}",
-              file=sys.stderr)
-        return 2
-    except checkpoints.DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (checkpoints.CheckpointError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 0
+    if args.models_command == "fit" and args.target is None:
+        # `fit --gpu 24GB x2 MANIFEST`: the --gpu words took the manifest too
+        if args.gpu and len(args.gpu[-1]) > 1 and os.path.exists(args.gpu[-1][-1]):
+            args.target = args.gpu[-1].pop()
+        else:
+            raise UserError("models fit needs a manifest or a checkpoint path")
+    if args.models_command == "speed":
+        return _models_speed(args)
+    path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
+    if args.models_command == "status":
+        checkpoint = checkpoints.inspect(path)
+        print(checkpoints.format_status(checkpoint))
+        if checkpoint.problems:
+            print(f"error: {checkpoint.error()}", file=sys.stderr)
+            return 2
+        return 0
+    return _models_fit(args, path, manifest)
 
 
 def _models_speed(args) -> int:
-    from .speed_trial import DEFAULT_CANDIDATES, TrialError, format_trials, parse_candidate, run_trials
+    from .speed_trial import DEFAULT_CANDIDATES, format_trials, parse_candidate, run_trials
     manifest = load_manifest(args.target)
-    _check_checkpoint(manifest)
-    try:
-        candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
-    except TrialError as exc:
-        raise UserError(str(exc)) from None
+    check_checkpoint(manifest)
+    candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
     if args.candidates is None:  # the default fp8 candidate only where it can run
         from .backends.base import speed_card_problems
         from dataclasses import replace

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import WanSweepError
 from .jobs import Job
 
 SCHEMA = """
@@ -77,7 +78,7 @@ LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
 TIMED_OUTCOMES = ("done", "error", "oom", "timeout")
 
 
-class LedgerError(RuntimeError):
+class LedgerError(WanSweepError, RuntimeError):
     """The ledger file cannot be used; the message says what is wrong and how to recover."""
 
 

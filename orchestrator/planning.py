@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import WanSweepError
 from .gpus import Gpu
 from .jobs import Job
 from .manifest import Manifest
@@ -95,7 +96,7 @@ def device_groups(manifest: Manifest, gpus: list[Gpu] | None, cpu_slots: int | N
     return groups, notes
 
 
-class PlanError(RuntimeError):
+class PlanError(WanSweepError, RuntimeError):
     pass
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WanSweepError
 from .manifest import COMPILE_MODES, QUANTIZE_MODES, Manifest, SpeedConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ DEFAULT_CANDIDATES = ("compile=blocks", "compile=blocks,quantize=fp8")
 MIN_PSNR_DB = 20.0  # below this the frames are another picture, not eager's rounded differently
 
 
-class TrialError(ValueError):
+class TrialError(WanSweepError, ValueError):
     """A candidate written wrongly on the command line."""
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from datetime import datetime
 
+from .job_loop import restart_delay
 from .ledger import LIVE_WORKER_STATES
 from .planning import WorkerSpec
 from .terminal import printable
@@ -124,7 +125,7 @@ class Supervisor:
                 _say(spec, "FAILED: " + message)
                 _keep_pane_open()
                 return 1
-            pause = min(60.0, 2.0 ** (crashes_in_row - 1))
+            pause = restart_delay(crashes_in_row)
             self.ledger.set_worker(spec.worker, state="starting", restarts=restarts,
                                    message=f"restart {restarts}: {reason}")
             _say(spec, f"{reason}; {lost} job(s) back to the queue; restarting in {pause:.0f}s "

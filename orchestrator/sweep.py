@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import WanSweepError
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import LIVE_WORKER_STATES, Ledger
 from .manifest import Manifest
@@ -38,7 +39,7 @@ STOP_REQUEST = "stop-request"
 MIN_FREE_BYTES = 64 * 2**20  # below this a sweep does not start: logs, ledger and a few videos need room
 
 
-class FolderProblem(Exception):
+class FolderProblem(WanSweepError):
     """The output folder cannot hold this sweep; `fix` says what to do (the CLI adds file and line)."""
 
     def __init__(self, message: str, fix: str):

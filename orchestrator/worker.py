@@ -1,47 +1,32 @@
-"""The worker: one process bound to its device(s) that loads the backend once and loops over jobs.
+"""The worker process: one process bound to its device(s) that loads the backend once and runs the
+job loop (`orchestrator.job_loop`) on the ledger.
 
-claim → skip if done → generate → write mp4 (temp → check → rename, sidecar first) → record.
-The GPU does not wait for the CPU between jobs: a finished video is encoded and recorded by the
-`OutputWriter` thread while the next job generates, and the next job's reference is read ahead
-(`Backend.prepare`) while the current one runs.
-A heartbeat thread writes to the ledger while the main loop makes progress; when progress stops
-(a hung call) the heartbeat stops too and the supervisor replaces the worker. A job past
-`job_timeout_s` is failed and the process exits so it can be restarted clean.
+This module owns what is particular to a process: its lock, signals (a clean stop), its log file,
+its heartbeat thread and exit codes. A heartbeat thread writes to the ledger while the loop makes
+progress; when progress stops (a hung call) the heartbeat stops too and the supervisor replaces the
+worker. A job past `job_timeout_s` is failed and the process exits so it can be restarted clean.
 
 Run as `python -m orchestrator.worker SPEC.json` (the executors do this; see `supervisor`).
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import platform
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
+from .job_loop import RETIRED, JobLoop, LedgerJobSource, Pulse, disk_full, heartbeat_interval
 from .planning import WorkerSpec
-from .speed import describe as describe_speed, first_call_lock
+from .speed import describe as describe_speed
 
 EXIT_DONE = 0  # no work left, or asked to stop
 EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
 EXIT_RETIRED = 76  # repeated out-of-memory on this card: do not restart me
 EXIT_DISK_FULL = 77  # the output folder's disk is full: do not restart me; the whole sweep stops
-
-
-def disk_full(exc: BaseException | None, depth: int = 0) -> bool:
-    """An error that means the disk is full (or the quota used up): no retry can help."""
-    if exc is None or depth > 5:
-        return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # PyAV's errors are OSErrors
-        return True
-    if type(exc).__name__ == "OperationalError" and "disk is full" in str(exc):  # SQLite's SQLITE_FULL
-        return True
-    return disk_full(exc.__cause__ or exc.__context__, depth + 1)
 
 
 def stop_for_full_disk(ledger, spec: WorkerSpec, error: BaseException, log: logging.Logger) -> None:
@@ -56,7 +41,6 @@ def stop_for_full_disk(ledger, spec: WorkerSpec, error: BaseException, log: logg
             step()
         except Exception:  # the ledger shares the full disk: the others stop when they hit it too
             pass
-IDLE_POLL_S = 1.0
 
 
 class Stop(BaseException):
@@ -98,7 +82,7 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
     return log
 
 
-class Heartbeat(threading.Thread):
+class Heartbeat(threading.Thread, Pulse):
     """Beats for the worker while its main loop shows signs of life; enforces job_timeout_s."""
 
     def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger):
@@ -106,7 +90,7 @@ class Heartbeat(threading.Thread):
         self.ledger, self.spec, self.log = ledger, spec, log
         self.timeout = float(spec.execution["heartbeat_timeout_s"])
         self.job_timeout = float(spec.execution["job_timeout_s"])
-        self.interval = max(0.2, min(5.0, self.timeout / 5))
+        self.interval = heartbeat_interval(self.timeout)
         self.last_sign = time.monotonic()
         self.loading = True
         self.job_id: str | None = None
@@ -138,145 +122,8 @@ class Heartbeat(threading.Thread):
                     self.log.warning("heartbeat failed: %s", exc)
 
 
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "diffsynth", "transformers", "accelerate", "safetensors", "av", "numpy"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = getattr(module, "__version__", "?")
-    return found
-
-
-def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_seconds: float,
-                   gpu_names: list[str]) -> dict:
-    """What the sidecar of one finished job says: the job, its settings, where and how it was made.
-
-    Every executor's workers (a process here, a Ray actor elsewhere) write the same record. Call it
-    right after `generate`, before the backend starts another job (`job_info` is the last job's).
-    """
-    return {
-        "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
-        "model": spec.model, "generation": spec.generation, "attempt": attempt,
-        "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
-        "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
-        "peak_memory_bytes": backend.peak_memory_bytes(), **backend.job_info(),
-        "load": getattr(backend, "load_info", {}),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def first_call_facts(record: dict, waited: float, generate_s: float) -> dict:
-    """What the first, compiling call of a worker cost: the seconds waited for another worker's
-    compile, to the first finished step, and an estimate of the compile (that first step less a steady
-    one), from the backend's own step timeline."""
-    timeline = record.get("timeline") or {}
-    facts = {"waited_for_other_worker_seconds": round(waited, 1), "generate_seconds": round(generate_s, 1)}
-    if timeline.get("first_step_done") and timeline.get("called"):
-        first = timeline["first_step_done"] - timeline["called"]  # `called` comes after the wait
-        facts["first_step_seconds"] = round(first, 1)
-        if record.get("seconds_per_step"):
-            facts["compile_seconds_estimate"] = round(max(0.0, first - record["seconds_per_step"]), 1)
-    return facts
-
-
-def settle_if_made(ledger, job, worker: str, frames: int, log: logging.Logger) -> bool:
-    """The skip-if-done rule of every executor's workers, applied to a job just claimed.
-
-    A complete mp4 of this job already there: recorded as done (skipped), True. One made with other
-    settings in the way: the attempt fails, never overwriting it, True. Nothing there: False, run it.
-    """
-    from .outputs import inspect_output
-    state = inspect_output(job.output, frames)
-    if not state.complete:
-        return False
-    if not state.stale_for(job.id):
-        log.info("skip %s: already done", job.key)
-        ledger.complete(job.id, worker, 0.0, skipped=True)
-    else:
-        ledger.fail(job.id, worker, "an mp4 made with other settings is in the way; "
-                    "run again with --redo-changed to move it aside", outcome="error")
-    return True
-
-
-class OutputWriter:
-    """Encodes and records finished videos in a thread, one at a time and in order.
-
-    At most one video waits: `submit` first waits for the previous write, so frames never pile up
-    in memory when encoding is slower than generating. A write that fails fails its job (retried
-    like any other failure); the worker itself goes on.
-    """
-
-    def __init__(self, spec: WorkerSpec, log: logging.Logger):
-        from concurrent.futures import ThreadPoolExecutor
-        self.spec, self.log = spec, log
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output-writer")
-        self.pending = None
-        self._ledger = None
-        self.disk_full: BaseException | None = None  # a write failed for want of space: stop the worker
-
-    def submit(self, job, result, record: dict, started: float) -> None:
-        self.wait()
-        self.pending = self.pool.submit(self._write, job, result, record, started)
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def close(self) -> None:
-        self.wait()
-        self.pool.shutdown(wait=True)
-
-    def _write(self, job, result, record: dict, started: float) -> None:
-        from .ledger import Ledger
-        from .outputs import adopt_mp4, write_mp4
-        if self._ledger is None:  # its own connection: the main thread uses the other one meanwhile
-            self._ledger = Ledger(self.spec.ledger)
-        frames = int(self.spec.generation["num_frames"])
-        try:
-            if isinstance(result, Path):
-                adopt_mp4(result, job.output, expected_frames=frames, sidecar=record, owner=self.spec.worker)
-            else:
-                write_mp4(result, job.output, int(self.spec.generation["fps"]), expected_frames=frames,
-                          sidecar=record, owner=self.spec.worker)
-            seconds = time.monotonic() - started
-            self._ledger.complete(job.id, self.spec.worker, seconds)
-            self.log.info("done %s in %.1fs", job.key, seconds)
-        except Exception as exc:
-            if disk_full(exc):  # not the job's fault: give it back unused (its temporary file is gone)
-                self.disk_full = exc
-                try:
-                    self._ledger.release(job.id, self.spec.worker)
-                except Exception:
-                    pass
-                return
-            self.log.error("could not write %s:\n%s", job.key, traceback.format_exc())
-            state = self._ledger.fail(job.id, self.spec.worker, f"writing the video failed: {exc}"[:500])
-            self.log.info("job %s is now %s", job.key, state)
-
-
-class ReadAhead:
-    """Tells the backend which job most likely comes next, so it can start reading its reference."""
-
-    def __init__(self, backend, ledger, spec: WorkerSpec, log: logging.Logger):
-        from .backends import Backend
-        self.backend, self.ledger, self.spec, self.log = backend, ledger, spec, log
-        self.enabled = type(backend).prepare is not Backend.prepare  # nothing to read ahead: no query
-
-    def after(self, job) -> None:
-        if not self.enabled:
-            return
-        upcoming = self.ledger.peek(self.spec.queue, prefer_group=job.group)
-        if upcoming is None or not upcoming.reference or upcoming.reference == job.reference:
-            return
-        try:
-            self.backend.prepare(upcoming)
-        except Exception as exc:  # the job itself will read it again and report the error properly
-            self.log.warning("reading ahead for %s failed: %s", upcoming.key, exc)
-
-
 def run_worker(spec: WorkerSpec) -> int:
-    from .backends import OutOfMemory, backend_class
+    from .backends import backend_class
     from .jobs import Job  # noqa: F401  (payloads are Jobs)
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig
@@ -308,10 +155,10 @@ def run_worker(spec: WorkerSpec) -> int:
     log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
              spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     backend = None
-    claim = None
-    ooms_in_row = 0
     exit_code = EXIT_DONE
-    writer = OutputWriter(spec, log)
+    source = LedgerJobSource(ledger, spec)
+    loop = JobLoop(source, spec, log, pulse=beat)
+    writer = loop.writer
     compile_cache = None
     if model.speed.compile != "none":
         from .speed import compile_cache_dir, use_compile_cache
@@ -329,102 +176,20 @@ def run_worker(spec: WorkerSpec) -> int:
         parts = backend.load_info.get("components") or {}
         log.info("model loaded in %.1fs (%s)%s", time.monotonic() - started, model.backend,
                  "; " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) if parts else "")
-        read_ahead = ReadAhead(backend, ledger, spec, log)
         ledger.set_worker(spec.worker, state="idle", phase=None)
-        group = None
-        while True:
-            beat.sign_of_life()
-            if writer.disk_full is not None:
-                raise writer.disk_full
-            if ledger.stop_requested():
-                log.info("stop requested: exiting")
-                break
-            claim = ledger.claim(spec.worker, spec.queue, prefer_group=group)
-            if claim is None:
-                if writer.pending is not None:  # our last video may be all that is left
-                    writer.wait()
-                    continue
-                if ledger.unfinished() == 0:
-                    log.info("no work left: exiting")
-                    break
-                if group is not None:  # first idle poll after work: say so once, not every second
-                    ledger.set_worker(spec.worker, state="idle", job=None)
-                    group = None
-                time.sleep(IDLE_POLL_S)  # jobs in flight elsewhere may come back for a retry
-                continue
-            job = claim.job
-            group = job.group
-            read_ahead.after(job)
-            if settle_if_made(ledger, job, spec.worker, generation.num_frames, log):
-                claim = None
-                continue
-            log.info("job %s (attempt %d): %s", job.key, claim.attempt, job.prompt[:80])
-            beat.job_id, beat.job_started = job.id, time.monotonic()
-            t0 = time.monotonic()
-            last_report = [t0]
-
-            def progress(step: int, steps: int) -> None:
-                beat.sign_of_life()
-                now = time.monotonic()
-                if now - last_report[0] >= 5 or step == steps:
-                    last_report[0] = now
-                    print(f"  {job.key}: step {step}/{steps} ({now - t0:.1f}s)", flush=True)
-
-            try:
-                backend.attempt = claim.attempt
-                # The first call compiles (minutes with fp8): one worker of the machine at a time, and
-                # heartbeats go on as while loading, since no step finishes until it is done.
-                first_call = compile_cache is not None
-                beat.loading = first_call
-                with first_call_lock(compile_cache if first_call else None) as waited:
-                    result = backend.generate(job, progress)
-                beat.loading = False
-                generate_s = time.monotonic() - t0
-                record = sidecar_record(spec, job, claim.attempt, backend, generate_s, gpu_names)
-                if first_call:
-                    compile_cache = None
-                    record["first_call"] = first_call_facts(record, waited, generate_s)
-                    log.info("first call (compiles the denoiser): %s", record["first_call"])
-                log.info("generated %s in %.1fs; writing it while the next job starts", job.key, generate_s)
-                writer.submit(job, result, record, t0)
-                ooms_in_row = 0
-            except OutOfMemory as exc:
-                ooms_in_row += 1
-                state = ledger.fail(job.id, spec.worker, f"out of memory: {exc}", outcome="oom")
-                log.error("out of memory on %s (%d in a row); job is now %s", job.key, ooms_in_row, state)
-                left = (_retire(ledger, spec, ooms_in_row)
-                        if ooms_in_row >= int(spec.execution.get("ooms_before_retire", 2)) else None)
-                if left:
-                    log.error("repeated out-of-memory: retired this worker; %s now runs %d worker(s)",
-                              spec.queue if spec.devices else "this machine", left)
-                    exit_code = EXIT_RETIRED
-                    claim = None
-                    break
-            except Exception as exc:
-                if disk_full(exc):
-                    raise
-                log.error("job %s failed:\n%s", job.key, traceback.format_exc())
-                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-                state = ledger.fail(job.id, spec.worker, f"{type(exc).__name__}: {last}"[:500])
-                log.info("job %s is now %s", job.key, state)
-            beat.job_id = None
-            claim = None
+        if loop.run(backend, gpu_names, compile_cache) == RETIRED:
+            exit_code = EXIT_RETIRED
     except Stop as stop:
         log.info("received %s: stopping cleanly", stop)
-        if claim is not None:
-            ledger.release(claim.job.id, spec.worker)
+        loop.release_claim()
     except Exception as exc:
         if not disk_full(exc):
             raise
         writer.disk_full = writer.disk_full or exc
-        if claim is not None:
-            try:
-                ledger.release(claim.job.id, spec.worker)
-            except Exception:
-                pass
+        loop.release_claim(quietly=True)
     finally:
         try:
-            writer.close()  # the last video (or the one before a stop) is written before we exit
+            loop.close()  # the last video (or the one before a stop) is written before we exit
         except Exception:
             log.warning("output writer failed:\n%s", traceback.format_exc())
         beat.stopped.set()
@@ -450,36 +215,6 @@ def _gpu_names(devices: tuple[int, ...]) -> list[str]:
         return [g.name for g in discover(visible=None) if g.index in devices]
     except NoGpus:
         return []
-
-
-def _retire(ledger, spec: WorkerSpec, ooms: int) -> int | None:
-    """Mark this worker retired if another live worker shares its card; return how many remain.
-
-    One transaction, so two workers of a card that both keep running out of memory never both retire.
-    """
-    with ledger.transaction() as db:
-        left = _card_mates(ledger, spec)
-        if not left:
-            return None
-        where = spec.queue if spec.devices else "this machine"
-        db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?",
-                   (f"retired after {ooms} out-of-memory errors in a row; {where} now runs {left} worker(s) "
-                    "for the rest of the sweep", spec.worker))
-    return left
-
-
-def _card_mates(ledger, spec: WorkerSpec) -> int:
-    """Live workers that share one of this worker's devices (on CPU: any other live worker)."""
-    from .ledger import LIVE_WORKER_STATES
-    mine = set(spec.devices)
-    mates = 0
-    for worker in ledger.workers():
-        if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
-            continue
-        theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
-        if theirs & mine or not mine:
-            mates += 1
-    return mates
 
 
 def main(argv: list[str] | None = None) -> int:

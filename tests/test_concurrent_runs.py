@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli as cli_module
+from orchestrator import run as run_module
 from orchestrator.ledger import Ledger
 from orchestrator.outputs import TEMP_MARK
 
@@ -101,19 +102,19 @@ def test_tmux_runs_started_together_start_one_set_and_no_traceback(write_manifes
         libtmux.Server(socket_name=socket).kill()
 
 
-@pytest.mark.parametrize("pause_at", ["_check_checkpoint", "_plan"])
+@pytest.mark.parametrize("pause_at", ["check_checkpoint", "plan_resources"])
 def test_stop_issued_while_run_is_starting_takes_effect(write_manifest, tmp_path, monkeypatch, capsys, pause_at):
-    """`_check_checkpoint`: before the ledger exists; `_plan`: while the run holds its set-up lock."""
+    """`check_checkpoint`: before the ledger exists; `plan_resources`: while the run holds its set-up lock."""
     path = write_manifest(synthetic_manifest())
     paused, go = threading.Event(), threading.Event()
-    original = getattr(cli_module, pause_at)
+    original = getattr(run_module, pause_at)
 
     def slow(*args, **kwargs):
         paused.set()
         assert go.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cli_module, pause_at, slow)
+    monkeypatch.setattr(run_module, pause_at, slow)
     codes = {}
     run = threading.Thread(target=lambda: codes.setdefault("run", cli_module.main(["run", str(path), *RUN])))
     run.start()

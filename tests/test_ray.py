@@ -267,7 +267,7 @@ def test_without_ray_the_executor_says_how_to_install_it_and_starts_nothing(writ
 @pytest.fixture
 def offline_driver(write_manifest):
     """A driver of two workers sharing one card, with its ledger, and no cluster: for its bookkeeping."""
-    from orchestrator.executors.ray import Placement, _close_logger, _Driver
+    from orchestrator.executors.ray import Driver, Placement, close_logger
     from orchestrator.validation import load_manifest
     from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
     from orchestrator.sweep import Sweep
@@ -279,14 +279,14 @@ def offline_driver(write_manifest):
     group = DeviceGroup(queue="n0-gpu0", devices=(0,), workers=2, reason="test")
     slots = tuple(WorkerSlot(id=f"n0-gpu0_worker{k}", devices=(0,), queue="n0-gpu0") for k in range(2))
     specs = sweep.write_specs(Plan(groups=(group,), workers=slots, queues={}))
-    driver = _Driver(sweep, [spec for spec, _ in specs], {"n0-gpu0": Placement("node", 0.5, "h")}, True, None)
+    driver = Driver(sweep, [spec for spec, _ in specs], {"n0-gpu0": Placement("node", 0.5, "h")}, True, None)
     driver.ledger = ledger
     for slot in driver.slots:
         ledger.register_worker(slot.id, (0,), state="idle")
         slot.state, slot.where = "idle", {"node_id": "node", "gpu_ids": ["0"], "host": "h"}
     yield driver, ledger
     for log in [driver.log] + [slot.log for slot in driver.slots]:
-        _close_logger(log)
+        close_logger(log)
     ledger.close()
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import WanSweepError
+
 
 GIB = 1024**3
 
@@ -31,12 +33,14 @@ MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of old torch.save
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WanSweepError, RuntimeError):
     """A checkpoint that cannot be used as it is; the message names each file and the fix."""
 
 
 class DownloadError(CheckpointError):
     """A download that did not finish (the hub unreachable, a wrong id); what arrived is kept."""
+
+    exit_code = 1  # not the command's fault: the same command may well work later
 
 # --------------------------------------------------------------------------------------------------
 # Reading weight files: headers only

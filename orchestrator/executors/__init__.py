@@ -1,19 +1,33 @@
-"""Executors start a plan's workers somewhere and stop them. One file per kind; this registry names them."""
+"""Executors start a plan's workers somewhere and stop them. One file per kind; this registry names them.
+
+This is the one list of executors: the manifest's `execution.executor` choices, the command line's
+`--executor` choices and `stop`'s search for a sweep's workers all read it. It imports nothing, so the
+manifest can read the names without loading any executor (Ray is imported only when it runs).
+"""
 from __future__ import annotations
 
 import importlib
-from .base import Executor
 
-EXECUTORS: dict[str, str] = {
-    "local": "orchestrator.executors.local:LocalExecutor",
+EXECUTORS: dict[str, str] = {  # in the order `stop` looks for a sweep's workers
     "tmux": "orchestrator.executors.tmux:TmuxExecutor",
-    "ray": "orchestrator.executors.ray:RayExecutor",  # Ray itself is imported only when it runs
+    "local": "orchestrator.executors.local:LocalExecutor",
+    "ray": "orchestrator.executors.ray:RayExecutor",
 }
+EXECUTOR_NAMES: tuple[str, ...] = tuple(EXECUTORS)
+DEFAULT_EXECUTOR = "tmux"  # where tmux is missing, `unavailable()` says how to install it (no silent fallback)
 
 
-def executor_class(name: str) -> type[Executor]:
+def executor_class(name: str):
+    """The class of the executor `name` (a key of EXECUTORS), imported now."""
     module, _, attr = EXECUTORS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["EXECUTORS", "Executor", "executor_class"]
+def __getattr__(name: str):
+    if name == "Executor":  # the interface, imported on first use: it needs the sweep and the planner
+        from .base import Executor
+        return Executor
+    raise AttributeError(name)
+
+
+__all__ = ["DEFAULT_EXECUTOR", "EXECUTORS", "EXECUTOR_NAMES", "Executor", "executor_class"]

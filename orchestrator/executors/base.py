@@ -1,7 +1,10 @@
-"""The executor interface: start the supervised workers of a plan, and stop them.
+"""The executor interface: everything `run`, `plan` and `stop` need of an executor.
 
-Every executor runs the same program per worker (`python -m orchestrator.supervisor SPEC.json`), so
-backends and workers behave the same everywhere; an executor only decides where that program runs.
+An executor plans over its resources (this machine's GPUs, or a cluster's nodes), starts one worker
+per slot of that plan, says whether it drives the sweep from the `run` command itself, counts the
+workers alive, waits for them and stops them. Every executor runs the same job loop per worker
+(`orchestrator.job_loop`), so backends and workers behave the same everywhere; an executor only
+decides where that loop runs.
 """
 from __future__ import annotations
 
@@ -13,12 +16,35 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
-from ..planning import WorkerSpec
+from ..errors import WanSweepError
+from ..planning import Plan, WorkerSpec
 from ..sweep import Sweep, is_sweep_process
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(WanSweepError, RuntimeError):
     """An executor cannot start or stop workers; the message says why and what to do."""
+
+
+def machine_gpus():
+    """This machine's usable GPUs and, where there are none, why: (gpus, None) or (None, reason)."""
+    from ..gpus import NoGpus, discover
+    try:
+        return discover(), None
+    except NoGpus as exc:
+        return None, str(exc)
+
+
+def plan_this_machine(manifest, jobs, cpu_slots: int | None = None, recalibrate: bool = False):
+    """The plan over this machine's GPUs (sized by calibration where asked), or its CPU slots."""
+    from ..planning import PlanError, make_plan
+    from ..sizing import make_sizer
+    gpus, why = machine_gpus()
+    sizer = make_sizer(manifest, recalibrate=recalibrate) if gpus else None
+    try:
+        plan = make_plan(manifest, jobs, gpus, cpu_slots=cpu_slots, sizing=sizer)
+    except PlanError as exc:
+        raise PlanError(f"{exc} ({why})" if why else str(exc)) from None
+    return plan, gpus, why
 
 
 def supervisor_command(spec_file: Path) -> list[str]:
@@ -27,8 +53,9 @@ def supervisor_command(spec_file: Path) -> list[str]:
 
 class Executor(ABC):
     name: ClassVar[str]
-    detaches: ClassVar[bool] = False  # True: workers outlive the `run` command (tmux, ray)
+    detaches: ClassVar[bool] = False  # True: workers outlive the `run` command (tmux); False: `run` stays
     supervised: ClassVar[bool] = True  # each worker runs under `orchestrator.supervisor` (not on Ray)
+    plans_here: ClassVar[bool] = True  # plans over this machine's GPUs; False: over its own resources
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
@@ -37,6 +64,18 @@ class Executor(ABC):
     def unavailable(cls) -> str | None:
         """Why this executor cannot run here (with how to fix it), or None."""
         return None
+
+    @classmethod
+    def drives(cls, sweep: Sweep) -> bool:
+        """Whether a `run` of this executor drives `sweep` in the foreground now (then only this
+        executor can stop it). Works where the executor's own libraries are missing."""
+        return False
+
+    def make_plan(self, jobs, cpu_slots: int | None = None,
+                  recalibrate: bool = False) -> tuple[Plan, list | None, str | None]:
+        """The plan over this executor's resources: (plan, this machine's GPUs it used or None, why
+        this machine has no usable GPU or None). Raises PlanError or ExecutorError."""
+        return plan_this_machine(self.sweep.manifest, jobs, cpu_slots, recalibrate)
 
     @abstractmethod
     def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import WanSweepError
+from ..executors import EXECUTOR_NAMES as EXECUTORS  # noqa: F401  (the one list of executors)
+
 TASKS = ("t2v", "i2v", "v2v")
-EXECUTORS = ("tmux", "local", "ray")
 # The `speed:` section (orchestrator/speed.py applies it): the values each key takes.
 COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
@@ -26,7 +28,7 @@ class Problem:
         return f"{where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
-class ManifestError(ValueError):
+class ManifestError(WanSweepError, ValueError):
     """All the problems of one manifest, reported together."""
 
     def __init__(self, problems: list[Problem]):

@@ -233,8 +233,9 @@ def _scratch(manifest: Manifest) -> str:
 def probe(config_path: str, index: int) -> int:
     from ..backends import OutOfMemory, backend_class
     from ..jobs import Job
+    from ..job_loop import generate_job, write_video
     from ..manifest import GenerationConfig, ModelConfig
-    from ..outputs import write_mp4
+    from ..planning import WorkerSpec
 
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     work = Path(config["workdir"])
@@ -255,10 +256,13 @@ def probe(config_path: str, index: int) -> int:
                    seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"))
 
     def run_job(backend, n: int) -> float:
+        # The workers' own generate and write path, so the probe measures what a job costs them.
         t0 = time.monotonic()
-        frames = backend.generate(job(n), lambda step, steps: None)
-        write_mp4(frames, work / f"probe{index}.mp4", backend.generation.fps,
-                  expected_frames=backend.generation.num_frames)
+        spec = WorkerSpec(sweep="calibration", worker=f"probe{index}", devices=tuple(config["devices"]),
+                          queue="calibration", ledger="", log="", output_dir=str(work), model=config["model"],
+                          generation=asdict(backend.generation), execution={})
+        made = generate_job(backend, spec, job(n), 1, [], lambda step, steps: None)
+        write_video(spec, made.result, work / f"probe{index}.mp4", record=None)
         return time.monotonic() - t0
 
     from ..speed import first_call_lock, use_compile_cache

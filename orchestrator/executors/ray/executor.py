@@ -1,0 +1,233 @@
+"""The Ray executor: the same manifest on a Ray cluster, with the `run` command as the scheduler.
+
+Joining a cluster: `execution.ray_address` (or `--ray-address`) `auto` joins the cluster this machine
+belongs to, HOST:PORT joins that one, none starts a local Ray on this machine. The plan comes from the
+cluster's nodes (`cluster`), the workers are actors (`actor`) driven by this process (`driver`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ...ledger import LIVE_WORKER_STATES
+from ...planning import WorkerSpec
+from ..base import Executor, ExecutorError
+from .actor import MOUNT_CHECK
+from .cluster import Placement, RayNode, cluster_nodes, plan_cluster
+from .driver import WORKERS_META, Driver, short_error
+from .driver_lock import DriverLock, driver_holding
+
+INSTALL_HINT = ("Ray is not installed here. Install it with `pip install 'wan-sweep[ray]'` (or "
+                "`pip install ray`) on this machine and on every machine of the cluster, then run again.")
+PACKAGE_DIR = Path(__file__).resolve().parents[2]  # orchestrator/: shipped to every node
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class RayExecutor(Executor):
+    name = "ray"
+    detaches = False  # the driver is this process: `run` stays, shows progress, Ctrl-C stops cleanly
+    supervised = False  # actors, not supervisor processes: the driver lock shows the sweep running
+    plans_here = False  # from the cluster's nodes and their GPU types, never this machine's NVML
+
+    def __init__(self, sweep):
+        super().__init__(sweep)
+        execution = sweep.manifest.execution
+        self.address = execution.ray_address
+        self.stream = bool(execution.ray_stream_outputs)
+        self.placement: dict[str, Placement] = {}
+        self.nodes: list[RayNode] = []
+        self._driver: Driver | None = None
+        self._lock: DriverLock | None = None
+        self._connected_here = False
+        self._forget_dead_driver()
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return INSTALL_HINT
+        return None
+
+    @classmethod
+    def drives(cls, sweep) -> bool:
+        """Whether a Ray driver runs this sweep now (works without Ray installed)."""
+        return driver_holding(sweep) is not None
+
+    def _forget_dead_driver(self) -> None:
+        """Workers of a driver that died (killed, machine rebooted) are not alive, wherever they ran.
+
+        `run` counts live workers right after making its executor, and trusts the ledger for workers
+        of other hosts: without this, a killed driver's remote workers would look alive forever.
+        """
+        if not self.sweep.has_ledger() or driver_holding(self.sweep) is not None:
+            return
+        ledger = self.sweep.ledger()
+        try:
+            ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
+            for worker in ledger.workers():
+                if worker["id"] in ours and worker["state"] in LIVE_WORKER_STATES:
+                    ledger.set_worker(worker["id"], state="exited", job=None, message="its Ray driver ended")
+        finally:
+            ledger.close()
+
+    # ---------------------------------------------------------------- cluster
+    def connect(self) -> None:
+        import ray
+        if ray.is_initialized():
+            return
+        address = self.address or "local"
+        options = dict(namespace="wan-sweep", log_to_driver=False, logging_level=logging.WARNING,
+                       runtime_env={"py_modules": [str(PACKAGE_DIR)], "excludes": ["__pycache__"]})
+        host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+        if address == "local":
+            options["include_dashboard"] = False
+        elif host in LOOPBACK:
+            # A cluster joined through loopback: this driver must say 127.0.0.1 too, not the machine's
+            # outward address, or the nodes cannot reach it back.
+            options["_node_ip_address"] = "127.0.0.1"
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as exc:
+            raise ExecutorError(f"could not join the Ray cluster at {address!r}: {exc} (start it with "
+                                "`ray start --head` on one machine and `ray start --address=HEAD:6379` on the "
+                                "others, or leave ray_address out to start a local Ray)") from None
+        except (RuntimeError, ValueError) as exc:
+            raise ExecutorError(f"could not start or join Ray ({address}): {exc}") from None
+        self._connected_here = True
+
+    def make_plan(self, jobs, cpu_slots: int | None = None, recalibrate: bool = False):
+        """The plan from the cluster's nodes and their GPU types (never this machine's NVML)."""
+        self.connect()
+        self.nodes = cluster_nodes()
+        plan, self.placement = plan_cluster(self.sweep.manifest, jobs, self.nodes, cpu_slots)
+        if recalibrate:
+            plan = replace(plan, notes=plan.notes + ("--recalibrate does not apply on Ray: calibrate with a "
+                                                     "local `plan --recalibrate` on a node of that GPU type",))
+        if self.stream:
+            plan = replace(plan, notes=plan.notes + ("ray_stream_outputs: every mp4 comes back to this "
+                                                     f"machine's {self.sweep.root}",))
+        else:
+            plan = replace(plan, notes=plan.notes + (f"outputs go to {self.sweep.root} on every node: it must "
+                                                     "be shared storage mounted at that path",))
+        return plan, None, None
+
+    # ---------------------------------------------------------------- Executor
+    def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:
+        if not self.placement:
+            raise ExecutorError("the Ray executor starts the workers of its own plan (make_plan) only")
+        self._lock = DriverLock(self.sweep, self.address)
+        try:
+            token = None
+            if not self.stream:
+                token = secrets.token_hex(8)
+                marker = self.sweep.state_dir / MOUNT_CHECK
+                marker.write_text(token, encoding="utf-8")
+            self._driver = Driver(self.sweep, [spec for spec, _ in specs], self.placement, self.stream, token)
+            self._driver.start()
+        except BaseException:
+            self._lock.release()
+            raise
+        return [spec.worker for spec, _ in specs]
+
+    def attach_hints(self, names: list[str]) -> list[str]:
+        if not names:
+            return []
+        gpus = sum(n.gpus for n in self.nodes)
+        return [f"ray: {len(names)} actors on {len(self.nodes)} node(s) ({gpus} GPUs); this command is the "
+                f"driver: keep it running (Ctrl-C stops the actors, the same command resumes)",
+                f"actor logs: {self.sweep.logs}/<worker>.log, driver log: {self.sweep.logs}/ray_driver.log"]
+
+    def running(self) -> int:
+        if self._driver is not None:
+            return self._driver.alive_slots() if self._driver.is_alive() else 0
+        if driver_holding(self.sweep) is None:
+            return 0
+        # Another process drives the sweep: its workers, at least one.
+        ledger = self.sweep.ledger()
+        try:
+            return max(1, sum(w["state"] in LIVE_WORKER_STATES for w in ledger.workers()))
+        finally:
+            ledger.close()
+
+    def wait(self, poll_s: float = 1.0) -> None:
+        if self._driver is None:
+            return
+        while self._driver.is_alive():
+            self._driver.join(poll_s)
+        self._close()
+        if self._driver.error is not None:
+            print(f"error: the Ray driver stopped: {short_error(self._driver.error)} "
+                  f"(details in {self.sweep.logs / 'ray_driver.log'})", file=sys.stderr)
+
+    def _close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._connected_here:
+            import ray
+            ray.shutdown()
+            self._connected_here = False
+
+    def stop(self, now: bool = False, timeout_s: float = 30.0) -> int:
+        """Stop the sweep's actors: from the driver itself (Ctrl-C), or from `stop` in another process.
+
+        Another process asks through the ledger (the driver releases the running jobs, ends its actors
+        and exits); `now`, or a driver that does not finish within `timeout_s`, is killed, and its
+        actors end with it.
+        """
+        if self._driver is not None:
+            self._driver.stop_event.set()
+            return len(self._driver.slots)
+        ledger = self.sweep.ledger()
+        try:
+            ledger.request_stop()
+            holder = driver_holding(self.sweep)
+            pid = holder.get("pid") if holder and holder.get("host") == socket.gethostname() else None
+            signalled = 0
+            if pid and now:
+                signalled += _kill(pid)
+            deadline = time.monotonic() + timeout_s
+            while driver_holding(self.sweep) is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if pid and driver_holding(self.sweep) is not None:
+                signalled += _kill(pid)
+            ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
+            for worker in ledger.workers():  # what a killed driver left running
+                if worker["id"] in ours:  # back without using an attempt, as from any stopped worker
+                    ledger.release_worker(worker["id"], "sweep stopped")
+            return signalled
+        finally:
+            ledger.close()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once where nothing listens at HOST:PORT: Ray itself keeps retrying for minutes."""
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except ValueError:
+        raise ExecutorError(f"ray_address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379) or `auto`") from None
+    except OSError as exc:
+        raise ExecutorError(f"nothing answers at the Ray address {address} ({exc}): is `ray start --head` "
+                            "running there, and is the port open?") from None
+
+
+def _kill(pid: int) -> int:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return 1
+    except ProcessLookupError:
+        return 0

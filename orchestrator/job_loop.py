@@ -1,0 +1,479 @@
+"""The job loop every worker runs, whichever executor started it, and the rules it shares.
+
+claim → skip if done → generate → write mp4 (temp → check → rename, sidecar first) → record, with
+out-of-memory retirement and heartbeats. Jobs come from a `JobSource`: the ledger itself for a local
+or tmux worker (`LedgerJobSource`), the Ray driver's ledger for a Ray worker slot. What one job does
+(`generate_job`, `write_video`, `sidecar_record`, `failure_message`, `settle_if_made`) is the same
+for the worker process, the Ray actor and the calibration probe, and so are the liveness rules
+(`heartbeat_interval`, `restart_delay`, `retires`) the supervisor and the Ray driver apply.
+
+The GPU does not wait for the CPU between jobs: a finished video is encoded and recorded by the
+`OutputWriter` thread while the next job generates, and the next job's reference is read ahead
+(`Backend.prepare`) while the current one runs.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from .planning import WorkerSpec
+from .speed import first_call_lock
+
+IDLE_POLL_S = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Liveness rules: one place for the supervisor, the worker and the Ray driver
+
+
+def heartbeat_interval(heartbeat_timeout_s: float) -> float:
+    """How often a live worker beats: five beats per timeout, between 0.2 and 5 seconds."""
+    return max(0.2, min(5.0, float(heartbeat_timeout_s) / 5))
+
+
+def restart_delay(crashes_in_row: int) -> float:
+    """The pause before restarting a worker that failed `crashes_in_row` times: 1, 2, 4 … 60 s."""
+    return min(60.0, 2.0 ** (crashes_in_row - 1))
+
+
+def retires(ooms_in_row: int, execution: dict) -> bool:
+    """Whether a worker with this many out-of-memory failures in a row should leave its card."""
+    return ooms_in_row >= int(execution.get("ooms_before_retire", 2))
+
+
+def failure_message(exc: BaseException) -> str:
+    """What the ledger keeps of a failed job's error: its type and last line."""
+    last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return f"{type(exc).__name__}: {last}"[:500]
+
+
+def disk_full(exc: BaseException | None, depth: int = 0) -> bool:
+    """An error that means the disk is full (or the quota used up): no retry can help."""
+    if exc is None or depth > 5:
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # PyAV's errors are OSErrors
+        return True
+    if type(exc).__name__ == "OperationalError" and "disk is full" in str(exc):  # SQLite's SQLITE_FULL
+        return True
+    return disk_full(exc.__cause__ or exc.__context__, depth + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where jobs come from
+
+
+class JobSource(ABC):
+    """The queue one worker slot takes its jobs from and reports them to."""
+
+    @abstractmethod
+    def claim(self, prefer_group: str | None = None):
+        """The next job for this slot (a ledger `Claim`: `.job`, `.attempt`), or None."""
+
+    @abstractmethod
+    def complete(self, job_id: str, seconds: float, skipped: bool = False) -> None: ...
+
+    @abstractmethod
+    def fail(self, job_id: str, message: str, outcome: str = "error") -> str:
+        """Record a failed attempt; return the job's state now (pending for a retry, or failed)."""
+
+    @abstractmethod
+    def release(self, job_id: str) -> None:
+        """Give the job back without using an attempt (a stop, a full disk, a node gone)."""
+
+    @abstractmethod
+    def heartbeat(self, job_id: str | None) -> None: ...
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def unfinished(self) -> int:
+        return 1
+
+    def idle(self) -> None:
+        """The slot has no job now (said once after work, not every poll)."""
+
+    def peek(self, prefer_group: str | None = None):
+        """The job this slot most likely claims next, or None (for reading ahead)."""
+        return None
+
+    def retire(self, ooms: int) -> int | None:
+        """Leave the card after repeated out-of-memory if others share it: how many remain, or None."""
+        return None
+
+    def for_thread(self) -> "JobSource":
+        """A source another thread of this slot may use (its own connection where that matters)."""
+        return self
+
+
+class LedgerJobSource(JobSource):
+    """Jobs straight from the sweep's ledger: the local and tmux workers, and the Ray driver's slots."""
+
+    def __init__(self, ledger, spec: WorkerSpec):
+        self.ledger, self.spec, self.worker = ledger, spec, spec.worker
+
+    def claim(self, prefer_group=None):
+        return self.ledger.claim(self.worker, self.spec.queue, prefer_group=prefer_group)
+
+    def complete(self, job_id, seconds, skipped=False):
+        self.ledger.complete(job_id, self.worker, seconds, skipped=skipped)
+
+    def fail(self, job_id, message, outcome="error"):
+        return self.ledger.fail(job_id, self.worker, message, outcome=outcome)
+
+    def release(self, job_id):
+        self.ledger.release(job_id, self.worker)
+
+    def heartbeat(self, job_id):
+        self.ledger.heartbeat(self.worker, job_id)
+
+    def stop_requested(self):
+        return self.ledger.stop_requested()
+
+    def unfinished(self):
+        return self.ledger.unfinished()
+
+    def idle(self):
+        self.ledger.set_worker(self.worker, state="idle", job=None)
+
+    def peek(self, prefer_group=None):
+        return self.ledger.peek(self.spec.queue, prefer_group=prefer_group)
+
+    def retire(self, ooms):
+        return retire_worker(self.ledger, self.spec, ooms)
+
+    def for_thread(self):
+        from .ledger import Ledger
+        return LedgerJobSource(Ledger(self.ledger.path), self.spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# One job: generate, describe, write
+
+
+@dataclass
+class Generated:
+    result: object  # frames, or the path of an mp4 the backend's program wrote
+    record: dict  # the sidecar
+    seconds: float  # generating, from the call to the last frame
+    waited: float = 0.0  # for another worker's first (compiling) call
+
+
+def generate_job(backend, spec: WorkerSpec, job, attempt: int, gpu_names: list[str], progress,
+                 compile_cache: str | None = None) -> Generated:
+    """Generate one job and describe it for its sidecar. With `compile_cache`, this is the worker's
+    first call, which compiles: one worker of the machine at a time (`first_call_lock`)."""
+    started = time.monotonic()
+    backend.attempt = attempt
+    with first_call_lock(compile_cache) as waited:
+        result = backend.generate(job, progress)
+    seconds = time.monotonic() - started
+    record = sidecar_record(spec, job, attempt, backend, seconds, gpu_names)
+    if compile_cache is not None:
+        record["first_call"] = first_call_facts(record, waited, seconds)
+    return Generated(result, record, seconds, waited)
+
+
+def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: str = "") -> None:
+    """Write one job's video at `target` the atomic way (temp → check → rename, sidecar first): the
+    frames a backend returned are encoded, an mp4 its program wrote is checked and moved in."""
+    from .outputs import adopt_mp4, write_mp4
+    frames = int(spec.generation["num_frames"])
+    if isinstance(result, (str, os.PathLike)):
+        adopt_mp4(result, target, expected_frames=frames, sidecar=record, owner=owner)
+    else:
+        write_mp4(result, target, int(spec.generation["fps"]), expected_frames=frames, sidecar=record, owner=owner)
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "diffsynth", "transformers", "accelerate", "safetensors", "av", "numpy"):
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = getattr(module, "__version__", "?")
+    return found
+
+
+def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_seconds: float,
+                   gpu_names: list[str]) -> dict:
+    """What the sidecar of one finished job says: the job, its settings, where and how it was made.
+
+    Every executor's workers (a process here, a Ray actor elsewhere) write the same record. Call it
+    right after `generate`, before the backend starts another job (`job_info` is the last job's).
+    """
+    return {
+        "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
+        "model": spec.model, "generation": spec.generation, "attempt": attempt,
+        "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
+        "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
+        "peak_memory_bytes": backend.peak_memory_bytes(), **backend.job_info(),
+        "load": getattr(backend, "load_info", {}),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def first_call_facts(record: dict, waited: float, generate_s: float) -> dict:
+    """What the first, compiling call of a worker cost: the seconds waited for another worker's
+    compile, to the first finished step, and an estimate of the compile (that first step less a steady
+    one), from the backend's own step timeline."""
+    timeline = record.get("timeline") or {}
+    facts = {"waited_for_other_worker_seconds": round(waited, 1), "generate_seconds": round(generate_s, 1)}
+    if timeline.get("first_step_done") and timeline.get("called"):
+        first = timeline["first_step_done"] - timeline["called"]  # `called` comes after the wait
+        facts["first_step_seconds"] = round(first, 1)
+        if record.get("seconds_per_step"):
+            facts["compile_seconds_estimate"] = round(max(0.0, first - record["seconds_per_step"]), 1)
+    return facts
+
+
+def settle_if_made(source: "JobSource", job, frames: int, log: logging.Logger) -> bool:
+    """The skip-if-done rule of every executor's workers, applied to a job just claimed.
+
+    A complete mp4 of this job already there: recorded as done (skipped), True. One made with other
+    settings in the way: the attempt fails, never overwriting it, True. Nothing there: False, run it.
+    """
+    from .outputs import inspect_output
+    state = inspect_output(job.output, frames)
+    if not state.complete:
+        return False
+    if not state.stale_for(job.id):
+        log.info("skip %s: already done", job.key)
+        source.complete(job.id, 0.0, skipped=True)
+    else:
+        source.fail(job.id, "an mp4 made with other settings is in the way; "
+                    "run again with --redo-changed to move it aside", outcome="error")
+    return True
+
+
+class OutputWriter:
+    """Encodes and records finished videos in a thread, one at a time and in order.
+
+    At most one video waits: `submit` first waits for the previous write, so frames never pile up
+    in memory when encoding is slower than generating. A write that fails fails its job (retried
+    like any other failure); the worker itself goes on.
+    """
+
+    def __init__(self, spec: WorkerSpec, log: logging.Logger, source: "JobSource"):
+        from concurrent.futures import ThreadPoolExecutor
+        self.spec, self.log = spec, log
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output-writer")
+        self.pending = None
+        self._source = source
+        self._own_source = None
+        self.disk_full: BaseException | None = None  # a write failed for want of space: stop the worker
+
+    def submit(self, job, result, record: dict, started: float) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, job, result, record, started)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown(wait=True)
+
+    def _write(self, job, result, record: dict, started: float) -> None:
+        if self._own_source is None:  # its own connection: the main thread uses the other one meanwhile
+            self._own_source = self._source.for_thread()
+        source = self._own_source
+        try:
+            write_video(self.spec, result, job.output, record, owner=self.spec.worker)
+            seconds = time.monotonic() - started
+            source.complete(job.id, seconds)
+            self.log.info("done %s in %.1fs", job.key, seconds)
+        except Exception as exc:
+            if disk_full(exc):  # not the job's fault: give it back unused (its temporary file is gone)
+                self.disk_full = exc
+                try:
+                    source.release(job.id)
+                except Exception:
+                    pass
+                return
+            self.log.error("could not write %s:\n%s", job.key, traceback.format_exc())
+            state = source.fail(job.id, f"writing the video failed: {exc}"[:500])
+            self.log.info("job %s is now %s", job.key, state)
+
+
+class ReadAhead:
+    """Tells the backend which job most likely comes next, so it can start reading its reference."""
+
+    def __init__(self, backend, source: "JobSource", log: logging.Logger):
+        from .backends import Backend
+        self.backend, self.source, self.log = backend, source, log
+        self.enabled = type(backend).prepare is not Backend.prepare  # nothing to read ahead: no query
+
+    def after(self, job) -> None:
+        if not self.enabled:
+            return
+        upcoming = self.source.peek(prefer_group=job.group)
+        if upcoming is None or not upcoming.reference or upcoming.reference == job.reference:
+            return
+        try:
+            self.backend.prepare(upcoming)
+        except Exception as exc:  # the job itself will read it again and report the error properly
+            self.log.warning("reading ahead for %s failed: %s", upcoming.key, exc)
+
+
+def retire_worker(ledger, spec: WorkerSpec, ooms: int) -> int | None:
+    """Mark this worker retired if another live worker shares its card; return how many remain.
+
+    One transaction, so two workers of a card that both keep running out of memory never both retire.
+    """
+    with ledger.transaction() as db:
+        left = card_mates(ledger, spec)
+        if not left:
+            return None
+        where = spec.queue if spec.devices else "this machine"
+        db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?",
+                   (f"retired after {ooms} out-of-memory errors in a row; {where} now runs {left} worker(s) "
+                    "for the rest of the sweep", spec.worker))
+    return left
+
+
+def card_mates(ledger, spec: WorkerSpec) -> int:
+    """Live workers that share one of this worker's devices (on CPU: any other live worker)."""
+    from .ledger import LIVE_WORKER_STATES
+    mine = set(spec.devices)
+    mates = 0
+    for worker in ledger.workers():
+        if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
+            continue
+        theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
+        if theirs & mine or not mine:
+            mates += 1
+    return mates
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Pulse:
+    """What the loop tells the slot's liveness watch (the worker's heartbeat thread): signs of life,
+    whether a long silent call is under way (loading, the first compiling call), the current job."""
+    loading = False
+    job_id: str | None = None
+    job_started = 0.0
+
+    def sign_of_life(self) -> None:
+        pass
+
+
+FINISHED = "finished"  # no work left, or a stop was asked for
+RETIRED = "retired"  # repeated out-of-memory on a shared card: this slot leaves it
+
+
+class JobLoop:
+    """Runs one slot's jobs from its source on a loaded backend until no work is left or a stop.
+
+    `claim` is the job held right now: whoever ends the loop early (a signal) releases it with
+    `release_claim`. `close` writes the last video before the slot exits.
+    """
+
+    def __init__(self, source: JobSource, spec: WorkerSpec, log: logging.Logger, pulse: Pulse | None = None):
+        self.source, self.spec, self.log = source, spec, log
+        self.pulse = pulse or Pulse()
+        self.writer = OutputWriter(spec, log, source)
+        self.claim = None
+
+    def run(self, backend, gpu_names: list[str], compile_cache: str | None = None) -> str:
+        from .backends import OutOfMemory
+        source, spec, log, pulse, writer = self.source, self.spec, self.log, self.pulse, self.writer
+        frames = int(spec.generation["num_frames"])
+        read_ahead = ReadAhead(backend, source, log)
+        ooms_in_row = 0
+        group = None
+        while True:
+            pulse.sign_of_life()
+            if writer.disk_full is not None:
+                raise writer.disk_full
+            if source.stop_requested():
+                log.info("stop requested: exiting")
+                return FINISHED
+            self.claim = claim = source.claim(prefer_group=group)
+            if claim is None:
+                if writer.pending is not None:  # our last video may be all that is left
+                    writer.wait()
+                    continue
+                if source.unfinished() == 0:
+                    log.info("no work left: exiting")
+                    return FINISHED
+                if group is not None:  # first idle poll after work: say so once, not every second
+                    source.idle()
+                    group = None
+                time.sleep(IDLE_POLL_S)  # jobs in flight elsewhere may come back for a retry
+                continue
+            job = claim.job
+            group = job.group
+            read_ahead.after(job)
+            if settle_if_made(source, job, frames, log):
+                self.claim = None
+                continue
+            log.info("job %s (attempt %d): %s", job.key, claim.attempt, job.prompt[:80])
+            pulse.job_id, pulse.job_started = job.id, time.monotonic()
+            t0 = time.monotonic()
+            last_report = [t0]
+
+            def progress(step: int, steps: int) -> None:
+                pulse.sign_of_life()
+                now = time.monotonic()
+                if now - last_report[0] >= 5 or step == steps:
+                    last_report[0] = now
+                    print(f"  {job.key}: step {step}/{steps} ({now - t0:.1f}s)", flush=True)
+
+            try:
+                # The first call compiles (minutes with fp8): one worker of the machine at a time, and
+                # heartbeats go on as while loading, since no step finishes until it is done.
+                pulse.loading = compile_cache is not None
+                made = generate_job(backend, spec, job, claim.attempt, gpu_names, progress, compile_cache)
+                pulse.loading = False
+                if compile_cache is not None:
+                    compile_cache = None
+                    log.info("first call (compiles the denoiser): %s", made.record["first_call"])
+                log.info("generated %s in %.1fs; writing it while the next job starts", job.key, made.seconds)
+                writer.submit(job, made.result, made.record, t0)
+                ooms_in_row = 0
+            except OutOfMemory as exc:
+                ooms_in_row += 1
+                state = source.fail(job.id, f"out of memory: {exc}", outcome="oom")
+                log.error("out of memory on %s (%d in a row); job is now %s", job.key, ooms_in_row, state)
+                left = source.retire(ooms_in_row) if retires(ooms_in_row, spec.execution) else None
+                if left:
+                    log.error("repeated out-of-memory: retired this worker; %s now runs %d worker(s)",
+                              spec.queue if spec.devices else "this machine", left)
+                    self.claim = None
+                    return RETIRED
+            except Exception as exc:
+                if disk_full(exc):
+                    raise
+                log.error("job %s failed:\n%s", job.key, traceback.format_exc())
+                state = source.fail(job.id, failure_message(exc))
+                log.info("job %s is now %s", job.key, state)
+            pulse.job_id = None
+            self.claim = None
+
+    def release_claim(self, quietly: bool = False) -> None:
+        """Give the held job back without using an attempt (a stop, a full disk)."""
+        if self.claim is None:
+            return
+        try:
+            self.source.release(self.claim.job.id)
+        except Exception:
+            if not quietly:
+                raise
+        self.claim = None
+
+    def close(self) -> None:
+        self.writer.close()  # the last video (or the one before a stop) is written before we exit

@@ -1,0 +1,325 @@
+"""Running a sweep: the sequence behind `run`, `plan` and `stop`, for the command line and for Python.
+
+    from orchestrator.run import RunOptions, run_sweep
+    result = run_sweep(load_manifest("sweep.yaml"), RunOptions(executor="local", progress=False))
+
+`run_sweep` checks the checkpoint and the output folder, expands the jobs, plans over the executor's
+resources, scans what is already made, moves outputs of other settings aside (when asked), removes
+partial files, syncs the ledger, writes the worker specs, starts the workers and follows them. What a
+person should read goes to `say` (the command line passes `print`); errors are `WanSweepError`s.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import UserError
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `run` and `plan` take besides the manifest (the command line's options)."""
+    executor: str | None = None  # None: the manifest's execution.executor, else the default (tmux)
+    cpu_slots: int | None = None  # worker slots on a machine without GPUs (overrides resources.cpu_slots)
+    recalibrate: bool = False  # measure memory and throughput again instead of using the cached profile
+    allow_non_empty: bool = False  # use an output_dir that already holds other files
+    follow: bool = False  # keep following a detached sweep (tmux), also one that is already running
+    add_workers: bool = False  # the sweep is already running: start this plan's workers beside it
+    redo_changed: bool = False  # move outputs made with other settings aside and make them again
+    progress: bool = True  # show a progress bar while following
+
+
+@dataclass
+class RunResult:
+    """How a `run_sweep` ended: the command's exit code, and the sweep's report when one was made."""
+    exit_code: int
+    report: object = None  # report.Report
+
+
+@dataclass
+class Preview:
+    """What `plan` shows: the sweep, its plan, this machine's GPUs (None on a cluster or without
+    GPUs), why no GPU is used, and the scan of what is already made."""
+    sweep: object
+    plan: object
+    gpus: list | None
+    why: str | None
+    scan: object
+
+
+def check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False, writable: bool = False) -> None:
+    """Refuse an output folder that is not this sweep's (or, with `writable`, that cannot take its
+    files), at the manifest's `output_dir` line."""
+    from .manifest import located_problem
+    from .sweep import FolderProblem
+    try:
+        sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
+        if writable:
+            sweep.check_writable()
+    except FolderProblem as exc:
+        raise located_problem(sweep.manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
+
+
+def check_checkpoint(manifest) -> None:
+    """Refuse to start on an incomplete or broken local checkpoint, with what `models status` says."""
+    path = manifest.model.path
+    if not path or not os.path.exists(path):
+        return  # none, or a hub id: the backend's check says what to do
+    from .backends import backend_class
+    if not backend_class(manifest.model.backend).verify_checkpoint:
+        return
+    from .checkpoints import CheckpointError, detect_layout, inspect
+    if detect_layout(path) is None:
+        return
+    try:
+        checkpoint = inspect(path)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    if {"model_files", "tokenizer"} & set(manifest.model.options):
+        # the backend is told which files to use: only named files that are missing or broken count
+        checkpoint.problems = [p for p in checkpoint.problems if not p.layout]
+    if checkpoint.problems:
+        raise UserError(f"{checkpoint.error()}\nNothing was started.")
+
+
+def executor_kind(manifest, options: RunOptions, need_available: bool = True):
+    """The executor class the options or the manifest name (tmux unless told otherwise).
+
+    Where tmux is missing, `unavailable()` says how to install it, and the local executor runs only
+    when asked for (`--executor local`), never as a silent fallback. Planning on this machine's GPUs
+    needs nothing of the executor (`need_available=False`: a `plan` for tmux works where tmux is
+    missing); a cluster executor must always be able to reach its cluster."""
+    from .executors import DEFAULT_EXECUTOR, executor_class
+    name = options.executor or manifest.execution.executor or DEFAULT_EXECUTOR
+    kind = executor_class(name)
+    missing = kind.unavailable() if need_available or not kind.plans_here else None
+    if missing:
+        raise UserError(f"executor `{name}` cannot run here: {missing}")
+    return kind
+
+
+def plan_resources(manifest, sweep, executor, options: RunOptions):
+    """The executor's plan over its resources: (plan, this machine's GPUs or None, why no GPU).
+    Raises PlanError or ExecutorError."""
+    return executor.make_plan(sweep.jobs, cpu_slots=options.cpu_slots, recalibrate=options.recalibrate)
+
+
+def preview(manifest, options: RunOptions = RunOptions()) -> Preview:
+    """The dry run of `plan`: the checks `run` makes, the plan and what is already made; starts nothing."""
+    from .sweep import Sweep
+    check_checkpoint(manifest)
+    sweep = Sweep(manifest)
+    check_folder(sweep, options.allow_non_empty)
+    executor = executor_kind(manifest, options, need_available=False)(sweep)
+    plan, gpus, why = plan_resources(manifest, sweep, executor, options)
+    return Preview(sweep, plan, gpus, why, sweep.scan())
+
+
+def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) -> RunResult:
+    """Validate, plan, start the workers and follow them (see the module docstring)."""
+    import shlex
+
+    from .invocation import command_prefix
+    from .outputs import remove_partials
+    from .report import build_report, format_report
+    from .sweep import Sweep
+
+    check_checkpoint(manifest)
+    sweep = Sweep(manifest)
+    check_folder(sweep, options.allow_non_empty, writable=True)
+    executor_type = executor_kind(manifest, options)
+
+    def reported(code: int | None = None) -> RunResult:
+        report = build_report(sweep)
+        say(format_report(report))
+        if code is None:
+            code = 1 if report.totals.failed or report.totals.left else 0
+        return RunResult(code, report)
+
+    # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
+    # start anything), and held until the workers hold their own locks; see `sweep`.
+    lock = sweep.run_lock()
+    if not lock.acquire("run"):
+        holder = lock.holder()
+        say(f"sweep `{manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
+            f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
+        return reported(0)
+    executor = executor_type(sweep)
+    sweep.claim_folder()
+    ledger = sweep.ledger()
+    live = sweep.live_workers(ledger)
+    locked = sweep.locked_workers()  # supervisors and workers alive, registered in the ledger or not yet
+    # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
+    # processes of this machine: each executor counts its own (the local one, before `start`, none).
+    alive = max(len(live), len(locked), executor.running())
+    if alive and not options.add_workers:
+        lock.release()
+        say(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
+            "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
+        if not options.follow:
+            return reported(0)
+        # Follow the running sweep, whoever started it: its workers are found through the ledger.
+        alive_now = lambda: max(len(sweep.live_workers(ledger)), executor.running())  # noqa: E731
+        if follow(sweep, ledger, alive_now, len(sweep.jobs), show=options.progress):
+            say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
+            return RunResult(0)
+        say("")
+        return reported()
+
+    # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
+    plan, gpus, why = plan_resources(manifest, sweep, executor, options)
+    scan = sweep.scan()
+    if scan.stale:
+        if not options.redo_changed:
+            raise UserError(
+                f"{len(scan.stale)} existing mp4s under {sweep.root} were made with other settings than "
+                f"this manifest's:\n{sweep.describe_stale(scan.stale)}\n"
+                "Nothing was started. Either restore the old settings, point output_dir at a new folder, "
+                "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
+        moved_to = sweep.move_aside(scan.stale)
+        say(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
+    if not alive:
+        removed = remove_partials(sweep.own_folders())
+        if removed:
+            say(f"removed {removed} partial files left by interrupted workers")
+    ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
+                manifest.execution.heartbeat_timeout_s, fresh=not alive)
+    total = len(sweep.jobs)
+    if ledger.unfinished() == 0:
+        say(f"all {total} jobs of `{manifest.name}` are done.\n")
+        return reported(0)
+
+    if why:
+        say(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
+    note = sweep.room_note(ledger.unfinished())
+    if note:
+        say(f"note: {note}")
+    specs = sweep.write_specs(plan)
+    if live or locked:
+        taken = {w["id"] for w in live} | set(locked)
+        specs = [(s, p) for s, p in specs if s.worker not in taken]
+    if sweep.stop_requested_since(process_started()):
+        say("`stop` was issued while this `run` was starting: no worker started.\n")
+        return reported(0)
+    names = executor.start(specs)
+    if executor.supervised:
+        sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
+    lock.release()
+    counts = ledger.counts()
+    workers = f"{len(names)} worker{'' if len(names) == 1 else 's'}"
+    say(f"started {workers} ({executor.name}) for {counts['pending'] + counts['running']} of {total} jobs "
+        f"({counts['done']} already done); logs in {sweep.logs}")
+    for line in executor.attach_hints(names):
+        say(line)
+    if executor.detaches and not options.follow:
+        # pasted into any shell in any folder, they run this same program on this same manifest
+        program, manifest_path = command_prefix(), shlex.quote(str(manifest.path))
+        say(f"progress: {program} report {manifest_path}")
+        say(f"stop:     {program} stop {manifest_path}")
+        return RunResult(0)
+    interrupted = follow(sweep, ledger, executor.running, total, show=options.progress)
+    if interrupted:
+        if executor.detaches:
+            say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
+            return RunResult(0)
+        say("\nstopping the workers cleanly (run the same command again to resume)…")
+        executor.stop()
+        executor.wait()
+        return RunResult(130)
+    executor.wait()
+    deadline = time.monotonic() + 15
+    while executor.detaches and executor.running() and time.monotonic() < deadline:
+        time.sleep(0.5)  # let the sessions of finished workers end before the report lists them
+    say("")
+    return reported()
+
+
+def stop_sweep(sweep, now: bool = False, say: Say = print) -> int | None:
+    """Stop the sweep's workers, whichever executor started them; how many processes were signalled
+    (None: the sweep has no ledger, so no worker to stop).
+
+    A `run` still starting sees the request and starts no worker; one past that point holds the run
+    lock until its workers are up: this waits for it, then stops them like any others."""
+    from .executors import EXECUTOR_NAMES, executor_class
+    from .sweep import FolderProblem
+    try:
+        sweep.check_folder()
+    except FolderProblem:
+        pass  # not a sweep's folder: nothing of ours runs there, and nothing is written there
+    else:
+        lock = sweep.run_lock()
+        try:
+            sweep.request_stop()
+            if not lock.acquire("stop"):
+                holder = lock.holder()
+                say(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "
+                    "setting the sweep up…")
+                lock.acquire("stop", wait=True)
+        except OSError:
+            pass  # a read-only folder: no `run` can set up there either; the ledger says the rest
+    if not sweep.has_ledger():
+        return None
+    kinds = []
+    for name in EXECUTOR_NAMES:
+        try:
+            kinds.append(executor_class(name))
+        except ImportError:
+            continue
+    # An executor that drives the sweep from its `run` releases the jobs and ends the workers itself;
+    # otherwise the workers are supervised processes of this machine, found through the ledger.
+    driving = [kind for kind in kinds if kind.drives(sweep)]
+    for kind in driving or [kind for kind in kinds if kind.supervised]:
+        if kind.unavailable() is None:
+            return kind(sweep).stop(now=now)
+    return 0
+
+
+def process_started() -> float:
+    """When this process started, on `time.time()`'s clock, to a clock tick (a `stop` issued since
+    then was meant for this `run`). psutil's create_time counts from a boot time in whole seconds,
+    which can put a `run` started just after a `stop` before it."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stream:
+            ticks = int(stream.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, since boot
+        since_boot = ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS)
+        import psutil
+        return psutil.Process().create_time()
+
+
+def follow(sweep, ledger, alive, total: int, show: bool) -> bool:
+    """Show a progress bar until no work is left or no worker is alive (`alive()` counts them);
+    True on Ctrl-C."""
+    from tqdm import tqdm
+
+    from .report import workers_getting_ready
+    counts = ledger.counts()
+    bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
+               smoothing=0.05)
+    getting_ready = ""
+    try:
+        while True:
+            time.sleep(1.0)
+            counts = ledger.counts()
+            bar.set_postfix(running=counts["running"], failed=counts["failed"], refresh=False)
+            bar.update(counts["done"] - bar.n)
+            # Before their first job, say what the workers are doing (a first run loads for a while).
+            now_ready = workers_getting_ready(ledger.workers())
+            if now_ready != getting_ready:
+                getting_ready = now_ready
+                bar.set_description_str(getting_ready, refresh=False)
+                bar.refresh()
+            if counts["pending"] + counts["running"] == 0:
+                break
+            if not alive():
+                break
+    except KeyboardInterrupt:
+        return True
+    finally:
+        bar.close()
+    return False

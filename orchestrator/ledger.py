@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .jobs import Job
 
@@ -79,6 +79,10 @@ TIMED_OUTCOMES = ("done", "error", "oom", "timeout")
 
 class LedgerError(RuntimeError):
     """The ledger file cannot be used; the message says what is wrong and how to recover."""
+
+
+class UnknownJob(LedgerError):
+    """A job id the ledger does not hold (a claim or spec of another sweep, a mistyped id)."""
 
 
 def ledger_problem(path: str | os.PathLike, error: BaseException) -> str:
@@ -266,9 +270,33 @@ class Ledger:
         self.db.execute("UPDATE workers SET job=NULL WHERE id=? AND job=?", (worker, job_id))
         return state
 
-    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False) -> None:
+    def _holder(self, db: sqlite3.Connection, job_id: str) -> tuple[str | None, str]:
+        """(worker, state) of the job's row; UnknownJob when the ledger has no such job."""
+        row = db.execute("SELECT worker, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"the ledger {self.path} has no job {job_id!r}: the worker or the claim belongs to "
+                             "another sweep, or its spec file is out of date; run the sweep again")
+        return row
+
+    def holds(self, job_id: str, worker: str) -> bool:
+        """Whether `worker` holds the claim on the job now (its claim has not expired and moved on).
+
+        Only the holder may record the job's end (`complete`, `fail`, `release`). UnknownJob for an id
+        the ledger does not hold."""
+        return self._holder(self.db, job_id) == (worker, "running")
+
+    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False) -> bool:
+        """Record the job done by `worker` (its video is on disk); True when recorded.
+
+        False, and nothing recorded, when the worker no longer holds the claim (it expired and went
+        back to the queue, or another worker holds it now): the holder's own attempt stays the one
+        that counts, so the caller must not count the job as its own. The video it wrote is not lost:
+        the disk decides what is done, and the holder skips a job whose video is there.
+        """
         now = time.time()
         with self.transaction() as db:
+            if self._holder(db, job_id) != (worker, "running"):
+                return False
             db.execute("UPDATE jobs SET state='done', worker=?, finished_at=?, seconds=?, skipped=?, "
                        "last_error=NULL WHERE id=?", (worker, now, seconds, int(skipped), job_id))
             if skipped:
@@ -280,13 +308,17 @@ class Ledger:
             db.execute("UPDATE workers SET jobs_done=jobs_done+?, busy_s=busy_s+? WHERE id=?",
                        (0 if skipped else 1, 0 if skipped else seconds, worker))
             db.execute("UPDATE workers SET job=NULL, state='idle' WHERE id=? AND job=?", (worker, job_id))
+        return True
 
     def fail(self, job_id: str, worker: str, error: str, outcome: str = "error") -> str:
-        """Record a failed attempt; the job goes back to the queue until its attempts run out."""
+        """Record a failed attempt; the job goes back to the queue until its attempts run out.
+
+        Returns the job's new state, or "lost" (nothing recorded) when the worker no longer holds the
+        claim: it had already expired and moved on."""
         max_attempts, _ = self._limits()
         with self.transaction() as db:
-            if db.execute("SELECT worker FROM jobs WHERE id=?", (job_id,)).fetchone()[0] != worker:
-                return "lost"  # the claim had already expired and moved on
+            if self._holder(db, job_id) != (worker, "running"):
+                return "lost"
             state = self._end_attempt(job_id, worker, outcome, error, max_attempts)
             if outcome == "oom":
                 db.execute("UPDATE workers SET ooms=ooms+1 WHERE id=?", (worker,))
@@ -294,8 +326,10 @@ class Ledger:
         return state
 
     def release(self, job_id: str, worker: str) -> None:
-        """Give a job back without using an attempt (a graceful stop)."""
+        """Give a job back without using an attempt (a graceful stop); nothing changes unless `worker`
+        holds the claim."""
         with self.transaction() as db:
+            self._holder(db, job_id)  # UnknownJob for an id the ledger does not hold
             db.execute("UPDATE attempts SET finished_at=?, outcome='released' WHERE job_id=? AND worker=? "
                        "AND finished_at IS NULL", (time.time(), job_id, worker))
             db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
@@ -351,6 +385,31 @@ class Ledger:
         names = ", ".join(f"{k}=?" for k in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE workers SET {names} WHERE id=?", (*fields.values(), worker))
+
+    def retire_if_shared(self, worker: str, devices: tuple[int, ...], message: Callable[[int], str]) -> int | None:
+        """Mark the worker retired (`message(left)` says why) if another live worker shares one of its
+        devices (on CPU: any other live worker); return how many remain, None (nothing changed) if none.
+
+        One transaction, so two workers of a card that both keep running out of memory never both retire.
+        """
+        with self.transaction() as db:
+            left = self._card_mates(worker, devices)
+            if not left:
+                return None
+            db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?", (message(left), worker))
+        return left
+
+    def _card_mates(self, worker: str, devices: tuple[int, ...]) -> int:
+        """Live workers other than `worker` that share one of its devices (on CPU: any other live worker)."""
+        mine = set(devices)
+        mates = 0
+        for other in self.workers():
+            if other["id"] == worker or other["state"] not in LIVE_WORKER_STATES:
+                continue
+            theirs = {int(d) for d in (other["devices"] or "").split(",") if d}
+            if theirs & mine or not mine:
+                mates += 1
+        return mates
 
     def workers(self) -> list[dict]:
         cur = self.db.execute("SELECT * FROM workers ORDER BY id")

@@ -240,8 +240,10 @@ class OutputWriter:
                 write_mp4(result, job.output, int(self.spec.generation["fps"]), expected_frames=frames,
                           sidecar=record, owner=self.spec.worker)
             seconds = time.monotonic() - started
-            self._ledger.complete(job.id, self.spec.worker, seconds)
-            self.log.info("done %s in %.1fs", job.key, seconds)
+            if self._ledger.complete(job.id, self.spec.worker, seconds):
+                self.log.info("done %s in %.1fs", job.key, seconds)
+            else:  # the claim expired and moved on: its holder records the job (it finds the video made)
+                self.log.warning("wrote %s, but the job is no longer this worker's: not counted", job.key)
         except Exception as exc:
             if disk_full(exc):  # not the job's fault: give it back unused (its temporary file is gone)
                 self.disk_full = exc
@@ -453,33 +455,11 @@ def _gpu_names(devices: tuple[int, ...]) -> list[str]:
 
 
 def _retire(ledger, spec: WorkerSpec, ooms: int) -> int | None:
-    """Mark this worker retired if another live worker shares its card; return how many remain.
-
-    One transaction, so two workers of a card that both keep running out of memory never both retire.
-    """
-    with ledger.transaction() as db:
-        left = _card_mates(ledger, spec)
-        if not left:
-            return None
-        where = spec.queue if spec.devices else "this machine"
-        db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?",
-                   (f"retired after {ooms} out-of-memory errors in a row; {where} now runs {left} worker(s) "
-                    "for the rest of the sweep", spec.worker))
-    return left
-
-
-def _card_mates(ledger, spec: WorkerSpec) -> int:
-    """Live workers that share one of this worker's devices (on CPU: any other live worker)."""
-    from .ledger import LIVE_WORKER_STATES
-    mine = set(spec.devices)
-    mates = 0
-    for worker in ledger.workers():
-        if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
-            continue
-        theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
-        if theirs & mine or not mine:
-            mates += 1
-    return mates
+    """Mark this worker retired if another live worker shares its card; return how many remain."""
+    where = spec.queue if spec.devices else "this machine"
+    return ledger.retire_if_shared(
+        spec.worker, spec.devices, lambda left: f"retired after {ooms} out-of-memory errors in a row; {where} "
+                                                f"now runs {left} worker(s) for the rest of the sweep")
 
 
 def main(argv: list[str] | None = None) -> int:

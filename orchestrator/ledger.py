@@ -2,7 +2,13 @@
 
 The ledger decides what is in flight and keeps history; the disk decides what is done (see
 `outputs`). Claims are atomic across processes (`BEGIN IMMEDIATE`), carry a heartbeat, and a claim
-whose heartbeat stops goes back to the queue with its attempt used.
+whose heartbeat stops goes back to the queue with its attempt used. Only the worker holding a claim
+records its end.
+
+Every rule about the rows lives here: no other module runs SQL. Readers (`report`, the review page)
+open it read-only (`Ledger(path, readonly=True)`) and never take the write lock. The schema carries a
+version (`PRAGMA user_version`): a ledger of an older version is upgraded step by step when opened
+(`MIGRATIONS`), one of a newer version is refused.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from typing import Callable, Iterable, Iterator
 
 from .jobs import Job
 
+# Version 1 of the schema, the first with a version number (older ledgers are version 0). Frozen:
+# a later version changes it through a new step in `MIGRATIONS`, never by editing this text.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -70,6 +78,22 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
+
+def _to_version_1(db: sqlite3.Connection) -> None:
+    """A new ledger gets every table; one from before schema versions gets what it may lack: the
+    workers' `phase` column and the attempts' end indexes."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
+        db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
+
+
+# MIGRATIONS[n] takes a ledger from version n to n + 1, inside the opening transaction. A new version
+# appends a step (and never edits an earlier one): every ledger, new or old, goes through the same steps.
+MIGRATIONS = (_to_version_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
 # Attempts whose end the worker recorded itself as it happened: their start and end times measure
 # work. A `lost` attempt's end is when someone noticed (a sweep restarted hours later), a `released`
@@ -106,24 +130,73 @@ class Claim:
 
 
 class Ledger:
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 60.0):
+    """One connection to the ledger at `path`, created (and upgraded to `SCHEMA_VERSION`) if needed.
+
+    `readonly`: for readers (`report`, the review page): SQLite's `mode=ro`, no schema statement and no
+    write lock, so a report never waits for a worker's transaction nor holds one up; any write raises
+    `sqlite3.OperationalError`. The file must exist. One of an older version is upgraded first, once,
+    as a write open would (in a read-only folder that fails: LedgerError, as any open did before).
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 60.0, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        self.db: sqlite3.Connection | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-            with self.transaction() as db:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                # A ledger written before workers recorded their phase.
-                if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
-                    db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
+            if readonly:
+                self.db = self._connect(timeout_s, readonly=True)
+                if self._version() < SCHEMA_VERSION:
+                    self.db.close()
+                    Ledger(self.path, timeout_s).close()
+                    self.db = self._connect(timeout_s, readonly=True)
+                self._refuse_newer(self._version())
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = self._connect(timeout_s, readonly=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+        except LedgerError:
+            self._close_quietly()
+            raise
         except (sqlite3.DatabaseError, OSError) as exc:  # garbage in the file, a read-only folder, …
+            self._close_quietly()
             raise LedgerError(ledger_problem(self.path, exc)) from None
+
+    def _close_quietly(self) -> None:
+        if self.db is not None:
+            try:
+                self.db.close()
+            except sqlite3.Error:
+                pass
+
+    def _connect(self, timeout_s: float, readonly: bool) -> sqlite3.Connection:
+        target, uri = (self.path.absolute().as_uri() + "?mode=ro", True) if readonly else (str(self.path), False)
+        db = sqlite3.connect(target, uri=uri, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        return db
+
+    def _version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the ledger {self.path} was written by a newer version of wan-sweep (ledger schema version "
+                f"{version}; this version knows up to {SCHEMA_VERSION}). Run this sweep with that newer version "
+                "(pip install -U the package), or point output_dir at a new folder; nothing was changed")
+
+    def _migrate(self) -> None:
+        """Bring the ledger to `SCHEMA_VERSION`, one step of `MIGRATIONS` at a time, in one transaction."""
+        if self._version() == SCHEMA_VERSION:
+            return  # the usual case: no write lock taken
+        self._refuse_newer(self._version())
+        with self.transaction() as db:
+            version = self._version()  # another process may have upgraded it meanwhile
+            self._refuse_newer(version)
+            for step in MIGRATIONS[version:]:
+                step(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()

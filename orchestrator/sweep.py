@@ -62,8 +62,9 @@ class Sweep:
         self.ledger_path = self.state_dir / "ledger.sqlite"
         self.specs_dir = self.state_dir / "workers"
 
-    def ledger(self) -> Ledger:
-        return Ledger(self.ledger_path)
+    def ledger(self, readonly: bool = False) -> Ledger:
+        """The sweep's ledger; `readonly` for a reader (it must exist: see `has_ledger`)."""
+        return Ledger(self.ledger_path, readonly=readonly)
 
     # ---------------------------------------------------------------- locks
     def run_lock(self) -> "RunLock":

@@ -107,6 +107,13 @@ def test_a_reader_opens_read_only_and_takes_no_write_lock(one_job_ledger):
         writer.close()
 
 
+def test_a_read_only_open_takes_any_folder_name(tmp_path):
+    path = tmp_path / "50% done? #2 é" / "ledger.sqlite"  # characters a URI would read otherwise
+    writer = Ledger(path)
+    writer.set_meta("stop_reason", "disk full")
+    assert Ledger(path, readonly=True).get_meta("stop_reason") == "disk full"
+
+
 def test_a_version_1_ledger_opens_for_writing_without_a_write_lock(one_job_ledger):
     ledger, _ = one_job_ledger
     writer = sqlite3.connect(ledger.path, timeout=0, isolation_level=None)

@@ -51,7 +51,7 @@ from _common import (ROOT, SEED_CATEGORIES, SEED_GPUS, SEED_PROCS_PER_GPU, machi
 
 from orchestrator.backends.synthetic import _unit  # noqa: E402
 from orchestrator.jobs import expand  # noqa: E402
-from orchestrator.ledger import Ledger  # noqa: E402
+from orchestrator.ledger import Ledger, LedgerError  # noqa: E402
 from orchestrator.validation import load_manifest  # noqa: E402
 from orchestrator.planning import DeviceGroup, assign_queues  # noqa: E402
 
@@ -201,16 +201,16 @@ def run_full(folder: Path, base: float, jitter: float, death_at: float | None, t
         while child.poll() is None:
             time.sleep(0.02)
             try:
-                db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=5)
+                ledger = Ledger(ledger_path, timeout_s=5, readonly=True)
                 if first is None:
-                    first = db.execute("SELECT MIN(started_at) FROM attempts").fetchone()[0]
-                row = db.execute("SELECT pid FROM workers WHERE id='cpu2_worker0'").fetchone()
-                db.close()
-            except sqlite3.Error:
+                    first = min((a["started_at"] for a in ledger.attempts()), default=None)
+                pid = (ledger.worker("cpu2_worker0") or {}).get("pid")
+                ledger.close()
+            except (LedgerError, sqlite3.Error):  # not there yet
                 continue
-            if first is not None and time.time() >= first + death_at and row and row[0]:
-                os.kill(row[0], signal.SIGKILL)
-                killed.append(f"cpu2_worker0 pid {row[0]}")
+            if first is not None and time.time() >= first + death_at and pid:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(f"cpu2_worker0 pid {pid}")
                 return
 
     thread = None
@@ -223,12 +223,15 @@ def run_full(folder: Path, base: float, jitter: float, death_at: float | None, t
         child.kill()
         output, _ = child.communicate()
         raise RuntimeError(f"full run did not finish in {timeout:.0f}s:\n{output[-2000:]}")
-    db = sqlite3.connect(str(ledger_path))
-    first, last_first = db.execute(
-        "SELECT MIN(s), MAX(s) FROM (SELECT MIN(started_at) AS s FROM attempts GROUP BY worker)").fetchone()
-    end = db.execute("SELECT MAX(finished_at) FROM attempts WHERE outcome='done'").fetchone()[0]
-    done = db.execute("SELECT COUNT(*) FROM jobs WHERE state='done'").fetchone()[0]
-    db.close()
+    ledger = Ledger(ledger_path, readonly=True)
+    attempts = ledger.attempts()
+    done = ledger.counts()["done"]
+    ledger.close()
+    starts: dict[str, float] = {}  # each worker's first claim
+    for attempt in attempts:
+        starts[attempt["worker"]] = min(attempt["started_at"], starts.get(attempt["worker"], attempt["started_at"]))
+    first, last_first = min(starts.values()), max(starts.values())
+    end = max((a["finished_at"] for a in attempts if a["outcome"] == "done"), default=None)
     note = f"start-up {first - launched:.1f}s, first claims spread {last_first - first:.2f}s"
     if death_at is not None:
         note += "; killed " + (killed[0] if killed else "nothing (finished first)") + ", supervisor restarted it"

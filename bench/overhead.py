@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -99,12 +98,13 @@ def bench_full(workers: int, jobs: int, folder: Path, timeout: float) -> dict:
                           "local", "--no-progress", "--cpu-slots", str(workers)], cwd=ROOT,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                          timeout=timeout)
-    db = sqlite3.connect(str(folder / "out" / ".sweep" / "ledger.sqlite"))
-    first, last = db.execute("SELECT MIN(started_at), MAX(finished_at) FROM attempts WHERE outcome='done'").fetchone()
-    done = db.execute("SELECT COUNT(*) FROM jobs WHERE state='done'").fetchone()[0]
-    db.close()
+    ledger = Ledger(folder / "out" / ".sweep" / "ledger.sqlite", readonly=True)
+    made = [a for a in ledger.attempts() if a["outcome"] == "done"]
+    done = ledger.counts()["done"]
+    ledger.close()
     if run.returncode != 0 or done != 2 * len(prompts):
         raise RuntimeError(f"full run: exit {run.returncode}, {done} done\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    first, last = min(a["started_at"] for a in made), max(a["finished_at"] for a in made)
     return {"wall": last - first, "done": done}
 
 

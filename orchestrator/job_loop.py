@@ -78,7 +78,9 @@ class JobSource(ABC):
         """The next job for this slot (a ledger `Claim`: `.job`, `.attempt`), or None."""
 
     @abstractmethod
-    def complete(self, job_id: str, seconds: float, skipped: bool = False) -> None: ...
+    def complete(self, job_id: str, seconds: float, skipped: bool = False) -> bool:
+        """Record the job done; False when the claim is no longer this slot's (it expired and moved on:
+        its holder records the job, finding the video made), and nothing was recorded."""
 
     @abstractmethod
     def fail(self, job_id: str, message: str, outcome: str = "error") -> str:
@@ -123,7 +125,7 @@ class LedgerJobSource(JobSource):
         return self.ledger.claim(self.worker, self.spec.queue, prefer_group=prefer_group)
 
     def complete(self, job_id, seconds, skipped=False):
-        self.ledger.complete(job_id, self.worker, seconds, skipped=skipped)
+        return self.ledger.complete(job_id, self.worker, seconds, skipped=skipped)
 
     def fail(self, job_id, message, outcome="error"):
         return self.ledger.fail(job_id, self.worker, message, outcome=outcome)
@@ -289,8 +291,10 @@ class OutputWriter:
         try:
             write_video(self.spec, result, job.output, record, owner=self.spec.worker)
             seconds = time.monotonic() - started
-            source.complete(job.id, seconds)
-            self.log.info("done %s in %.1fs", job.key, seconds)
+            if source.complete(job.id, seconds):
+                self.log.info("done %s in %.1fs", job.key, seconds)
+            else:  # the claim expired and moved on: its holder records the job (it finds the video made)
+                self.log.warning("wrote %s, but the job is no longer this worker's: not counted", job.key)
         except Exception as exc:
             if disk_full(exc):  # not the job's fault: give it back unused (its temporary file is gone)
                 self.disk_full = exc
@@ -325,35 +329,12 @@ class ReadAhead:
 
 
 def retire_worker(ledger, spec: WorkerSpec, ooms: int) -> int | None:
-    """Mark this worker retired if another live worker shares its card; return how many remain.
-
-    One transaction, so two workers of a card that both keep running out of memory never both retire.
-    """
-    with ledger.transaction() as db:
-        left = card_mates(ledger, spec)
-        if not left:
-            return None
-        where = spec.queue if spec.devices else "this machine"
-        db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?",
-                   (f"retired after {ooms} out-of-memory errors in a row; {where} now runs {left} worker(s) "
-                    "for the rest of the sweep", spec.worker))
-    return left
-
-
-def card_mates(ledger, spec: WorkerSpec) -> int:
-    """Live workers that share one of this worker's devices (on CPU: any other live worker)."""
-    from .ledger import LIVE_WORKER_STATES
-    mine = set(spec.devices)
-    mates = 0
-    for worker in ledger.workers():
-        if worker["id"] == spec.worker or worker["state"] not in LIVE_WORKER_STATES:
-            continue
-        theirs = {int(d) for d in (worker["devices"] or "").split(",") if d}
-        if theirs & mine or not mine:
-            mates += 1
-    return mates
-
-
+    """Mark this worker retired if another live worker shares its card; return how many remain (the
+    ledger's rule, in one transaction, so two workers of a card never both retire)."""
+    where = spec.queue if spec.devices else "this machine"
+    return ledger.retire_if_shared(
+        spec.worker, spec.devices, lambda left: f"retired after {ooms} out-of-memory errors in a row; {where} "
+                                                f"now runs {left} worker(s) for the rest of the sweep")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,13 @@
 
 The ledger decides what is in flight and keeps history; the disk decides what is done (see
 `outputs`). Claims are atomic across processes (`BEGIN IMMEDIATE`), carry a heartbeat, and a claim
-whose heartbeat stops goes back to the queue with its attempt used.
+whose heartbeat stops goes back to the queue with its attempt used. Only the worker holding a claim
+records its end.
+
+Every rule about the rows lives here: no other module runs SQL. Readers (`report`, the review page)
+open it read-only (`Ledger(path, readonly=True)`) and never take the write lock. The schema carries a
+version (`PRAGMA user_version`): a ledger of an older version is upgraded step by step when opened
+(`MIGRATIONS`), one of a newer version is refused.
 """
 from __future__ import annotations
 
@@ -14,11 +20,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import WanSweepError
 from .jobs import Job
 
+# Version 1 of the schema, the first with a version number (older ledgers are version 0). Frozen:
+# a later version changes it through a new step in `MIGRATIONS`, never by editing this text.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -71,6 +79,22 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
+
+def _to_version_1(db: sqlite3.Connection) -> None:
+    """A new ledger gets every table; one from before schema versions gets what it may lack: the
+    workers' `phase` column and the attempts' end indexes."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
+        db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
+
+
+# MIGRATIONS[n] takes a ledger from version n to n + 1, inside the opening transaction. A new version
+# appends a step (and never edits an earlier one): every ledger, new or old, goes through the same steps.
+MIGRATIONS = (_to_version_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
 # Attempts whose end the worker recorded itself as it happened: their start and end times measure
 # work. A `lost` attempt's end is when someone noticed (a sweep restarted hours later), a `released`
@@ -80,6 +104,10 @@ TIMED_OUTCOMES = ("done", "error", "oom", "timeout")
 
 class LedgerError(WanSweepError, RuntimeError):
     """The ledger file cannot be used; the message says what is wrong and how to recover."""
+
+
+class UnknownJob(LedgerError):
+    """A job id the ledger does not hold (a claim or spec of another sweep, a mistyped id)."""
 
 
 def ledger_problem(path: str | os.PathLike, error: BaseException) -> str:
@@ -103,24 +131,73 @@ class Claim:
 
 
 class Ledger:
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 60.0):
+    """One connection to the ledger at `path`, created (and upgraded to `SCHEMA_VERSION`) if needed.
+
+    `readonly`: for readers (`report`, the review page): SQLite's `mode=ro`, no schema statement and no
+    write lock, so a report never waits for a worker's transaction nor holds one up; any write raises
+    `sqlite3.OperationalError`. The file must exist. One of an older version is upgraded first, once,
+    as a write open would (in a read-only folder that fails: LedgerError, as any open did before).
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 60.0, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        self.db: sqlite3.Connection | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-            with self.transaction() as db:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                # A ledger written before workers recorded their phase.
-                if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
-                    db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
+            if readonly:
+                self.db = self._connect(timeout_s, readonly=True)
+                if self._version() < SCHEMA_VERSION:
+                    self.db.close()
+                    Ledger(self.path, timeout_s).close()
+                    self.db = self._connect(timeout_s, readonly=True)
+                self._refuse_newer(self._version())
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = self._connect(timeout_s, readonly=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+        except LedgerError:
+            self._close_quietly()
+            raise
         except (sqlite3.DatabaseError, OSError) as exc:  # garbage in the file, a read-only folder, …
+            self._close_quietly()
             raise LedgerError(ledger_problem(self.path, exc)) from None
+
+    def _close_quietly(self) -> None:
+        if self.db is not None:
+            try:
+                self.db.close()
+            except sqlite3.Error:
+                pass
+
+    def _connect(self, timeout_s: float, readonly: bool) -> sqlite3.Connection:
+        target, uri = (self.path.absolute().as_uri() + "?mode=ro", True) if readonly else (str(self.path), False)
+        db = sqlite3.connect(target, uri=uri, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        return db
+
+    def _version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the ledger {self.path} was written by a newer version of wan-sweep (ledger schema version "
+                f"{version}; this version knows up to {SCHEMA_VERSION}). Run this sweep with that newer version "
+                "(pip install -U the package), or point output_dir at a new folder; nothing was changed")
+
+    def _migrate(self) -> None:
+        """Bring the ledger to `SCHEMA_VERSION`, one step of `MIGRATIONS` at a time, in one transaction."""
+        if self._version() == SCHEMA_VERSION:
+            return  # the usual case: no write lock taken
+        self._refuse_newer(self._version())
+        with self.transaction() as db:
+            version = self._version()  # another process may have upgraded it meanwhile
+            self._refuse_newer(version)
+            for step in MIGRATIONS[version:]:
+                step(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -267,9 +344,33 @@ class Ledger:
         self.db.execute("UPDATE workers SET job=NULL WHERE id=? AND job=?", (worker, job_id))
         return state
 
-    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False) -> None:
+    def _holder(self, db: sqlite3.Connection, job_id: str) -> tuple[str | None, str]:
+        """(worker, state) of the job's row; UnknownJob when the ledger has no such job."""
+        row = db.execute("SELECT worker, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"the ledger {self.path} has no job {job_id!r}: the worker or the claim belongs to "
+                             "another sweep, or its spec file is out of date; run the sweep again")
+        return row
+
+    def holds(self, job_id: str, worker: str) -> bool:
+        """Whether `worker` holds the claim on the job now (its claim has not expired and moved on).
+
+        Only the holder may record the job's end (`complete`, `fail`, `release`). UnknownJob for an id
+        the ledger does not hold."""
+        return self._holder(self.db, job_id) == (worker, "running")
+
+    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False) -> bool:
+        """Record the job done by `worker` (its video is on disk); True when recorded.
+
+        False, and nothing recorded, when the worker no longer holds the claim (it expired and went
+        back to the queue, or another worker holds it now): the holder's own attempt stays the one
+        that counts, so the caller must not count the job as its own. The video it wrote is not lost:
+        the disk decides what is done, and the holder skips a job whose video is there.
+        """
         now = time.time()
         with self.transaction() as db:
+            if self._holder(db, job_id) != (worker, "running"):
+                return False
             db.execute("UPDATE jobs SET state='done', worker=?, finished_at=?, seconds=?, skipped=?, "
                        "last_error=NULL WHERE id=?", (worker, now, seconds, int(skipped), job_id))
             if skipped:
@@ -281,13 +382,17 @@ class Ledger:
             db.execute("UPDATE workers SET jobs_done=jobs_done+?, busy_s=busy_s+? WHERE id=?",
                        (0 if skipped else 1, 0 if skipped else seconds, worker))
             db.execute("UPDATE workers SET job=NULL, state='idle' WHERE id=? AND job=?", (worker, job_id))
+        return True
 
     def fail(self, job_id: str, worker: str, error: str, outcome: str = "error") -> str:
-        """Record a failed attempt; the job goes back to the queue until its attempts run out."""
+        """Record a failed attempt; the job goes back to the queue until its attempts run out.
+
+        Returns the job's new state, or "lost" (nothing recorded) when the worker no longer holds the
+        claim: it had already expired and moved on."""
         max_attempts, _ = self._limits()
         with self.transaction() as db:
-            if db.execute("SELECT worker FROM jobs WHERE id=?", (job_id,)).fetchone()[0] != worker:
-                return "lost"  # the claim had already expired and moved on
+            if self._holder(db, job_id) != (worker, "running"):
+                return "lost"
             state = self._end_attempt(job_id, worker, outcome, error, max_attempts)
             if outcome == "oom":
                 db.execute("UPDATE workers SET ooms=ooms+1 WHERE id=?", (worker,))
@@ -295,8 +400,10 @@ class Ledger:
         return state
 
     def release(self, job_id: str, worker: str) -> None:
-        """Give a job back without using an attempt (a graceful stop)."""
+        """Give a job back without using an attempt (a graceful stop); nothing changes unless `worker`
+        holds the claim."""
         with self.transaction() as db:
+            self._holder(db, job_id)  # UnknownJob for an id the ledger does not hold
             db.execute("UPDATE attempts SET finished_at=?, outcome='released' WHERE job_id=? AND worker=? "
                        "AND finished_at IS NULL", (time.time(), job_id, worker))
             db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
@@ -352,6 +459,31 @@ class Ledger:
         names = ", ".join(f"{k}=?" for k in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE workers SET {names} WHERE id=?", (*fields.values(), worker))
+
+    def retire_if_shared(self, worker: str, devices: tuple[int, ...], message: Callable[[int], str]) -> int | None:
+        """Mark the worker retired (`message(left)` says why) if another live worker shares one of its
+        devices (on CPU: any other live worker); return how many remain, None (nothing changed) if none.
+
+        One transaction, so two workers of a card that both keep running out of memory never both retire.
+        """
+        with self.transaction() as db:
+            left = self._card_mates(worker, devices)
+            if not left:
+                return None
+            db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?", (message(left), worker))
+        return left
+
+    def _card_mates(self, worker: str, devices: tuple[int, ...]) -> int:
+        """Live workers other than `worker` that share one of its devices (on CPU: any other live worker)."""
+        mine = set(devices)
+        mates = 0
+        for other in self.workers():
+            if other["id"] == worker or other["state"] not in LIVE_WORKER_STATES:
+                continue
+            theirs = {int(d) for d in (other["devices"] or "").split(",") if d}
+            if theirs & mine or not mine:
+                mates += 1
+        return mates
 
     def workers(self) -> list[dict]:
         cur = self.db.execute("SELECT * FROM workers ORDER BY id")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,9 +148,19 @@ class WorkerSpec:
     settings: dict = field(default_factory=dict)  # the fingerprint recorded in each sidecar
 
     def write(self, path: str | Path) -> Path:
+        """Write the spec atomically: a temporary file beside it, then a rename, so a worker starting
+        (or restarting) at that moment reads the old spec or the new one, never half of one."""
+        from .outputs import TEMP_MARK
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False), encoding="utf-8")
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(asdict(self), stream, indent=2, ensure_ascii=False)
+            os.replace(temp_name, path)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

@@ -113,7 +113,7 @@ def _read_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: Di
 
 def _add_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
     """What only the ledger knows: running and failed jobs, speed, workers."""
-    ledger = sweep.ledger()
+    ledger = sweep.ledger(readonly=True)
     try:
         workers = ledger.workers()
         # A worker the ledger calls alive whose processes are gone (`stop --now`, every process

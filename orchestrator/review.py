@@ -322,7 +322,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     attempts: list[dict] = []
     worker_rows: list[dict] = []
     if report.ledger and sweep.has_ledger():  # not when the report found it unreadable
-        ledger = sweep.ledger()
+        ledger = sweep.ledger(readonly=True)
         try:
             rows_by_id = {row["id"]: row for row in ledger.jobs()}
             attempts = ledger.attempts()

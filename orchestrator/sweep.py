@@ -63,8 +63,9 @@ class Sweep:
         self.ledger_path = self.state_dir / "ledger.sqlite"
         self.specs_dir = self.state_dir / "workers"
 
-    def ledger(self) -> Ledger:
-        return Ledger(self.ledger_path)
+    def ledger(self, readonly: bool = False) -> Ledger:
+        """The sweep's ledger; `readonly` for a reader (it must exist: see `has_ledger`)."""
+        return Ledger(self.ledger_path, readonly=readonly)
 
     # ---------------------------------------------------------------- locks
     def run_lock(self) -> "RunLock":
@@ -115,7 +116,7 @@ class Sweep:
     def own_folders(self) -> set[Path]:
         """Every folder the sweep writes its files (and so its temporary files) into, and no other."""
         folders = {Path(job.output).parent for job in self.jobs}
-        folders |= {self.root, self.state_dir}
+        folders |= {self.root, self.state_dir, self.specs_dir}
         folders |= {self.state_dir / "thumbs" / category.name for category in self.manifest.categories}
         return folders
 
@@ -312,10 +313,27 @@ class Sweep:
                 alive.append(worker)
         return alive
 
+    def alive_workers(self) -> set[str]:
+        """Ids of the workers alive now: whose supervisor or worker holds its lock, or that the ledger
+        says are alive (a Ray actor elsewhere, a worker not holding a lock yet)."""
+        alive = set(self.locked_workers())
+        if self.has_ledger():
+            ledger = self.ledger(readonly=True)
+            try:
+                alive |= {worker["id"] for worker in self.live_workers(ledger)}
+            finally:
+                ledger.close()
+        return alive
+
     def write_specs(self, plan: Plan) -> list[tuple[WorkerSpec, Path]]:
+        """Write the spec file of each of the plan's workers that is not alive now (`--add-workers`
+        leaves the running ones and their spec files alone); return those written."""
         m = self.manifest
         specs = []
+        alive = self.alive_workers()
         for slot in plan.workers:
+            if slot.id in alive:
+                continue  # its worker rereads this file at each restart: not ours to change
             spec = WorkerSpec(
                 sweep=m.name, worker=slot.id, devices=slot.devices, queue=slot.queue,
                 ledger=str(self.ledger_path), output_dir=str(self.root),

@@ -1,6 +1,6 @@
 """Starting and stopping a sweep is exclusive (issue 18): two `run`s started together start one set of
-workers, a `run` never cleans up or resets what live workers of its sweep hold, and a `stop` issued
-while a `run` is starting takes effect."""
+workers, a `run` never cleans up or resets what live workers of its sweep hold (their spec files
+included; spec files are replaced whole), and a `stop` issued while a `run` is starting takes effect."""
 from __future__ import annotations
 
 import fcntl
@@ -17,6 +17,7 @@ from orchestrator import cli as cli_module
 from orchestrator import run as run_module
 from orchestrator.ledger import Ledger
 from orchestrator.outputs import TEMP_MARK
+from orchestrator.planning import WorkerSpec
 
 from .conftest import ROOT, cli, synthetic_manifest
 
@@ -65,6 +66,54 @@ def test_a_live_worker_not_yet_in_the_ledger_keeps_its_sweep_running(write_manif
     held.close()
     assert result.returncode == 0 and "already running (1 workers alive)" in result.stdout, result.stdout
     assert partial.exists() and not (out / "alpha" / "seed_1_prompt_0.mp4").exists()
+
+
+def test_add_workers_leaves_a_live_workers_spec_file_alone(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(seeds=[1]))
+    out = tmp_path / "out"
+    assert cli("run", str(path), *RUN).returncode == 0
+    (out / "alpha" / "seed_1_prompt_0.mp4").unlink()
+    live_spec = out / ".sweep" / "workers" / "cpu0_worker0.json"
+    live_spec.write_text('{"what its worker reads": "this"}', encoding="utf-8")
+    before = live_spec.stat()
+    held = _hold(out / ".sweep" / "locks" / "cpu0_worker0.lock", fcntl.LOCK_SH)  # its supervisor, alive
+    result = cli("run", str(path), *RUN, "--cpu-slots", "3", "--add-workers")
+    held.close()
+    assert result.returncode == 0 and "started 2 workers" in result.stdout, result.stdout + result.stderr
+    after = live_spec.stat()
+    assert live_spec.read_text(encoding="utf-8") == '{"what its worker reads": "this"}'
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in live_spec.parent.iterdir()) == [f"cpu{i}_worker0.json" for i in range(3)]
+
+
+def _spec(worker: str, folder: Path, **model) -> WorkerSpec:
+    return WorkerSpec(sweep="t", worker=worker, devices=(), queue="cpu0", ledger=str(folder / "ledger.sqlite"),
+                      output_dir=str(folder), log=str(folder / f"{worker}.log"), model=model,
+                      generation={}, execution={})
+
+
+def test_a_spec_file_is_replaced_whole_never_written_in_place(tmp_path, monkeypatch):
+    import os
+    target = tmp_path / "workers" / "cpu0_worker0.json"
+    _spec("cpu0_worker0", tmp_path, backend="old").write(target)
+    old_text = target.read_text(encoding="utf-8")
+    renames = []
+    real_replace = os.replace
+
+    def replace(source, destination):
+        # At the rename the spec still holds the old text, and the new one is complete beside it.
+        renames.append((Path(source).parent, Path(destination), target.read_text(encoding="utf-8"),
+                        WorkerSpec.read(source).model))
+        real_replace(source, destination)
+    monkeypatch.setattr(os, "replace", replace)
+    _spec("cpu0_worker0", tmp_path, backend="new").write(target)
+    assert renames == [(target.parent, target, old_text, {"backend": "new"})]
+    assert WorkerSpec.read(target).model == {"backend": "new"}
+
+    with pytest.raises(TypeError):  # fails halfway through writing: the old spec stays, no temporary file
+        _spec("cpu0_worker0", tmp_path, backend="newer", options=object()).write(target)
+    assert WorkerSpec.read(target).model == {"backend": "new"}
+    assert [p.name for p in target.parent.iterdir()] == ["cpu0_worker0.json"]
 
 
 def test_runs_started_together_start_one_set_of_workers(write_manifest, tmp_path):

@@ -26,8 +26,9 @@ def _fill(ledger: Ledger, jobs, queues, max_attempts=3, heartbeat_timeout_s=300.
     ledger.sync(jobs, queues, set(), max_attempts, heartbeat_timeout_s, fresh=True)
 
 
-def _claim_all(path: str, worker: str, queue: str, out):
+def _claim_all(path: str, worker: str, queue: str, out, ready):
     ledger = Ledger(path)
+    ready.wait()  # every process has started: none takes all the work before the others exist
     taken = []
     while True:
         claim = ledger.claim(worker, queue)
@@ -45,7 +46,9 @@ def test_claims_are_atomic_under_many_processes(tmp_path, sweep_jobs):
     ledger = Ledger(tmp_path / "ledger.sqlite")
     _fill(ledger, jobs, {j.id: f"q{j.ordinal % 4}" for j in jobs})
     out = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_claim_all, args=(str(ledger.path), f"w{i}", f"q{i % 4}", out))
+    ready = mp.get_context("spawn").Barrier(16)
+    procs = [mp.get_context("spawn").Process(target=_claim_all,
+                                             args=(str(ledger.path), f"w{i}", f"q{i % 4}", out, ready))
              for i in range(16)]
     for p in procs:
         p.start()

@@ -333,8 +333,7 @@ class Driver(threading.Thread):
         adopt_mp4(temp, job.output, expected_frames=self.frames, sidecar=answer.get("sidecar") or {})
 
     def _owns(self, job_id: str, worker: str) -> bool:
-        row = self.ledger.db.execute("SELECT worker, state FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return row is not None and row[0] == worker and row[1] == "running"
+        return self.ledger.holds(job_id, worker)
 
     def _actor_lost(self, slot: _Slot, exc: BaseException) -> None:
         reason = short_error(exc)

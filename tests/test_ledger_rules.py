@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.jobs import expand
 from orchestrator.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger, LedgerError, UnknownJob
-from orchestrator.manifest import load_manifest
+from orchestrator.validation import load_manifest
 
 from .conftest import synthetic_manifest
 

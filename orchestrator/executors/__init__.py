@@ -23,11 +23,6 @@ def executor_class(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def __getattr__(name: str):
-    if name == "Executor":  # the interface, imported on first use: it needs the sweep and the planner
-        from .base import Executor
-        return Executor
-    raise AttributeError(name)
-
-
-__all__ = ["DEFAULT_EXECUTOR", "EXECUTORS", "EXECUTOR_NAMES", "Executor", "executor_class"]
+# The interface itself is `executors.base.Executor`: importing it here would make the manifest (which
+# reads EXECUTOR_NAMES) depend on the sweep and the planner.
+__all__ = ["DEFAULT_EXECUTOR", "EXECUTORS", "EXECUTOR_NAMES", "executor_class"]

@@ -158,18 +158,24 @@ def test_changed_settings_are_detected_and_never_overwritten(write_manifest, tmp
     assert {json.loads(p.with_suffix(".json").read_text())["job_id"] for p in _mp4s(out)} == new_ids
 
 
-def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path):
-    path = write_manifest(synthetic_manifest(
-        model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}))
+def _start_until_two_run(path, tmp_path):
+    """`run --executor local` in the background, returned once both its workers are running a job."""
     run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
                             "--executor", "local", "--no-progress"], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if ledger_path.exists() and Ledger(ledger_path).counts()["running"] == 2:
             break
         time.sleep(0.2)
+    return run, ledger_path
+
+
+def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}))
+    run, ledger_path = _start_until_two_run(path, tmp_path)
     pids = [p.pid for p in psutil.Process(run.pid).children(recursive=True)]
     assert len(pids) == 4  # two supervisors, two workers
     result = cli("stop", str(path))
@@ -185,15 +191,7 @@ def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path)
 def test_stop_now_uses_no_attempt_and_leaves_no_worker_running(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}, execution={"retries": 0}))
-    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
-                            "--executor", "local", "--no-progress"], cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if ledger_path.exists() and Ledger(ledger_path).counts()["running"] == 2:
-            break
-        time.sleep(0.2)
+    run, ledger_path = _start_until_two_run(path, tmp_path)
     result = cli("stop", str(path), "--now")
     assert result.returncode == 0 and "(killed)" in result.stdout
     run.wait(timeout=30)

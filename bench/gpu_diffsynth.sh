@@ -14,18 +14,13 @@
 # $OUT gets at most 5 files: diffsynth_machine.txt, diffsynth_build.log, diffsynth_{13,14,13resident}.log.
 # Disk: 1.3B set 14.8 GB (DiT 2.8, text encoder 11.4, VAE 0.5) + 14B DiT 28.6 GB (the rest linked).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DIFFSYNTH_SKIP_DOWNLOAD=True
+source bench/_gpu_env.sh  # OUT, the environment, the carried wheels
 STAGES=${STAGES:-"build13 build14 run13 run14 run13resident"}
 STEPS=${STEPS:-4}
 BUDGET_S=${BUDGET_S:-400}   # optional stages start only before this many seconds have passed
 ROOT_DIR=${DSW_ROOT:-/tmp/dsw}
 M13=$ROOT_DIR/Wan2.1-T2V-1.3B M14=$ROOT_DIR/Wan2.1-T2V-14B
 START=$(date +%s)
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 mkdir -p "$ROOT_DIR"
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   df -h "$ROOT_DIR" | tail -1; free -g | head -2

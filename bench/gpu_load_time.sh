@@ -8,13 +8,8 @@
 # 64 GB disk); each size has its own time limit so a slow disk still returns the 1.3B figures.
 # Wheels for what the machine lacks travel in .whl/ (diffusers, as for bench/gpu_run.sh).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WORK=${WORK:-/tmp/loadbench}; mkdir -p "$WORK"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
+source bench/_gpu_env.sh  # OUT, the environment, the carried wheels
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
   free -g | head -2; df -h "$WORK" | tail -1; nproc

@@ -7,12 +7,7 @@
 # Wheels for what the machine lacks travel in .whl/ (diffusers, av, importlib_metadata).
 set -uo pipefail
 STAGE=${1:?stage}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
+source bench/_gpu_env.sh  # OUT, the environment, the carried wheels
 MODEL=/tmp/wan13b WORK=/tmp/gpubench STEPS=${STEPS:-4} JOBS=${JOBS:-12}
 mkdir -p $WORK
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv;

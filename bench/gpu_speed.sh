@@ -11,17 +11,12 @@
 # Needs, as wheels in .whl/: diffusers, importlib_metadata, torchao, av, and for diffsynth: diffsynth ftfy
 # wcwidth modelscope. Each stage prints the trial table and writes $OUT/speed_<stage>.log.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DIFFSYNTH_SKIP_DOWNLOAD=True
+source bench/_gpu_env.sh  # OUT, the environment, the carried wheels
 STAGES=${STAGES:-"diffusers13 diffsynth13"}
 STEPS=${STEPS:-3}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/speed}
 START=$(date +%s)
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 mkdir -p "$WORK"
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'torchao', torchao.__version__, 'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)"

@@ -418,8 +418,10 @@ class JobLoop:
                 # The first call compiles (minutes with fp8): one worker of the machine at a time, and
                 # heartbeats go on as while loading, since no step finishes until it is done.
                 pulse.loading = compile_cache is not None
-                made = generate_job(backend, spec, job, claim.attempt, gpu_names, progress, compile_cache)
-                pulse.loading = False
+                try:
+                    made = generate_job(backend, spec, job, claim.attempt, gpu_names, progress, compile_cache)
+                finally:  # a failed first call must not leave hang detection off for the jobs after it
+                    pulse.loading = False
                 if compile_cache is not None:
                     compile_cache = None
                     log.info("first call (compiles the denoiser): %s", made.record["first_call"])

@@ -672,3 +672,55 @@ def test_fp8_leaves_the_cross_attentions_text_projections_in_full_precision(tiny
     fp8, kept = split(_diffsynth(tiny_diffsynth).pipe.dit.blocks[0])
     assert kept == {"cross_attn.k", "cross_attn.v"}
     assert {"self_attn.q", "self_attn.k", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2"} <= fp8
+
+
+def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
+    """While the first call compiles, heartbeats go on without steps (`pulse.loading`); a first call
+    that fails must switch that off again, or a later hang would never be noticed."""
+    import logging
+
+    from orchestrator.job_loop import JobLoop, JobSource
+    from orchestrator.ledger import Claim
+    from orchestrator.planning import WorkerSpec
+
+    class FakeSource(JobSource):  # a FAKE job source: two jobs, no ledger
+        def __init__(self):
+            self.jobs, self.failed = [_job(seed=1), _job(seed=2)], []
+
+        def claim(self, prefer_group=None):
+            return Claim(self.jobs.pop(0), 1) if self.jobs else None
+
+        def complete(self, job_id, seconds, skipped=False):
+            return True
+
+        def fail(self, job_id, message, outcome="error"):
+            self.failed.append(job_id)
+            return "failed"
+
+        def release(self, job_id):
+            pass
+
+        def heartbeat(self, job_id):
+            pass
+
+        def unfinished(self):
+            return len(self.jobs)
+
+    class Failing:  # a backend whose every call fails (e.g. compiling ran out of memory)
+        name, attempt = "failing", 1
+        load_info: dict = {}
+
+        def generate(self, job, progress):
+            raise RuntimeError("compile failed")
+
+        def prepare(self, job):
+            pass
+
+    spec = WorkerSpec(sweep="s", worker="w0", devices=(), queue="cpu0", ledger="", output_dir=str(tmp_path),
+                      log="", model={"backend": "synthetic"}, generation={"num_frames": 5, "fps": 5},
+                      execution={})
+    source = FakeSource()
+    loop = JobLoop(source, spec, logging.getLogger("test"))
+    assert loop.run(Failing(), [], compile_cache=str(tmp_path / "cache")) == "finished"
+    assert len(source.failed) == 2 and loop.pulse.loading is False
+    loop.close()

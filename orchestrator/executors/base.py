@@ -87,7 +87,14 @@ class Executor(ABC):
 
     def running(self) -> int:
         """How many of this sweep's workers are alive now."""
-        return len(self.sweep.live_workers(self.sweep.ledger()))
+        # Asked every second while a run follows its sweep: a read-only connection, closed again.
+        if not self.sweep.has_ledger():
+            return 0
+        ledger = self.sweep.ledger(readonly=True)
+        try:
+            return len(self.sweep.live_workers(ledger))
+        finally:
+            ledger.close()
 
     def wait(self, poll_s: float = 1.0) -> None:
         """Block until every worker this executor started has ended (local); others return at once."""

@@ -8,6 +8,7 @@
 #   diffusers13  Wan-1.3B-sized diffusers checkpoint: eager, compile=blocks, compile=blocks+fp8 (+ warm cache)
 #   diffusers14  Wan-14B-sized diffusers checkpoint (28.6 GB DiT): eager, compile=blocks, compile=blocks+fp8
 #   diffsynth13  Wan2.1-T2V-1.3B original layout (recognised by DiffSynth's loader): the same three
+#   diffsynth14  Wan2.1-T2V-14B original layout (28.6 GB DiT in 6 shards): eager, compile=blocks+fp8 (TRIES_DIFFSYNTH14)
 # Needs, as wheels in .whl/: diffusers, importlib_metadata, torchao, av, and for diffsynth: diffsynth ftfy
 # wcwidth modelscope. Each stage prints the trial table and writes $OUT/speed_<stage>.log.
 set -uo pipefail
@@ -58,12 +59,15 @@ for stage in $STAGES; do
         trial $stage "$(manifest $stage diffusers "$model" '{}')" $tries
         [ "${KEEP:-0}" = 1 ] || [ $stage = diffusers13 ] || rm -rf "$model"
         ;;
-      diffsynth13)
-        model=$WORK/Wan2.1-T2V-1.3B
-        [ -f "$model/.built" ] || { python3 bench/gpu_diffsynth_build.py "$model" --size 1.3b --device "$DEVICE" 2>&1 \
-            | tee -a "$OUT/speed_$stage.log" && touch "$model/.built"; }
-        trial $stage "$(manifest $stage diffsynth "$model" '{vram_management: text_encoder}')" \
-            ${TRIES_DIFFSYNTH:---try compile=blocks --try compile=blocks,quantize=fp8}
+      diffsynth13|diffsynth14)
+        size=1.3b; tries=${TRIES_DIFFSYNTH:---try compile=blocks --try compile=blocks,quantize=fp8}
+        [ $stage = diffsynth14 ] && { size=14b; tries=${TRIES_DIFFSYNTH14:---try compile=blocks,quantize=fp8}; }
+        model=$WORK/Wan2.1-T2V-${size^^}
+        built=$(date +%s)
+        [ -f "$model/.built" ] || { python3 bench/gpu_diffsynth_build.py "$model" --size $size --device "$DEVICE" 2>&1 \
+            | tee -a "$OUT/speed_$stage.log" && touch "$model/.built" \
+            && echo "built in $(( $(date +%s) - built ))s" | tee -a "$OUT/speed_$stage.log"; }
+        trial $stage "$(manifest $stage diffsynth "$model" '{vram_management: text_encoder}')" $tries
         ;;
       *) echo "unknown stage $stage" ;;
     esac

@@ -115,11 +115,22 @@ def apply_to_denoiser(denoiser: "torch.nn.Module", blocks: list["torch.nn.Module
 
 
 # The cross-attention's key and value projections read the text (and, for Wan2.1 I2V, the image)
-# context: 512 (+257) tokens against the 32,760 of a 480p video, so fp8 buys nothing there, and the
-# padding of the text context is rows of zeros, whose per-row fp8 scale is zero (0/0: NaN). They keep
+# context: 512 (+257) tokens against the 32,760 of a 480p video, so fp8 buys nothing there: they keep
 # the model's dtype under `quantize: fp8`. Names: diffusers' WanTransformerBlock, DiffSynth's DiTBlock.
 TEXT_CONTEXT_LAYERS = ("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj",
                        "cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img")
+
+
+FP8_ACTIVATION_AMAX_FLOOR = 1e-12  # far below any real activation's row maximum in bf16
+
+
+def fp8_config():
+    """torchao's fp8 config of `quantize: fp8`: fp8 weights per row, activations quantized per row at run
+    time. A row of zeros (the text context's padding, or a zero-bias layer's output for it) has an amax
+    of 0, so torchao's per-row scale would be 0 and the row 0/0 = NaN (what made DiffSynth's frames NaN
+    on the H200, bench/gpu_fp8_zero_rows.py): the floor gives such a row a tiny scale instead."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=FP8_ACTIVATION_AMAX_FLOOR)
 
 
 def fp8_layers(module, name: str) -> bool:
@@ -142,8 +153,7 @@ def quantize(denoiser, blocks, mode: str, compute_dtype, library: str) -> int:
             why = fp8_card_problem([card] if card else [])
             if why:
                 raise RuntimeError(why)
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-            config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+            config = fp8_config()
         else:
             from torchao.quantization import Int8WeightOnlyConfig
             config = Int8WeightOnlyConfig()

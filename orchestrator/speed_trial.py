@@ -151,7 +151,9 @@ def format_trials(results: list[dict], manifest: Manifest) -> str:
                      _f(r.get("load_seconds"), 1, "s"), _f(peak / 2**30 if peak else None, 1),
                      f"{100 * r['denoiser_rel_l2']:.2f}%" if "denoiser_rel_l2" in r else "-",
                      "identical" if psnr == math.inf else _f(psnr, 1)])
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    # a failure's message spans the row: it sets no column's width
+    widths = [max(len(str(row[i])) for row in [header] + rows if i == 0 or not str(row[1]).startswith("failed: "))
+              for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     # a candidate whose frames are far from eager's (PSNR under 20 dB: another picture, not rounding)

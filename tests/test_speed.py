@@ -637,6 +637,21 @@ def test_models_speed_compares_int8_with_eager(write_manifest, tmp_path, tiny_di
     assert np.load(work / "quantize-int8" / "frames.npy").shape == (5, 32, 32, 3)
 
 
+def test_a_failed_candidates_message_does_not_widen_the_table(write_manifest):
+    """Seen on the H200: a failed candidate's long message set the s/step column's width, pushing every
+    other column far to the right."""
+    from orchestrator.speed_trial import format_trials
+    from orchestrator.validation import load_manifest
+    manifest = load_manifest(write_manifest(synthetic_manifest()))
+    ok = {"label": "eager", "speed": {}, "seconds_per_step": 1.21, "seconds_per_video": 63.9}
+    failed = {"label": "compile=blocks", "speed": {}, "error": "exit 1: " + "NonFiniteFrames " * 12}
+    lines = format_trials([ok, failed], manifest).splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["candidate", "s/step"])
+    eager = next(line for line in lines if line.split()[:1] == ["eager"])
+    assert header.index("s/video") < 40 and eager.index("63.9") == header.index("s/video")
+    assert any(line.split()[:2] == ["compile=blocks", "failed:"] for line in lines)
+
+
 def test_models_speed_refuses_a_bad_candidate(write_manifest, tmp_path, tiny_diffusers):
     path = write_manifest(_diffusers_manifest(tiny_diffusers, {}))
     result = cli("models", "speed", str(path), "--try", "compile=fast")
@@ -656,8 +671,8 @@ def test_frames_that_are_not_finite_fail_the_job_instead_of_becoming_a_black_vid
 
 
 def test_fp8_leaves_the_cross_attentions_text_projections_in_full_precision(tiny_diffusers, tiny_diffsynth):
-    """fp8's per-row scales of the text context's padding (rows of zeros) are zero: 0/0 made NaN frames on
-    the GPU with DiffSynth's DiT. The layers that read the context keep the model's dtype; the rest are fp8."""
+    """The layers that read the text context (512 tokens: fp8 buys nothing there) keep the model's dtype;
+    the rest are fp8."""
     import torch
 
     from orchestrator.speed import fp8_layers
@@ -672,6 +687,18 @@ def test_fp8_leaves_the_cross_attentions_text_projections_in_full_precision(tiny
     fp8, kept = split(_diffsynth(tiny_diffsynth).pipe.dit.blocks[0])
     assert kept == {"cross_attn.k", "cross_attn.v"}
     assert {"self_attn.q", "self_attn.k", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2"} <= fp8
+
+
+def test_fp8_gives_zero_activation_rows_a_scale_above_zero():
+    """torchao's per-row scale of a row of zeros is 0 and the row becomes 0/0 = NaN (DiffSynth's frames
+    on the H200, bench/gpu_fp8_zero_rows.py): the config the product quantizes with floors it, per row and
+    only for activations (the weights' scales are their own)."""
+    from torchao.quantization import PerRow
+
+    from orchestrator.speed import fp8_config
+    config = fp8_config()
+    assert config.activation_value_lb and config.activation_value_lb > 0
+    assert config.granularity == PerRow() or all(g == PerRow() for g in config.granularity)
 
 
 def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):

@@ -278,16 +278,13 @@ class DiffSynthWanBackend(Backend):
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
         o = manifest.model.options
-        fp8 = (["diffsynth: speed.quantize fp8 is not yet measured on a GPU since a fix (it made NaN frames "
-                "on random weights; docs/benchmarks.md): try it with `models speed` first; a job whose frames "
-                "are not finite fails instead of being written"] if manifest.model.speed.quantize == "fp8" else [])
         vm = o.get("vram_management", True)
         notes = [f"diffsynth: each worker loads the model once (vram_management: {vm}); prompt embeddings "
                  f"are cached per worker (up to {o.get('prompt_cache', 64)} prompts)"]
         if manifest.model.task == "v2v":
             notes.append("diffsynth: a reference video is VAE-encoded once per worker and reused for all its "
                          "prompts × seeds")
-        return fp8 + notes
+        return notes
 
     # ------------------------------------------------------------------------------------------
 

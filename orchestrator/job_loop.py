@@ -421,7 +421,7 @@ class JobLoop:
                 now = time.monotonic()
                 if now - last_report[0] >= 5 or step == steps:
                     last_report[0] = now
-                    print(f"  {job.key}: step {step}/{steps} ({now - t0:.1f}s)", flush=True)
+                    log.info("  %s: step %d/%d (%.1fs)", job.key, step, steps, now - t0)
 
             try:
                 # The first call compiles (minutes with fp8): one worker of the machine at a time, and

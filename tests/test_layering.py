@@ -85,3 +85,29 @@ def test_manifest_reader_imports_no_backend():
         capture_output=True, text=True, check=True, cwd=PACKAGE.parent).stdout
     assert "orchestrator.backends" not in loaded
     assert "orchestrator.manifest" in loaded
+
+
+# Where a library module still prints, and why: a command's own output (the CLI, the scripts' `main`
+# and usage lines), a child process's answer to its parent, results shown as each arrives, and the
+# supervisor's lines to a pane that may be gone (written to the log file too).
+PRINTS_BY_DESIGN = {
+    ("orchestrator.worker", "main"), ("orchestrator.supervisor", "main"), ("orchestrator.supervisor", "_say"),
+    ("orchestrator.sizing.calibration", "main"), ("orchestrator.random_checkpoints", "main"),
+    ("orchestrator.speed_trial", "main"), ("orchestrator.speed_trial", "run_trials"),
+}
+
+
+def test_library_modules_log_instead_of_printing():
+    printing = set()
+    for file in PACKAGE.rglob("*.py"):
+        module = ".".join(file.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if module == "orchestrator.cli":  # the CLI prints what the user asked for
+            continue
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                    printing.add((module, function.name))
+    assert printing <= PRINTS_BY_DESIGN, f"print instead of logging.getLogger(__name__): {printing - PRINTS_BY_DESIGN}"

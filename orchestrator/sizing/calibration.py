@@ -38,6 +38,7 @@ from .profiles import Profile, cards_name, gib_text
 MAX_PROBE_WORKERS = 3
 EXIT_PROBE_OOM = 3
 SAMPLE_S = 0.1
+log = logging.getLogger(__name__)
 
 
 class DoesNotFit(RuntimeError):
@@ -109,7 +110,7 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
               say: Callable[[str], None] | None = None) -> Profile:
     """Measure memory and throughput of this manifest's jobs on `cards` with probe subprocesses."""
     from ..sweep import python_env
-    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    say = say or log.info
     k = jobs_per_phase or int(os.environ.get("ORCHESTRATOR_CALIBRATION_JOBS", "2"))
     timeout = timeout or max(600.0, manifest.execution.job_timeout_s * 2)
     devices = tuple(g.index for g in cards)
@@ -287,7 +288,6 @@ def probe(config_path: str, index: int) -> int:
     from ..planning import WorkerSpec
 
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
-    log = logging.getLogger(__name__)
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     work = Path(config["workdir"])
     model = ModelConfig(**config["model"])
@@ -358,11 +358,11 @@ def probe(config_path: str, index: int) -> int:
     except ProbeFailed as exc:
         if not exc.out_of_memory:
             raise
-        print(f"probe {index}: {exc}", flush=True)
+        log.error("probe %d: %s", index, exc)
         return EXIT_PROBE_OOM
     except Exception as exc:  # out of memory while loading comes as the library's own error
         if "out of memory" in str(exc).lower():
-            print(f"probe {index}: out of memory: {str(exc).splitlines()[0]}", flush=True)
+            log.error("probe %d: out of memory: %s", index, str(exc).splitlines()[0])
             return EXIT_PROBE_OOM
         raise
 

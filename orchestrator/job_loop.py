@@ -2,9 +2,10 @@
 
 claim → skip if done → generate → write mp4 (temp → check → rename, sidecar first) → record, with
 out-of-memory retirement and heartbeats. Jobs come from a `JobSource`: the ledger itself for a local
-or tmux worker (`LedgerJobSource`), the Ray driver's ledger for a Ray worker slot. What one job does
-(`generate_job`, `write_video`, `sidecar_record`, `failure_message`, `settle_if_made`) is the same
-for the worker process, the Ray actor and the calibration probe, and so are the liveness rules
+or tmux worker (`LedgerJobSource`); for a Ray actor, its driver, which answers from the ledger
+(`executors.ray.job_source.DriverJobSource`). The loop (`JobLoop`) runs in the worker process and in
+the Ray actor; what one job does (`generate_job`, `write_video`, `sidecar_record`, `failure_message`)
+is shared with the calibration probe too, and so are the liveness rules
 (`heartbeat_interval`, `restart_delay`, `retires`) the supervisor and the Ray driver apply.
 
 The GPU does not wait for the CPU between jobs: a finished video is encoded and recorded by the
@@ -113,6 +114,12 @@ class JobSource(ABC):
     def for_thread(self) -> "JobSource":
         """A source another thread of this slot may use (its own connection where that matters)."""
         return self
+
+    def store_video(self, spec: WorkerSpec, job, result, record: dict) -> bool:
+        """Put a finished job's video at its path (the atomic way); False when the job is no longer this
+        slot's and nothing was written. Here: straight onto the disk the sweep's folder is on."""
+        write_video(spec, result, job.output, record, owner=spec.worker)
+        return True
 
 
 class LedgerJobSource(JobSource):
@@ -289,7 +296,9 @@ class OutputWriter:
             self._own_source = self._source.for_thread()
         source = self._own_source
         try:
-            write_video(self.spec, result, job.output, record, owner=self.spec.worker)
+            if not source.store_video(self.spec, job, result, record):
+                self.log.warning("generated %s, but the job is no longer this worker's: not written", job.key)
+                return
             seconds = time.monotonic() - started
             if source.complete(job.id, seconds):
                 self.log.info("done %s in %.1fs", job.key, seconds)
@@ -412,7 +421,7 @@ class JobLoop:
                 now = time.monotonic()
                 if now - last_report[0] >= 5 or step == steps:
                     last_report[0] = now
-                    print(f"  {job.key}: step {step}/{steps} ({now - t0:.1f}s)", flush=True)
+                    log.info("  %s: step %d/%d (%.1fs)", job.key, step, steps, now - t0)
 
             try:
                 # The first call compiles (minutes with fp8): one worker of the machine at a time, and

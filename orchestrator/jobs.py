@@ -45,14 +45,13 @@ class Job:
 
 
 def settings_fingerprint(manifest: Manifest) -> dict:
-    """What, besides the job's own inputs, determines every output of this manifest."""
-    from .backends import backend_class
+    """What, besides the job's own inputs, determines every output of this manifest (its backend's
+    runtime options aside, which the manifest names once its backend has checked it)."""
     from .speed import identity
     model = manifest.model
-    runtime = backend_class(model.backend).runtime_options
     fingerprint = {
         "backend": model.backend, "task": model.task, "model": model.path, "dtype": model.dtype,
-        "options": {k: v for k, v in sorted(model.options.items()) if k not in runtime},
+        "options": {k: v for k, v in sorted(model.options.items()) if k not in manifest.runtime_options},
         "generation": asdict(manifest.generation),
     }
     # Speed settings that change the pictures (quantize); compile and the attention kernel do not

@@ -1,6 +1,7 @@
 """A manifest checked by its backend: `load_manifest` reads the YAML (`manifest`, which knows no
-backend) and lets the chosen backend (`backends`) resolve its path options and check what it
-supports, every problem reported together at its manifest line.
+backend) and lets the chosen backend (`backends`) resolve its path options, name its runtime options
+(left out of the job ids) and check what it supports, every problem reported together at its
+manifest line.
 
 It sits above both, so that neither imports the other: backends read the manifest's plain types.
 """
@@ -28,9 +29,11 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
         problem(("model.backend", "model"), f"unknown model.backend `{manifest.model.backend}`",
                 f"use one of: {', '.join(sorted(BACKENDS))}")
         return manifest
+    backend = backend_class(manifest.model.backend)
     options = _resolve_path_options(manifest.model.backend, manifest.model.options, manifest.path.parent)
-    manifest = replace(manifest, model=replace(manifest.model, options=options))
-    for found in backend_class(manifest.model.backend).check(manifest):
+    manifest = replace(manifest, model=replace(manifest.model, options=options),
+                       runtime_options=frozenset(backend.runtime_options))
+    for found in backend.check(manifest):
         if isinstance(found, BackendProblem):
             problem((found.key, "model"), found.message, found.fix)
         else:

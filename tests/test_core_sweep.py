@@ -298,3 +298,12 @@ def test_progress_bar_says_what_the_workers_do_before_their_first_job(write_mani
     assert re.search(r"[12] workers? loading the model \(synthetic\)", result.stderr)  # not a silent 0/6
     ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
     assert {w["phase"] for w in ledger.workers()} == {None}  # said until the first job, then cleared
+
+
+def test_runtime_options_of_the_backend_change_no_job_id(write_manifest):
+    """The backend names its runtime options when it checks the manifest (validation); the ids
+    (jobs, which knows no backend) leave them out."""
+    slow = load_manifest(write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 2.0}}), "slow.yaml"))
+    fast = load_manifest(write_manifest(synthetic_manifest(), "fast.yaml"))
+    assert "seconds_per_job" in slow.runtime_options
+    assert [job.id for job in expand(slow)] == [job.id for job in expand(fast)]

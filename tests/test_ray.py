@@ -283,45 +283,76 @@ def offline_driver(write_manifest):
     driver.ledger = ledger
     for slot in driver.slots:
         ledger.register_worker(slot.id, (0,), state="idle")
-        slot.state, slot.where = "idle", {"node_id": "node", "gpu_ids": ["0"], "host": "h"}
+        slot.state, slot.where = "working", {"node_id": "node", "gpu_ids": ["0"], "host": "h"}
     yield driver, ledger
     for log in [driver.log] + [slot.log for slot in driver.slots]:
         close_logger(log)
     ledger.close()
 
 
-def test_a_late_result_of_a_given_up_worker_is_never_written(offline_driver, tmp_path):
-    """The driver gave up on w0 (its claim went back and w1 took the job): w0's answer writes nothing."""
+def _served(driver, slot):
+    """The job source of a slot's actor, its calls served by `driver` in this process instead of
+    through the actor's mailbox (the same `Driver.serve`)."""
+    from orchestrator.executors.ray import DriverJobSource
+    from orchestrator.executors.ray.job_source import answered
+    return DriverJobSource(slot.spec, lambda method, **args: answered(driver.serve(slot.id, method, args)),
+                           stream=driver.stream, placement=slot.where)
+
+
+def test_a_late_result_of_a_given_up_worker_is_never_written(offline_driver):
+    """The driver gave up on w0 (its claim went back and w1 took the job): w0's video writes nothing."""
+    import numpy
     driver, ledger = offline_driver
-    first = ledger.claim("n0-gpu0_worker0", "n0-gpu0")
+    late, current = (_served(driver, slot) for slot in driver.slots)
+    first = late.claim()
     ledger.requeue_worker("n0-gpu0_worker0", "no progress")  # given up on
-    second = ledger.claim("n0-gpu0_worker1", "n0-gpu0", prefer_group=first.job.group)
+    second = current.claim(prefer_group=first.job.group)
     assert second.job.id == first.job.id
 
-    video = tmp_path / "video.mp4"
-    write_mp4(__import__("numpy").zeros((5, 32, 32, 3), dtype="uint8"), video, 5, expected_frames=5)
-    answer = {"status": "done", "seconds": 1.0, "mp4": video.read_bytes(), "sidecar": {"job_id": first.job.id}}
-    slots = {s.id: s for s in driver.slots}
-    late = slots["n0-gpu0_worker0"]
-    late.claim, late.state = first, "busy"
-    driver._on_run(late, answer)
+    frames = numpy.zeros((5, 32, 32, 3), dtype="uint8")
+    assert late.store_video(late.spec, first.job, frames, {"job_id": first.job.id}) is False
     assert not Path(first.job.output).exists()
+    assert late.complete(first.job.id, 1.0) is False
     assert [j for j in ledger.jobs() if j["id"] == first.job.id][0]["state"] == "running"
-    current = slots["n0-gpu0_worker1"]
-    current.claim, current.state = second, "busy"
-    driver._on_run(current, answer)
+    assert current.store_video(current.spec, second.job, frames, {"job_id": second.job.id}) is True
+    assert current.complete(second.job.id, 1.0) is True
     assert count_frames(first.job.output) == 5
+    assert json.loads(Path(first.job.output).with_suffix(".json").read_text())["ray"]["node_id"] == "node"
     assert [a["outcome"] for a in ledger.attempts(first.job.id)] == ["lost", "done"]
 
 
 def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_driver):
+    """Each slot's own job loop (the actor's), served by the driver: the first worker of the card
+    retires after two out-of-memory errors in a row; the last one of a card never does."""
+    import logging
+
+    from orchestrator.backends import OutOfMemory
+    from orchestrator.job_loop import RETIRED, JobLoop
+
     driver, ledger = offline_driver
     first, second = driver.slots
-    for slot in (first, first, second, second):
-        slot.claim, slot.state = ledger.claim(slot.id, "n0-gpu0"), "busy"
-        driver._on_run(slot, {"status": "oom", "error": "out of memory: synthetic"})
-    # The first retires (its card-mate goes on); the last worker of a card never does.
-    assert (first.state, second.state) == ("retired", "idle")
+
+    class OutOfMemoryEveryTime:  # a FAKE backend; it asks for a stop after `calls` calls
+        name, attempt, load_info = "oom", 1, {}
+
+        def __init__(self, calls):
+            self.calls = calls
+
+        def generate(self, job, progress):
+            self.calls -= 1
+            if not self.calls:
+                ledger.request_stop()
+            raise OutOfMemory("synthetic")
+
+        def prepare(self, job):
+            pass
+
+    for slot, calls in ((first, 99), (second, 2)):
+        loop = JobLoop(_served(driver, slot), slot.spec, logging.getLogger("test"))
+        ended = loop.run(OutOfMemoryEveryTime(calls), [])
+        loop.close()
+        assert (ended == RETIRED) == (slot is first)
+    assert (first.state, second.state) == ("retired", "working")
     workers = {w["id"]: w for w in ledger.workers()}
     assert workers[first.id]["state"] == "retired" and "now runs 1 worker(s)" in workers[first.id]["message"]
     assert workers[second.id]["state"] != "retired"

@@ -255,3 +255,58 @@ def test_the_calibration_probe_runs_as_python_m_orchestrator_sizing(tmp_path):
         if probe.poll() is None:
             probe.kill()
     assert len(json.loads((tmp_path / "probe0.phase1.json").read_text(encoding="utf-8"))["seconds"]) == 1
+
+
+def _probe_config(write_manifest, tmp_path, **model) -> Path:
+    """A calibration probe's config for a synthetic manifest, and its first phase's order (two jobs)."""
+    from dataclasses import asdict
+    manifest = load_manifest(write_manifest(synthetic_manifest(model=model)))
+    work = tmp_path / "calibration"
+    work.mkdir()
+    config = {"model": asdict(manifest.model), "generation": asdict(manifest.generation), "devices": [],
+              "workdir": str(work), "reference": None, "compile_cache": None}
+    (work / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (work / "go1-0").write_text(json.dumps({"jobs": 2}), encoding="utf-8")
+    return work
+
+
+def test_the_calibration_probe_runs_the_workers_job_loop(write_manifest, tmp_path, monkeypatch):
+    """The probe measures jobs through the same `JobLoop` as a worker: the warm-up and each phase."""
+    import threading
+    import time
+
+    from orchestrator.sizing import calibration
+
+    loops = []
+
+    class CountedLoop(calibration.JobLoop):
+        def run(self, backend, gpu_names, compile_cache=None):
+            loops.append(self.source)
+            return super().run(backend, gpu_names, compile_cache)
+
+    monkeypatch.setattr(calibration, "JobLoop", CountedLoop)
+    work = _probe_config(write_manifest, tmp_path, options={"seconds_per_job": 0.05})
+
+    def stop_after_phase_one():
+        deadline = time.monotonic() + 60
+        while not (work / "probe0.phase1.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (work / "stop").write_text("", encoding="utf-8")
+
+    stopper = threading.Thread(target=stop_after_phase_one)
+    stopper.start()
+    try:
+        assert calibration.probe(str(work / "config.json"), 0) == 0
+    finally:
+        stopper.join()
+    phase = json.loads((work / "probe0.phase1.json").read_text())
+    assert len(phase["seconds"]) == 2 and all(s > 0 for s in phase["seconds"])
+    assert [len(source.seconds) for source in loops] == [1, 2]  # the warm-up job, then the phase's two
+    assert json.loads((work / "probe0.ready").read_text())["warmup_steps"] == 2
+
+
+def test_a_probe_out_of_memory_in_the_job_loop_says_so_with_its_exit_code(write_manifest, tmp_path):
+    from orchestrator.sizing.calibration import EXIT_PROBE_OOM, probe
+    work = _probe_config(write_manifest, tmp_path, options={"oom_rate": 1.0})
+    assert probe(str(work / "config.json"), 0) == EXIT_PROBE_OOM
+    assert not (work / "probe0.ready").exists()

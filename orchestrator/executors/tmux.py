@@ -16,6 +16,7 @@ and start directory go through `tmux_literal`. The command and the `-e` values a
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -36,6 +37,7 @@ ESSENTIAL_ENV = re.compile(r"^(PATH|HOME|USER|LANG|LC_\w+|TMPDIR|VIRTUAL_ENV|CON
                            r"CUDA_\w+|NVIDIA_\w+|NCCL_\w+|HF_\w+|HUGGINGFACE_\w+|TRANSFORMERS_\w+|TORCH\w*|"
                            r"PYTORCH_\w+|OMP_NUM_THREADS|MKL_\w+|ORCHESTRATOR_\w+)$")
 MAX_ENV_BYTES = 12000  # tmux refuses a command message much over 16 KiB
+log = logging.getLogger(__name__)
 
 
 def session_name(experiment: str, worker: str) -> str:
@@ -157,7 +159,7 @@ class TmuxExecutor(Executor):
             old = existing.get(name)
             if old is not None:
                 if self._alive(old):
-                    print(f"tmux session {name} is already running: left as it is")
+                    log.warning("tmux session %s is already running: left as it is", name)
                     continue
                 old.kill()  # a dead pane kept open to show why the worker failed
             elif self.server.is_alive() and self.server.has_session(name):

@@ -143,6 +143,9 @@ class Manifest:
     categories: tuple[Category, ...]
     resources: Resources
     execution: Execution
+    # Model options that change no output (its backend's `runtime_options`), left out of the job ids;
+    # the backend names them when it checks the manifest (validation.load_manifest).
+    runtime_options: frozenset[str] = frozenset()
 
     @property
     def max_attempts(self) -> int:

@@ -6,8 +6,8 @@ The synthetic backend and CPU slots are not sized (planning's defaults apply).
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from typing import Callable
 
@@ -17,6 +17,8 @@ from ..planning import DeviceGroup, PlanError
 from .calibration import MAX_PROBE_WORKERS, DoesNotFit, calibrate
 from .decisions import Decision, decide_workers, fit_count
 from .profiles import Profile, ProfileCache, cached_profiles, cards_name, profile_key, profiles_folder
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Calibrator", "Decision", "DoesNotFit", "MAX_PROBE_WORKERS", "Profile", "ProfileCache", "Sizer",
            "cached_profiles", "calibrate", "cards_name", "decide_workers", "expected_times", "fit_count",
@@ -38,7 +40,7 @@ class Sizer:
         self.cache = ProfileCache(cache_dir)
         self.recalibrate = recalibrate
         self.calibrator = calibrator or calibrate
-        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.say = say or log.info
         self.profiles: dict[str, tuple[Profile, str]] = {}  # queue -> (profile, "cached"/"measured")
         self._done: set[str] = set()
 

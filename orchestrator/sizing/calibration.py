@@ -1,7 +1,8 @@
 """Calibration: measuring one device group with probe subprocesses (`calibrate`, in the planning
 process, NVML sampled from here) and the probe itself (`probe`, `python -m orchestrator.sizing probe`).
 
-Calibration runs real jobs of the manifest's settings on one device group (one card, or k cards
+Calibration runs real jobs of the manifest's settings, through the workers' own job loop
+(`ProbeJobs` is the probe's job source), on one device group (one card, or k cards
 for a model that needs them) in probe subprocesses, and measures:
 
   - the peak device memory one worker process needs, from NVML's per-process usage (which includes
@@ -16,6 +17,7 @@ plan of the same settings is instant; `--recalibrate` measures again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..gpus import GIB, Gpu, nvml_module, process_memories
+from ..job_loop import JobLoop, JobSource, write_video
 from ..manifest import Manifest
 from ..planning import PlanError
 from .decisions import fit_count
@@ -35,6 +38,7 @@ from .profiles import Profile, cards_name, gib_text
 MAX_PROBE_WORKERS = 3
 EXIT_PROBE_OOM = 3
 SAMPLE_S = 0.1
+log = logging.getLogger(__name__)
 
 
 class DoesNotFit(RuntimeError):
@@ -106,7 +110,7 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
               say: Callable[[str], None] | None = None) -> Profile:
     """Measure memory and throughput of this manifest's jobs on `cards` with probe subprocesses."""
     from ..sweep import python_env
-    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    say = say or log.info
     k = jobs_per_phase or int(os.environ.get("ORCHESTRATOR_CALIBRATION_JOBS", "2"))
     timeout = timeout or max(600.0, manifest.execution.job_timeout_s * 2)
     devices = tuple(g.index for g in cards)
@@ -230,13 +234,60 @@ def _scratch(manifest: Manifest) -> str:
 # The probe: one calibration worker process
 
 
+class ProbeFailed(RuntimeError):
+    """A probe's job failed: the probe ends (out of memory: it says so with its exit code)."""
+
+    def __init__(self, message: str, outcome: str):
+        super().__init__(message)
+        self.out_of_memory = outcome == "oom" or "out of memory" in message.lower()
+
+
+class ProbeJobs(JobSource):
+    """The jobs of one probe phase, for the workers' own job loop: no ledger, each job timed from its
+    start to its video written, every video written over the probe's one scratch file."""
+
+    def __init__(self, jobs: list, video: Path):
+        self.waiting, self.video = list(jobs), video
+        self.running: set[str] = set()
+        self.seconds: list[float] = []
+
+    def claim(self, prefer_group=None):
+        from ..ledger import Claim
+        if not self.waiting:
+            return None
+        job = self.waiting.pop(0)
+        self.running.add(job.id)
+        return Claim(job, 1)
+
+    def complete(self, job_id, seconds, skipped=False):
+        self.running.discard(job_id)
+        self.seconds.append(seconds)
+        return True
+
+    def fail(self, job_id, message, outcome="error"):
+        raise ProbeFailed(message, outcome)  # a probe measures; it does not retry
+
+    def release(self, job_id):
+        self.running.discard(job_id)
+
+    def heartbeat(self, job_id):
+        pass
+
+    def unfinished(self):
+        return len(self.waiting) + len(self.running)
+
+    def store_video(self, spec, job, result, record):
+        write_video(spec, result, self.video, record=None)
+        return True
+
+
 def probe(config_path: str, index: int) -> int:
-    from ..backends import OutOfMemory, backend_class
+    from ..backends import backend_class
     from ..jobs import Job
-    from ..job_loop import generate_job, write_video
     from ..manifest import GenerationConfig, ModelConfig
     from ..planning import WorkerSpec
 
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     work = Path(config["workdir"])
     model = ModelConfig(**config["model"])
@@ -255,17 +306,20 @@ def probe(config_path: str, index: int) -> int:
                    prompt_index=n, prompt=f"calibration prompt {n}: a red ball rolls across a wooden table",
                    seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"))
 
-    def run_job(backend, n: int) -> float:
-        # The workers' own generate and write path, so the probe measures what a job costs them.
-        t0 = time.monotonic()
+    def run_jobs(backend, numbers: range, compile_cache: str | None = None) -> list[float]:
+        # The workers' own job loop, so the probe measures what a job costs them.
         spec = WorkerSpec(sweep="calibration", worker=f"probe{index}", devices=tuple(config["devices"]),
                           queue="calibration", ledger="", log="", output_dir=str(work), model=config["model"],
                           generation=asdict(backend.generation), execution={})
-        made = generate_job(backend, spec, job(n), 1, [], lambda step, steps: None)
-        write_video(spec, made.result, work / f"probe{index}.mp4", record=None)
-        return time.monotonic() - t0
+        source = ProbeJobs([job(n) for n in numbers], work / f"probe{index}.mp4")
+        loop = JobLoop(source, spec, log)
+        try:
+            loop.run(backend, [], compile_cache)
+        finally:
+            loop.close()
+        return source.seconds
 
-    from ..speed import first_call_lock, use_compile_cache
+    from ..speed import use_compile_cache
     cache = config.get("compile_cache")
     if cache:
         use_compile_cache(cache)
@@ -276,8 +330,9 @@ def probe(config_path: str, index: int) -> int:
         load_s = time.monotonic() - t0
         write(f"probe{index}.loaded", {"load_s": load_s, "pid": os.getpid()})
         backend.generation = replace(generation, steps=warmup_steps)
-        with first_call_lock(cache):  # the warm-up compiles (speed.compile), one probe at a time
-            warm_s = run_job(backend, 0)
+        t0 = time.monotonic()
+        run_jobs(backend, range(1), compile_cache=cache)  # the warm-up compiles (speed.compile), one probe at a time
+        warm_s = time.monotonic() - t0
         backend.generation = generation
         write(f"probe{index}.ready", {"load_s": load_s, "warmup_s": warm_s, "warmup_steps": warmup_steps,
                                       "peak_torch": backend.peak_memory_bytes()})
@@ -293,21 +348,21 @@ def probe(config_path: str, index: int) -> int:
                 continue
             jobs = json.loads(go.read_text(encoding="utf-8"))["jobs"]
             start = time.time()
-            seconds = []
-            for _ in range(jobs):
-                seconds.append(run_job(backend, n_job))
-                n_job += 1
+            seconds = run_jobs(backend, range(n_job, n_job + jobs))
+            n_job += jobs
             write(f"probe{index}.phase{phase}.json", {"start": start, "end": time.time(), "seconds": seconds,
                                                      "peak_torch": backend.peak_memory_bytes()})
             phase += 1
         backend.close()
         return 0
-    except OutOfMemory as exc:
-        print(f"probe {index}: out of memory: {exc}", flush=True)
+    except ProbeFailed as exc:
+        if not exc.out_of_memory:
+            raise
+        log.error("probe %d: %s", index, exc)
         return EXIT_PROBE_OOM
     except Exception as exc:  # out of memory while loading comes as the library's own error
         if "out of memory" in str(exc).lower():
-            print(f"probe {index}: out of memory: {str(exc).splitlines()[0]}", flush=True)
+            log.error("probe %d: out of memory: %s", index, str(exc).splitlines()[0])
             return EXIT_PROBE_OOM
         raise
 

@@ -1,33 +1,32 @@
 """The Ray actor: one long-lived worker slot on a node. It reserves its share of one node's GPUs
 (`num_gpus=1/N` for N workers per card, k for a worker spanning k cards; Ray sets
-CUDA_VISIBLE_DEVICES), loads the backend once and runs the jobs the driver sends it, through the job
-loop's own generate and write path (`orchestrator.job_loop`). It never touches the ledger.
+CUDA_VISIBLE_DEVICES), loads the backend once and runs the job loop (`orchestrator.job_loop`), the
+same as a local worker's, on jobs from its driver (`job_source`). It never touches the ledger.
 
-Outputs go to storage every node sees at the same path (the actor writes the mp4 and sidecar,
+Outputs go to storage every node sees at the same path (the loop writes the mp4 and sidecar,
 atomically), or with `execution.ray_stream_outputs: true` back to the driver, which writes them into
 its own output folder the same atomic way.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
 from ...planning import WorkerSpec
+from .job_source import DriverJobSource, Mailbox, SignsOfLife, ToDriver
 
 MOUNT_CHECK = "ray-mount-check"  # a token every node must read back when outputs go to shared storage
 
 
 class RayWorker:
-    """One worker slot on a Ray node: loads the backend once, then runs the jobs the driver sends.
+    """One worker slot on a Ray node: loads the backend once, then runs the job loop (`work`) on the
+    jobs its driver serves.
 
-    `progress` answers while `run` works (the actor has two threads), so the driver sees steps go by
-    as a local worker's heartbeat would show them.
+    `exchange` answers while `work` runs (the actor has two threads): it carries the loop's calls to
+    the driver and their answers back, and the signs of life a local worker's heartbeat would show.
     """
 
     def __init__(self, spec: dict, stream: bool, mount_token: str | None):
@@ -37,7 +36,8 @@ class RayWorker:
         self.mount_token = mount_token
         self.backend = None
         self.gpu_names: list[str] = []
-        self.signs = 0  # steps done so far, over all jobs: the driver's evidence of progress
+        self.mailbox = Mailbox()
+        self.pulse = SignsOfLife()  # the driver's evidence of progress
         self.placement: dict = {}
 
     def where(self) -> dict:
@@ -72,59 +72,39 @@ class RayWorker:
             info.setdefault("load_seconds", round(seconds, 2))
         return {"seconds": seconds, "gpu_names": self.gpu_names}
 
-    def progress(self) -> int:
-        return self.signs
+    def work(self) -> dict:
+        """Run the job loop on the driver's jobs until no work is left, a stop, or retirement."""
+        import logging
 
-    def _progress(self, step: int, steps: int) -> None:
-        self.signs += 1
-
-    def run(self, job_data: dict, attempt: int) -> dict:
-        from ...backends import OutOfMemory
-        from ...jobs import Job
-        from ...job_loop import failure_message, generate_job
-        job = Job.from_dict(job_data)
-        started = time.monotonic()
+        from ...job_loop import JobLoop, disk_full
+        log = logging.getLogger(f"{__name__}.{self.spec.worker}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.addHandler(ToDriver(self.mailbox))
+        if not self.placement:  # `where` and `load` run side by side: the sidecars need the placement
+            self.where()
+        source = DriverJobSource(self.spec, self.mailbox.call, self.stream, self.placement)
+        loop = JobLoop(source, self.spec, log, pulse=self.pulse)
         try:
-            made = generate_job(self.backend, self.spec, job, attempt, self.gpu_names, self._progress)
-            record = made.record
-            record["ray"] = {k: self.placement.get(k) for k in ("node_id", "ip", "gpu_ids")}
-            answer = {"status": "done", "generate_seconds": made.seconds}
-            if self.stream:
-                answer.update(self._encode_here(job, made.result, record))
-            else:
-                self._write_shared(job, made.result, record)
-            answer["seconds"] = time.monotonic() - started
-            return answer
-        except OutOfMemory as exc:
-            return {"status": "oom", "error": f"out of memory: {exc}"[:500]}
+            return {"ended": loop.run(self.backend, self.gpu_names)}
         except Exception as exc:
-            return {"status": "error", "error": failure_message(exc), "traceback": traceback.format_exc()}
+            if not disk_full(exc) and loop.writer.disk_full is None:
+                raise
+            loop.release_claim(quietly=True)
+            return {"ended": "disk_full", "message": str(loop.writer.disk_full or exc)}
+        finally:
+            loop.close()
+
+    def exchange(self, answers: dict, wait_s: float) -> dict:
+        """The driver's answers in, the loop's waiting calls and signs of life out (see `job_source`)."""
+        calls = self.mailbox.exchange(answers, wait_s)
+        return {"calls": calls, **self.pulse.report()}
 
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
 
-    # ---------------------------------------------------------------- outputs
-    def _write_shared(self, job, result, record: dict) -> None:
-        from ...job_loop import write_video
-        write_video(self.spec, result, job.output, record, owner=self.spec.worker)
-
-    def _encode_here(self, job, result, record: dict) -> dict:
-        """Encode and check the mp4 on this node; the driver gets its bytes and the sidecar."""
-        from ...job_loop import write_video
-        from ...outputs import read_sidecar
-        folder = Path(tempfile.mkdtemp(prefix="wan-sweep-"))
-        try:
-            target = folder / "video.mp4"
-            if isinstance(result, (str, os.PathLike)):
-                raw = folder / "raw.mp4"
-                shutil.move(str(result), raw)
-                result = raw
-            write_video(self.spec, result, target, record)
-            return {"mp4": target.read_bytes(), "sidecar": read_sidecar(target)}
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
+    # ---------------------------------------------------------------- shared storage
     def _output_dir_problem(self) -> str | None:
         if self.stream:
             return None

@@ -1,6 +1,7 @@
 """The Ray driver: a thread of `run` that owns the job list and the sweep's ledger, exactly as local
-workers use it (through a `LedgerJobSource` per slot). It claims jobs for idle actors (grouped by
-reference), applies the same skip-if-done rule, records results and retries, watches each actor's
+workers use it (through a `LedgerJobSource` per slot). Each actor runs the job loop itself; the
+driver serves its calls (`serve`: claim, complete, fail, release, … and, with streamed outputs, the
+videos), turns the signs of life each exchange carries into heartbeats, watches each actor's
 progress (heartbeat and job timeouts), replaces dead or hung actors (up to `execution.max_restarts`
 in a row, with the job loop's `restart_delay`), and writes one log per worker under `logs/`.
 
@@ -18,15 +19,16 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...job_loop import IDLE_POLL_S, heartbeat_interval, restart_delay, retires
+from ...job_loop import LedgerJobSource, heartbeat_interval, restart_delay
 from ...ledger import Ledger
 from ...planning import WorkerSpec
 from .actor import remote_worker_class
 from .cluster import Placement
+from .job_source import ERROR, OK
 
 WORKERS_META = "ray_workers"  # ledger meta: the worker ids the last Ray driver registered
 POLL_S = 0.2
-BUSY_STATES = ("loading", "idle", "busy")  # an actor that is placed on a node
+BUSY_STATES = ("loading", "working")  # an actor that is placed on a node
 ENDED_STATES = ("ended", "failed", "retired")
 
 
@@ -37,18 +39,15 @@ class _Slot:
     log: logging.Logger
     actor: object = None
     generation: int = 0  # which actor of this slot; answers from an earlier one are ignored
-    state: str = "starting"  # starting | loading | idle | busy | waiting (to restart) | ended | failed
+    state: str = "starting"  # starting | loading | working | waiting (to restart) | ended | failed | retired
     where: dict = field(default_factory=dict)
-    claim: object = None
-    group: str | None = None
-    dispatched: float = 0.0
+    claims: dict = field(default_factory=dict)  # job id -> Claim held now (the last one generates)
+    job_id: str | None = None  # the job its loop generates now, as its last exchange said
+    job_started: float = 0.0
+    loading: bool = False  # a long silent call (a first, compiling call) is under way
     last_sign: float = 0.0
     signs: int = -1
-    probing: bool = False
-    last_probe: float = 0.0
-    next_claim: float = 0.0
     crashes: int = 0  # in a row without a finished job
-    ooms: int = 0  # out-of-memory failures in a row
     restarts: int = 0
     restart_at: float = 0.0
 
@@ -83,7 +82,7 @@ def close_logger(log: logging.Logger) -> None:
 
 
 class Driver(threading.Thread):
-    """Hands jobs to idle actors and records what they do, until no work is left or it is stopped."""
+    """Serves its actors' job loops from the ledger and watches them, until no work is left or a stop."""
 
     def __init__(self, sweep, specs: list[WorkerSpec], placement: dict[str, Placement], stream: bool,
                  mount_token: str | None):
@@ -146,7 +145,6 @@ class Driver(threading.Thread):
                 last_beat = now
                 self._beat(now)
             self._restart_due(now)
-            self._dispatch(now)
             if self.ledger.unfinished() == 0:
                 self.log.info("no work left")
                 return
@@ -167,13 +165,12 @@ class Driver(threading.Thread):
     def _finish(self) -> None:
         for slot in self.slots:
             self._drop(slot)  # first the actor, so nothing it was writing can land after the release
-            if slot.claim is not None and self.ledger is not None:
+            for claim in list(slot.claims.values()) if self.ledger is not None else ():
                 try:
-                    self.ledger.release(slot.claim.job.id, slot.id)
-                    slot.log.info("released %s (not finished)", slot.claim.job.key)
+                    self._release_claims(slot, [claim])
+                    slot.log.info("released %s (not finished)", claim.job.key)
                 except Exception:
-                    self.log.warning("could not release %s:\n%s", slot.claim.job.key, traceback.format_exc())
-                slot.claim = None
+                    self.log.warning("could not release %s:\n%s", claim.job.key, traceback.format_exc())
             if slot.state not in ("failed", "retired"):
                 slot.state = "ended"
                 if self.ledger is not None:
@@ -191,14 +188,14 @@ class Driver(threading.Thread):
     def _spawn(self, slot: _Slot, replacement: bool) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         share = slot.placement.num_gpus if slot.placement else 0.0
-        options = {"num_gpus": share, "num_cpus": 0 if share else 1, "max_concurrency": 2,
+        options = {"num_gpus": share, "num_cpus": 0 if share else 1, "max_concurrency": 2,  # work and exchange
                    "max_restarts": 0, "max_task_retries": 0}
         if slot.placement is not None:
             # Its planned node first (sizing was decided for that node's GPU type); a replacement may
             # go elsewhere when that node is gone.
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.placement.node, soft=replacement)
         slot.generation += 1
-        slot.state, slot.where, slot.signs, slot.probing = "starting", {}, -1, False
+        slot.state, slot.where, slot.signs, slot.job_id, slot.loading = "starting", {}, -1, None, False
         slot.actor = remote_worker_class().options(**options).remote(asdict(slot.spec), self.stream,
                                                                        self.mount_token)
         self._track(slot.actor.where.remote(), slot, "where")
@@ -228,7 +225,10 @@ class Driver(threading.Thread):
         if not self.refs:
             time.sleep(POLL_S)
             return
-        ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=POLL_S)
+        refs = list(self.refs)
+        ready, waiting = ray.wait(refs, num_returns=1, timeout=POLL_S)
+        if ready and waiting:  # and whatever else has come meanwhile
+            ready += ray.wait(waiting, num_returns=len(waiting), timeout=0)[0]
         for ref in ready:
             entry = self.refs.pop(ref, None)
             if entry is None:
@@ -241,6 +241,8 @@ class Driver(threading.Thread):
             except RayTaskError as exc:
                 if kind == "load":
                     self._actor_failed(slot, f"loading the backend failed: {short_error(exc)}")
+                elif kind == "work":
+                    self._actor_failed(slot, f"the job loop failed: {short_error(exc)}")
                 else:
                     self._actor_lost(slot, exc)
                 continue
@@ -262,101 +264,174 @@ class Driver(threading.Thread):
             slot.log.error(info["problem"])
             self._give_up(slot, info["problem"])
             return
-        slot.state, slot.next_claim, slot.group = "idle", 0.0, None
+        slot.state, slot.last_sign = "working", time.monotonic()
         self.ledger.set_worker(slot.id, state="idle", job=None)
         slot.log.info("model loaded in %.1fs%s", info.get("seconds", 0.0),
                       f" on {', '.join(info['gpu_names'])}" if info.get("gpu_names") else "")
+        self._track(slot.actor.work.remote(), slot, "work")
+        self._exchange(slot, {})
 
-    def _on_progress(self, slot: _Slot, signs: int) -> None:
-        slot.probing = False
-        if signs != slot.signs:
-            slot.signs, slot.last_sign = signs, time.monotonic()
+    def _exchange(self, slot: _Slot, answers: dict) -> None:
+        self._track(slot.actor.exchange.remote(answers, self.beat_every), slot, "exchange")
 
-    def _on_run(self, slot: _Slot, answer: dict) -> None:
-        claim, slot.claim = slot.claim, None
-        slot.state, slot.next_claim = "idle", 0.0
-        job = claim.job
-        status = answer.get("status")
-        if status == "done":
-            if not self._owns(job.id, slot.id):
-                # The claim expired and moved on meanwhile: whoever holds it now records the job.
-                slot.log.warning("result of %s discarded: the job is no longer this worker's", job.key)
-                return
-            seconds = float(answer.get("seconds", 0.0))
-            if self.stream:
-                started = time.monotonic()
-                try:
-                    self._adopt(job, answer)
-                except Exception as exc:
-                    slot.log.error("could not write %s:\n%s", job.key, traceback.format_exc())
-                    state = self.ledger.fail(job.id, slot.id, f"writing the video failed: {exc}"[:500])
-                    slot.log.info("job %s is now %s", job.key, state)
-                    return
-                seconds += time.monotonic() - started
-            self.ledger.complete(job.id, slot.id, seconds)
-            slot.crashes = slot.ooms = 0
-            slot.log.info("done %s in %.1fs (generate %.1fs)", job.key, seconds, answer.get("generate_seconds", 0.0))
-            return
-        outcome = "oom" if status == "oom" else "error"
-        if answer.get("traceback"):
-            slot.log.error("job %s failed:\n%s", job.key, answer["traceback"])
-        state = self.ledger.fail(job.id, slot.id, answer.get("error") or "failed", outcome=outcome)
-        slot.log.info("job %s: %s; it is now %s", job.key, answer.get("error"), state)
-        slot.ooms = slot.ooms + 1 if outcome == "oom" else 0
-        if retires(slot.ooms, slot.spec.execution):
-            self._retire_if_shared(slot)
+    def _on_exchange(self, slot: _Slot, report: dict) -> None:
+        """Serve the calls the actor's job loop made since the last exchange, and note its signs of life."""
+        now = time.monotonic()
+        if report["signs"] != slot.signs:
+            slot.signs, slot.last_sign = report["signs"], now
+        if report["job"] != slot.job_id:
+            slot.job_id, slot.job_started = report["job"], now
+        slot.loading = bool(report.get("loading"))
+        generation = slot.generation
+        answers = {}
+        for seq, method, args in report["calls"]:
+            answer = self.serve(slot.id, method, args)
+            if slot.generation != generation:
+                return  # the slot's actor was given up on while serving: it gets no more answers
+            if seq is not None:
+                answers[seq] = answer
+        self._exchange(slot, answers)
 
-    def _retire_if_shared(self, slot: _Slot) -> None:
-        """Out of memory again and again on a card it shares: the card runs one worker fewer."""
+    def _on_work(self, slot: _Slot, answer: dict) -> None:
+        """The actor's job loop ended: no work left, a stop, retirement, or a full disk."""
+        ended = answer.get("ended")
+        self._drop(slot)
+        if ended == "disk_full":
+            from ...worker import stop_for_full_disk
+            stop_for_full_disk(self.ledger, slot.spec, answer.get("message") or "disk full", slot.log)
+        if slot.state != "retired":
+            slot.state = "ended"
+            self.ledger.set_worker(slot.id, state="exited", job=None)
+
+    # ---------------------------------------------------------------- the actors' job source
+    def serve(self, worker: str, method: str, args: dict) -> tuple[str, object]:
+        """Answer one call of a worker's job loop (`job_source.DriverJobSource`) from the ledger.
+
+        (`ok`, value), or (`error`, what went wrong): a call the ledger refuses fails the actor's loop,
+        as it would fail a local worker's."""
+        slot = next(s for s in self.slots if s.id == worker)
+        serve = getattr(self, f"_serve_{method}", None)
+        if serve is None:
+            return ERROR, f"the driver serves no call {method!r}"
+        try:
+            return OK, serve(slot, LedgerJobSource(self.ledger, slot.spec), **args)
+        except Exception as exc:
+            slot.log.error("could not serve %s:\n%s", method, traceback.format_exc())
+            return ERROR, short_error(exc)
+
+    def _serve_claim(self, slot: _Slot, source: LedgerJobSource, prefer_group=None):
+        claim = source.claim(prefer_group)
+        if claim is None:
+            return None
+        slot.claims[claim.job.id] = claim
+        slot.last_sign = time.monotonic()
+        return {"job": claim.job.to_dict(), "attempt": claim.attempt}
+
+    def _serve_complete(self, slot: _Slot, source: LedgerJobSource, job_id, seconds, skipped=False):
+        slot.claims.pop(job_id, None)
+        recorded = source.complete(job_id, seconds, skipped)
+        if recorded and not skipped:
+            slot.crashes = 0
+        return recorded
+
+    def _serve_fail(self, slot: _Slot, source: LedgerJobSource, job_id, message, outcome="error"):
+        slot.claims.pop(job_id, None)
+        return source.fail(job_id, message, outcome)
+
+    def _serve_release(self, slot: _Slot, source: LedgerJobSource, job_id):
+        slot.claims.pop(job_id, None)
+        source.release(job_id)
+
+    def _serve_stop_requested(self, slot: _Slot, source: LedgerJobSource):
+        return self.stop_event.is_set() or source.stop_requested()
+
+    def _serve_unfinished(self, slot: _Slot, source: LedgerJobSource):
+        return source.unfinished()
+
+    def _serve_idle(self, slot: _Slot, source: LedgerJobSource):
+        source.idle()
+
+    def _serve_peek(self, slot: _Slot, source: LedgerJobSource, prefer_group=None):
+        job = source.peek(prefer_group)
+        return None if job is None else job.to_dict()
+
+    def _serve_log(self, slot: _Slot, source: LedgerJobSource, level, message):
+        slot.log.log(level, "%s", message)
+
+    def _serve_retire(self, slot: _Slot, source: LedgerJobSource, ooms):
+        """Out of memory again and again on a card it shares: the card runs one worker fewer. The
+        card-mates are the actors Ray placed on the same node's cards (plan numbers repeat per node)."""
         node, cards = slot.where.get("node_id"), set(slot.where.get("gpu_ids") or ())
         mates = [s for s in self.slots if s is not slot and s.state not in ENDED_STATES
                  and s.where.get("node_id") == node and cards & set(s.where.get("gpu_ids") or ())]
         if not cards or not mates:
-            return
-        message = (f"retired after {slot.ooms} out-of-memory errors in a row; its card on {slot.where.get('host')} "
+            return None
+        message = (f"retired after {ooms} out-of-memory errors in a row; its card on {slot.where.get('host')} "
                    f"now runs {len(mates)} worker(s) for the rest of the sweep")
-        self._drop(slot)
-        slot.state = "retired"
+        slot.state = "retired"  # its loop ends now; the actor goes when it has written its last video
         self.ledger.set_worker(slot.id, state="retired", job=None, message=message)
-        slot.log.error(message)
+        return len(mates)
 
-    def _adopt(self, job, answer: dict) -> None:
+    def _serve_store(self, slot: _Slot, source: LedgerJobSource, job_id, mp4: bytes, sidecar: dict):
+        """A streamed video: written here if the slot still holds the job, else discarded."""
+        claim = slot.claims.get(job_id)
+        if claim is None or not self.ledger.holds(job_id, slot.id):
+            # The claim expired and moved on meanwhile: whoever holds it now records the job.
+            slot.log.warning("result of %s discarded: the job is no longer this worker's",
+                             claim.job.key if claim else job_id)
+            return False
+        self._adopt(claim.job, mp4, sidecar)
+        return True
+
+    def _adopt(self, job, mp4: bytes, sidecar: dict) -> None:
         """Write a streamed mp4 into the driver's output folder: temp file beside it → check → rename."""
         from ...outputs import adopt_mp4, temp_path_beside
         temp = temp_path_beside(job.output)
         try:
             with open(temp, "wb") as stream:
-                stream.write(answer["mp4"])
+                stream.write(mp4)
         except BaseException:
             os.unlink(temp)
             raise
-        adopt_mp4(temp, job.output, expected_frames=self.frames, sidecar=answer.get("sidecar") or {})
+        adopt_mp4(temp, job.output, expected_frames=self.frames, sidecar=sidecar or {})
 
-    def _owns(self, job_id: str, worker: str) -> bool:
-        return self.ledger.holds(job_id, worker)
+    # ---------------------------------------------------------------- failures
+    def _blamed(self, slot: _Slot):
+        """The claim a failure of the slot's actor is put on: the job it generates (else its last one).
+        Its other claims, videos being written, go back without using an attempt."""
+        if not slot.claims:
+            return None, []
+        blamed = slot.claims.get(slot.job_id) or list(slot.claims.values())[-1]
+        return blamed, [c for c in slot.claims.values() if c is not blamed]
+
+    def _release_claims(self, slot: _Slot, claims=None) -> None:
+        for claim in list(slot.claims.values()) if claims is None else claims:
+            self.ledger.release(claim.job.id, slot.id)
+            slot.claims.pop(claim.job.id, None)
 
     def _actor_lost(self, slot: _Slot, exc: BaseException) -> None:
         reason = short_error(exc)
         node = slot.where.get("node_id") or (slot.placement.node if slot.placement else None)
         if node is not None and not _node_alive(node):
             reason = f"its node {slot.where.get('host') or node[:8]} left the cluster ({reason})"
-            if slot.claim is not None:
-                # The node's fault, not the job's: it goes back without using an attempt.
-                job = slot.claim.job
-                self.ledger.release(job.id, slot.id)
-                slot.log.warning("%s: %s goes back to the queue (no attempt used)", reason, job.key)
-                slot.claim = None
+            for claim in slot.claims.values():  # the node's fault, not the job's: no attempt used
+                slot.log.warning("%s: %s goes back to the queue (no attempt used)", reason, claim.job.key)
+            self._release_claims(slot)
         self._actor_failed(slot, f"the Ray actor died: {reason}")
 
-    def _actor_failed(self, slot: _Slot, reason: str) -> None:
-        if slot.claim is not None:
-            job = slot.claim.job
-            state = self.ledger.fail(job.id, slot.id, reason[:500], outcome="crash")
-            slot.log.error("%s while running %s; the job is now %s", reason, job.key, state)
-            slot.claim = None
+    def _actor_failed(self, slot: _Slot, reason: str, outcome: str = "crash") -> None:
+        blamed, others = self._blamed(slot)
+        self._drop(slot)  # first the actor, so nothing it was writing can land after the release
+        if not self.stream:  # what it was writing into the shared folder when it died, as a worker's restart does
+            from ...outputs import remove_partials
+            remove_partials(self.ledger.output_folders(), owner=slot.id)
+        self._release_claims(slot, others)
+        if blamed is not None:
+            state = self.ledger.fail(blamed.job.id, slot.id, reason[:500], outcome=outcome)
+            slot.claims.clear()
+            slot.log.error("%s while running %s; the job is now %s", reason, blamed.job.key, state)
         else:
             slot.log.error(reason)
-        self._drop(slot)
         self._restart_later(slot, reason)
 
     def _restart_later(self, slot: _Slot, reason: str) -> None:
@@ -372,10 +447,8 @@ class Driver(threading.Thread):
         slot.log.info("replacing the actor in %.0fs", delay)
 
     def _give_up(self, slot: _Slot, message: str) -> None:
-        if slot.claim is not None:
-            self.ledger.release(slot.claim.job.id, slot.id)
-            slot.claim = None
         self._drop(slot)
+        self._release_claims(slot)
         slot.state = "failed"
         self.ledger.set_worker(slot.id, state="failed", job=None, restarts=slot.restarts, message=message[:500])
         slot.log.error("worker failed for good: %s", message)
@@ -387,63 +460,24 @@ class Driver(threading.Thread):
 
     # ---------------------------------------------------------------- liveness
     def _watch(self, now: float) -> None:
+        """A hung or overlong job: fail its attempt, end the actor, start a fresh one (the rules a local
+        worker's heartbeat thread and supervisor apply)."""
         for slot in self.slots:
-            if slot.state != "busy":
+            if slot.state != "working":
                 continue
-            job = slot.claim.job
-            if now - slot.dispatched > self.job_timeout:
-                self._abandon(slot, "timeout", f"timed out after {self.job_timeout:.0f}s")
-            elif now - slot.last_sign > self.heartbeat_timeout:
-                self._abandon(slot, "lost", f"worker {slot.id} showed no progress for more than "
-                                            f"{self.heartbeat_timeout:.0f}s on {job.key}")
-            elif not slot.probing and now - slot.last_probe >= self.beat_every:
-                slot.probing, slot.last_probe = True, now
-                self._track(slot.actor.progress.remote(), slot, "progress")
-
-    def _abandon(self, slot: _Slot, outcome: str, reason: str) -> None:
-        """A hung or overlong job: fail its attempt, end the actor, start a fresh one."""
-        job = slot.claim.job
-        self._drop(slot)
-        state = self.ledger.fail(job.id, slot.id, reason, outcome=outcome)
-        slot.claim = None
-        slot.log.error("%s: actor ended; job %s is now %s", reason, job.key, state)
-        self._restart_later(slot, reason)
+            claim = slot.claims.get(slot.job_id)
+            where = f" on {claim.job.key}" if claim else ""
+            if slot.job_id and now - slot.job_started > self.job_timeout:
+                self._actor_failed(slot, f"timed out after {self.job_timeout:.0f}s", outcome="timeout")
+            elif not slot.loading and now - slot.last_sign > self.heartbeat_timeout:
+                self._actor_failed(slot, f"worker {slot.id} showed no progress for more than "
+                                         f"{self.heartbeat_timeout:.0f}s{where}", outcome="lost")
 
     def _beat(self, now: float) -> None:
         for slot in self.slots:
-            if slot.state not in BUSY_STATES:
-                continue
-            job_id = None
-            if slot.state == "busy" and now - slot.last_sign <= self.heartbeat_timeout:
-                job_id = slot.claim.job.id
-            self.ledger.heartbeat(slot.id, job_id)
-
-    # ---------------------------------------------------------------- work
-    def _dispatch(self, now: float) -> None:
-        from ...job_loop import LedgerJobSource, settle_if_made
-        for slot in self.slots:
-            if slot.state != "idle" or now < slot.next_claim:
-                continue
-            while True:
-                claim = self.ledger.claim(slot.id, slot.spec.queue, prefer_group=slot.group)
-                if claim is None:
-                    if self.ledger.unfinished() == 0:
-                        break
-                    if slot.group is not None:  # first idle poll after work: say so once
-                        self.ledger.set_worker(slot.id, state="idle", job=None)
-                        slot.group = None
-                    slot.next_claim = now + IDLE_POLL_S  # jobs in flight may come back for a retry
-                    break
-                job = claim.job
-                slot.group = job.group
-                if settle_if_made(LedgerJobSource(self.ledger, slot.spec), job, self.frames, slot.log):
-                    continue
-                slot.claim, slot.state = claim, "busy"
-                slot.dispatched = slot.last_sign = now
-                slot.last_probe = now
-                self._track(slot.actor.run.remote(job.to_dict(), claim.attempt), slot, "run")
-                slot.log.info("job %s (attempt %d): %s", job.key, claim.attempt, job.prompt[:80])
-                break
+            if slot.state == "loading" or (slot.state == "working" and (
+                    slot.loading or now - slot.last_sign <= self.heartbeat_timeout)):
+                self.ledger.heartbeat(slot.id, slot.job_id)
 
 
 def _node_alive(node_id: str) -> bool:

@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ INSTALL_HINT = ("Ray is not installed here. Install it with `pip install 'wan-sw
                 "`pip install ray`) on this machine and on every machine of the cluster, then run again.")
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # orchestrator/: shipped to every node
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger(__name__)
 
 
 class RayExecutor(Executor):
@@ -166,8 +166,8 @@ class RayExecutor(Executor):
             self._driver.join(poll_s)
         self._close()
         if self._driver.error is not None:
-            print(f"error: the Ray driver stopped: {short_error(self._driver.error)} "
-                  f"(details in {self.sweep.logs / 'ray_driver.log'})", file=sys.stderr)
+            log.error("error: the Ray driver stopped: %s (details in %s)", short_error(self._driver.error),
+                      self.sweep.logs / "ray_driver.log")
 
     def _close(self) -> None:
         if self._lock is not None:

@@ -16,6 +16,7 @@ from .reader import Reader, compose, yaml_problem
 MAX_GLOB_ENTRIES = 100_000  # files and folders one `videos:`/`images:` glob may look at
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus")
 # What the product itself keeps in the output folder (`sweep`, `review`): a category of one of these
 # names would mix its videos with the ledger, the logs or the review page.
 RESERVED_NAMES = (".sweep", "logs", "index.html")

@@ -171,17 +171,19 @@ def read_audio(path: str | Path, sample_rate: int, num_frames: int, fps: float) 
     samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     shortfall = needed - samples.size
     if shortfall > sample_rate / fps:
+        # the most frames of Wan's 4n+1 it covers, within the tolerance of one frame
+        covered = (int(samples.size / sample_rate * fps + 1) - 1) // 4 * 4 + 1
         raise UnreadableReference(
             f"{path}: the audio lasts {samples.size / sample_rate:.2f} s, {shortfall / sample_rate:.2f} s shorter "
-            f"than the video ({num_frames} frames at {fps:g} fps = {duration:.2f} s); use a longer audio file "
-            f"or fewer frames (num_frames <= {int(samples.size / sample_rate * fps)})")
+            f"than the video ({num_frames} frames at {fps:g} fps = {duration:.2f} s)"
+            + (f"; it covers num_frames {covered}" if covered > 1 else ""))
     if shortfall > 0:
         samples = np.concatenate([samples, np.zeros(shortfall, np.float32)])
     samples = samples[:needed]
     if not samples.size or float(np.abs(samples).max()) < SILENCE_PEAK:
         raise UnreadableReference(
-            f"{path}: the audio is silent over the video's {duration:.2f} s (peak below -60 dBFS); "
-            "the model would hear no speech: use a file with speech in its first seconds")
+            f"{path}: the audio is silent over the video's {duration:.2f} s (peak below -60 dBFS): "
+            "the model would hear no speech")
     return np.ascontiguousarray(samples)
 
 

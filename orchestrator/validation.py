@@ -57,7 +57,7 @@ def _check_task_inputs(manifest: Manifest, problem: Callable[..., None]) -> None
                         read_audio(value, AUDIO_RATE, g.num_frames, g.fps)
                     except UnreadableReference as exc:
                         problem(at("audio"), f"{what}: the audio of `{ref.stem}`: {exc}",
-                                "use a longer (or louder) audio file, or fewer generation.num_frames")
+                                "use an audio file with speech over the whole video, or fewer generation.num_frames")
                 elif role in ("pose_video", "face_video"):
                     # the face video holds Wan's 512x512 face crops: only its length has to fit
                     why = control_video_problem(value, g.width, g.height, g.num_frames, g.fps,

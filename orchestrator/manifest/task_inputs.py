@@ -92,7 +92,7 @@ def read_extra_inputs(reader: Reader, what: str, keys: dict, extras: tuple[str, 
             for stem, file in stems.items():
                 if role not in inputs[stem] and (lost is not None and stem not in lost) \
                         and stem not in reported and (stem, role) not in nodes:
-                    reader.problem(node, f"{what}: {noun} `{file.name}` has no {key} (`{stem}` is missing under "
+                    reader.problem(key_node, f"{what}: {noun} `{file.name}` has no {key} (`{stem}` is missing under "
                                          f"`{key}:`)", _how_to_give(key, stem))
     return inputs
 

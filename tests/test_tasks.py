@@ -32,7 +32,7 @@ def picture(path, width=32, height=32, level=128):
 
 
 def clip(path, frames=5, fps=5, width=32, height=32):
-    video = np.stack([np.full((height, width, 3), 40 * k, dtype=np.uint8) for k in range(frames)])
+    video = np.stack([np.full((height, width, 3), 20 * k % 256, dtype=np.uint8) for k in range(frames)])
     write_mp4(video, path, fps=fps, expected_frames=frames)
     return path
 
@@ -214,3 +214,65 @@ def test_the_synthetic_backend_shows_each_input_in_the_picture(write_manifest, i
     assert list(brightness) == sorted(brightness) and brightness[-1] > 2 * brightness[0]
     assert not np.array_equal(loud, rising)
     backend.close()
+
+
+# ---- the command backend: Wan2.2's generate.py (its stub) runs s2v-14B and animate-14B ----
+
+from .test_command_backend import STUB, backend, fake_checkpoint, record  # noqa: E402,F401  (record: a fixture)
+
+
+def conditioned_job(tmp_path, reference, **inputs) -> Job:
+    return Job(id="j1", ordinal=0, category="talk", stem="alice", reference=str(reference), prompt_index=0,
+               prompt="a person speaks", seed=7, output=str(tmp_path / "out" / "talk" / "alice" / "seed_7_prompt_0.mp4"),
+               inputs={role: str(value) for role, value in inputs.items()})
+
+
+def test_command_backend_runs_s2v_with_image_and_audio(tmp_path, inputs, record):
+    b = backend(tmp_path, task="s2v")  # 64x48, 5 frames at 16 fps
+    j = conditioned_job(tmp_path, inputs / "images/alice.png", audio=inputs / "audio/alice.wav")
+    argv = b.command_line(j, "/x/out.mp4")
+    assert argv[argv.index("--task") + 1] == "s2v-14B"
+    assert argv[argv.index("--image") + 1] == j.reference and argv[argv.index("--audio") + 1] == j.inputs["audio"]
+    # generate.py's s2v makes whole 4-frame groups: 8 for 5 frames, in one clip
+    assert argv[argv.index("--infer_frames") + 1] == "8" and argv[argv.index("--num_clip") + 1] == "1"
+    frames = b.generate(j, lambda *_: None)
+    assert isinstance(frames, np.ndarray) and frames.shape == (5, 48, 64, 3)  # the first 5 of its 8
+    assert record()["argv"] == b.job_info()["command"][2:]
+    assert not list((tmp_path / "out").rglob("*.mp4"))  # its own file is gone: the worker writes the frames
+
+
+def test_command_backend_runs_animate_from_a_src_folder_it_builds(tmp_path, inputs, record):
+    clip(inputs / "prep/alice/src_pose.mp4", frames=12, fps=30, width=64, height=48)  # longer than the video
+    b = backend(tmp_path, task="animate", refert_num=5)
+    j = conditioned_job(tmp_path, inputs / "images/alice.png", pose_video=inputs / "prep/alice/src_pose.mp4",
+                        face_video=inputs / "prep/alice/src_face.mp4")
+    video = b.generate(j, lambda *_: None)
+    from orchestrator.outputs import count_frames
+    assert count_frames(video) == 5  # the pose video was cut to the 5 frames asked for
+    import av
+    with av.open(str(video)) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (64, 48)
+    argv = record()["argv"]
+    assert argv[argv.index("--task") + 1] == "animate-14B" and "--image" not in argv
+    assert argv[argv.index("--refert_num") + 1] == "5"
+    src = argv[argv.index("--src_root_path") + 1]
+    assert not __import__("os").path.exists(src)  # the job's folder is removed after it ran
+
+
+def test_command_backend_checks_the_conditioned_tasks(tmp_path, write_manifest, inputs):
+    fake_checkpoint(tmp_path / "Wan2.2-S2V-14B", ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"))
+    manifest = task_manifest("s2v", CATEGORIES["s2v"])
+    manifest["model"] = {"backend": "command", "task": "s2v", "path": "Wan2.2-S2V-14B",
+                         "options": {"script": str(STUB)}}
+    manifest["generation"] = {"width": 832, "height": 480, "num_frames": 5, "fps": 16, "steps": 4}
+    text = problems_of(write_manifest, manifest)
+    assert "is not a s2v-14B checkpoint: it lacks wav2vec2-large-xlsr-53-english" in text
+    (tmp_path / "Wan2.2-S2V-14B" / "wav2vec2-large-xlsr-53-english").mkdir()
+    assert len(expand(load_manifest(write_manifest(manifest)))) == 2
+    manifest["model"]["task"], manifest["categories"] = "vace", {"talk": CATEGORIES["vace"]}
+    clip(inputs / "control/alice.mp4", width=64, height=36)
+    text = problems_of(write_manifest, manifest)
+    assert "generate.py has no vace task" in text
+    manifest["model"]["options"] = {"command": ["{python}", "x.py", "{reference}", "{output}", "{audio}"]}
+    text = problems_of(write_manifest, manifest)
+    assert "the command uses {audio}, but task vace has no audio" in text

@@ -128,7 +128,7 @@ class DiffSynthWanBackend(Backend):
         if model.task not in TASKS_RUN:  # the conditioned tasks (issue 23) are not wired here yet
             return [BackendProblem("model.task", f"the diffsynth backend cannot run model.task {model.task}: it "
                                    f"runs {', '.join(TASKS_RUN)}", "use model.backend: synthetic to try the sweep, "
-                                   "or a backend that runs this task (README, \"Tasks\")")]
+                                   "or a backend that runs this task (README's task table)")]
         found, failed = option_problems("diffsynth", o, OPTIONS, {"vram_management": (True, False, "text_encoder")})
         problems: list[str | BackendProblem] = list(found)
         for key, value in o.items():

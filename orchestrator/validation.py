@@ -1,6 +1,6 @@
 """A manifest checked by its backend: `load_manifest` reads the YAML (`manifest`, which knows no
 backend) and lets the chosen backend (`backends`) resolve its path options and check what it
-supports, every problem reported together at its manifest line.
+supports, each value of the `axes:` included, every problem reported together at its manifest line.
 
 It sits above both, so that neither imports the other: backends read the manifest's plain types.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import BACKENDS, BackendProblem, backend_class
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, apply_axes, read_manifest
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -30,12 +30,34 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
         return manifest
     options = _resolve_path_options(manifest.model.backend, manifest.model.options, manifest.path.parent)
     manifest = replace(manifest, model=replace(manifest.model, options=options))
-    for found in backend_class(manifest.model.backend).check(manifest):
+    backend = backend_class(manifest.model.backend)
+    found_before = set()
+    for found in backend.check(manifest):
+        found_before.add(str(found))
         if isinstance(found, BackendProblem):
             problem((found.key, "model"), found.message, found.fix)
         else:
             problem(("model",), found)
+    _check_axes(manifest, backend, found_before, problem)
     return manifest
+
+
+def _check_axes(manifest: Manifest, backend, found_before: set[str], problem: Callable[..., None]) -> None:
+    """The backend's check of each axis value (each point of a zip group), as if `generation:` held
+    it: what it finds there and not with the manifest's own settings is that value's problem, reported
+    at the axis's line (a setting this backend does not take, a size it cannot make, …)."""
+    for axis in manifest.axes:
+        where = tuple(f"axes.{key}" for key in axis.keys) + ("axes.zip", "axes")
+        for values in axis.assignments():
+            trial = replace(manifest, generation=apply_axes(manifest.generation, values), axes=())
+            shown = ", ".join(f"{key} = {value!r}" for key, value in values.items())
+            for found in backend.check(trial):
+                if str(found) in found_before:
+                    continue  # the manifest's own problem, reported once above
+                found_before.add(str(found))
+                message = found.message if isinstance(found, BackendProblem) else found
+                problem(where, f"axes ({shown}): {message}", getattr(found, "fix", "")
+                        or f"remove this value from axes (the {manifest.model.backend} backend cannot run it)")
 
 
 def _resolve_path_options(backend: str, options: dict, base: Path) -> dict:

@@ -251,7 +251,7 @@ class CommandBackend(Backend):
         if "command" in self.options:
             values = self._values(job, output)
             return [str(arg).format_map(values) for arg in self.options["command"]]
-        o, g, k = self.options, self.generation, self.cards
+        o, g, k = self.options, self.generation_for(job), self.cards
         argv = [self.python]
         if self.torchrun:
             argv += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
@@ -284,7 +284,7 @@ class CommandBackend(Backend):
         return argv + ["--save_file", output]
 
     def _values(self, job, output: str) -> dict:
-        g, k = self.generation, self.cards
+        g, k = self.generation_for(job), self.cards
         return {**{key: value for key, value in g.extra.items() if isinstance(key, str)},
                 "prompt": job.prompt, "seed": job.seed, "output": output, "reference": job.reference or "",
                 "width": g.width, "height": g.height, "size": f"{g.width}*{g.height}",
@@ -311,7 +311,7 @@ class CommandBackend(Backend):
         argv = self.command_line(job, str(temp))
         handed_over = False
         try:
-            run = ChildRun(argv, self.generation.steps, progress)
+            run = ChildRun(argv, self.generation_for(job).steps, progress)
             self._last = run.facts
             code = run.run(self.environment(), self.working_folder())
             program = self._program_name(argv)

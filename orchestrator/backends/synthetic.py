@@ -78,7 +78,7 @@ class SyntheticBackend(Backend):
         seconds = float(o.get("seconds_per_job", 0.0))
         if o.get("jitter"):
             seconds *= 1 + o["jitter"] * (2 * _unit("jitter", job.id) - 1)
-        steps = self.generation.steps
+        steps = self.generation_for(job).steps
         roll = lambda kind: _unit(kind, job.id, attempt) < o.get(f"{kind}_rate", 0.0)  # noqa: E731
         hang = roll("hang") or attempt <= int(o.get("hang_attempts", 0)) or (attempt == 1 and any(
             fnmatch.fnmatch(job.key, pattern) for pattern in o.get("hang_jobs", [])))
@@ -102,8 +102,10 @@ class SyntheticBackend(Backend):
         return self.frames(job)
 
     def frames(self, job) -> np.ndarray:
-        g = self.generation
-        rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed) * 2**63))
+        g = self.generation_for(job)
+        # Axis values (cfg, steps, …) change a real model's picture: here too, so the videos differ.
+        axes = (repr(sorted(job.axes.items())),) if getattr(job, "axes", None) else ()
+        rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed, *axes) * 2**63))
         base = rng.integers(40, 215, size=3)
         t = np.arange(g.num_frames)[:, None, None]
         y = np.arange(g.height)[None, :, None]

@@ -8,14 +8,15 @@ folder can hold in `names`. This package knows no backend: `orchestrator.validat
 reads a manifest and has its backend check it.
 """
 from .categories import IMAGE_SUFFIXES, MAX_GLOB_ENTRIES, RESERVED_NAMES, VIDEO_SUFFIXES
-from .model import (COMPILE_MODES, EXECUTORS, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Category, Execution,
-                    GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Reference, Resources,
-                    SpeedConfig)
+from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, GENERATION_AXES, MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES,
+                    SDPA_ATTENTION, TASKS, Axis, Category, Execution, GenerationConfig, Manifest, ManifestError,
+                    ModelConfig, Problem, Reference, Resources, SpeedConfig, apply_axes)
 from .names import MAX_COMPONENT_BYTES, NAME_MAX_BYTES, PATH_MAX_BYTES, path_length_problem, safe_component_problem
 from .reader import MAX_ALIAS_EXPANSION, MAX_NESTING, located_problem
 from .sections import ManifestCheck, read_manifest
 
 __all__ = [
+    "AXIS_KEYS", "Axis", "GENERATION_AXES", "MAX_JOBS_UNCONFIRMED", "apply_axes",
     "COMPILE_MODES", "EXECUTORS", "IMAGE_SUFFIXES", "MAX_ALIAS_EXPANSION", "MAX_COMPONENT_BYTES",
     "MAX_GLOB_ENTRIES", "MAX_NESTING", "NAME_MAX_BYTES", "PATH_MAX_BYTES", "QUANTIZE_MODES",
     "RESERVED_NAMES", "SDPA_ATTENTION", "TASKS", "VIDEO_SUFFIXES", "Category", "Execution",

@@ -107,7 +107,7 @@ class RayWorker:
     # ---------------------------------------------------------------- outputs
     def _write_shared(self, job, result, record: dict) -> None:
         from ...job_loop import write_video
-        write_video(self.spec, result, job.output, record, owner=self.spec.worker)
+        write_video(self.spec, result, job.output, record, owner=self.spec.worker, job=job)
 
     def _encode_here(self, job, result, record: dict) -> dict:
         """Encode and check the mp4 on this node; the driver gets its bytes and the sidecar."""
@@ -120,7 +120,7 @@ class RayWorker:
                 raw = folder / "raw.mp4"
                 shutil.move(str(result), raw)
                 result = raw
-            write_video(self.spec, result, target, record)
+            write_video(self.spec, result, target, record, job=job)
             return {"mp4": target.read_bytes(), "sidecar": read_sidecar(target)}
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -92,7 +92,6 @@ class Driver(threading.Thread):
         execution = sweep.manifest.execution
         self.stream = stream
         self.mount_token = mount_token
-        self.frames = sweep.manifest.generation.num_frames
         self.heartbeat_timeout = float(execution.heartbeat_timeout_s)
         self.job_timeout = float(execution.job_timeout_s)
         self.max_restarts = int(execution.max_restarts)
@@ -330,7 +329,8 @@ class Driver(threading.Thread):
         except BaseException:
             os.unlink(temp)
             raise
-        adopt_mp4(temp, job.output, expected_frames=self.frames, sidecar=answer.get("sidecar") or {})
+        adopt_mp4(temp, job.output, expected_frames=job.generation(self.sweep.manifest.generation).num_frames,
+                  sidecar=answer.get("sidecar") or {})
 
     def _owns(self, job_id: str, worker: str) -> bool:
         return self.ledger.holds(job_id, worker)
@@ -436,7 +436,8 @@ class Driver(threading.Thread):
                     break
                 job = claim.job
                 slot.group = job.group
-                if settle_if_made(LedgerJobSource(self.ledger, slot.spec), job, self.frames, slot.log):
+                if settle_if_made(LedgerJobSource(self.ledger, slot.spec), job,
+                                  job.generation(self.sweep.manifest.generation).num_frames, slot.log):
                     continue
                 slot.claim, slot.state = claim, "busy"
                 slot.dispatched = slot.last_sign = now

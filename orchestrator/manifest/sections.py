@@ -281,7 +281,8 @@ def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node]
                                "write one manifest per quantize value")
                 complete = False
             elif first_time(key, key_node):
-                values = _read_axis_values(reader, key, value_node, f"axes.zip.{key}")
+                # (a value may repeat within a group's list: only a whole combination may not)
+                values = _read_axis_values(reader, key, value_node, f"axes.zip.{key}", distinct=False)
                 complete = complete and bool(values)
                 columns.append((key, value_node, values))
         if not columns or not complete:
@@ -304,10 +305,10 @@ def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node]
     return groups
 
 
-def _read_axis_values(reader: Reader, key: str, node, what: str) -> list:
+def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool = True) -> list:
     """The values of one swept setting, each checked exactly as that setting is checked under
     `generation:` (its reader runs on the value's own node, so a problem is at the value's line and
-    names `what`). An empty list: something was reported."""
+    names `what`), and each listed once where `distinct`. An empty list: something was reported."""
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         reader.problem(node, f"{what} must be a non-empty list of values",
                        f"write e.g. `{key}: [{'3.0, 5.0' if key == 'cfg_scale' else '30, 50'}]`"
@@ -327,7 +328,7 @@ def _read_axis_values(reader: Reader, key: str, node, what: str) -> list:
                                         for p in reader.problems[before:]]
             fine = False
             continue
-        if value in values:
+        if distinct and value in values:
             reader.problem(item, f"{what} lists {value!r} twice", "remove the repeated value")
             fine = False
             continue

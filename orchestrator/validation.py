@@ -31,29 +31,37 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
     options = _resolve_path_options(manifest.model.backend, manifest.model.options, manifest.path.parent)
     manifest = replace(manifest, model=replace(manifest.model, options=options))
     backend = backend_class(manifest.model.backend)
+    # With axes, the settings checked are those jobs run: each axis at its first value (a swept key's
+    # own value under `generation:` is never used); a problem of a swept key is its axis's, below.
+    first = {key: value for axis in manifest.axes for key, value in axis.assignments()[0].items()}
+    swept = {f"generation.{key}" for key in first}
     found_before = set()
-    for found in backend.check(manifest):
+    for found in backend.check(replace(manifest, generation=apply_axes(manifest.generation, first), axes=())):
+        if isinstance(found, BackendProblem) and found.key in swept:
+            continue
         found_before.add(str(found))
         if isinstance(found, BackendProblem):
             problem((found.key, "model"), found.message, found.fix)
         else:
             problem(("model",), found)
-    _check_axes(manifest, backend, found_before, problem)
+    _check_axes(manifest, backend, first, swept, found_before, problem)
     return manifest
 
 
-def _check_axes(manifest: Manifest, backend, found_before: set[str], problem: Callable[..., None]) -> None:
-    """The backend's check of each axis value (each point of a zip group), as if `generation:` held
-    it: what it finds there and not with the manifest's own settings is that value's problem, reported
-    at the axis's line (a setting this backend does not take, a size it cannot make, …)."""
+def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found_before: set[str],
+                problem: Callable[..., None]) -> None:
+    """The backend's check of each axis value (each point of a zip group; the other axes at their
+    first values), as if `generation:` held it: what it finds there and not without it is that value's
+    problem, reported at the axis's line (a setting this backend does not take, a size it cannot make)."""
     for axis in manifest.axes:
         where = tuple(f"axes.{key}" for key in axis.keys) + ("axes.zip", "axes")
+        others = swept - {f"generation.{key}" for key in axis.keys}  # another axis's problem, found there
         for values in axis.assignments():
-            trial = replace(manifest, generation=apply_axes(manifest.generation, values), axes=())
+            trial = replace(manifest, generation=apply_axes(manifest.generation, {**first, **values}), axes=())
             shown = ", ".join(f"{key} = {value!r}" for key, value in values.items())
             for found in backend.check(trial):
-                if str(found) in found_before:
-                    continue  # the manifest's own problem, reported once above
+                if str(found) in found_before or getattr(found, "key", None) in others:
+                    continue  # the manifest's own problem (reported above), or another axis's
                 found_before.add(str(found))
                 message = found.message if isinstance(found, BackendProblem) else found
                 problem(where, f"axes ({shown}): {message}", getattr(found, "fix", "")

@@ -253,3 +253,17 @@ def test_the_diffusers_backend_takes_size_length_and_shift_per_job(tmp_path):
         assert backend.pipe.scheduler.config.flow_shift == own_shift  # the next job's own (the checkpoint's)
     finally:
         backend.close()
+
+
+def test_a_refused_first_value_is_its_own_axis_problem_not_the_others(write_manifest, tmp_path):
+    from .test_command_backend import STUB, fake_checkpoint
+    model = {"backend": "command", "task": "t2v", "path": str(fake_checkpoint(tmp_path / "ckpt")),
+             "options": {"script": str(STUB)}}
+    generation = {"width": 832, "height": 480, "num_frames": 81, "fps": 16, "steps": 4}
+    path = write_manifest(synthetic_manifest(model=model, generation=generation,
+                                             axes={"steps": [4, 8], "negative_prompt": ["blurry", ""]}))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (found,) = caught.value.problems
+    assert found.line == _line_of(path, "negative_prompt:")
+    assert "axes (negative_prompt = 'blurry'): generate.py takes no negative prompt" in found.message

@@ -267,3 +267,32 @@ def test_a_refused_first_value_is_its_own_axis_problem_not_the_others(write_mani
     (found,) = caught.value.problems
     assert found.line == _line_of(path, "negative_prompt:")
     assert "axes (negative_prompt = 'blurry'): generate.py takes no negative prompt" in found.message
+
+
+def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents_per_size(tmp_path):
+    pytest.importorskip("diffsynth")
+    import numpy as np
+
+    from orchestrator.backends.diffsynth_wan import DiffSynthWanBackend
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+    from orchestrator.outputs import write_mp4
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
+
+    from .conftest import backend_job
+    path = build_tiny_checkpoint(tmp_path / "Wan-tiny")
+    clip = write_mp4(np.random.RandomState(0).randint(0, 255, (7, 40, 48, 3)).astype(np.uint8),
+                     tmp_path / "clip.mp4", fps=5, expected_frames=7)
+    backend = DiffSynthWanBackend(
+        ModelConfig(backend="diffsynth", task="v2v", path=str(path), dtype="float32"),
+        GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2, denoising_strength=0.7), ())
+    backend.load()
+    try:
+        def job(**axes):
+            return type(backend_job())(**{**backend_job(seed=1, reference=clip).to_dict(), "axes": axes})
+        assert backend.generate(job(), lambda s, n: None).shape == (5, 32, 32, 3)
+        wide = backend.generate(job(width=48, denoising_strength=0.5), lambda s, n: None)
+        assert wide.shape == (5, 32, 48, 3) and backend.job_info()["reference_encoding_reused"] is False
+        backend.generate(job(width=48, denoising_strength=0.9), lambda s, n: None)
+        assert backend.job_info()["reference_encoding_reused"] is True  # same size: the clip's latents kept
+    finally:
+        backend.close()

@@ -132,12 +132,13 @@ def expand(manifest: Manifest) -> list[Job]:
                     inputs = [category.name, ref.stem, prompt_index, prompt, seed, file_identity]
                     if axes:  # only then: a manifest without axes keeps its ids
                         inputs.append(axes)
-                    identity = json.dumps(inputs, ensure_ascii=False)
+                    # (sorted keys: listing the axes in another order keeps every job's id)
+                    identity = json.dumps(inputs, ensure_ascii=False, sort_keys=True)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=str(folder / output_name(seed, prompt_index, axes)), axes=axes))
+                        output=str(folder / output_name(seed, prompt_index, axes)), axes=dict(axes)))
     return jobs
 
 
@@ -146,16 +147,6 @@ def _file_identity(path: Path | None) -> str | None:
     if path is None:
         return None
     return f"{path.name}:{path.stat().st_size}"
-
-
-def count_by_axis_value(jobs: list[Job]) -> dict[str, dict[str, int]]:
-    """Jobs per value of each axis: {axis: {value as JSON text: count}}, in the jobs' order."""
-    counts: dict[str, dict[str, int]] = {}
-    for job in jobs:
-        for key, value in job.axes.items():
-            label = axis_value_text(value)
-            counts.setdefault(key, {})[label] = counts.setdefault(key, {}).get(label, 0) + 1
-    return counts
 
 
 def axis_value_text(value) -> str:

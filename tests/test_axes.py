@@ -63,6 +63,10 @@ def test_a_jobs_identity_is_its_axis_values_so_adding_a_value_keeps_the_others(w
     after = {j.key: j.id for j in expand(_load(write_manifest, axes={"cfg_scale": [3.0, 5.0, 7.0]}))}
     assert len(after) == len(before) * 3 // 2
     assert all(after[key] == job_id for key, job_id in before.items())
+    # nor does listing the axes in another order change an id
+    swapped = _load(write_manifest, axes={"steps": [4, 8], "cfg_scale": [3.0, 5.0]})
+    straight = _load(write_manifest, axes={"cfg_scale": [3.0, 5.0], "steps": [4, 8]})
+    assert sorted(j.id for j in expand(swapped)) == sorted(j.id for j in expand(straight))
     # the manifest's own value of a swept setting is not part of any job: changing it changes nothing
     other = _load(write_manifest, axes={"cfg_scale": [3.0, 5.0]}, generation={"cfg_scale": 9.0})
     assert {j.key: j.id for j in expand(other)} == before

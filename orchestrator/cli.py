@@ -211,6 +211,15 @@ def cmd_plan(manifest, args) -> int:
     print(f"model      {manifest.model.backend} {manifest.model.task} {manifest.model.path or ''}")
     g = manifest.generation
     print(f"settings   {g.width}x{g.height}, {g.num_frames} frames @ {g.fps} fps, {g.steps} steps")
+    from .jobs import axis_value_text
+    for axis in manifest.axes:
+        values = ", ".join(" ".join(f"{key}={axis_value_text(value)}" for key, value in point.items())
+                           if len(axis.keys) > 1 else axis_value_text(point[axis.keys[0]])
+                           for point in axis.assignments())
+        print(f"axis       {'+'.join(axis.keys)}: {values}")
+    if manifest.axes:
+        h = manifest.heaviest_generation
+        print(f"sized for  the heaviest job: {h.width}x{h.height}, {h.num_frames} frames, {h.steps} steps")
     from .speed import describe as describe_speed, identity as speed_identity
     print(f"speed      {describe_speed(manifest.model.speed)}"
           + ("  (quantize is part of each job's identity)" if speed_identity(manifest.model.speed) else ""))
@@ -382,7 +391,7 @@ def _models_fit(args, path: str, manifest) -> int:
     from . import checkpoints
     checkpoint = checkpoints.verify(path)
     if manifest is not None:
-        g = manifest.generation
+        g = manifest.heaviest_generation  # with axes, the largest job must fit
         settings = checkpoints.Settings(g.width, g.height, g.num_frames, manifest.model.dtype,
                                         int(manifest.model.options.get("max_sequence_length", checkpoints.TEXT_TOKENS)))
         backend, options, margin = manifest.model.backend, dict(manifest.model.options), manifest.resources.memory_margin_gib

@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .planning import WorkerSpec
 from .speed import first_call_lock
@@ -118,7 +118,7 @@ class JobSource(ABC):
     def store_video(self, spec: WorkerSpec, job, result, record: dict) -> bool:
         """Put a finished job's video at its path (the atomic way); False when the job is no longer this
         slot's and nothing was written. Here: straight onto the disk the sweep's folder is on."""
-        write_video(spec, result, job.output, record, owner=spec.worker)
+        write_video(spec, result, job.output, record, owner=spec.worker, job=job)
         return True
 
 
@@ -190,15 +190,23 @@ def generate_job(backend, spec: WorkerSpec, job, attempt: int, gpu_names: list[s
     return Generated(result, record, seconds, waited)
 
 
-def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: str = "") -> None:
+def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: str = "", job=None) -> None:
     """Write one job's video at `target` the atomic way (temp → check → rename, sidecar first): the
-    frames a backend returned are encoded, an mp4 its program wrote is checked and moved in."""
+    frames a backend returned are encoded, an mp4 its program wrote is checked and moved in. Its frame
+    count and rate are the job's (its axes may set them), else the spec's."""
     from .outputs import adopt_mp4, write_mp4
-    frames = int(spec.generation["num_frames"])
+    generation = job_generation(spec, job)
+    frames = generation.num_frames
     if isinstance(result, (str, os.PathLike)):
         adopt_mp4(result, target, expected_frames=frames, sidecar=record, owner=owner)
     else:
-        write_mp4(result, target, int(spec.generation["fps"]), expected_frames=frames, sidecar=record, owner=owner)
+        write_mp4(result, target, generation.fps, expected_frames=frames, sidecar=record, owner=owner)
+
+
+def job_generation(spec: WorkerSpec, job=None):
+    """The generation settings of one job of this worker: the spec's, with the job's axis values."""
+    from .manifest import GenerationConfig, apply_axes
+    return apply_axes(GenerationConfig(**spec.generation), getattr(job, "axes", None) or {})
 
 
 def versions() -> dict:
@@ -219,7 +227,7 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
     """
     return {
         "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
-        "model": spec.model, "generation": spec.generation, "attempt": attempt,
+        "model": spec.model, "generation": asdict(job_generation(spec, job)), "axes": job.axes, "attempt": attempt,
         "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
         "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
         "peak_memory_bytes": backend.peak_memory_bytes(), **backend.job_info(),
@@ -381,7 +389,6 @@ class JobLoop:
     def run(self, backend, gpu_names: list[str], compile_cache: str | None = None) -> str:
         from .backends import OutOfMemory
         source, spec, log, pulse, writer = self.source, self.spec, self.log, self.pulse, self.writer
-        frames = int(spec.generation["num_frames"])
         read_ahead = ReadAhead(backend, source, log)
         ooms_in_row = 0
         group = None
@@ -408,7 +415,7 @@ class JobLoop:
             job = claim.job
             group = job.group
             read_ahead.after(job)
-            if settle_if_made(source, job, frames, log):
+            if settle_if_made(source, job, job_generation(spec, job).num_frames, log):
                 self.claim = None
                 continue
             log.info("job %s (attempt %d): %s", job.key, claim.attempt, job.prompt[:80])

@@ -1,17 +1,20 @@
 """Expanding a manifest into jobs: deterministic order, stable ids, output paths.
 
-One job is one video: (category, reference, prompt index, seed). Its id hashes everything that
-determines the output (inputs, prompt, seed, model, generation settings), so a changed setting gives
-a new id while the output path stays the same; the sidecar of an existing mp4 tells which id made it.
+One job is one video: (category, reference, prompt index, seed, and its value of each of the
+manifest's `axes:`). Its id hashes everything that determines the output (inputs, prompt, seed, model,
+generation settings, axis values), so a changed setting gives a new id while the output path stays
+the same; the sidecar of an existing mp4 tells which id made it. A manifest without axes gives the
+ids it gave before axes existed.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .manifest import Manifest, safe_component_problem
+from .manifest import GenerationConfig, Manifest, apply_axes, safe_component_problem
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Job:
     prompt: str
     seed: int
     output: str  # absolute path of the final mp4
+    axes: dict = field(default_factory=dict)  # axis name -> this job's value, in the manifest's order (issue 22)
     inputs: dict = field(default_factory=dict)  # role -> absolute path or value of a conditioned task's extra inputs (issue 23)
 
     @property
@@ -39,6 +43,11 @@ class Job:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def generation(self, base: GenerationConfig | dict) -> GenerationConfig:
+        """The generation settings of this job: the manifest's (`base`, or its dict from a worker's
+        spec) with this job's axis values in place."""
+        return apply_axes(base if isinstance(base, GenerationConfig) else GenerationConfig(**base), self.axes)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
@@ -55,6 +64,9 @@ def settings_fingerprint(manifest: Manifest) -> dict:
         "options": {k: v for k, v in sorted(model.options.items()) if k not in manifest.runtime_options},
         "generation": asdict(manifest.generation),
     }
+    # A swept setting is part of each job's own identity (its axis values), not of the manifest's.
+    for key in (key for axis in manifest.axes for key in axis.keys):
+        fingerprint["generation"].pop(key, None)
     # Speed settings that change the pictures (quantize); compile and the attention kernel do not
     # (orchestrator/speed.py says why) and are recorded in each sidecar instead.
     speed = identity(model.speed)
@@ -75,13 +87,39 @@ def output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:
     return folder
 
 
-def output_name(seed: int, prompt_index: int) -> str:
-    return f"seed_{seed}_prompt_{prompt_index}.mp4"
+def output_name(seed: int, prompt_index: int, axes: dict | None = None) -> str:
+    # Jobs that differ only by axis values need files of their own: `_<axis>-<value>` each.
+    suffix = "".join(f"_{key}-{_axis_label(value)}" for key, value in (axes or {}).items())
+    return f"seed_{seed}_prompt_{prompt_index}{suffix}.mp4"
+
+
+def _axis_label(value) -> str:
+    """An axis value as a piece of a file name: numbers as written (repr: distinct floats stay
+    distinct), a cfg pair joined by `-`, a text (a negative prompt) by a short hash of it."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(map(_axis_label, value))
+    if isinstance(value, str):
+        return hashlib.sha1(value.encode()).hexdigest()[:8]
+    return str(value)
+
+
+def axis_points(manifest: Manifest) -> list[dict]:
+    """Every combination of the manifest's axis values, the first axis varying slowest: [{}] without axes."""
+    points = []
+    for combination in itertools.product(*(axis.assignments() for axis in manifest.axes)):
+        point: dict = {}
+        for assignment in combination:
+            # JSON's form (a cfg pair is a list): a job read back from a spec or the ledger is equal.
+            point.update({key: list(v) if isinstance(v, tuple) else v for key, v in assignment.items()})
+        points.append(point)
+    return points
 
 
 def expand(manifest: Manifest) -> list[Job]:
-    """All jobs of the manifest in a fixed order: category, reference, prompt, seed."""
+    """All jobs of the manifest in a fixed order: category, reference, prompt, seed, then the axes'
+    combinations (a reference's jobs stay together, and one prompt and seed's settings side by side)."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
+    points = axis_points(manifest)
     jobs: list[Job] = []
     for category in manifest.categories:
         for ref in category.references:
@@ -94,15 +132,20 @@ def expand(manifest: Manifest) -> list[Job]:
             folder = output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
-                for seed in manifest.seeds:
-                    identity = json.dumps([category.name, ref.stem, prompt_index, prompt, seed,
-                                           file_identity] + ([inputs_identity] if inputs_identity else []),
-                                          ensure_ascii=False)
+                for seed, axes in itertools.product(manifest.seeds, points):
+                    parts = [category.name, ref.stem, prompt_index, prompt, seed, file_identity]
+                    if inputs_identity:
+                        parts.append(inputs_identity)
+                    if axes:  # only then: a manifest without axes keeps its ids
+                        parts.append(axes)
+                    # (sorted keys: listing the axes in another order keeps every job's id)
+                    identity = json.dumps(parts, ensure_ascii=False, sort_keys=True)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=str(folder / output_name(seed, prompt_index)), inputs=dict(ref.inputs)))
+                        output=str(folder / output_name(seed, prompt_index, axes)), axes=dict(axes),
+                        inputs=dict(ref.inputs)))
     return jobs
 
 
@@ -111,6 +154,11 @@ def _file_identity(path: Path | None) -> str | None:
     if path is None:
         return None
     return f"{path.name}:{path.stat().st_size}"
+
+
+def axis_value_text(value) -> str:
+    """An axis value as report tables and JSON keys show it: `5.0`, `[4.0, 3.0]`, `"blurry"`."""
+    return json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)
 
 
 def count_by_category(jobs: list[Job]) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """The progress report: figures from the disk (what is done) and the ledger (what is in flight).
 
 Done counts come from valid mp4s on disk, so the report is right even when the ledger is lost;
-running jobs, failures, workers and speed come from the ledger when it exists.
+running jobs, failures, workers and speed come from the ledger when it exists. The counts are per
+category and, for a manifest with `axes:`, per value of each axis too.
 
 Speed is measured from the attempts' own start and end times, over the last half hour of work: the
 time between runs (a stopped sweep, a rerun that found nothing to do) is not work, so it neither
@@ -16,6 +17,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
+from .jobs import axis_value_text
 from .ledger import LIVE_WORKER_STATES, LedgerError, ledger_problem
 from .sweep import DiskScan, Sweep, processes_gone
 from .terminal import printable
@@ -56,6 +58,8 @@ class Report:
     ledger: bool = True
     ledger_problem: str | None = None  # the ledger exists but cannot be read: counts are from the disk
     stop_reason: str | None = None  # why the workers stopped by themselves (a full disk)
+    # Per axis of the manifest (`axes:`), a row per value (its name: the value as JSON text); {} without axes.
+    axes: dict[str, list[CategoryRow]] = field(default_factory=dict)
     # The disk scan the counts came from (not in the JSON): the review page shows the same files.
     scan: DiskScan | None = field(default=None, repr=False, compare=False)
 
@@ -75,43 +79,53 @@ class Report:
                 "totals": {**asdict(total), "left": total.left, "percent": round(total.percent, 2)},
                 "workers": self.workers, "failed": self.failed, "jobs_per_hour": self.jobs_per_hour,
                 "eta_s": self.eta_s, "workers_alive": self.workers_alive, "ledger": self.ledger,
-                "ledger_problem": self.ledger_problem, "stop_reason": self.stop_reason}
+                "ledger_problem": self.ledger_problem, "stop_reason": self.stop_reason,
+                "axes": {axis: [{"value": json.loads(r.name), **{k: v for k, v in asdict(r).items() if k != "name"},
+                                 "left": r.left, "percent": round(r.percent, 2)} for r in values]
+                         for axis, values in self.axes.items()}}
 
 
 def build_report(sweep: Sweep) -> Report:
     now = time.time()
     scan = sweep.scan()
     rows: dict[str, CategoryRow] = {}
+    axis_rows: dict[str, dict[str, CategoryRow]] = {axis: {} for a in sweep.manifest.axes for axis in a.keys}
     by_id = {}
+    tallies: dict[str, list[CategoryRow]] = {}  # job id -> the rows it counts in
     for job in sweep.jobs:
-        row = rows.setdefault(job.category, CategoryRow(job.category))
-        row.expected += 1
+        counted = tallies[job.id] = [rows.setdefault(job.category, CategoryRow(job.category))]
+        for key, value in job.axes.items():
+            label = axis_value_text(value)
+            counted.append(axis_rows[key].setdefault(label, CategoryRow(label)))
         by_id[job.id] = job
-        if job.id in scan.complete:
-            row.done += 1
+        for row in counted:
+            row.expected += 1
+            row.done += job.id in scan.complete
     for job in scan.stale:
-        rows[job.category].stale += 1
+        for row in tallies[job.id]:
+            row.stale += 1
     report = Report(sweep.manifest.name, str(sweep.root), now, list(rows.values()),
-                    ledger=sweep.has_ledger(), scan=scan)
+                    ledger=sweep.has_ledger(), scan=scan,
+                    axes={axis: list(values.values()) for axis, values in axis_rows.items()})
     if report.ledger:
-        _read_ledger(report, sweep, by_id, rows, scan, now)
+        _read_ledger(report, sweep, by_id, tallies, scan, now)
     if report.stop_reason is None and report.totals.left:
         report.stop_reason = sweep.disk_full_note()  # the ledger may be on that disk and unwritable
     return report
 
 
-def _read_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
+def _read_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: DiskScan, now: float) -> None:
     try:
-        _add_ledger(report, sweep, by_id, rows, scan, now)
+        _add_ledger(report, sweep, by_id, tallies, scan, now)
     except (LedgerError, sqlite3.DatabaseError) as exc:  # damaged, or in a read-only folder
         problem = str(exc) if isinstance(exc, LedgerError) else ledger_problem(sweep.ledger_path, exc)
-        for row in rows.values():
+        for row in report.categories + [row for values in report.axes.values() for row in values]:
             row.running = row.failed = 0
         report.ledger, report.ledger_problem = False, problem
         report.workers, report.failed, report.jobs_per_hour, report.eta_s = [], [], None, None
 
 
-def _add_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: DiskScan, now: float) -> None:
+def _add_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: DiskScan, now: float) -> None:
     """What only the ledger knows: running and failed jobs, speed, workers."""
     ledger = sweep.ledger(readonly=True)
     try:
@@ -125,13 +139,14 @@ def _add_ledger(report: Report, sweep: Sweep, by_id: dict, rows: dict, scan: Dis
             job = by_id.get(entry["id"])
             if job is None or job.id in scan.complete:
                 continue
-            row = rows[job.category]
             if entry["state"] == "running" and entry["worker"] not in gone:
-                row.running += 1
+                for row in tallies[job.id]:
+                    row.running += 1
             elif entry["state"] == "failed":
-                row.failed += 1
+                for row in tallies[job.id]:
+                    row.failed += 1
                 report.failed.append({"job": job.key, "id": job.id, "attempts": entry["attempts"],
-                                      "error": entry["last_error"]})
+                                      "error": entry["last_error"], **({"axes": job.axes} if job.axes else {})})
         videos, busy_s = work_rate(ledger.timed_attempts())
         if videos and busy_s > 0:
             report.jobs_per_hour = videos / busy_s * 3600
@@ -279,6 +294,10 @@ def format_report(report: Report) -> str:
     rows = [[r.name, r.expected, r.done, r.failed, r.running, r.left, f"{r.percent:.1f}%"]
             for r in report.categories + [report.totals]]
     lines += _table(["category", "expected", "done", "failed", "running", "left", "percent"], rows)
+    for axis, values in report.axes.items():
+        lines.append("")
+        lines += _table([axis, "expected", "done", "failed", "running", "left", "percent"],
+                        [[r.name, r.expected, r.done, r.failed, r.running, r.left, f"{r.percent:.1f}%"] for r in values])
     total = report.totals
     lines.append("")
     if report.jobs_per_hour:

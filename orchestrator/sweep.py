@@ -258,14 +258,13 @@ class Sweep:
         # Only in a sweep's own folder: reading another folder must leave nothing behind in it.
         cache = ProbeCache(self.state_dir / "probe-cache.json") if self.state_dir.is_dir() else None
         scan = DiskScan()
-        frames = self.manifest.generation.num_frames
         present = _names_by_folder(job.output for job in self.jobs)
         for job in self.jobs:
             folder, _, name = job.output.rpartition(os.sep)
             names = present.get(folder)
             if names is not None and name not in names:
                 continue  # no file by that name: not done, not stale (one listing, not a stat per job)
-            state = inspect_output(job.output, frames, cache)
+            state = inspect_output(job.output, job.generation(self.manifest.generation).num_frames, cache)
             if state.stale_for(job.id):
                 scan.stale.append(job)
             elif state.complete:

@@ -1,9 +1,9 @@
 """A manifest checked by its backend: `load_manifest` reads the YAML (`manifest`, which knows no
 backend) and lets the chosen backend (`backends`) resolve its path options, name its runtime options
-(left out of the job ids) and check what it supports, every problem reported together at its
-manifest line. The inputs of Wan's conditioned tasks are checked here too, by the rules of `media`
-(audio as long as the video and not silent, control and driving videos as long as the video and of
-its aspect): decoded once, before the start.
+(left out of the job ids) and check what it supports, each value of the `axes:` included, every
+problem reported together at its manifest line. The inputs of Wan's conditioned tasks are checked
+here too, by the rules of `media` (audio as long as the video and not silent, control and driving
+videos as long as the video and of its aspect): decoded once, before the start.
 
 It sits above both, so that neither imports the other: backends read the manifest's plain types.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import BACKENDS, BackendProblem, backend_class
-from .manifest import CONDITIONED_TASKS, Manifest, read_manifest
+from .manifest import CONDITIONED_TASKS, Manifest, apply_axes, read_manifest
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -35,11 +35,25 @@ _ROLE_KEYS = {"audio": "audio", "reference_image": "images", "pose_video": "driv
 
 def _check_task_inputs(manifest: Manifest, problem: Callable[..., None]) -> None:
     """Each conditioned input fits the video asked for, by the media rules; reported at its entry's line."""
-    from .manifest.task_inputs import AUDIO_RATE
-    from .media import UnreadableReference, control_video_problem, read_audio
     if manifest.model.task not in CONDITIONED_TASKS:
         return
-    g = manifest.generation
+    from .jobs import axis_points
+    # every size and length the axes sweep: the inputs must fit each (usually one), each problem said once
+    shapes = {(g.width, g.height, g.num_frames, g.fps): g
+              for g in (apply_axes(manifest.generation, point) for point in axis_points(manifest))}
+    said: set = set()
+
+    def once(at, message, fix=""):
+        if (at, message) not in said:
+            said.add((at, message))
+            problem(at, message, fix)
+    for g in shapes.values():
+        _check_inputs_fit(manifest, g, once)
+
+
+def _check_inputs_fit(manifest: Manifest, g, problem: Callable[..., None]) -> None:
+    from .manifest.task_inputs import AUDIO_RATE
+    from .media import UnreadableReference, control_video_problem, read_audio
     for category in manifest.categories:
         what = f"category `{category.name}`"
         for ref in category.references:
@@ -79,12 +93,41 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
     options = _resolve_path_options(manifest.model.backend, manifest.model.options, manifest.path.parent)
     manifest = replace(manifest, model=replace(manifest.model, options=options),
                        runtime_options=frozenset(backend.runtime_options))
-    for found in backend.check(manifest):
+    # With axes, the settings checked are those jobs run: each axis at its first value (a swept key's
+    # own value under `generation:` is never used); a problem of a swept key is its axis's, below.
+    first = {key: value for axis in manifest.axes for key, value in axis.assignments()[0].items()}
+    swept = {f"generation.{key}" for key in first}
+    found_before = set()
+    for found in backend.check(replace(manifest, generation=apply_axes(manifest.generation, first), axes=())):
+        if isinstance(found, BackendProblem) and found.key in swept:
+            continue
+        found_before.add(str(found))
         if isinstance(found, BackendProblem):
             problem((found.key, "model"), found.message, found.fix)
         else:
             problem(("model",), found)
+    _check_axes(manifest, backend, first, swept, found_before, problem)
     return manifest
+
+
+def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found_before: set[str],
+                problem: Callable[..., None]) -> None:
+    """The backend's check of each axis value (each point of a zip group; the other axes at their
+    first values), as if `generation:` held it: what it finds there and not without it is that value's
+    problem, reported at the axis's line (a setting this backend does not take, a size it cannot make)."""
+    for axis in manifest.axes:
+        where = tuple(f"axes.{key}" for key in axis.keys) + ("axes.zip", "axes")
+        others = swept - {f"generation.{key}" for key in axis.keys}  # another axis's problem, found there
+        for values in axis.assignments():
+            trial = replace(manifest, generation=apply_axes(manifest.generation, {**first, **values}), axes=())
+            shown = ", ".join(f"{key} = {value!r}" for key, value in values.items())
+            for found in backend.check(trial):
+                if str(found) in found_before or getattr(found, "key", None) in others:
+                    continue  # the manifest's own problem (reported above), or another axis's
+                found_before.add(str(found))
+                message = found.message if isinstance(found, BackendProblem) else found
+                problem(where, f"axes ({shown}): {message}", getattr(found, "fix", "")
+                        or f"remove this value from axes (the {manifest.model.backend} backend cannot run it)")
 
 
 def _resolve_path_options(backend: str, options: dict, base: Path) -> dict:

@@ -147,3 +147,14 @@ def test_the_generate_py_examples_plan_with_its_stub(tmp_path, name, flag):
                  env={"ORCHESTRATOR_FAKE_GPUS": "FAKE H100 80GB:80:0"})
     assert result.returncode == 0, result.stderr
     assert f"jobs       {count} " in result.stdout and flag in result.stdout
+
+
+def test_the_axes_example_plans_every_combination_and_sizes_for_the_heaviest(tmp_path, random_checkpoint):
+    manifest = _copy(tmp_path, "axes_sweep.yaml", random_checkpoint("t2v"), "path: ../models/random-tiny-wan-t2v")
+    result = cli("plan", str(manifest))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "jobs       16 (0 already done, 16 to run)" in out  # 2 prompts × 1 seed × 2 cfg × 2 steps × 2 shapes
+    assert "axis       cfg_scale: 3.0, 5.0" in out and "axis       steps: 4, 8" in out
+    assert "axis       width+height: width=64 height=48, width=48 height=64" in out
+    assert "sized for  the heaviest job: 64x48, 17 frames, 8 steps" in out

@@ -73,6 +73,27 @@ class Backend(ABC):
         # model files' identity, library versions.
         self.load_info: dict = {}
 
+    def generation_for(self, job: "Job") -> "GenerationConfig":
+        """The generation settings of one job: the manifest's (`self.generation`) with the job's axis
+        values (`axes:`) in place. Per-job settings are read from here, never from self.generation."""
+        from ..manifest import apply_axes
+        return apply_axes(self.generation, getattr(job, "axes", None) or {})
+
+    def reference_cache(self, generation: "GenerationConfig"):
+        """This worker's references prepared at one job's size, length and rate (a `media.ReferenceCache`,
+        read ahead in a thread): the manifest's, and one more per combination its axes sweep."""
+        from ..manifest.task_inputs import AUDIO_RATE
+        from ..media import ReferenceCache
+        caches = self.__dict__.setdefault("_reference_caches", {})
+        shape = (generation.width, generation.height, generation.num_frames, generation.fps)
+        if shape not in caches:
+            caches[shape] = ReferenceCache(*shape, keep=6, sample_rate=AUDIO_RATE)
+        return caches[shape]
+
+    def close_reference_caches(self) -> None:
+        for cache in self.__dict__.pop("_reference_caches", {}).values():
+            cache.close()
+
     @classmethod
     def check(cls, manifest: "Manifest") -> list["str | BackendProblem"]:
         """Problems with the manifest for this backend, before anything starts.

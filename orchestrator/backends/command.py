@@ -266,7 +266,7 @@ class CommandBackend(Backend):
         if "command" in self.options:
             values = self._values(job, output)
             return [str(arg).format_map(values) for arg in self.options["command"]]
-        o, g, k = self.options, self.generation, self.cards
+        o, g, k = self.options, self.generation_for(job), self.cards
         argv = [self.python]
         if self.torchrun:
             argv += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
@@ -306,7 +306,7 @@ class CommandBackend(Backend):
         return argv + ["--save_file", output]
 
     def _values(self, job, output: str) -> dict:
-        g, k = self.generation, self.cards
+        g, k = self.generation_for(job), self.cards
         return {**{key: value for key, value in g.extra.items() if isinstance(key, str)},
                 "prompt": job.prompt, "seed": job.seed, "output": output, "reference": job.reference or "",
                 "width": g.width, "height": g.height, "size": f"{g.width}*{g.height}",
@@ -338,7 +338,7 @@ class CommandBackend(Backend):
             if src_folder is not None:
                 self._animate_folder(job, Path(src_folder.name))
             argv = self.command_line(job, str(temp), src_folder.name if src_folder else "")
-            run = ChildRun(argv, self.generation.steps, progress)
+            run = ChildRun(argv, self.generation_for(job).steps, progress)
             self._last = run.facts
             code = run.run(self.environment(), self.working_folder())
             program = self._program_name(argv)
@@ -351,7 +351,7 @@ class CommandBackend(Backend):
                 raise RuntimeError(f"{program} exited with code 0 but wrote no video to {temp}; its last "
                                    f"output:\n{run.tail()}\n{program} wrote no video (--save_file/{{output}})")
             if wan_task == "s2v-14B":
-                return self._first_frames(temp)  # (temp is removed below)
+                return self._first_frames(temp, job)  # (temp is removed below)
             handed_over = True
             return temp
         finally:
@@ -367,17 +367,17 @@ class CommandBackend(Backend):
         width × height as src_ref.png (animate-14B sizes its video like that image)."""
         from ..media import read_image, read_video, video_facts
         from ..outputs import write_mp4_file
-        g = self.generation
+        g = self.generation_for(job)
         for role, name in (("pose_video", "src_pose.mp4"), ("face_video", "src_face.mp4")):
             width, height, _ = video_facts(job.inputs[role])
             write_mp4_file(read_video(job.inputs[role], width, height, g.num_frames, g.fps), str(folder / name), g.fps)
         _write_png(read_image(job.reference, g.width, g.height), folder / "src_ref.png")
 
-    def _first_frames(self, video: Path) -> "np.ndarray":
+    def _first_frames(self, video: Path, job) -> "np.ndarray":
         """s2v-14B makes whole 4-frame groups (s2v_clip_frames): the first num_frames of its video."""
         import av
         import numpy as np
-        wanted = self.generation.num_frames
+        wanted = self.generation_for(job).num_frames
         frames = []
         with av.open(str(video)) as container:
             for frame in container.decode(video=0):

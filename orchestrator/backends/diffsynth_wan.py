@@ -336,9 +336,7 @@ class DiffSynthWanBackend(Backend):
         _quiet_vae_progress()
         self.pipe = pipe
 
-        from ..media import ReferenceCache
-        g = self.generation
-        self.references = ReferenceCache(g.width, g.height, g.num_frames, g.fps)
+        self.references = self.reference_cache(self.generation)
         self._job: dict = {}
         self.load_info = {
             "backend": self.name, "load_seconds": round(time.perf_counter() - started, 3),
@@ -525,13 +523,12 @@ class DiffSynthWanBackend(Backend):
             raise RuntimeError("this diffsynth version's WanVideoPipeline lacks the units the caches replace")
 
     def prepare(self, job) -> None:
-        references = getattr(self, "references", None)
-        if references is not None and job.reference:
-            references.prefetch(job.reference)
+        if getattr(self, "references", None) is not None and job.reference:
+            self.reference_cache(self.generation_for(job)).prefetch(job.reference)
 
     def generate(self, job, progress) -> np.ndarray:
         torch = self.torch
-        g = self.generation
+        g = self.generation_for(job)
         o = self.options
         called = time.time()
         self._job = {"prompt_encodings": 0}
@@ -547,11 +544,13 @@ class DiffSynthWanBackend(Backend):
             kwargs["sigma_shift"] = float(g.shift)
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             if self.model.task == "v2v":
-                kwargs["input_video"] = _Clip(self.references.video(job.reference), job.reference)
+                # (the clip's latents are kept per reference and per size, length and rate: axes change them)
+                kwargs["input_video"] = _Clip(self.reference_cache(g).video(job.reference),
+                                              f"{job.reference}:{g.width}x{g.height}x{g.num_frames}@{g.fps}")
                 kwargs["denoising_strength"] = g.denoising_strength
             elif self.model.task == "i2v":
                 from PIL import Image
-                image = Image.fromarray(self.references.image(job.reference))
+                image = Image.fromarray(self.reference_cache(g).image(job.reference))
                 image.cache_key = job.reference  # for the per-image caches
                 kwargs["input_image"] = image
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
@@ -617,9 +616,7 @@ class DiffSynthWanBackend(Backend):
         return getattr(self, "_job", {}).get("peak_memory_bytes") if getattr(self, "cuda", False) else None
 
     def close(self) -> None:
-        references = getattr(self, "references", None)
-        if references is not None:
-            references.close()
+        self.close_reference_caches()
         self.pipe = None
         self.prompt_cache = OrderedDict()
         self.reference_latents = OrderedDict()

@@ -210,7 +210,6 @@ class DiffusersWanBackend(Backend):
         import torch
 
         from ..checkpoints import load_components
-        from ..media import ReferenceCache
 
         o = self.options = dict(self.model.options)
         self.torch = torch
@@ -243,10 +242,9 @@ class DiffusersWanBackend(Backend):
             self._place(pipe)
         speed_facts = {stage: facts for stage, facts in (("cpu", early_speed), ("card", self._apply_speed(pipe, "card")))
                        if facts}  # what each stage did, for the sidecars
-        if self.generation.shift is not None:
-            config = dict(pipe.scheduler.config)
-            key = "flow_shift" if "flow_shift" in config else "shift"
-            pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: float(self.generation.shift)})
+        self.checkpoint_scheduler = pipe.scheduler  # with the checkpoint's own shift
+        self.scheduler_shift = None
+        self._use_shift(pipe, self.generation.shift)
         if o.get("vae_tiling"):
             pipe.vae.enable_tiling()
         if o.get("vae_slicing"):
@@ -256,8 +254,7 @@ class DiffusersWanBackend(Backend):
         self.two_experts = info["two_experts"]
         self.text_on_cpu = o.get("text_encoder") == "cpu" and o.get("offload", "none") == "none"
         self.embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
-        g = self.generation
-        self.references = ReferenceCache(g.width, g.height, g.num_frames, g.fps)
+        self.references = self.reference_cache(self.generation)
         self.encoded: OrderedDict[str, object] = OrderedDict()  # v2v latents / i2v image embeddings
         self._job: dict = {}
         self.load_info = {
@@ -267,6 +264,18 @@ class DiffusersWanBackend(Backend):
             "parallel_load": bool(o.get("parallel_load", True)) and not self.device_mapped,
             "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
         }
+
+    def _use_shift(self, pipe, shift: float | None) -> None:
+        """The sampler's flow shift of the next job (None: the checkpoint's own): a shift axis changes it
+        between jobs, each time from the checkpoint's scheduler config."""
+        if shift == self.scheduler_shift:
+            return
+        scheduler = self.checkpoint_scheduler
+        if shift is not None:
+            config = dict(scheduler.config)
+            key = "flow_shift" if "flow_shift" in config else "shift"
+            scheduler = type(scheduler).from_config(config, **{key: float(shift)})
+        pipe.scheduler, self.scheduler_shift = scheduler, shift
 
     def _apply_speed(self, pipe, stage: str) -> dict:
         """The `speed:` settings on each transformer, in two stages: "cpu", before the move to the card
@@ -325,7 +334,8 @@ class DiffusersWanBackend(Backend):
 
     def prepare(self, job) -> None:
         if job.reference:
-            self.references.prefetch(job.reference, kind="image" if self.model.task == "i2v" else "video")
+            self.reference_cache(self.generation_for(job)).prefetch(
+                job.reference, kind="image" if self.model.task == "i2v" else "video")
 
     # ------------------------------------------------------------------------------------------
 
@@ -372,11 +382,11 @@ class DiffusersWanBackend(Backend):
         """
         from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
-        torch, pipe, g = self.torch, self.pipe, self.generation
+        torch, pipe, g = self.torch, self.pipe, self.generation_for(job)
 
         def encode():
             from PIL import Image
-            frames = [Image.fromarray(f) for f in self.references.video(job.reference)]
+            frames = [Image.fromarray(f) for f in self.reference_cache(g).video(job.reference)]
             video = pipe.video_processor.preprocess_video(frames, height=g.height, width=g.width)
             video = video.to(self.device, dtype=torch.float32)
             with torch.no_grad():
@@ -387,7 +397,7 @@ class DiffusersWanBackend(Backend):
                 self.device, torch.float32)
             return (latents.to(torch.float32) - mean) * inverse_std
 
-        start = self._remember(f"video:{job.reference}", encode)
+        start = self._remember(f"video:{job.reference}:{g.width}x{g.height}x{g.num_frames}@{g.fps}", encode)
         timesteps, steps = retrieve_timesteps(pipe.scheduler, g.steps, self.device, None)
         timesteps, steps = pipe.get_timesteps(steps, timesteps, g.denoising_strength, self.device)
         noise = randn_tensor(start.shape, generator=generator, device=self.device, dtype=torch.float32)
@@ -396,7 +406,8 @@ class DiffusersWanBackend(Backend):
         return pipe.scheduler.scale_noise(start, timesteps[:1], noise)
 
     def generate(self, job, progress) -> np.ndarray:
-        torch, g, pipe = self.torch, self.generation, self.pipe
+        torch, g, pipe = self.torch, self.generation_for(job), self.pipe
+        self._use_shift(pipe, g.shift)
         task = self.model.task
         steps = int(g.steps * g.denoising_strength) if task == "v2v" else g.steps
         self._job = {}
@@ -424,13 +435,13 @@ class DiffusersWanBackend(Backend):
                 kwargs["num_frames"] = g.num_frames
             if task == "i2v":
                 from PIL import Image
-                image = Image.fromarray(self.references.image(job.reference))
+                image = Image.fromarray(self.reference_cache(g).image(job.reference))
                 kwargs["image"] = image
                 if getattr(pipe, "image_encoder", None) is not None:
                     # The pipeline takes `image_embeds` only without `image`, which it needs for the
                     # VAE condition, so the CLIP embedding is remembered at its own call instead.
                     original = type(pipe).encode_image
-                    key = f"image:{job.reference}"
+                    key = f"image:{job.reference}:{g.width}x{g.height}"
                     pipe.encode_image = lambda image, device=None: self._remember(
                         key, lambda: original(pipe, image, device))
             with torch.no_grad():
@@ -473,7 +484,6 @@ class DiffusersWanBackend(Backend):
         self.pipe = None
         self.embeddings = OrderedDict()
         self.encoded = OrderedDict()
-        if getattr(self, "references", None) is not None:
-            self.references.close()
+        self.close_reference_caches()
         release_memory(getattr(self, "cuda", False))
 

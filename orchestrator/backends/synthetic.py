@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import IMAGE_SUFFIXES
-from ..manifest.task_inputs import AUDIO_RATE
 from .base import Backend, BackendProblem, OutOfMemory
 
 OPTIONS = {"seconds_per_job": float, "load_seconds": float, "jitter": float, "fail_rate": float, "oom_rate": float,
@@ -86,21 +85,16 @@ class SyntheticBackend(Backend):
 
     def load(self) -> None:
         self.options = dict(self.model.options)
-        self.inputs = None  # the conditioned tasks' media cache, made on first use
         time.sleep(float(self.options.get("load_seconds", 0.0)))
 
-    def _media(self):
+    def _media(self, job):
         from ..manifest import CONDITIONED_TASKS
         if self.model.task not in CONDITIONED_TASKS:
             return None  # t2v/i2v/v2v pictures depend on prompt and seed only, as they always have
-        if self.inputs is None:
-            from ..media import ReferenceCache
-            g = self.generation
-            self.inputs = ReferenceCache(g.width, g.height, g.num_frames, g.fps, keep=6, sample_rate=AUDIO_RATE)
-        return self.inputs
+        return self.reference_cache(self.generation_for(job))  # one per size its axes sweep
 
     def prepare(self, job) -> None:
-        media = self._media()
+        media = self._media(job)
         if media is None:
             return
         if job.reference:
@@ -110,8 +104,7 @@ class SyntheticBackend(Backend):
                 media.prefetch(value, kind=INPUT_KINDS[role])
 
     def close(self) -> None:
-        if getattr(self, "inputs", None) is not None:
-            self.inputs.close()
+        self.close_reference_caches()
 
     def generate(self, job, progress) -> np.ndarray:
         o = self.options
@@ -119,7 +112,7 @@ class SyntheticBackend(Backend):
         seconds = float(o.get("seconds_per_job", 0.0))
         if o.get("jitter"):
             seconds *= 1 + o["jitter"] * (2 * _unit("jitter", job.id) - 1)
-        steps = self.generation.steps
+        steps = self.generation_for(job).steps
         roll = lambda kind: _unit(kind, job.id, attempt) < o.get(f"{kind}_rate", 0.0)  # noqa: E731
         hang = roll("hang") or attempt <= int(o.get("hang_attempts", 0)) or (attempt == 1 and any(
             fnmatch.fnmatch(job.key, pattern) for pattern in o.get("hang_jobs", [])))
@@ -144,11 +137,11 @@ class SyntheticBackend(Backend):
 
     def conditioned(self, job, video: np.ndarray) -> np.ndarray:
         """The picture changed by each of a conditioned job's inputs (module docstring)."""
-        media = self._media()
+        media = self._media(job)
         if media is None:
             return video
         out = video.astype(np.float32)
-        g = self.generation
+        g = self.generation_for(job)
         if job.reference:
             if Path(job.reference).suffix.lower() in IMAGE_SUFFIXES:
                 out = 0.7 * out + 0.3 * media.image(job.reference)[None].astype(np.float32)
@@ -174,8 +167,10 @@ class SyntheticBackend(Backend):
         return np.clip(out, 0, 255).astype(np.uint8)
 
     def frames(self, job) -> np.ndarray:
-        g = self.generation
-        rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed) * 2**63))
+        g = self.generation_for(job)
+        # Axis values (cfg, steps, …) change a real model's picture: here too, so the videos differ.
+        axes = (repr(sorted(job.axes.items())),) if getattr(job, "axes", None) else ()
+        rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed, *axes) * 2**63))
         base = rng.integers(40, 215, size=3)
         t = np.arange(g.num_frames)[:, None, None]
         y = np.arange(g.height)[None, :, None]

@@ -2,7 +2,7 @@
 problems found reading one (`Problem`, `ManifestError`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,13 @@ CAMERA_DIRECTIONS = {"left": "Left", "right": "Right", "up": "Up", "down": "Down
 COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
 QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
+# The settings an `axes:` entry may sweep: GenerationConfig's fields (not `extra`, the backend's own
+# keyword arguments) and speed's quantize, refused for now (the worker loads its model once).
+GENERATION_AXES = ("width", "height", "num_frames", "fps", "steps", "cfg_scale", "shift", "denoising_strength",
+                   "negative_prompt")
+AXIS_KEYS = GENERATION_AXES + ("quantize",)
+# A product of axes grows fast: past this many jobs a manifest must say it means it (`axes.confirm_jobs`).
+MAX_JOBS_UNCONFIRMED = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,25 @@ class GenerationConfig:
         return high > 1.0 or (low is not None and low > 1.0)
 
 
+def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
+    """`generation` with one job's axis values (Job.axes) in place of the manifest's own."""
+    chosen = {key: value for key, value in values.items() if key in GENERATION_AXES}
+    if isinstance(chosen.get("cfg_scale"), list):  # a pair read back from a JSON spec or job
+        chosen["cfg_scale"] = tuple(chosen["cfg_scale"])
+    return replace(generation, **chosen) if chosen else generation
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of the product of jobs (`axes:`): a setting and its values, or a `zip` group of
+    settings whose i-th values go together (width and height)."""
+    keys: tuple[str, ...]
+    points: tuple[tuple, ...]  # one per job of this dimension: a value per key, in `keys`' order
+
+    def assignments(self) -> list[dict]:
+        return [dict(zip(self.keys, point)) for point in self.points]
+
+
 @dataclass(frozen=True)
 class Reference:
     """One input of a category: a reference video, an image, or nothing (text-to-video); for a
@@ -157,7 +183,22 @@ class Manifest:
     # Model options that change no output (its backend's `runtime_options`), left out of the job ids;
     # the backend names them when it checks the manifest (validation.load_manifest).
     runtime_options: frozenset[str] = frozenset()
+    axes: tuple[Axis, ...] = ()  # the `axes:` section, in the manifest's order; () without one
 
     @property
     def max_attempts(self) -> int:
         return 1 + self.execution.retries
+
+    @property
+    def heaviest_generation(self) -> GenerationConfig:
+        """The generation settings of the most expensive job (each axis at its value of most pixels ×
+        frames × denoiser calls): what worker sizing, calibration and `models fit` plan for, so that
+        every job of a sweep with axes fits where its workers are placed."""
+        generation = self.generation
+        for axis in self.axes:
+            generation = max((apply_axes(generation, values) for values in axis.assignments()), key=_job_cost)
+        return generation
+
+
+def _job_cost(g: GenerationConfig) -> float:
+    return g.width * g.height * g.num_frames * g.steps * (2 if g.uses_guidance else 1)

@@ -1,5 +1,5 @@
 """Validating a manifest's sections into its dataclasses: `read_manifest` reads the file (reader),
-each top-level key (name, output_dir, model, speed, generation, seeds, resources, execution) here,
+each top-level key (name, output_dir, model, speed, generation, axes, seeds, resources, execution) here,
 the categories in `categories`, and lets a check made above this package (the backend's) add its own."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Callable
 import yaml
 
 from .categories import check_output_paths, read_categories
-from .model import (COMPILE_MODES, EXECUTORS, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Execution, GenerationConfig,
-                    Manifest, ManifestError, ModelConfig, Problem, Resources, SpeedConfig)
+from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES, SDPA_ATTENTION, TASKS,
+                    Axis, Execution, GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Resources,
+                    SpeedConfig)
 from .names import path_length_problem, safe_component_problem
 from .reader import Reader, compose, node_at, yaml_problem
 
@@ -63,7 +64,7 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     base = path.parent
     top = reader.mapping(root, "the manifest", {
         "name": True, "output_dir": False, "model": True, "generation": False, "seeds": True,
-        "categories": True, "resources": False, "execution": False, "speed": False})
+        "categories": True, "resources": False, "execution": False, "speed": False, "axes": False})
 
     name_node = top.get("name", (None, None))[1]
     name = reader.scalar(name_node, "name", str, default="experiment")
@@ -88,10 +89,13 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     categories = read_categories(reader, top.get("categories", (None, None))[1], base,
                                   model.task if model else None)
     check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
+    axes_node = top.get("axes", (None, None))[1]
+    axes, confirmed = _read_axes(reader, axes_node)
+    _check_job_count(reader, axes_node, categories, seeds, axes, confirmed)
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
-                        resources=resources, execution=execution)
+                        resources=resources, execution=execution, axes=axes)
     if check is not None and model is not None:
         def problem(at: tuple[str, ...], message: str, fix: str = "") -> None:
             node = next((found for key in at if (found := node_at(root, key)) is not None), None)
@@ -219,6 +223,134 @@ def _read_speed(reader: Reader, node) -> SpeedConfig:
         attention = d.attention
     return SpeedConfig(compile=text("compile", COMPILE_MODES), attention=attention,
                        quantize=text("quantize", QUANTIZE_MODES))
+
+
+def _read_axes(reader: Reader, node) -> tuple[tuple[Axis, ...], int | None]:
+    """`axes:` — `KEY: [values]` per swept setting and `zip: [{KEY: [values], KEY: [values]}]` for
+    settings whose i-th values go together, in the manifest's order; and `confirm_jobs`, the job
+    count the user confirms (None if not given)."""
+    if node is None:
+        return (), None
+    keys = reader.mapping(node, "axes", {**{key: False for key in AXIS_KEYS}, "zip": False, "confirm_jobs": False})
+    axes: list[Axis] = []
+    swept: dict[str, yaml.Node] = {}
+
+    def first_time(key: str, key_node) -> bool:
+        if key in swept:
+            reader.problem(key_node, f"axes sweeps `{key}` twice (also on line {swept[key].start_mark.line + 1})",
+                           "sweep each setting once: one list, or one zip group")
+            return False
+        swept[key] = key_node
+        return True
+
+    confirmed = reader.scalar(keys.get("confirm_jobs", (None, None))[1], "axes.confirm_jobs", int)
+    for key, (key_node, value_node) in keys.items():
+        if key == "confirm_jobs":
+            continue
+        if key == "quantize":
+            reader.problem(key_node, "axes.quantize: a worker loads its model once, with one speed.quantize, so "
+                           "a sweep cannot change it from job to job",
+                           "write one manifest per quantize value (each with its own output_dir), or compare "
+                           "them on this card with `models speed MANIFEST --try quantize=VALUE`")
+            continue
+        if key == "zip":
+            axes.extend(_read_zip_groups(reader, value_node, first_time))
+            continue
+        if not first_time(key, key_node):
+            continue
+        values = _read_axis_values(reader, key, value_node, f"axes.{key}")
+        if values:
+            axes.append(Axis((key,), tuple((value,) for value in values)))
+    return tuple(axes), confirmed
+
+
+def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node], bool]) -> list[Axis]:
+    example = "`zip: [{width: [832, 480], height: [480, 832]}]`"
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        reader.problem(node, "axes.zip must be a list of groups, each a mapping of settings to equally long lists",
+                       f"write e.g. {example}")
+        return []
+    groups = []
+    for group_node in node.value:
+        keys = reader.mapping(group_node, "a group of axes.zip", {key: False for key in AXIS_KEYS})
+        columns: list[tuple[str, yaml.Node, list]] = []
+        complete = True
+        for key, (key_node, value_node) in keys.items():
+            if key == "quantize":
+                reader.problem(key_node, "axes.zip: quantize cannot be swept (a worker loads its model once)",
+                               "write one manifest per quantize value")
+                complete = False
+            elif first_time(key, key_node):
+                # (a value may repeat within a group's list: only a whole combination may not)
+                values = _read_axis_values(reader, key, value_node, f"axes.zip.{key}", distinct=False)
+                complete = complete and bool(values)
+                columns.append((key, value_node, values))
+        if not columns or not complete:
+            continue
+        lengths = {len(node_.value) for _, node_, _ in columns}
+        if len(lengths) > 1:
+            sizes = ", ".join(f"{key} has {len(node_.value)}" for key, node_, _ in columns)
+            reader.problem(group_node, f"axes.zip: the lists of a group must be equally long ({sizes})",
+                           "give each setting of the group one value per combination: the i-th values go together")
+            continue
+        points = list(zip(*(values for _, _, values in columns)))
+        for index, point in enumerate(points):
+            if point in points[:index]:
+                names = [key for key, _, _ in columns]
+                reader.problem(columns[0][1].value[index], f"axes.zip: the combination {dict(zip(names, point))} "
+                               "is listed twice", "remove the repeated combination")
+                break
+        else:
+            groups.append(Axis(tuple(key for key, _, _ in columns), tuple(points)))
+    return groups
+
+
+def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool = True) -> list:
+    """The values of one swept setting, each checked exactly as that setting is checked under
+    `generation:` (its reader runs on the value's own node, so a problem is at the value's line and
+    names `what`), and each listed once where `distinct`. An empty list: something was reported."""
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        reader.problem(node, f"{what} must be a non-empty list of values",
+                       f"write e.g. `{key}: [{'3.0, 5.0' if key == 'cfg_scale' else '30, 50'}]`"
+                       if key in ("cfg_scale", "steps") else f"write `{key}: [first value, second value, …]`")
+        return []
+    values: list = []
+    fine = True
+    for item in node.value:
+        before = len(reader.problems)
+        # The generation reader, given just this key with this value, checks it as it would there.
+        mapping = yaml.MappingNode("tag:yaml.org,2002:map",
+                                   [(yaml.ScalarNode("tag:yaml.org,2002:str", key, item.start_mark, item.end_mark),
+                                     item)], item.start_mark, item.end_mark)
+        value = getattr(_read_generation(reader, mapping), key)
+        if len(reader.problems) > before:
+            reader.problems[before:] = [replace(p, message=p.message.replace(f"generation.{key}", what))
+                                        for p in reader.problems[before:]]
+            fine = False
+            continue
+        if distinct and value in values:
+            reader.problem(item, f"{what} lists {value!r} twice", "remove the repeated value")
+            fine = False
+            continue
+        values.append(value)
+    return values if fine else []
+
+
+def _check_job_count(reader: Reader, node, categories, seeds, axes: tuple[Axis, ...], confirmed: int | None) -> None:
+    """A product of axes past MAX_JOBS_UNCONFIRMED jobs needs `axes.confirm_jobs: N` (N ≥ the count):
+    a typo in a list (or one list too many) must not queue days of GPU time unseen."""
+    if not axes:
+        return
+    count = sum(len(ref.prompts) for category in categories for ref in category.references) * len(seeds)
+    for axis in axes:
+        count *= len(axis.points)
+    if count <= MAX_JOBS_UNCONFIRMED:
+        return
+    if confirmed is None or confirmed < count:
+        confirm_node = node_at(node, "confirm_jobs")
+        reader.problem(confirm_node or node, f"the axes make {count:,} jobs, more than {MAX_JOBS_UNCONFIRMED:,}"
+                       + (f" and more than axes.confirm_jobs ({confirmed:,})" if confirmed is not None else ""),
+                       f"shorten the lists, or confirm the count with `confirm_jobs: {count}` under axes:")
 
 
 def _read_cfg_scale(reader: Reader, node, default: float) -> float | tuple[float, float]:

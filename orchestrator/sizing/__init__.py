@@ -148,7 +148,7 @@ def expected_times(manifest: Manifest, gpus: list[Gpu]) -> list[str]:
     """Seconds per video and per denoising step on each kind of card, where a calibration profile of
     exactly these settings (speed settings included) was measured; `plan` prints them."""
     cache = ProfileCache(profiles_folder(manifest))
-    g = manifest.generation
+    g = manifest.heaviest_generation
     steps = max(1, int(g.steps * g.denoising_strength)) if manifest.model.task == "v2v" else g.steps
     lines = []
     for name in dict.fromkeys(gpu.name for gpu in gpus):

@@ -66,7 +66,7 @@ def gib_text(value: int | None) -> str:
 
 
 def profile_key(manifest: Manifest, gpu_name: str, cards: int) -> dict:
-    m, g = manifest.model, manifest.generation
+    m, g = manifest.model, manifest.heaviest_generation
     return {"backend": m.backend, "model": m.path, "task": m.task, "dtype": m.dtype,
             "width": g.width, "height": g.height, "frames": g.num_frames, "steps": g.steps,
             "guidance": g.uses_guidance, "options": {k: m.options[k] for k in sorted(m.options)},

@@ -91,7 +91,6 @@ class Driver(threading.Thread):
         execution = sweep.manifest.execution
         self.stream = stream
         self.mount_token = mount_token
-        self.frames = sweep.manifest.generation.num_frames
         self.heartbeat_timeout = float(execution.heartbeat_timeout_s)
         self.job_timeout = float(execution.job_timeout_s)
         self.max_restarts = int(execution.max_restarts)
@@ -393,7 +392,8 @@ class Driver(threading.Thread):
         except BaseException:
             os.unlink(temp)
             raise
-        adopt_mp4(temp, job.output, expected_frames=self.frames, sidecar=sidecar or {})
+        adopt_mp4(temp, job.output, expected_frames=job.generation(self.sweep.manifest.generation).num_frames,
+                  sidecar=sidecar or {})
 
     # ---------------------------------------------------------------- failures
     def _blamed(self, slot: _Slot):

@@ -143,7 +143,7 @@ class DriverJobSource(JobSource):
                 raw = folder / "raw.mp4"
                 shutil.move(str(result), raw)
                 result = raw
-            write_video(spec, result, target, record)
+            write_video(spec, result, target, record, job=job)
             return self.ask("store", job_id=job.id, mp4=target.read_bytes(), sidecar=read_sidecar(target))
         finally:
             shutil.rmtree(folder, ignore_errors=True)

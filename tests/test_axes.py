@@ -1,0 +1,302 @@
+"""Generation axes (`axes:`): the product of jobs, their identities and files, per-job settings in the
+backends and the job loop, the report per axis value, and each located error before anything starts."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.jobs import expand
+from orchestrator.manifest import ManifestError, read_manifest
+from orchestrator.outputs import count_frames, read_sidecar
+from orchestrator.validation import load_manifest
+
+from .conftest import ROOT, cli, synthetic_manifest
+
+AXES = {"cfg_scale": [3.0, 5.0, [4.0, 3.0]], "steps": [4, 8],
+        "zip": [{"width": [32, 48], "height": [48, 32]}]}
+
+
+def _load(write_manifest, **overrides):
+    return load_manifest(write_manifest(synthetic_manifest(**overrides)))
+
+
+def _problems(write_manifest, axes, **overrides) -> list[str]:
+    path = write_manifest(synthetic_manifest(axes=axes, **overrides))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    return [str(p) for p in caught.value.problems]
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if text in line)
+
+
+# ------------------------------------------------------------------------------------------- expansion
+
+def test_jobs_are_the_product_with_the_axes_in_a_fixed_order(write_manifest):
+    manifest = _load(write_manifest, axes=AXES)
+    jobs = expand(manifest)
+    assert len(jobs) == 3 * 2 * (3 * 2 * 2)  # prompts × seeds × cfg × steps × (width, height)
+    assert [j.ordinal for j in jobs] == list(range(len(jobs)))
+    assert len({j.id for j in jobs}) == len({j.output for j in jobs}) == len(jobs)
+    # one prompt and seed's settings side by side, the first axis varying slowest, the zip's pairs kept
+    first = [j for j in jobs if (j.category, j.prompt_index, j.seed) == ("alpha", 0, 1)]
+    assert jobs[:12] == first
+    assert [j.axes for j in first[:4]] == [
+        {"cfg_scale": 3.0, "steps": 4, "width": 32, "height": 48},
+        {"cfg_scale": 3.0, "steps": 4, "width": 48, "height": 32},
+        {"cfg_scale": 3.0, "steps": 8, "width": 32, "height": 48},
+        {"cfg_scale": 3.0, "steps": 8, "width": 48, "height": 32}]
+    assert first[-1].axes == {"cfg_scale": [4.0, 3.0], "steps": 8, "width": 48, "height": 32}
+    generation = first[-1].generation(manifest.generation)
+    assert (generation.guidance, generation.steps, generation.width, generation.height) == ((4.0, 3.0), 8, 48, 32)
+    assert generation.num_frames == manifest.generation.num_frames  # not swept: the manifest's
+    assert expand(manifest) == jobs  # deterministic
+    assert [type(j).from_dict(json.loads(json.dumps(j.to_dict()))) for j in jobs] == jobs  # a spec's round trip
+
+
+def test_a_jobs_identity_is_its_axis_values_so_adding_a_value_keeps_the_others(write_manifest):
+    before = {j.key: j.id for j in expand(_load(write_manifest, axes={"cfg_scale": [3.0, 5.0]}))}
+    after = {j.key: j.id for j in expand(_load(write_manifest, axes={"cfg_scale": [3.0, 5.0, 7.0]}))}
+    assert len(after) == len(before) * 3 // 2
+    assert all(after[key] == job_id for key, job_id in before.items())
+    # nor does listing the axes in another order change an id
+    swapped = _load(write_manifest, axes={"steps": [4, 8], "cfg_scale": [3.0, 5.0]})
+    straight = _load(write_manifest, axes={"cfg_scale": [3.0, 5.0], "steps": [4, 8]})
+    assert sorted(j.id for j in expand(swapped)) == sorted(j.id for j in expand(straight))
+    # the manifest's own value of a swept setting is not part of any job: changing it changes nothing
+    other = _load(write_manifest, axes={"cfg_scale": [3.0, 5.0]}, generation={"cfg_scale": 9.0})
+    assert {j.key: j.id for j in expand(other)} == before
+
+
+def test_a_manifest_without_axes_keeps_the_ids_it_had_before_axes(tmp_path):
+    # demo.yaml with a fixed checkpoint path (the fingerprint holds the absolute path); the digest was
+    # computed with the code before axes existed
+    text = (ROOT / "experiments" / "demo.yaml").read_text(encoding="utf-8")
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_text(text.replace("path: ../models/random-tiny-wan-t2v", "path: /opt/models/random-tiny-wan-t2v"),
+                        encoding="utf-8")
+    jobs = expand(read_manifest(manifest))
+    assert len(jobs) == 14 and jobs[0].id == "7090a6a2275ae1b8"
+    assert hashlib.sha1(" ".join(j.id for j in jobs).encode()).hexdigest() == "1d537f469651272c4fac9c6a7c0f8c95ea261163"
+    assert all(j.axes == {} and j.output.endswith(f"seed_{j.seed}_prompt_{j.prompt_index}.mp4") for j in jobs)
+
+
+def test_sizing_plans_for_the_heaviest_job(write_manifest):
+    manifest = _load(write_manifest, axes={"steps": [4, 8], "num_frames": [9, 5],
+                                           "zip": [{"width": [32, 64], "height": [48, 32]}]})
+    heaviest = manifest.heaviest_generation
+    assert (heaviest.steps, heaviest.num_frames, heaviest.width, heaviest.height) == (8, 9, 64, 32)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_an_axis_on_an_unknown_key_or_on_extra_is_located(write_manifest):
+    problems = _problems(write_manifest, {"sampler": ["unipc", "dpm++"], "extra": [{}]})
+    assert len(problems) == 2
+    assert all(":" in p.split(" ")[0] and "manifest.yaml:" in p for p in problems)
+    assert "unknown key `sampler` in axes" in problems[0] and "cfg_scale" in problems[0]
+    assert "unknown key `extra` in axes" in problems[1]
+
+
+@pytest.mark.parametrize("axes, expected", [
+    ({"steps": []}, "axes.steps must be a non-empty list of values"),
+    ({"steps": 30}, "axes.steps must be a non-empty list of values"),
+    ({"steps": [30, 50, 30]}, "axes.steps lists 30 twice"),
+    ({"cfg_scale": [3, 3.0]}, "axes.cfg_scale lists 3.0 twice"),
+    ({"steps": [30, "fifty"]}, "axes.steps must be integer, got 'fifty'"),
+    ({"num_frames": [81, 80]}, "axes.num_frames is 80, not of the form 4n+1"),
+    ({"width": [832, 5000]}, "axes.width is 5000, more than 4096 pixels"),
+    ({"cfg_scale": [[4.0, 3.0, 2.0]]}, "axes.cfg_scale is [4.0, 3.0, 2.0]"),
+    ({"denoising_strength": [0.5, 1.5]}, "axes.denoising_strength is 1.5"),
+    ({"shift": [3.0, -1.0]}, "axes.shift is -1.0"),
+])
+def test_each_value_is_checked_as_the_generation_key_is_at_its_own_line(write_manifest, axes, expected):
+    path = write_manifest(synthetic_manifest(axes=axes))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (problem,) = caught.value.problems
+    assert expected in problem.message and problem.fix
+    assert problem.line >= _line_of(path, next(iter(axes)) + ":")  # the key's line, or its value's below it
+
+
+def test_a_bad_value_is_reported_at_its_own_line_in_a_block_list(write_manifest, tmp_path):
+    text = write_manifest(synthetic_manifest()).read_text(encoding="utf-8") + "axes:\n  steps:\n    - 30\n    - 0\n"
+    path = write_manifest(text)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (problem,) = caught.value.problems
+    assert problem.line == _line_of(path, "- 0") and "axes.steps is 0" in problem.message and problem.fix
+
+
+def test_zip_groups_need_equal_lists_and_a_setting_is_swept_once(write_manifest):
+    problems = _problems(write_manifest, {"width": [32, 48], "zip": [{"width": [32, 48], "height": [48, 32, 64]}]})
+    assert any("axes sweeps `width` twice" in p for p in problems)
+    problems = _problems(write_manifest, {"zip": [{"width": [32, 48], "height": [48, 32, 64]}]})
+    assert len(problems) == 1 and "must be equally long (width has 2, height has 3)" in problems[0]
+    problems = _problems(write_manifest, {"zip": [{"width": [32, 32], "height": [48, 48]}]})
+    assert len(problems) == 1 and "the combination {'width': 32, 'height': 48} is listed twice" in problems[0]
+    assert "axes.zip must be a list" in _problems(write_manifest, {"zip": {"width": [32]}})[0]
+
+
+def test_a_quantize_axis_is_refused_with_what_to_do_instead(write_manifest):
+    (problem,) = _problems(write_manifest, {"quantize": ["none", "int8"]})
+    assert "axes.quantize: a worker loads its model once" in problem and "one manifest per quantize value" in problem
+
+
+def test_an_axis_value_the_backend_does_not_take_is_located(write_manifest, tmp_path):
+    # the command backend runs Wan's generate.py, which takes no denoising strength nor negative prompt
+    from .test_command_backend import STUB, fake_checkpoint
+    model = {"backend": "command", "task": "t2v", "path": str(fake_checkpoint(tmp_path / "ckpt")),
+             "options": {"script": str(STUB)}}
+    generation = {"width": 832, "height": 480, "num_frames": 81, "fps": 16, "steps": 4}
+    path = write_manifest(synthetic_manifest(model=model, generation=generation,
+                                             axes={"steps": [4, 8], "denoising_strength": [1.0, 0.6]}))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    found = [p for p in caught.value.problems if "axes (" in p.message]
+    assert len(found) == 1, caught.value.problems
+    assert found[0].line == _line_of(path, "denoising_strength:")
+    assert "axes (denoising_strength = 0.6): generate.py takes no denoising strength" in found[0].message
+    # without the refused value, the same sweep is fine for the backend
+    ok = write_manifest(synthetic_manifest(model=model, generation=generation, axes={"steps": [4, 8]}))
+    assert [a.keys for a in load_manifest(ok).axes] == [("steps",)]
+
+
+def test_more_than_a_million_jobs_need_confirming(write_manifest):
+    axes = {"steps": list(range(1, 101)), "num_frames": [4 * n + 1 for n in range(100)],
+            "cfg_scale": [float(n) for n in range(20)]}  # 6 base jobs × 200,000
+    (problem,) = _problems(write_manifest, axes)
+    assert "the axes make 1,200,000 jobs, more than 1,000,000" in problem and "confirm_jobs: 1200000" in problem
+    (problem,) = _problems(write_manifest, {**axes, "confirm_jobs": 1_100_000})
+    assert "more than axes.confirm_jobs (1,100,000)" in problem
+    manifest = read_manifest(write_manifest(synthetic_manifest(axes={**axes, "confirm_jobs": 1_200_000})))
+    assert [len(a.points) for a in manifest.axes] == [100, 100, 20]
+
+
+def test_a_bad_axis_starts_nothing(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(axes={"steps": [4, 4]}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 2
+    assert f"{path}:" in result.stderr and "axes.steps lists 4 twice" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- running
+
+def test_a_sweep_with_axes_makes_each_combination_with_its_own_settings(write_manifest, tmp_path):
+    # num_frames is swept: the job loop checks each video against its job's frame count, not the manifest's
+    path = write_manifest(synthetic_manifest(
+        categories={"alpha": {"prompts": ["a cat"]}}, seeds=[1],
+        axes={"num_frames": [5, 9], "zip": [{"width": [32, 48], "height": [48, 32]}]}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = expand(load_manifest(path))
+    assert len(jobs) == 4
+    assert len({Path(j.output).read_bytes() for j in jobs}) == 4  # four distinct videos
+    for job in jobs:
+        assert count_frames(job.output) == job.axes["num_frames"]
+        sidecar = read_sidecar(job.output)
+        assert sidecar["job_id"] == job.id and sidecar["axes"] == job.axes == sidecar["job"]["axes"]
+        assert (sidecar["generation"]["num_frames"], sidecar["generation"]["width"]) == \
+            (job.axes["num_frames"], job.axes["width"])
+    report = cli("report", str(path))
+    assert report.returncode == 0
+    lines = report.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("num_frames "))
+    assert lines[header + 2].split()[:3] == ["5", "2", "2"] and lines[header + 3].split()[:3] == ["9", "2", "2"]
+    assert any(line.startswith("width ") for line in lines)
+    data = json.loads(cli("report", str(path), "--json").stdout)
+    assert [(row["value"], row["expected"], row["done"]) for row in data["axes"]["num_frames"]] == [(5, 2, 2), (9, 2, 2)]
+    assert list(data["axes"]) == ["num_frames", "width", "height"]
+    # running again finds every combination done
+    again = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert again.returncode == 0 and "all 4 jobs of `t` are done" in again.stdout
+
+
+def test_the_command_backend_runs_each_job_with_its_own_settings(tmp_path):
+    from orchestrator.backends.command import CommandBackend
+    from orchestrator.jobs import Job
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+    model = ModelConfig(backend="command", task="t2v", path=str(tmp_path),
+                        options={"command": ["{python}", "gen.py", "{steps}", "{cfg_scale}", "{width}x{height}"]})
+    backend = CommandBackend(model, GenerationConfig(steps=50, cfg_scale=5.0), ())
+    backend.load()
+    job = Job("j", 0, "c", None, None, 0, "p", 1, str(tmp_path / "c" / "x.mp4"),
+              axes={"steps": 30, "cfg_scale": 3.0, "width": 480, "height": 832})
+    assert backend.command_line(job, "out.mp4")[2:] == ["30", "3.0", "480x832"]
+    plain = Job("j", 0, "c", None, None, 0, "p", 1, str(tmp_path / "c" / "x.mp4"))
+    assert backend.command_line(plain, "out.mp4")[2:] == ["50", "5.0", "832x480"]
+
+
+def test_the_diffusers_backend_takes_size_length_and_shift_per_job(tmp_path):
+    pytest.importorskip("diffusers")
+    from orchestrator.backends.diffusers_wan import DiffusersWanBackend
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+    from orchestrator.random_checkpoints import build_random_wan
+
+    from .conftest import backend_job
+    path = build_random_wan(tmp_path / "t2v", size="tiny", variant="t2v")
+    backend = DiffusersWanBackend(ModelConfig(backend="diffusers", task="t2v", path=str(path), dtype="float32"),
+                                  GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2), ())
+    backend.load()
+    try:
+        own_shift = backend.pipe.scheduler.config.flow_shift
+        plain = backend.generate(backend_job(seed=1), lambda s, n: None)
+        assert plain.shape == (5, 32, 32, 3)
+        steps = []
+        job = backend_job(seed=1).__class__(**{**backend_job(seed=1).to_dict(),
+                                              "axes": {"width": 48, "num_frames": 9, "steps": 3, "shift": 7.0}})
+        swept = backend.generate(job, lambda s, n: steps.append(n))
+        assert swept.shape == (9, 32, 48, 3) and steps == [3, 3, 3]
+        assert backend.pipe.scheduler.config.flow_shift == 7.0
+        backend.generate(backend_job(seed=1), lambda s, n: None)
+        assert backend.pipe.scheduler.config.flow_shift == own_shift  # the next job's own (the checkpoint's)
+    finally:
+        backend.close()
+
+
+def test_a_refused_first_value_is_its_own_axis_problem_not_the_others(write_manifest, tmp_path):
+    from .test_command_backend import STUB, fake_checkpoint
+    model = {"backend": "command", "task": "t2v", "path": str(fake_checkpoint(tmp_path / "ckpt")),
+             "options": {"script": str(STUB)}}
+    generation = {"width": 832, "height": 480, "num_frames": 81, "fps": 16, "steps": 4}
+    path = write_manifest(synthetic_manifest(model=model, generation=generation,
+                                             axes={"steps": [4, 8], "negative_prompt": ["blurry", ""]}))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (found,) = caught.value.problems
+    assert found.line == _line_of(path, "negative_prompt:")
+    assert "axes (negative_prompt = 'blurry'): generate.py takes no negative prompt" in found.message
+
+
+def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents_per_size(tmp_path):
+    pytest.importorskip("diffsynth")
+    import numpy as np
+
+    from orchestrator.backends.diffsynth_wan import DiffSynthWanBackend
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+    from orchestrator.outputs import write_mp4
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
+
+    from .conftest import backend_job
+    path = build_tiny_checkpoint(tmp_path / "Wan-tiny")
+    clip = write_mp4(np.random.RandomState(0).randint(0, 255, (7, 40, 48, 3)).astype(np.uint8),
+                     tmp_path / "clip.mp4", fps=5, expected_frames=7)
+    backend = DiffSynthWanBackend(
+        ModelConfig(backend="diffsynth", task="v2v", path=str(path), dtype="float32"),
+        GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2, denoising_strength=0.7), ())
+    backend.load()
+    try:
+        def job(**axes):
+            return type(backend_job())(**{**backend_job(seed=1, reference=clip).to_dict(), "axes": axes})
+        assert backend.generate(job(), lambda s, n: None).shape == (5, 32, 32, 3)
+        wide = backend.generate(job(width=48, denoising_strength=0.5), lambda s, n: None)
+        assert wide.shape == (5, 32, 48, 3) and backend.job_info()["reference_encoding_reused"] is False
+        backend.generate(job(width=48, denoising_strength=0.9), lambda s, n: None)
+        assert backend.job_info()["reference_encoding_reused"] is True  # same size: the clip's latents kept
+    finally:
+        backend.close()

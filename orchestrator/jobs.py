@@ -3,15 +3,17 @@
 One job is one video: (category, reference, prompt index, seed). Its id hashes everything that
 determines the output (inputs, prompt, seed, model, generation settings), so a changed setting gives
 a new id while the output path stays the same; the sidecar of an existing mp4 tells which id made it.
+Output paths are the manifest's `output.name` rendered per job (`output_names`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .manifest import Manifest, safe_component_problem
+from .output_names import check_names, output_path, uses_prompt_index
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Job:
     prompt: str
     seed: int
     output: str  # absolute path of the final mp4
+    axes: dict = field(default_factory=dict)  # axis name -> this job's value, in the manifest's order (issue 22)
 
     @property
     def group(self) -> str:
@@ -33,7 +36,11 @@ class Job:
 
     @property
     def key(self) -> str:
-        """A readable name: category/stem/seed_S_prompt_I."""
+        """A readable name: the output's path under output_dir without `.mp4` (by default
+        category/stem/seed_S_prompt_I)."""
+        if self.name:
+            return self.name
+        # A job written before names were templates (an old ledger row or sidecar): the fixed layout.
         return str(Path(self.output).relative_to(Path(self.output).parents[2 if self.stem else 1]).with_suffix(""))
 
     def to_dict(self) -> dict:
@@ -42,6 +49,9 @@ class Job:
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
         return cls(**data)
+
+    # Declared last, apart from the fields above (old specs and ledger rows lack it: the default).
+    name: str = ""  # the output's path under output_dir, without `.mp4`: `output.name` rendered
 
 
 def settings_fingerprint(manifest: Manifest) -> dict:
@@ -75,29 +85,35 @@ def output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:
     return folder
 
 
-def output_name(seed: int, prompt_index: int) -> str:
-    return f"seed_{seed}_prompt_{prompt_index}.mp4"
-
-
 def expand(manifest: Manifest) -> list[Job]:
-    """All jobs of the manifest in a fixed order: category, reference, prompt, seed."""
+    """All jobs of the manifest in a fixed order: category, reference, prompt, seed; their names
+    checked (`output_names.check_names`: ManifestError at `output.name`)."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
+    # Outputs named by the prompt's content (`{prompt_id}`) keep their identity when prompts move:
+    # a prompt inserted at the top leaves the others' videos done. Named by position (the default),
+    # the position is part of the identity, as it always was (old sweeps keep their ids).
+    by_position = uses_prompt_index(manifest)
+    root = str(manifest.output_dir.resolve())
     jobs: list[Job] = []
     for category in manifest.categories:
         for ref in category.references:
             # Once per reference, not per job: the file's identity and the checked output folder.
             file_identity = _file_identity(ref.path)
-            folder = output_folder(manifest, category.name, ref.stem)
+            output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
                 for seed in manifest.seeds:
-                    identity = json.dumps([category.name, ref.stem, prompt_index, prompt, seed,
+                    where = [prompt_index] if by_position else []
+                    identity = json.dumps([category.name, ref.stem, *where, prompt, seed,
                                            file_identity], ensure_ascii=False)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
+                    output, name = output_path(manifest, category.name, ref.stem, prompt_index, prompt, seed,
+                                               root=root)
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=str(folder / output_name(seed, prompt_index))))
+                        output=output, name=name))
+    check_names(manifest, jobs)
     return jobs
 
 

@@ -143,6 +143,9 @@ class Manifest:
     categories: tuple[Category, ...]
     resources: Resources
     execution: Execution
+    # `output.name`: the template of each mp4's path under output_dir, without `.mp4` (orchestrator/
+    # output_names.py); None keeps the fixed layout <category>/<stem>/seed_<seed>_prompt_<i>.
+    output_name: str | None = None
 
     @property
     def max_attempts(self) -> int:

@@ -20,7 +20,7 @@ import re
 import string
 from pathlib import Path
 
-from .manifest import Manifest, ManifestError, path_length_problem
+from .manifest import NAME_MAX_BYTES, PATH_MAX_BYTES, Manifest, ManifestError, path_length_problem
 from .manifest.categories import RESERVED_NAMES
 from .manifest.reader import located_problem
 
@@ -33,14 +33,14 @@ PROMPT_ID_HEX = 10
 AXIS_TEXT_CHARS = 24  # a text axis value (negative_prompt) in a default name: its slug, then a hash
 # The longest suffix the product adds to an output's name (its poster); its sidecar is `.json`.
 LONGEST_SUFFIX = ".thumb.jpg"
-# Characters Windows (and so SMB shares, exFAT/FAT USB disks) refuses in names; `:` is also the
-# path separator of macOS's Finder. Control characters break terminals and most tools.
-UNSAFE_CHARACTERS = set('<>:"|?*\\')
 MAX_LISTED = 3  # problems of one kind listed; the rest are counted
 
 
 class _Slug(str):
-    """The prompt, formatted as a filesystem-safe slug whose width is the format spec."""
+    """The prompt, formatted as a filesystem-safe slug whose width is the format spec (`{prompt:40}`)."""
+
+    def __format__(self, spec: str) -> str:
+        return slug(self, int(spec) if spec else PROMPT_SLUG_CHARS)
 
 
 class _Axis:
@@ -49,20 +49,19 @@ class _Axis:
     def __init__(self, value):
         self.value = value
 
-
-class _NameFormatter(string.Formatter):
-    def format_field(self, value, format_spec: str) -> str:
-        if isinstance(value, _Slug):
-            return slug(value, int(format_spec) if format_spec else PROMPT_SLUG_CHARS)
-        if isinstance(value, _Axis):
-            if not format_spec:
-                return value_text(value.value)
-            items = value.value if isinstance(value.value, (list, tuple)) else [value.value]
-            return ",".join(format(item, format_spec) for item in items)  # a [high, low] pair: both
-        return format(value, format_spec)
+    def __format__(self, spec: str) -> str:
+        if not spec:
+            return value_text(self.value)
+        items = self.value if isinstance(self.value, (list, tuple)) else [self.value]
+        return ",".join(format(item, spec) for item in items)  # a [high, low] pair: both
 
 
-_FORMATTER = _NameFormatter()
+# Templates are parsed (checked) with string.Formatter; rendering is str.format_map, which calls the
+# placeholders' own __format__ above, at C speed (a sweep may have 100k names).
+_FORMATTER = string.Formatter()
+# What Windows (and so SMB shares, exFAT/FAT USB disks) refuses in a name (`:` is also the separator of
+# macOS's Finder), and control characters, which break terminals and most tools.
+_UNSAFE = re.compile(r'[<>:"|?*\\\x00-\x1f\x7f]')
 
 
 def slug(text: str, width: int = PROMPT_SLUG_CHARS) -> str:
@@ -120,8 +119,8 @@ def parse(template: str) -> tuple[list[str], list[str]]:
 
 def render(template: str, job) -> str:
     """The name of `job`'s mp4 under output_dir, without `.mp4`."""
-    return _FORMATTER.vformat(template, (), _fields(job.category, job.stem, job.prompt_index, job.prompt,
-                                                     job.seed, getattr(job, "axes", None) or {}))
+    return template.format_map(_fields(job.category, job.stem, job.prompt_index, job.prompt, job.seed,
+                                       getattr(job, "axes", None) or {}))
 
 
 def _fields(category, stem, prompt_index, prompt, seed, axes) -> dict:
@@ -152,7 +151,7 @@ def output_path(manifest: Manifest, category: str, stem: str | None, prompt_inde
     `root`: output_dir resolved (once for all jobs, by the caller)."""
     template = template_for(manifest, stem, axes)
     try:
-        name = _FORMATTER.vformat(template, (), _fields(category, stem, prompt_index, prompt, seed, axes or {}))
+        name = template.format_map(_fields(category, stem, prompt_index, prompt, seed, axes or {}))
     except (KeyError, ValueError, IndexError, TypeError, AttributeError):
         name = ""  # an unknown placeholder or a bad spec: `check_names` says which, at its line
     return os.path.join(root or str(manifest.output_dir.resolve()), f"{name}.mp4"), name
@@ -188,7 +187,7 @@ def check_names(manifest: Manifest, jobs: list) -> None:
     root = manifest.output_dir.resolve()
     folders_checked: dict[str, str | None] = {}
     for job in jobs:
-        name = job.name if getattr(job, "name", "") else os.path.relpath(job.output, root)[:-len(".mp4")]
+        name = job.name or os.path.relpath(job.output, root)[:-len(".mp4")]
         problem = _name_problem(name, root, folders_checked)
         if problem:
             kinds.setdefault(problem, []).append(f"`{name}` ({describe(job)})")
@@ -228,15 +227,21 @@ def _name_problem(name: str, root: Path, folders_checked: dict) -> str | None:
     problem = folders_checked[folder] or _part_problem(file, first=False, folder=False)
     if problem:
         return problem
-    too_long = path_length_problem(root / f"{name}{LONGEST_SUFFIX}")
-    return f"a path (with its poster's `{LONGEST_SUFFIX}`) {too_long}" if too_long else None
+    longest = f"{file}{LONGEST_SUFFIX}"
+    if len(longest.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES or \
+            len(os.fsencode(str(root))) + len(name.encode("utf-8", "surrogateescape")) + 20 > PATH_MAX_BYTES:
+        too_long = path_length_problem(root / folder / longest)  # says which, in the product's words
+        return f"a path (with its poster's `{LONGEST_SUFFIX}`) {too_long}" if too_long else None
+    return None
 
 
 def _part_problem(part: str, first: bool, folder: bool = True) -> str | None:
     if part in ("", ".", ".."):
         return "a name leaves the output folder or has an empty folder name (`..`, `.`, `//`)"
-    if any(ch in UNSAFE_CHARACTERS or ord(ch) < 32 or ord(ch) == 127 for ch in part):
+    if _UNSAFE.search(part):
         return "a name has a character that Windows, SMB shares or FAT/exFAT disks refuse (`<>:\"|?*\\` or a control character)"
+    if folder and len(part.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        return f"a folder name has more than {NAME_MAX_BYTES} bytes, which file systems allow"
     if folder and part[-1] in ". ":  # (a file's name ends in `.mp4`)
         return "a folder name ends with a dot or a space, which Windows drops"
     if part.startswith("."):

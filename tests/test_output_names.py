@@ -132,6 +132,7 @@ def test_two_jobs_on_one_file_are_both_named(write_manifest):
     ("{category}/a|b?_{seed}_{prompt_index}", "refuse"),
     ("{category}./{seed}_{prompt_index}", "ends with a dot or a space"),
     ("{category}/" + "x" * 250 + "_{seed}_{prompt_index}", "file systems allow 255"),
+    ("{category}/" + "y" * 256 + "/{seed}_{prompt_index}", "more than 255 bytes"),
 ])
 def test_a_name_that_no_file_system_can_hold_is_refused(write_manifest, template, expected):
     assert expected in _problem(write_manifest, template)[0]

@@ -20,9 +20,8 @@ import re
 import string
 from pathlib import Path
 
-from .manifest import NAME_MAX_BYTES, PATH_MAX_BYTES, Manifest, ManifestError, path_length_problem
-from .manifest.categories import RESERVED_NAMES
-from .manifest.reader import located_problem
+from .manifest import (NAME_MAX_BYTES, PATH_MAX_BYTES, RESERVED_NAMES, Manifest, ManifestError, located_problem,
+                       path_length_problem)
 
 FIXED_PLACEHOLDERS = ("category", "stem", "prompt_index", "prompt_id", "prompt", "seed")
 DEFAULT_TEMPLATE = "{category}/{stem}/seed_{seed}_prompt_{prompt_index}"
@@ -161,28 +160,31 @@ def check_names(manifest: Manifest, jobs: list) -> None:
     """Raise ManifestError, at the manifest's `output.name` line, when the jobs' names cannot be
     written: unknown placeholders, two jobs on one file (both named), a name leaving the output
     folder, a name too long or with characters common file systems refuse."""
-    found: list[str] = []
+    found: list[tuple[str, str]] = []  # (what is wrong, how to fix it)
     axis_names = {name for job in jobs for name in (getattr(job, "axes", None) or {})}
+    fix = f"make output.name tell every job apart, e.g. `{_example(jobs)}`"
     template = manifest.output_name
     if template:
         names, problems = parse(template)
-        found.extend(problems)
+        found.extend((problem, "write placeholders as `{name}` or `{name:SPEC}`, a literal brace as `{{` or `}}`")
+                     for problem in problems)
         unknown = [name for name in dict.fromkeys(names) if name not in FIXED_PLACEHOLDERS and name not in axis_names]
         if unknown:
             known = ", ".join(f"{{{n}}}" for n in (*FIXED_PLACEHOLDERS[:4], "prompt:40", "seed", *sorted(axis_names)))
-            found.append(f"output.name has unknown placeholder{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(f'`{{{n}}}`' for n in unknown)}; use {known}")
+            found.append((f"output.name has unknown placeholder{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(f'`{{{n}}}`' for n in unknown)}", f"use {known}"))
         if "stem" in names and any(job.stem is None for job in jobs):
-            found.append("output.name uses `{stem}`, but text-to-video jobs have no reference stem; "
-                         "leave `{stem}` out")
+            found.append(("output.name uses `{stem}`, but text-to-video jobs have no reference stem",
+                          "leave `{stem}` out"))
         if not found and jobs:
             try:
                 render(template, jobs[0])
             except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
-                found.append(f"output.name `{template}` cannot be formatted: {exc}")
+                found.append((f"output.name `{template}` cannot be formatted: {exc}",
+                              "use a format spec that fits the value, e.g. `{seed:06d}`, `{prompt:40}`"))
         if found:
             raise _located(manifest, found)
-    kinds: dict[str, list[str]] = {}
+    kinds: dict[tuple[str, str], list[str]] = {}
     owner: dict[str, object] = {}
     root = manifest.output_dir.resolve()
     folders_checked: dict[str, str | None] = {}
@@ -190,16 +192,26 @@ def check_names(manifest: Manifest, jobs: list) -> None:
         name = job.name or os.path.relpath(job.output, root)[:-len(".mp4")]
         problem = _name_problem(name, root, folders_checked)
         if problem:
-            kinds.setdefault(problem, []).append(f"`{name}` ({describe(job)})")
+            kinds.setdefault((problem, "change the template's text so that every name can be written"),
+                             []).append(f"`{name}` ({describe(job)})")
             continue
         key = job.output.casefold()  # one file on a case-insensitive disk (macOS, Windows)
         first = owner.setdefault(key, job)
-        if first is not job:
-            kinds.setdefault("two jobs would write the same file", []).append(
+        if first is job:
+            continue
+        if (first.category, first.stem, first.prompt, first.seed, getattr(first, "axes", None)) == \
+                (job.category, job.stem, job.prompt, job.seed, getattr(job, "axes", None)):
+            # Named by content, the same prompt listed twice is one video made twice.
+            kinds.setdefault((f"prompts {first.prompt_index} and {job.prompt_index} of the same list are the same "
+                              "text, so named by content they are one file",
+                              "remove the repeated prompt, or name outputs by position (`{prompt_index}`)"),
+                             []).append(f"`{name}.mp4`: {describe(first)} and {describe(job)}")
+        else:
+            kinds.setdefault(("two jobs would write the same file", fix), []).append(
                 f"`{name}.mp4`: {describe(first)} and {describe(job)}")
-    for problem, examples in kinds.items():
+    for (problem, how), examples in kinds.items():
         more = f" (and {len(examples) - MAX_LISTED} more)" if len(examples) > MAX_LISTED else ""
-        found.append(f"output.name: {problem}: {'; '.join(examples[:MAX_LISTED])}{more}")
+        found.append((f"output.name: {problem}: {'; '.join(examples[:MAX_LISTED])}{more}", how))
     if found:
         raise _located(manifest, found)
 
@@ -251,10 +263,14 @@ def _part_problem(part: str, first: bool, folder: bool = True) -> str | None:
     return None
 
 
-def _located(manifest: Manifest, messages: list[str]) -> ManifestError:
-    fix = ("fix the output.name template (placeholders: {category}, {stem}, {prompt_index}, {prompt_id}, "
-           "{prompt:40}, {seed} and each axis by name); make it tell every job apart, e.g. "
-           "`{category}/{stem}/seed_{seed}_{prompt_id}`")
-    problems = [located_problem(manifest, "output.name", message, fix, fallback="categories").problems[0]
-                for message in messages]
-    return ManifestError(problems)
+def _example(jobs: list) -> str:
+    """A template that tells every job of these apart, by content, axes included."""
+    axes = dict.fromkeys(name for job in jobs for name in (getattr(job, "axes", None) or {}))
+    t2v = any(job.stem is None for job in jobs)
+    return ("{category}/seed_{seed}_{prompt_id}" if t2v else "{category}/{stem}/seed_{seed}_{prompt_id}") + \
+        "".join(f"_{name}-{{{name}}}" for name in axes)
+
+
+def _located(manifest: Manifest, found: list[tuple[str, str]]) -> ManifestError:
+    return ManifestError([located_problem(manifest, "output.name", message, fix, fallback="categories").problems[0]
+                          for message, fix in found])

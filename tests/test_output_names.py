@@ -101,7 +101,7 @@ def test_an_unknown_placeholder_is_named_at_the_output_line(write_manifest):
     assert "unknown placeholders `{cfg}`, `{promt_id}`" in message
     text = problems[0].file.read_text(encoding="utf-8").splitlines()
     assert text[problems[0].line - 1].strip().startswith("name: ")  # the line of output.name
-    assert "{prompt_id}" in problems[0].message  # the placeholders there are
+    assert "{prompt_id}" in problems[0].fix  # the placeholders there are
 
 
 @pytest.mark.parametrize("template, expected", [
@@ -167,3 +167,12 @@ def test_named_by_position_the_settings_change_message_says_to_append_prompts(wr
     assert "alpha/seed_1_prompt_0.mp4: made for another prompt at this position" in message
     assert "Append new prompts at the end of the list instead" in message
     assert "{prompt_id}" in message
+
+
+def test_the_same_prompt_twice_named_by_content_says_which_prompts_and_how_to_fix_it(write_manifest):
+    with pytest.raises(ManifestError) as caught:
+        expand(_load(write_manifest, output={"name": "{category}/{prompt_id}_{seed}"},
+                     categories={"alpha": {"prompts": ["a cat", "a dog", "a cat"]}}))
+    (problem,) = caught.value.problems
+    assert "prompts 0 and 2 of the same list are the same text" in problem.message
+    assert "remove the repeated prompt" in problem.fix

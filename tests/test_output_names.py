@@ -156,6 +156,13 @@ def test_named_by_content_a_prompt_inserted_at_the_top_leaves_the_others_done(wr
     inserted = _load(write_manifest, output=content, categories={"alpha": {"prompts": ["a bird", "a cat", "a dog"]}})
     scan = Sweep(inserted).scan()
     assert len(scan.complete) == 4 and not scan.stale  # 4 of 6 done: only the new prompt's 2 are left
+    _run(inserted)
+    sweep = Sweep(inserted)
+    ledger = sweep.ledger(readonly=True)
+    made = [attempt["job_id"] for attempt in ledger.attempts() if attempt["outcome"] == "done"]
+    ledger.close()
+    assert len(made) == 6 and len(set(made)) == 6  # each video made once: none of the 4 again
+    assert len(sweep.scan().complete) == 6
 
 
 def test_named_by_position_the_settings_change_message_says_to_append_prompts(write_manifest):

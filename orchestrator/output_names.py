@@ -123,8 +123,8 @@ def render(template: str, job) -> str:
 
 
 def _fields(category, stem, prompt_index, prompt, seed, axes) -> dict:
-    return {**{name: _Axis(value) for name, value in axes.items()}, "category": category, "stem": stem, "prompt_index": prompt_index,
-            "prompt_id": prompt_id(prompt), "prompt": _Slug(prompt), "seed": seed}
+    return {**{name: _Axis(value) for name, value in axes.items()}, "category": category, "stem": stem,
+            "prompt_index": prompt_index, "prompt_id": prompt_id(prompt), "prompt": _Slug(prompt), "seed": seed}
 
 
 def template_for(manifest: Manifest, stem: str | None, axes: dict | None = None) -> str:
@@ -132,7 +132,7 @@ def template_for(manifest: Manifest, stem: str | None, axes: dict | None = None)
     if manifest.output_name:
         return manifest.output_name
     default = DEFAULT_TEMPLATE if stem is not None else DEFAULT_T2V_TEMPLATE
-    # An axis named like a fixed placeholder cannot exist (the manifest refuses it); the value goes in
+    # Axis names are settings (cfg_scale, steps, …), never a fixed placeholder's; a value goes in
     # through the formatter, so no text of it is read as a placeholder.
     return default + "".join(f"_{name}-{{{name}}}" for name in axes or {})
 
@@ -272,5 +272,5 @@ def _example(jobs: list) -> str:
 
 
 def _located(manifest: Manifest, found: list[tuple[str, str]]) -> ManifestError:
-    return ManifestError([located_problem(manifest, "output.name", message, fix, fallback="categories").problems[0]
-                          for message, fix in found])
+    return ManifestError([located_problem(manifest, "output.name", message, fix,
+                                          fallback="categories").problems[0] for message, fix in found])

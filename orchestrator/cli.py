@@ -18,11 +18,11 @@ import sys
 import time
 from contextlib import contextmanager
 
+from . import api
 from .errors import UserError, WanSweepError
 from .executors import EXECUTOR_NAMES
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError
-from . import api
 from .run import check_checkpoint, check_folder
 
 COMMANDS = ("run", "plan", "report", "stop", "models")

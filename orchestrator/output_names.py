@@ -188,9 +188,16 @@ def check_names(manifest: Manifest, jobs: list) -> None:
     owner: dict[str, object] = {}
     root = manifest.output_dir.resolve()
     folders_checked: dict[str, str | None] = {}
+    probes_checked: dict[str, str | None] = {}
     for job in jobs:
         name = job.name or os.path.relpath(job.output, root)[:-len(".mp4")]
         problem = _name_problem(name, root, folders_checked)
+        if not problem and template:
+            # The characters the template adds: category and stem were checked as the manifest was read
+            # (and named the folders of the fixed layout), so they stand in as a plain `x` here.
+            probe = template.format_map(_fields("x", "x", job.prompt_index, job.prompt, job.seed,
+                                                getattr(job, "axes", None) or {}))
+            problem = _characters_problem(probe, probes_checked)
         if problem:
             kinds.setdefault((problem, "change the template's text so that every name can be written"),
                              []).append(f"`{name}` ({describe(job)})")
@@ -227,7 +234,8 @@ def describe(job) -> str:
 
 
 def _name_problem(name: str, root: Path, folders_checked: dict) -> str | None:
-    """What is wrong with one output name (relative to output_dir, without `.mp4`), or None."""
+    """What is wrong with the shape of one output name (relative to output_dir, without `.mp4`): a
+    name leaving the output folder or landing in the sweep's files, too long; or None."""
     if not name:
         return "a name is empty"
     if name.startswith("/") or os.path.isabs(name):
@@ -235,10 +243,12 @@ def _name_problem(name: str, root: Path, folders_checked: dict) -> str | None:
     parts = name.split("/")
     folder, file = "/".join(parts[:-1]), parts[-1]
     if folder not in folders_checked:
-        folders_checked[folder] = next(filter(None, (_part_problem(p, i == 0) for i, p in enumerate(parts[:-1]))), None)
-    problem = folders_checked[folder] or _part_problem(file, first=False, folder=False)
-    if problem:
-        return problem
+        folders_checked[folder] = next(filter(None, (_folder_problem(p, i == 0) for i, p in enumerate(parts[:-1]))),
+                                       None)
+    if folders_checked[folder]:
+        return folders_checked[folder]
+    if file in ("", ".", ".."):
+        return _folder_problem(file, first=False)
     longest = f"{file}{LONGEST_SUFFIX}"
     if len(longest.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES or \
             len(os.fsencode(str(root))) + len(name.encode("utf-8", "surrogateescape")) + 20 > PATH_MAX_BYTES:
@@ -247,19 +257,32 @@ def _name_problem(name: str, root: Path, folders_checked: dict) -> str | None:
     return None
 
 
-def _part_problem(part: str, first: bool, folder: bool = True) -> str | None:
+def _folder_problem(part: str, first: bool) -> str | None:
     if part in ("", ".", ".."):
         return "a name leaves the output folder or has an empty folder name (`..`, `.`, `//`)"
-    if _UNSAFE.search(part):
-        return "a name has a character that Windows, SMB shares or FAT/exFAT disks refuse (`<>:\"|?*\\` or a control character)"
-    if folder and len(part.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+    if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
         return f"a folder name has more than {NAME_MAX_BYTES} bytes, which file systems allow"
-    if folder and part[-1] in ". ":  # (a file's name ends in `.mp4`)
+    if first and part.casefold() in RESERVED_NAMES:
+        return f"a name lands in the sweep's own files ({', '.join(RESERVED_NAMES)})"
+    return None
+
+
+def _characters_problem(name: str, checked: dict) -> str | None:
+    """What in a name breaks on common file systems (its folders' verdicts cached in `checked`), or None."""
+    folder, _, file = name.rpartition("/")
+    if folder not in checked:
+        checked[folder] = next(filter(None, (_part_characters(p, True) for p in folder.split("/") if folder)), None)
+    return checked[folder] or _part_characters(file, False)
+
+
+def _part_characters(part: str, folder: bool) -> str | None:
+    if _UNSAFE.search(part):
+        return ("a name has a character that Windows, SMB shares or FAT/exFAT disks refuse (`<>:\"|?*\\` or a "
+                "control character)")
+    if folder and part and part[-1] in ". ":  # (a file's name ends in `.mp4`)
         return "a folder name ends with a dot or a space, which Windows drops"
     if part.startswith("."):
         return "a file or folder name starts with `.` (hidden; the sweep's own files start so)"
-    if first and part.casefold() in RESERVED_NAMES:
-        return f"a name lands in the sweep's own files ({', '.join(RESERVED_NAMES)})"
     return None
 
 

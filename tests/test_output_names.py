@@ -183,3 +183,11 @@ def test_the_same_prompt_twice_named_by_content_says_which_prompts_and_how_to_fi
     (problem,) = caught.value.problems
     assert "prompts 0 and 2 of the same list are the same text" in problem.message
     assert "remove the repeated prompt" in problem.fix
+
+
+def test_a_category_name_the_manifest_accepts_is_not_refused_by_a_template(write_manifest):
+    categories = {'镜头 "it\'s" $(x)': {"prompts": ["a cat"]}}
+    for template in (None, "{category}/{prompt_id}_{seed}"):
+        manifest = _load(write_manifest, categories=categories, **({"output": {"name": template}} if template else {}))
+        assert len(expand(manifest)) == 2
+    assert "refuse" in _problem(write_manifest, "{category}/a?{prompt_id}_{seed}", categories=categories)[0]

@@ -1,4 +1,5 @@
 """The command line: run, plan, report, stop. Errors become one clear message and an exit code.
+A thin layer over the Python API (`api`): parse the arguments, call it, print.
 
     python run_experiment.py MANIFEST            # same as `run MANIFEST`
     python run_experiment.py plan MANIFEST       # dry run
@@ -17,12 +18,12 @@ import sys
 import time
 from contextlib import contextmanager
 
+from . import api
 from .errors import UserError, WanSweepError
 from .executors import EXECUTOR_NAMES
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError
-from .run import RunOptions, check_checkpoint, check_folder, preview, run_sweep, stop_sweep
-from .validation import load_manifest
+from .run import check_checkpoint, check_folder
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
 
@@ -116,7 +117,7 @@ def _command(args) -> int:
     try:
         if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
             return cmd_models(args)
-        manifest = load_manifest(args.manifest)
+        manifest = api.load(args.manifest)
         if getattr(args, "ray_address", None):
             from dataclasses import replace
             manifest = replace(manifest, execution=replace(manifest.execution, ray_address=args.ray_address))
@@ -189,12 +190,13 @@ def _output_may_close():
         sys.stdout, sys.stderr = saved
 
 
-def _options(args) -> RunOptions:
-    return RunOptions(executor=args.executor, cpu_slots=args.cpu_slots, recalibrate=args.recalibrate,
-                      allow_non_empty=args.allow_non_empty, follow=getattr(args, "follow", False),
-                      add_workers=getattr(args, "add_workers", False),
-                      redo_changed=getattr(args, "redo_changed", False),
-                      progress=not getattr(args, "no_progress", False))
+def _options(args) -> dict:
+    """The api's run and plan options (`RunOptions` fields) from the arguments."""
+    return dict(executor=args.executor, cpu_slots=args.cpu_slots, recalibrate=args.recalibrate,
+                allow_non_empty=args.allow_non_empty, follow=getattr(args, "follow", False),
+                add_workers=getattr(args, "add_workers", False),
+                redo_changed=getattr(args, "redo_changed", False),
+                progress=not getattr(args, "no_progress", False))
 
 
 def _say(text: str) -> None:
@@ -204,7 +206,7 @@ def _say(text: str) -> None:
 def cmd_plan(manifest, args) -> int:
     from .jobs import count_by_category
     from .report import pad
-    planned = preview(manifest, _options(args))
+    planned = api.plan(manifest, **_options(args))
     sweep, plan, gpus, why, scan = planned.sweep, planned.plan, planned.gpus, planned.why, planned.scan
     print(f"manifest   {manifest.path}")
     print(f"output     {manifest.output_dir}")
@@ -257,7 +259,7 @@ def cmd_plan(manifest, args) -> int:
 
 
 def cmd_run(manifest, args) -> int:
-    return run_sweep(manifest, _options(args), say=_say).exit_code
+    return api.run(manifest, say=_say, **_options(args)).exit_code
 
 
 def cmd_report(manifest, args) -> int:
@@ -299,12 +301,9 @@ def cmd_report(manifest, args) -> int:
 
 
 def cmd_stop(manifest, args) -> int:
-    from .sweep import Sweep
-    sweep = Sweep(manifest)
-    check_folder(sweep, owner_only=True)
-    stopped = stop_sweep(sweep, now=args.now, say=_say)
+    stopped = api.stop(manifest, now=args.now, say=_say)
     if stopped is None:
-        print(f"sweep `{manifest.name}` has no workers to stop ({sweep.root}); a `run` of it that is "
+        print(f"sweep `{manifest.name}` has no workers to stop ({manifest.output_dir}); a `run` of it that is "
               "starting now will start none")
         return 0
     print(f"stopped sweep `{manifest.name}`" + (" (killed)" if args.now else "") + f": {stopped} processes signalled")
@@ -339,7 +338,7 @@ def cmd_models(args) -> int:
 
 def _models_speed(args) -> int:
     from .speed_trial import DEFAULT_CANDIDATES, format_trials, parse_candidate, run_trials
-    manifest = load_manifest(args.target)
+    manifest = api.load(args.target)
     check_checkpoint(manifest)
     candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
     if args.candidates is None:  # the default fp8 candidate only where it can run
@@ -363,7 +362,7 @@ def _model_target(target: str, need_manifest: bool):
     if file.suffix not in (".yaml", ".yml") or not file.is_file():
         return target, None
     try:
-        manifest = load_manifest(file)
+        manifest = api.load(file)
     except ManifestError:
         if need_manifest:
             raise

@@ -4,7 +4,8 @@ One job is one video: (category, reference, prompt index, seed, and its value of
 manifest's `axes:`). Its id hashes everything that determines the output (inputs, prompt, seed, model,
 generation settings, axis values), so a changed setting gives a new id while the output path stays
 the same; the sidecar of an existing mp4 tells which id made it. A manifest without axes gives the
-ids it gave before axes existed.
+ids it gave before axes existed. Output paths are the manifest's `output.name` rendered per job
+(`output_names`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .manifest import GenerationConfig, Manifest, apply_axes, safe_component_problem
+from .output_names import check_names, output_path, uses_prompt_index
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,11 @@ class Job:
 
     @property
     def key(self) -> str:
-        """A readable name: category/stem/seed_S_prompt_I."""
+        """A readable name: the output's path under output_dir without `.mp4` (by default
+        category/stem/seed_S_prompt_I)."""
+        if self.name:
+            return self.name
+        # A job written before names were templates (an old ledger row or sidecar): the fixed layout.
         return str(Path(self.output).relative_to(Path(self.output).parents[2 if self.stem else 1]).with_suffix(""))
 
     def to_dict(self) -> dict:
@@ -52,6 +58,9 @@ class Job:
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
         return cls(**data)
+
+    # Declared last, apart from the fields above (old specs and ledger rows lack it: the default).
+    name: str = ""  # the output's path under output_dir, without `.mp4`: `output.name` rendered
 
 
 def settings_fingerprint(manifest: Manifest) -> dict:
@@ -87,22 +96,6 @@ def output_folder(manifest: Manifest, category: str, stem: str | None) -> Path:
     return folder
 
 
-def output_name(seed: int, prompt_index: int, axes: dict | None = None) -> str:
-    # Jobs that differ only by axis values need files of their own: `_<axis>-<value>` each.
-    suffix = "".join(f"_{key}-{_axis_label(value)}" for key, value in (axes or {}).items())
-    return f"seed_{seed}_prompt_{prompt_index}{suffix}.mp4"
-
-
-def _axis_label(value) -> str:
-    """An axis value as a piece of a file name: numbers as written (repr: distinct floats stay
-    distinct), a cfg pair joined by `-`, a text (a negative prompt) by a short hash of it."""
-    if isinstance(value, (list, tuple)):
-        return "-".join(map(_axis_label, value))
-    if isinstance(value, str):
-        return hashlib.sha1(value.encode()).hexdigest()[:8]
-    return str(value)
-
-
 def axis_points(manifest: Manifest) -> list[dict]:
     """Every combination of the manifest's axis values, the first axis varying slowest: [{}] without axes."""
     points = []
@@ -117,9 +110,15 @@ def axis_points(manifest: Manifest) -> list[dict]:
 
 def expand(manifest: Manifest) -> list[Job]:
     """All jobs of the manifest in a fixed order: category, reference, prompt, seed, then the axes'
-    combinations (a reference's jobs stay together, and one prompt and seed's settings side by side)."""
+    combinations (a reference's jobs stay together, and one prompt and seed's settings side by side);
+    their names checked (`output_names.check_names`: ManifestError at `output.name`)."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
     points = axis_points(manifest)
+    # Outputs named by the prompt's content (`{prompt_id}`) keep their identity when prompts move:
+    # a prompt inserted at the top leaves the others' videos done. Named by position (the default),
+    # the position is part of the identity, as it always was (old sweeps keep their ids).
+    by_position = uses_prompt_index(manifest)
+    root = str(manifest.output_dir.resolve())
     jobs: list[Job] = []
     for category in manifest.categories:
         for ref in category.references:
@@ -129,11 +128,12 @@ def expand(manifest: Manifest) -> list[Job]:
             # identity too; a job without any keeps the identity it always had.
             inputs_identity = {role: _file_identity(Path(value)) if role != "camera" else value
                                for role, value in sorted(ref.inputs.items())}
-            folder = output_folder(manifest, category.name, ref.stem)
+            output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
                 for seed, axes in itertools.product(manifest.seeds, points):
-                    parts = [category.name, ref.stem, prompt_index, prompt, seed, file_identity]
+                    where = [prompt_index] if by_position else []
+                    parts = [category.name, ref.stem, *where, prompt, seed, file_identity]
                     if inputs_identity:
                         parts.append(inputs_identity)
                     if axes:  # only then: a manifest without axes keeps its ids
@@ -141,11 +141,13 @@ def expand(manifest: Manifest) -> list[Job]:
                     # (sorted keys: listing the axes in another order keeps every job's id)
                     identity = json.dumps(parts, ensure_ascii=False, sort_keys=True)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
+                    output, name = output_path(manifest, category.name, ref.stem, prompt_index, prompt, seed,
+                                               axes=axes, root=root)
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=str(folder / output_name(seed, prompt_index, axes)), axes=dict(axes),
-                        inputs=dict(ref.inputs)))
+                        output=output, name=name, axes=dict(axes), inputs=dict(ref.inputs)))
+    check_names(manifest, jobs)
     return jobs
 
 

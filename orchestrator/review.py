@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import av
 
+from .output_names import value_text
 from .outputs import TEMP_MARK, file_mode
 from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left
 from .sweep import FolderProblem, Sweep
@@ -54,6 +55,7 @@ class Tile:
     attempts: int = 0
     error: str | None = None
     seconds: float | None = None
+    axes: str = ""  # the job's axis values in words (`cfg_scale 3 · steps 30`); "" without axes
 
     @property
     def label(self) -> str:
@@ -62,7 +64,7 @@ class Tile:
 
     @property
     def hover(self) -> str:
-        lines = [self.key, f"seed {self.seed}", self.prompt]
+        lines = [self.key, f"seed {self.seed}" + (f" · {self.axes}" if self.axes else ""), self.prompt]
         if self.seconds:
             lines.append(f"{self.seconds:.1f} s to make")
         if self.worker and self.state in ("running", "failed", "retrying"):
@@ -107,6 +109,23 @@ class Column:
 
 
 @dataclass
+class ComparisonRow:
+    """One (reference, prompt, seed): its jobs side by side, one per axis combination."""
+    stem: str | None
+    prompt_index: int
+    prompt: str
+    seed: int
+    tiles: list[Tile | None]  # one per column of the comparison; None where no job has that combination
+
+
+@dataclass
+class Comparison:
+    """A category's jobs that differ only in axis values, compared side by side."""
+    columns: list[str]  # each axis combination in words, in the manifest's order
+    rows: list[ComparisonRow]
+
+
+@dataclass
 class Grid:
     category: str
     anchor: str
@@ -114,6 +133,7 @@ class Grid:
     columns: list[Column]
     rows: list[Row]
     counts: CategoryRow
+    comparison: Comparison | None = None  # when the jobs have axes
 
     @property
     def cell_count(self) -> int:
@@ -355,7 +375,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
         worker = entry.get("worker") or last_worker.get(job.id)
         tile = Tile(id=job.id, key=job.key, seed=job.seed, state=state, prompt=job.prompt, worker=worker,
                     log=log_url(worker) if worker else None, attempts=entry.get("attempts") or 0,
-                    error=entry.get("last_error"), seconds=entry.get("seconds"))
+                    error=entry.get("last_error"), seconds=entry.get("seconds"), axes=axes_label(job))
         if state == "done":
             tile.video = url(job.output, root)
             thumb = thumb_path(job.output)
@@ -420,7 +440,34 @@ def _grid(category, sweep: Sweep, tiles: dict[str, Tile], counts) -> Grid:
         cells: list[Cell | None] = [Cell(i, p, by_cell.get((ref.stem, i), [])) for i, p in enumerate(ref.prompts)]
         rows.append(Row(ref.stem, media, cells + [None] * (width - len(cells))))
     return Grid(category=category.name, anchor=anchor(category.name), kind=category.kind,
-                columns=columns, rows=rows, counts=counts or CategoryRow(category.name))
+                columns=columns, rows=rows, counts=counts or CategoryRow(category.name),
+                comparison=_comparison(category.name, sweep.jobs, tiles))
+
+
+def axes_label(job) -> str:
+    """A job's axis values in words, as its default name writes them: `cfg_scale 3 · steps 30`."""
+    return " · ".join(f"{name} {value_text(value)}" for name, value in (job.axes or {}).items())
+
+
+def _comparison(category: str, jobs, tiles: dict[str, Tile]) -> Comparison | None:
+    """The jobs of one category that share reference, prompt and seed, side by side: a row per
+    (reference, prompt, seed), a column per axis combination. None when the jobs have no axes."""
+    columns: dict[str, int] = {}
+    rows: dict[tuple, ComparisonRow] = {}
+    for job in jobs:
+        if job.category != category or not job.axes:
+            continue
+        label = axes_label(job)
+        column = columns.setdefault(label, len(columns))
+        row = rows.setdefault((job.stem, job.prompt_index, job.seed),
+                              ComparisonRow(job.stem, job.prompt_index, job.prompt, job.seed, []))
+        row.tiles.extend([None] * (column + 1 - len(row.tiles)))
+        row.tiles[column] = tiles[job.id]
+    if not columns:
+        return None
+    for row in rows.values():
+        row.tiles.extend([None] * (len(columns) - len(row.tiles)))
+    return Comparison(columns=list(columns), rows=list(rows.values()))
 
 
 def _reference_copies(grids: list[Grid], sweep: Sweep) -> int:

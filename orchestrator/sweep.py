@@ -28,6 +28,7 @@ from .errors import WanSweepError
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import LIVE_WORKER_STATES, Ledger
 from .manifest import Manifest
+from .output_names import uses_prompt_index
 from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
 from .planning import Plan, WorkerSpec
 
@@ -277,12 +278,24 @@ class Sweep:
         """Say what changed between the settings that made old outputs and the manifest's."""
         now = settings_fingerprint(self.manifest)
         lines = []
+        prompts_moved = False
         for job in stale[:limit]:
-            old = (read_sidecar(job.output) or {}).get("settings", {})
-            diffs = _diff(old, now)
-            lines.append(f"  {job.key}.mp4: " + (", ".join(diffs) if diffs else "made for another prompt/input"))
+            sidecar = read_sidecar(job.output) or {}
+            diffs = _diff(sidecar.get("settings", {}), now)
+            old_prompt = (sidecar.get("job") or {}).get("prompt")
+            if not diffs and isinstance(old_prompt, str) and old_prompt != job.prompt:
+                prompts_moved = True
+                lines.append(f"  {job.key}.mp4: made for another prompt at this position")
+            else:
+                lines.append(f"  {job.key}.mp4: " + (", ".join(diffs) if diffs else "made for another prompt/input"))
         if len(stale) > limit:
             lines.append(f"  … and {len(stale) - limit} more")
+        if prompts_moved and uses_prompt_index(self.manifest):
+            lines.append(
+                "  outputs are named by the prompt's position (`prompt_<i>`): a prompt inserted or removed "
+                "moves every prompt after it. Append new prompts at the end of the list instead, or name "
+                "outputs by content (`output: {name: \"{category}/{stem}/seed_{seed}_{prompt_id}\"}`), so "
+                "that a prompt's videos keep their name wherever it moves.")
         return "\n".join(lines)
 
     def move_aside(self, stale: list[Job]) -> Path:

@@ -137,3 +137,16 @@ def test_what_the_readme_says_a_category_may_hold_per_task_is_what_validation_ac
                 except ManifestError:
                     accepted = False
                 assert accepted == says, (task, kind, per_stem)
+
+
+def test_the_readmes_python_api_example_runs_as_written(tmp_path):
+    section = README.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    # what the example's comments say it prints
+    printed = [re.search(r"# (.*)$", line)[1] for line in block.splitlines() if line.startswith("print(")]
+    assert result.stdout.splitlines() == printed
+    assert (tmp_path / ".wan-sweep-api-demo.yaml").is_file()
+    assert len(list((tmp_path / "results" / "api-demo" / "animals").rglob("seed_*.mp4"))) == 4

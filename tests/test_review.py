@@ -491,3 +491,39 @@ def test_videos_sidecars_posters_and_page_take_the_umask(write_manifest, make_re
     done = [Path(job.output) for job in sweep.jobs[5:]]
     files = [page] + done + [p.with_suffix(".json") for p in done] + [thumb_path(p) for p in done]
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o664) for f in files}
+
+
+def test_jobs_that_differ_only_in_axis_values_are_compared_side_by_side(write_manifest, make_refs):
+    from dataclasses import replace
+
+    from orchestrator.output_names import output_path
+    plain = _v2v_sweep(write_manifest, make_refs)
+    m = plain.manifest
+    jobs = []  # the expansion with axes (issue 22): each job once per cfg_scale × steps
+    for job in (j for j in plain.jobs if j.category == "镜头 cam"):
+        for cfg in (3.0, (5.0, 3.5)):
+            for steps in (30, 50):
+                axes = {"cfg_scale": cfg, "steps": steps}
+                output, name = output_path(m, job.category, job.stem, job.prompt_index, job.prompt, job.seed, axes)
+                jobs.append(replace(job, id=f"{job.id}-{len(jobs)}", ordinal=len(jobs), axes=axes,
+                                    output=output, name=name))
+    made = jobs[1]  # one of them done: its video sits in its column
+    write_mp4(_frames(), made.output, fps=5, expected_frames=5, sidecar={"job_id": made.id, "job": made.to_dict()})
+    page = build_page(Sweep(m, jobs))
+    cam = next(grid for grid in page.grids if grid.category == "镜头 cam")
+    assert cam.comparison.columns == ["cfg_scale 3 · steps 30", "cfg_scale 3 · steps 50",
+                                      "cfg_scale 5,3.5 · steps 30", "cfg_scale 5,3.5 · steps 50"]
+    assert len(cam.comparison.rows) == 2 * 2 * 2  # 2 references × 2 prompts × 2 seeds
+    first = cam.comparison.rows[0]
+    assert (first.stem, first.prompt_index, first.seed) == (made.stem, made.prompt_index, made.seed)
+    assert [t.id for t in first.tiles] == [j.id for j in jobs[:4]]  # one job per axis combination
+    assert [t.state for t in first.tiles] == ["pending", "done", "pending", "pending"]
+    assert next(grid for grid in page.grids if grid.category == "other").comparison is None  # no axes there
+    html = Page(render(page))
+    assert "镜头 cam: axis values side by side" in "".join(html.text)
+    assert [a["class"] for a in html.find("table") if "compare" in a.get("class", "")] == ["grid compare"]
+    assert html.text.count("cfg_scale 5,3.5 · steps 50") >= 1
+    assert made.key.endswith("seed_1_prompt_0_cfg_scale-3_steps-50")
+    assert len(html.find("video", src=review.url(made.output, m.output_dir))) == 2  # the grid and the comparison
+    ids = [a["id"] for _, a in html.tags if a.get("id", "").startswith("job-")]
+    assert len(ids) == len(set(ids))  # the comparison repeats no anchor of the grid

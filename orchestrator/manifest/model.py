@@ -184,6 +184,9 @@ class Manifest:
     # the backend names them when it checks the manifest (validation.load_manifest).
     runtime_options: frozenset[str] = frozenset()
     axes: tuple[Axis, ...] = ()  # the `axes:` section, in the manifest's order; () without one
+    # `output.name`: the template of each mp4's path under output_dir, without `.mp4` (orchestrator/
+    # output_names.py); None keeps the fixed layout <category>/<stem>/seed_<seed>_prompt_<i>.
+    output_name: str | None = None
 
     @property
     def max_attempts(self) -> int:

@@ -1,5 +1,6 @@
 """Validating a manifest's sections into its dataclasses: `read_manifest` reads the file (reader),
-each top-level key (name, output_dir, model, speed, generation, axes, seeds, resources, execution) here,
+each top-level key (name, output_dir, output, model, speed, generation, axes, seeds, resources, execution)
+here,
 the categories in `categories`, and lets a check made above this package (the backend's) add its own."""
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     base = path.parent
     top = reader.mapping(root, "the manifest", {
         "name": True, "output_dir": False, "model": True, "generation": False, "seeds": True,
-        "categories": True, "resources": False, "execution": False, "speed": False, "axes": False})
+        "categories": True, "resources": False, "execution": False, "speed": False, "axes": False,
+        "output": False})
 
     name_node = top.get("name", (None, None))[1]
     name = reader.scalar(name_node, "name", str, default="experiment")
@@ -88,14 +90,16 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     execution = _read_execution(reader, top.get("execution", (None, None))[1])
     categories = read_categories(reader, top.get("categories", (None, None))[1], base,
                                   model.task if model else None)
-    check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
+    output_name = _read_output(reader, top.get("output", (None, None))[1])
+    if output_name is None:  # a template's names are checked once the jobs are expanded (output_names)
+        check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
     axes_node = top.get("axes", (None, None))[1]
     axes, confirmed = _read_axes(reader, axes_node)
     _check_job_count(reader, axes_node, categories, seeds, axes, confirmed)
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
-                        resources=resources, execution=execution, axes=axes)
+                        resources=resources, execution=execution, axes=axes, output_name=output_name)
     if check is not None and model is not None:
         def problem(at: tuple[str, ...], message: str, fix: str = "") -> None:
             node = next((found for key in at if (found := node_at(root, key)) is not None), None)
@@ -120,6 +124,25 @@ def _read_output_dir(reader: Reader, node, base: Path, name: str) -> Path:
         reader.problem(node, f"output_dir `{output_dir}` exists and is not a folder",
                        "name a folder (new or one of this sweep's), not a file or a device")
     return output_dir
+
+
+def _read_output(reader: Reader, node) -> str | None:
+    """`output: {name: TEMPLATE}`: the template, without a trailing `.mp4` (the product adds it);
+    its placeholders and the names it makes are checked with the jobs (orchestrator/output_names.py)."""
+    if node is None:
+        return None
+    keys = reader.mapping(node, "output", {"name": False})
+    name_node = keys.get("name", (None, None))[1]
+    template = reader.scalar(name_node, "output.name", str)
+    if template is None:
+        return None
+    if template.lower().endswith(".mp4"):
+        template = template[:-len(".mp4")]
+    if not template.strip():
+        reader.problem(name_node, "output.name is empty",
+                       "write a template such as `{category}/{stem}/seed_{seed}_{prompt_id}`, or leave it out")
+        return None
+    return template
 
 
 def _read_model(reader: Reader, node) -> ModelConfig | None:

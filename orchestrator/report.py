@@ -96,7 +96,8 @@ def build_report(sweep: Sweep) -> Report:
         counted = tallies[job.id] = [rows.setdefault(job.category, CategoryRow(job.category))]
         for key, value in job.axes.items():
             label = axis_value_text(value)
-            counted.append(axis_rows[key].setdefault(label, CategoryRow(label)))
+            # (jobs carry their own axes: a job list built without the manifest's section still tallies)
+            counted.append(axis_rows.setdefault(key, {}).setdefault(label, CategoryRow(label)))
         by_id[job.id] = job
         for row in counted:
             row.expected += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .manifest import Manifest, safe_component_problem
@@ -25,6 +25,7 @@ class Job:
     prompt: str
     seed: int
     output: str  # absolute path of the final mp4
+    inputs: dict = field(default_factory=dict)  # role -> absolute path or value of a conditioned task's extra inputs (issue 23)
 
     @property
     def group(self) -> str:

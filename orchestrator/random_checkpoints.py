@@ -203,6 +203,37 @@ def offline_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
+# The extra parts of Wan's conditioned models at tiny sizes (their released configurations are in
+# DiffSynth's model table, diffsynth/configs/model_configs.py): the VACE blocks and the Animate adapter
+# live in the DiT's own file (DiffSynth splits it with a converter per part), the S2V DiT is its own class
+# and its wav2vec2 audio encoder a separate folder.
+DIT_CONVERTER = "diffsynth.utils.state_dict_converters.wan_video_dit.WanVideoDiTStateDictConverter"
+TINY_EXTRA = {
+    "vace": {"model_name": "wan_video_vace", "model_class": "diffsynth.models.wan_video_vace.VaceWanModel",
+             "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_vace.VaceWanModelDictConverter",
+             "extra_kwargs": {"vace_layers": [0, 1], "vace_in_dim": 96, "patch_size": [1, 2, 2],
+                              "has_image_input": False, "dim": 24, "num_heads": 2, "ffn_dim": 32, "eps": 1e-6}},
+    "animate_adapter": {
+        "model_name": "wan_video_animate_adapter", "tiny_class": "animate_adapter",
+        "model_class": "diffsynth.models.wan_video_animate_adapter.WanAnimateAdapter",
+        "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_animate_adapter."
+                                "WanAnimateAdapterStateDictConverter",
+        "extra_kwargs": {"dim": 24, "num_heads": 2, "num_adapter_layers": 1, "face_size": 4}},
+    "audio_encoder": {
+        "model_name": "wans2v_audio_encoder", "tiny_class": "audio_encoder",
+        "model_class": "diffsynth.models.wav2vec.WanS2VAudioEncoder",
+        "state_dict_converter": "diffsynth.utils.state_dict_converters.wans2v_audio_encoder."
+                                "WanS2VAudioEncoderStateDictConverter",
+        "extra_kwargs": {"hidden_size": 16, "conv_dim": 8, "num_hidden_layers": 24}},
+}
+TINY_S2V_DIT = {"model_name": "wan_video_dit", "model_class": "diffsynth.models.wan_video_dit_s2v.WanS2VModel",
+                "extra_kwargs": {"dim": 24, "in_dim": 16, "ffn_dim": 32, "out_dim": 16, "text_dim": 32,
+                                 "freq_dim": 32, "eps": 1e-6, "patch_size": [1, 2, 2], "num_heads": 2,
+                                 "num_layers": 2, "cond_dim": 16, "audio_dim": 16, "num_audio_token": 4,
+                                 "audio_inject_layers": [0, 1]}}
+TINY_TASKS = ("t2v", "i2v", "vace", "control", "control-camera", "animate", "s2v")
+
+
 def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
     """A tiny random-weight Wan model in the original file layout, for tests: its videos are noise.
 
@@ -210,6 +241,11 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
     naming each file's class and configuration; the backend loads a folder with that marker without
     the recognition (see orchestrator/backends/diffsynth_wan.py's docstring). `task="i2v"` makes the DiT an image-to-video one in the
     manner of Wan2.2 I2V-A14B (36 input channels: the first frame's VAE encoding; no CLIP encoder).
+    The conditioned tasks, each in the manner of its release: `vace` (Wan2.1-VACE: VACE blocks in the DiT's
+    file), `control` (Wan2.2-Fun-A14B-Control: 52 input channels, a reference-image conv),
+    `control-camera` (Wan2.2-Fun-Control-Camera: 36 channels and a camera adapter), `animate`
+    (Wan2.2-Animate: an image-to-video DiT with the Animate adapter in its file), `s2v` (Wan2.2-S2V:
+    the S2V DiT and the wav2vec2 audio encoder folder with its processor files).
     Returns the folder.
     """
     import torch
@@ -218,16 +254,43 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
     from diffsynth.models.wan_video_vae import VideoVAE_
     from safetensors.torch import save_file
 
-    from .backends.diffsynth_files import TEXT_ENCODER, TINY_MARKER, TOKENIZER
+    from .backends.diffsynth_files import AUDIO_ENCODER_FOLDER, TEXT_ENCODER, TINY_MARKER, TOKENIZER
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    if task not in TINY_TASKS:
+        raise ValueError(f"unknown tiny task {task!r}; use one of {', '.join(TINY_TASKS)}")
     components = json.loads(json.dumps(TINY))
-    if task == "i2v":
-        components["dit"]["extra_kwargs"].update(in_dim=36, require_clip_embedding=False)
-    dit = WanModel(**components["dit"]["extra_kwargs"])
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    dit_kwargs = components["dit"]["extra_kwargs"]
+    if task in ("i2v", "animate"):
+        dit_kwargs.update(in_dim=36, require_clip_embedding=False)
+    elif task == "control":
+        dit_kwargs.update(in_dim=52, has_ref_conv=True, require_clip_embedding=False)
+    elif task == "control-camera":
+        dit_kwargs.update(in_dim=36, has_ref_conv=False, add_control_adapter=True, in_dim_control_adapter=24,
+                          require_clip_embedding=False)
+    if task == "s2v":
+        from diffsynth.models.wan_video_dit_s2v import WanS2VModel
+        components["dit"] = json.loads(json.dumps(TINY_S2V_DIT))
+        dit = WanS2VModel(**components["dit"]["extra_kwargs"])
+    else:
+        dit = WanModel(**dit_kwargs)
+    weights = dict(dit.state_dict())
+    extra = {"vace": "vace", "animate": "animate_adapter"}.get(task)
+    if extra:  # the released file holds the DiT and this part; each loads through its converter
+        from diffsynth.models.wan_video_vace import VaceWanModel
+
+        from .backends.diffsynth_wan import tiny_model_class
+        spec = components[extra] = json.loads(json.dumps(TINY_EXTRA[extra]))
+        part = (VaceWanModel(**spec["extra_kwargs"]) if extra == "vace"
+                else tiny_model_class(extra)(**spec["extra_kwargs"]))
+        weights.update(part.state_dict())
+        components["dit"]["state_dict_converter"] = DIT_CONVERTER
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "diffusion_pytorch_model.safetensors")
+    if task == "s2v":
+        _save_tiny_audio_encoder(folder / AUDIO_ENCODER_FOLDER)
+        components["audio_encoder"] = json.loads(json.dumps(TINY_EXTRA["audio_encoder"]))
     text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
     torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
     vae = TINY["vae"]["extra_kwargs"]
@@ -242,6 +305,25 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
                 "classes because DiffSynth's loader only recognises full-size files",
         "components": components}, indent=1), encoding="utf-8")
     return folder
+
+
+def _save_tiny_audio_encoder(folder: Path) -> None:
+    """Wan2.2-S2V's `wav2vec2-large-xlsr-53-english/` at a tiny width: the weights as released (the
+    Wav2Vec2ForCTC state dict), and the processor files DiffSynth's pipeline reads the audio with."""
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    from .backends.diffsynth_wan import tiny_model_class
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = tiny_model_class("audio_encoder")(**TINY_EXTRA["audio_encoder"]["extra_kwargs"])
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, folder / "model.safetensors")
+    letters = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["'"]
+    (folder / "vocab.json").write_text(json.dumps({ch: i for i, ch in enumerate(letters)}), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
+    features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                        do_normalize=True, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(folder)
+    (folder / "config.json").write_text(encoder.model.config.to_json_string(), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

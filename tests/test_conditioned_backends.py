@@ -1,0 +1,182 @@
+"""Wan's conditioned tasks (vace, control, animate, s2v) in the real model backends, on the CPU.
+
+Each backend loads a tiny random-weight checkpoint of the task's release layout through its real loading
+code (DiffSynth's loader and converters: the VACE blocks and the Animate adapter split out of the DiT's
+own file, the S2V DiT class and its wav2vec2 audio-encoder folder), and the job's inputs (`Job.inputs`)
+must reach the pipeline: the frames change when an input changes, and an input encoded once per worker
+serves every job that uses it. `models status` names the part a checkpoint lacks for its task.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import wave
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.manifest import GenerationConfig, ModelConfig
+from orchestrator.outputs import write_mp4
+
+from .conftest import backend_job
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffsynth")
+
+GEN = dict(width=32, height=32, num_frames=5, fps=16, steps=2)
+
+
+def _job(reference, seed=1, prompt="a cat on a mat", **inputs):
+    return replace(backend_job(prompt, seed, reference), output=f"/out/a/s/seed_{seed}_prompt_0.mp4",
+                   inputs={k: str(v) for k, v in inputs.items()})
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Two different clips, two images and two speech-like audio files (1 s of tones at 16 kHz)."""
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.RandomState(0)
+    made = {}
+    for name in ("a", "b"):
+        made[f"clip_{name}"] = write_mp4(rng.randint(0, 255, (7, 40, 48, 3)).astype(np.uint8),
+                                         folder / f"{name}.mp4", fps=16, expected_frames=7)
+        image = folder / f"{name}.png"
+        Image.fromarray(rng.randint(0, 255, (40, 48, 3)).astype(np.uint8)).save(image)
+        made[f"image_{name}"] = image
+        audio = folder / f"{name}.wav"
+        t = np.arange(16000) / 16000
+        tone = 0.5 * np.sin(2 * np.pi * (220 if name == "a" else 660) * t) * np.sign(np.sin(2 * np.pi * 3 * t))
+        with wave.open(str(audio), "wb") as out:
+            out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
+            out.writeframes((tone * 32767).astype("<i2").tobytes())
+        made[f"audio_{name}"] = audio
+    return made
+
+
+_BUILT: dict = {}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny checkpoint of a task's release, built once per module."""
+    from orchestrator.random_checkpoints import build_tiny_checkpoint
+
+    def build(task):
+        if task not in _BUILT:
+            _BUILT[task] = build_tiny_checkpoint(tmp_path_factory.mktemp("ck") / f"Wan-tiny-{task}", task=task)
+        return _BUILT[task]
+    return build
+
+
+def _diffsynth(path, task, **generation):
+    from orchestrator.backends.diffsynth_wan import DiffSynthWanBackend
+    backend = DiffSynthWanBackend(ModelConfig(backend="diffsynth", task=task, path=str(path), dtype="float32"),
+                                  GenerationConfig(**{**GEN, **generation}), ())
+    backend.load()
+    return backend
+
+
+def _run(backend, job, size=32):
+    frames = backend.generate(job, lambda s, n: None)
+    assert frames.shape == (5, size, size, 3) and frames.dtype == np.uint8
+    return frames
+
+
+class _Spy:
+    """The pipeline with its calls' keyword arguments recorded (every other attribute is the pipeline's)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.pipe(**kwargs)
+
+
+def _spy(pipe):
+    spy = _Spy(pipe)
+    return spy, spy.calls
+
+
+def test_diffsynth_vace_control_video_and_reference_image_reach_the_pipeline(checkpoint, media):
+    backend = _diffsynth(checkpoint("vace"), "vace")
+    assert backend.pipe.vace is not None and "vace" in backend.load_info["components"]
+    backend.pipe, calls = _spy(backend.pipe)
+    backend.prepare(_job(media["clip_a"]))  # read ahead, as the worker does while another job runs
+    first = _run(backend, _job(media["clip_a"]))
+    assert len(calls[0]["vace_video"]) == 5 and calls[0]["vace_video"][0].shape == (32, 32, 3)
+    assert "vace_reference_image" not in calls[0]
+    assert backend.job_info()["input_encodings"] == {"WanVideoUnit_VACE": "encoded"}
+    assert np.array_equal(_run(backend, _job(media["clip_a"])), first)
+    assert backend.job_info()["input_encodings"] == {"WanVideoUnit_VACE": "reused"}  # once per control video
+    assert not np.array_equal(_run(backend, _job(media["clip_b"])), first)
+    with_reference = _run(backend, _job(media["clip_a"], reference_image=media["image_a"]))
+    assert calls[-1]["vace_reference_image"].size == (32, 32)
+    assert not np.array_equal(with_reference, first)
+    backend.close()
+
+
+def test_diffsynth_fun_control_video_and_reference_image(checkpoint, media):
+    backend = _diffsynth(checkpoint("control"), "control")
+    backend.pipe, calls = _spy(backend.pipe)
+    first = _run(backend, _job(media["clip_a"]))
+    assert len(calls[0]["control_video"]) == 5
+    assert backend.job_info()["input_encodings"] == {"WanVideoUnit_FunControl": "encoded"}
+    assert np.array_equal(_run(backend, _job(media["clip_a"])), first)
+    assert backend.job_info()["input_encodings"] == {"WanVideoUnit_FunControl": "reused"}
+    assert not np.array_equal(_run(backend, _job(media["clip_b"])), first)
+    referenced = _run(backend, _job(media["clip_a"], reference_image=media["image_a"]))
+    assert calls[-1]["reference_image"].size == (32, 32) and not np.array_equal(referenced, first)
+    backend.close()
+
+
+def test_diffsynth_camera_control_direction_from_a_first_frame(checkpoint, media):
+    backend = _diffsynth(checkpoint("control-camera"), "control")
+    backend.pipe, calls = _spy(backend.pipe)
+    left = _run(backend, _job(media["image_a"], camera="Left"))
+    assert calls[0]["camera_control_direction"] == "Left" and calls[0]["input_image"].size == (32, 32)
+    assert not np.array_equal(_run(backend, _job(media["image_a"], camera="Up")), left)
+    backend.close()
+
+
+def test_diffsynth_animate_pose_and_face_videos_drive_the_reference_image(checkpoint, media):
+    backend = _diffsynth(checkpoint("animate"), "animate")
+    assert backend.pipe.animate_adapter is not None
+    backend.pipe, calls = _spy(backend.pipe)
+    job = _job(media["image_a"], pose_video=media["clip_a"], face_video=media["clip_b"])
+    first = _run(backend, job)  # num_frames frames, though DiffSynth drops the reference's latent frame
+    call = calls[0]
+    assert call["num_frames"] == 9 and call["input_image"].size == (32, 32)
+    assert len(call["animate_pose_video"]) == 5 and call["animate_pose_video"][0].shape == (32, 32, 3)
+    assert len(call["animate_face_video"]) == 5 and call["animate_face_video"][0].shape == (4, 4, 3)  # tiny face size
+    assert backend.job_info()["input_encodings"] == {"WanVideoUnit_AnimatePoseLatents": "encoded"}
+    assert np.array_equal(_run(backend, job), first)
+    assert backend.job_info()["input_encodings"] == {"WanVideoUnit_AnimatePoseLatents": "reused"}
+    other_pose = _run(backend, _job(media["image_a"], pose_video=media["clip_b"], face_video=media["clip_b"]))
+    other_face = _run(backend, _job(media["image_a"], pose_video=media["clip_a"], face_video=media["clip_a"]))
+    assert not np.array_equal(other_pose, first) and not np.array_equal(other_face, first)
+    with pytest.raises(ValueError, match="needs the job's `face_video` input"):
+        backend.generate(_job(media["image_a"], pose_video=media["clip_a"]), lambda s, n: None)
+    backend.close()
+
+
+def test_diffsynth_s2v_audio_features_once_per_audio_file(checkpoint, media):
+    # 64 px: S2V's frame packer folds the motion latents 8×8 (DiffSynth's FramePackMotioner)
+    backend = _diffsynth(checkpoint("s2v"), "s2v", width=64, height=64)
+    assert backend.pipe.audio_encoder is not None and backend.pipe.audio_processor is not None
+    backend.pipe, calls = _spy(backend.pipe)
+    first = _run(backend, _job(media["image_a"], audio=media["audio_a"]), 64)
+    audio = calls[0]["input_audio"]
+    assert audio.dtype == np.float32 and audio.shape == (5 * 16000 // 16,)  # num_frames / fps seconds at 16 kHz
+    assert calls[0]["audio_sample_rate"] == 16000
+    assert backend.job_info()["input_encodings"] == {"audio_features": "encoded"}
+    assert np.array_equal(_run(backend, _job(media["image_a"], audio=media["audio_a"]), 64), first)
+    assert backend.job_info()["input_encodings"] == {"audio_features": "reused"}
+    assert not np.array_equal(_run(backend, _job(media["image_a"], audio=media["audio_b"]), 64), first)
+    backend.close()

@@ -275,7 +275,7 @@ class DiffSynthWanBackend(Backend):
                 problems.append(BackendProblem(
                     "model.path", f"this image-to-video DiT needs the image encoder `{IMAGE_ENCODER}.pth`, "
                     f"missing in {where}", "complete the download"))
-        problems.extend(cls._part_problems(model, files, found))
+        problems.extend(_part_problems(model, files, found))
         vae = found.get("vae") or {}
         if vae.get("model_class", "").endswith("WanVideoVAE38"):
             for key in ("width", "height"):
@@ -284,35 +284,6 @@ class DiffSynthWanBackend(Backend):
                     problems.append(BackendProblem(
                         f"generation.{key}", f"generation.{key} is {value}; the Wan2.2 VAE needs multiples of 32",
                         f"use {value // 32 * 32 or 32} or {value // 32 * 32 + 32}"))
-        return problems
-
-    @staticmethod
-    def _part_problems(model, files, found) -> list[BackendProblem]:
-        """The parts a conditioned task needs besides the DiT (diffsynth_files.TASK_PARTS), named when missing."""
-        problems = []
-        where = model.path
-        if not found["dit"] or not all(found["dit"]):
-            return problems  # the DiT itself is reported (or could not be fingerprinted here)
-        for part in TASK_PARTS.get(model.task, ()):
-            if part == "audio_encoder":
-                folder = Path(model.path) / AUDIO_ENCODER_FOLDER
-                if not files.get("audio_encoder"):
-                    problems.append(BackendProblem(
-                        "model.path", f"task s2v needs {PART_NAMES[part]}: no `{AUDIO_ENCODER_FOLDER}/model.safetensors` "
-                        f"in {where}", "complete the Wan2.2-S2V-14B download (the folder is part of the release)"))
-                elif not (folder / "preprocessor_config.json").is_file():
-                    problems.append(BackendProblem(
-                        "model.path", f"`{AUDIO_ENCODER_FOLDER}/preprocessor_config.json` (the audio processor) is "
-                        f"missing in {where}", "complete the Wan2.2-S2V-14B download"))
-                elif found.get("audio_encoder") is None:
-                    problems.append(BackendProblem(
-                        "model.path", f"`{AUDIO_ENCODER_FOLDER}/{Path(files['audio_encoder']).name}` in {where} is not "
-                        "the wav2vec2 audio encoder DiffSynth recognises", "use the file as released"))
-            elif part not in found.get("dit_parts", ()):
-                problems.append(BackendProblem(
-                    "model.task", f"task {model.task} needs {PART_NAMES[part]}, which the DiT's file in {where} "
-                    "does not hold", "use the matching release (e.g. Wan2.1-VACE-14B for vace, Wan2.2-Animate-14B "
-                    "for animate) or change model.task"))
         return problems
 
     @classmethod
@@ -829,6 +800,35 @@ class _Clip(list):
     def __init__(self, frames: np.ndarray, key: str):
         super().__init__(frames)
         self.cache_key = key
+
+
+def _part_problems(model, files, found) -> list[BackendProblem]:
+    """The parts a conditioned task needs besides the DiT (diffsynth_files.TASK_PARTS), named when missing."""
+    problems = []
+    where = model.path
+    if not found["dit"] or not all(found["dit"]):
+        return problems  # the DiT itself is reported (or could not be fingerprinted here)
+    for part in TASK_PARTS.get(model.task, ()):
+        if part == "audio_encoder":
+            folder = Path(model.path) / AUDIO_ENCODER_FOLDER
+            if not files.get("audio_encoder"):
+                problems.append(BackendProblem(
+                    "model.path", f"task s2v needs {PART_NAMES[part]}: no `{AUDIO_ENCODER_FOLDER}/model.safetensors` "
+                    f"in {where}", "complete the Wan2.2-S2V-14B download (the folder is part of the release)"))
+            elif not (folder / "preprocessor_config.json").is_file():
+                problems.append(BackendProblem(
+                    "model.path", f"`{AUDIO_ENCODER_FOLDER}/preprocessor_config.json` (the audio processor) is "
+                    f"missing in {where}", "complete the Wan2.2-S2V-14B download"))
+            elif found.get("audio_encoder") is None:
+                problems.append(BackendProblem(
+                    "model.path", f"`{AUDIO_ENCODER_FOLDER}/{Path(files['audio_encoder']).name}` in {where} is not "
+                    "the wav2vec2 audio encoder DiffSynth recognises", "use the file as released"))
+        elif part not in found.get("dit_parts", ()):
+            problems.append(BackendProblem(
+                "model.task", f"task {model.task} needs {PART_NAMES[part]}, which the DiT's file in {where} "
+                "does not hold", "use the matching release (e.g. Wan2.1-VACE-14B for vace, Wan2.2-Animate-14B "
+                "for animate) or change model.task"))
+    return problems
 
 
 def _face_size(adapter) -> int:

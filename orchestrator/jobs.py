@@ -88,17 +88,22 @@ def expand(manifest: Manifest) -> list[Job]:
         for ref in category.references:
             # Once per reference, not per job: the file's identity and the checked output folder.
             file_identity = _file_identity(ref.path)
+            # A conditioned task's other inputs (audio, control, driving videos, camera) are part of the
+            # identity too; a job without any keeps the identity it always had.
+            inputs_identity = {role: _file_identity(Path(value)) if role != "camera" else value
+                               for role, value in sorted(ref.inputs.items())}
             folder = output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
                 for seed in manifest.seeds:
                     identity = json.dumps([category.name, ref.stem, prompt_index, prompt, seed,
-                                           file_identity], ensure_ascii=False)
+                                           file_identity] + ([inputs_identity] if inputs_identity else []),
+                                          ensure_ascii=False)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=str(folder / output_name(seed, prompt_index))))
+                        output=str(folder / output_name(seed, prompt_index)), inputs=dict(ref.inputs)))
     return jobs
 
 

@@ -16,7 +16,12 @@ Audio (speech-to-video), `read_audio`:
   padded with silence; shorter still is an error that says by how much.
 - A track whose used part is silent (peak below -60 dBFS) is an error: the model would get no speech.
 
-Control videos (vace, control, animate's driving videos) are read by the video rule above.
+Control videos (vace, control, animate's driving pose and face videos) are read by the video rule above,
+but padding would freeze the motion they drive and cropping would move it against the picture, so
+`control_video_problem` refuses, before a sweep starts, one that lasts less than the video less one frame
+(num_frames / fps - 1 / fps seconds) or, where the aspect matters (not for animate's face crops), whose
+width / height differs from the video's by more than CONTROL_ASPECT_TOLERANCE (5%: at most a twentieth of
+a side is cropped).
 
 `ReferenceCache` keeps recently used clips and reads the next one in a background thread, so a worker's
 GPU never waits for the decoder between jobs.
@@ -94,6 +99,46 @@ def read_video(path: str | Path, width: int, height: int, num_frames: int, fps: 
     return np.stack([fitted.setdefault(id(f), _fit(f, width, height)) for f in picked])
 
 
+CONTROL_ASPECT_TOLERANCE = 0.05
+
+
+def video_facts(path: str | Path) -> tuple[int, int, float]:
+    """(width, height, seconds) of a video, from its headers where they say, else by counting frames."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UnreadableReference(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            rate = stream.average_rate or stream.guessed_rate
+            frames = stream.frames or sum(1 for _ in container.demux(stream) if _.size)
+            if not width or not height or not rate or not frames:
+                raise UnreadableReference(f"{path}: its size, frame rate or length cannot be read")
+            return width, height, float(frames / rate)
+    except av.error.FFmpegError as exc:
+        raise UnreadableReference(f"{path}: cannot be decoded ({exc})") from None
+
+
+def control_video_problem(path: str | Path, width: int, height: int, num_frames: int, fps: float,
+                          check_aspect: bool = True) -> str | None:
+    """Why a control video does not fit the video asked for (module docstring), or None."""
+    try:
+        source_w, source_h, seconds = video_facts(path)
+    except UnreadableReference as exc:
+        return str(exc)
+    wanted = num_frames / fps
+    shortfall = wanted - seconds
+    if shortfall > 1 / fps + 1e-6:
+        return (f"{path}: lasts {seconds:.2f} s, {shortfall:.2f} s shorter than the video ({num_frames} frames at "
+                f"{fps:g} fps = {wanted:.2f} s); padding would freeze the motion it drives")
+    aspect, asked = source_w / source_h, width / height
+    if check_aspect and abs(aspect / asked - 1) > CONTROL_ASPECT_TOLERANCE:
+        return (f"{path}: is {source_w}x{source_h} (aspect {aspect:.2f}), the video {width}x{height} "
+                f"(aspect {asked:.2f}); fitting it would crop {abs(1 - min(aspect, asked) / max(aspect, asked)):.0%} "
+                f"of a side, more than the {CONTROL_ASPECT_TOLERANCE:.0%} allowed, and move the motion against the picture")
+    return None
+
+
 SILENCE_PEAK = 1e-3  # -60 dBFS: quieter than this over the whole clip counts as silent
 
 
@@ -126,17 +171,19 @@ def read_audio(path: str | Path, sample_rate: int, num_frames: int, fps: float) 
     samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     shortfall = needed - samples.size
     if shortfall > sample_rate / fps:
+        # the most frames of Wan's 4n+1 it covers, within the tolerance of one frame
+        covered = (int(samples.size / sample_rate * fps + 1) - 1) // 4 * 4 + 1
         raise UnreadableReference(
             f"{path}: the audio lasts {samples.size / sample_rate:.2f} s, {shortfall / sample_rate:.2f} s shorter "
-            f"than the video ({num_frames} frames at {fps:g} fps = {duration:.2f} s); use a longer audio file "
-            f"or fewer frames (num_frames <= {int(samples.size / sample_rate * fps)})")
+            f"than the video ({num_frames} frames at {fps:g} fps = {duration:.2f} s)"
+            + (f"; it covers num_frames {covered}" if covered > 1 else ""))
     if shortfall > 0:
         samples = np.concatenate([samples, np.zeros(shortfall, np.float32)])
     samples = samples[:needed]
     if not samples.size or float(np.abs(samples).max()) < SILENCE_PEAK:
         raise UnreadableReference(
-            f"{path}: the audio is silent over the video's {duration:.2f} s (peak below -60 dBFS); "
-            "the model would hear no speech: use a file with speech in its first seconds")
+            f"{path}: the audio is silent over the video's {duration:.2f} s (peak below -60 dBFS): "
+            "the model would hear no speech")
     return np.ascontiguousarray(samples)
 
 

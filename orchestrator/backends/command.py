@@ -12,6 +12,8 @@ Two ways to say what to run (`model.options`):
       K = 1:  PYTHON SCRIPT --task T --size W*H --ckpt_dir MODEL.PATH --frame_num F --sample_steps S
               [--sample_shift generation.shift] [--sample_solver unipc|dpm++]
               [--sample_guide_scale CFG] --base_seed SEED --prompt=PROMPT [--image REFERENCE]
+              [s2v-14B: --audio AUDIO --infer_frames 4⌈F/4⌉ --num_clip 1]
+              [animate-14B, instead of --image: --src_root_path FOLDER --refert_num 1|5]
               [--offload_model True|False] [--t5_cpu] [--convert_model_dtype] --save_file TEMP.mp4
       K > 1:  PYTHON -m torch.distributed.run --standalone --nproc_per_node=K SCRIPT …the same…
               --dit_fsdp --t5_fsdp --ulysses_size K --save_file TEMP.mp4
@@ -23,6 +25,13 @@ Two ways to say what to run (`model.options`):
           as --sample_guide_scale; a pair [high-noise, low-noise] equal to the task's own default
           (t2v-A14B: [4.0, 3.0]) leaves the flag out so generate.py uses its pair; any other pair
           is rejected. Without generation.shift generate.py uses its own (5.0 i2v, 12.0 t2v-A14B).
+          s2v-14B (task s2v) makes whole 4-frame groups: it is asked for the group count covering F
+          and the first F frames of its video are kept (re-encoded by the worker, without the audio
+          track generate.py adds; the sidecar names the audio file). animate-14B (task animate)
+          animates the whole pose video of its --src_root_path folder: per job the backend writes a
+          temporary folder as Wan's preprocessing lays it out, src_pose.mp4 and src_face.mp4 (the
+          job's driving videos timed at generation.fps and cut to F frames) and src_ref.png (its
+          image fitted to width × height), so the video has F frames of that size.
 
   command: [list, of, arguments]          a template for any other program. Placeholders fill whole
                                           arguments or parts of one (`--size={width}x{height}`):
@@ -31,7 +40,9 @@ Two ways to say what to run (`model.options`):
       scale, or the high-noise expert's) {cfg_scale_low} (the low-noise expert's; the same for one
       scale) {shift} (generation.shift) {negative_prompt} {fps} {ckpt_dir} (model.path) {devices}
       (the worker's cards as the program sees them: 0,1,… — CUDA_VISIBLE_DEVICES already names the
-      real ones) {nproc} (K) {python}, and any key of generation.extra. `{{`, `}}`: literal braces.
+      real ones) {nproc} (K) {python}, a conditioned task's inputs {audio} {reference_image}
+      {pose_video} {face_video} {camera} (empty where a job has none), and any key of
+      generation.extra. `{{`, `}}`: literal braces.
 
 Other options:
   python: interpreter                   for the preset and {python} (default: this interpreter)
@@ -44,6 +55,7 @@ Other options:
   t5_cpu, convert_model_dtype: bool     preset: the flags of the same name
   dit_fsdp, t5_fsdp: bool               preset, K > 1: default true (t5_fsdp false with t5_cpu)
   sample_solver: unipc | dpm++          preset: --sample_solver (generate.py's default: unipc)
+  refert_num: 1 | 5                     preset, animate-14B: --refert_num (default 1)
   env: {VAR: value}                     extra environment for the program
   cwd: folder                           where the program runs (preset default: the script's folder,
                                         as Wan's README runs it; template default: where `run` ran)
@@ -51,7 +63,7 @@ Relative `script`, `cwd` and `python` paths resolve against the manifest's folde
 
 What `check()` rejects before anything starts (each at its manifest line): a missing script or
 checkpoint folder (or one without the task's files), a task generate.py does not have for this
-manifest (v2v; s2v-14B and animate-14B need audio or a preprocessed folder), a size not in the
+manifest (v2v, vace, control), a size not in the
 task's SUPPORTED_SIZES, an fps other than the task's own (generate.py writes 16 fps, 24 for
 ti2v-5B), a negative prompt, denoising strength, guidance pair, generation.extra key or dtype
 generate.py cannot take, steps above 1000, a card count that does not divide the model's attention
@@ -89,6 +101,7 @@ import shutil
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +114,14 @@ from .wan_generate import CHECKPOINT_LAYOUT, PRESET, WAN_TASKS, check_preset, wa
 OPTIONS: dict[str, type | tuple] = {
     "preset": str, "script": str, "command": list, "python": str, "torchrun": str, "wan_task": str,
     "offload_model": bool, "t5_cpu": bool, "convert_model_dtype": bool, "dit_fsdp": bool,
-    "t5_fsdp": bool, "sample_solver": str, "env": dict, "cwd": str,
+    "t5_fsdp": bool, "sample_solver": str, "env": dict, "cwd": str, "refert_num": int,
 }
 PRESET_ONLY = ("script", "wan_task", "torchrun", "offload_model", "t5_cpu", "convert_model_dtype",
-               "dit_fsdp", "t5_fsdp", "sample_solver")
+               "dit_fsdp", "t5_fsdp", "sample_solver", "refert_num")
+INPUT_PLACEHOLDERS = ("audio", "reference_image", "pose_video", "face_video", "camera")  # Job.inputs roles
 PLACEHOLDERS = ("prompt", "seed", "output", "reference", "width", "height", "size", "num_frames", "steps",
                 "cfg_scale", "cfg_scale_low", "shift", "negative_prompt", "fps", "ckpt_dir", "devices", "nproc",
-                "python")
+                "python") + INPUT_PLACEHOLDERS
 
 _VERSIONS = """\
 import importlib.metadata as m, json, platform
@@ -246,8 +260,9 @@ class CommandBackend(Backend):
         mode = self.options.get("torchrun", "auto")
         return mode == "always" or (mode == "auto" and self.cards > 1)
 
-    def command_line(self, job, output: str) -> list[str]:
-        """The program's argument list for one job writing its video to `output`."""
+    def command_line(self, job, output: str, src_root: str = "<the job's src folder>") -> list[str]:
+        """The program's argument list for one job writing its video to `output` (animate-14B: reading
+        the folder `src_root` that `generate` builds for the job)."""
         if "command" in self.options:
             values = self._values(job, output)
             return [str(arg).format_map(values) for arg in self.options["command"]]
@@ -255,7 +270,8 @@ class CommandBackend(Backend):
         argv = [self.python]
         if self.torchrun:
             argv += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
-        argv += [o["script"], "--task", wan_task_of(self.model)[0], "--size", f"{g.width}*{g.height}",
+        wan_task = wan_task_of(self.model)[0]
+        argv += [o["script"], "--task", wan_task, "--size", f"{g.width}*{g.height}",
                  "--ckpt_dir", str(self.model.path), "--frame_num", str(g.num_frames),
                  "--sample_steps", str(g.steps)]
         if g.shift is not None:
@@ -267,8 +283,14 @@ class CommandBackend(Backend):
             argv += ["--sample_guide_scale", _number(high)]
         # else: check() let only the task's own pair through, which generate.py uses when not told
         argv += ["--base_seed", str(job.seed), f"--prompt={job.prompt}"]
-        if job.reference:
+        if wan_task == "animate-14B":  # the image goes into the src folder, beside the driving videos
+            argv += ["--src_root_path", src_root, "--refert_num", str(o.get("refert_num", 1))]
+        elif job.reference:
             argv += ["--image", job.reference]
+        if wan_task == "s2v-14B":
+            # one clip of whole 4-frame groups covering num_frames; `generate` keeps the first num_frames
+            argv += ["--audio", getattr(job, "inputs", {}).get("audio", "<audio>"),
+                     "--infer_frames", str(s2v_clip_frames(g.num_frames)), "--num_clip", "1"]
         if "offload_model" in o:
             argv += ["--offload_model", str(bool(o["offload_model"]))]
         if o.get("t5_cpu"):
@@ -292,7 +314,8 @@ class CommandBackend(Backend):
                 "cfg_scale_low": g.guidance[1] if g.guidance[1] is not None else g.guidance[0],
                 "shift": g.shift, "negative_prompt": g.negative_prompt,
                 "fps": g.fps, "ckpt_dir": self.model.path or "", "devices": ",".join(map(str, range(k))),
-                "nproc": k, "python": self.python}
+                "nproc": k, "python": self.python,
+                **{role: getattr(job, "inputs", {}).get(role, "") for role in INPUT_PLACEHOLDERS}}
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)  # CUDA_VISIBLE_DEVICES: the worker's cards, set by its supervisor
@@ -305,12 +328,16 @@ class CommandBackend(Backend):
             return self.options["cwd"]
         return str(Path(self.options["script"]).parent) if "command" not in self.options else None
 
-    def generate(self, job, progress) -> Path:
+    def generate(self, job, progress) -> "Path | np.ndarray":
         from ..outputs import temp_path_beside
         temp = temp_path_beside(job.output, owner=self.owner)
-        argv = self.command_line(job, str(temp))
+        wan_task = wan_task_of(self.model)[0] if "command" not in self.options else None
         handed_over = False
+        src_folder = tempfile.TemporaryDirectory(prefix="wan-animate-src-") if wan_task == "animate-14B" else None
         try:
+            if src_folder is not None:
+                self._animate_folder(job, Path(src_folder.name))
+            argv = self.command_line(job, str(temp), src_folder.name if src_folder else "")
             run = ChildRun(argv, self.generation.steps, progress)
             self._last = run.facts
             code = run.run(self.environment(), self.working_folder())
@@ -323,11 +350,43 @@ class CommandBackend(Backend):
             if not temp.exists() or temp.stat().st_size == 0:
                 raise RuntimeError(f"{program} exited with code 0 but wrote no video to {temp}; its last "
                                    f"output:\n{run.tail()}\n{program} wrote no video (--save_file/{{output}})")
+            if wan_task == "s2v-14B":
+                return self._first_frames(temp)  # (temp is removed below)
             handed_over = True
             return temp
         finally:
             if not handed_over:
                 temp.unlink(missing_ok=True)
+            if src_folder is not None:
+                src_folder.cleanup()
+
+    def _animate_folder(self, job, folder: Path) -> None:
+        """animate-14B's --src_root_path for one job, as its preprocessing lays it out: the driving pose
+        and face videos timed at the generation's fps and cut to num_frames (so the video has exactly
+        num_frames frames: animate-14B animates the whole pose video), and the image fitted to
+        width × height as src_ref.png (animate-14B sizes its video like that image)."""
+        from ..media import read_image, read_video, video_facts
+        from ..outputs import write_mp4_file
+        g = self.generation
+        for role, name in (("pose_video", "src_pose.mp4"), ("face_video", "src_face.mp4")):
+            width, height, _ = video_facts(job.inputs[role])
+            write_mp4_file(read_video(job.inputs[role], width, height, g.num_frames, g.fps), str(folder / name), g.fps)
+        _write_png(read_image(job.reference, g.width, g.height), folder / "src_ref.png")
+
+    def _first_frames(self, video: Path) -> "np.ndarray":
+        """s2v-14B makes whole 4-frame groups (s2v_clip_frames): the first num_frames of its video."""
+        import av
+        import numpy as np
+        wanted = self.generation.num_frames
+        frames = []
+        with av.open(str(video)) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == wanted:
+                    break
+        if len(frames) < wanted:
+            raise RuntimeError(f"generate.py wrote {len(frames)} frames, fewer than the {wanted} asked for")
+        return np.stack(frames)
 
     def _program_name(self, argv: list[str]) -> str:
         return "generate.py" if "command" not in self.options else os.path.basename(argv[0])
@@ -399,6 +458,15 @@ def _check_template(manifest, options: dict) -> list[BackendProblem]:
     if "reference" not in used and model.task != "t2v":
         problems.append(BackendProblem(key, f"task {model.task} has a reference per job, but the command "
                                             "never passes {reference}", "pass {reference} to the program"))
+    roles = {"s2v": {"audio"}, "vace": {"reference_image"}, "control": {"reference_image", "camera"},
+             "animate": {"pose_video", "face_video"}}.get(model.task, set())
+    for role in INPUT_PLACEHOLDERS:
+        if role in used and role not in roles:
+            problems.append(BackendProblem(key, f"the command uses {{{role}}}, but task {model.task} has no "
+                                                f"{role.replace('_', ' ')}", f"remove {{{role}}}"))
+        elif role in roles - {"reference_image", "camera"} and role not in used:  # (those two are optional)
+            problems.append(BackendProblem(key, f"task {model.task} has a {role.replace('_', ' ')} per job, but "
+                                                f"the command never passes {{{role}}}", f"pass {{{role}}} to the program"))
     if "shift" in used and g.shift is None:
         problems.append(BackendProblem(key, "the command uses {shift}, but generation.shift is not set",
                                        "set generation.shift"))
@@ -414,6 +482,21 @@ def _check_template(manifest, options: dict) -> list[BackendProblem]:
             problems.append(BackendProblem(key, f"program `{program}` is not found here",
                                            "give its absolute path, or a name on PATH"))
     return problems
+
+
+def s2v_clip_frames(num_frames: int) -> int:
+    """s2v-14B's --infer_frames for a video of num_frames: the multiple of 4 it needs, at least num_frames."""
+    return -(-num_frames // 4) * 4
+
+
+def _write_png(picture, path: Path) -> None:
+    import av
+    frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = frame.width, frame.height, "rgb24"
+        for packet in stream.encode(frame):
+            container.mux(packet)
 
 
 def _number(value) -> str:

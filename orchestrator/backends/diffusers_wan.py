@@ -117,6 +117,10 @@ class DiffusersWanBackend(Backend):
     @classmethod
     def check(cls, manifest) -> list:
         model, g = manifest.model, manifest.generation
+        if model.task not in PIPELINES:  # the conditioned tasks (issue 23) have no pipeline here yet
+            return [BackendProblem("model.task", f"the diffusers backend cannot run model.task {model.task}: it "
+                                   f"runs {', '.join(PIPELINES)}", "use model.backend: synthetic to try the sweep, "
+                                   "or a backend that runs this task (README, \"Tasks\")")]
         problems, _ = option_problems("diffusers", model.options, OPTIONS, CHOICES)
         if model.options.get("device_map") and model.options.get("offload", "none") != "none":
             problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",

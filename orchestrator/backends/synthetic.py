@@ -18,6 +18,12 @@ Options (`model.options`):
   hang_jobs: [glob]        job keys whose first attempt hangs halfway (no progress ever again)
   hang_attempts: int       every job hangs halfway through its first N attempts
 
+Every task is accepted. For Wan's conditioned tasks (s2v, vace, control, animate) it reads each input
+by the media rules, as a real backend would, and lets it show in the picture: the audio's loudness sets
+each frame's brightness, a control or driving pose video is blended in, a reference image tints the
+clip, the face video fills a corner, a camera direction pans the picture. So the engine, the demo and
+the tests cover these tasks (and their bad inputs) on the CPU.
+
 `speed:` is accepted and only recorded (there is no denoiser to compile or quantize), so the tests of
 job identity, planning and the compile cache can run a whole sweep with it.
 """
@@ -28,14 +34,24 @@ import hashlib
 import os
 import time
 
+from pathlib import Path
+
 import numpy as np
 
+from ..manifest import IMAGE_SUFFIXES
+from ..manifest.task_inputs import AUDIO_RATE
 from .base import Backend, BackendProblem, OutOfMemory
 
 OPTIONS = {"seconds_per_job": float, "load_seconds": float, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
            "oom_marker": str, "hang_jobs": list, "hang_attempts": int}
 # A negative or NaN time would crash time.sleep or skip it; jitter above 1 makes negative times.
+# Job.inputs role -> how it is read (orchestrator/media.py)
+INPUT_KINDS = {"audio": "audio", "reference_image": "image", "pose_video": "video", "face_video": "video"}
+# camera direction -> pixels the picture moves per frame (x, y); zoom shows as a slow drift
+CAMERA_PAN = {"left": (2, 0), "right": (-2, 0), "up": (0, 2), "down": (0, -2), "left_up": (2, 2),
+              "left_down": (2, -2), "right_up": (-2, 2), "right_down": (-2, -2), "zoom_in": (1, 1),
+              "zoom_out": (-1, -1)}
 BOUNDS = {"seconds_per_job": (0, 86400), "jitter": (0, 1), "fail_attempts": (0, 1000), "hang_attempts": (0, 1000)}
 
 
@@ -70,7 +86,32 @@ class SyntheticBackend(Backend):
 
     def load(self) -> None:
         self.options = dict(self.model.options)
+        self.inputs = None  # the conditioned tasks' media cache, made on first use
         time.sleep(float(self.options.get("load_seconds", 0.0)))
+
+    def _media(self):
+        from ..manifest import CONDITIONED_TASKS
+        if self.model.task not in CONDITIONED_TASKS:
+            return None  # t2v/i2v/v2v pictures depend on prompt and seed only, as they always have
+        if self.inputs is None:
+            from ..media import ReferenceCache
+            g = self.generation
+            self.inputs = ReferenceCache(g.width, g.height, g.num_frames, g.fps, keep=6, sample_rate=AUDIO_RATE)
+        return self.inputs
+
+    def prepare(self, job) -> None:
+        media = self._media()
+        if media is None:
+            return
+        if job.reference:
+            media.prefetch(job.reference)
+        for role, value in job.inputs.items():
+            if role != "camera":
+                media.prefetch(value, kind=INPUT_KINDS[role])
+
+    def close(self) -> None:
+        if getattr(self, "inputs", None) is not None:
+            self.inputs.close()
 
     def generate(self, job, progress) -> np.ndarray:
         o = self.options
@@ -99,7 +140,38 @@ class SyntheticBackend(Backend):
             raise RuntimeError(f"synthetic failure (job {job.key}, attempt {attempt})")
         if any(fnmatch.fnmatch(job.key, pattern) for pattern in o.get("fail_jobs", [])):
             raise RuntimeError(f"synthetic permanent failure of {job.key}")
-        return self.frames(job)
+        return self.conditioned(job, self.frames(job))
+
+    def conditioned(self, job, video: np.ndarray) -> np.ndarray:
+        """The picture changed by each of a conditioned job's inputs (module docstring)."""
+        media = self._media()
+        if media is None:
+            return video
+        out = video.astype(np.float32)
+        g = self.generation
+        if job.reference:
+            if Path(job.reference).suffix.lower() in IMAGE_SUFFIXES:
+                out = 0.7 * out + 0.3 * media.image(job.reference)[None].astype(np.float32)
+            else:  # the control video of vace/control
+                out = 0.5 * out + 0.5 * media.video(job.reference).astype(np.float32)
+        if "reference_image" in job.inputs:
+            out = 0.8 * out + 0.2 * media.image(job.inputs["reference_image"])[None].astype(np.float32)
+        if "pose_video" in job.inputs:
+            out = 0.5 * out + 0.5 * media.video(job.inputs["pose_video"]).astype(np.float32)
+        if "face_video" in job.inputs:
+            h, w = max(1, g.height // 4), max(1, g.width // 4)
+            out[:, :h, :w] = media.video(job.inputs["face_video"])[:, :h, :w]
+        if "audio" in job.inputs:
+            audio = media.audio(job.inputs["audio"])
+            per_frame = np.array_split(audio, g.num_frames)
+            loudness = np.array([np.sqrt(np.mean(np.square(chunk))) if chunk.size else 0.0 for chunk in per_frame])
+            gain = 0.4 + 1.2 * loudness / max(float(loudness.max()), 1e-6)  # quiet frames dark, loud bright
+            out *= gain[:, None, None, None]
+        if "camera" in job.inputs:
+            dx, dy = CAMERA_PAN[job.inputs["camera"]]
+            for i in range(g.num_frames):
+                out[i] = np.roll(out[i], (dy * i, dx * i), axis=(0, 1))
+        return np.clip(out, 0, 255).astype(np.uint8)
 
     def frames(self, job) -> np.ndarray:
         g = self.generation

@@ -26,18 +26,25 @@ class WanTask:
 
 
 _A14B_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "high_noise_model", "low_noise_model")
+_14B_SIZES = ("720*1280", "1280*720", "480*832", "832*480")
 WAN_TASKS = {
-    "t2v-A14B": WanTask(("t2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B",
-                        (4.0, 3.0)),
-    "i2v-A14B": WanTask(("i2v",), ("720*1280", "1280*720", "480*832", "832*480"), 40, 16, _A14B_FILES, "14B",
-                        (3.5, 3.5)),
+    "t2v-A14B": WanTask(("t2v",), _14B_SIZES, 40, 16, _A14B_FILES, "14B", (4.0, 3.0)),
+    "i2v-A14B": WanTask(("i2v",), _14B_SIZES, 40, 16, _A14B_FILES, "14B", (3.5, 3.5)),
     "ti2v-5B": WanTask(("t2v", "i2v"), ("704*1280", "1280*704"), 24, 24,
                        ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.2_VAE.pth"), "5B", (5.0, 5.0)),
+    # Speech to video: --image and --audio; its wav2vec2 audio encoder sits in the checkpoint folder.
+    "s2v-14B": WanTask(("s2v",), _14B_SIZES + ("1024*704", "704*1024", "704*1280", "1280*704"), 40, 16,
+                       ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "wav2vec2-large-xlsr-53-english"),
+                       "14B", (4.5, 4.5)),
+    # Animate: --src_root_path, a folder of src_pose.mp4, src_face.mp4 and src_ref.png (its preprocessing's
+    # output); written at 30 fps, sized like src_ref.png.
+    "animate-14B": WanTask(("animate",), ("720*1280", "1280*720"), 40, 30,
+                           ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
+                            "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"), "14B", (1.0, 1.0)),
 }
-OTHER_WAN_TASKS = {  # generate.py has them, but a manifest cannot give what they need
-    "s2v-14B": "needs an audio track per job",
-    "animate-14B": "needs a preprocessed folder (src_root_path) per job",
-}
+# model.task -> generate.py's --task where the checkpoint folder's name does not say
+DEFAULT_WAN_TASK = {"t2v": "t2v-A14B", "i2v": "i2v-A14B", "s2v": "s2v-14B", "animate": "animate-14B"}
+REFERT_NUMS = (1, 5)  # animate-14B's frames of temporal guidance between its clips (it asserts one of these)
 SOLVERS = ("unipc", "dpm++")
 MAX_STEPS = 1000  # the schedulers' num_train_timesteps: more steps than timesteps do not exist
 
@@ -48,10 +55,10 @@ def wan_task_of(model) -> tuple[str, str]:
     if chosen:
         return str(chosen), "model.options.wan_task"
     name = Path(str(model.path or "")).name.lower()
-    for task in ("ti2v-5B", "i2v-A14B", "t2v-A14B"):  # ti2v before i2v: one contains the other
+    for task in ("ti2v-5B", "i2v-A14B", "t2v-A14B", "s2v-14B", "animate-14B"):  # ti2v before i2v: one contains the other
         if task.lower() in name:
             return task, "model.path"
-    return {"i2v": "i2v-A14B"}.get(model.task, "t2v-A14B"), "model.task"
+    return DEFAULT_WAN_TASK.get(model.task, "t2v-A14B"), "model.task"
 
 
 def check_preset(manifest, cards: int, problem) -> None:
@@ -72,14 +79,10 @@ def check_preset(manifest, cards: int, problem) -> None:
                 "clone https://github.com/Wan-Video/Wan2.2 and point `script` at its generate.py "
                 "(relative paths start at the manifest's folder)")
     task_name, task_key = wan_task_of(model)
-    if model.task == "v2v" and "wan_task" not in options:
-        problem("model.task", "generate.py has no plain video-to-video task (animate-14B needs a "
-                "preprocessed folder, s2v-14B an audio track)",
-                "use `task: i2v` or `t2v`, or a `command:` template for another program")
-        return
-    if task_name in OTHER_WAN_TASKS:
-        problem(task_key, f"wan_task {task_name} {OTHER_WAN_TASKS[task_name]}, which a manifest "
-                "cannot give", f"use one of: {', '.join(WAN_TASKS)}, or a `command:` template")
+    if model.task in ("v2v", "vace", "control") and "wan_task" not in options:
+        problem("model.task", f"generate.py has no {'plain video-to-video' if model.task == 'v2v' else model.task} "
+                "task (it has t2v, i2v, ti2v, s2v and animate)",
+                "use task i2v, t2v, s2v or animate, a `command:` template for another program, or backend diffsynth")
         return
     task = WAN_TASKS.get(task_name)
     if task is None:
@@ -91,6 +94,12 @@ def check_preset(manifest, cards: int, problem) -> None:
                 f"use task: {' or '.join(task.manifest_tasks)}, or set model.options.wan_task")
     check_checkpoint(model.path, manifest.path.parent, task_name, task, problem)
 
+    refert = options.get("refert_num", 1)
+    if "refert_num" in options and task_name != "animate-14B":
+        problem("model.options.refert_num", "refert_num is animate-14B's setting", "remove it")
+    elif refert not in REFERT_NUMS:
+        problem("model.options.refert_num", f"refert_num is {refert!r}",
+                f"use {' or '.join(map(str, REFERT_NUMS))} (animate-14B's frames of guidance between clips)")
     size = f"{g.width}*{g.height}"
     if size not in task.sizes:
         problem("generation.width", f"{g.width}x{g.height} is not a size generate.py supports for "

@@ -8,7 +8,7 @@ folder can hold in `names`. This package knows no backend: `orchestrator.validat
 reads a manifest and has its backend check it.
 """
 from .categories import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MAX_GLOB_ENTRIES, RESERVED_NAMES, VIDEO_SUFFIXES
-from .model import (COMPILE_MODES, EXECUTORS, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Category, Execution,
+from .model import (CAMERA_DIRECTIONS, COMPILE_MODES, CONDITIONED_TASKS, EXECUTORS, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Category, Execution,
                     GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Reference, Resources,
                     SpeedConfig)
 from .names import MAX_COMPONENT_BYTES, NAME_MAX_BYTES, PATH_MAX_BYTES, path_length_problem, safe_component_problem
@@ -16,7 +16,7 @@ from .reader import MAX_ALIAS_EXPANSION, MAX_NESTING, located_problem
 from .sections import ManifestCheck, read_manifest
 
 __all__ = [
-    "AUDIO_SUFFIXES", "COMPILE_MODES", "EXECUTORS", "IMAGE_SUFFIXES", "MAX_ALIAS_EXPANSION", "MAX_COMPONENT_BYTES",
+    "AUDIO_SUFFIXES", "CAMERA_DIRECTIONS", "COMPILE_MODES", "CONDITIONED_TASKS", "EXECUTORS", "IMAGE_SUFFIXES", "MAX_ALIAS_EXPANSION", "MAX_COMPONENT_BYTES",
     "MAX_GLOB_ENTRIES", "MAX_NESTING", "NAME_MAX_BYTES", "PATH_MAX_BYTES", "QUANTIZE_MODES",
     "RESERVED_NAMES", "SDPA_ATTENTION", "TASKS", "VIDEO_SUFFIXES", "Category", "Execution",
     "GenerationConfig", "Manifest", "ManifestCheck", "ManifestError", "ModelConfig", "Problem",

@@ -9,14 +9,19 @@ from typing import Any
 
 import yaml
 
-from .model import Category, Reference
+from .model import CONDITIONED_TASKS, Category, Reference
 from .names import path_length_problem, safe_component_problem
 from .reader import Reader, compose, yaml_problem
+from .task_inputs import EXTRA_FILE_KEYS, INPUT_KEYS, read_extra_inputs, task_layout, tasks_taking
 
 MAX_GLOB_ENTRIES = 100_000  # files and folders one `videos:`/`images:` glob may look at
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus")
+# A category key holding files -> (suffixes, what one is called, the stream it must have).
+FILE_KINDS = {"videos": (VIDEO_SUFFIXES, "video", "video"), "images": (IMAGE_SUFFIXES, "image", "video"),
+              "control": (VIDEO_SUFFIXES, "control video", "video"),
+              "audio": (AUDIO_SUFFIXES + VIDEO_SUFFIXES, "audio file", "audio")}  # (speech in a video's track too)
 # What the product itself keeps in the output folder (`sweep`, `review`): a category of one of these
 # names would mix its videos with the ledger, the logs or the review page.
 RESERVED_NAMES = (".sweep", "logs", "index.html")
@@ -48,25 +53,41 @@ def read_categories(reader: Reader, node, base: Path, task: str | None) -> tuple
 
 def _read_category(reader: Reader, name: str, node, base: Path, task: str | None) -> Category | None:
     what = f"category `{name}`"
-    keys = reader.mapping(node, what, {"videos": False, "images": False, "prompts": True})
+    keys = reader.mapping(node, what, {"videos": False, "images": False, "prompts": True,
+                                       **{key: False for key in INPUT_KEYS}})
     if not keys:
         return None
-    if "videos" in keys and "images" in keys:
-        reader.problem(node, f"{what} has both videos and images", "keep one of them")
-        return None
-    kind = "videos" if "videos" in keys else "images" if "images" in keys else "none"
-    expected = {"v2v": "videos", "i2v": "images", "t2v": "none"}.get(task or "")
-    if expected and kind != expected:
-        fix = {"videos": "add `videos:` (reference videos) or change model.task",
-               "images": "add `images:` (first frames) or change model.task",
-               "none": "remove the reference files or change model.task to v2v/i2v"}[expected]
-        reader.problem(node, f"{what} has {kind if kind != 'none' else 'no references'}, "
-                             f"but model.task {task} needs {expected if expected != 'none' else 'none'}", fix)
+    extras: tuple[str, ...] = ()
+    if task in CONDITIONED_TASKS:
+        layout = task_layout(reader, what, node, keys, task)
+        if layout is None:
+            return None
+        main_key, extras = layout
+        kind = "videos" if main_key == "control" else main_key
+    else:
+        for key in INPUT_KEYS:
+            if key in keys:
+                reader.problem(keys[key][0], f"{what}: `{key}:` is an input of model.task "
+                                             f"{' or '.join(tasks_taking(key))}, not {task}",
+                               f"remove `{key}:` or change model.task")
+        if "videos" in keys and "images" in keys:
+            reader.problem(node, f"{what} has both videos and images", "keep one of them")
+            return None
+        kind = "videos" if "videos" in keys else "images" if "images" in keys else "none"
+        main_key = kind
+        expected = {"v2v": "videos", "i2v": "images", "t2v": "none"}.get(task or "")
+        if expected and kind != expected:
+            fix = {"videos": "add `videos:` (reference videos) or change model.task",
+                   "images": "add `images:` (first frames) or change model.task",
+                   "none": "remove the reference files or change model.task to v2v/i2v"}[expected]
+            reader.problem(node, f"{what} has {kind if kind != 'none' else 'no references'}, "
+                                 f"but model.task {task} needs {expected if expected != 'none' else 'none'}", fix)
+    noun = FILE_KINDS[main_key][1] if kind != "none" else ""
 
     inputs: list[Path] = []
     lost: set[str] | None = set()  # stems whose files are reported already; None: any may be
     if kind != "none":
-        inputs, lost = _read_inputs(reader, what, keys[kind][1], base, kind)
+        inputs, lost = _read_inputs(reader, what, keys[main_key][1], base, main_key)
 
     prompts_node = keys.get("prompts", (None, None))[1]
     prompts, prompts_file, prompt_lines, prompts_node = _read_prompts(reader, what, prompts_node, base)
@@ -86,16 +107,17 @@ def _read_category(reader: Reader, name: str, node, base: Path, task: str | None
             stem = file.stem
             why = safe_component_problem(stem)
             if why:
-                reader.problem(keys[kind][1], f"{what}: file name {file.name!r} {why}", "rename the file")
+                reader.problem(keys[main_key][1], f"{what}: file name {file.name!r} {why}", "rename the file")
                 if lost is not None:
                     lost.add(stem)
                 continue
             if stem in stems:
-                reader.problem(keys[kind][1], f"{what}: {stems[stem].name} and {file.name} map to one "
+                reader.problem(keys[main_key][1], f"{what}: {stems[stem].name} and {file.name} map to one "
                                               f"output folder `{name}/{stem}`",
                                "rename one of the files or put them in separate categories")
                 continue
             stems[stem] = file
+        stem_inputs = read_extra_inputs(reader, what, keys, extras, base, main_key, stems, lost, _read_inputs)
         if isinstance(prompts, dict):
             for stem in prompts:
                 # a glob that matched nothing, or a missing file, is reported once, not again as
@@ -103,16 +125,18 @@ def _read_category(reader: Reader, name: str, node, base: Path, task: str | None
                 if stem not in stems and lost is not None and stem not in lost:
                     reader.problem(prompt_lines.get(stem, prompts_node),
                                    f"{what}: prompts are given for `{stem}`, but there is no such "
-                                   f"{kind[:-1]}", f"add the {kind[:-1]} or remove those prompts",
+                                   f"{noun}", f"add the {noun} or remove those prompts",
                                    file=prompts_file)
             for stem, file in stems.items():
                 if stem not in prompts:
-                    reader.problem(prompts_node, f"{what}: {kind[:-1]} `{file.name}` has no prompts",
+                    reader.problem(prompts_node, f"{what}: {noun} `{file.name}` has no prompts",
                                    f"add `{stem}:` with its prompts", file=prompts_file)
                     continue
-                references.append(Reference(stem=stem, path=file, prompts=tuple(prompts[stem])))
+                references.append(Reference(stem=stem, path=file, prompts=tuple(prompts[stem]),
+                                            inputs=stem_inputs.get(stem, {})))
         else:
-            references.extend(Reference(stem=s, path=f, prompts=tuple(prompts)) for s, f in stems.items())
+            references.extend(Reference(stem=s, path=f, prompts=tuple(prompts), inputs=stem_inputs.get(s, {}))
+                              for s, f in stems.items())
     return Category(name=name, kind=kind, references=tuple(references))
 
 
@@ -140,14 +164,15 @@ def check_output_paths(reader: Reader, node, output_dir: Path, categories, seeds
 
 
 def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tuple[list[Path], set[str] | None]:
-    """The readable files, and the stems of those reported missing or unreadable (None where a glob
-    matched nothing: then any stem may be one of its files)."""
-    suffixes = VIDEO_SUFFIXES if kind == "videos" else IMAGE_SUFFIXES
+    """The readable files under key `kind` (FILE_KINDS), and the stems of those reported missing or
+    unreadable (None where a glob matched nothing: then any stem may be one of its files)."""
+    suffixes, noun, stream = FILE_KINDS[kind]
     value = reader.value(node)
     patterns = [value] if isinstance(value, str) else value
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
         reader.problem(node, f"{what}: {kind} must be a glob pattern or a list of paths",
-                       f"write e.g. `{kind}: refs/{kind}/*{suffixes[0]}`")
+                       f"write e.g. `{kind}: refs/{kind}/*{suffixes[0]}`"
+                       + (", or a mapping from each reference's stem to its file" if kind in EXTRA_FILE_KEYS else ""))
         return [], None
     items = node.value if isinstance(node, yaml.SequenceNode) else [node]
     found: list[tuple[Path, yaml.Node]] = []
@@ -169,7 +194,7 @@ def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tupl
             continue
         file = Path(full)
         if not os.path.isfile(file):  # (False, not an error, for a name too long to exist)
-            reader.problem(item, f"{what}: {kind[:-1]} `{pattern}` does not exist ({file})",
+            reader.problem(item, f"{what}: {noun} `{pattern}` does not exist ({file})",
                            "fix the path; relative paths start at the manifest's folder")
             if lost is not None:
                 lost.add(file.stem)
@@ -178,10 +203,11 @@ def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tupl
     files = []
     for file, item in found:
         if file.suffix.lower() not in suffixes:
-            reader.problem(item, f"{what}: `{file.name}` is not a {kind[:-1]} file ({', '.join(suffixes)})",
-                           f"list only {kind} here")
-        elif not _readable_media(file):
-            reader.problem(item, f"{what}: `{file}` cannot be read as a {kind[:-1]} (empty, corrupt or "
+            reader.problem(item, f"{what}: `{file.name}` is not {'an' if noun[0] in 'aeiou' else 'a'} {noun.removesuffix(' file')} "
+                                 f"file ({', '.join(suffixes)})", f"list only {noun}s under `{kind}:`"
+                           if kind not in ("videos", "images") else f"list only {kind} here")
+        elif not _readable_media(file, stream):
+            reader.problem(item, f"{what}: `{file}` cannot be read as {'an' if noun[0] in 'aeiou' else 'a'} {noun} (empty, corrupt or "
                                  "no permission)", "replace it with a working file or remove it")
         else:
             files.append(file)
@@ -226,15 +252,15 @@ def _glob_walk_problem(pattern: str) -> str | None:
     return None
 
 
-def _readable_media(file: Path) -> bool:
-    """Open the file and find a picture stream in it (cheap: headers only)."""
+def _readable_media(file: Path, stream_type: str = "video") -> bool:
+    """Open the file and find a picture (or sound) stream in it (cheap: headers only)."""
     import av
     try:
         with open(file, "rb") as stream:
             if not stream.read(1):
                 return False
         with av.open(str(file)) as container:
-            return bool(container.streams.video)
+            return bool(container.streams.audio if stream_type == "audio" else container.streams.video)
     except (OSError, av.error.FFmpegError, ValueError):
         return False
 

@@ -9,7 +9,15 @@ from typing import Any
 from ..errors import WanSweepError
 from ..executors import EXECUTOR_NAMES as EXECUTORS  # noqa: F401  (the one list of executors)
 
-TASKS = ("t2v", "i2v", "v2v")
+# Text, image and video to video, and Wan's conditioned tasks (issue 23; README, "Tasks"): speech to video
+# (an image and its audio), VACE and Fun control videos (a control video, an optional reference image, or
+# for camera control an image and a camera direction), Animate (an image driven by a pose and a face video).
+TASKS = ("t2v", "i2v", "v2v", "s2v", "vace", "control", "animate")
+CONDITIONED_TASKS = ("s2v", "vace", "control", "animate")
+# A category's `camera:` (task control) -> DiffSynth-Studio's `camera_control_direction` of that motion.
+CAMERA_DIRECTIONS = {"left": "Left", "right": "Right", "up": "Up", "down": "Down", "left_up": "LeftUp",
+                     "left_down": "LeftDown", "right_up": "RightUp", "right_down": "RightDown",
+                     "zoom_in": "In", "zoom_out": "Out"}
 # The `speed:` section (orchestrator/speed.py applies it): the values each key takes.
 COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
@@ -99,10 +107,13 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Reference:
-    """One input of a category: a reference video, an image, or nothing (text-to-video)."""
+    """One input of a category: a reference video, an image, or nothing (text-to-video); for a
+    conditioned task also its other inputs by role (`audio`, `reference_image`, `pose_video`, `face_video`:
+    absolute paths; `camera`: a direction), as `Job.inputs` gets them."""
     stem: str | None
     path: Path | None
     prompts: tuple[str, ...]
+    inputs: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

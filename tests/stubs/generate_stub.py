@@ -4,6 +4,8 @@ It takes generate.py's arguments with the same argparse definitions (so a flag t
 a size it does not support or FSDP flags outside torchrun fail here as they would there), records
 what it was given, prints generate.py-like log lines and a tqdm sampling bar, and writes an mp4 of
 `--frame_num` frames at `--size` to `--save_file` (rank 0 only, as generate.py does). No model.
+s2v-14B writes --infer_frames × --num_clip frames; animate-14B as many frames as its --src_root_path's
+src_pose.mp4 holds, at src_ref.png's size (as the real ones do).
 
 Controlled by the environment (tests only):
   GENERATE_STUB_RECORD   write {"argv", "env", "pid", "rank"} as JSON to this path (+ ".rank<R>")
@@ -62,11 +64,31 @@ def parse_args(argv=None):
     parser.add_argument("--sample_shift", type=float, default=None)
     parser.add_argument("--sample_guide_scale", type=float, default=None)
     parser.add_argument("--convert_model_dtype", action="store_true", default=False)
+    # animate
+    parser.add_argument("--src_root_path", type=str, default=None)
+    parser.add_argument("--refert_num", type=int, default=77)
+    parser.add_argument("--replace_flag", action="store_true", default=False)
+    parser.add_argument("--use_relighting_lora", action="store_true", default=False)
+    # s2v
+    parser.add_argument("--num_clip", type=int, default=None)
+    parser.add_argument("--audio", type=str, default=None)
+    parser.add_argument("--enable_tts", action="store_true", default=False)
+    parser.add_argument("--pose_video", type=str, default=None)
+    parser.add_argument("--start_from_ref", action="store_true", default=False)
+    parser.add_argument("--infer_frames", type=int, default=80)
     args = parser.parse_args(argv)
     assert args.ckpt_dir is not None, "Please specify the checkpoint directory."
     if args.task == "i2v-A14B":
         assert args.image is not None, "Please specify the image path for i2v."
-    if args.size not in TEST_SIZES:
+    if args.task == "s2v-14B":  # the real one falls back to its example files; a sweep must never
+        assert args.image and os.path.isfile(args.image), "s2v needs --image"
+        assert args.audio and os.path.isfile(args.audio), "s2v needs --audio"
+        assert args.infer_frames % 4 == 0, "infer_frames must be a multiple of 4"
+    if args.task == "animate-14B":
+        assert args.refert_num in (1, 5), "refert_num should be 1 or 5."
+        for name in ("src_pose.mp4", "src_face.mp4", "src_ref.png"):
+            assert os.path.isfile(os.path.join(args.src_root_path or "", name)), f"no {name} in --src_root_path"
+    if args.size not in TEST_SIZES and args.task != "s2v-14B":  # generate.py checks no size for s2v
         assert args.size in SUPPORTED_SIZES[args.task], f"Unsupport size {args.size} for task {args.task}"
     return args
 
@@ -114,11 +136,20 @@ def main():
         import numpy as np
         from orchestrator.outputs import write_mp4_file
         width, height = (int(v) for v in args.size.split("*"))
-        frames = np.zeros((args.frame_num, height, width, 3), dtype=np.uint8)
-        frames[..., 0] = (np.arange(args.frame_num) * 7 % 256)[:, None, None]
+        count, fps = args.frame_num, 16
+        if args.task == "s2v-14B":
+            count = args.infer_frames * (args.num_clip or 1)
+        if args.task == "animate-14B":
+            import av
+            from orchestrator.outputs import count_frames
+            count, fps = count_frames(os.path.join(args.src_root_path, "src_pose.mp4")), 30
+            with av.open(os.path.join(args.src_root_path, "src_ref.png")) as image:
+                width, height = image.streams.video[0].width, image.streams.video[0].height
+        frames = np.zeros((count, height, width, 3), dtype=np.uint8)
+        frames[..., 0] = (np.arange(count) * 7 % 256)[:, None, None]
         frames[..., 1] = args.base_seed % 256
         logging.info(f"Saving generated video to {args.save_file}")
-        write_mp4_file(frames, args.save_file, fps=16)
+        write_mp4_file(frames, args.save_file, fps=fps)
     logging.info("Finished.")
 
 

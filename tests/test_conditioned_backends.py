@@ -41,7 +41,7 @@ def media(tmp_path_factory):
     rng = np.random.RandomState(0)
     made = {}
     for name in ("a", "b"):
-        made[f"clip_{name}"] = write_mp4(rng.randint(0, 255, (7, 40, 48, 3)).astype(np.uint8),
+        made[f"clip_{name}"] = write_mp4(rng.randint(0, 255, (7, 32, 32, 3)).astype(np.uint8),
                                          folder / f"{name}.mp4", fps=16, expected_frames=7)
         image = folder / f"{name}.png"
         Image.fromarray(rng.randint(0, 255, (40, 48, 3)).astype(np.uint8)).save(image)
@@ -180,3 +180,68 @@ def test_diffsynth_s2v_audio_features_once_per_audio_file(checkpoint, media):
     assert backend.job_info()["input_encodings"] == {"audio_features": "reused"}
     assert not np.array_equal(_run(backend, _job(media["image_a"], audio=media["audio_b"]), 64), first)
     backend.close()
+
+
+def _task_manifest(path, task, category, **generation):
+    from .conftest import synthetic_manifest
+    return synthetic_manifest(
+        model={"backend": "diffsynth", "task": task, "path": str(path), "dtype": "float32", "options": {}},
+        generation={**GEN, **generation}, seeds=[1], categories={"talk": category}, resources={"cpu_slots": 1},
+        execution={"job_timeout_s": 300, "heartbeat_timeout_s": 120})
+
+
+@pytest.fixture
+def refs(tmp_path, media):
+    """The media under tmp_path/refs as a manifest finds them: images/, audio/, control/."""
+    for folder, names in (("images", ("image_a", "image_b")), ("audio", ("audio_a", "audio_b")),
+                          ("control", ("clip_a", "clip_b"))):
+        (tmp_path / "refs" / folder).mkdir(parents=True)
+        for name, stem in zip(names, ("alice", "bob")):
+            shutil.copy(media[name], tmp_path / "refs" / folder / f"{stem}{Path(media[name]).suffix}")
+    return tmp_path / "refs"
+
+
+S2V = {"images": "refs/images/*.png", "audio": "refs/audio/*.wav", "prompts": ["a person speaks"]}
+VACE = {"control": "refs/control/*.mp4", "prompts": ["a dancer"]}
+
+
+def _problems(write_manifest, data) -> str:
+    from orchestrator.manifest import ManifestError
+    from orchestrator.validation import load_manifest
+    with pytest.raises(ManifestError) as error:
+        load_manifest(write_manifest(data))
+    return str(error.value)
+
+
+def test_diffsynth_check_names_the_part_a_checkpoint_lacks_for_its_task(write_manifest, refs, checkpoint, tmp_path):
+    t2v = checkpoint("t2v")
+    message = _problems(write_manifest, _task_manifest(t2v, "vace", VACE))
+    assert "task vace needs the VACE blocks" in message and "Wan2.1-VACE-14B" in message
+    message = _problems(write_manifest, _task_manifest(t2v, "control", VACE))
+    assert "is a t2v model; task control needs control or camera" in message
+    message = _problems(write_manifest, _task_manifest(checkpoint("vace"), "animate", {
+        "images": "refs/images/*.png", "driving": {"alice": "refs/control", "bob": "refs/control"},
+        "prompts": ["x"]}))
+    assert "task animate needs" in message
+    no_audio_encoder = tmp_path / "s2v-without-wav2vec2"
+    shutil.copytree(checkpoint("s2v"), no_audio_encoder)
+    shutil.rmtree(no_audio_encoder / "wav2vec2-large-xlsr-53-english")
+    message = _problems(write_manifest, _task_manifest(no_audio_encoder, "s2v", S2V))
+    assert "task s2v needs the S2V audio encoder `wav2vec2-large-xlsr-53-english/`" in message
+    message = _problems(write_manifest, _task_manifest(checkpoint("s2v"), "s2v", S2V, fps=8, num_frames=5))
+    assert "generation.fps is 8; Wan2.2-S2V makes 16 fps video" in message and "use fps: 16" in message
+
+
+def test_diffsynth_vace_sweep_through_the_cli(write_manifest, refs, checkpoint, tmp_path):
+    from orchestrator.outputs import count_frames
+
+    from .conftest import cli
+    data = _task_manifest(checkpoint("vace"), "vace", {**VACE, "images": {"alice": "refs/images/alice.png"}})
+    result = cli("run", str(write_manifest(data)), "--executor", "local", "--no-progress", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4")) == [
+        "talk/alice/seed_1_prompt_0.mp4", "talk/bob/seed_1_prompt_0.mp4"]
+    assert all(count_frames(p) == 5 for p in out.rglob("*.mp4"))
+    sidecar = json.loads((out / "talk" / "alice" / "seed_1_prompt_0.json").read_text(encoding="utf-8"))
+    assert json.dumps(sidecar).count("alice.png") >= 1  # the reference image is part of the job's record

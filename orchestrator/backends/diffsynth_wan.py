@@ -95,7 +95,6 @@ from .cuda import job_memory, release_memory
 from .diffsynth_files import (AUDIO_ENCODER_FOLDER, COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, PART_NAMES, TASK_DITS,
                               TASK_PARTS, dit_kind, identify, model_files, tiny_configs)
 
-TASKS_RUN = ("t2v", "i2v", "v2v")  # model.task values this backend runs
 OPTIONS: dict[str, tuple] = {
     "vram_management": (bool, str), "vram_limit_gib": (int, float), "tiled": (bool,),
     "tile_size": (list,), "tile_stride": (list,), "tokenizer": (str,), "model_files": (dict,),
@@ -130,10 +129,6 @@ class DiffSynthWanBackend(Backend):
     def check(cls, manifest) -> list[str | BackendProblem]:
         model, g = manifest.model, manifest.generation
         o = model.options
-        if model.task not in TASKS_RUN:  # the conditioned tasks (issue 23) are not wired here yet
-            return [BackendProblem("model.task", f"the diffsynth backend cannot run model.task {model.task}: it "
-                                   f"runs {', '.join(TASKS_RUN)}", "use model.backend: synthetic to try the sweep, "
-                                   "or a backend that runs this task (README, \"Tasks\")")]
         found, failed = option_problems("diffsynth", o, OPTIONS, {"vram_management": (True, False, "text_encoder")})
         problems: list[str | BackendProblem] = list(found)
         for key, value in o.items():

@@ -11,6 +11,9 @@ Variants (the model families users run):
   a14b      Wan2.2 T2V-A14B: two experts (`transformer`, `transformer_2`) and a boundary ratio
   a14b-i2v  Wan2.2 I2V-A14B: two experts, 36 input channels, no image encoder
   ti2v      Wan2.2 TI2V-5B: the Wan2.2 VAE (48 latent channels, 16× spatial), expanded timesteps
+  vace      Wan2.1-VACE: `WanVACETransformer3DModel` (VACE blocks beside the DiT's), `WanVACEPipeline`
+  animate   Wan2.2-Animate: `WanAnimateTransformer3DModel` (pose embedding, face motion encoder and
+            adapters), a CLIP image encoder, `WanAnimatePipeline`
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-VARIANTS = ("t2v", "i2v", "a14b", "a14b-i2v", "ti2v")
+VARIANTS = ("t2v", "i2v", "a14b", "a14b-i2v", "ti2v", "vace", "animate")
 BOUNDARY = {"a14b": 0.875, "a14b-i2v": 0.9}  # Wan2.2's own boundaries (t2v, i2v)
 
 SIZES = {
@@ -111,15 +114,33 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
         if variant == "i2v":
             inner = transformer_spec["num_attention_heads"] * transformer_spec["attention_head_dim"]
             transformer_spec.update(image_dim=spec["clip"]["hidden_size"], added_kv_proj_dim=inner)
+        if variant == "animate":
+            inner = transformer_spec["num_attention_heads"] * transformer_spec["attention_head_dim"]
+            transformer_spec.update(in_channels=2 * transformer_spec["out_channels"] + 4,
+                                    image_dim=spec["clip"]["hidden_size"], added_kv_proj_dim=inner)
         vae = cast(AutoencoderKLWan(**vae_spec))
-        transformer = cast(WanTransformer3DModel(**transformer_spec))
+        if variant == "vace":
+            from diffusers import WanVACETransformer3DModel
+            transformer = cast(WanVACETransformer3DModel(**transformer_spec, vace_layers=[0, 1],
+                                                         vace_in_channels=96))
+        elif variant == "animate":
+            from diffusers import WanAnimateTransformer3DModel
+            # the face motion encoder at an 8×8 face (released: 512×512; diffusers resizes the face video to
+            # a multiple of the VAE's 8) and narrow widths
+            transformer = cast(WanAnimateTransformer3DModel(
+                **transformer_spec, motion_encoder_size=8, motion_encoder_channel_sizes={"8": 8, "4": 8},
+                motion_style_dim=8,
+                motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=1,
+                inject_face_latents_blocks=1))
+        else:
+            transformer = cast(WanTransformer3DModel(**transformer_spec))
         if variant in BOUNDARY:
             extra["transformer_2"] = cast(WanTransformer3DModel(**transformer_spec))
             extra["boundary_ratio"] = BOUNDARY[variant]
         text_config = UMT5Config(vocab_size=len(VOCAB), pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0, is_encoder_decoder=False, **spec["text"])
         text_encoder = cast(UMT5EncoderModel(text_config))
-        if variant == "i2v":
+        if variant in ("i2v", "animate"):
             from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
             clip = spec["clip"]
             extra["image_encoder"] = cast(CLIPVisionModel(CLIPVisionConfig(**clip)))
@@ -129,7 +150,9 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     # Wan's own scheduler setting: UniPC on flow sigmas with a shift (3.0 for 480p, 5.0 for 720p).
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=5.0 if variant == "ti2v" else 3.0)
-    pipeline_class = WanImageToVideoPipeline if variant in ("i2v", "a14b-i2v") else WanPipeline
+    import diffusers
+    pipeline_class = (WanImageToVideoPipeline if variant in ("i2v", "a14b-i2v") else
+                      getattr(diffusers, {"vace": "WanVACEPipeline", "animate": "WanAnimatePipeline"}.get(variant, "WanPipeline")))
     torch.set_default_dtype(default_dtype)
     pipe = pipeline_class(tokenizer=tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                           transformer=transformer, **extra)
@@ -138,7 +161,7 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     return folder
 
 
-FAKE_NAME = re.compile(r"^random-(?P<size>tiny)-wan-(?P<variant>t2v|i2v|a14b|a14b-i2v|ti2v)$")
+FAKE_NAME = re.compile(r"^random-(?P<size>tiny)-wan-(?P<variant>t2v|i2v|a14b|a14b-i2v|ti2v|vace|animate)$")
 
 
 def build_on_first_use(path: str | os.PathLike) -> bool:

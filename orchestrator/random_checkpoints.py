@@ -346,6 +346,7 @@ def _save_tiny_audio_encoder(folder: Path) -> None:
     features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
                                         do_normalize=True, return_attention_mask=True)
     Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(folder)
+    features.save_pretrained(folder)  # preprocessor_config.json, as in the release
     (folder / "config.json").write_text(encoder.model.config.to_json_string(), encoding="utf-8")
 
 

@@ -311,3 +311,44 @@ def test_diffusers_check_refuses_tasks_without_a_pipeline_and_the_wrong_checkpoi
     assert "task vace needs a WanVACETransformer3DModel" in message and "has a WanTransformer3DModel" in message
     message = _problems(write_manifest, diffusers_manifest(diffusers_checkpoint("vace"), "t2v", {"prompts": ["x"]}))
     assert "is a vace checkpoint" in message and "use task: vace" in message
+
+
+def test_models_status_names_each_releases_parts_and_what_a_task_lacks(checkpoint, write_manifest, refs, tmp_path):
+    from orchestrator.checkpoints import format_status, inspect
+
+    from .conftest import cli
+    expected = {"vace": ("VACE blocks", "t2v, v2v, vace"), "animate": ("Animate adapter", "animate, i2v"),
+                "s2v": ("S2V audio layers", "s2v"), "control": ("Fun control channels", "control"),
+                "control-camera": ("camera adapter", "control")}
+    for task, (part, tasks) in expected.items():
+        found = inspect(checkpoint(task))
+        text = format_status(found)
+        assert not found.problems and part in found.parts and f"tasks      {tasks}" in text, text
+    s2v = inspect(checkpoint("s2v"))
+    assert s2v.component("audio_encoder").params > 0  # the wav2vec2 folder is a component of its own
+    no_audio_encoder = tmp_path / "s2v-without-wav2vec2"
+    shutil.copytree(checkpoint("s2v"), no_audio_encoder)
+    shutil.rmtree(no_audio_encoder / "wav2vec2-large-xlsr-53-english")
+    assert any("wav2vec2-large-xlsr-53-english/: missing: the S2V DiT needs its audio encoder" in str(p)
+               for p in inspect(no_audio_encoder).problems)
+    # a manifest's task needs a part the checkpoint lacks: named, exit 2
+    result = cli("models", "status", str(write_manifest(_task_manifest(checkpoint("t2v"), "vace", VACE))))
+    assert result.returncode == 2
+    assert "task vace needs VACE blocks in the DiT's file" in result.stderr and "runs t2v, v2v" in result.stderr
+
+
+def test_models_fit_counts_the_conditioned_parts(checkpoint):
+    from dataclasses import replace as copy
+
+    from orchestrator.checkpoints import inspect
+    from orchestrator.checkpoints.fit import Settings, parts, working_sets
+    settings = Settings(width=832, height=480, frames=81)
+    vace = {p.name: p for p in parts(inspect(checkpoint("vace")))}
+    dit = vace["transformer"]
+    assert dit.vace_layers == 2
+    with_hints = working_sets([dit], settings)[dit.name]
+    assert with_hints > working_sets([copy(dit, vace_layers=0)], settings)[dit.name]
+    s2v = {p.name: p for p in parts(inspect(checkpoint("s2v")))}
+    audio = s2v["audio_encoder"]
+    assert audio.role == "audio" and audio.hidden == 16 and audio.ffn == 32 and audio.params > 0
+    assert working_sets([audio], settings)["audio_encoder"] > 0

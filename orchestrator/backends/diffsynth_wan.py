@@ -815,7 +815,7 @@ def _part_problems(model, files, found) -> list[BackendProblem]:
                 problems.append(BackendProblem(
                     "model.path", f"task s2v needs {PART_NAMES[part]}: no `{AUDIO_ENCODER_FOLDER}/model.safetensors` "
                     f"in {where}", "complete the Wan2.2-S2V-14B download (the folder is part of the release)"))
-            elif not (folder / "preprocessor_config.json").is_file():
+            elif not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
                 problems.append(BackendProblem(
                     "model.path", f"`{AUDIO_ENCODER_FOLDER}/preprocessor_config.json` (the audio processor) is "
                     f"missing in {where}", "complete the Wan2.2-S2V-14B download"))

@@ -99,3 +99,51 @@ def test_the_users_motion_transfer_experiment_plans_680_videos_over_four_cards(t
         assert f"  {category:<28} {clips * 10:>6}" in out
     assert "workers    4: gpu0_worker0, gpu1_worker0, gpu2_worker0, gpu3_worker0" in out
     assert "settings   832x480, 81 frames @ 15 fps, 50 steps" in out
+
+
+# ---- the conditioned tasks' examples (issue 23): their inputs are valid and fill every job ----
+
+CONDITIONED_EXAMPLES = {"s2v_14b.yaml": ("s2v", 8, {"audio"}), "vace_14b.yaml": ("vace", 8, {"reference_image"}),
+                        "control_14b.yaml": ("control", 8, set()),
+                        "animate_14b.yaml": ("animate", 2, {"pose_video", "face_video"})}
+
+
+def _example_copy(tmp_path: Path, name: str, model: dict | None = None) -> Path:
+    import yaml
+    folder = tmp_path / "experiments"
+    shutil.copytree(ROOT / "experiments" / "refs", folder / "refs")
+    manifest = yaml.safe_load((ROOT / "experiments" / name).read_text(encoding="utf-8"))
+    if model is not None:
+        manifest["model"] = model
+    (folder / name).write_text(yaml.safe_dump(manifest, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return folder / name
+
+
+@pytest.mark.parametrize("name", list(CONDITIONED_EXAMPLES))
+def test_each_conditioned_example_has_valid_inputs_for_every_job(tmp_path, name):
+    from orchestrator.jobs import expand
+    from orchestrator.validation import load_manifest
+    task, count, roles = CONDITIONED_EXAMPLES[name]
+    jobs = expand(load_manifest(_example_copy(tmp_path, name, {"backend": "synthetic", "task": task})))
+    assert len(jobs) == count
+    assert set().union(*(job.inputs for job in jobs)) == roles
+    assert all(Path(value).is_file() for job in jobs for value in job.inputs.values())
+
+
+@pytest.mark.parametrize("name, flag", [("s2v_14b.yaml", "--audio"), ("animate_14b.yaml", "--src_root_path")])
+def test_the_generate_py_examples_plan_with_its_stub(tmp_path, name, flag):
+    from orchestrator.backends.wan_generate import WAN_TASKS
+    task, count, _ = CONDITIONED_EXAMPLES[name]
+    wan_task = {"s2v": "s2v-14B", "animate": "animate-14B"}[task]
+    checkpoint = tmp_path / f"Wan2.2-{wan_task}"
+    checkpoint.mkdir()
+    for file in WAN_TASKS[wan_task].files:
+        (checkpoint / file).write_bytes(b"")
+    import yaml
+    model = yaml.safe_load((ROOT / "experiments" / name).read_text(encoding="utf-8"))["model"]
+    model["path"] = str(checkpoint)
+    model["options"]["script"] = str(ROOT / "tests" / "stubs" / "generate_stub.py")
+    result = cli("plan", str(_example_copy(tmp_path, name, model)),
+                 env={"ORCHESTRATOR_FAKE_GPUS": "FAKE H100 80GB:80:0"})
+    assert result.returncode == 0, result.stderr
+    assert f"jobs       {count} " in result.stdout and flag in result.stdout

@@ -137,7 +137,7 @@ class DiffusersWanBackend(Backend):
         if model.task not in PIPELINES:
             return [BackendProblem("model.task", f"diffusers has no pipeline for task {model.task}; the diffusers "
                                    f"backend runs {', '.join(PIPELINES)}",
-                                   f"use {ELSEWHERE.get(model.task, 'another backend')} (README, \"Tasks\")")]
+                                   f"use {ELSEWHERE.get(model.task, 'another backend')} (README's task table)")]
         problems, _ = option_problems("diffusers", model.options, OPTIONS, CHOICES)
         if model.options.get("device_map") and model.options.get("offload", "none") != "none":
             problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",

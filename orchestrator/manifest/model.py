@@ -9,8 +9,8 @@ from typing import Any
 from ..errors import WanSweepError
 from ..executors import EXECUTOR_NAMES as EXECUTORS  # noqa: F401  (the one list of executors)
 
-# Text, image and video to video, and Wan's conditioned tasks (issue 23; README, "Tasks"): speech to video
-# (an image and its audio), VACE and Fun control videos (a control video, an optional reference image, or
+# Text, image and video to video, and Wan's conditioned tasks (issue 23; README's task table): speech to
+# video (an image and its audio), VACE and Fun control videos (a control video, an optional reference image, or
 # for camera control an image and a camera direction), Animate (an image driven by a pose and a face video).
 TASKS = ("t2v", "i2v", "v2v", "s2v", "vace", "control", "animate")
 CONDITIONED_TASKS = ("s2v", "vace", "control", "animate")

@@ -1,5 +1,5 @@
-"""The inputs of Wan's conditioned tasks in a category (README, "Tasks"): which keys each task takes,
-each extra input matched to its reference by stem, and each checked to fit the video asked for.
+"""The inputs of Wan's conditioned tasks in a category (README's task table, "The manifest"): which keys
+each task takes, and each extra input matched to its reference by stem.
 
 | task | the reference (its stem names the folder) | other inputs (`Job.inputs` role) |
 | --- | --- | --- |
@@ -55,7 +55,7 @@ def task_layout(reader: Reader, what: str, node, keys: dict, task: str) -> tuple
     for key in wrong:
         takes = ", ".join(f"`{k}:`" for k in (main, *extras))
         reader.problem(keys[key][0], f"{what}: model.task {task} takes no `{key}:`",
-                       f"give {takes} (README, \"Tasks\"), or change model.task")
+                       f"give {takes} (README's task table), or change model.task")
     if main not in keys:
         needs = {"images": "`images:` (the picture to animate)" if task != "control"
                  else "`images:` (the first frames the camera moves over)",

@@ -352,3 +352,13 @@ def test_models_fit_counts_the_conditioned_parts(checkpoint):
     audio = s2v["audio_encoder"]
     assert audio.role == "audio" and audio.hidden == 16 and audio.ffn == 32 and audio.params > 0
     assert working_sets([audio], settings)["audio_encoder"] > 0
+
+
+def test_diffsynth_check_matches_control_inputs_to_the_control_model(write_manifest, refs, checkpoint):
+    camera = {"images": "refs/images/*.png", "camera": "left", "prompts": ["a street"]}
+    message = _problems(write_manifest, _task_manifest(checkpoint("control"), "control", camera))
+    assert "`camera:` needs a camera-control DiT" in message
+    message = _problems(write_manifest, _task_manifest(checkpoint("control-camera"), "control", VACE))
+    assert "is a camera-control model" in message and "give `images:` and `camera:`" in message
+    from orchestrator.validation import load_manifest
+    load_manifest(write_manifest(_task_manifest(checkpoint("control-camera"), "control", camera)))  # fits

@@ -210,6 +210,8 @@ class DiffSynthWanBackend(Backend):
         if missing:
             return problems
         problems.extend(cls._check_models(model, g, files))
+        if model.task == "control":
+            problems.extend(_control_problems(manifest, files))
         return problems
 
     @staticmethod
@@ -298,6 +300,10 @@ class DiffSynthWanBackend(Backend):
         if manifest.model.task == "v2v":
             notes.append("diffsynth: a reference video is VAE-encoded once per worker and reused for all its "
                          "prompts × seeds")
+        elif manifest.model.task in TASK_DITS and manifest.model.task not in ("t2v", "i2v"):
+            what = {"vace": "control video (with its reference image)", "control": "control video",
+                    "animate": "pose video", "s2v": "audio file's wav2vec2 features"}[manifest.model.task]
+            notes.append(f"diffsynth: each {what} is encoded once per worker and reused for all its prompts × seeds")
         return fp8 + notes
 
     # ------------------------------------------------------------------------------------------
@@ -828,6 +834,30 @@ def _part_problems(model, files, found) -> list[BackendProblem]:
                 "model.task", f"task {model.task} needs {PART_NAMES[part]}, which the DiT's file in {where} "
                 "does not hold", "use the matching release (e.g. Wan2.1-VACE-14B for vace, Wan2.2-Animate-14B "
                 "for animate) or change model.task"))
+    return problems
+
+
+def _control_problems(manifest, files) -> list[BackendProblem]:
+    """Task control's two kinds of model take different inputs: a Fun control DiT a control video
+    (`control:`), a Fun camera-control DiT a first frame and a direction (`images:` and `camera:`)."""
+    found = identify(files, manifest.model.path)
+    kinds = {dit_kind(config) for config in found["dit"] if config}
+    if len(kinds) != 1:
+        return []  # not recognised (reported already) or not fingerprinted here
+    camera_model = kinds == {"camera"}
+    problems = []
+    for category in manifest.categories:
+        has_camera = any("camera" in ref.inputs for ref in category.references)
+        if camera_model and (category.kind != "images" or not has_camera):
+            problems.append(BackendProblem(
+                f"categories.{category.name}", f"category `{category.name}`: the DiT in {manifest.model.path} is a "
+                "camera-control model (Wan-Fun Control-Camera): it moves a first frame by a camera direction",
+                "give `images:` and `camera:` (README's task table), or use a Fun control model for control videos"))
+        elif not camera_model and has_camera:
+            problems.append(BackendProblem(
+                f"categories.{category.name}.camera", f"category `{category.name}`: `camera:` needs a camera-control "
+                f"DiT (Wan-Fun Control-Camera); the one in {manifest.model.path} takes control videos",
+                "leave `camera:` out, or use a Control-Camera checkpoint"))
     return problems
 
 

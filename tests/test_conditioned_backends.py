@@ -362,3 +362,59 @@ def test_diffsynth_check_matches_control_inputs_to_the_control_model(write_manif
     assert "is a camera-control model" in message and "give `images:` and `camera:`" in message
     from orchestrator.validation import load_manifest
     load_manifest(write_manifest(_task_manifest(checkpoint("control-camera"), "control", camera)))  # fits
+
+
+def _header_only(path: Path, shapes: dict) -> Path:
+    """A sparse safetensors file with these tensor names and shapes (bf16): its header is real, its data
+    zeros on paper (a 14B DiT takes a few hundred kB on disk)."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as stream:
+        stream.write(len(blob).to_bytes(8, "little") + blob)
+        stream.truncate(8 + len(blob) + offset)
+    return path
+
+
+@pytest.mark.parametrize("release, dit_hash", [("vace", "a61453409b67cd3246cf0c3bebad47ba"),  # VACE-Wan2.1-1.3B
+                                               ("animate", "31fa352acb8a1b1d33cd8764273d80a2")])  # Wan2.2-Animate-14B
+def test_real_layout_dit_files_are_recognised_with_their_part(checkpoint, tmp_path, release, dit_hash):
+    """A header-only DiT file with a release's tensor names and shapes (the DiT's and its VACE blocks' or
+    Animate adapter's) has DiffSynth's fingerprint for that release: the check finds the part beside the
+    DiT, `models status` names it, and another conditioned task on it is refused naming what it lacks."""
+    from diffsynth.models.wan_video_animate_adapter import WanAnimateAdapter
+    from diffsynth.models.wan_video_dit import WanModel
+    from diffsynth.models.wan_video_vace import VaceWanModel
+
+    from orchestrator.backends.diffsynth_files import diffsynth_model_table, fingerprint, identify, model_files
+    from orchestrator.backends.diffsynth_wan import _part_problems
+    from orchestrator.checkpoints import inspect
+    entries = [c for c in diffsynth_model_table() if c.get("model_hash") == dit_hash]
+    dit = next(c for c in entries if c["model_name"] == "wan_video_dit")
+    part = next(c for c in entries if c["model_name"] != "wan_video_dit")
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in WanModel(**dit["extra_kwargs"]).state_dict().items()}
+        part_class = VaceWanModel if release == "vace" else WanAnimateAdapter
+        shapes.update({k: list(v.shape) for k, v in part_class(**part.get("extra_kwargs", {})).state_dict().items()})
+    real = tmp_path / "real"
+    shutil.copytree(checkpoint("t2v"), real)
+    (real / "wan_sweep_tiny_random.json").unlink()
+    file = _header_only(real / "diffusion_pytorch_model.safetensors", shapes)
+    # our header fingerprint is DiffSynth's hash (test_diffsynth_backend), which mmaps the whole 34 GB file
+    assert fingerprint(str(file)) == dit_hash
+    files = model_files(real)[0]
+    found = identify(files, str(real))
+    other = "animate" if release == "vace" else "vace"
+    part_name = "vace" if release == "vace" else "animate_adapter"
+    assert found["dit_parts"] == [part_name]
+    model = ModelConfig(backend="diffsynth", task=release, path=str(real))
+    assert _part_problems(model, files, found) == []
+    lacking = _part_problems(replace(model, task=other), files, found)
+    assert len(lacking) == 1 and f"task {other} needs" in lacking[0].message
+    status = inspect(real, task=other)
+    assert ("VACE blocks" if release == "vace" else "Animate adapter") in status.parts
+    assert any(f"task {other} needs" in str(p) for p in status.problems)

@@ -13,7 +13,18 @@ every worker after the start.
 
 Tasks: `t2v`; `v2v` (the reference video, read by `orchestrator.media`'s rule, is the `input_video`
 and `generation.denoising_strength` < 1 says how much of it is replaced by noise); `i2v` (the reference
-image is the first frame; needs an image-to-video DiT).
+image is the first frame; needs an image-to-video DiT). Wan's conditioned tasks (issue 23), their inputs
+from `Job.inputs`, each read by media.py's rules and kept per worker:
+  vace     Wan2.1-VACE: the control video as `vace_video`, an optional `vace_reference_image`
+  control  Wan-Fun Control: `control_video` and an optional `reference_image`; Fun Control-Camera: the
+           image as `input_image` and `camera_control_direction`
+  animate  Wan2.2-Animate: the image as `input_image`, `animate_pose_video`, `animate_face_video` (at the
+           adapter's face size); DiffSynth is asked for num_frames + 4 (it drops the reference's latent frame)
+  s2v      Wan2.2-S2V: the image as `input_image`, `input_audio` at 16 kHz through the wav2vec2 encoder of
+           `wav2vec2-large-xlsr-53-english/` (weights and processor); video at 16 fps
+VACE blocks and the Animate adapter are in the DiT's own file: DiffSynth's table lists a second model
+under its fingerprint and loads both; `check()` names the part a folder lacks for its task
+(diffsynth_files.TASK_PARTS).
 
 Options (`model.options`):
   vram_management: true | false | text_encoder
@@ -65,6 +76,9 @@ before denoising, each turning inputs into tensors) with a subclass that remembe
     the noise is still mixed in per job (`scheduler.add_noise` with the job's noise);
   - in i2v, likewise per image, the VAE encoding of the first frame followed by empty frames (as
     costly as encoding a clip) and its CLIP embedding (`WanVideoUnit_ImageEmbedderVAE`, `..CLIP`).
+  - in the conditioned tasks, the VAE encodings of each control video (with its reference image), pose
+    video and Fun reference image, and the wav2vec2 features of each audio file (`per_input`,
+    `CachedS2V`), per input; S2V's empty motion frames once per worker.
 TI2V-5B's fused first-frame latents depend on the job's noise and are encoded per job (one frame).
 
 Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline

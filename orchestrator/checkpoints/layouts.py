@@ -1,5 +1,6 @@
 """Checkpoint layouts and what `models status` says of them: diffusers, the original Wan /
-DiffSynth release, single files; every file an index names present and complete."""
+DiffSynth release, single files; every file an index names present and complete; the conditioned
+releases' parts (VACE, Animate, S2V, Fun control) and the tasks a checkpoint runs."""
 from __future__ import annotations
 
 import json

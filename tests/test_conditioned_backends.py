@@ -292,6 +292,13 @@ def test_diffusers_animate_pose_and_face_videos_drive_the_image(diffusers_checkp
     assert call["image"].size == (32, 32) and call["segment_frame_length"] == 5 and "num_frames" not in call
     assert len(call["pose_video"]) == 5 and call["pose_video"][0].size == (32, 32)
     assert len(call["face_video"]) == 5 and call["face_video"][0].size == (8, 8)  # the motion encoder's size
+    assert backend.job_info()["reference_encoding_reused"] is False
+    encodes = []
+    vae_encode = backend.pipe.vae.encode
+    backend.pipe.vae.encode = lambda *a, **k: encodes.append(1) or vae_encode(*a, **k)
+    again = _run(backend, _job(media["image_a"], pose_video=media["clip_a"], face_video=media["clip_b"], seed=2))
+    assert backend.job_info()["reference_encoding_reused"] is True and not np.array_equal(again, first)
+    assert len(encodes) == 1  # the previous segment's conditioning only: the pose video and image were kept
     other_pose = _run(backend, _job(media["image_a"], pose_video=media["clip_b"], face_video=media["clip_b"]))
     assert not np.array_equal(other_pose, first)
     backend.close()

@@ -393,7 +393,7 @@ class DiffusersWanBackend(Backend):
         if cached is None:
             cached = make()
             self.encoded[key] = cached
-            while len(self.encoded) > 2:
+            while len(self.encoded) > 6:  # a few references' worth: animate keeps three encodings per job
                 self.encoded.popitem(last=False)
         return cached
 
@@ -514,6 +514,16 @@ class DiffusersWanBackend(Backend):
             kwargs["pose_video"] = frames(needs("pose_video"))
             kwargs["face_video"] = frames(needs("face_video"), self.face_references)
             kwargs["mode"] = "animate"
+            # The pose video's and the image's VAE latents (argmax, no noise) and the image's CLIP embedding
+            # depend on those files only: kept per file, so their prompts × seeds encode each once. (The
+            # face video runs through the transformer's own motion encoder at every step.)
+            pipe, pipeline_class = self.pipe, type(self.pipe)
+            for method, key in (("prepare_pose_latents", f"pose:{inputs['pose_video']}"),
+                                ("prepare_reference_image_latents", f"animate-image:{job.reference}"),
+                                ("encode_image", f"clip:{job.reference}")):
+                original = getattr(pipeline_class, method)
+                setattr(pipe, method, lambda *a, _original=original, _key=key, **k: self._remember(
+                    _key, lambda: _original(pipe, *a, **k)))
 
     def denoise_once(self, seed: int):
         torch, pipe, g = self.torch, self.pipe, self.generation

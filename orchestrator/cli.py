@@ -327,7 +327,7 @@ def cmd_models(args) -> int:
         return _models_speed(args)
     path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
     if args.models_command == "status":
-        checkpoint = checkpoints.inspect(path)
+        checkpoint = checkpoints.inspect(path, task=manifest.model.task if manifest else _raw_task(args.target))
         print(checkpoints.format_status(checkpoint))
         if checkpoint.problems:
             print(f"error: {checkpoint.error()}", file=sys.stderr)
@@ -353,6 +353,20 @@ def _models_speed(args) -> int:
     results = run_trials(manifest, candidates, work, steps=args.steps, warm=args.warm)
     print(format_trials(results, manifest))
     return 1 if any(r.get("error") for r in results) else 0
+
+
+def _raw_task(target: str) -> str | None:
+    """model.task of a manifest that does not load (its checkpoint may be why), for `models status` to
+    say what that task needs; None for a checkpoint path."""
+    from pathlib import Path
+    if Path(target).suffix not in (".yaml", ".yml"):
+        return None
+    import yaml
+    try:
+        task = yaml.safe_load(Path(target).read_text(encoding="utf-8"))["model"].get("task")
+    except Exception:
+        return None
+    return task if isinstance(task, str) else None
 
 
 def _model_target(target: str, need_manifest: bool):

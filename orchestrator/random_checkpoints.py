@@ -11,6 +11,9 @@ Variants (the model families users run):
   a14b      Wan2.2 T2V-A14B: two experts (`transformer`, `transformer_2`) and a boundary ratio
   a14b-i2v  Wan2.2 I2V-A14B: two experts, 36 input channels, no image encoder
   ti2v      Wan2.2 TI2V-5B: the Wan2.2 VAE (48 latent channels, 16× spatial), expanded timesteps
+  vace      Wan2.1-VACE: `WanVACETransformer3DModel` (VACE blocks beside the DiT's), `WanVACEPipeline`
+  animate   Wan2.2-Animate: `WanAnimateTransformer3DModel` (pose embedding, face motion encoder and
+            adapters), a CLIP image encoder, `WanAnimatePipeline`
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-VARIANTS = ("t2v", "i2v", "a14b", "a14b-i2v", "ti2v")
+VARIANTS = ("t2v", "i2v", "a14b", "a14b-i2v", "ti2v", "vace", "animate")
 BOUNDARY = {"a14b": 0.875, "a14b-i2v": 0.9}  # Wan2.2's own boundaries (t2v, i2v)
 
 SIZES = {
@@ -111,15 +114,33 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
         if variant == "i2v":
             inner = transformer_spec["num_attention_heads"] * transformer_spec["attention_head_dim"]
             transformer_spec.update(image_dim=spec["clip"]["hidden_size"], added_kv_proj_dim=inner)
+        if variant == "animate":
+            inner = transformer_spec["num_attention_heads"] * transformer_spec["attention_head_dim"]
+            transformer_spec.update(in_channels=2 * transformer_spec["out_channels"] + 4,
+                                    image_dim=spec["clip"]["hidden_size"], added_kv_proj_dim=inner)
         vae = cast(AutoencoderKLWan(**vae_spec))
-        transformer = cast(WanTransformer3DModel(**transformer_spec))
+        if variant == "vace":
+            from diffusers import WanVACETransformer3DModel
+            transformer = cast(WanVACETransformer3DModel(**transformer_spec, vace_layers=[0, 1],
+                                                         vace_in_channels=96))
+        elif variant == "animate":
+            from diffusers import WanAnimateTransformer3DModel
+            # the face motion encoder at an 8×8 face (released: 512×512; diffusers resizes the face video to
+            # a multiple of the VAE's 8) and narrow widths
+            transformer = cast(WanAnimateTransformer3DModel(
+                **transformer_spec, motion_encoder_size=8, motion_encoder_channel_sizes={"8": 8, "4": 8},
+                motion_style_dim=8,
+                motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=1,
+                inject_face_latents_blocks=1))
+        else:
+            transformer = cast(WanTransformer3DModel(**transformer_spec))
         if variant in BOUNDARY:
             extra["transformer_2"] = cast(WanTransformer3DModel(**transformer_spec))
             extra["boundary_ratio"] = BOUNDARY[variant]
         text_config = UMT5Config(vocab_size=len(VOCAB), pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0, is_encoder_decoder=False, **spec["text"])
         text_encoder = cast(UMT5EncoderModel(text_config))
-        if variant == "i2v":
+        if variant in ("i2v", "animate"):
             from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
             clip = spec["clip"]
             extra["image_encoder"] = cast(CLIPVisionModel(CLIPVisionConfig(**clip)))
@@ -129,7 +150,9 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     # Wan's own scheduler setting: UniPC on flow sigmas with a shift (3.0 for 480p, 5.0 for 720p).
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=5.0 if variant == "ti2v" else 3.0)
-    pipeline_class = WanImageToVideoPipeline if variant in ("i2v", "a14b-i2v") else WanPipeline
+    import diffusers
+    pipeline_class = (WanImageToVideoPipeline if variant in ("i2v", "a14b-i2v") else
+                      getattr(diffusers, {"vace": "WanVACEPipeline", "animate": "WanAnimatePipeline"}.get(variant, "WanPipeline")))
     torch.set_default_dtype(default_dtype)
     pipe = pipeline_class(tokenizer=tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                           transformer=transformer, **extra)
@@ -138,7 +161,7 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     return folder
 
 
-FAKE_NAME = re.compile(r"^random-(?P<size>tiny)-wan-(?P<variant>t2v|i2v|a14b|a14b-i2v|ti2v)$")
+FAKE_NAME = re.compile(r"^random-(?P<size>tiny)-wan-(?P<variant>t2v|i2v|a14b|a14b-i2v|ti2v|vace|animate)$")
 
 
 def build_on_first_use(path: str | os.PathLike) -> bool:
@@ -203,6 +226,37 @@ def offline_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
+# The extra parts of Wan's conditioned models at tiny sizes (their released configurations are in
+# DiffSynth's model table, diffsynth/configs/model_configs.py): the VACE blocks and the Animate adapter
+# live in the DiT's own file (DiffSynth splits it with a converter per part), the S2V DiT is its own class
+# and its wav2vec2 audio encoder a separate folder.
+DIT_CONVERTER = "diffsynth.utils.state_dict_converters.wan_video_dit.WanVideoDiTStateDictConverter"
+TINY_EXTRA = {
+    "vace": {"model_name": "wan_video_vace", "model_class": "diffsynth.models.wan_video_vace.VaceWanModel",
+             "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_vace.VaceWanModelDictConverter",
+             "extra_kwargs": {"vace_layers": [0, 1], "vace_in_dim": 96, "patch_size": [1, 2, 2],
+                              "has_image_input": False, "dim": 24, "num_heads": 2, "ffn_dim": 32, "eps": 1e-6}},
+    "animate_adapter": {
+        "model_name": "wan_video_animate_adapter", "tiny_class": "animate_adapter",
+        "model_class": "diffsynth.models.wan_video_animate_adapter.WanAnimateAdapter",
+        "state_dict_converter": "diffsynth.utils.state_dict_converters.wan_video_animate_adapter."
+                                "WanAnimateAdapterStateDictConverter",
+        "extra_kwargs": {"dim": 24, "num_heads": 2, "num_adapter_layers": 1, "face_size": 4}},
+    "audio_encoder": {
+        "model_name": "wans2v_audio_encoder", "tiny_class": "audio_encoder",
+        "model_class": "diffsynth.models.wav2vec.WanS2VAudioEncoder",
+        "state_dict_converter": "diffsynth.utils.state_dict_converters.wans2v_audio_encoder."
+                                "WanS2VAudioEncoderStateDictConverter",
+        "extra_kwargs": {"hidden_size": 16, "conv_dim": 8, "num_hidden_layers": 24}},
+}
+TINY_S2V_DIT = {"model_name": "wan_video_dit", "model_class": "diffsynth.models.wan_video_dit_s2v.WanS2VModel",
+                "extra_kwargs": {"dim": 24, "in_dim": 16, "ffn_dim": 32, "out_dim": 16, "text_dim": 32,
+                                 "freq_dim": 32, "eps": 1e-6, "patch_size": [1, 2, 2], "num_heads": 2,
+                                 "num_layers": 2, "cond_dim": 16, "audio_dim": 16, "num_audio_token": 4,
+                                 "audio_inject_layers": [0, 1]}}
+TINY_TASKS = ("t2v", "i2v", "vace", "control", "control-camera", "animate", "s2v")
+
+
 def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
     """A tiny random-weight Wan model in the original file layout, for tests: its videos are noise.
 
@@ -210,6 +264,11 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
     naming each file's class and configuration; the backend loads a folder with that marker without
     the recognition (see orchestrator/backends/diffsynth_wan.py's docstring). `task="i2v"` makes the DiT an image-to-video one in the
     manner of Wan2.2 I2V-A14B (36 input channels: the first frame's VAE encoding; no CLIP encoder).
+    The conditioned tasks, each in the manner of its release: `vace` (Wan2.1-VACE: VACE blocks in the DiT's
+    file), `control` (Wan2.2-Fun-A14B-Control: 52 input channels, a reference-image conv),
+    `control-camera` (Wan2.2-Fun-Control-Camera: 36 channels and a camera adapter), `animate`
+    (Wan2.2-Animate: an image-to-video DiT with the Animate adapter in its file), `s2v` (Wan2.2-S2V:
+    the S2V DiT and the wav2vec2 audio encoder folder with its processor files).
     Returns the folder.
     """
     import torch
@@ -218,16 +277,43 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
     from diffsynth.models.wan_video_vae import VideoVAE_
     from safetensors.torch import save_file
 
-    from .backends.diffsynth_files import TEXT_ENCODER, TINY_MARKER, TOKENIZER
+    from .backends.diffsynth_files import AUDIO_ENCODER_FOLDER, TEXT_ENCODER, TINY_MARKER, TOKENIZER
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    if task not in TINY_TASKS:
+        raise ValueError(f"unknown tiny task {task!r}; use one of {', '.join(TINY_TASKS)}")
     components = json.loads(json.dumps(TINY))
-    if task == "i2v":
-        components["dit"]["extra_kwargs"].update(in_dim=36, require_clip_embedding=False)
-    dit = WanModel(**components["dit"]["extra_kwargs"])
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    dit_kwargs = components["dit"]["extra_kwargs"]
+    if task in ("i2v", "animate"):
+        dit_kwargs.update(in_dim=36, require_clip_embedding=False)
+    elif task == "control":
+        dit_kwargs.update(in_dim=52, has_ref_conv=True, require_clip_embedding=False)
+    elif task == "control-camera":
+        dit_kwargs.update(in_dim=36, has_ref_conv=False, add_control_adapter=True, in_dim_control_adapter=24,
+                          require_clip_embedding=False)
+    if task == "s2v":
+        from diffsynth.models.wan_video_dit_s2v import WanS2VModel
+        components["dit"] = json.loads(json.dumps(TINY_S2V_DIT))
+        dit = WanS2VModel(**components["dit"]["extra_kwargs"])
+    else:
+        dit = WanModel(**dit_kwargs)
+    weights = dict(dit.state_dict())
+    extra = {"vace": "vace", "animate": "animate_adapter"}.get(task)
+    if extra:  # the released file holds the DiT and this part; each loads through its converter
+        from diffsynth.models.wan_video_vace import VaceWanModel
+
+        from .backends.diffsynth_wan import tiny_model_class
+        spec = components[extra] = json.loads(json.dumps(TINY_EXTRA[extra]))
+        part = (VaceWanModel(**spec["extra_kwargs"]) if extra == "vace"
+                else tiny_model_class(extra)(**spec["extra_kwargs"]))
+        weights.update(part.state_dict())
+        components["dit"]["state_dict_converter"] = DIT_CONVERTER
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "diffusion_pytorch_model.safetensors")
+    if task == "s2v":
+        _save_tiny_audio_encoder(folder / AUDIO_ENCODER_FOLDER)
+        components["audio_encoder"] = json.loads(json.dumps(TINY_EXTRA["audio_encoder"]))
     text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
     torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
     vae = TINY["vae"]["extra_kwargs"]
@@ -242,6 +328,26 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
                 "classes because DiffSynth's loader only recognises full-size files",
         "components": components}, indent=1), encoding="utf-8")
     return folder
+
+
+def _save_tiny_audio_encoder(folder: Path) -> None:
+    """Wan2.2-S2V's `wav2vec2-large-xlsr-53-english/` at a tiny width: the weights as released (the
+    Wav2Vec2ForCTC state dict), and the processor files DiffSynth's pipeline reads the audio with."""
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    from .backends.diffsynth_wan import tiny_model_class
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = tiny_model_class("audio_encoder")(**TINY_EXTRA["audio_encoder"]["extra_kwargs"])
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, folder / "model.safetensors")
+    letters = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["'"]
+    (folder / "vocab.json").write_text(json.dumps({ch: i for i, ch in enumerate(letters)}), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
+    features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                        do_normalize=True, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(folder)
+    features.save_pretrained(folder)  # preprocessor_config.json, as in the release
+    (folder / "config.json").write_text(encoder.model.config.to_json_string(), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,13 +79,15 @@ class Backend(ABC):
         from ..manifest import apply_axes
         return apply_axes(self.generation, getattr(job, "axes", None) or {})
 
-    def reference_cache(self, generation: "GenerationConfig"):
+    def reference_cache(self, generation: "GenerationConfig", square: int | None = None):
         """This worker's references prepared at one job's size, length and rate (a `media.ReferenceCache`,
-        read ahead in a thread): the manifest's, and one more per combination its axes sweep."""
+        read ahead in a thread): the manifest's, and one more per combination its axes sweep. `square`:
+        frames of that side instead of the job's size (Animate's face crops, at its motion encoder's)."""
         from ..manifest.task_inputs import AUDIO_RATE
         from ..media import ReferenceCache
         caches = self.__dict__.setdefault("_reference_caches", {})
-        shape = (generation.width, generation.height, generation.num_frames, generation.fps)
+        width, height = (square, square) if square else (generation.width, generation.height)
+        shape = (width, height, generation.num_frames, generation.fps)
         if shape not in caches:
             caches[shape] = ReferenceCache(*shape, keep=6, sample_rate=AUDIO_RATE)
         return caches[shape]

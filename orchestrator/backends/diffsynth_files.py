@@ -34,8 +34,20 @@ VAES = ("Wan2.2_VAE", "Wan2.1_VAE")
 IMAGE_ENCODER = "models_clip_open-clip-xlm-roberta-large-vit-huge-14"
 TOKENIZER = "google/umt5-xxl"
 TINY_MARKER = "wan_sweep_tiny_random.json"
+AUDIO_ENCODER_FOLDER = "wav2vec2-large-xlsr-53-english"  # Wan2.2-S2V: wav2vec2 weights and processor files
 MODEL_NAMES = {"dit": "wan_video_dit", "text_encoder": "wan_video_text_encoder", "vae": "wan_video_vae",
-               "image_encoder": "wan_video_image_encoder"}
+               "image_encoder": "wan_video_image_encoder", "vace": "wan_video_vace",
+               "animate_adapter": "wan_video_animate_adapter", "audio_encoder": "wans2v_audio_encoder"}
+# The parts a conditioned task needs besides the DiT, text encoder and VAE. VACE's blocks and Animate's
+# adapter are in the DiT's own file (DiffSynth's table lists a second model under the DiT's fingerprint);
+# S2V's wav2vec2 audio encoder is its own folder.
+TASK_PARTS = {"vace": ("vace",), "animate": ("animate_adapter",), "s2v": ("audio_encoder",)}
+PART_NAMES = {"vace": "the VACE blocks (Wan2.1-VACE / Wan2.2-VACE-Fun)",
+              "animate_adapter": "the Animate adapter (Wan2.2-Animate-14B)",
+              "audio_encoder": f"the S2V audio encoder `{AUDIO_ENCODER_FOLDER}/` (Wan2.2-S2V-14B)"}
+# The DiT kinds each task runs on (dit_kind)
+TASK_DITS = {"t2v": ("t2v", "ti2v"), "v2v": ("t2v", "ti2v"), "i2v": ("i2v", "ti2v"), "vace": ("t2v",),
+             "control": ("control", "camera"), "animate": ("i2v",), "s2v": ("s2v",)}
 
 
 
@@ -67,7 +79,8 @@ def model_files(path: str | os.PathLike, options: dict | None = None) -> tuple[d
     options = options or {}
     root = Path(path)
     problems: list[BackendProblem] = []
-    files: dict[str, Any] = {"dit": [], "text_encoder": None, "vae": None, "image_encoder": None}
+    files: dict[str, Any] = {"dit": [], "text_encoder": None, "vae": None, "image_encoder": None,
+                             "audio_encoder": None}
     overrides = options.get("model_files") or {}
     if not isinstance(overrides, dict):
         overrides = {}
@@ -116,6 +129,11 @@ def model_files(path: str | os.PathLike, options: dict | None = None) -> tuple[d
             problems.append(BackendProblem("model.path", f"`{defaults[component][-1]}.pth` (the "
                                            f"{component.replace('_', ' ')}) is missing in {root}",
                                            "complete the download, or name the file in model.options.model_files"))
+
+    audio = root / AUDIO_ENCODER_FOLDER
+    found_audio = _weight_file(audio, "model") or _weight_file(audio, "pytorch_model")
+    if found_audio is not None:  # only speech-to-video needs it; checked with the task
+        files["audio_encoder"] = str(found_audio)
 
     tokenizer = Path(options["tokenizer"]) if options.get("tokenizer") else root / TOKENIZER
     if not tokenizer.is_absolute():
@@ -203,7 +221,9 @@ def identify(files: dict, path: str) -> dict[str, list[dict] | dict | None]:
     tiny = tiny_configs(path)
     if tiny is not None:
         return {"dit": [tiny["dit"] for _ in files["dit"]],
-                **{c: tiny.get(c) if files.get(c) else None for c in ("text_encoder", "vae", "image_encoder")}}
+                **{c: tiny.get(c) if files.get(c) else None for c in ("text_encoder", "vae", "image_encoder",
+                                                                       "audio_encoder")},
+                "dit_parts": sorted(p for p in ("vace", "animate_adapter") if p in tiny)}
     table = diffsynth_model_table() or []
 
     def lookup(entry_files, model_name):
@@ -216,16 +236,29 @@ def identify(files: dict, path: str) -> dict[str, list[dict] | dict | None]:
         return next((c for c in matches if c["model_name"] == model_name), matches[0] if matches else None)
 
     found: dict[str, Any] = {"dit": [lookup(shards, MODEL_NAMES["dit"]) for shards in files["dit"]]}
-    for component in ("text_encoder", "vae", "image_encoder"):
+    for component in ("text_encoder", "vae", "image_encoder", "audio_encoder"):
         found[component] = lookup(files[component], MODEL_NAMES[component]) if files.get(component) else None
+    # the other models DiffSynth loads from the (first) DiT's file: VACE blocks, the Animate adapter
+    digest = (found["dit"][0] or {}).get("model_hash") if found["dit"] else None
+    found["dit_parts"] = sorted(part for part in ("vace", "animate_adapter")
+                                if any(c.get("model_hash") == digest and c["model_name"] == MODEL_NAMES[part]
+                                       for c in table)) if digest else []
     return found
 
 
 def dit_kind(config: dict) -> str:
-    """t2v, i2v, ti2v (Wan2.2 TI2V-5B: both) or other (control, VACE, speech... models)."""
+    """t2v, i2v, ti2v (Wan2.2 TI2V-5B: both), control (Wan-Fun control: the control video's latents as
+    extra input channels), camera (Wan-Fun camera control: a camera adapter), s2v (Wan2.2-S2V) or other.
+    VACE and Animate checkpoints are a t2v and an i2v DiT with a part beside them (`identify`'s dit_parts)."""
     kwargs = config.get("extra_kwargs") or {}
+    if config.get("model_class", "").endswith("wan_video_dit_s2v.WanS2VModel"):
+        return "s2v"
     if not config.get("model_class", "").endswith("wan_video_dit.WanModel"):
         return "other"
+    if kwargs.get("add_control_adapter"):
+        return "camera"
+    if kwargs.get("in_dim") in (48, 52) and not kwargs.get("fuse_vae_embedding_in_latents"):
+        return "control"
     if kwargs.get("fuse_vae_embedding_in_latents"):
         return "ti2v"
     if kwargs.get("in_dim") == 16 and not kwargs.get("has_image_input"):

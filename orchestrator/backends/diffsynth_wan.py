@@ -13,7 +13,18 @@ every worker after the start.
 
 Tasks: `t2v`; `v2v` (the reference video, read by `orchestrator.media`'s rule, is the `input_video`
 and `generation.denoising_strength` < 1 says how much of it is replaced by noise); `i2v` (the reference
-image is the first frame; needs an image-to-video DiT).
+image is the first frame; needs an image-to-video DiT). Wan's conditioned tasks (issue 23), their inputs
+from `Job.inputs`, each read by media.py's rules and kept per worker:
+  vace     Wan2.1-VACE: the control video as `vace_video`, an optional `vace_reference_image`
+  control  Wan-Fun Control: `control_video` and an optional `reference_image`; Fun Control-Camera: the
+           image as `input_image` and `camera_control_direction`
+  animate  Wan2.2-Animate: the image as `input_image`, `animate_pose_video`, `animate_face_video` (at the
+           adapter's face size); DiffSynth is asked for num_frames + 4 (it drops the reference's latent frame)
+  s2v      Wan2.2-S2V: the image as `input_image`, `input_audio` at 16 kHz through the wav2vec2 encoder of
+           `wav2vec2-large-xlsr-53-english/` (weights and processor); video at 16 fps
+VACE blocks and the Animate adapter are in the DiT's own file: DiffSynth's table lists a second model
+under its fingerprint and loads both; `check()` names the part a folder lacks for its task
+(diffsynth_files.TASK_PARTS).
 
 Options (`model.options`):
   vram_management: true | false | text_encoder
@@ -65,6 +76,9 @@ before denoising, each turning inputs into tensors) with a subclass that remembe
     the noise is still mixed in per job (`scheduler.add_noise` with the job's noise);
   - in i2v, likewise per image, the VAE encoding of the first frame followed by empty frames (as
     costly as encoding a clip) and its CLIP embedding (`WanVideoUnit_ImageEmbedderVAE`, `..CLIP`).
+  - in the conditioned tasks, the VAE encodings of each control video (with its reference image), pose
+    video and Fun reference image, and the wav2vec2 features of each audio file (`per_input`,
+    `CachedS2V`), per input; S2V's empty motion frames once per worker.
 TI2V-5B's fused first-frame latents depend on the job's noise and are encoded per job (one frame).
 
 Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline
@@ -92,9 +106,9 @@ from ..checkpoints.releases import download_fix
 from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identity, option_problems,
                    speed_card_problems)
 from .cuda import job_memory, release_memory
-from .diffsynth_files import COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, dit_kind, identify, model_files, tiny_configs
+from .diffsynth_files import (AUDIO_ENCODER_FOLDER, COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, PART_NAMES, TASK_DITS,
+                              TASK_PARTS, dit_kind, identify, model_files, tiny_configs)
 
-TASKS_RUN = ("t2v", "i2v", "v2v")  # model.task values this backend runs
 OPTIONS: dict[str, tuple] = {
     "vram_management": (bool, str), "vram_limit_gib": (int, float), "tiled": (bool,),
     "tile_size": (list,), "tile_stride": (list,), "tokenizer": (str,), "model_files": (dict,),
@@ -106,6 +120,10 @@ EXTRA: dict[str, tuple] = {
     "sliding_window_stride": (int,),
 }
 DEFAULT_TILE = ([30, 52], [15, 26])
+AUDIO_SAMPLE_RATE = 16000  # Wan2.2-S2V's wav2vec2 encoder hears 16 kHz
+S2V_FPS = 16  # DiffSynth's S2V unit times the audio features at 16 video frames a second
+# How a worker reads ahead each role of Job.inputs (the face video has its own cache, at its size)
+INPUT_KINDS = {"audio": "audio", "reference_image": "image", "pose_video": "video"}
 
 
 def _pair(value) -> bool:
@@ -125,10 +143,6 @@ class DiffSynthWanBackend(Backend):
     def check(cls, manifest) -> list[str | BackendProblem]:
         model, g = manifest.model, manifest.generation
         o = model.options
-        if model.task not in TASKS_RUN:  # the conditioned tasks (issue 23) are not wired here yet
-            return [BackendProblem("model.task", f"the diffsynth backend cannot run model.task {model.task}: it "
-                                   f"runs {', '.join(TASKS_RUN)}", "use model.backend: synthetic to try the sweep, "
-                                   "or a backend that runs this task (README's task table)")]
         found, failed = option_problems("diffsynth", o, OPTIONS, {"vram_management": (True, False, "text_encoder")})
         problems: list[str | BackendProblem] = list(found)
         for key, value in o.items():
@@ -182,6 +196,11 @@ class DiffSynthWanBackend(Backend):
             problems.append(BackendProblem(
                 "generation.denoising_strength", f"denoising_strength {g.denoising_strength} applies to "
                 f"video-to-video only; task {model.task} starts from pure noise", "remove it (or set 1.0)"))
+        if model.task == "s2v" and g.fps != S2V_FPS:
+            problems.append(BackendProblem(
+                "generation.fps", f"generation.fps is {g.fps}; Wan2.2-S2V makes {S2V_FPS} fps video and DiffSynth "
+                f"times the audio features at {S2V_FPS} frames a second, so the speech would drift from the lips",
+                f"use fps: {S2V_FPS}"))
         if isinstance(manifest.resources.gpus_per_worker, int) and manifest.resources.gpus_per_worker > 1:
             problems.append(BackendProblem(
                 "resources.gpus_per_worker", "the diffsynth backend runs a worker on one card",
@@ -205,6 +224,8 @@ class DiffSynthWanBackend(Backend):
         if missing:
             return problems
         problems.extend(cls._check_models(model, g, files))
+        if model.task == "control":
+            problems.extend(_control_problems(manifest, files))
         return problems
 
     @staticmethod
@@ -259,17 +280,18 @@ class DiffSynthWanBackend(Backend):
             if not config:
                 continue  # could not be fingerprinted here; the worker's loader decides
             kind = dit_kind(config)
-            needs = {"t2v": ("t2v", "ti2v"), "v2v": ("t2v", "ti2v"), "i2v": ("i2v", "ti2v")}[model.task]
+            needs = TASK_DITS.get(model.task, ())
             if kind not in needs:
                 problems.append(BackendProblem(
                     "model.task", f"the DiT in {where} is a {kind} model; task {model.task} needs "
                     f"{' or '.join(needs)}", "use a matching Wan checkpoint or change model.task"))
             kwargs = config.get("extra_kwargs") or {}
-            if (model.task == "i2v" and kwargs.get("has_image_input") and kwargs.get("require_clip_embedding", True)
+            if (model.task in ("i2v", "animate") and kwargs.get("has_image_input") and kwargs.get("require_clip_embedding", True)
                     and not files.get("image_encoder")):
                 problems.append(BackendProblem(
                     "model.path", f"this image-to-video DiT needs the image encoder `{IMAGE_ENCODER}.pth`, "
                     f"missing in {where}", "complete the download"))
+        problems.extend(_part_problems(model, files, found))
         vae = found.get("vae") or {}
         if vae.get("model_class", "").endswith("WanVideoVAE38"):
             for key in ("width", "height"):
@@ -289,6 +311,10 @@ class DiffSynthWanBackend(Backend):
         if manifest.model.task == "v2v":
             notes.append("diffsynth: a reference video is VAE-encoded once per worker and reused for all its "
                          "prompts × seeds")
+        elif manifest.model.task in TASK_DITS and manifest.model.task not in ("t2v", "i2v"):
+            what = {"vace": "control video (with its reference image)", "control": "control video",
+                    "animate": "pose video", "s2v": "audio file's wav2vec2 features"}[manifest.model.task]
+            notes.append(f"diffsynth: each {what} is encoded once per worker and reused for all its prompts × seeds")
         return notes
 
     # ------------------------------------------------------------------------------------------
@@ -314,18 +340,37 @@ class DiffSynthWanBackend(Backend):
         pipe = WanVideoPipeline(device=self.device, torch_dtype=self.dtype)
         seconds: dict[str, float] = {}
         loaded: dict[str, Any] = {}
-        for component in COMPONENTS:
-            if component == "image_encoder" and self.model.task != "i2v":
-                continue  # only image-to-video uses it
-            entries = files["dit"] if component == "dit" else [files[component]] if files[component] else []
+        parts = TASK_PARTS.get(self.model.task, ())
+        for component in COMPONENTS + parts:
+            if component == "image_encoder" and self.model.task not in ("i2v", "animate", "control"):
+                continue  # only the tasks with a first frame or reference image use it
+            if component in ("vace", "animate_adapter"):
+                if tiny is None:
+                    continue  # loaded with the DiT, from the same file
+                entries = files["dit"]  # the part's own converter takes its tensors from the DiT's file
+            else:
+                entries = files["dit"] if component == "dit" else [files[component]] if files[component] else []
             for entry in entries:
                 t0 = time.perf_counter()
                 config = dict(vram_config) if self._managed(component) else self._plain_config()
-                model = (self._load_tiny(component, entry, tiny[component], config, vram_limit) if tiny
-                         else self._load_recognised(component, entry, config, vram_limit))
-                loaded.setdefault(component, []).append(model)
+                if tiny:
+                    loaded.setdefault(component, []).append(
+                        self._load_tiny(component, entry, tiny[component], config, vram_limit))
+                else:
+                    models = self._load_recognised(component, entry, config, vram_limit)
+                    for name, model in models.items():  # a DiT's file may hold VACE blocks or the Animate adapter
+                        part = next((c for c, n in MODEL_NAMES.items() if n == name), None)
+                        if part == component or (part in parts and component == "dit"):
+                            loaded.setdefault(part, []).append(model)
                 seconds[component] = round(seconds.get(component, 0.0) + time.perf_counter() - t0, 3)
+        for part in parts:
+            if not loaded.get(part):
+                raise ValueError(f"task {self.model.task} needs {PART_NAMES[part]}, which {self.model.path} does "
+                                 "not hold")
         self._assemble(pipe, loaded)
+        if "audio_encoder" in parts:
+            from transformers import Wav2Vec2Processor
+            pipe.audio_processor = Wav2Vec2Processor.from_pretrained(Path(files["audio_encoder"]).parent)
         speed_facts = self._apply_speed(pipe)
         t0 = time.perf_counter()
         from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer
@@ -337,6 +382,8 @@ class DiffSynthWanBackend(Backend):
         self.pipe = pipe
 
         self.references = self.reference_cache(self.generation)
+        # Animate's face video is read at the square size its motion encoder takes (512 in the release)
+        self.face_size = _face_size(pipe.animate_adapter) if pipe.animate_adapter is not None else None
         self._job: dict = {}
         self.load_info = {
             "backend": self.name, "load_seconds": round(time.perf_counter() - started, 3),
@@ -389,14 +436,14 @@ class DiffSynthWanBackend(Backend):
         return config, (round(float(limit), 2) if limit is not None and self.cuda else None)
 
     def _load_recognised(self, component: str, entry, config: dict, vram_limit):
-        """DiffSynth's own path: fingerprint the file, find it in the model table, load it."""
+        """DiffSynth's own path: fingerprint the file, find it in the model table, load it (every model the
+        table lists under that fingerprint: {model name: model})."""
         from diffsynth.models.model_loader import ModelPool
         pool = ModelPool()
         pool.auto_load_model(entry, vram_config=config, vram_limit=vram_limit)
-        for model, name in zip(pool.model, pool.model_name):
-            if name == MODEL_NAMES[component]:
-                return model
-        raise ValueError(f"{entry} loaded as {pool.model_name}, not as the {component}")
+        if MODEL_NAMES[component] not in pool.model_name:
+            raise ValueError(f"{entry} loaded as {pool.model_name}, not as the {component}")
+        return dict(zip(pool.model_name, pool.model))  # with what else the file holds (VACE, Animate)
 
     def _load_tiny(self, component: str, entry, spec: dict, config: dict, vram_limit):
         """Test folders only: the class and configuration come from the folder's marker instead of the
@@ -404,7 +451,8 @@ class DiffSynthWanBackend(Backend):
         from diffsynth.core.loader import load_model
         from diffsynth.models.model_loader import ModelPool
         pool = ModelPool()
-        model_class = _tiny_vae_class() if spec.get("tiny_vae") else pool.import_model_class(spec["model_class"])
+        tiny_class = "vae" if spec.get("tiny_vae") else spec.get("tiny_class")
+        model_class = tiny_model_class(tiny_class) if tiny_class else pool.import_model_class(spec["model_class"])
         converter = pool.import_model_class(spec["state_dict_converter"]) if spec.get("state_dict_converter") else None
         return load_model(model_class, entry, spec.get("extra_kwargs", {}), config["computation_dtype"],
                           config["computation_device"], converter, use_disk_map=True, vram_config=config,
@@ -419,6 +467,11 @@ class DiffSynthWanBackend(Backend):
         pipe.dit2 = dits[1] if len(dits) > 1 else None
         pipe.vae = loaded["vae"][0]
         pipe.image_encoder = loaded.get("image_encoder", [None])[0]
+        vace = loaded.get("vace", [])
+        pipe.vace = vace[0] if vace else None
+        pipe.vace2 = vace[1] if len(vace) > 1 else None  # Wan2.2 VACE-Fun A14B: one per expert
+        pipe.animate_adapter = loaded.get("animate_adapter", [None])[0]
+        pipe.audio_encoder = loaded.get("audio_encoder", [None])[0]
         pipe.height_division_factor = pipe.width_division_factor = pipe.vae.upsampling_factor * 2
 
     def _install_caches(self, pipe) -> None:
@@ -428,6 +481,7 @@ class DiffSynthWanBackend(Backend):
         reference_limit = int(self.options.get("reference_cache", 4))
         self.prompt_cache: OrderedDict[str, Any] = OrderedDict()
         self.reference_latents: OrderedDict[tuple, Any] = OrderedDict()
+        self.input_encodings: OrderedDict[tuple, Any] = OrderedDict()  # conditioned tasks' inputs, encoded
 
         class CachedPromptEmbedder(wv.WanVideoUnit_PromptEmbedder):
             def process(self, pipe, **inputs) -> dict:
@@ -510,7 +564,73 @@ class DiffSynthWanBackend(Backend):
                     return out
             return CachedPerImage
 
+        def per_input(unit_class, keyed: tuple, unless: tuple = ()):
+            """A conditioned task's unit whose output depends on the inputs named `keyed` (each read once per
+            worker, carrying its cache_key) and the worker's fixed settings only: kept per input, so the
+            jobs of one control video, pose video or reference image (prompts × seeds) encode it once.
+            Runs uncached when an input in `unless` is given (its output then depends on the job)."""
+            class CachedPerInput(unit_class):
+                def process(self, pipe, **inputs) -> dict:
+                    given = [inputs.get(k) for k in keyed]
+                    keys = tuple(getattr(v, "cache_key", None) for v in given)
+                    if (all(v is None for v in given) or any(v is not None and k is None for v, k in zip(given, keys))
+                            or any(inputs.get(k) is not None for k in unless)):
+                        return super().process(pipe, **inputs)
+                    settings = sorted((k, v) for k, v in inputs.items()
+                                      if k not in keyed and (v is None or isinstance(v, (str, int, float, tuple))))
+                    key = (unit_class.__name__, keys, repr(settings))
+                    encodings = backend._job.setdefault("input_encodings", {})
+                    out = backend.input_encodings.get(key)
+                    if out is not None:
+                        backend.input_encodings.move_to_end(key)
+                        encodings[unit_class.__name__] = "reused"
+                        return dict(out)
+                    out = super().process(pipe, **inputs)
+                    encodings[unit_class.__name__] = "encoded"
+                    backend.input_encodings[key] = dict(out)
+                    while len(backend.input_encodings) > 4 * reference_limit:
+                        backend.input_encodings.popitem(last=False)
+                    return out
+            return CachedPerInput
+
+        class CachedS2V(wv.WanVideoUnit_S2V):
+            # The audio features (wav2vec2 over the whole clip) depend on the audio file and the length only;
+            # the motion latents without a motion video are the VAE encoding of 73 empty frames of the
+            # worker's size: both are kept instead of recomputed per job.
+            def process_audio(self, pipe, input_audio, audio_sample_rate, num_frames, fps=16, audio_embeds=None,
+                              return_all=False):
+                key = getattr(input_audio, "cache_key", None)
+                if key is None or audio_embeds is not None or return_all:
+                    return super().process_audio(pipe, input_audio, audio_sample_rate, num_frames, fps,
+                                                 audio_embeds, return_all)
+                key = ("audio", key, audio_sample_rate, num_frames, fps)
+                encodings = backend._job.setdefault("input_encodings", {})
+                out = backend.input_encodings.get(key)
+                encodings["audio_features"] = "encoded" if out is None else "reused"
+                if out is None:
+                    out = backend.input_encodings[key] = super().process_audio(
+                        pipe, input_audio, audio_sample_rate, num_frames, fps)
+                return dict(out)
+
+            def process_motion_latents(self, pipe, height, width, tiled, tile_size, tile_stride, motion_video=None):
+                if motion_video is not None:
+                    return super().process_motion_latents(pipe, height, width, tiled, tile_size, tile_stride,
+                                                          motion_video)
+                key = ("empty motion", height, width, tiled, tuple(tile_size or ()), tuple(tile_stride or ()))
+                if key not in backend.input_encodings:
+                    backend.input_encodings[key] = super().process_motion_latents(
+                        pipe, height, width, tiled, tile_size, tile_stride)
+                return dict(backend.input_encodings[key])
+
         replacements = {wv.WanVideoUnit_PromptEmbedder: CachedPromptEmbedder,
+                        wv.WanVideoUnit_VACE: per_input(wv.WanVideoUnit_VACE,
+                                                        ("vace_video", "vace_video_mask", "vace_reference_image")),
+                        wv.WanVideoUnit_FunControl: per_input(wv.WanVideoUnit_FunControl, ("control_video",),
+                                                              unless=("clip_feature", "y")),
+                        wv.WanVideoUnit_FunReference: per_input(wv.WanVideoUnit_FunReference, ("reference_image",)),
+                        wv.WanVideoUnit_AnimatePoseLatents: per_input(wv.WanVideoUnit_AnimatePoseLatents,
+                                                                      ("animate_pose_video",)),
+                        wv.WanVideoUnit_S2V: CachedS2V,
                         wv.WanVideoUnit_InputVideoEmbedder: CachedInputVideoEmbedder,
                         wv.WanVideoUnit_ImageEmbedderVAE: per_image(wv.WanVideoUnit_ImageEmbedderVAE),
                         wv.WanVideoUnit_ImageEmbedderCLIP: per_image(wv.WanVideoUnit_ImageEmbedderCLIP)}
@@ -523,8 +643,73 @@ class DiffSynthWanBackend(Backend):
             raise RuntimeError("this diffsynth version's WanVideoPipeline lacks the units the caches replace")
 
     def prepare(self, job) -> None:
-        if getattr(self, "references", None) is not None and job.reference:
-            self.reference_cache(self.generation_for(job)).prefetch(job.reference)
+        if getattr(self, "references", None) is None:
+            return
+        g = self.generation_for(job)
+        references = self.reference_cache(g)
+        if job.reference:
+            references.prefetch(job.reference)
+        for role, value in (getattr(job, "inputs", None) or {}).items():
+            if role == "face_video":
+                self.reference_cache(g, square=self.face_size or g.height).prefetch(value, "video")
+            elif role in INPUT_KINDS:
+                references.prefetch(value, INPUT_KINDS[role])
+
+    def _task_inputs(self, job, kwargs: dict, g) -> None:
+        """The pipeline arguments of the job's task, from its reference and its `inputs` (read by
+        orchestrator.media's rules through the worker's ReferenceCache at the job's size, length and rate
+        `g`, each carrying the key the encoding caches file it under: its path, and that shape)."""
+        from PIL import Image
+        task, inputs = self.model.task, dict(getattr(job, "inputs", None) or {})
+        references, shape = self.reference_cache(g), f"{g.width}x{g.height}x{g.num_frames}@{g.fps}"
+
+        def image(path):
+            picture = Image.fromarray(references.image(path))
+            picture.cache_key = path if (g.width, g.height) == (self.generation.width, self.generation.height) \
+                else f"{path}:{g.width}x{g.height}"
+            return picture
+
+        def clip(path, cache=None):
+            return _Clip((cache or references).video(path), f"{path}:{shape}")
+
+        def needs(role):
+            if not inputs.get(role):
+                raise ValueError(f"task {task} needs the job's `{role}` input, which {job.key} lacks")
+            return inputs[role]
+        if task == "v2v":
+            # (the clip's latents are kept per reference and per size, length and rate: axes change them)
+            kwargs["input_video"] = clip(job.reference)
+            kwargs["denoising_strength"] = g.denoising_strength
+        elif task == "i2v":
+            kwargs["input_image"] = image(job.reference)  # also keys the per-image caches
+        elif task == "vace":
+            kwargs["vace_video"] = clip(job.reference)
+            if inputs.get("reference_image"):
+                kwargs["vace_reference_image"] = image(inputs["reference_image"])
+        elif task == "control":
+            if _kind_of(job.reference) == "image":  # camera control from a first frame (Wan-Fun Control-Camera)
+                kwargs["input_image"] = image(job.reference)
+            else:
+                kwargs["control_video"] = clip(job.reference)
+            if inputs.get("reference_image"):
+                if not getattr(self.pipe.dit, "has_ref_conv", False):
+                    raise ValueError(f"{job.key}: this control DiT takes no reference image (it has no reference "
+                                     "conv: Wan2.1-Fun V1.0); leave reference_image out or use a V1.1 / Wan2.2 Fun model")
+                kwargs["reference_image"] = image(inputs["reference_image"])
+            if inputs.get("camera"):
+                kwargs["camera_control_direction"] = inputs["camera"]
+        elif task == "animate":
+            kwargs["input_image"] = image(job.reference)
+            kwargs["animate_pose_video"] = clip(needs("pose_video"))
+            kwargs["animate_face_video"] = clip(needs("face_video"),
+                                                self.reference_cache(g, square=self.face_size or g.height))
+            # DiffSynth drops the first latent frame (the reference image's) after denoising: asked for 4
+            # frames more, it returns num_frames frames driven by num_frames of pose and face.
+            kwargs["num_frames"] = g.num_frames + 4
+        elif task == "s2v":
+            kwargs["input_image"] = image(job.reference)
+            kwargs["input_audio"] = _Audio(references.audio(needs("audio")), f"{inputs['audio']}:{shape}")
+            kwargs["audio_sample_rate"] = AUDIO_SAMPLE_RATE
 
     def generate(self, job, progress) -> np.ndarray:
         torch = self.torch
@@ -543,16 +728,7 @@ class DiffSynthWanBackend(Backend):
         if g.shift is not None:
             kwargs["sigma_shift"] = float(g.shift)
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
-            if self.model.task == "v2v":
-                # (the clip's latents are kept per reference and per size, length and rate: axes change them)
-                kwargs["input_video"] = _Clip(self.reference_cache(g).video(job.reference),
-                                              f"{job.reference}:{g.width}x{g.height}x{g.num_frames}@{g.fps}")
-                kwargs["denoising_strength"] = g.denoising_strength
-            elif self.model.task == "i2v":
-                from PIL import Image
-                image = Image.fromarray(self.reference_cache(g).image(job.reference))
-                image.cache_key = job.reference  # for the per-image caches
-                kwargs["input_image"] = image
+            self._task_inputs(job, kwargs, g)
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
             with speed_settings.sdpa_kernel(self.model.speed.attention):
                 video = self.pipe(**kwargs)
@@ -620,7 +796,18 @@ class DiffSynthWanBackend(Backend):
         self.pipe = None
         self.prompt_cache = OrderedDict()
         self.reference_latents = OrderedDict()
+        self.input_encodings = OrderedDict()
         release_memory(getattr(self, "cuda", False))
+
+
+class _Audio(np.ndarray):
+    """A job's audio samples as DiffSynth's `input_audio`, carrying the key the audio-feature cache files
+    them under."""
+
+    def __new__(cls, samples: np.ndarray, key: str):
+        audio = np.asarray(samples).view(cls)
+        audio.cache_key = key
+        return audio
 
 
 class _Clip(list):
@@ -632,6 +819,70 @@ class _Clip(list):
         self.cache_key = key
 
 
+def _part_problems(model, files, found) -> list[BackendProblem]:
+    """The parts a conditioned task needs besides the DiT (diffsynth_files.TASK_PARTS), named when missing."""
+    problems = []
+    where = model.path
+    if not found["dit"] or not all(found["dit"]):
+        return problems  # the DiT itself is reported (or could not be fingerprinted here)
+    for part in TASK_PARTS.get(model.task, ()):
+        if part == "audio_encoder":
+            folder = Path(model.path) / AUDIO_ENCODER_FOLDER
+            if not files.get("audio_encoder"):
+                problems.append(BackendProblem(
+                    "model.path", f"task s2v needs {PART_NAMES[part]}: no `{AUDIO_ENCODER_FOLDER}/model.safetensors` "
+                    f"in {where}", "complete the Wan2.2-S2V-14B download (the folder is part of the release)"))
+            elif not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+                problems.append(BackendProblem(
+                    "model.path", f"`{AUDIO_ENCODER_FOLDER}/preprocessor_config.json` (the audio processor) is "
+                    f"missing in {where}", "complete the Wan2.2-S2V-14B download"))
+            elif found.get("audio_encoder") is None:
+                problems.append(BackendProblem(
+                    "model.path", f"`{AUDIO_ENCODER_FOLDER}/{Path(files['audio_encoder']).name}` in {where} is not "
+                    "the wav2vec2 audio encoder DiffSynth recognises", "use the file as released"))
+        elif part not in found.get("dit_parts", ()):
+            problems.append(BackendProblem(
+                "model.task", f"task {model.task} needs {PART_NAMES[part]}, which the DiT's file in {where} "
+                "does not hold", "use the matching release (e.g. Wan2.1-VACE-14B for vace, Wan2.2-Animate-14B "
+                "for animate) or change model.task"))
+    return problems
+
+
+def _control_problems(manifest, files) -> list[BackendProblem]:
+    """Task control's two kinds of model take different inputs: a Fun control DiT a control video
+    (`control:`), a Fun camera-control DiT a first frame and a direction (`images:` and `camera:`)."""
+    found = identify(files, manifest.model.path)
+    kinds = {dit_kind(config) for config in found["dit"] if config}
+    if len(kinds) != 1:
+        return []  # not recognised (reported already) or not fingerprinted here
+    camera_model = kinds == {"camera"}
+    problems = []
+    for category in manifest.categories:
+        has_camera = any("camera" in ref.inputs for ref in category.references)
+        if camera_model and (category.kind != "images" or not has_camera):
+            problems.append(BackendProblem(
+                f"categories.{category.name}", f"category `{category.name}`: the DiT in {manifest.model.path} is a "
+                "camera-control model (Wan-Fun Control-Camera): it moves a first frame by a camera direction",
+                "give `images:` and `camera:` (README's task table), or use a Fun control model for control videos"))
+        elif not camera_model and has_camera:
+            problems.append(BackendProblem(
+                f"categories.{category.name}.camera", f"category `{category.name}`: `camera:` needs a camera-control "
+                f"DiT (Wan-Fun Control-Camera); the one in {manifest.model.path} takes control videos",
+                "leave `camera:` out, or use a Control-Camera checkpoint"))
+    return problems
+
+
+def _face_size(adapter) -> int:
+    """The side of the face crops Animate's motion encoder takes: its appearance encoder halves the
+    picture once per layer down to 4×4 (diffsynth's EncoderApp), so the side is 2 ** its layer count."""
+    return 2 ** len(adapter.motion_encoder.enc.net_app.convs)
+
+
+def _kind_of(path: str) -> str:
+    from ..media import _kind_of as kind
+    return kind(path)
+
+
 def _quiet_vae_progress() -> None:
     """DiffSynth's tiled VAE prints a tqdm bar per call; in a worker's pane it would bury our step lines."""
     from functools import partial
@@ -641,13 +892,18 @@ def _quiet_vae_progress() -> None:
     wan_video_vae.tqdm = partial(tqdm, disable=True)
 
 
-_TINY_VAE = None
+_TINY_CLASSES: dict = {}
 
 
-def _tiny_vae_class():
-    """WanVideoVAE (its scaling, tiling, encode/decode) around a VideoVAE_ of tiny width."""
-    global _TINY_VAE
-    if _TINY_VAE is None:
+def tiny_model_class(kind: str):
+    """DiffSynth's classes (their forward passes, loading and VRAM wrappers) at tiny widths, for test
+    folders only: the parts whose widths DiffSynth hard-codes to the released sizes. `vae`: WanVideoVAE
+    around a VideoVAE_ of tiny width; `animate_adapter`: Wan2.2-Animate's adapter (pose embedding, face
+    motion encoder, face blocks) at the tiny DiT's width; `audio_encoder`: Wan2.2-S2V's wav2vec2 encoder
+    with its 24 layers (the S2V DiT weighs all 25 hidden states) but a tiny width."""
+    if kind in _TINY_CLASSES:
+        return _TINY_CLASSES[kind]
+    if kind == "vae":
         from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
         class TinyWanVideoVAE(WanVideoVAE):
@@ -655,5 +911,36 @@ def _tiny_vae_class():
                 super().__init__(z_dim=z_dim)  # under DiffSynth's loader this builds on the meta device
                 self.model = VideoVAE_(dim=dim, z_dim=z_dim, dim_mult=list(dim_mult),
                                        num_res_blocks=num_res_blocks).eval().requires_grad_(False)
-        _TINY_VAE = TinyWanVideoVAE
-    return _TINY_VAE
+        _TINY_CLASSES[kind] = TinyWanVideoVAE
+    elif kind == "animate_adapter":
+        import torch
+        from diffsynth.models.wan_video_animate_adapter import (FaceAdapter, FaceEncoder, Generator,
+                                                                WanAnimateAdapter)
+
+        class TinyWanAnimateAdapter(WanAnimateAdapter):
+            def __init__(self, dim=24, num_heads=2, num_adapter_layers=1, face_size=4, z_dim=16):
+                torch.nn.Module.__init__(self)  # the released sizes are hard-coded in WanAnimateAdapter's
+                self.pose_patch_embedding = torch.nn.Conv3d(z_dim, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+                self.motion_encoder = Generator(size=face_size, style_dim=512, motion_dim=20)
+                self.face_adapter = FaceAdapter(heads_num=num_heads, hidden_dim=dim,
+                                                num_adapter_layers=num_adapter_layers)
+                self.face_encoder = FaceEncoder(in_dim=512, hidden_dim=dim, num_heads=1)
+        _TINY_CLASSES[kind] = TinyWanAnimateAdapter
+    elif kind == "audio_encoder":
+        import torch
+        from diffsynth.models.wav2vec import WanS2VAudioEncoder
+        from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+        class TinyWanS2VAudioEncoder(WanS2VAudioEncoder):
+            def __init__(self, hidden_size=16, conv_dim=8, num_hidden_layers=24):
+                torch.nn.Module.__init__(self)
+                self.model = Wav2Vec2ForCTC(Wav2Vec2Config(
+                    hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=2,
+                    num_hidden_layers=num_hidden_layers, conv_dim=[conv_dim] * 7, num_conv_pos_embeddings=16,
+                    num_conv_pos_embedding_groups=2, do_stable_layer_norm=True, feat_extract_norm="layer",
+                    vocab_size=33))
+                self.video_rate = 30
+        _TINY_CLASSES[kind] = TinyWanS2VAudioEncoder
+    else:
+        raise ValueError(f"no tiny class {kind!r}")
+    return _TINY_CLASSES[kind]

@@ -3,6 +3,12 @@
   task t2v  `WanPipeline`                Wan2.1 T2V, Wan2.2 T2V-A14B (two experts), TI2V-5B
   task i2v  `WanImageToVideoPipeline`    Wan2.1 I2V (CLIP image encoder), Wan2.2 I2V-A14B, TI2V-5B
   task v2v  `WanVideoToVideoPipeline`    motion transfer from a reference video, `denoising_strength`
+  task vace `WanVACEPipeline`            Wan2.1-VACE: the control video (`video`), an optional reference
+                                         image (`reference_images`)
+  task animate `WanAnimatePipeline`      Wan2.2-Animate: the image driven by the pose and face videos
+                                         (one segment of num_frames; the face video at the motion
+                                         encoder's size, 512 in the release)
+Tasks s2v and control have no diffusers pipeline: `check` names the backends that run them.
 
 One worker loads the checkpoint once (its components in parallel threads, memory-mapped from
 safetensors, timed one by one: `checkpoints.load_components`) and keeps it for every job. Wan 2.2's
@@ -54,7 +60,16 @@ from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identit
                    speed_card_problems)
 from .cuda import job_memory, release_memory
 
-PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"}
+PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline",
+             "vace": "WanVACEPipeline", "animate": "WanAnimatePipeline"}
+# The transformer class a conditioned task's checkpoint has (model_index.json), and the release it comes from
+TASK_TRANSFORMERS = {"vace": ("WanVACETransformer3DModel", "Wan2.1-VACE-14B-diffusers"),
+                     "animate": ("WanAnimateTransformer3DModel", "Wan2.2-Animate-14B-Diffusers")}
+# The conditioned tasks diffusers 0.42 has no pipeline for, and the backends that run them
+ELSEWHERE = {"s2v": "backend: diffsynth (or command, Wan's generate.py s2v-14B)",
+             "control": "backend: diffsynth (Wan-Fun control and camera control)"}
+# How a worker reads ahead each role of Job.inputs (the face video has its own cache, at its size)
+INPUT_KINDS = {"reference_image": "image", "pose_video": "video"}
 OPTIONS = {"offload": str, "group_offload_blocks": int, "vae_tiling": bool, "vae_slicing": bool,
            "text_encoder": str, "device_map": str, "max_memory_gib": (int, float), "parallel_load": bool,
            "max_sequence_length": int, "prompt_cache": int}
@@ -79,6 +94,8 @@ def read_checkpoint_config(path: str | Path) -> dict:
         "image_encoder": bool(index.get("image_encoder") and index["image_encoder"][0]),
         "spatial": int(vae.get("scale_factor_spatial") or 8) * int(patch[-1]),
         "heads": transformer.get("num_attention_heads"),
+        "transformer_class": (index.get("transformer") or [None, None])[1],
+        "face_size": transformer.get("motion_encoder_size"),
     }
 
 
@@ -117,10 +134,10 @@ class DiffusersWanBackend(Backend):
     @classmethod
     def check(cls, manifest) -> list:
         model, g = manifest.model, manifest.generation
-        if model.task not in PIPELINES:  # the conditioned tasks (issue 23) have no pipeline here yet
-            return [BackendProblem("model.task", f"the diffusers backend cannot run model.task {model.task}: it "
-                                   f"runs {', '.join(PIPELINES)}", "use model.backend: synthetic to try the sweep, "
-                                   "or a backend that runs this task (README's task table)")]
+        if model.task not in PIPELINES:
+            return [BackendProblem("model.task", f"diffusers has no pipeline for task {model.task}; the diffusers "
+                                   f"backend runs {', '.join(PIPELINES)}",
+                                   f"use {ELSEWHERE.get(model.task, 'another backend')} (README's task table)")]
         problems, _ = option_problems("diffusers", model.options, OPTIONS, CHOICES)
         if model.options.get("device_map") and model.options.get("offload", "none") != "none":
             problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",
@@ -147,10 +164,20 @@ class DiffusersWanBackend(Backend):
         except (OSError, ValueError) as exc:
             return problems + [BackendProblem("model.path", f"cannot read the checkpoint's configs: {exc}")]
         task, ti2v = model.task, info["expand_timesteps"]
+        wanted = TASK_TRANSFORMERS.get(task)
+        if wanted and info["transformer_class"] != wanted[0]:
+            return problems + [BackendProblem(
+                "model.task", f"task {task} needs a {wanted[0]} (as in {wanted[1]}); model.path `{model.path}` has a "
+                f"{info['transformer_class']}", f"use a {task} checkpoint (e.g. Wan-AI/{wanted[1]}) or change model.task")]
+        mine = next((t for t, (cls_name, _) in TASK_TRANSFORMERS.items() if cls_name == info["transformer_class"]), None)
+        if mine and mine != task:
+            return problems + [BackendProblem(
+                "model.task", f"model.path `{model.path}` is a {mine} checkpoint ({info['transformer_class']}); task "
+                f"{task} needs another", f"use task: {mine}")]
         if task == "i2v" and not (info["image_conditioned"] or ti2v):
             problems.append(BackendProblem("model.task", f"model.path `{model.path}` is a text-to-video "
                                            "checkpoint; task i2v needs an image-to-video one (I2V or TI2V-5B)"))
-        if task in ("t2v", "v2v") and info["image_conditioned"]:
+        if task in ("t2v", "v2v", "vace") and info["image_conditioned"]:
             problems.append(BackendProblem("model.task", f"model.path `{model.path}` is an image-to-video "
                                            f"checkpoint; task {task} needs a text-to-video one", "use task: i2v"))
         if task == "v2v" and (info["two_experts"] or ti2v):
@@ -198,9 +225,9 @@ class DiffusersWanBackend(Backend):
         size = f"{weights / 2**30:.1f} GiB" if weights >= 2**30 else f"{weights / 2**20:.1f} MiB"
         notes = [f"diffusers: each worker loads the checkpoint once ({size} of weights) and "
                  "keeps it; prompt embeddings are cached per worker"]
-        if manifest.model.task == "v2v":
-            notes.append("diffusers: each reference video is VAE-encoded once per worker and reused for all its "
-                         "prompts × seeds")
+        if manifest.model.task in ("v2v", "vace"):
+            notes.append(f"diffusers: each {'control' if manifest.model.task == 'vace' else 'reference'} video is "
+                         "VAE-encoded once per worker and reused for all its prompts × seeds")
         return notes
 
     # ------------------------------------------------------------------------------------------
@@ -255,6 +282,7 @@ class DiffusersWanBackend(Backend):
         self.text_on_cpu = o.get("text_encoder") == "cpu" and o.get("offload", "none") == "none"
         self.embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self.references = self.reference_cache(self.generation)
+        self.face_size = info["face_size"] or 512  # Animate's face crops, at its motion encoder's size
         self.encoded: OrderedDict[str, object] = OrderedDict()  # v2v latents / i2v image embeddings
         self._job: dict = {}
         self.load_info = {
@@ -334,8 +362,15 @@ class DiffusersWanBackend(Backend):
 
     def prepare(self, job) -> None:
         if job.reference:
-            self.reference_cache(self.generation_for(job)).prefetch(
-                job.reference, kind="image" if self.model.task == "i2v" else "video")
+            g = self.generation_for(job)
+            self.reference_cache(g).prefetch(job.reference, kind="image" if self.model.task in ("i2v", "animate")
+                                             else "video")
+        for role, value in (getattr(job, "inputs", None) or {}).items():
+            g = self.generation_for(job)
+            if role == "face_video":
+                self.reference_cache(g, square=self.face_size).prefetch(value, "video")
+            elif role in INPUT_KINDS:
+                self.reference_cache(g).prefetch(value, INPUT_KINDS[role])
 
     # ------------------------------------------------------------------------------------------
 
@@ -369,7 +404,7 @@ class DiffusersWanBackend(Backend):
         if cached is None:
             cached = make()
             self.encoded[key] = cached
-            while len(self.encoded) > 2:
+            while len(self.encoded) > 6:  # a few references' worth: animate keeps three encodings per job
                 self.encoded.popitem(last=False)
         return cached
 
@@ -431,8 +466,12 @@ class DiffusersWanBackend(Backend):
                 kwargs["guidance_scale_2"] = low
             if task == "v2v":
                 kwargs.update(latents=self._video_latents(job, generator), strength=g.denoising_strength)
+            elif task == "animate":
+                kwargs["segment_frame_length"] = g.num_frames  # one segment: num_frames of pose make the video
             else:
                 kwargs["num_frames"] = g.num_frames
+            if task in ("vace", "animate"):
+                self._conditioned_inputs(job, kwargs, g)
             if task == "i2v":
                 from PIL import Image
                 image = Image.fromarray(self.reference_cache(g).image(job.reference))
@@ -459,6 +498,47 @@ class DiffusersWanBackend(Backend):
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video
 
+    def _conditioned_inputs(self, job, kwargs: dict, g) -> None:
+        """VACE's and Animate's pipeline arguments, from the job's reference and `inputs` (read by
+        orchestrator.media's rules through the worker's ReferenceCache at the job's size, length and
+        rate `g`; what is kept per file is kept per that shape too)."""
+        from PIL import Image
+        inputs = dict(getattr(job, "inputs", None) or {})
+        references, shape = self.reference_cache(g), f"{g.width}x{g.height}x{g.num_frames}@{g.fps}"
+
+        def frames(path, cache=None):
+            return [Image.fromarray(f) for f in (cache or references).video(path)]
+
+        def needs(role):
+            if not inputs.get(role):
+                raise ValueError(f"task {self.model.task} needs the job's `{role}` input, which {job.key} lacks")
+            return inputs[role]
+        if self.model.task == "vace":
+            kwargs["video"] = frames(job.reference)
+            if inputs.get("reference_image"):
+                kwargs["reference_images"] = [Image.fromarray(references.image(inputs["reference_image"]))]
+            # The control video's VAE encoding (with its reference image) depends on those files only
+            # (argmax latents, no noise): kept per (video, image), so their prompts × seeds encode it once.
+            original = type(self.pipe).prepare_video_latents
+            key = f"vace:{job.reference}:{inputs.get('reference_image')}:{shape}"
+            self.pipe.prepare_video_latents = lambda *a, **k: self._remember(
+                key, lambda: original(self.pipe, *a, **k))
+        else:
+            kwargs["image"] = Image.fromarray(references.image(job.reference))
+            kwargs["pose_video"] = frames(needs("pose_video"))
+            kwargs["face_video"] = frames(needs("face_video"), self.reference_cache(g, square=self.face_size))
+            kwargs["mode"] = "animate"
+            # The pose video's and the image's VAE latents (argmax, no noise) and the image's CLIP embedding
+            # depend on those files only: kept per file, so their prompts × seeds encode each once. (The
+            # face video runs through the transformer's own motion encoder at every step.)
+            pipe, pipeline_class = self.pipe, type(self.pipe)
+            for method, key in (("prepare_pose_latents", f"pose:{inputs['pose_video']}:{shape}"),
+                                ("prepare_reference_image_latents", f"animate-image:{job.reference}:{shape}"),
+                                ("encode_image", f"clip:{job.reference}:{shape}")):
+                original = getattr(pipeline_class, method)
+                setattr(pipe, method, lambda *a, _original=original, _key=key, **k: self._remember(
+                    _key, lambda: _original(pipe, *a, **k)))
+
     def denoise_once(self, seed: int):
         torch, pipe, g = self.torch, self.pipe, self.generation
         transformer, config = pipe.transformer, pipe.transformer.config
@@ -475,7 +555,9 @@ class DiffusersWanBackend(Backend):
             return transformer(**kwargs)[0]
 
     def job_info(self) -> dict:
-        return {**self._job, "reference_cache": {"hits": self.references.hits, "misses": self.references.misses}}
+        caches = self.__dict__.get("_reference_caches", {}).values()
+        return {**self._job, "reference_cache": {"hits": sum(c.hits for c in caches),
+                                                 "misses": sum(c.misses for c in caches)}}
 
     def peak_memory_bytes(self) -> int | None:
         return self._job.get("peak_memory_bytes") if getattr(self, "_job", None) else None

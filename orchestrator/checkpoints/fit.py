@@ -71,6 +71,7 @@ class Part:
     channels: int = 96
     vae_patch: int = 1
     spatial: int = 8
+    vace_layers: int = 0  # VACE blocks beside the DiT's (their hints are held through the forward pass)
 
 
 _BLOCK = re.compile(r"^(.*?\bblocks?\.\d+)\.")
@@ -85,6 +86,8 @@ def _role(name: str, tensors: dict) -> str:
         return "text"
     if name.startswith("image_encoder"):
         return "image"
+    if name.startswith("audio_encoder"):
+        return "audio"
     return "other"
 
 
@@ -123,12 +126,18 @@ def parts(checkpoint: Checkpoint) -> list[Part]:
             part.patch = int(shape[-1]) if shape and len(shape) == 5 else 2
             ffn = _first(tensors, r"blocks\.0\.ffn\.(net\.0\.proj|0)\.weight")
             part.ffn = int(ffn[0]) if ffn else int(config.get("ffn_dim") or 4 * part.hidden)
+            part.vace_layers = len({key.split(".")[1] for key in tensors if key.startswith("vace_blocks.")})
         elif role == "vae":
             out_conv = _first(tensors, r"decoder\.(conv_out|head\.2)\.weight")
             if out_conv:
                 part.channels = int(out_conv[1])
                 part.vae_patch = max(1, round(math.sqrt(out_conv[0] / 3)))
             part.spatial = int(config.get("scale_factor_spatial") or 8 * part.vae_patch)
+        elif role == "audio":  # wav2vec2: hidden from the feature projection, ffn from the first layer
+            projection = _first(tensors, r"(wav2vec2\.)?feature_projection\.projection\.weight")
+            part.hidden = int(projection[0]) if projection else int(config.get("hidden_size") or 1024)
+            ffn = _first(tensors, r"(wav2vec2\.)?encoder\.layers\.0\.feed_forward\.intermediate_dense\.weight")
+            part.ffn = int(ffn[0]) if ffn else int(config.get("intermediate_size") or 4 * part.hidden)
         elif role in ("text", "image"):
             embed = _first(tensors, r"(shared|encoder\.embed_tokens|token_embedding)\.weight")
             part.hidden = int(embed[1]) if embed else int(config.get("d_model") or config.get("hidden_size") or 0)
@@ -166,7 +175,16 @@ def working_sets(model: list[Part], settings: Settings, gpu: bool = True) -> dic
     for p in model:
         if p.role == "denoiser":
             t = tokens(settings, spatial, p.patch)
-            out[p.name] = factor * t * b * (K_HIDDEN * p.hidden + K_FFN * p.ffn)
+            # VACE: each VACE block's hint (tokens × hidden) is kept until its DiT block adds it, and the
+            # control stream runs beside the latents (DiffSynth's VaceWanModel, diffusers' WanVACETransformer3DModel)
+            hints = p.vace_layers * t * b * p.hidden
+            out[p.name] = factor * (t * b * (K_HIDDEN * p.hidden + K_FFN * p.ffn) + hints)
+        elif p.role == "audio":
+            # Wan2.2-S2V's wav2vec2-large encoder (24 layers, hidden 1024, ffn 4096: DiffSynth's
+            # WanS2VAudioEncoder config; about 317M parameters in the release's model.safetensors) runs
+            # once per clip on 50 feature frames a second of audio, all 25 hidden states kept
+            seconds = settings.frames / 16
+            out[p.name] = factor * 50 * seconds * b * (K_HIDDEN * p.hidden + K_FFN * p.ffn + 25 * p.hidden)
         elif p.role in ("text", "image"):
             out[p.name] = factor * settings.text_tokens * b * (K_HIDDEN * p.hidden + K_FFN * p.ffn)
         elif p.role == "vae":

@@ -1,5 +1,6 @@
 """Checkpoint layouts and what `models status` says of them: diffusers, the original Wan /
-DiffSynth release, single files; every file an index names present and complete."""
+DiffSynth release, single files; every file an index names present and complete; the conditioned
+releases' parts (VACE, Animate, S2V, Fun control) and the tasks a checkpoint runs."""
 from __future__ import annotations
 
 import json
@@ -68,6 +69,9 @@ class Checkpoint:
     components: list[Component] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The conditioned-task parts found (issue 23): part name -> parameters, e.g. {"VACE blocks": 3.1e9}
+    parts: dict[str, int] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ()  # the model.task values its DiT runs, where the files tell
 
     def component(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
@@ -208,8 +212,9 @@ def detect_layout(path: str | os.PathLike) -> str | None:
     return None
 
 
-def inspect(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint's indexes and weight headers; problems are collected, not raised."""
+def inspect(path: str | os.PathLike, task: str | None = None) -> Checkpoint:
+    """Read a checkpoint's indexes and weight headers; problems are collected, not raised. With `task`
+    (a manifest's model.task), a part that task needs and the checkpoint lacks is a problem too."""
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"checkpoint {root} does not exist (fix: {download_fix(root, None)})")
@@ -223,6 +228,10 @@ def inspect(path: str | os.PathLike) -> Checkpoint:
     reader = _Reader(root if root.is_dir() else root.parent)
     checkpoint = {"diffusers": _inspect_diffusers, "wan": _inspect_wan, "single-file": _inspect_single,
                   "weights": _inspect_weights}[layout](root, reader)
+    if task and checkpoint.tasks and task not in checkpoint.tasks:
+        needs = TASK_NEEDS.get(task, f"a {task} model")
+        reader.problem(checkpoint.components[0].where if checkpoint.components else ".",
+                       f"task {task} needs {needs}; this checkpoint runs {', '.join(checkpoint.tasks)}", layout=True)
     checkpoint.problems = reader.problems
     checkpoint.notes += reader.notes
     return checkpoint
@@ -316,6 +325,7 @@ def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
         weights = reader.file(found)
         checkpoint.components.append(Component("image_encoder", "weights", found.name, "CLIP image encoder",
                                                [weights] if weights else []))
+    _conditioned_parts(root, reader, checkpoint)
     tokenizer = root / "google" / "umt5-xxl"
     if not tokenizer.is_dir() or not any((tokenizer / n).exists() for n in TOKENIZER_FILES):
         reader.problem("google/umt5-xxl/", "missing or empty (the text encoder's tokenizer: tokenizer.json, "
@@ -324,6 +334,85 @@ def _inspect_wan(root: Path, reader: _Reader) -> Checkpoint:
     else:
         checkpoint.components.append(Component("tokenizer", "tokenizer", "google/umt5-xxl/", "umT5 tokenizer"))
     return checkpoint
+
+
+# Wan's conditioned releases in the original layout (issue 23), told apart by their DiT's tensor names:
+# the part, the tensor-name prefixes that are it, and the task it serves. VACE's blocks and Animate's
+# adapter are in the DiT's own file; S2V's DiT has its own audio layers and needs the wav2vec2 folder.
+DIT_PARTS = (
+    ("VACE blocks", ("vace_blocks.", "vace_patch_embedding."), "vace"),
+    ("Animate adapter", ("pose_patch_embedding.", "face_adapter.", "face_encoder.", "motion_encoder."), "animate"),
+    ("S2V audio layers", ("casual_audio_encoder.", "audio_injector."), "s2v"),
+    ("camera adapter", ("control_adapter.",), "control"),
+)
+AUDIO_ENCODER_FOLDER = "wav2vec2-large-xlsr-53-english"  # Wan2.2-S2V-14B's audio encoder and processor
+RELIGHTING_LORA = "relighting_lora.ckpt"  # Wan2.2-Animate-14B's, for its replace mode
+TASK_NEEDS = {"vace": "VACE blocks in the DiT's file (Wan2.1-VACE-14B, Wan2.2-VACE-Fun-A14B)",
+              "animate": "the Animate adapter in the DiT's file (Wan2.2-Animate-14B)",
+              "s2v": f"the S2V DiT and its audio encoder `{AUDIO_ENCODER_FOLDER}/` (Wan2.2-S2V-14B)",
+              "control": "a Fun control DiT (control video channels or a camera adapter: Wan-Fun Control)"}
+
+
+def _conditioned_parts(root: Path, reader: _Reader, checkpoint: Checkpoint) -> None:
+    """Name the conditioned-task parts of an original-layout folder and what each lacks: VACE blocks, the
+    Animate adapter, S2V's audio layers and wav2vec2 encoder, Fun control channels; the tasks it runs."""
+    dit = next((c for c in checkpoint.components if c.cls.startswith("Wan DiT") and c.files), None)
+    if dit is None:
+        return
+    tensors = dit.tensors()
+    for part, prefixes, _ in DIT_PARTS:
+        params = sum(math.prod(shape) for key, (_, shape) in tensors.items() if key.startswith(prefixes))
+        if params:
+            checkpoint.parts[part] = params
+    patch, head = tensors.get("patch_embedding.weight"), tensors.get("head.head.weight")
+    in_channels = patch[1][1] if patch and len(patch[1]) == 5 else None
+    out_channels = head[1][0] // 4 if head and len(head[1]) == 2 else None  # (out × the 1×2×2 patch, dim)
+    if (in_channels in (48, 52) and out_channels == 16) and "S2V audio layers" not in checkpoint.parts:
+        checkpoint.parts["Fun control channels"] = 0  # the control video's latents enter as extra channels
+    tasks = {task for part, _, task in DIT_PARTS if part in checkpoint.parts}
+    if "Fun control channels" in checkpoint.parts:
+        tasks.add("control")
+    if not tasks & {"s2v", "control"} and in_channels is not None:
+        # as the diffsynth backend tells DiTs apart (backends/diffsynth_files.dit_kind): 16 channels text-
+        # to-video, 36 image-to-video, the same in and out (48, TI2V-5B) both
+        tasks |= ({"t2v", "v2v"} if in_channels == 16 else {"i2v"} if in_channels == 36 else
+                  {"t2v", "v2v", "i2v"} if in_channels == out_channels else set())
+    if "animate" in tasks:
+        tasks.add("i2v")
+    checkpoint.tasks = tuple(sorted(tasks))
+    if checkpoint.parts:
+        dit.cls += " + " + ", ".join(checkpoint.parts)
+    audio = root / AUDIO_ENCODER_FOLDER
+    if audio.is_dir():
+        component = Component("audio_encoder", "weights", f"{AUDIO_ENCODER_FOLDER}/", "wav2vec2 audio encoder (S2V)")
+        component.files = reader.weight_set(audio, stems=("model", "pytorch_model"))
+        if not component.files and not reader.has_problem_under(f"{AUDIO_ENCODER_FOLDER}/"):
+            reader.problem(f"{AUDIO_ENCODER_FOLDER}/model.safetensors", "missing (the wav2vec2 weights)", layout=True)
+        # the processor's feature extractor: preprocessor_config.json as released (newer transformers save
+        # it inside processor_config.json), and the tokenizer's vocab.json
+        for names in (("preprocessor_config.json", "processor_config.json"), ("vocab.json",)):
+            if not any((audio / name).is_file() for name in names):
+                reader.problem(f"{AUDIO_ENCODER_FOLDER}/{names[0]}", "missing (the audio processor's files, which "
+                               "DiffSynth reads the speech with)", layout=True)
+        checkpoint.components.append(component)
+    elif "s2v" in tasks:
+        reader.problem(f"{AUDIO_ENCODER_FOLDER}/", "missing: the S2V DiT needs its audio encoder (wav2vec2 weights "
+                       "and processor files, part of the Wan2.2-S2V-14B release)", layout=True)
+        checkpoint.components.append(Component("audio_encoder", "missing", f"{AUDIO_ENCODER_FOLDER}/",
+                                               "wav2vec2 audio encoder (S2V)"))
+    if "animate" in tasks:
+        lora = root / RELIGHTING_LORA
+        if lora.is_file():
+            weights = reader.file(lora)
+            checkpoint.components.append(Component("relighting_lora", "weights", RELIGHTING_LORA,
+                                                   "Animate relighting LoRA", [weights] if weights else []))
+        else:
+            checkpoint.notes.append(f"{RELIGHTING_LORA}: absent (Wan2.2-Animate's replace mode uses it; animate "
+                                    "mode does not)")
+        has_clip = any(c.name == "image_encoder" for c in checkpoint.components)
+        if not has_clip and tensors.get("img_emb.proj.0.weight"):
+            reader.problem("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "missing (the CLIP image "
+                           "encoder this Animate DiT embeds the reference image with)", layout=True)
 
 
 def _inspect_single(root: Path, reader: _Reader) -> Checkpoint:
@@ -393,6 +482,11 @@ def format_status(checkpoint: Checkpoint) -> str:
                  _count(sum(c.params for c in weights)), "", ""])
     lines = [f"checkpoint {checkpoint.root}", f"layout     {checkpoint.layout} ({checkpoint.description})", "",
              _table(["component", "where", "class", "files", "on disk", "params", "dtype", "check"], rows)]
+    if checkpoint.parts:
+        lines.append("parts      " + ", ".join(f"{name} ({_count(n)} params)" if n else name
+                                              for name, n in checkpoint.parts.items()))
+    if checkpoint.tasks:
+        lines.append(f"tasks      {', '.join(checkpoint.tasks)}")
     for note in checkpoint.notes:
         lines.append(f"note: {note}")
     if not checkpoint.problems:

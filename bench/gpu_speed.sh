@@ -40,7 +40,7 @@ trial() {  # trial STAGE MANIFEST [models speed flags]
     local stage=$1 file=$2; shift 2
     echo "== $stage ($(( $(date +%s) - START ))s into the script)"
     python3 run_experiment.py models speed "$file" --steps "$STEPS" "$@" 2>&1 \
-        | grep -v "^W1\|Enum subclass\|torchao. Tensor objects\|it/s\]" | tee "$OUT/speed_$stage.log"
+        | grep -v "^W1\|Enum subclass\|torchao. Tensor objects\|it/s\]" | tee -a "$OUT/speed_$stage.log"  # after the build lines of the stage
     for log in "$WORK"/out_"$stage"/.sweep/speed_trial/*/trial.log; do  # a failed candidate's own words
         grep -q "Traceback" "$log" && { echo "-- $log"; tail -15 "$log"; } | tee -a "$OUT/speed_$stage.log"
     done

@@ -480,6 +480,26 @@ def test_the_download_fix_lists_the_releases_of_the_task_where_nothing_names_one
     assert "REPO_ID" in checkpoints.download_fix(tmp_path / "Wan2.1-T2V-14B-Diffusers", "diffusers", "i2v")
 
 
+def test_the_download_fix_knows_the_conditioned_tasks_releases(tmp_path, monkeypatch):
+    """Tried as a new user would: vace named no repository at all ("REPO_ID is one of  (…)") and s2v's
+    generate.py task offered only the text and image releases."""
+    monkeypatch.chdir(tmp_path)
+    assert checkpoints.download_fix(tmp_path / "ckpt", "wan", family="s2v-14B").endswith(
+        "models download Wan-AI/Wan2.2-S2V-14B --to ckpt")
+    assert "Wan-AI/Wan2.2-Animate-14B --to" in checkpoints.download_fix(tmp_path / "ckpt", "wan", family="animate-14B")
+    vace = checkpoints.download_fix(tmp_path / "models" / "Wan2.1-VACE-14B", "diffusers", "vace")
+    assert "Wan-AI/Wan2.1-VACE-14B-diffusers --to" in vace  # the hub's own (lower-case) suffix
+    listed = checkpoints.download_fix(tmp_path / "my-model", "wan", "control")
+    assert "alibaba-pai/Wan2.1-Fun-V1.1-14B-Control," in listed and "Wan-AI" not in listed.split("REPO_ID is one of")[1]
+    assert listed.endswith("https://huggingface.co/alibaba-pai lists them all")
+    # the diffusers layout lists only releases the hub has in it
+    assert "REPO_ID is one of ;" not in checkpoints.download_fix(tmp_path / "my-model", "diffusers", "vace")
+    assert "no diffusers layout of a release that runs task s2v" in checkpoints.download_fix(
+        tmp_path / "my-model", "diffusers", "s2v")
+    s2v = checkpoints.download_fix(tmp_path / "Wan2.2-S2V-14B", None, "s2v")
+    assert "Wan-AI/Wan2.2-S2V-14B --to" in s2v and "no diffusers layout" in s2v
+
+
 def test_the_download_fix_never_fills_a_folder_holding_something_else(tmp_path):
     folder = tmp_path / "Wan2.1-T2V-14B"
     folder.mkdir()

@@ -134,10 +134,10 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     logs = []
 
     def start_probe(index: int) -> subprocess.Popen:
-        log = open(work / f"probe{index}.log", "w", encoding="utf-8")
-        logs.append(log)
+        probe_log = open(work / f"probe{index}.log", "w", encoding="utf-8")
+        logs.append(probe_log)
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sizing", "probe", str(work / "config.json"),
-                                 str(index)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 str(index)], env=env, stdout=probe_log, stderr=subprocess.STDOUT)
         procs.append(proc)
         sampler.pids.append(proc.pid)
         return proc
@@ -217,8 +217,8 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for log in logs:
-            log.close()
+        for probe_log in logs:
+            probe_log.close()
         if not os.environ.get("ORCHESTRATOR_KEEP_CALIBRATION"):
             import shutil
             shutil.rmtree(work, ignore_errors=True)

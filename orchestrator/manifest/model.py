@@ -23,7 +23,7 @@ COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
 QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
 # The settings an `axes:` entry may sweep: GenerationConfig's fields (not `extra`, the backend's own
-# keyword arguments) and speed's quantize, refused for now (the worker loads its model once).
+# keyword arguments) and speed's quantize (a worker loads its model again when a job's quantize differs).
 GENERATION_AXES = ("width", "height", "num_frames", "fps", "steps", "cfg_scale", "shift", "denoising_strength",
                    "negative_prompt")
 AXIS_KEYS = GENERATION_AXES + ("quantize",)
@@ -118,6 +118,14 @@ def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
     if isinstance(chosen.get("cfg_scale"), list):  # a pair read back from a JSON spec or job
         chosen["cfg_scale"] = tuple(chosen["cfg_scale"])
     return replace(generation, **chosen) if chosen else generation
+
+
+def model_with_axes(model: ModelConfig, values: dict) -> ModelConfig:
+    """`model` with one job's quantize (Job.axes, or an axis value being checked) in its speed."""
+    quantize = values.get("quantize")
+    if quantize is None or quantize == model.speed.quantize:
+        return model
+    return replace(model, speed=replace(model.speed, quantize=quantize))
 
 
 @dataclass(frozen=True)

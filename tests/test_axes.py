@@ -482,3 +482,16 @@ def test_a_local_quantize_sweep_runs_each_job_with_its_value_and_reloads_once(wr
     (log,) = (path.parent / "out").rglob("*worker*.log")
     text = log.read_text(encoding="utf-8")
     assert text.count("reloading the model") == 1 and "runs with quantize int8" in text
+
+
+def test_plan_shows_the_quantize_axis_and_its_reloads_and_sizes_for_the_heaviest_value(write_manifest):
+    path = write_manifest(synthetic_manifest(axes={"quantize": ["int8", "none"], "steps": [4, 8]},
+                                             speed={"quantize": "int8"}))
+    result = cli("plan", str(path))
+    assert result.returncode == 0, result.stderr
+    assert 'axis       quantize: "int8", "none"' in result.stdout
+    assert "quantize per job (the axis)" in result.stdout
+    assert "(int8 → none): about 1 reload(s) per worker; sized for quantize none" in result.stdout
+    assert load_manifest(path).heaviest_model.speed.quantize == "none"  # 8-bit weights take less memory than none
+    assert _load(write_manifest, axes={"quantize": ["int8", "fp8_storage"]}).heaviest_model.speed.quantize == "int8"
+    assert _load(write_manifest, speed={"quantize": "int8"}).heaviest_model.speed.quantize == "int8"

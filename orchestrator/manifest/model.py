@@ -210,6 +210,17 @@ class Manifest:
             generation = max((apply_axes(generation, values) for values in axis.assignments()), key=_job_cost)
         return generation
 
+    @property
+    def heaviest_model(self) -> ModelConfig:
+        """The model settings worker sizing and calibration plan for: the manifest's own, or with a
+        quantize axis the value that needs the most memory. 8-bit weights (int8, fp8, fp8_storage) take
+        less memory than none, so a sweep with `none` among its values is sized for none, and one of 8-bit
+        values only (about the same memory each) for its first value: every job fits where it runs."""
+        values = [point["quantize"] for axis in self.axes if "quantize" in axis.keys for point in axis.assignments()]
+        if not values:
+            return self.model
+        return model_with_axes(self.model, {"quantize": "none" if "none" in values else values[0]})
+
 
 def _job_cost(g: GenerationConfig) -> float:
     return g.width * g.height * g.num_frames * g.steps * (2 if g.uses_guidance else 1)

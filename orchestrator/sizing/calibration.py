@@ -119,8 +119,8 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     # A v2v or i2v model needs its reference: the probes use the manifest's first one.
     reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
     from ..speed import compile_cache_dir
-    config = {"model": asdict(manifest.model), "generation": asdict(manifest.heaviest_generation), "devices": devices,
-              "workdir": str(work), "reference": reference,
+    config = {"model": asdict(manifest.heaviest_model), "generation": asdict(manifest.heaviest_generation),
+              "devices": devices, "workdir": str(work), "reference": reference,
               # the probes compile as the workers will, into the same cache (the workers then start warm)
               "compile_cache": str(compile_cache_dir(manifest.output_dir)) if manifest.model.speed.compile != "none"
               else None}

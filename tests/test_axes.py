@@ -326,8 +326,9 @@ def test_a_quantize_axis_takes_speed_values_alone_or_in_a_zip_group(write_manife
     plain = _load(write_manifest, axes={"quantize": ["none", "int8"], "steps": [4, 8]})
     assert [j.id for j in expand(plain)] == [j.id for j in jobs]
     zipped = _load(write_manifest, axes={"zip": [{"quantize": ["none", "int8", "none"], "steps": [4, 4, 8]}]})
-    assert [(j.axes["quantize"], j.axes["steps"]) for j in expand(zipped)][:3] == [("none", 4), ("none", 8), ("none", 4)]
-    assert [j.axes["quantize"] for j in expand(zipped)] == ["none"] * 12 + ["int8"] * 6
+    zipped_jobs = expand(zipped)
+    assert [(j.axes["quantize"], j.axes["steps"]) for j in zipped_jobs][:3] == [("none", 4), ("none", 8), ("none", 4)]
+    assert [j.axes["quantize"] for j in zipped_jobs] == ["none"] * 12 + ["int8"] * 6
 
 
 def test_ids_without_a_quantize_axis_are_unchanged(write_manifest):

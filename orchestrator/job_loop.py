@@ -241,7 +241,8 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
     """
     return {
         "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
-        "model": job_model(spec, job), "generation": asdict(job_generation(spec, job)), "axes": job.axes, "attempt": attempt,
+        "model": job_model(spec, job), "generation": asdict(job_generation(spec, job)), "axes": job.axes,
+        "attempt": attempt,
         "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
         "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
         "peak_memory_bytes": backend.peak_memory_bytes(), **backend.job_info(),

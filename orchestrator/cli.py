@@ -223,8 +223,19 @@ def cmd_plan(manifest, args) -> int:
         h = manifest.heaviest_generation
         print(f"sized for  the heaviest job: {h.width}x{h.height}, {h.num_frames} frames, {h.steps} steps")
     from .speed import describe as describe_speed, identity as speed_identity
-    print(f"speed      {describe_speed(manifest.model.speed)}"
-          + ("  (quantize is part of each job's identity)" if speed_identity(manifest.model.speed) else ""))
+    quantize = list(dict.fromkeys(point["quantize"] for axis in manifest.axes if "quantize" in axis.keys
+                                  for point in axis.assignments()))
+    if quantize:
+        from dataclasses import replace
+        speed = replace(manifest.model.speed, quantize="per job (the axis)")
+        print(f"speed      {describe_speed(speed)}  (quantize is part of each job's identity)")
+        # the jobs of one value run before the next's (jobs.expand), so each worker moves on once per value
+        print(f"reloads    a worker loads its model again when quantize changes; the jobs run one value after "
+              f"another ({' → '.join(quantize)}): about {len(quantize) - 1} reload(s) per worker; "
+              f"sized for quantize {manifest.heaviest_model.speed.quantize} (the most memory)")
+    else:
+        print(f"speed      {describe_speed(manifest.model.speed)}"
+              + ("  (quantize is part of each job's identity)" if speed_identity(manifest.model.speed) else ""))
     if gpus:
         from .sizing import expected_times
         for line in expected_times(manifest, gpus):

@@ -11,6 +11,9 @@ is shared with the calibration probe too, and so are the liveness rules
 The GPU does not wait for the CPU between jobs: a finished video is encoded and recorded by the
 `OutputWriter` thread while the next job generates, and the next job's reference is read ahead
 (`Backend.prepare`) while the current one runs.
+
+Each caller gives the loop its own way of loading a backend (`SlotBackend`): the loop reloads the model
+when a job's quantize (an axis) differs from the loaded one's.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 from .planning import WorkerSpec
 from .speed import first_call_lock
@@ -203,6 +207,16 @@ def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: st
         write_mp4(result, target, generation.fps, expected_frames=frames, sidecar=record, owner=owner)
 
 
+def job_model(spec: WorkerSpec, job=None) -> dict:
+    """The model settings one job of this worker runs with (its sidecar's `model`): the spec's, with the
+    job's quantize (an axis) in its speed."""
+    axes = getattr(job, "axes", None) or {}
+    if "quantize" not in axes:
+        return spec.model
+    from .manifest import ModelConfig, model_with_axes
+    return asdict(model_with_axes(ModelConfig(**spec.model), axes))
+
+
 def job_generation(spec: WorkerSpec, job=None):
     """The generation settings of one job of this worker: the spec's, with the job's axis values."""
     from .manifest import GenerationConfig, apply_axes
@@ -227,7 +241,8 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
     """
     return {
         "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
-        "model": spec.model, "generation": asdict(job_generation(spec, job)), "axes": job.axes, "attempt": attempt,
+        "model": job_model(spec, job), "generation": asdict(job_generation(spec, job)), "axes": job.axes,
+        "attempt": attempt,
         "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
         "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
         "peak_memory_bytes": backend.peak_memory_bytes(), **backend.job_info(),
@@ -325,22 +340,62 @@ class OutputWriter:
             self.log.info("job %s is now %s", job.key, state)
 
 
+class SlotBackend:
+    """The backend a slot's jobs run on, one model at a time. `load` (the worker process's, the Ray
+    actor's, the calibration probe's own way of building and loading one) loads it; when a job's
+    quantize (an axis, `Job.axes`) differs from the loaded model's, `for_job` closes it and loads the
+    model again with that value: a card holds one model, never two. Jobs come in runs of one value
+    (`Job.group`, the expansion's order), so this is rare."""
+
+    def __init__(self, load: Callable[[Any], Any], model, log: logging.Logger):
+        self._load, self.model, self.log = load, model, log  # model: the slot's ModelConfig
+        self.backend = None
+        self.loaded = None  # the ModelConfig `backend` was loaded with
+
+    def open(self):
+        """Load the slot's own model (before the first job); return the backend."""
+        return self._open(self.model)
+
+    def for_job(self, job):
+        """The backend loaded with this job's model, loading it first where it is another."""
+        from .manifest import model_with_axes
+        wanted = model_with_axes(self.model, getattr(job, "axes", None) or {})
+        if self.backend is not None and wanted == self.loaded:
+            return self.backend
+        if self.backend is not None:
+            self.log.info("job %s runs with quantize %s: reloading the model (it was loaded with quantize %s)",
+                          job.key, wanted.speed.quantize, self.loaded.speed.quantize)
+            self.close()
+        return self._open(wanted)
+
+    def _open(self, model):
+        self.backend = self._load(model)
+        self.loaded = model
+        return self.backend
+
+    def close(self) -> None:
+        backend, self.backend, self.loaded = self.backend, None, None
+        if backend is not None:
+            backend.close()
+
+
 class ReadAhead:
     """Tells the backend which job most likely comes next, so it can start reading its reference."""
 
-    def __init__(self, backend, source: "JobSource", log: logging.Logger):
+    def __init__(self, backends: SlotBackend, source: "JobSource", log: logging.Logger):
         from .backends import Backend
-        self.backend, self.source, self.log = backend, source, log
-        self.enabled = type(backend).prepare is not Backend.prepare  # nothing to read ahead: no query
+        self.backends, self.source, self.log = backends, source, log
+        # nothing to read ahead: no query (a reload builds the same class)
+        self.enabled = type(backends.backend).prepare is not Backend.prepare
 
     def after(self, job) -> None:
-        if not self.enabled:
+        if not self.enabled or self.backends.backend is None:
             return
         upcoming = self.source.peek(prefer_group=job.group)
         if upcoming is None or not upcoming.reference or upcoming.reference == job.reference:
             return
         try:
-            self.backend.prepare(upcoming)
+            self.backends.backend.prepare(upcoming)
         except Exception as exc:  # the job itself will read it again and report the error properly
             self.log.warning("reading ahead for %s failed: %s", upcoming.key, exc)
 
@@ -374,7 +429,8 @@ RETIRED = "retired"  # repeated out-of-memory on a shared card: this slot leaves
 
 
 class JobLoop:
-    """Runs one slot's jobs from its source on a loaded backend until no work is left or a stop.
+    """Runs one slot's jobs from its source on its backend (a `SlotBackend`, loaded: each job gets it
+    with the job's model) until no work is left or a stop.
 
     `claim` is the job held right now: whoever ends the loop early (a signal) releases it with
     `release_claim`. `close` writes the last video before the slot exits.
@@ -386,10 +442,11 @@ class JobLoop:
         self.writer = OutputWriter(spec, log, source)
         self.claim = None
 
-    def run(self, backend, gpu_names: list[str], compile_cache: str | None = None) -> str:
+    def run(self, backends: SlotBackend, gpu_names: list[str], compile_cache: str | None = None) -> str:
         from .backends import OutOfMemory
         source, spec, log, pulse, writer = self.source, self.spec, self.log, self.pulse, self.writer
-        read_ahead = ReadAhead(backend, source, log)
+        read_ahead = ReadAhead(backends, source, log)
+        first_call_cache = compile_cache  # a model loaded again compiles again at its first call
         ooms_in_row = 0
         group = None
         while True:
@@ -431,6 +488,15 @@ class JobLoop:
                     log.info("  %s: step %d/%d (%.1fs)", job.key, step, steps, now - t0)
 
             try:
+                loaded = backends.backend
+                pulse.loading = True  # a reload takes minutes without a step: heartbeats go on
+                try:
+                    backend = backends.for_job(job)
+                finally:
+                    pulse.loading = False
+                if backend is not loaded:  # the job's own time starts after the reload
+                    compile_cache = first_call_cache
+                    pulse.job_started = t0 = last_report[0] = time.monotonic()
                 # The first call compiles (minutes with fp8): one worker of the machine at a time, and
                 # heartbeats go on as while loading, since no step finishes until it is done.
                 pulse.loading = compile_cache is not None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .manifest import GenerationConfig, Manifest, apply_axes, safe_component_problem
@@ -35,8 +35,10 @@ class Job:
 
     @property
     def group(self) -> str:
-        """Jobs of one reference input: a worker prefers to stay within its group."""
-        return f"{self.category}/{self.stem}" if self.stem is not None else f"{self.category}/#{self.prompt_index}"
+        """Jobs of one reference input (and one quantize value, which the worker loads its model with):
+        a worker prefers to stay within its group."""
+        group = f"{self.category}/{self.stem}" if self.stem is not None else f"{self.category}/#{self.prompt_index}"
+        return f"{group} quantize={self.axes['quantize']}" if "quantize" in self.axes else group
 
     @property
     def key(self) -> str:
@@ -74,11 +76,12 @@ def settings_fingerprint(manifest: Manifest) -> dict:
         "generation": asdict(manifest.generation),
     }
     # A swept setting is part of each job's own identity (its axis values), not of the manifest's.
-    for key in (key for axis in manifest.axes for key in axis.keys):
+    swept = {key for axis in manifest.axes for key in axis.keys}
+    for key in swept:
         fingerprint["generation"].pop(key, None)
-    # Speed settings that change the pictures (quantize); compile and the attention kernel do not
-    # (orchestrator/speed.py says why) and are recorded in each sidecar instead.
-    speed = identity(model.speed)
+    # Speed settings that change the pictures (quantize, unless swept); compile and the attention kernel
+    # do not (orchestrator/speed.py says why) and are recorded in each sidecar instead.
+    speed = {key: value for key, value in identity(model.speed).items() if key not in swept}
     if speed:
         fingerprint["speed"] = speed
     return fingerprint
@@ -148,7 +151,22 @@ def expand(manifest: Manifest) -> list[Job]:
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
                         output=output, name=name, axes=dict(axes), inputs=dict(ref.inputs)))
     check_names(manifest, jobs)
-    return jobs
+    return _quantize_slowest(manifest, jobs)
+
+
+def _quantize_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:
+    """The jobs of each quantize value (an axis, alone or in a zip group) before those of the next: a
+    worker loads its model again when the value changes, and taking jobs in this order (and in groups,
+    `Job.group`) it does so rarely. Ids and names do not depend on the order; without such an axis the
+    order is expand's own."""
+    axis = next((axis for axis in manifest.axes if "quantize" in axis.keys), None)
+    if axis is None:
+        return jobs
+    rank: dict[str, int] = {}
+    for point in axis.assignments():  # in the manifest's order (a zip group may repeat a value)
+        rank.setdefault(point["quantize"], len(rank))
+    ordered = sorted(jobs, key=lambda job: rank[job.axes["quantize"]])  # stable: expand's order within
+    return [replace(job, ordinal=ordinal) for ordinal, job in enumerate(ordered)]
 
 
 def _file_identity(path: Path | None) -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from .errors import WanSweepError
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import LIVE_WORKER_STATES, Ledger
-from .manifest import Manifest
+from .manifest import Manifest, model_with_axes
 from .output_names import uses_prompt_index
 from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
 from .planning import Plan, WorkerSpec
@@ -343,13 +343,16 @@ class Sweep:
         m = self.manifest
         specs = []
         alive = self.alive_workers()
+        # The model a worker loads first: with a quantize axis, its first value (whose jobs come first; a
+        # worker loads the model again for a job of another value, orchestrator/job_loop.py's SlotBackend).
+        first = next((axis.assignments()[0] for axis in m.axes if "quantize" in axis.keys), {})
         for slot in plan.workers:
             if slot.id in alive:
                 continue  # its worker rereads this file at each restart: not ours to change
             spec = WorkerSpec(
                 sweep=m.name, worker=slot.id, devices=slot.devices, queue=slot.queue,
                 ledger=str(self.ledger_path), output_dir=str(self.root),
-                log=str(self.logs / f"{slot.id}.log"), model=asdict(m.model),
+                log=str(self.logs / f"{slot.id}.log"), model=asdict(model_with_axes(m.model, first)),
                 generation=asdict(m.generation), execution=asdict(m.execution),
                 settings=settings_fingerprint(m))
             specs.append((spec, spec.write(self.specs_dir / f"{slot.id}.json")))

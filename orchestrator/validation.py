@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import BACKENDS, BackendProblem, backend_class
-from .manifest import CONDITIONED_TASKS, Manifest, apply_axes, read_manifest
+from .manifest import CONDITIONED_TASKS, Manifest, apply_axes, model_with_axes, read_manifest
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -96,9 +96,9 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
     # With axes, the settings checked are those jobs run: each axis at its first value (a swept key's
     # own value under `generation:` is never used); a problem of a swept key is its axis's, below.
     first = {key: value for axis in manifest.axes for key, value in axis.assignments()[0].items()}
-    swept = {f"generation.{key}" for key in first}
+    swept = {_setting(key) for key in first}
     found_before = set()
-    for found in backend.check(replace(manifest, generation=apply_axes(manifest.generation, first), axes=())):
+    for found in backend.check(_with_axis_values(manifest, first)):
         if isinstance(found, BackendProblem) and found.key in swept:
             continue
         found_before.add(str(found))
@@ -113,13 +113,14 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
 def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found_before: set[str],
                 problem: Callable[..., None]) -> None:
     """The backend's check of each axis value (each point of a zip group; the other axes at their
-    first values), as if `generation:` held it: what it finds there and not without it is that value's
-    problem, reported at the axis's line (a setting this backend does not take, a size it cannot make)."""
+    first values), as if `generation:` (`speed:` for quantize) held it: what it finds there and not
+    without it is that value's problem, reported at the axis's line (a setting this backend does not
+    take, a size it cannot make, fp8 on a card without fp8)."""
     for axis in manifest.axes:
         where = tuple(f"axes.{key}" for key in axis.keys) + ("axes.zip", "axes")
-        others = swept - {f"generation.{key}" for key in axis.keys}  # another axis's problem, found there
+        others = swept - {_setting(key) for key in axis.keys}  # another axis's problem, found there
         for values in axis.assignments():
-            trial = replace(manifest, generation=apply_axes(manifest.generation, {**first, **values}), axes=())
+            trial = _with_axis_values(manifest, {**first, **values})
             shown = ", ".join(f"{key} = {value!r}" for key, value in values.items())
             for found in backend.check(trial):
                 if str(found) in found_before or getattr(found, "key", None) in others:
@@ -128,6 +129,18 @@ def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found
                 message = found.message if isinstance(found, BackendProblem) else found
                 problem(where, f"axes ({shown}): {message}", getattr(found, "fix", "")
                         or f"remove this value from axes (the {manifest.model.backend} backend cannot run it)")
+
+
+def _setting(key: str) -> str:
+    """The manifest key a backend's problem with this axis names: `generation.steps`, `speed.quantize`."""
+    return "speed.quantize" if key == "quantize" else f"generation.{key}"
+
+
+def _with_axis_values(manifest: Manifest, values: dict) -> Manifest:
+    """The manifest as one job of these axis values runs it (a quantize value in `model.speed`), for the
+    backend's check: the checks of `generation:` and `speed:` apply to each value."""
+    return replace(manifest, model=model_with_axes(manifest.model, values),
+                   generation=apply_axes(manifest.generation, values), axes=())
 
 
 def _resolve_path_options(backend: str, options: dict, base: Path) -> dict:

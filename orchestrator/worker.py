@@ -1,5 +1,5 @@
-"""The worker process: one process bound to its device(s) that loads the backend once and runs the
-job loop (`orchestrator.job_loop`) on the ledger.
+"""The worker process: one process bound to its device(s) that loads the backend (once; again only for
+a job of another quantize value) and runs the job loop (`orchestrator.job_loop`) on the ledger.
 
 This module owns what is particular to a process: its lock, signals (a clean stop), its log file,
 its heartbeat thread and exit codes. A heartbeat thread writes to the ledger while the loop makes
@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .job_loop import RETIRED, JobLoop, LedgerJobSource, Pulse, disk_full, heartbeat_interval
+from .job_loop import RETIRED, JobLoop, LedgerJobSource, Pulse, SlotBackend, disk_full, heartbeat_interval
 from .planning import WorkerSpec
 from .speed import describe as describe_speed
 
@@ -154,7 +154,6 @@ def run_worker(spec: WorkerSpec) -> int:
     gpu_names = _gpu_names(spec.devices)
     log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
              spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    backend = None
     exit_code = EXIT_DONE
     source = LedgerJobSource(ledger, spec)
     loop = JobLoop(source, spec, log, pulse=beat)
@@ -165,19 +164,34 @@ def run_worker(spec: WorkerSpec) -> int:
         compile_cache = use_compile_cache(compile_cache_dir(spec.output_dir))
         log.info("speed: %s; compiled kernels are cached in %s for this machine's workers",
                  describe_speed(model.speed), compile_cache)
-    try:
+
+    def load(model: ModelConfig):
+        """This worker's way of loading a model: the first, and again for a job of another quantize."""
         started = time.monotonic()
         backend = backend_class(model.backend)(model, generation, spec.devices)
         backend.owner = spec.worker
         ledger.set_worker(spec.worker, phase=f"loading the model ({model.backend})")
-        backend.load()
-        beat.loading = False
+        try:
+            backend.load()
+        except BaseException:  # (a stop too) what a half-loaded model holds is let go before we exit
+            try:
+                backend.close()
+            except Exception:
+                log.warning("backend close failed:\n%s", traceback.format_exc())
+            raise
         backend.load_info.setdefault("load_seconds", round(time.monotonic() - started, 2))
         parts = backend.load_info.get("components") or {}
         log.info("model loaded in %.1fs (%s)%s", time.monotonic() - started, model.backend,
                  "; " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) if parts else "")
+        ledger.set_worker(spec.worker, phase=None)
+        return backend
+
+    backends = SlotBackend(load, model, log)
+    try:
+        backends.open()
+        beat.loading = False
         ledger.set_worker(spec.worker, state="idle", phase=None)
-        if loop.run(backend, gpu_names, compile_cache) == RETIRED:
+        if loop.run(backends, gpu_names, compile_cache) == RETIRED:
             exit_code = EXIT_RETIRED
     except Stop as stop:
         log.info("received %s: stopping cleanly", stop)
@@ -193,9 +207,9 @@ def run_worker(spec: WorkerSpec) -> int:
         except Exception:
             log.warning("output writer failed:\n%s", traceback.format_exc())
         beat.stopped.set()
-        if backend is not None:
+        if backends.backend is not None:
             try:
-                backend.close()
+                backends.close()
             except Exception:
                 log.warning("backend close failed:\n%s", traceback.format_exc())
     if writer.disk_full is not None:

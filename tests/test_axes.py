@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.jobs import expand
+from orchestrator.jobs import expand, settings_fingerprint
 from orchestrator.manifest import ManifestError, read_manifest
 from orchestrator.outputs import count_frames, read_sidecar
 from orchestrator.validation import load_manifest
@@ -142,9 +142,16 @@ def test_zip_groups_need_equal_lists_and_a_setting_is_swept_once(write_manifest)
     assert "axes.zip must be a list" in _problems(write_manifest, {"zip": {"width": [32]}})[0]
 
 
-def test_a_quantize_axis_is_refused_with_what_to_do_instead(write_manifest):
-    (problem,) = _problems(write_manifest, {"quantize": ["none", "int8"]})
-    assert "axes.quantize: a worker loads its model once" in problem and "one manifest per quantize value" in problem
+def test_a_bad_quantize_value_is_located_at_its_line(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest(axes={"quantize": ["none", "int4"]}))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (problem,) = caught.value.problems
+    assert problem.line == _line_of(path, "int4")
+    assert "axes.quantize is 'int4'" in problem.message and "none, fp8, int8, fp8_storage" in str(problem)
+    assert "axes.zip.quantize lists" not in str(problem)
+    repeated = _problems(write_manifest, {"quantize": ["int8", "int8"]})
+    assert len(repeated) == 1 and "axes.quantize lists 'int8' twice" in repeated[0]
 
 
 def test_an_axis_value_the_backend_does_not_take_is_located(write_manifest, tmp_path):
@@ -300,3 +307,192 @@ def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents
         assert backend.job_info()["reference_encoding_reused"] is True  # same size: the clip's latents kept
     finally:
         backend.close()
+
+
+# ------------------------------------------------------------------------------------------- quantize
+
+def test_a_quantize_axis_takes_speed_values_alone_or_in_a_zip_group(write_manifest):
+    manifest = _load(write_manifest, axes={"quantize": ["none", "int8"], "steps": [4, 8]}, speed={"quantize": "fp8"})
+    jobs = expand(manifest)
+    assert len(jobs) == 6 * 2 * 2
+    # the jobs of one quantize value before the next's (a worker reloads its model when it changes), and a
+    # worker's group (the jobs it prefers to stay within) holds one value
+    assert [j.axes["quantize"] for j in jobs] == ["none"] * 12 + ["int8"] * 12
+    assert [j.ordinal for j in jobs] == list(range(24))
+    assert {j.group for j in jobs if j.axes["quantize"] == "int8"} == {
+        "alpha/#0 quantize=int8", "alpha/#1 quantize=int8", "beta/#0 quantize=int8"}
+    # the manifest's own speed.quantize is not part of any job when swept: each job's axis value is
+    assert "speed" not in settings_fingerprint(manifest) and len({j.id for j in jobs}) == 24
+    plain = _load(write_manifest, axes={"quantize": ["none", "int8"], "steps": [4, 8]})
+    assert [j.id for j in expand(plain)] == [j.id for j in jobs]
+    zipped = _load(write_manifest, axes={"zip": [{"quantize": ["none", "int8", "none"], "steps": [4, 4, 8]}]})
+    zipped_jobs = expand(zipped)
+    assert [(j.axes["quantize"], j.axes["steps"]) for j in zipped_jobs][:3] == [("none", 4), ("none", 8), ("none", 4)]
+    assert [j.axes["quantize"] for j in zipped_jobs] == ["none"] * 12 + ["int8"] * 6
+
+
+def test_ids_without_a_quantize_axis_are_unchanged(write_manifest):
+    # digest computed with the code before quantize could be swept (speed.quantize in the manifest's fingerprint)
+    jobs = expand(_load(write_manifest, axes={"steps": [4, 8], "cfg_scale": [3.0, [4.0, 3.0]]},
+                        speed={"quantize": "int8"}))
+    assert len(jobs) == 24 and jobs[0].id == "ce3d3dc982c368d5"
+    assert hashlib.sha1(" ".join(j.id for j in jobs).encode()).hexdigest() == "c0a09d6353aaa05a7b583d5f46327fc876473297"
+    assert all("quantize" not in j.group for j in jobs)
+
+
+def test_a_quantize_axis_on_the_command_backend_is_refused_at_the_axis(write_manifest, tmp_path):
+    from .test_command_backend import STUB, fake_checkpoint
+    model = {"backend": "command", "task": "t2v", "path": str(fake_checkpoint(tmp_path / "ckpt")),
+             "options": {"script": str(STUB)}}
+    generation = {"width": 832, "height": 480, "num_frames": 81, "fps": 16, "steps": 4}
+    for values in (["none", "int8"], ["int8", "none"]):
+        path = write_manifest(synthetic_manifest(model=model, generation=generation, axes={"quantize": values}))
+        with pytest.raises(ManifestError) as caught:
+            load_manifest(path)
+        (problem,) = caught.value.problems
+        assert problem.line == _line_of(path, "quantize:")
+        assert "axes (quantize = 'int8'): the command backend runs Wan's generate.py" in problem.message
+
+
+def test_fp8_in_a_quantize_axis_needs_an_fp8_card(write_manifest, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("torchao")
+    from orchestrator.random_checkpoints import build_random_wan
+    checkpoint = build_random_wan(tmp_path / "t2v", size="tiny")
+    monkeypatch.setenv("ORCHESTRATOR_FAKE_GPUS", "NVIDIA A800-SXM4-80GB:80:0")
+    data = synthetic_manifest(model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint),
+                                     "dtype": "float32"}, axes={"quantize": ["none", "fp8"]})
+    path = write_manifest(data)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (problem,) = caught.value.problems
+    assert problem.line == _line_of(path, "quantize:")
+    assert "axes (quantize = 'fp8')" in problem.message and "A800-SXM4-80GB (compute capability 8.0) has none" in \
+        problem.message and "use quantize: int8 or fp8_storage" in problem.fix
+    monkeypatch.setenv("ORCHESTRATOR_FAKE_GPUS", "NVIDIA H100 80GB HBM3:80:0")
+    assert [a.keys for a in load_manifest(path).axes] == [("quantize",)]
+
+
+def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp_path):
+    import logging
+
+    from orchestrator.job_loop import JobLoop, JobSource, SlotBackend
+    from orchestrator.jobs import Job
+    from orchestrator.ledger import Claim
+    from orchestrator.manifest import ModelConfig
+    from orchestrator.planning import WorkerSpec
+
+    values = ["none", "none", "int8", "int8", "none"]
+    jobs = [Job(f"j{n}", n, "c", None, None, 0, "p", n, str(tmp_path / "c" / f"{n}.mp4"), axes={"quantize": q})
+            for n, q in enumerate(values)]
+
+    class Jobs(JobSource):  # a FAKE job source: these jobs in order, no ledger
+        def __init__(self):
+            self.waiting, self.done = list(jobs), []
+
+        def claim(self, prefer_group=None):
+            return Claim(self.waiting.pop(0), 1) if self.waiting else None
+
+        def complete(self, job_id, seconds, skipped=False):
+            self.done.append(job_id)
+            return True
+
+        def fail(self, job_id, message, outcome="error"):
+            raise AssertionError(message)
+
+        def release(self, job_id):
+            pass
+
+        def heartbeat(self, job_id):
+            pass
+
+        def unfinished(self):
+            return len(self.waiting)
+
+        def store_video(self, spec, job, result, record):
+            self.sidecars = getattr(self, "sidecars", {})
+            self.sidecars[job.id] = record
+            return True
+
+    events = []
+
+    class Counted:  # a FAKE backend: records what it was loaded with and what ran on it
+        name, attempt, load_info = "counted", 1, {}
+
+        def __init__(self, model):
+            self.model = model
+
+        def generate(self, job, progress):
+            events.append(("generate", job.id, self.model.speed.quantize))
+            return "frames"
+
+        def prepare(self, job):
+            pass
+
+        def peak_memory_bytes(self):
+            return 0
+
+        def job_info(self):
+            return {}
+
+        def close(self):
+            events.append(("close", self.model.speed.quantize))
+
+    def load(model):
+        events.append(("load", model.speed.quantize))
+        return Counted(model)
+
+    model = ModelConfig(backend="synthetic", task="t2v")
+    spec = WorkerSpec(sweep="s", worker="w0", devices=(), queue="cpu0", ledger="", output_dir=str(tmp_path),
+                      log="", model={"backend": "synthetic", "task": "t2v", "speed": {"quantize": "none"}},
+                      generation={"num_frames": 5, "fps": 5}, execution={})
+    source = Jobs()
+    loop = JobLoop(source, spec, logging.getLogger("test"))
+    backends = SlotBackend(load, model, loop.log)
+    backends.open()
+    assert loop.run(backends, []) == "finished"
+    loop.close()
+    backends.close()
+    assert events == [("load", "none"), ("generate", "j0", "none"), ("generate", "j1", "none"),
+                      ("close", "none"), ("load", "int8"), ("generate", "j2", "int8"), ("generate", "j3", "int8"),
+                      ("close", "int8"), ("load", "none"), ("generate", "j4", "none"), ("close", "none")]
+    assert source.done == [j.id for j in jobs]
+    # each sidecar records the speed its job ran with
+    assert [source.sidecars[j.id]["model"]["speed"]["quantize"] for j in jobs] == values
+
+
+def test_a_local_quantize_sweep_runs_each_job_with_its_value_and_reloads_once(write_manifest, tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("torchao")
+    from orchestrator.random_checkpoints import build_random_wan
+    checkpoint = build_random_wan(tmp_path / "t2v", size="tiny")
+    path = write_manifest(synthetic_manifest(
+        model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint), "dtype": "float32"},
+        generation={"width": 32, "height": 32, "num_frames": 5, "fps": 5, "steps": 2},
+        categories={"alpha": {"prompts": ["a cat"]}}, seeds=[1], resources={"cpu_slots": 1},
+        axes={"quantize": ["none", "int8"]}))
+    result = cli("run", str(path), "--executor", "local", "--no-progress", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = expand(load_manifest(path))
+    assert [j.axes["quantize"] for j in jobs] == ["none", "int8"]
+    for job in jobs:
+        assert count_frames(job.output) == 5
+        sidecar = read_sidecar(job.output)
+        assert sidecar["job_id"] == job.id and sidecar["axes"] == {"quantize": job.axes["quantize"]}
+        assert sidecar["model"]["speed"]["quantize"] == job.axes["quantize"]
+    (log,) = (path.parent / "out").rglob("*worker*.log")
+    text = log.read_text(encoding="utf-8")
+    assert text.count("reloading the model") == 1 and "runs with quantize int8" in text
+
+
+def test_plan_shows_the_quantize_axis_and_its_reloads_and_sizes_for_the_heaviest_value(write_manifest):
+    path = write_manifest(synthetic_manifest(axes={"quantize": ["int8", "none"], "steps": [4, 8]},
+                                             speed={"quantize": "int8"}))
+    result = cli("plan", str(path))
+    assert result.returncode == 0, result.stderr
+    assert 'axis       quantize: "int8", "none"' in result.stdout
+    assert "quantize per job (the axis)" in result.stdout
+    assert "(int8 → none): about 1 reload(s) per worker; sized for quantize none" in result.stdout
+    assert load_manifest(path).heaviest_model.speed.quantize == "none"  # 8-bit weights take less memory than none
+    assert _load(write_manifest, axes={"quantize": ["int8", "fp8_storage"]}).heaviest_model.speed.quantize == "int8"
+    assert _load(write_manifest, speed={"quantize": "int8"}).heaviest_model.speed.quantize == "int8"

@@ -327,7 +327,7 @@ def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_dr
     import logging
 
     from orchestrator.backends import OutOfMemory
-    from orchestrator.job_loop import RETIRED, JobLoop
+    from orchestrator.job_loop import RETIRED, JobLoop, SlotBackend
 
     driver, ledger = offline_driver
     first, second = driver.slots
@@ -349,7 +349,9 @@ def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_dr
 
     for slot, calls in ((first, 99), (second, 2)):
         loop = JobLoop(_served(driver, slot), slot.spec, logging.getLogger("test"))
-        ended = loop.run(OutOfMemoryEveryTime(calls), [])
+        backends = SlotBackend(lambda model, calls=calls: OutOfMemoryEveryTime(calls), None, loop.log)
+        backends.open()
+        ended = loop.run(backends, [])
         loop.close()
         assert (ended == RETIRED) == (slot is first)
     assert (first.state, second.state) == ("retired", "working")

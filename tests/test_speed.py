@@ -706,7 +706,7 @@ def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
     that fails must switch that off again, or a later hang would never be noticed."""
     import logging
 
-    from orchestrator.job_loop import JobLoop, JobSource
+    from orchestrator.job_loop import JobLoop, JobSource, SlotBackend
     from orchestrator.ledger import Claim
     from orchestrator.planning import WorkerSpec
 
@@ -748,6 +748,8 @@ def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
                       execution={})
     source = FakeSource()
     loop = JobLoop(source, spec, logging.getLogger("test"))
-    assert loop.run(Failing(), [], compile_cache=str(tmp_path / "cache")) == "finished"
+    backends = SlotBackend(lambda model: Failing(), None, loop.log)
+    backends.open()
+    assert loop.run(backends, [], compile_cache=str(tmp_path / "cache")) == "finished"
     assert len(source.failed) == 2 and loop.pulse.loading is False
     loop.close()

@@ -23,7 +23,7 @@ COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
 QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
 # The settings an `axes:` entry may sweep: GenerationConfig's fields (not `extra`, the backend's own
-# keyword arguments) and speed's quantize, refused for now (the worker loads its model once).
+# keyword arguments) and speed's quantize (a worker loads its model again when a job's quantize differs).
 GENERATION_AXES = ("width", "height", "num_frames", "fps", "steps", "cfg_scale", "shift", "denoising_strength",
                    "negative_prompt")
 AXIS_KEYS = GENERATION_AXES + ("quantize",)
@@ -120,6 +120,14 @@ def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
     return replace(generation, **chosen) if chosen else generation
 
 
+def model_with_axes(model: ModelConfig, values: dict) -> ModelConfig:
+    """`model` with one job's quantize (Job.axes, or an axis value being checked) in its speed."""
+    quantize = values.get("quantize")
+    if quantize is None or quantize == model.speed.quantize:
+        return model
+    return replace(model, speed=replace(model.speed, quantize=quantize))
+
+
 @dataclass(frozen=True)
 class Axis:
     """One dimension of the product of jobs (`axes:`): a setting and its values, or a `zip` group of
@@ -201,6 +209,17 @@ class Manifest:
         for axis in self.axes:
             generation = max((apply_axes(generation, values) for values in axis.assignments()), key=_job_cost)
         return generation
+
+    @property
+    def heaviest_model(self) -> ModelConfig:
+        """The model settings worker sizing and calibration plan for: the manifest's own, or with a
+        quantize axis the value that needs the most memory. 8-bit weights (int8, fp8, fp8_storage) take
+        less memory than none, so a sweep with `none` among its values is sized for none, and one of 8-bit
+        values only (about the same memory each) for its first value: every job fits where it runs."""
+        values = [point["quantize"] for axis in self.axes if "quantize" in axis.keys for point in axis.assignments()]
+        if not values:
+            return self.model
+        return model_with_axes(self.model, {"quantize": "none" if "none" in values else values[0]})
 
 
 def _job_cost(g: GenerationConfig) -> float:

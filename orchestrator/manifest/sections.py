@@ -270,12 +270,6 @@ def _read_axes(reader: Reader, node) -> tuple[tuple[Axis, ...], int | None]:
     for key, (key_node, value_node) in keys.items():
         if key == "confirm_jobs":
             continue
-        if key == "quantize":
-            reader.problem(key_node, "axes.quantize: a worker loads its model once, with one speed.quantize, so "
-                           "a sweep cannot change it from job to job",
-                           "write one manifest per quantize value (each with its own output_dir), or compare "
-                           "them on this card with `models speed MANIFEST --try quantize=VALUE`")
-            continue
         if key == "zip":
             axes.extend(_read_zip_groups(reader, value_node, first_time))
             continue
@@ -299,11 +293,7 @@ def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node]
         columns: list[tuple[str, yaml.Node, list]] = []
         complete = True
         for key, (key_node, value_node) in keys.items():
-            if key == "quantize":
-                reader.problem(key_node, "axes.zip: quantize cannot be swept (a worker loads its model once)",
-                               "write one manifest per quantize value")
-                complete = False
-            elif first_time(key, key_node):
+            if first_time(key, key_node):
                 # (a value may repeat within a group's list: only a whole combination may not)
                 values = _read_axis_values(reader, key, value_node, f"axes.zip.{key}", distinct=False)
                 complete = complete and bool(values)
@@ -330,8 +320,9 @@ def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node]
 
 def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool = True) -> list:
     """The values of one swept setting, each checked exactly as that setting is checked under
-    `generation:` (its reader runs on the value's own node, so a problem is at the value's line and
-    names `what`), and each listed once where `distinct`. An empty list: something was reported."""
+    `generation:` (`speed:` for quantize; its reader runs on the value's own node, so a problem is at
+    the value's line and names `what`), and each listed once where `distinct`. An empty list: something
+    was reported."""
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         reader.problem(node, f"{what} must be a non-empty list of values",
                        f"write e.g. `{key}: [{'3.0, 5.0' if key == 'cfg_scale' else '30, 50'}]`"
@@ -345,9 +336,10 @@ def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool 
         mapping = yaml.MappingNode("tag:yaml.org,2002:map",
                                    [(yaml.ScalarNode("tag:yaml.org,2002:str", key, item.start_mark, item.end_mark),
                                      item)], item.start_mark, item.end_mark)
-        value = getattr(_read_generation(reader, mapping), key)
+        section, read = ("speed", _read_speed) if key == "quantize" else ("generation", _read_generation)
+        value = getattr(read(reader, mapping), key)
         if len(reader.problems) > before:
-            reader.problems[before:] = [replace(p, message=p.message.replace(f"generation.{key}", what))
+            reader.problems[before:] = [replace(p, message=p.message.replace(f"{section}.{key}", what))
                                         for p in reader.problems[before:]]
             fine = False
             continue

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..gpus import GIB, Gpu, nvml_module, process_memories
-from ..job_loop import JobLoop, JobSource, write_video
+from ..job_loop import JobLoop, JobSource, SlotBackend, write_video
 from ..manifest import Manifest
 from ..planning import PlanError
 from .decisions import fit_count
@@ -119,8 +119,8 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     # A v2v or i2v model needs its reference: the probes use the manifest's first one.
     reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
     from ..speed import compile_cache_dir
-    config = {"model": asdict(manifest.model), "generation": asdict(manifest.heaviest_generation), "devices": devices,
-              "workdir": str(work), "reference": reference,
+    config = {"model": asdict(manifest.heaviest_model), "generation": asdict(manifest.heaviest_generation),
+              "devices": devices, "workdir": str(work), "reference": reference,
               # the probes compile as the workers will, into the same cache (the workers then start warm)
               "compile_cache": str(compile_cache_dir(manifest.output_dir)) if manifest.model.speed.compile != "none"
               else None}
@@ -306,15 +306,15 @@ def probe(config_path: str, index: int) -> int:
                    prompt_index=n, prompt=f"calibration prompt {n}: a red ball rolls across a wooden table",
                    seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"))
 
-    def run_jobs(backend, numbers: range, compile_cache: str | None = None) -> list[float]:
+    def run_jobs(backends: SlotBackend, numbers: range, compile_cache: str | None = None) -> list[float]:
         # The workers' own job loop, so the probe measures what a job costs them.
         spec = WorkerSpec(sweep="calibration", worker=f"probe{index}", devices=tuple(config["devices"]),
                           queue="calibration", ledger="", log="", output_dir=str(work), model=config["model"],
-                          generation=asdict(backend.generation), execution={})
+                          generation=asdict(backends.backend.generation), execution={})
         source = ProbeJobs([job(n) for n in numbers], work / f"probe{index}.mp4")
         loop = JobLoop(source, spec, log)
         try:
-            loop.run(backend, [], compile_cache)
+            loop.run(backends, [], compile_cache)
         finally:
             loop.close()
         return source.seconds
@@ -325,13 +325,18 @@ def probe(config_path: str, index: int) -> int:
         use_compile_cache(cache)
     try:
         t0 = time.monotonic()
-        backend = backend_class(model.backend)(model, generation, tuple(config["devices"]))
-        backend.load()
+        def load(model: ModelConfig):  # (the probe's jobs have no axes: loaded once)
+            backend = backend_class(model.backend)(model, generation, tuple(config["devices"]))
+            backend.load()
+            return backend
+
+        backends = SlotBackend(load, model, log)
+        backend = backends.open()
         load_s = time.monotonic() - t0
         write(f"probe{index}.loaded", {"load_s": load_s, "pid": os.getpid()})
         backend.generation = replace(generation, steps=warmup_steps)
         t0 = time.monotonic()
-        run_jobs(backend, range(1), compile_cache=cache)  # the warm-up compiles (speed.compile), one probe at a time
+        run_jobs(backends, range(1), compile_cache=cache)  # the warm-up compiles (speed.compile), one probe at a time
         warm_s = time.monotonic() - t0
         backend.generation = generation
         write(f"probe{index}.ready", {"load_s": load_s, "warmup_s": warm_s, "warmup_steps": warmup_steps,
@@ -348,12 +353,12 @@ def probe(config_path: str, index: int) -> int:
                 continue
             jobs = json.loads(go.read_text(encoding="utf-8"))["jobs"]
             start = time.time()
-            seconds = run_jobs(backend, range(n_job, n_job + jobs))
+            seconds = run_jobs(backends, range(n_job, n_job + jobs))
             n_job += jobs
             write(f"probe{index}.phase{phase}.json", {"start": start, "end": time.time(), "seconds": seconds,
                                                      "peak_torch": backend.peak_memory_bytes()})
             phase += 1
-        backend.close()
+        backends.close()
         return 0
     except ProbeFailed as exc:
         if not exc.out_of_memory:

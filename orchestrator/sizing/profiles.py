@@ -66,12 +66,13 @@ def gib_text(value: int | None) -> str:
 
 
 def profile_key(manifest: Manifest, gpu_name: str, cards: int) -> dict:
-    m, g = manifest.model, manifest.heaviest_generation
+    m, g = manifest.heaviest_model, manifest.heaviest_generation
     return {"backend": m.backend, "model": m.path, "task": m.task, "dtype": m.dtype,
             "width": g.width, "height": g.height, "frames": g.num_frames, "steps": g.steps,
             "guidance": g.uses_guidance, "options": {k: m.options[k] for k in sorted(m.options)},
             "gpu": gpu_name, "cards": cards,
-            # measured with the manifest's speed settings (compile, fp8, … change time and memory);
+            # measured with the manifest's speed settings (compile, fp8, … change time and memory; a
+            # quantize axis: its heaviest value);
             # left out when default, so profiles measured before `speed:` existed still match
             **({"speed": asdict(m.speed)} if not m.speed.is_default else {})}
 

@@ -1,7 +1,8 @@
 """The Ray actor: one long-lived worker slot on a node. It reserves its share of one node's GPUs
 (`num_gpus=1/N` for N workers per card, k for a worker spanning k cards; Ray sets
-CUDA_VISIBLE_DEVICES), loads the backend once and runs the job loop (`orchestrator.job_loop`), the
-same as a local worker's, on jobs from its driver (`job_source`). It never touches the ledger.
+CUDA_VISIBLE_DEVICES), loads the backend once (again only for a job of another quantize) and runs the
+job loop (`orchestrator.job_loop`), the same as a local worker's, on jobs from its driver
+(`job_source`). It never touches the ledger.
 
 Outputs go to storage every node sees at the same path (the loop writes the mp4 and sidecar,
 atomically), or with `execution.ray_stream_outputs: true` back to the driver, which writes them into
@@ -15,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ...job_loop import SlotBackend
 from ...planning import WorkerSpec
 from .job_source import DriverJobSource, Mailbox, SignsOfLife, ToDriver
 
@@ -34,9 +36,10 @@ class RayWorker:
         self.spec = WorkerSpec(**spec)
         self.stream = stream
         self.mount_token = mount_token
-        self.backend = None
+        self.backends: SlotBackend | None = None  # loaded by `load`
         self.gpu_names: list[str] = []
         self.mailbox = Mailbox()
+        self.log = _log(self.spec.worker, self.mailbox)
         self.pulse = SignsOfLife()  # the driver's evidence of progress
         self.placement: dict = {}
 
@@ -61,32 +64,34 @@ class RayWorker:
             self.spec = replace(self.spec, devices=tuple(int(g) for g in gpu_ids))
         self.gpu_names = _gpu_names(gpu_ids)
         started = time.monotonic()
-        model = ModelConfig(**self.spec.model)
         # CUDA_VISIBLE_DEVICES holds Ray's choice, so the backend counts its cards from 0.
         devices = tuple(range(len(gpu_ids)))
-        self.backend = backend_class(model.backend)(model, GenerationConfig(**self.spec.generation), devices)
-        self.backend.load()
-        seconds = time.monotonic() - started
-        info = getattr(self.backend, "load_info", None)
-        if isinstance(info, dict):
-            info.setdefault("load_seconds", round(seconds, 2))
-        return {"seconds": seconds, "gpu_names": self.gpu_names}
+        generation = GenerationConfig(**self.spec.generation)
+
+        def load(model: ModelConfig):
+            """This actor's way of loading a model: the first, and again for a job of another quantize."""
+            began = time.monotonic()
+            backend = backend_class(model.backend)(model, generation, devices)
+            backend.load()
+            info = getattr(backend, "load_info", None)
+            if isinstance(info, dict):
+                info.setdefault("load_seconds", round(time.monotonic() - began, 2))
+            return backend
+
+        self.backends = SlotBackend(load, ModelConfig(**self.spec.model), self.log)
+        self.backends.open()
+        return {"seconds": time.monotonic() - started, "gpu_names": self.gpu_names}
 
     def work(self) -> dict:
         """Run the job loop on the driver's jobs until no work is left, a stop, or retirement."""
-        import logging
-
         from ...job_loop import JobLoop, disk_full
-        log = logging.getLogger(f"{__name__}.{self.spec.worker}")
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        log.addHandler(ToDriver(self.mailbox))
+        log = self.log
         if not self.placement:  # `where` and `load` run side by side: the sidecars need the placement
             self.where()
         source = DriverJobSource(self.spec, self.mailbox.call, self.stream, self.placement)
         loop = JobLoop(source, self.spec, log, pulse=self.pulse)
         try:
-            return {"ended": loop.run(self.backend, self.gpu_names)}
+            return {"ended": loop.run(self.backends, self.gpu_names)}
         except Exception as exc:
             if not disk_full(exc) and loop.writer.disk_full is None:
                 raise
@@ -101,8 +106,8 @@ class RayWorker:
         return {"calls": calls, **self.pulse.report()}
 
     def close(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
+        if self.backends is not None:
+            self.backends.close()
 
     # ---------------------------------------------------------------- shared storage
     def _output_dir_problem(self) -> str | None:
@@ -118,6 +123,16 @@ class RayWorker:
         return (f"node {socket.gethostname()} does not see this sweep's output folder {self.spec.output_dir} "
                 "(mount the shared folder at the same path on every node, or set "
                 "execution.ray_stream_outputs: true to send the videos back to the driver)")
+
+
+def _log(worker: str, mailbox: Mailbox):
+    """The actor's log: its lines go to the driver, which writes them to the worker's log file."""
+    import logging
+    log = logging.getLogger(f"{__name__}.{worker}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.handlers = [ToDriver(mailbox)]  # this actor's mailbox (a logger outlives an actor of its name)
+    return log
 
 
 def _gpu_names(gpu_ids: list) -> list[str]:

@@ -4,6 +4,7 @@
 # size at the user's shapes (832x480x81, CFG on; s/video at 38 steps = 50 steps at strength 0.75).
 #   bash bench/gpu_speed.sh                       # STAGES="diffusers13 diffsynth13" by default
 #   STAGES=diffusers14 bash bench/gpu_speed.sh
+#   LIMIT_S=580 STAGES=diffsynth14 bash bench/gpu_speed.sh   # copies the candidates' logs before a 600 s limit
 # Stages:
 #   diffusers13  Wan-1.3B-sized diffusers checkpoint: eager, compile=blocks, compile=blocks+fp8 (+ warm cache)
 #   diffusers14  Wan-14B-sized diffusers checkpoint (28.6 GB DiT): eager, compile=blocks, compile=blocks+fp8
@@ -19,6 +20,18 @@ DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/speed}
 START=$(date +%s)
 mkdir -p "$WORK"
+# Each candidate's own log (its load, compile and job, as the child process wrote them) into $OUT: at the
+# end, and, with LIMIT_S (the device call's limit), once more shortly before it, so a run that is cut off
+# still says where its time went.
+snapshot_trials() {
+    for log in "$WORK"/out_*/.sweep/speed_trial/*/trial.log; do
+        [ -f "$log" ] || continue
+        candidate=$(basename "$(dirname "$log")"); stage=$(basename "${log%%/.sweep/*}")
+        cp "$log" "$OUT/trial_${stage#out_}_${candidate}.log"
+    done
+}
+SNAPSHOT=
+[ -n "${LIMIT_S:-}" ] && { { sleep $(( LIMIT_S - 20 )); snapshot_trials; } >/dev/null 2>&1 & SNAPSHOT=$!; }
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'torchao', torchao.__version__, 'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)"
 } 2>&1 | grep -v "^W1\|Enum subclass" | tee -a "$OUT/speed_machine.txt"
@@ -72,4 +85,6 @@ for stage in $STAGES; do
       *) echo "unknown stage $stage" ;;
     esac
 done
+[ -n "$SNAPSHOT" ] && kill "$SNAPSHOT" 2>/dev/null
+snapshot_trials
 echo "total $(( $(date +%s) - START ))s"

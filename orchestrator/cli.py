@@ -419,6 +419,7 @@ def _models_fit(args, path: str, manifest) -> int:
         settings = checkpoints.Settings(g.width, g.height, g.num_frames, manifest.model.dtype,
                                         int(manifest.model.options.get("max_sequence_length", checkpoints.TEXT_TOKENS)))
         backend, options, margin = manifest.model.backend, dict(manifest.model.options), manifest.resources.memory_margin_gib
+        quantize = manifest.heaviest_model.speed.quantize  # what calibration measured (axes: the heaviest)
         measured = checkpoints.measured_profiles(manifest)
     else:
         width, height = 832, 480
@@ -428,7 +429,7 @@ def _models_fit(args, path: str, manifest) -> int:
             except ValueError:
                 raise UserError(f"--size {args.size!r}: write WIDTHxHEIGHT, e.g. 832x480") from None
         settings = checkpoints.Settings(width, height, args.frames or 81, args.dtype or "bfloat16")
-        backend, options, margin, measured = "diffusers", {}, 2.0, []
+        backend, options, margin, measured, quantize = "diffusers", {}, 2.0, [], "none"
     if args.gpu:
         try:
             gpus = [checkpoints.parse_gpu(" ".join(words)) for words in args.gpu]
@@ -440,7 +441,7 @@ def _models_fit(args, path: str, manifest) -> int:
         note = "this machine, free memory now" if gpus else None
         if why:
             print(f"no GPU on this machine ({why}); name one to size for, e.g. --gpu 24GB x2\n")
-    print(checkpoints.fit_report(checkpoint, settings, gpus, margin, backend, options, measured, note))
+    print(checkpoints.fit_report(checkpoint, settings, gpus, margin, backend, options, measured, note, quantize))
     return 0
 
 

@@ -575,3 +575,14 @@ def test_read_ahead_leaves_the_file_in_the_page_cache(tiny):
     share = loading._resident_share(path)
     assert share is None or share >= 0.98
     assert checkpoints.read_ahead(path) == 0  # warm: nothing read again
+
+
+def test_a_measured_profile_is_set_beside_the_estimate_of_its_own_quantize():
+    """`models fit` puts a calibration profile beside the estimate of the strategy the manifest runs:
+    with `speed: {quantize: int8}` that is the 8-bit one, not the bf16 weights' (which it showed before)."""
+    from orchestrator.checkpoints.fit import strategy_for_options
+    assert strategy_for_options("diffusers", {}, 1) == "whole"
+    assert strategy_for_options("diffusers", {}, 1, "int8") == "int8"
+    assert strategy_for_options("diffusers", {"offload": "model"}, 1, "int8") == "int8_offload"
+    assert strategy_for_options("diffsynth", {"vram_management": "text_encoder"}, 1) == "text_encoder_cpu"
+    assert strategy_for_options("diffsynth", {"vram_management": "text_encoder"}, 1, "int8") == "int8"

@@ -312,13 +312,15 @@ BACKEND_STRATEGIES: dict[str, dict[str, tuple | None]] = {
 }
 
 
-def strategy_for_options(backend: str, options: dict, cards: int) -> str:
-    """Which strategy a manifest's memory options amount to (to set an estimate beside a profile)."""
+def strategy_for_options(backend: str, options: dict, cards: int, quantize: str = "none") -> str:
+    """Which strategy a manifest's memory options and `speed.quantize` amount to (to set an estimate
+    beside a profile): `quantize: int8` is one of the 8-bit strategies, whatever the options."""
     table = BACKEND_STRATEGIES.get(backend, {})
     relevant = {k: v for k, v in options.items()
                 if any(k in entry[0] for entry in filter(None, table.values()))}
     for name, entry in table.items():
-        if entry is not None and {k: v for k, v in entry[0].items()} == relevant:
+        entry_quantize = entry[2].get("quantize", "none") if entry is not None and len(entry) > 2 else "none"
+        if entry is not None and entry[0] == relevant and entry_quantize == quantize:
             return name
     if backend == "diffusers" and cards > 1:
         return "device_map"
@@ -403,7 +405,7 @@ def _other_backend(strategy: str) -> str | None:
 
 def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], margin_gib: float = 2.0,
                backend: str = "diffusers", options: dict | None = None, measured: list | None = None,
-               gpu_note: str | None = None) -> str:
+               gpu_note: str | None = None, quantize: str = "none") -> str:
     """The `models fit` text: the model's parts, the estimate per strategy, and per GPU kind which
     strategies fit and the `resources:` / `model.options:` to use. `measured`: [(Profile, path)]."""
     model = parts(checkpoint)
@@ -511,7 +513,7 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
                              + (f", with backend: {other}" if other else "; no backend offers it yet"))
         lines.append("")
     for profile, path in measured or []:
-        strategy = strategy_for_options(backend, options or {}, profile.cards)
+        strategy = strategy_for_options(backend, options or {}, profile.cards, quantize)
         e = estimate(model, settings, strategy, profile.cards)
         if profile.fits and profile.peak_nvml_bytes:
             percent = round(100 * (e.per_card / profile.peak_nvml_bytes - 1))

@@ -18,6 +18,7 @@
 # Disk: stage 1 about 21 GB (the base's 13.7 + VACE DiT 4.3 + Fun control DiT 3.1); stage 2 the base, then
 # S2V-14B 33 GB, deleted before Animate-14B's 35 GB are written.
 set -uo pipefail
+[ "${TINY:-0}" = 1 ] && WHEELS=${WHEELS:-0}  # on the CPU: the environment as it is
 source bench/_gpu_env.sh  # OUT, the environment, the carried wheels
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-0}

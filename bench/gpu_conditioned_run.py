@@ -123,9 +123,16 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--options", default='{"vram_management": "text_encoder"}', help="model.options as JSON")
     parser.add_argument("--timeout", type=int, default=540)
+    parser.add_argument("--plan-only", action="store_true",
+                        help="write the inputs and manifest and run `plan` (the pre-start checks), no videos")
     args = parser.parse_args()
 
     path = manifest(args.task, args.model, args.work, args)
+    if args.plan_only:
+        plan = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "plan", str(path)],
+                              capture_output=True, text=True, timeout=args.timeout)
+        print(plan.stdout[-3000:] + plan.stderr[-3000:])
+        return plan.returncode
     started = time.monotonic()
     run = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), "--executor", "local",
                           "--no-progress"], capture_output=True, text=True, timeout=args.timeout)

@@ -5,7 +5,7 @@
 # one worker) at 832x480x81, 16 fps, STEPS steps (default 4), 2 prompts x 1 seed on ONE input, beside a
 # t2v run on the same 1.3B base model. Run from the repo root, wheels carried in .whl/ (as
 # bench/gpu_diffsynth.sh: diffsynth==2.1.12 einops ftfy wcwidth modelscope modelscope-hub av):
-#   bash bench/gpu_conditioned.sh                                  # stage 1 (1.3B), about 5 minutes
+#   bash bench/gpu_conditioned.sh                                  # stage 1 (1.3B), about 6 minutes (estimate)
 #   STAGES="s2v14 animate14" bash bench/gpu_conditioned.sh         # stage 2 (14B), a call of its own
 # Stages: build13 (T2V-1.3B base + VACE-1.3B + Fun-V1.1-1.3B-Control), t2v13, vace13, control13;
 # s2v14 (build S2V-14B, run it, delete it), animate14 (build Animate-14B and check that DiffSynth's table

@@ -18,9 +18,9 @@ gpu_diffsynth_build.build, which is also the t2v baseline) and linked, not copie
 
 Not built: the CLIP image encoder (`models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`). DiffSynth
 keeps only its visual half, and the names and shapes of the released file's text half could not be
-reconstructed so that its fingerprint matches (5941c53e…). So the Fun control run takes no reference
-image (DiffSynth's Fun reference unit runs the CLIP encoder), and Animate-14B, whose DiT needs CLIP
-features, is built and recognised but cannot be run here.
+reconstructed so that its fingerprint matches (5941c53e…). So the Fun control run's reference image
+reaches the DiT as VAE latents only (DiffSynth then gives it zero CLIP features), and Animate-14B, for
+which the backend requires the encoder, is built and recognised but not run here.
 """
 from __future__ import annotations
 

@@ -47,8 +47,9 @@ def make_inputs(task: str, folder: Path, width: int, height: int, frames: int, f
     if task in ("vace", "control"):
         reference_video(folder / "pose.mp4", width, height, frames + 8, fps, seed=0)
         category["control"] = [str(folder / "pose.mp4")]
-        if task == "vace":  # (control: a Fun reference image needs the CLIP encoder, not built: see the builder)
-            category["images"] = {"pose": str(look)}
+        # (without the CLIP encoder, which is not built, DiffSynth's Fun reference unit gives the DiT the
+        # image's VAE latents and zero CLIP features)
+        category["images"] = {"pose": str(look)}
     elif task == "s2v":
         category["images"] = [str(look)]
         seconds = frames / fps + 2

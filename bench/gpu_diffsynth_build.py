@@ -98,24 +98,34 @@ def _tensors(keys: dict, dtype, device, generator) -> dict:
 
 def build(folder: Path, size: str, device: str, link_from: Path | None) -> dict:
     import torch
-    from safetensors.torch import save_file
-
-    from orchestrator.backends.diffsynth_files import TEXT_ENCODER, TOKENIZER
-    from orchestrator.random_checkpoints import offline_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(0)
-    bf16 = torch.bfloat16
     keys = layouts(size)
     seconds = {}
 
     t0 = time.monotonic()
-    names = list(keys["dit"])
-    total = sum(_numel(keys["dit"][k]) * 2 for k in names)
+    write_dit(folder, keys["dit"], SHARDS[size], device, generator)
+    extra = table_entry(SIZES[size])["extra_kwargs"]
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "text_len": 512,
+                                                    **{k: v for k, v in extra.items() if k != "has_image_input"}}),
+                                        encoding="utf-8")
+    seconds["dit"] = time.monotonic() - t0
+    seconds.update(write_shared(folder, keys, device, generator, link_from))
+    return seconds
+
+
+def write_dit(folder: Path, keys: dict, shard_count: int, device: str, generator) -> None:
+    """A DiT's tensors ({name: shape}) as bf16 noise, in `shard_count` release-like safetensors files of
+    about equal bytes (in state-dict order, with their index when more than one)."""
+    import torch
+    from safetensors.torch import save_file
+    names = list(keys)
+    total = sum(_numel(keys[k]) * 2 for k in names)
     shards, current, size_now = [], [], 0
-    for name in names:  # release-like shards of about equal bytes, in state-dict order
+    for name in names:
         current.append(name)
-        size_now += _numel(keys["dit"][name]) * 2
-        if size_now >= total / SHARDS[size] and len(shards) < SHARDS[size] - 1:
+        size_now += _numel(keys[name]) * 2
+        if size_now >= total / shard_count and len(shards) < shard_count - 1:
             shards.append(current)
             current, size_now = [], 0
     shards.append(current)
@@ -123,17 +133,21 @@ def build(folder: Path, size: str, device: str, link_from: Path | None) -> dict:
     for index, shard in enumerate(shards, 1):
         file = ("diffusion_pytorch_model.safetensors" if len(shards) == 1
                 else f"diffusion_pytorch_model-{index:05d}-of-{len(shards):05d}.safetensors")
-        save_file(_tensors({k: keys["dit"][k] for k in shard}, bf16, device, generator), folder / file)
+        save_file(_tensors({k: keys[k] for k in shard}, torch.bfloat16, device, generator), folder / file)
         weight_map.update({k: file for k in shard})
     if len(shards) > 1:
         (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1), encoding="utf-8")
-    extra = table_entry(SIZES[size])["extra_kwargs"]
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "text_len": 512,
-                                                    **{k: v for k, v in extra.items() if k != "has_image_input"}}),
-                                        encoding="utf-8")
-    seconds["dit"] = time.monotonic() - t0
 
+
+def write_shared(folder: Path, keys: dict, device: str, generator, link_from: Path | None) -> dict:
+    """The text encoder, VAE and tokenizer (the same for every Wan2.1 model): linked from `link_from`
+    where it has them, else written. Returns the seconds each took."""
+    import torch
+
+    from orchestrator.backends.diffsynth_files import TEXT_ENCODER, TOKENIZER
+    from orchestrator.random_checkpoints import offline_tokenizer
+    seconds = {}
     shared = {f"{TEXT_ENCODER}.pth": "text_encoder", "Wan2.1_VAE.pth": "vae", TOKENIZER.split("/")[0]: "tokenizer"}
     for name, component in shared.items():
         target = folder / name
@@ -142,7 +156,7 @@ def build(folder: Path, size: str, device: str, link_from: Path | None) -> dict:
             if not target.exists():
                 os.symlink((link_from / name).resolve(), target)
         elif component == "text_encoder":
-            torch.save(_tensors(keys["text_encoder"], bf16, device, generator), target)
+            torch.save(_tensors(keys["text_encoder"], torch.bfloat16, device, generator), target)
         elif component == "vae":
             torch.save(_tensors(keys["vae"], torch.float32, device, generator), target)
         else:

@@ -41,6 +41,21 @@ def reference_video(path: Path, width: int, height: int, frames: int, fps: int, 
     return write_mp4(np.stack(clip), path, fps=fps, expected_frames=frames)
 
 
+def run_local(manifest: Path, output_dir: Path, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    """`run MANIFEST --executor local` through the real CLI: the result and its wall seconds. Prints the
+    end of its output, and on failure its errors and every worker's log (what a GPU run has to return)."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "run", str(manifest), "--executor",
+                             "local", "--no-progress"], capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - started
+    print(result.stdout[-3000:])
+    if result.returncode:
+        print(result.stderr[-3000:])
+        for log in sorted((output_dir / "logs").glob("*.log")):
+            print(f"--- {log.name}\n" + log.read_text(encoding="utf-8", errors="replace")[-4000:])
+    return result, wall
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True)
@@ -77,15 +92,8 @@ def main() -> int:
     }
     path = work / "manifest.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), "--executor", "local",
-                             "--no-progress"], capture_output=True, text=True, timeout=args.timeout)
-    wall = time.monotonic() - started
-    print(result.stdout[-3000:])
+    result, wall = run_local(path, work / "out", args.timeout)
     if result.returncode:
-        print(result.stderr[-3000:])
-        for log in sorted((work / "out" / "logs").glob("*.log")):
-            print(f"--- {log.name}\n" + log.read_text(encoding="utf-8")[-4000:])
         return result.returncode
 
     sidecars = sorted((json.loads(p.read_text(encoding="utf-8")) for p in (work / "out").rglob("seed_*.json")),

@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 import wave
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_backends import reference_video  # noqa: E402
+from bench.gpu_backends import reference_video, run_local  # noqa: E402
 
 PROMPTS = ["a dancer in a white dress turns across a stage", "a robot walks through a neon-lit corridor"]
 TASKS = ("t2v", "vace", "control", "s2v", "animate")
@@ -134,15 +133,8 @@ def main() -> int:
                               capture_output=True, text=True, timeout=args.timeout)
         print(plan.stdout[-3000:] + plan.stderr[-3000:])
         return plan.returncode
-    started = time.monotonic()
-    run = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), "--executor", "local",
-                          "--no-progress"], capture_output=True, text=True, timeout=args.timeout)
-    wall = time.monotonic() - started
-    print(run.stdout[-2000:])
+    run, wall = run_local(path, args.work / "out", args.timeout)
     if run.returncode:
-        print(run.stderr[-3000:])
-        for log in sorted((args.work / "out" / "logs").glob("*.log")):
-            print(f"--- {log.name}\n" + log.read_text(encoding="utf-8", errors="replace")[-4000:])
         return run.returncode
     f = figures(args.work / "out")
     print(f"== {args.task}: {Path(args.model).name}, {args.width}x{args.height}x{args.frames} at {args.fps} fps, "

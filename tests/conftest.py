@@ -96,3 +96,20 @@ def backend_job(prompt: str = "a cat on a mat", seed: int = 1, reference=None):
     return Job(id=f"{prompt}-{seed}", ordinal=0, category="a", stem="s" if reference else None,
                reference=str(reference) if reference else None, prompt_index=0, prompt=prompt, seed=seed,
                output="/nonexistent/x.mp4")
+
+
+def header_only_safetensors(path: Path, shapes: dict) -> Path:
+    """A sparse safetensors file with these tensor names and shapes (bf16): its header is real, its data
+    zeros on paper (a 14B DiT takes a few hundred kB on disk)."""
+    import json
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as stream:
+        stream.write(len(blob).to_bytes(8, "little") + blob)
+        stream.truncate(8 + len(blob) + offset)
+    return path

@@ -20,6 +20,8 @@ import pytest
 from orchestrator.manifest import GenerationConfig, ModelConfig
 from orchestrator.outputs import write_mp4
 
+from .conftest import header_only_safetensors
+
 from .conftest import backend_job
 
 torch = pytest.importorskip("torch")
@@ -371,22 +373,6 @@ def test_diffsynth_check_matches_control_inputs_to_the_control_model(write_manif
     load_manifest(write_manifest(_task_manifest(checkpoint("control-camera"), "control", camera)))  # fits
 
 
-def _header_only(path: Path, shapes: dict) -> Path:
-    """A sparse safetensors file with these tensor names and shapes (bf16): its header is real, its data
-    zeros on paper (a 14B DiT takes a few hundred kB on disk)."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as stream:
-        stream.write(len(blob).to_bytes(8, "little") + blob)
-        stream.truncate(8 + len(blob) + offset)
-    return path
-
-
 @pytest.mark.parametrize("release, dit_hash", [("vace", "a61453409b67cd3246cf0c3bebad47ba"),  # VACE-Wan2.1-1.3B
                                                ("animate", "31fa352acb8a1b1d33cd8764273d80a2")])  # Wan2.2-Animate-14B
 def test_real_layout_dit_files_are_recognised_with_their_part(checkpoint, tmp_path, release, dit_hash):
@@ -410,7 +396,7 @@ def test_real_layout_dit_files_are_recognised_with_their_part(checkpoint, tmp_pa
     real = tmp_path / "real"
     shutil.copytree(checkpoint("t2v"), real)
     (real / "wan_sweep_tiny_random.json").unlink()
-    file = _header_only(real / "diffusion_pytorch_model.safetensors", shapes)
+    file = header_only_safetensors(real / "diffusion_pytorch_model.safetensors", shapes)
     # our header fingerprint is DiffSynth's hash (test_diffsynth_backend), which mmaps the whole 34 GB file
     assert fingerprint(str(file)) == dit_hash
     files = model_files(real)[0]

@@ -23,6 +23,8 @@ from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
 from orchestrator.validation import load_manifest
 from orchestrator.outputs import count_frames, write_mp4
 
+from .conftest import header_only_safetensors
+
 from .conftest import backend_job as _job, cli, synthetic_manifest
 
 torch = pytest.importorskip("torch")
@@ -125,20 +127,10 @@ def test_check_fingerprint_matches_diffsynths_and_recognises_a_real_layout_dit(t
     entry = next(c for c in diffsynth_model_table() if c.get("model_hash") == "9269f8db9040a9d860eaca435be61814")
     with torch.device("meta"):
         shapes = {k: list(v.shape) for k, v in WanModel(**entry["extra_kwargs"]).state_dict().items()}
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
     real = tmp_path / "real"
     shutil.copytree(tiny, real)
     (real / "wan_sweep_tiny_random.json").unlink()
-    dit = real / "diffusion_pytorch_model.safetensors"
-    with open(dit, "wb") as stream:  # sparse: 2.8 GB on paper, a few KB on disk
-        stream.write(len(blob).to_bytes(8, "little") + blob)
-        stream.truncate(8 + len(blob) + offset)
+    dit = header_only_safetensors(real / "diffusion_pytorch_model.safetensors", shapes)  # 2.8 GB on paper
     assert fingerprint(str(dit)) == hash_model_file(str(dit)) == entry["model_hash"]
     found = identify(model_files(real)[0], str(real))
     assert found["dit"][0]["extra_kwargs"]["dim"] == 1536 and dit_kind(found["dit"][0]) == "t2v"

@@ -489,8 +489,7 @@ class DiffSynthWanBackend(Backend):
 
         def image(path):
             picture = Image.fromarray(references.image(path))
-            picture.cache_key = path if (g.width, g.height) == (self.generation.width, self.generation.height) \
-                else f"{path}:{g.width}x{g.height}"
+            picture.cache_key = f"{path}:{g.width}x{g.height}"
             return picture
 
         def clip(path, cache=None):

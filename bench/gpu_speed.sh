@@ -24,10 +24,10 @@ mkdir -p "$WORK"
 # end, and, with LIMIT_S (the device call's limit), once more shortly before it, so a run that is cut off
 # still says where its time went.
 snapshot_trials() {
-    for log in "$WORK"/out_*/.sweep/speed_trial/*/trial.log; do
+    for log in "$WORK"/out_*/.sweep/speed_trial/*/trial*.log; do
         [ -f "$log" ] || continue
         candidate=$(basename "$(dirname "$log")"); stage=$(basename "${log%%/.sweep/*}")
-        cp "$log" "$OUT/trial_${stage#out_}_${candidate}.log"
+        cp "$log" "$OUT/trial_${stage#out_}_${candidate}_$(basename "$log")"
     done
 }
 SNAPSHOT=

@@ -100,16 +100,20 @@ def _trial_process(manifest: Manifest, speed: SpeedConfig, folder: Path, steps: 
         shutil.rmtree(cache)
     request = {"manifest": str(manifest.path), "speed": asdict(speed), "steps": steps, "folder": str(folder)}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    log_path = folder / ("trial.log" if fresh_cache else "trial_warm.log")
     started = time.monotonic()
-    try:
-        done = subprocess.run([sys.executable, "-m", "orchestrator.speed_trial", json.dumps(request)],
-                              capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f}s"}
-    (folder / "trial.log").write_text(done.stdout + done.stderr, encoding="utf-8")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    # The child writes its log as it goes (not captured and written at the end), so a trial that is cut
+    # off, or a device call that ends mid-trial, still shows how far it got and where its time went.
+    with open(log_path, "w", encoding="utf-8") as sink:
+        try:
+            done = subprocess.run([sys.executable, "-m", "orchestrator.speed_trial", json.dumps(request)],
+                                  stdout=sink, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f}s"}
+    output = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = [line for line in output if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        last = next((line for line in reversed(output) if line.strip()), "no output")
         return {"error": f"exit {done.returncode}: {last[:300]}", "wall_seconds": round(time.monotonic() - started, 1)}
     return json.loads(lines[-1])
 
@@ -196,8 +200,10 @@ def _one(request: dict) -> dict:
     cuda = torch.cuda.is_available()
     backend = backend_class(model.backend)(model, generation, (0,) if cuda else ())
     started = time.perf_counter()
+    log.info("loading %s with %s", model.path, label(speed))
     backend.load()
     facts: dict = {"load_seconds": round(time.perf_counter() - started, 2)}
+    log.info("loaded in %.1fs; first denoiser call (compiles, if compile is on) …", facts["load_seconds"])
 
     def timed(call):
         if cuda:
@@ -217,6 +223,8 @@ def _one(request: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     job = replace(expand(manifest)[0], seed=0)
+    log.info("denoiser: first call %.1fs, %.3fs per forward; the short job (%d steps) …",
+             facts["first_call_seconds"], facts["seconds_per_forward"], generation.steps)
     frames, seconds = timed(lambda: backend.generate(job, lambda step, steps: None))
     info = backend.job_info()  # seconds per step: between step ends, so the first step's warm-up is out
     facts["seconds_per_step"] = info.get("seconds_per_step")
@@ -237,7 +245,8 @@ def _one(request: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.WARNING)
+    # INFO with times: the trial's log (trial.log) says where a slow candidate spends its time
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(json.dumps(_one(json.loads(argv[0]))), flush=True)
     return 0
 

@@ -635,6 +635,10 @@ def test_models_speed_compares_int8_with_eager(write_manifest, tmp_path, tiny_di
     eager, int8 = np.load(work / "eager" / "denoiser_out.npy"), np.load(work / "quantize-int8" / "denoiser_out.npy")
     assert eager.shape == int8.shape == (1, 16, 2, 4, 4) and not np.array_equal(eager, int8)
     assert np.load(work / "quantize-int8" / "frames.npy").shape == (5, 32, 32, 3)
+    # each candidate's own log, written as it ran, with the time of each phase
+    trial_log = (work / "quantize-int8" / "trial.log").read_text()
+    for phase in ("loading ", "loaded in ", "the short job (2 steps)"):
+        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO .*" + re.escape(phase), trial_log, re.M), trial_log
 
 
 def test_a_failed_candidates_message_does_not_widen_the_table(write_manifest):

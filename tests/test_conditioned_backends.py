@@ -411,3 +411,62 @@ def test_real_layout_dit_files_are_recognised_with_their_part(checkpoint, tmp_pa
     status = inspect(real, task=other)
     assert ("VACE blocks" if release == "vace" else "Animate adapter") in status.parts
     assert any(f"task {other} needs" in str(p) for p in status.problems)
+
+
+# `models speed` probes the denoiser alone (first-call time, s/forward, drift from eager). A conditioned
+# task's denoiser takes the job's encoded inputs, which random tensors cannot stand in for: the probe
+# records them from the manifest's first job (`prepare_denoise`) and draws only the latents.
+PROBES = [  # library, task, the job's inputs A and B, the recorded argument that carries them, size
+    ("diffsynth", "vace", ("clip_a", {}), ("clip_b", {}), "vace_context", 32),
+    ("diffsynth", "control", ("clip_a", {}), ("clip_b", {}), "y", 32),
+    ("diffsynth", "animate", ("image_a", {"pose_video": "clip_a", "face_video": "clip_b"}),
+     ("image_a", {"pose_video": "clip_b", "face_video": "clip_b"}), "pose_latents", 32),
+    ("diffsynth", "s2v", ("image_a", {"audio": "audio_a"}), ("image_a", {"audio": "audio_b"}), "audio_embeds", 64),
+    ("diffusers", "vace", ("clip_a", {}), ("clip_b", {}), "control_hidden_states", 32),
+    ("diffusers", "animate", ("image_a", {"pose_video": "clip_a", "face_video": "clip_b"}),
+     ("image_a", {"pose_video": "clip_b", "face_video": "clip_b"}), "pose_hidden_states", 32),
+]
+
+
+@pytest.mark.parametrize("library,task,job_a,job_b,argument,size", PROBES,
+                         ids=[f"{p[0]}-{p[1]}" for p in PROBES])
+def test_the_speed_probe_feeds_a_conditioned_denoiser_its_jobs_inputs(checkpoint, diffusers_checkpoint, media,
+                                                                      library, task, job_a, job_b, argument, size):
+    if library == "diffsynth":
+        backend = _diffsynth(checkpoint(task), task, width=size, height=size)
+    else:
+        backend = _diffusers(diffusers_checkpoint(task), task)
+
+    def job(spec):
+        reference, inputs = spec
+        return _job(media[reference], **{role: media[name] for role, name in inputs.items()})
+
+    def recorded():
+        inputs = backend._denoise_inputs
+        return (inputs if library == "diffsynth" else inputs.kwargs)[argument].clone()
+
+    with pytest.raises(RuntimeError, match="call prepare_denoise"):
+        backend.denoise_once(0)
+    backend.prepare_denoise(job(job_a))
+    first, again, other_seed = backend.denoise_once(0), backend.denoise_once(0), backend.denoise_once(1)
+    assert torch.isfinite(first).all() and torch.equal(first, again) and not torch.equal(first, other_seed)
+    assert first.shape[:2] == (1, 16)
+    from_a = recorded()
+    backend.prepare_denoise(job(job_b))
+    assert from_a.shape == recorded().shape and not torch.equal(from_a, recorded())  # the job's own inputs
+    assert backend.denoise_once(0).shape == first.shape
+    # the probe stopped each job at its first denoiser call: a real job still runs whole afterwards
+    assert backend.generate(job(job_a), lambda s, n: None).shape == (5, size, size, 3)
+    backend.close()
+
+
+def test_models_speed_measures_an_s2v_model(write_manifest, refs, checkpoint, tmp_path):
+    from .conftest import cli
+    data = _task_manifest(checkpoint("s2v"), "s2v", S2V, width=64, height=64)
+    result = cli("models", "speed", str(write_manifest(data)), "--try", "eager", "--steps", "2", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["candidate", "s/step"])
+    row = lines[header + 1]
+    assert row.split()[0] == "eager" and "failed" not in row, result.stdout
+    assert float(row.split()[3]) > 0  # s/forward: the S2V DiT's own forward pass, with the job's audio features

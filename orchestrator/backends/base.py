@@ -36,6 +36,25 @@ class NonFiniteFrames(RuntimeError):
         super().__init__("the decoded video holds NaN or infinite values" + hint)
 
 
+class FirstDenoiserCall(Exception):
+    """Raised by a backend's hook at a job's first call of its denoiser, with that call's arguments:
+    `prepare_denoise` stops the job there (see `run_to_first_denoiser_call`)."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("the job's first denoiser call")
+        self.args, self.kwargs = args, kwargs
+
+
+def run_to_first_denoiser_call(backend: "Backend", job: "Job") -> FirstDenoiserCall:
+    """Run `job` on `backend`, whose denoiser has been made to raise `FirstDenoiserCall`, up to that call:
+    the prompt and the job's inputs are encoded as for a real job, and nothing is denoised or written."""
+    try:
+        backend.generate(job, lambda step, steps: None)
+    except FirstDenoiserCall as call:
+        return call
+    raise RuntimeError(f"{backend.name}: the pipeline finished job {job.id} without calling its denoiser")
+
+
 @dataclass(frozen=True)
 class BackendProblem:
     """A problem with one manifest key, e.g. `generation.num_frames` or `model.options.offload`.
@@ -126,10 +145,17 @@ class Backend(ABC):
         file instead, a temporary name in the job's output folder; the worker checks and renames it.
         """
 
+    def prepare_denoise(self, job: "Job") -> None:
+        """Record what `denoise_once` feeds the denoiser besides its latents, from `job`'s first
+        denoising step, before anything is timed. The conditioned tasks' denoisers take the job's own
+        encoded inputs (VACE hints, control latents, audio features, pose and face), which random
+        tensors cannot stand in for; the other tasks need nothing recorded (the default)."""
+
     def denoise_once(self, seed: int):
-        """One forward pass of the (first) denoiser on seeded random inputs of the manifest's latent
-        shape, returning its output tensor: how `models speed` measures first-call time and the drift
-        of a speed setting from eager bf16. Backends without an in-process denoiser have none."""
+        """One forward pass of the (first) denoiser on seeded random latents of the manifest's shape
+        (with what `prepare_denoise` recorded, for the conditioned tasks), returning its output tensor:
+        how `models speed` measures first-call time and the drift of a speed setting from eager bf16.
+        Backends without an in-process denoiser have none."""
         raise NotImplementedError(f"the {self.name} backend has no in-process denoiser to probe")
 
     def job_info(self) -> dict:

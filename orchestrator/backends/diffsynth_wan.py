@@ -94,8 +94,9 @@ import numpy as np
 
 from .. import speed as speed_settings
 from ..checkpoints.releases import download_fix
-from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identity, option_problems,
-                   speed_card_problems)
+from ..manifest import CONDITIONED_TASKS
+from .base import (Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, model_files_identity,
+                   option_problems, run_to_first_denoiser_call, speed_card_problems)
 from .cuda import job_memory, release_memory
 from .diffsynth_caches import install_caches
 from .diffsynth_files import (AUDIO_ENCODER_FOLDER, COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, PART_NAMES, TASK_DITS,
@@ -586,9 +587,36 @@ class DiffSynthWanBackend(Backend):
                 progress(index + 1, total)
         return steps
 
+    def prepare_denoise(self, job) -> None:
+        """The conditioned tasks: the first step's arguments of DiffSynth's `model_fn` for `job` (the
+        VACE hints, control and reference latents, audio features, pose and face, with the prompt's
+        embedding), recorded by running the job up to that call."""
+        self._denoise_inputs = None
+        if self.model.task not in CONDITIONED_TASKS:
+            return
+        pipe = self.pipe
+        model_fn = pipe.model_fn
+
+        def stop(*args, **kwargs):
+            raise FirstDenoiserCall(args, kwargs)
+        pipe.model_fn = stop
+        try:
+            self._denoise_inputs = run_to_first_denoiser_call(self, job).kwargs
+        finally:
+            pipe.model_fn = model_fn
+
     def denoise_once(self, seed: int):
         from diffsynth.pipelines.wan_video import model_fn_wan_video
         torch, pipe, g, dit = self.torch, self.pipe, self.generation, self.pipe.dit
+        if self.model.task in CONDITIONED_TASKS:
+            recorded = getattr(self, "_denoise_inputs", None)
+            if recorded is None:
+                raise RuntimeError(f"task {self.model.task}: call prepare_denoise(job) first; this denoiser takes "
+                                   "the job's own encoded inputs")
+            latents = recorded["latents"]
+            noise = torch.randn(latents.shape, generator=torch.Generator(device="cpu").manual_seed(seed))
+            with torch.no_grad(), speed_settings.sdpa_kernel(self.model.speed.attention):
+                return pipe.model_fn(**{**recorded, "latents": noise.to(latents.device, latents.dtype)})
         z = getattr(pipe.vae, "z_dim", 16)
         image = dit.has_image_input and dit.require_vae_embedding
         size = (1, z if image else dit.in_dim, (g.num_frames - 1) // 4 + 1, g.height // pipe.vae.upsampling_factor,

@@ -56,8 +56,8 @@ import numpy as np
 from .. import speed as speed_settings
 from ..checkpoints.releases import download_fix
 from ..manifest import SpeedConfig
-from .base import (Backend, BackendProblem, NonFiniteFrames, model_files_identity, option_problems,
-                   speed_card_problems)
+from .base import (Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, model_files_identity,
+                   option_problems, run_to_first_denoiser_call, speed_card_problems)
 from .cuda import job_memory, release_memory
 
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline",
@@ -539,8 +539,33 @@ class DiffusersWanBackend(Backend):
                 setattr(pipe, method, lambda *a, _original=original, _key=key, **k: self._remember(
                     _key, lambda: _original(pipe, *a, **k)))
 
+    def prepare_denoise(self, job) -> None:
+        """vace and animate: the transformer's arguments at `job`'s first step (the control video's VACE
+        latents; the pose, face and reference conditioning), recorded by running the job up to that call."""
+        self._denoise_inputs = None
+        if self.model.task not in ("vace", "animate"):
+            return
+
+        def stop(module, args, kwargs):
+            raise FirstDenoiserCall(args, kwargs)
+        hook = self.pipe.transformer.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self._denoise_inputs = run_to_first_denoiser_call(self, job)
+        finally:
+            hook.remove()
+
     def denoise_once(self, seed: int):
         torch, pipe, g = self.torch, self.pipe, self.generation
+        recorded = getattr(self, "_denoise_inputs", None)
+        if recorded is None and self.model.task in ("vace", "animate"):
+            raise RuntimeError(f"task {self.model.task}: call prepare_denoise(job) first; this transformer takes "
+                               "the job's own encoded inputs")
+        if recorded is not None:
+            latents = recorded.kwargs["hidden_states"]
+            noise = torch.randn(latents.shape, generator=torch.Generator(device="cpu").manual_seed(seed))
+            with torch.no_grad():
+                return pipe.transformer(*recorded.args, **{**recorded.kwargs, "return_dict": False,
+                                                           "hidden_states": noise.to(latents.device, latents.dtype)})[0]
         transformer, config = pipe.transformer, pipe.transformer.config
         frames = (g.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
         shape = (1, config.in_channels, frames, g.height // pipe.vae_scale_factor_spatial,

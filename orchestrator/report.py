@@ -15,9 +15,9 @@ import sqlite3
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
-from .jobs import axis_value_text
+from .output_names import value_text
 from .ledger import LIVE_WORKER_STATES, LedgerError, ledger_problem
 from .sweep import DiskScan, Sweep, processes_gone
 from .terminal import printable
@@ -45,6 +45,13 @@ class CategoryRow:
 
 
 @dataclass
+class AxisRow(CategoryRow):
+    """The jobs of one value of an axis; `name` is the value as file names and the review page show it
+    (`output_names.value_text`: 5,3.5 for a [high, low] cfg pair), `value` the value itself."""
+    value: Any = None
+
+
+@dataclass
 class Report:
     name: str
     output_dir: str
@@ -58,8 +65,8 @@ class Report:
     ledger: bool = True
     ledger_problem: str | None = None  # the ledger exists but cannot be read: counts are from the disk
     stop_reason: str | None = None  # why the workers stopped by themselves (a full disk)
-    # Per axis of the manifest (`axes:`), a row per value (its name: the value as JSON text); {} without axes.
-    axes: dict[str, list[CategoryRow]] = field(default_factory=dict)
+    # Per axis of the manifest (`axes:`), a row per value; {} without axes.
+    axes: dict[str, list[AxisRow]] = field(default_factory=dict)
     # The disk scan the counts came from (not in the JSON): the review page shows the same files.
     scan: DiskScan | None = field(default=None, repr=False, compare=False)
 
@@ -80,7 +87,8 @@ class Report:
                 "workers": self.workers, "failed": self.failed, "jobs_per_hour": self.jobs_per_hour,
                 "eta_s": self.eta_s, "workers_alive": self.workers_alive, "ledger": self.ledger,
                 "ledger_problem": self.ledger_problem, "stop_reason": self.stop_reason,
-                "axes": {axis: [{"value": json.loads(r.name), **{k: v for k, v in asdict(r).items() if k != "name"},
+                "axes": {axis: [{"value": list(r.value) if isinstance(r.value, tuple) else r.value, "label": r.name,
+                                 **{k: v for k, v in asdict(r).items() if k not in ("name", "value")},
                                  "left": r.left, "percent": round(r.percent, 2)} for r in values]
                          for axis, values in self.axes.items()}}
 
@@ -89,15 +97,15 @@ def build_report(sweep: Sweep) -> Report:
     now = time.time()
     scan = sweep.scan()
     rows: dict[str, CategoryRow] = {}
-    axis_rows: dict[str, dict[str, CategoryRow]] = {axis: {} for a in sweep.manifest.axes for axis in a.keys}
+    axis_rows: dict[str, dict[str, AxisRow]] = {axis: {} for a in sweep.manifest.axes for axis in a.keys}
     by_id = {}
     tallies: dict[str, list[CategoryRow]] = {}  # job id -> the rows it counts in
     for job in sweep.jobs:
         counted = tallies[job.id] = [rows.setdefault(job.category, CategoryRow(job.category))]
         for key, value in job.axes.items():
-            label = axis_value_text(value)
+            label = value_text(value)
             # (jobs carry their own axes: a job list built without the manifest's section still tallies)
-            counted.append(axis_rows.setdefault(key, {}).setdefault(label, CategoryRow(label)))
+            counted.append(axis_rows.setdefault(key, {}).setdefault(label, AxisRow(label, value=value)))
         by_id[job.id] = job
         for row in counted:
             row.expected += 1

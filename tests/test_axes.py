@@ -192,6 +192,23 @@ def test_a_bad_axis_starts_nothing(write_manifest, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_report_names_each_axis_value_as_the_file_names_do(write_manifest, tmp_path):
+    """A [high, low] cfg pair is `4,3` in the report, as in its files' names and on the review page; the
+    JSON keeps the value itself beside that label."""
+    from orchestrator.api import report as report_of
+    from orchestrator.report import format_report
+    path = write_manifest(synthetic_manifest(axes={"cfg_scale": [3.0, [4.0, 3.5]]}))
+    jobs = expand(load_manifest(path))
+    assert {Path(j.output).name for j in jobs if j.axes["cfg_scale"] == [4.0, 3.5]} >= {"seed_1_prompt_0_cfg_scale-4,3.5.mp4"}
+    report = report_of(load_manifest(path))
+    assert [row.name for row in report.axes["cfg_scale"]] == ["3", "4,3.5"]
+    lines = format_report(report).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("cfg_scale "))
+    assert [lines[header + 2].split()[0], lines[header + 3].split()[0]] == ["3", "4,3.5"]
+    rows = json.loads(cli("report", str(path), "--json").stdout)["axes"]["cfg_scale"]
+    assert [(row["value"], row["label"]) for row in rows] == [(3.0, "3"), ([4.0, 3.5], "4,3.5")]
+
+
 # ------------------------------------------------------------------------------------------- running
 
 def test_a_sweep_with_axes_makes_each_combination_with_its_own_settings(write_manifest, tmp_path):

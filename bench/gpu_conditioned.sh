@@ -8,15 +8,15 @@
 #   bash bench/gpu_conditioned.sh                                  # stage 1 (1.3B), about 6 minutes (estimate)
 #   STAGES="s2v14 animate14" bash bench/gpu_conditioned.sh         # stage 2 (14B), a call of its own
 # Stages: build13 (T2V-1.3B base + VACE-1.3B + Fun-V1.1-1.3B-Control), t2v13, vace13, control13;
-# s2v14 (build S2V-14B, run it, delete it), animate14 (build Animate-14B and check that DiffSynth's table
-# recognises it, then delete it: its DiT needs the CLIP image encoder, which is not built, see the builder).
+# s2v14 (build S2V-14B, run it, delete it), animate14 (build Animate-14B with its CLIP image encoder, run it,
+# delete it).
 # Prints per task: load time, seconds per step, seconds per video, the first vs the second job's time
 # before the first step (input encoding; the second job's input comes from the worker's cache:
 # input_encodings "reused"), peak memory. $OUT gets conditioned_machine.txt, conditioned_build.log and
 # conditioned_<stage>.log per run.
 # TINY=1: the same flow on the CPU in about a minute (tiny random checkpoints, 64x64x9, 2 steps, float32).
-# Disk: stage 1 about 21 GB (the base's 13.7 + VACE DiT 4.3 + Fun control DiT 3.1); stage 2 the base, then
-# S2V-14B 33 GB, deleted before Animate-14B's 35 GB are written.
+# Disk: stage 1 about 24 GB (the base's 13.7 + VACE DiT 4.3 + Fun control DiT 3.1 + CLIP 2.4); stage 2 the base,
+# then S2V-14B 33 GB, deleted before Animate-14B's 35 GB and its CLIP 2.4 are written.
 set -uo pipefail
 [ "${TINY:-0}" = 1 ] && WHEELS=${WHEELS:-0}  # on the CPU: the environment as it is
 source bench/_gpu_env.sh  # OUT, the environment, the carried wheels
@@ -30,10 +30,11 @@ if [ "$TINY" = 1 ]; then
     STEPS=${STEPS:-2}; SIZE="--width 64 --height 64 --frames 9 --dtype float32"; DEVICE=cpu
     OPTIONS=${OPTIONS:-"{}"}
     T2V=$ROOT_DIR/tiny-t2v VACE=$ROOT_DIR/tiny-vace CONTROL=$ROOT_DIR/tiny-control S2V=$ROOT_DIR/tiny-s2v
+    ANIMATE=$ROOT_DIR/tiny-animate
 else
     STEPS=${STEPS:-4}; SIZE=""; DEVICE=cuda
     T2V=$ROOT_DIR/Wan2.1-T2V-1.3B VACE=$ROOT_DIR/Wan2.1-VACE-1.3B CONTROL=$ROOT_DIR/Wan2.1-Fun-V1.1-1.3B-Control
-    S2V=$ROOT_DIR/Wan2.2-S2V-14B
+    S2V=$ROOT_DIR/Wan2.2-S2V-14B ANIMATE=$ROOT_DIR/Wan2.2-Animate-14B
 fi
 { date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   df -h "$ROOT_DIR" | tail -1
@@ -74,7 +75,8 @@ for stage in $STAGES; do
       control13) run control13 control "$CONTROL" || status=1 ;;
       s2v14) { build s2v14 && run s2v14 s2v "$S2V"; } || status=1
              [ "$TINY" = 1 ] || rm -rf "$S2V" ;;  # disk: the next 14B model needs its room
-      animate14) [ "$TINY" = 1 ] || { build animate14 || status=1; rm -rf "$ROOT_DIR/Wan2.2-Animate-14B"; } ;;
+      animate14) { build animate14 && run animate14 animate "$ANIMATE"; } || status=1
+             [ "$TINY" = 1 ] || rm -rf "$ANIMATE" ;;
       *) echo "unknown stage $stage"; status=1 ;;
     esac
 done

@@ -16,11 +16,11 @@ same fingerprint (VACE blocks, the Animate adapter) is added to the DiT's file, 
 The text encoder, VAE and tokenizer are those of `Wan2.1-T2V-1.3B/` (built first under ROOT by
 gpu_diffsynth_build.build, which is also the t2v baseline) and linked, not copied.
 
-Not built: the CLIP image encoder (`models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`). DiffSynth
-keeps only its visual half, and the names and shapes of the released file's text half could not be
-reconstructed so that its fingerprint matches (5941c53e…). So the Fun control run's reference image
-reaches the DiT as VAE latents only (DiffSynth then gives it zero CLIP features), and Animate-14B, for
-which the backend requires the encoder, is built and recognised but not run here.
+The CLIP image encoder (`models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`, for control13 and
+animate14): DiffSynth keeps only its visual half (its own class on meta gives those names and shapes), but
+recognises the file by all of it, so the text half is written too, by the layout of the released file
+(`clip_text_layout`: an XLM-RoBERTa-large text tower and its projection head); the fingerprint then matches
+DiffSynth's table (5941c53e…).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench import gpu_diffsynth_build as base  # noqa: E402  (the T2V builder: its helpers and layouts)
 
 AUDIO_ENCODER_HASH = "06be60f3a4526586d8431cd038a71486"
+IMAGE_ENCODER_HASH = "5941c53e207d62f20f9025686193c40b"
 BASE_FOLDER = "Wan2.1-T2V-1.3B"
 
 
@@ -48,14 +49,17 @@ class Release:
     dit_hash: str      # DiffSynth's table entry the DiT's file must match
     shards: int
     audio_encoder: bool = False
+    image_encoder: bool = False  # the CLIP file: the reference image's CLIP features
     stage: int = 1     # 2: 14B, needs a device call of its own
 
 
 MODELS = {
     "vace13": Release("Wan2.1-VACE-1.3B", "vace", "a61453409b67cd3246cf0c3bebad47ba", 1),
-    "control13": Release("Wan2.1-Fun-V1.1-1.3B-Control", "control", "70ddad9d3a133785da5ea371aae09504", 1),
+    "control13": Release("Wan2.1-Fun-V1.1-1.3B-Control", "control", "70ddad9d3a133785da5ea371aae09504", 1,
+                         image_encoder=True),
     "s2v14": Release("Wan2.2-S2V-14B", "s2v", "966cffdcc52f9c46c391768b27637614", 4, audio_encoder=True, stage=2),
-    "animate14": Release("Wan2.2-Animate-14B", "animate", "31fa352acb8a1b1d33cd8764273d80a2", 4, stage=2),
+    "animate14": Release("Wan2.2-Animate-14B", "animate", "31fa352acb8a1b1d33cd8764273d80a2", 4,
+                         image_encoder=True, stage=2),
 }
 
 
@@ -97,6 +101,38 @@ def audio_encoder_layout() -> tuple[dict[str, list[int]], dict]:
     return keys, encoder.model.config.to_dict()
 
 
+def clip_text_layout(width: int = 1024, layers: int = 24, ffn: int = 4096, vocabulary: int = 250_002,
+                     positions: int = 514) -> dict[str, list[int]]:
+    """The text half of the released CLIP file, which DiffSynth drops on loading (its converter skips
+    `textual.`) but counts in the file's fingerprint: XLM-RoBERTa-large's embeddings (one token type),
+    `layers` post-norm blocks and a two-layer projection head without biases."""
+    keys = {"textual.token_embedding.weight": [vocabulary, width], "textual.type_embedding.weight": [1, width],
+            "textual.pos_embedding.weight": [positions, width]}
+    for i in range(layers):
+        block = f"textual.blocks.{i}"
+        for projection in "qkvo":
+            keys[f"{block}.attn.{projection}.weight"] = [width, width]
+            keys[f"{block}.attn.{projection}.bias"] = [width]
+        keys.update({f"{block}.norm1.weight": [width], f"{block}.norm1.bias": [width],
+                     f"{block}.ffn.0.weight": [ffn, width], f"{block}.ffn.0.bias": [ffn],
+                     f"{block}.ffn.2.weight": [width, ffn], f"{block}.ffn.2.bias": [width],
+                     f"{block}.norm2.weight": [width], f"{block}.norm2.bias": [width]})
+    keys.update({"textual.norm.weight": [width], "textual.norm.bias": [width],
+                 "textual.head.0.weight": [width, width], "textual.head.2.weight": [width, width]})
+    return keys
+
+
+def image_encoder_layout() -> dict[str, list[int]]:
+    """The CLIP file's {name: shape}: DiffSynth's WanImageEncoder on meta (its converter adds `model.`)
+    and the text half."""
+    import torch
+    from diffsynth.models.wan_video_image_encoder import WanImageEncoder
+    with torch.device("meta"):
+        encoder = WanImageEncoder()
+    visual = {name.removeprefix("model."): shape for name, shape in _shapes(encoder).items()}
+    return {**visual, **clip_text_layout()}
+
+
 def _digest(keys: dict) -> str:
     from diffsynth.core.loader.file import convert_keys_dict_to_single_str
     return hashlib.md5(convert_keys_dict_to_single_str(keys).encode()).hexdigest()
@@ -107,6 +143,8 @@ def verify(name: str) -> dict[str, dict]:
     checks = {"dit": (dit_layout(release), release.dit_hash)}
     if release.audio_encoder:
         checks["audio_encoder"] = (audio_encoder_layout()[0], AUDIO_ENCODER_HASH)
+    if release.image_encoder:
+        checks["image_encoder"] = (image_encoder_layout(), IMAGE_ENCODER_HASH)
     return {part: {"hash": _digest(keys), "expected": expected, "ok": _digest(keys) == expected,
                    "tensors": len(keys), "parameters": sum(base._numel(s) for s in keys.values())}
             for part, (keys, expected) in checks.items()}
@@ -135,7 +173,7 @@ def build(root: Path, name: str, device: str) -> dict:
     first if missing); returns the seconds each part took."""
     import torch
 
-    from orchestrator.backends.diffsynth_files import AUDIO_ENCODER_FOLDER
+    from orchestrator.backends.diffsynth_files import AUDIO_ENCODER_FOLDER, IMAGE_ENCODER
     release = MODELS[name]
     shared = root / BASE_FOLDER
     seconds = {}
@@ -155,6 +193,12 @@ def build(root: Path, name: str, device: str) -> dict:
         t0 = time.monotonic()
         write_audio_encoder(folder / AUDIO_ENCODER_FOLDER, device, generator)
         seconds["audio_encoder"] = time.monotonic() - t0
+    if release.image_encoder:
+        t0 = time.monotonic()
+        clip = folder / f"{IMAGE_ENCODER}.pth"
+        if not clip.exists():
+            torch.save(base._tensors(image_encoder_layout(), torch.bfloat16, device, generator), clip)
+        seconds["image_encoder"] = time.monotonic() - t0
     seconds.update(base.write_shared(folder, {}, device, generator, shared))
     return seconds
 
@@ -181,10 +225,14 @@ def check_files(folder: Path, name: str) -> dict:
     if release.audio_encoder:
         report["audio_encoder"] = {"fingerprint": fingerprint(files["audio_encoder"]) if files["audio_encoder"] else None,
                                    "expected": AUDIO_ENCODER_HASH}
+    if release.image_encoder:
+        report["image_encoder"] = {"fingerprint": fingerprint(files["image_encoder"]) if files["image_encoder"] else None,
+                                   "expected": IMAGE_ENCODER_HASH}
     dit = report["dit"]
     report["ok"] = (not problems and dit["fingerprint"] == dit["diffsynth_hash"] == release.dit_hash
                     and set(parts) <= set(dit["parts_found"]) and report["text_encoder"] and report["vae"]
-                    and (not release.audio_encoder or report["audio_encoder"]["fingerprint"] == AUDIO_ENCODER_HASH))
+                    and (not release.audio_encoder or report["audio_encoder"]["fingerprint"] == AUDIO_ENCODER_HASH)
+                    and (not release.image_encoder or report["image_encoder"]["fingerprint"] == IMAGE_ENCODER_HASH))
     return report
 
 

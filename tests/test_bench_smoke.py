@@ -28,7 +28,8 @@ def test_conditioned_checkpoints_match_diffsynths_table():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for model in ("vace13", "control13", "s2v14", "animate14"):
         assert f"{model} (" in run.stdout
-    assert "DIFFERS" not in run.stdout and run.stdout.count("matches DiffSynth's table") == 5
+    # DiTs 4, the S2V audio encoder, the CLIP image encoder of control13 and animate14 (its text half too)
+    assert "DIFFERS" not in run.stdout and run.stdout.count("matches DiffSynth's table") == 7
 
 
 def test_conditioned_gpu_script_runs_its_whole_flow_on_tiny_checkpoints(tmp_path):
@@ -41,13 +42,13 @@ def test_conditioned_gpu_script_runs_its_whole_flow_on_tiny_checkpoints(tmp_path
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     env = {**os.environ, "TINY": "1", "OUT": str(tmp_path / "out"), "DSW_ROOT": str(tmp_path / "models"),
-           "PYTHON": sys.executable, "STAGES": "build13 vace13 control13",
+           "PYTHON": sys.executable, "STAGES": "build13 vace13 control13 animate14",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_conditioned.sh")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
     summaries = [json.loads(line) for line in (tmp_path / "out" / "conditioned_summary.jsonl").read_text().splitlines()]
-    assert [s["task"] for s in sorted(summaries, key=lambda s: s["task"])] == ["control", "vace"]
+    assert [s["task"] for s in sorted(summaries, key=lambda s: s["task"])] == ["animate", "control", "vace"]
     for summary in summaries:
         assert summary["videos"] == 2 and len(summary["seconds_per_step"]) == 2
         assert [set(e.values()) for e in summary["input_encodings"]] == [{"encoded"}, {"reused"}]

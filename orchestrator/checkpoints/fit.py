@@ -198,6 +198,10 @@ def working_sets(model: list[Part], settings: Settings, gpu: bool = True) -> dic
 STRATEGIES = {
     "whole": "whole model on one card",
     "text_encoder_cpu": "text encoder on the CPU",
+    # kept on the CPU, but each prompt's encoding runs on the card: DiffSynth's `vram_management:
+    # text_encoder` moves the encoder's layers to the card while it has room (its vram_limit, by default
+    # the whole card) and back after the prompt, so the card holds it beside the resident DiT
+    "text_encoder_swap": "text encoder onto the card per prompt",
     "vae_cpu": "VAE on the CPU",
     "model_offload": "model CPU offload",  # one component on the card at a time
     "device_map": "device_map over {k} cards",  # whole components placed per card
@@ -207,7 +211,7 @@ STRATEGIES = {
     "block_offload": "block offload",  # blocks stream from the CPU, two on the card
 }
 QUANTIZED = ("int8", "int8_offload")  # strategies that round the weights (`speed: {quantize: int8}`)
-PREFERENCE = ("whole", "text_encoder_cpu", "vae_cpu", "model_offload", "device_map", "fsdp", "int8",
+PREFERENCE = ("whole", "text_encoder_cpu", "text_encoder_swap", "vae_cpu", "model_offload", "device_map", "fsdp", "int8",
               "int8_offload", "block_offload")
 
 
@@ -228,7 +232,8 @@ class Estimate:
 def estimate(model: list[Part], settings: Settings, strategy: str, cards: int = 1) -> Estimate:
     """One worker's peak GPU memory per card under `strategy` (over `cards` cards for device_map/fsdp)."""
     result = _estimate(model, settings, strategy, cards)
-    if strategy in ("text_encoder_cpu", "vae_cpu", "model_offload", "block_offload", "int8_offload"):
+    if strategy in ("text_encoder_cpu", "text_encoder_swap", "vae_cpu", "model_offload", "block_offload",
+                    "int8_offload"):
         total = sum(p.params * settings.b for p in model)
         if strategy == "int8_offload":
             total -= sum(p.quantizable * (settings.b - 1) for p in model if p.role in ("denoiser", "text"))
@@ -252,6 +257,15 @@ def _estimate(model: list[Part], settings: Settings, strategy: str, cards: int) 
         return of(weights)
     if strategy == "text_encoder_cpu":
         return of(n for n in weights if roles[n] != "text")
+    if strategy == "text_encoder_swap":
+        # the rest resident; the encoder's weights and working set on the card only while it encodes
+        resident = of(n for n in weights if roles[n] != "text")
+        text = [n for n in weights if roles[n] == "text"]
+        swapped = sum(weights[n] + ws[n] for n in text)
+        if swapped <= resident.working:
+            return resident
+        return Estimate(strategy, cards, int(CUDA_CONTEXT + resident.weights + swapped), resident.weights,
+                        int(swapped))
     if strategy == "vae_cpu":
         return of(n for n in weights if roles[n] != "vae")
     if strategy == "model_offload":
@@ -300,7 +314,7 @@ BACKEND_STRATEGIES: dict[str, dict[str, tuple | None]] = {
         "int8": ({}, {}, {"quantize": "int8"}), "int8_offload": ({"offload": "model"}, {}, {"quantize": "int8"}),
     },
     "diffsynth": {
-        "whole": ({"vram_management": False}, {}), "text_encoder_cpu": ({"vram_management": "text_encoder"}, {}),
+        "whole": ({"vram_management": False}, {}), "text_encoder_swap": ({"vram_management": "text_encoder"}, {}),
         "model_offload": ({"vram_management": True}, {}), "block_offload": ({"vram_management": True}, {}),
         "int8": ({"vram_management": "text_encoder"}, {}, {"quantize": "int8"}),
     },
@@ -435,7 +449,7 @@ def fit_report(checkpoint: Checkpoint, settings: Settings, gpus: list[GpuKind], 
         for k in (counts if strategy in ("device_map", "fsdp") else [1]):
             if strategy == "vae_cpu" and vae is None:
                 continue
-            if strategy == "text_encoder_cpu" and not any(p.role == "text" for p in model):
+            if strategy in ("text_encoder_cpu", "text_encoder_swap") and not any(p.role == "text" for p in model):
                 continue
             estimates.append(estimate(model, settings, strategy, k))
     header = ["strategy", "per card", "weights", "working", "host RAM", f"{backend} backend"]

@@ -470,3 +470,22 @@ def test_models_speed_measures_an_s2v_model(write_manifest, refs, checkpoint, tm
     row = lines[header + 1]
     assert row.split()[0] == "eager" and "failed" not in row, result.stdout
     assert float(row.split()[3]) > 0  # s/forward: the S2V DiT's own forward pass, with the job's audio features
+
+
+def test_the_speed_probe_stops_a_fully_compiled_transformer_at_its_call(diffusers_checkpoint, media):
+    """With `compile: full` the transformer's whole forward is one graph (fullgraph=True): a hook on it
+    would be traced and refused, so the probe stands in for the transformer at the pipeline's call."""
+    from orchestrator.manifest import SpeedConfig
+    from orchestrator.backends.diffusers_wan import DiffusersWanBackend
+    model = ModelConfig(backend="diffusers", task="vace", path=str(diffusers_checkpoint("vace")), dtype="float32",
+                        speed=SpeedConfig(compile="full"))
+    backend = DiffusersWanBackend(model, GenerationConfig(**GEN), ())
+    backend.load()
+    transformer = backend.pipe.transformer
+    backend.prepare_denoise(_job(media["clip_a"]))
+    assert backend.pipe.transformer is transformer  # put back
+    assert "transformer" in backend.pipe.config and backend.pipe.config["transformer"][1] == type(transformer).__name__
+    out = backend.denoise_once(0)
+    assert torch.isfinite(out).all() and torch.equal(out, backend.denoise_once(0))
+    assert backend.generate(_job(media["clip_a"]), lambda s, n: None).shape == (5, 32, 32, 3)
+    backend.close()

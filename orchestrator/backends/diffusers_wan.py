@@ -546,13 +546,15 @@ class DiffusersWanBackend(Backend):
         if self.model.task not in ("vace", "animate"):
             return
 
-        def stop(module, args, kwargs):
-            raise FirstDenoiserCall(args, kwargs)
-        hook = self.pipe.transformer.register_forward_pre_hook(stop, with_kwargs=True)
+        # The pipeline's transformer is swapped for a stand-in that stops at the call, not given a hook:
+        # with `compile: full` a hook would be traced into the compiled graph. Set past the pipeline's
+        # own __setattr__, which would register the stand-in as a component in its config.
+        transformer = self.pipe.transformer
+        object.__setattr__(self.pipe, "transformer", _StopAtCall(transformer))
         try:
             self._denoise_inputs = run_to_first_denoiser_call(self, job)
         finally:
-            hook.remove()
+            object.__setattr__(self.pipe, "transformer", transformer)
 
     def denoise_once(self, seed: int):
         torch, pipe, g = self.torch, self.pipe, self.generation
@@ -594,3 +596,16 @@ class DiffusersWanBackend(Backend):
         self.close_reference_caches()
         release_memory(getattr(self, "cuda", False))
 
+
+class _StopAtCall:
+    """A denoiser as a pipeline sees it (every attribute is the module's) whose call raises
+    `FirstDenoiserCall` with its arguments instead of running."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def __call__(self, *args, **kwargs):
+        raise FirstDenoiserCall(args, kwargs)

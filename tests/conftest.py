@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from orchestrator.job_loop import JobSource
+from orchestrator.ledger import Claim
 from orchestrator.outputs import write_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +115,32 @@ def header_only_safetensors(path: Path, shapes: dict) -> Path:
         stream.write(len(blob).to_bytes(8, "little") + blob)
         stream.truncate(8 + len(blob) + offset)
     return path
+
+
+
+class ListJobSource(JobSource):
+    """A FAKE job source for driving `JobLoop` without a ledger: hands out `jobs` in order, records which
+    were completed (`done`) and failed (`failed`)."""
+
+    def __init__(self, jobs: list):
+        self.waiting, self.done, self.failed = list(jobs), [], []
+
+    def claim(self, prefer_group=None):
+        return Claim(self.waiting.pop(0), 1) if self.waiting else None
+
+    def complete(self, job_id, seconds, skipped=False):
+        self.done.append(job_id)
+        return True
+
+    def fail(self, job_id, message, outcome="error"):
+        self.failed.append(job_id)
+        return "failed"
+
+    def release(self, job_id):
+        pass
+
+    def heartbeat(self, job_id):
+        pass
+
+    def unfinished(self):
+        return len(self.waiting)

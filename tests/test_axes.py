@@ -393,9 +393,10 @@ def test_fp8_in_a_quantize_axis_needs_an_fp8_card(write_manifest, tmp_path, monk
 def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp_path):
     import logging
 
-    from orchestrator.job_loop import JobLoop, JobSource, SlotBackend
+    from orchestrator.job_loop import JobLoop, SlotBackend
     from orchestrator.jobs import Job
-    from orchestrator.ledger import Claim
+
+    from .conftest import ListJobSource
     from orchestrator.manifest import ModelConfig
     from orchestrator.planning import WorkerSpec
 
@@ -403,28 +404,9 @@ def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp
     jobs = [Job(f"j{n}", n, "c", None, None, 0, "p", n, str(tmp_path / "c" / f"{n}.mp4"), axes={"quantize": q})
             for n, q in enumerate(values)]
 
-    class Jobs(JobSource):  # a FAKE job source: these jobs in order, no ledger
-        def __init__(self):
-            self.waiting, self.done = list(jobs), []
-
-        def claim(self, prefer_group=None):
-            return Claim(self.waiting.pop(0), 1) if self.waiting else None
-
-        def complete(self, job_id, seconds, skipped=False):
-            self.done.append(job_id)
-            return True
-
+    class Jobs(ListJobSource):  # the FAKE job source, keeping each job's sidecar record
         def fail(self, job_id, message, outcome="error"):
             raise AssertionError(message)
-
-        def release(self, job_id):
-            pass
-
-        def heartbeat(self, job_id):
-            pass
-
-        def unfinished(self):
-            return len(self.waiting)
 
         def store_video(self, spec, job, result, record):
             self.sidecars = getattr(self, "sidecars", {})
@@ -463,7 +445,7 @@ def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp
     spec = WorkerSpec(sweep="s", worker="w0", devices=(), queue="cpu0", ledger="", output_dir=str(tmp_path),
                       log="", model={"backend": "synthetic", "task": "t2v", "speed": {"quantize": "none"}},
                       generation={"num_frames": 5, "fps": 5}, execution={})
-    source = Jobs()
+    source = Jobs(jobs)
     loop = JobLoop(source, spec, logging.getLogger("test"))
     backends = SlotBackend(load, model, loop.log)
     backends.open()

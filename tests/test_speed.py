@@ -710,32 +710,10 @@ def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
     that fails must switch that off again, or a later hang would never be noticed."""
     import logging
 
-    from orchestrator.job_loop import JobLoop, JobSource, SlotBackend
-    from orchestrator.ledger import Claim
+    from orchestrator.job_loop import JobLoop, SlotBackend
     from orchestrator.planning import WorkerSpec
 
-    class FakeSource(JobSource):  # a FAKE job source: two jobs, no ledger
-        def __init__(self):
-            self.jobs, self.failed = [_job(seed=1), _job(seed=2)], []
-
-        def claim(self, prefer_group=None):
-            return Claim(self.jobs.pop(0), 1) if self.jobs else None
-
-        def complete(self, job_id, seconds, skipped=False):
-            return True
-
-        def fail(self, job_id, message, outcome="error"):
-            self.failed.append(job_id)
-            return "failed"
-
-        def release(self, job_id):
-            pass
-
-        def heartbeat(self, job_id):
-            pass
-
-        def unfinished(self):
-            return len(self.jobs)
+    from .conftest import ListJobSource
 
     class Failing:  # a backend whose every call fails (e.g. compiling ran out of memory)
         name, attempt = "failing", 1
@@ -750,7 +728,7 @@ def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
     spec = WorkerSpec(sweep="s", worker="w0", devices=(), queue="cpu0", ledger="", output_dir=str(tmp_path),
                       log="", model={"backend": "synthetic"}, generation={"num_frames": 5, "fps": 5},
                       execution={})
-    source = FakeSource()
+    source = ListJobSource([_job(seed=1), _job(seed=2)])
     loop = JobLoop(source, spec, logging.getLogger("test"))
     backends = SlotBackend(lambda model: Failing(), None, loop.log)
     backends.open()

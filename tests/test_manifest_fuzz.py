@@ -133,6 +133,21 @@ CASES = [
     ("alias bomb in model.options", _edit("name: fuzz\n", "name: fuzz\nanchors:\n" + _laughs("  ") + "\n",
                                           "options: {}", "options: {fail_jobs: *l8}"), 11, "aliases of the anchor"),
     ("alias inside its own anchor", _edit("extra: {}", "extra: &loop {a: *loop}"), 4, "from inside it"),
+    # issue 28: a located error, not a traceback
+    ("output_dir under a file", _with_file("afile", b"x", "output_dir: out", "output_dir: {tmp}/afile/x"), 2,
+     "afile` is a file"),
+    ("output_dir under /etc/passwd", _edit("output_dir: out", "output_dir: /etc/passwd/x"), 2,
+     "`/etc/passwd` is a file"),
+    ("lone surrogate in a prompt", _edit("prompts: [a cat, a dog]", 'prompts: ["a \\ud800 cat"]'), 8,
+     "lone surrogate"),
+    ("lone surrogate in a category name", _edit("  alpha:", '  "al\\udfffpha":'), 7, "lone surrogate"),
+    ("lone surrogate in the name", _edit("name: fuzz", 'name: "fu\\ud800zz"'), 1, "lone surrogate"),
+    ("lone surrogate in generation.extra", _edit("extra: {}", 'extra: {"k\\ud800": v}'), 4, "lone surrogate"),
+    ("lone surrogate in a prompts YAML file", _with_file("p.yaml", b'- "a \\ud800 cat"\n', "prompts: [a cat, a dog]",
+                                                         "prompts: p.yaml"), 1, "lone surrogate"),
+    ("file name of bytes that are not UTF-8", _reference("a\udcff", "    prompts: [a cat, a dog]",
+                                                         "    videos: refs/*.mp4\n    prompts: [a cat, a dog]"), 8,
+     "not UTF-8 text"),
 ]
 
 

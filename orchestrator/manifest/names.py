@@ -32,6 +32,10 @@ def safe_component_problem(name: str) -> str | None:
     """Why `name` cannot be one folder/file name under the output folder, or None when it can."""
     if not name or name.strip() != name:
         return "is empty or has leading/trailing spaces"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (or a lone surrogate)
+        return "is not UTF-8 text (a byte or surrogate no text can hold: the sidecars and ids cannot name it)"
     if len(os.fsencode(name)) > MAX_COMPONENT_BYTES:
         return (f"is {len(os.fsencode(name))} bytes long (at most {MAX_COMPONENT_BYTES}: a file name may "
                 f"have {NAME_MAX_BYTES}, and the product adds up to {NAME_MAX_BYTES - MAX_COMPONENT_BYTES})")

@@ -4,6 +4,7 @@ and alias bombs), YAML syntax errors at the line where they start, and `located_
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ MAX_ALIAS_EXPANSION = 1_000_000  # values and characters that aliases may add on
 # Plain YAML values only: they go to JSON specs and sidecars. A merge key (`<<: *defaults`) is fine.
 PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
 MERGE_TAG = "tag:yaml.org,2002:merge"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a double-quoted `"\ud800"` escape makes one
 KIND_TAGS = {yaml.ScalarNode: PLAIN_TAGS - {"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"},
              yaml.SequenceNode: {"tag:yaml.org,2002:seq"}, yaml.MappingNode: {"tag:yaml.org,2002:map"}}
 
@@ -117,6 +119,12 @@ class Reader:
                     continue  # the `<<` of a merge; what it merges is checked where it is read
                 if "\x00" in node.value:
                     self.problem(node, "a value contains a NUL character", "remove it", file=file)
+                    continue
+                surrogate = _LONE_SURROGATE.search(node.value)
+                if surrogate:  # (a `"\ud800"` escape): no file name, hash or UTF-8 text can hold it
+                    self.problem(node, f"a value contains `\\u{ord(surrogate.group()):04x}`, a lone surrogate "
+                                 "(half of a UTF-16 pair, not a character)", "remove it, or write the whole "
+                                 "character (e.g. `\\U0001F600`, or the character itself)", file=file)
                     continue
                 try:
                     value = constructor.construct_object(node)

@@ -123,6 +123,11 @@ def _read_output_dir(reader: Reader, node, base: Path, name: str) -> Path:
     elif os.path.exists(output_dir) and not os.path.isdir(output_dir):
         reader.problem(node, f"output_dir `{output_dir}` exists and is not a folder",
                        "name a folder (new or one of this sweep's), not a file or a device")
+    else:  # a folder to be made under a file (`/etc/passwd/x`) cannot be
+        above = next((parent for parent in output_dir.parents if os.path.exists(parent)), None)
+        if above is not None and not os.path.isdir(above):
+            reader.problem(node, f"output_dir `{output_dir}` cannot be made: `{above}` is a file, not a folder",
+                           "name a folder that is not inside a file")
     return output_dir
 
 

@@ -97,3 +97,15 @@ def test_a_missing_listed_video_is_not_reported_again_for_its_prompts(make_refs,
         "cam": {"videos": ["refs/cam/a.mp4", "refs/cam/gone.mp4"], "prompts": "refs/cam/prompts.yaml"}}))
     (problem,) = _problems(path)
     assert "video `refs/cam/gone.mp4` does not exist" in problem
+
+
+def test_a_folder_under_videos_suggests_the_glob_of_its_videos(make_refs, write_manifest):
+    make_refs("motion", ["a", "b"])
+    path = write_manifest(synthetic_manifest(model={"task": "v2v"}, categories={
+        "cam": {"videos": ["refs/motion"], "prompts": ["x"]},
+        "pan": {"videos": "refs/motion/", "prompts": ["x"]}}))
+    problems = _problems(path)
+    assert len(problems) == 2, problems
+    for problem in problems:
+        assert "is a folder" in problem and "does not exist" not in problem, problem
+        assert "`videos: refs/motion/*.mp4`" in problem, problem

@@ -3,6 +3,7 @@ their prompts (inline, or a .yaml/.txt file), and the output paths their jobs wi
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,13 @@ def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tupl
             found.extend((_absolute(m), item) for m in matches)
             continue
         file = Path(full)
+        if os.path.isdir(file):
+            suggested = f"{pattern.rstrip('/' + os.sep)}/*{_usual_suffix(file, suffixes)}"
+            reader.problem(item, f"{what}: `{pattern}` is a folder, not {'an' if noun[0] in 'aeiou' else 'a'} "
+                                 f"{noun} ({file})",
+                           f"match the files in it with a glob: `{kind}: {suggested}`")
+            lost = None  # any stem may be one of its files
+            continue
         if not os.path.isfile(file):  # (False, not an error, for a name too long to exist)
             reader.problem(item, f"{what}: {noun} `{pattern}` does not exist ({file})",
                            "fix the path; relative paths start at the manifest's folder")
@@ -215,6 +223,21 @@ def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tupl
         if lost is not None:
             lost.add(file.stem)
     return files, lost
+
+
+def _usual_suffix(folder: Path, suffixes: tuple[str, ...], most: int = 1000) -> str:
+    """The suffix of `suffixes` that most files directly in `folder` have (of the first `most`), for a
+    glob to suggest; the first of `suffixes` when none has one."""
+    counts = dict.fromkeys(suffixes, 0)
+    try:
+        with os.scandir(folder) as entries:
+            for entry in itertools.islice(entries, most):
+                suffix = os.path.splitext(entry.name)[1]
+                if suffix in counts:
+                    counts[suffix] += 1
+    except OSError:
+        pass
+    return max(suffixes, key=lambda suffix: counts[suffix])  # (the first among equals)
 
 
 def _glob_walk_problem(pattern: str) -> str | None:

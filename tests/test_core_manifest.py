@@ -209,3 +209,43 @@ def test_a_linked_reference_is_named_by_the_link_and_read_from_its_target(tiny_v
     assert {j.reference for j in jobs} == {str(tmp_path / "refs" / "x.mp4")}
     from orchestrator.media import read_video
     assert read_video(jobs[0].reference, 32, 32, 5, 5).shape == (5, 32, 32, 3)  # the target's frames
+
+
+MERGING = """\
+name: merges
+output_dir: out
+model: {backend: synthetic, task: t2v}
+generation: &small {width: 32, height: 32, num_frames: 5, fps: 5, steps: 4}
+seeds: [1, 2]
+categories:
+  alpha: &common {prompts: [a cat, a dog]}
+  beta:
+    <<: *common
+  gamma:
+    <<: [*common, {colour: blue}]
+    prompts: [a boat]
+resources: {cpu_slots: 2}
+execution: &exec {retries: 1}
+"""
+
+
+def test_merge_keys_are_read_and_explicit_keys_win(write_manifest):
+    text = MERGING.replace(", {colour: blue}", "").replace("resources: {", "resources: &res {").replace(
+        "execution: &exec {", "execution: {<<: *res, ")
+    path = write_manifest(text)
+    problems = _problems(path)  # what a merge brings is checked as if written there: at the anchor's line
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:13:") and "`cpu_slots` in execution" in problems[0]
+    manifest = load_manifest(write_manifest(MERGING.replace(", {colour: blue}", "")))
+    assert [(c.name, c.references[0].prompts) for c in manifest.categories] == [
+        ("alpha", ("a cat", "a dog")), ("beta", ("a cat", "a dog")), ("gamma", ("a boat",))]
+    assert manifest.generation.steps == 4 and manifest.execution.retries == 1
+    assert len(expand(manifest)) == 10
+
+
+def test_a_wrong_merge_is_refused_at_its_line(write_manifest):
+    path = write_manifest(MERGING)
+    problems = _problems(path)
+    assert any(p.startswith(f"{path}:11:") and "unknown key `colour`" in p for p in problems), problems
+    path = write_manifest(MERGING.replace("<<: *common\n", "<<: [1, 2]\n", 1))
+    (problem,) = _problems(path)
+    assert problem.startswith(f"{path}:9:") and "merge" in problem, problem

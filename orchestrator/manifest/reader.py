@@ -16,7 +16,8 @@ from .model import Manifest, ManifestError, Problem
 # aliases expanded in the settings fingerprint, or a walk of the file system would hang or crash.
 MAX_NESTING = 64  # lists and mappings inside each other (a manifest needs about 6)
 MAX_ALIAS_EXPANSION = 1_000_000  # values and characters that aliases may add once expanded
-# Plain YAML values only: they go to JSON specs and sidecars. A merge key (`<<: *defaults`) is fine.
+# Plain YAML values only: they go to JSON specs and sidecars. A merge key (`<<: *defaults`) is fine:
+# `check_tree` replaces it by the pairs it merges (`resolve_merges`), so every key is checked as if written.
 PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")}
 MERGE_TAG = "tag:yaml.org,2002:merge"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a double-quoted `"\ud800"` escape makes one
@@ -143,6 +144,10 @@ class Reader:
         if found is not None:
             node, message = found
             self.problem(node, message, "write the values out instead of repeating this anchor", file=file)
+        if len(self.problems) == before:
+            for node, message in resolve_merges(root):
+                self.problem(node, message, "merge a mapping (`<<: *defaults`) or a list of mappings "
+                             "(`<<: [*a, *b]`)", file=file)
         return len(self.problems) == before
 
     @staticmethod
@@ -200,6 +205,59 @@ def compose(path: Path) -> yaml.Node | None:
         return yaml.compose(stream, Loader=_ManifestLoader)
 
 
+def resolve_merges(root) -> list[tuple[yaml.Node, str]]:
+    """Replace, in place, each mapping's merge keys (`<<: *defaults`, `<<: [*a, *b]`) by the pairs they
+    merge, by YAML's merge rule: a key written in the mapping wins over a merged one, and an earlier
+    mapping of a merged list over a later one. The pairs keep their nodes, so a problem in a merged value
+    is reported at its anchor's line, and the readers never see a `<<`. Returns (node, what is wrong)
+    for each merge of something that is not a mapping (those merge keys stay, unresolved)."""
+    problems: list[tuple[yaml.Node, str]] = []
+    order: list[yaml.MappingNode] = []  # every mapping, each after the mappings inside it (an anchor's too)
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.append((node, True))
+        stack.extend((kid, False) for kid in reversed(_children(node)))
+    failed: set[int] = set()
+    for node in order:
+        if not any(key.tag == MERGE_TAG for key, _ in node.value):
+            continue
+        own = [(key, value) for key, value in node.value if key.tag != MERGE_TAG]
+        taken = {key.value for key, _ in own if isinstance(key, yaml.ScalarNode)}
+        merged = []
+        for key, value in node.value:
+            if key.tag != MERGE_TAG:
+                continue
+            for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                if id(source) in failed:  # a mapping whose own merge was reported
+                    failed.add(id(node))
+                    break
+                if not isinstance(source, yaml.MappingNode) or any(k.tag == MERGE_TAG for k, _ in source.value):
+                    what = (f"`{source.value}` is not a mapping" if isinstance(source, yaml.ScalarNode) else
+                            "a list is not a mapping" if isinstance(source, yaml.SequenceNode) else
+                            "this mapping merges itself (a loop)")
+                    problems.append((source, f"`<<` merges mappings into this one, and {what}"))
+                    failed.add(id(node))
+                    break
+                for pair in source.value:
+                    name = pair[0].value if isinstance(pair[0], yaml.ScalarNode) else None
+                    if name is None or name not in taken:
+                        merged.append(pair)
+                        if name is not None:
+                            taken.add(name)
+        if id(node) not in failed:
+            node.value = merged + own
+    return problems
+
+
 def _children(node) -> list:
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
@@ -249,6 +307,8 @@ def located_problem(manifest: Manifest, dotted: str, message: str, fix: str = ""
         root = compose(manifest.path)
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         root = None
+    if root is not None:
+        resolve_merges(root)  # (a key brought by a merge is at its anchor's line)
     node = node_at(root, dotted) if root is not None else None
     if node is None and fallback and root is not None:
         node = node_at(root, fallback)

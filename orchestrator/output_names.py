@@ -21,7 +21,7 @@ import string
 from pathlib import Path
 
 from .manifest import (NAME_MAX_BYTES, PATH_MAX_BYTES, RESERVED_NAMES, Manifest, ManifestError, located_problem,
-                       path_length_problem)
+                       path_length_problem, portable_name_problem)
 
 FIXED_PLACEHOLDERS = ("category", "stem", "prompt_index", "prompt_id", "prompt", "seed")
 DEFAULT_TEMPLATE = "{category}/{stem}/seed_{seed}_prompt_{prompt_index}"
@@ -58,9 +58,6 @@ class _Axis:
 # Templates are parsed (checked) with string.Formatter; rendering is str.format_map, which calls the
 # placeholders' own __format__ above, at C speed (a sweep may have 100k names).
 _FORMATTER = string.Formatter()
-# What Windows (and so SMB shares, exFAT/FAT USB disks) refuses in a name (`:` is also the separator of
-# macOS's Finder), and control characters, which break terminals and most tools.
-_UNSAFE = re.compile(r'[<>:"|?*\\\x00-\x1f\x7f]')
 
 
 def slug(text: str, width: int = PROMPT_SLUG_CHARS) -> str:
@@ -193,8 +190,9 @@ def check_names(manifest: Manifest, jobs: list) -> None:
         name = job.name or os.path.relpath(job.output, root)[:-len(".mp4")]
         problem = _name_problem(name, root, folders_checked)
         if not problem and template:
-            # The characters the template adds: category and stem were checked as the manifest was read
-            # (and named the folders of the fixed layout), so they stand in as a plain `x` here.
+            # The characters the template adds: a category name was checked by the same rule as the manifest
+            # was read (at its own line), and a stem is its reference file's own name (the fixed layout's
+            # folder too), so they stand in as a plain `x` here.
             probe = template.format_map(_fields("x", "x", job.prompt_index, job.prompt, job.seed,
                                                 getattr(job, "axes", None) or {}))
             problem = _characters_problem(probe, probes_checked)
@@ -276,14 +274,8 @@ def _characters_problem(name: str, checked: dict) -> str | None:
 
 
 def _part_characters(part: str, folder: bool) -> str | None:
-    if _UNSAFE.search(part):
-        return ("a name has a character that Windows, SMB shares or FAT/exFAT disks refuse (`<>:\"|?*\\` or a "
-                "control character)")
-    if folder and part and part[-1] in ". ":  # (a file's name ends in `.mp4`)
-        return "a folder name ends with a dot or a space, which Windows drops"
-    if part.startswith("."):
-        return "a file or folder name starts with `.` (hidden; the sweep's own files start so)"
-    return None
+    why = portable_name_problem(part, folder)  # the rule category names are read by (manifest.names)
+    return f"a {'folder' if folder else 'file'} name {why}" if why else None
 
 
 def _example(jobs: list) -> str:

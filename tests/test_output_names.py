@@ -186,8 +186,26 @@ def test_the_same_prompt_twice_named_by_content_says_which_prompts_and_how_to_fi
 
 
 def test_a_category_name_the_manifest_accepts_is_not_refused_by_a_template(write_manifest):
-    categories = {'镜头 "it\'s" $(x)': {"prompts": ["a cat"]}}
+    categories = {"镜头 'it's' $(x)": {"prompts": ["a cat"]}}  # (`"` is refused in both layouts: Windows)
     for template in (None, "{category}/{prompt_id}_{seed}"):
         manifest = _load(write_manifest, categories=categories, **({"output": {"name": template}} if template else {}))
         assert len(expand(manifest)) == 2
     assert "refuse" in _problem(write_manifest, "{category}/a?{prompt_id}_{seed}", categories=categories)[0]
+
+
+@pytest.mark.parametrize("category, expected", [
+    ("x:y", "refuse"), ("a*b", "refuse"), ('say "hi"', "refuse"), (".hidden", "starts with `.`"),
+    ("dots.", "ends with a dot or a space"),
+])
+@pytest.mark.parametrize("template", [None, "{category}/{prompt_id}_{seed}", "{prompt_id}_{seed}"])
+def test_a_category_name_that_no_file_system_can_hold_is_refused_at_its_line_in_every_layout(
+        write_manifest, category, expected, template):
+    # one rule (manifest.names.portable_name_problem) for the default layout and for templates
+    path = write_manifest(synthetic_manifest(categories={"alpha": {"prompts": ["a cat"]}, category: {"prompts": ["x"]}},
+                                             **({"output": {"name": template}} if template else {})))
+    with pytest.raises(ManifestError) as caught:
+        expand(load_manifest(path))
+    (problem,) = caught.value.problems
+    line = path.read_text(encoding="utf-8").splitlines()[problem.line - 1]
+    assert line.strip().startswith(f"{category}:") or line.strip().startswith(f"'{category}':"), (line, problem)
+    assert f"category name {category!r}" in problem.message and expected in problem.message, problem

@@ -12,7 +12,8 @@ from .model import (AXIS_KEYS, CAMERA_DIRECTIONS, COMPILE_MODES, CONDITIONED_TAS
                     MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Axis, Category, Execution,
                     GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Reference, Resources,
                     SpeedConfig, apply_axes, model_with_axes)
-from .names import MAX_COMPONENT_BYTES, NAME_MAX_BYTES, PATH_MAX_BYTES, path_length_problem, safe_component_problem
+from .names import (MAX_COMPONENT_BYTES, NAME_MAX_BYTES, PATH_MAX_BYTES, path_length_problem, portable_name_problem,
+                    safe_component_problem)
 from .reader import MAX_ALIAS_EXPANSION, MAX_NESTING, located_problem
 from .sections import ManifestCheck, read_manifest
 
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_GLOB_ENTRIES", "MAX_NESTING", "NAME_MAX_BYTES", "PATH_MAX_BYTES", "QUANTIZE_MODES",
     "RESERVED_NAMES", "SDPA_ATTENTION", "TASKS", "VIDEO_SUFFIXES", "Category", "Execution",
     "GenerationConfig", "Manifest", "ManifestCheck", "ManifestError", "ModelConfig", "Problem",
-    "Reference", "Resources", "SpeedConfig", "located_problem", "path_length_problem", "read_manifest",
+    "Reference", "Resources", "SpeedConfig", "located_problem", "path_length_problem", "portable_name_problem",
+    "read_manifest",
     "safe_component_problem",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .model import CONDITIONED_TASKS, Category, Reference
-from .names import path_length_problem, safe_component_problem
+from .names import path_length_problem, portable_name_problem, safe_component_problem
 from .reader import Reader, compose, yaml_problem
 from .task_inputs import EXTRA_FILE_KEYS, INPUT_KEYS, read_extra_inputs, task_layout, tasks_taking
 
@@ -37,14 +37,15 @@ def read_categories(reader: Reader, node, base: Path, task: str | None) -> tuple
     categories = []
     for name, (key_node, value_node) in entries.items():
         why = safe_component_problem(name)
-        if why:
-            reader.problem(key_node, f"category name {name!r} {why}",
-                           "rename the category to a plain folder name")
-            continue
-        if name.casefold() in RESERVED_NAMES:  # casefold: one folder on a case-insensitive disk
+        if not why and name.casefold() in RESERVED_NAMES:  # casefold: one folder on a case-insensitive disk
             reader.problem(key_node, f"category name {name!r} is taken: the output folder keeps "
                                      f"{', '.join(RESERVED_NAMES)} for the sweep itself",
                            f"rename the category, e.g. `{name.strip('.')}_videos`")
+            continue
+        why = why or portable_name_problem(name)  # the rule of `output.name`'s names too, in every layout
+        if why:
+            reader.problem(key_node, f"category name {name!r} {why}",
+                           "rename the category to a plain folder name")
             continue
         category = _read_category(reader, name, value_node, base, task)
         if category is not None:

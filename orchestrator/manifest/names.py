@@ -3,6 +3,7 @@ an output's whole path within the file system's limits."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 NAME_MAX_BYTES = 255  # one file or folder name (ext4, xfs, btrfs, NTFS, APFS)
@@ -23,9 +24,24 @@ def path_length_problem(path: Path) -> str | None:
     return None
 
 
-# What PyYAML's context names when something opened on an earlier line runs on (an unclosed `[`, `{`
-# or quote): that line is where to look, not where PyYAML gave up. Its other contexts (a block
-# mapping, …) name the enclosing block, often line 1, so there the problem's own line is the one.
+# What Windows (and so SMB shares, exFAT/FAT USB disks) refuses in a name (`:` is also the separator of
+# macOS's Finder), and control characters, which break terminals and most tools.
+UNPORTABLE_CHARACTERS = re.compile(r'[<>:"|?*\\\x00-\x1f\x7f]')
+
+
+def portable_name_problem(part: str, folder: bool = True) -> str | None:
+    """Why one file or folder name of an output path breaks on common file systems (Windows, SMB
+    shares, macOS, FAT/exFAT disks) or hides among the sweep's own files, or None. The one rule for
+    a category name (a folder of the default layout, checked as the manifest is read) and for each
+    part of a name an `output.name` template makes."""
+    if UNPORTABLE_CHARACTERS.search(part):
+        return ("has a character that Windows, SMB shares or FAT/exFAT disks refuse (`<>:\"|?*\\` or a "
+                "control character)")
+    if folder and part and part[-1] in ". ":  # (a file's name ends in `.mp4`)
+        return "ends with a dot or a space, which Windows drops"
+    if part.startswith("."):
+        return "starts with `.` (hidden; the sweep's own files start so)"
+    return None
 
 
 def safe_component_problem(name: str) -> str | None:

@@ -7,6 +7,7 @@ A thin layer over the Python API (`api`): parse the arguments, call it, print.
     python run_experiment.py stop MANIFEST [--now]
     python run_experiment.py models status PATH_OR_MANIFEST     # is the checkpoint complete?
     python run_experiment.py models fit MANIFEST [--gpu 24GB x2]  # which memory strategy fits where
+    python run_experiment.py models speed MANIFEST [--try compile=blocks,quantize=fp8 …]  # speed settings, measured
     python run_experiment.py models download REPO_ID --to DIR    # resumable, only when asked
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
     stop.add_argument("manifest")
     stop.add_argument("--now", action="store_true", help="kill at once")
-    models = sub.add_parser("models", help="checkpoints: status, fit, download")
+    models = sub.add_parser("models", help="checkpoints: status, fit, speed, download")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     status = models_sub.add_parser("status", help="is the checkpoint complete? each component's size and dtype")
     status.add_argument("target", metavar="PATH_OR_MANIFEST")

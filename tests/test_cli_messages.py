@@ -4,6 +4,7 @@ comments in a prompts .txt."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -89,3 +90,13 @@ def test_hash_lines_in_a_prompts_txt_are_comments(write_manifest, tmp_path):
     manifest = load_manifest(write_manifest(synthetic_manifest(categories={"alpha": {"prompts": "prompts.txt"}})))
     (category,) = manifest.categories
     assert category.references[0].prompts == ("a crane shot", "a dolly zoom")
+
+
+# ------------------------------------------------------------------------------------------ issue 28
+
+
+def test_the_top_level_help_names_every_models_command():
+    text = _parser().format_help()
+    for command in ("status", "fit", "speed", "download"):
+        assert f" models {command} " in text, command
+    assert "checkpoints: status, fit, speed, download" in text

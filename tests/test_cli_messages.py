@@ -100,3 +100,15 @@ def test_the_top_level_help_names_every_models_command():
     for command in ("status", "fit", "speed", "download"):
         assert f" models {command} " in text, command
     assert "checkpoints: status, fit, speed, download" in text
+
+
+def test_without_the_venvs_packages_one_line_says_to_activate_it(tmp_path):
+    """`python3 run_experiment.py …` from a fresh shell: an interpreter without the packages (-S: no
+    site-packages, -E: no PYTHONPATH) prints one line saying what to do, no traceback."""
+    import subprocess
+    result = subprocess.run([sys.executable, "-S", "-E", str(ROOT / "run_experiment.py"), "plan", "x.yaml"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert "No module named" in line and f"source {ROOT}/.venv/bin/activate" in line and "demo.sh" in line, line

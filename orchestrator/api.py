@@ -69,6 +69,8 @@ def expand(manifest: Manifest) -> list:
 
 
 def _options(executor: str | None, options: dict) -> RunOptions:
+    from .planning import checked_cpu_slots
+    checked_cpu_slots(options.get("cpu_slots"), "cpu_slots=")  # 0, 257, "2": refused, not ignored or hung on
     return RunOptions(executor=executor, **options)
 
 

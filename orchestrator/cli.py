@@ -193,7 +193,9 @@ def _output_may_close():
 
 def _options(args) -> dict:
     """The api's run and plan options (`RunOptions` fields) from the arguments."""
-    return dict(executor=args.executor, cpu_slots=args.cpu_slots, recalibrate=args.recalibrate,
+    from .planning import checked_cpu_slots
+    return dict(executor=args.executor, cpu_slots=checked_cpu_slots(args.cpu_slots, "--cpu-slots"),
+                recalibrate=args.recalibrate,
                 allow_non_empty=args.allow_non_empty, follow=getattr(args, "follow", False),
                 add_workers=getattr(args, "add_workers", False),
                 redo_changed=getattr(args, "redo_changed", False),

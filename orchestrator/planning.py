@@ -63,7 +63,7 @@ def device_groups(manifest: Manifest, gpus: list[Gpu] | None, cpu_slots: int | N
     if gpus is None:
         if not backend_class(manifest.model.backend).runs_on_cpu:
             raise PlanError(f"backend `{manifest.model.backend}` needs NVIDIA GPUs and none are visible here")
-        slots = cpu_slots or res.cpu_slots
+        slots = res.cpu_slots if cpu_slots is None else checked_cpu_slots(cpu_slots, "cpu_slots=")
         return [DeviceGroup(queue=f"cpu{i}", devices=(), workers=1,
                             reason="no NVIDIA GPU: CPU slot for a CPU-capable backend") for i in range(slots)], notes
     if res.gpus != "all":
@@ -99,6 +99,21 @@ def device_groups(manifest: Manifest, gpus: list[Gpu] | None, cpu_slots: int | N
 
 class PlanError(WanSweepError, RuntimeError):
     pass
+
+
+def checked_cpu_slots(value, what: str) -> int | None:
+    """`value` as the worker slots of a machine without GPUs, by the rule of the manifest's
+    `resources.cpu_slots` (a whole number from 1 to MAX_CPU_SLOTS), for what overrides it:
+    `--cpu-slots` (what="--cpu-slots") and the API's `cpu_slots=` (what="cpu_slots="). None: not given."""
+    from .manifest.sections import MAX_CPU_SLOTS
+    if value is None:
+        return None
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or not 1 <= value <= MAX_CPU_SLOTS:
+        given = f"{what}{value!r}" if what.endswith("=") else f"{what} is {value!r}"
+        raise PlanError(f"{given}: use a whole number from 1 to {MAX_CPU_SLOTS} (one worker process each"
+                        + ("" if whole else f"; an int, not a {type(value).__name__}") + ")")
+    return value
 
 
 def assign_queues(jobs: list[Job], groups: list[DeviceGroup]) -> dict[str, str]:

@@ -59,3 +59,12 @@ def test_the_cli_is_a_thin_layer_over_the_api(tmp_path, monkeypatch):
     api.from_dict(synthetic_manifest(), base=tmp_path)
     assert cli_module.main(["run", str(path), "--executor", "local", "--no-progress"]) == 0
     assert calls == [("t", {**calls[0][1], "executor": "local", "progress": False})]
+
+
+@pytest.mark.parametrize("value", [0, 257, 10**6, "2", 2.0, True])
+def test_cpu_slots_of_the_wrong_type_or_out_of_range_are_refused(tmp_path, value):
+    manifest = api.from_dict(synthetic_manifest(), base=tmp_path)
+    with pytest.raises(api.WanSweepError) as caught:
+        api.plan(manifest, executor="local", cpu_slots=value)
+    assert f"cpu_slots={value!r}" in str(caught.value) and "a whole number from 1 to 256" in str(caught.value)
+    assert api.plan(manifest, executor="local", cpu_slots=256).plan.workers  # the bound itself is taken

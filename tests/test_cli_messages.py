@@ -112,3 +112,11 @@ def test_without_the_venvs_packages_one_line_says_to_activate_it(tmp_path):
     assert "Traceback" not in result.stderr and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert "No module named" in line and f"source {ROOT}/.venv/bin/activate" in line and "demo.sh" in line, line
+
+
+@pytest.mark.parametrize("value", ["0", "257", "1000000", "-1"])
+def test_cpu_slots_out_of_range_are_refused_naming_the_flag(write_manifest, value):
+    path = write_manifest(synthetic_manifest())
+    result = cli("plan", str(path), "--cpu-slots", value, timeout=60)
+    assert result.returncode == 2, result.stdout
+    assert f"error: --cpu-slots is {value}: use a whole number from 1 to 256" in result.stderr

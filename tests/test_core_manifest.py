@@ -1,7 +1,11 @@
 """Manifest validation and job expansion."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
+import yaml
 
 from orchestrator.jobs import count_by_category, expand
 from orchestrator.manifest import ManifestError
@@ -249,3 +253,30 @@ def test_a_wrong_merge_is_refused_at_its_line(write_manifest):
     path = write_manifest(MERGING.replace("<<: *common\n", "<<: [1, 2]\n", 1))
     (problem,) = _problems(path)
     assert problem.startswith(f"{path}:9:") and "merge" in problem, problem
+
+
+def test_a_glob_over_the_output_folder_never_takes_the_sweeps_own_videos(make_refs, write_manifest, tmp_path,
+                                                                         tiny_video, caplog):
+    make_refs("moves", ["walk", "run"])
+    text = yaml.safe_dump(synthetic_manifest(model={"task": "v2v"}, categories={
+        "moves": {"videos": "**/*.mp4", "prompts": ["a cat"]}}), sort_keys=False)
+    path = write_manifest(text.replace("output_dir: out\n", ""))  # the default: results/<name>, inside the glob
+    first = expand(load_manifest(path))
+    assert {job.stem for job in first} == {"walk", "run"} and not load_manifest(path).notes
+    for job in first:  # what a run leaves: the videos, and the review page's links of the references
+        Path(job.output).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_video, job.output)
+    (tmp_path / "results" / "t" / ".sweep" / "refs" / "moves").mkdir(parents=True)
+    shutil.copy(tiny_video, tmp_path / "results" / "t" / ".sweep" / "refs" / "moves" / "walk.mp4")
+    with caplog.at_level("WARNING"):
+        manifest = load_manifest(path)
+    assert [job.id for job in expand(manifest)] == [job.id for job in first]  # the same jobs, run after run
+    (note,) = manifest.notes
+    line = text.replace("output_dir: out\n", "").splitlines().index("    videos: '**/*.mp4'") + 1
+    assert str(note).startswith(f"{path}:{line}: ") and "left out 4 files under the output folder" in str(note), note
+    assert str(note) in caplog.text
+    # a glob of nothing but the output folder matches nothing, and says why
+    path = write_manifest(text.replace("output_dir: out\n", "").replace("'**/*.mp4'", "results/t/moves/*/*.mp4"))
+    (problem,) = _problems(path)
+    assert f"matches no file outside the output folder {tmp_path / 'results' / 't'} (4 files under it were left " \
+        "out" in problem, problem

@@ -2,6 +2,8 @@
 their prompts (inline, or a .yaml/.txt file), and the output paths their jobs will write."""
 from __future__ import annotations
 
+import fnmatch
+import functools
 import glob
 import itertools
 import os
@@ -28,7 +30,9 @@ FILE_KINDS = {"videos": (VIDEO_SUFFIXES, "video", "video"), "images": (IMAGE_SUF
 RESERVED_NAMES = (".sweep", "logs", "index.html")
 
 
-def read_categories(reader: Reader, node, base: Path, task: str | None) -> tuple[Category, ...]:
+def read_categories(reader: Reader, node, base: Path, task: str | None,
+                    output_dir: Path | None = None) -> tuple[Category, ...]:
+    """The categories; their globs never match under `output_dir` (the sweep's own videos)."""
     if node is None:
         return ()
     entries = reader.mapping(node, "categories")
@@ -47,13 +51,14 @@ def read_categories(reader: Reader, node, base: Path, task: str | None) -> tuple
             reader.problem(key_node, f"category name {name!r} {why}",
                            "rename the category to a plain folder name")
             continue
-        category = _read_category(reader, name, value_node, base, task)
+        category = _read_category(reader, name, value_node, base, task, output_dir)
         if category is not None:
             categories.append(category)
     return tuple(categories)
 
 
-def _read_category(reader: Reader, name: str, node, base: Path, task: str | None) -> Category | None:
+def _read_category(reader: Reader, name: str, node, base: Path, task: str | None,
+                   output_dir: Path | None) -> Category | None:
     what = f"category `{name}`"
     keys = reader.mapping(node, what, {"videos": False, "images": False, "prompts": True,
                                        **{key: False for key in INPUT_KEYS}})
@@ -89,7 +94,7 @@ def _read_category(reader: Reader, name: str, node, base: Path, task: str | None
     inputs: list[Path] = []
     lost: set[str] | None = set()  # stems whose files are reported already; None: any may be
     if kind != "none":
-        inputs, lost = _read_inputs(reader, what, keys[main_key][1], base, main_key)
+        inputs, lost = _read_inputs(reader, what, keys[main_key][1], base, main_key, output_dir)
 
     prompts_node = keys.get("prompts", (None, None))[1]
     prompts, prompts_file, prompt_lines, prompts_node = _read_prompts(reader, what, prompts_node, base)
@@ -119,7 +124,8 @@ def _read_category(reader: Reader, name: str, node, base: Path, task: str | None
                                "rename one of the files or put them in separate categories")
                 continue
             stems[stem] = file
-        stem_inputs = read_extra_inputs(reader, what, keys, extras, base, main_key, stems, lost, _read_inputs)
+        stem_inputs = read_extra_inputs(reader, what, keys, extras, base, main_key, stems, lost,
+                                        functools.partial(_read_inputs, output_dir=output_dir))
         if isinstance(prompts, dict):
             for stem in prompts:
                 # a glob that matched nothing, or a missing file, is reported once, not again as
@@ -165,9 +171,11 @@ def check_output_paths(reader: Reader, node, output_dir: Path, categories, seeds
                            f"({longest}) {too_long}", "use a shorter output_dir, category name or file names")
 
 
-def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tuple[list[Path], set[str] | None]:
+def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str,
+                 output_dir: Path | None = None) -> tuple[list[Path], set[str] | None]:
     """The readable files under key `kind` (FILE_KINDS), and the stems of those reported missing or
-    unreadable (None where a glob matched nothing: then any stem may be one of its files)."""
+    unreadable (None where a glob matched nothing: then any stem may be one of its files). A glob never
+    matches under `output_dir`: the sweep's own videos are no references (a note says how many it left)."""
     suffixes, noun, stream = FILE_KINDS[kind]
     value = reader.value(node)
     patterns = [value] if isinstance(value, str) else value
@@ -182,16 +190,26 @@ def _read_inputs(reader: Reader, what: str, node, base: Path, kind: str) -> tupl
     for pattern, item in zip(patterns, items):
         full = pattern if os.path.isabs(pattern) else str(base / pattern)
         if glob.has_magic(pattern):
-            too_wide = _glob_walk_problem(full)
+            matches, left_out, too_wide = glob_files(full, output_dir)
             if too_wide:
                 reader.problem(item, f"{what}: glob `{pattern}` {too_wide}",
                                "start the pattern at the folder that holds the files, e.g. refs/**/*.mp4")
                 continue
-            matches = sorted(Path(m) for m in glob.glob(full, recursive=True) if os.path.isfile(m))
-            if not matches:
+            files = f"{left_out:,} file{'s' if left_out != 1 else ''}"
+            if not matches and left_out:
+                reader.problem(item, f"{what}: glob `{pattern}` matches no file outside the output folder "
+                                     f"{output_dir} ({files} under it were left out: the sweep's own videos are "
+                                     "no references)", "point the pattern at the reference files, outside output_dir")
+                lost = None
+            elif not matches:
                 reader.problem(item, f"{what}: glob `{pattern}` matches no file (looked in {base})",
                                "check the pattern and that the files are there")
                 lost = None
+            elif left_out:
+                reader.note(item, f"{what}: glob `{pattern}` left out {files} under the output folder "
+                                  f"{output_dir} (the sweep's own videos are no references)",
+                            "start the pattern at the folder of the references (e.g. refs/**/*.mp4), or move "
+                            "output_dir out of the glob's folder")
             found.extend((_absolute(m), item) for m in matches)
             continue
         file = Path(full)
@@ -241,39 +259,76 @@ def _usual_suffix(folder: Path, suffixes: tuple[str, ...], most: int = 1000) -> 
     return max(suffixes, key=lambda suffix: counts[suffix])  # (the first among equals)
 
 
-def _glob_walk_problem(pattern: str) -> str | None:
-    """Why globbing `pattern` would walk too much of the file system (`**` from `/` or the home
-    folder, or more than MAX_GLOB_ENTRIES files and folders), or None. It counts what glob would
-    look at, level by level from the pattern's fixed folder, and stops at the bound."""
+def glob_files(pattern: str, outputs: Path | None = None) -> tuple[list[Path], int, str | None]:
+    """(the files `pattern` matches, how many more it matched under `outputs`, why it was not walked).
+
+    The files are those of `glob.glob(pattern, recursive=True)`, sorted: `*`, `?` and `[…]` within a name,
+    `**` for any depth of folders, hidden names only where the pattern's own part starts with `.`, links
+    to folders followed. None is under `outputs` (the sweep's output folder, its `.sweep/` included): those
+    are only counted, up to MAX_GLOB_ENTRIES of their files and folders. Not walked at all: `**` from `/`
+    or the home folder, and a pattern that would look at more than MAX_GLOB_ENTRIES files and folders
+    outside `outputs`; the walk stops at that bound."""
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     start = Path(*parts[:fixed]) if fixed else Path(".")
-    recursive = any("**" in part for part in parts[fixed:])
-    depth = len(parts) - fixed
+    rest = parts[fixed:]
     where = start.resolve()
-    if recursive and where in (Path(where.anchor), Path.home().resolve()):
-        return f"would search all of {where} (`**` walks every folder below it)"
-    seen = 0
-    folders = [(start, 1)]
-    while folders:
-        folder, level = folders.pop()
+    if any("**" in part for part in rest) and where in (Path(where.anchor), Path.home().resolve()):
+        return [], 0, f"would search all of {where} (`**` walks every folder below it)"
+    if pattern.endswith(("/", os.sep)):
+        return [], 0, None  # glob's matches are folders then
+    out = os.path.realpath(outputs) if outputs is not None else None
+
+    def inside_outputs(folder: str) -> bool:
+        real = os.path.realpath(folder)
+        return out is not None and (real == out or real.startswith(out.rstrip(os.sep) + os.sep))
+
+    found: set[str] = set()
+    left_out: set[str] = set()
+    seen = {False: 0, True: 0}  # files and folders looked at, outside and inside `outputs`
+    done: set[tuple[str, int]] = set()
+    stack = [(str(start), 0, inside_outputs(str(start)))]
+    while stack:
+        folder, index, excluded = stack.pop()
+        if (folder, index) in done or seen[True] > MAX_GLOB_ENTRIES and excluded:
+            continue
+        done.add((folder, index))
+        part, last = rest[index], index == len(rest) - 1
+        matched = left_out if excluded else found
+        if not glob.has_magic(part):  # a plain name: glob looks it up without listing the folder
+            path = os.path.join(folder, part)
+            if last and os.path.isfile(path):
+                matched.add(path)
+            elif not last and os.path.isdir(path):
+                stack.append((path, index + 1, excluded or inside_outputs(path)))
+            continue
+        recursive = part == "**"
+        if recursive and not last:
+            stack.append((folder, index + 1, excluded))  # `**` as no folder at all
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as listing:
+                entries = list(listing)
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") and (recursive or not part.startswith(".")):
                 continue  # glob's `*` and `**` skip hidden names
-            seen += 1
-            if seen > MAX_GLOB_ENTRIES:
-                return (f"would look at more than {MAX_GLOB_ENTRIES:,} files and folders under {where}")
-            try:  # glob follows links to folders too (a link to its own parent loops until ELOOP)
-                below = (recursive or level < depth) and entry.is_dir()
+            seen[excluded] += 1
+            if seen[False] > MAX_GLOB_ENTRIES:
+                return [], 0, f"would look at more than {MAX_GLOB_ENTRIES:,} files and folders under {where}"
+            if not recursive and not fnmatch.fnmatch(entry.name, part):
+                continue
+            try:  # glob follows links to folders too (a link to its own parent loops until the bound)
+                is_dir = entry.is_dir()
+                is_file = not is_dir and (last or recursive) and entry.is_file()
             except OSError:
-                below = False
-            if below:
-                folders.append((Path(entry.path), level + 1))
-    return None
+                continue
+            if is_file and last:
+                matched.add(entry.path)
+            if is_dir and (recursive or not last):
+                stack.append((entry.path, index if recursive else index + 1,
+                              excluded or inside_outputs(entry.path)))
+    return sorted(Path(path) for path in found), len(left_out), None
 
 
 def _readable_media(file: Path, stream_type: str = "video") -> bool:

@@ -195,6 +195,9 @@ class Manifest:
     # `output.name`: the template of each mp4's path under output_dir, without `.mp4` (orchestrator/
     # output_names.py); None keeps the fixed layout <category>/<stem>/seed_<seed>_prompt_<i>.
     output_name: str | None = None
+    # What the reader says without refusing (a glob that left the sweep's own videos out), each at its
+    # file and line; logged as the manifest is read (`orchestrator.manifest` logger, a warning).
+    notes: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
     def max_attempts(self) -> int:

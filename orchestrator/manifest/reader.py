@@ -3,6 +3,7 @@ the node tree and records each problem at its file and line; refuses tags, NULs,
 and alias bombs), YAML syntax errors at the line where they start, and `located_problem`."""
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import yaml
 
 from .model import Manifest, ManifestError, Problem
+
+log = logging.getLogger("orchestrator.manifest")
 
 # Limits of what a manifest may hold, each far above any real sweep: past them YAML's own recursion,
 # aliases expanded in the settings fingerprint, or a walk of the file system would hang or crash.
@@ -31,10 +34,17 @@ class Reader:
     def __init__(self, file: Path):
         self.file = file
         self.problems: list[Problem] = []
+        self.notes: list[Problem] = []  # said, not refused (Manifest.notes)
 
     def problem(self, node: yaml.Node | None, message: str, fix: str = "", file: Path | None = None):
         line = node.start_mark.line + 1 if node is not None else 0
         self.problems.append(Problem(file or self.file, line, message, fix))
+
+    def note(self, node: yaml.Node | None, message: str, fix: str = ""):
+        """Something to say about a line that is not a problem: logged as a warning, kept in Manifest.notes."""
+        line = node.start_mark.line + 1 if node is not None else 0
+        self.notes.append(Problem(self.file, line, message, fix))
+        log.warning("note: %s", self.notes[-1])
 
     def mapping(self, node, what: str, allowed: dict[str, bool] | None = None) -> dict[str, tuple]:
         """Return {key: (key_node, value_node)}; report unknown and missing required keys."""

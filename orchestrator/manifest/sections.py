@@ -89,7 +89,7 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     resources = _read_resources(reader, top.get("resources", (None, None))[1])
     execution = _read_execution(reader, top.get("execution", (None, None))[1])
     categories = read_categories(reader, top.get("categories", (None, None))[1], base,
-                                  model.task if model else None)
+                                  model.task if model else None, output_dir)
     output_name = _read_output(reader, top.get("output", (None, None))[1])
     if output_name is None:  # a template's names are checked once the jobs are expanded (output_names)
         check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
@@ -99,7 +99,8 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
-                        resources=resources, execution=execution, axes=axes, output_name=output_name)
+                        resources=resources, execution=execution, axes=axes, output_name=output_name,
+                        notes=tuple(reader.notes))
     if check is not None and model is not None:
         def problem(at: tuple[str, ...], message: str, fix: str = "") -> None:
             node = next((found for key in at if (found := node_at(root, key)) is not None), None)

@@ -306,8 +306,10 @@ def cmd_report(manifest, args) -> int:
                 break
             if args.json:  # JSON Lines, for a program that follows the output: no screen control
                 print(text, flush=True)
-            else:
+            elif sys.stdout.isatty():  # a terminal: each report replaces the last on the screen
                 print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + text, flush=True)
+            else:  # a pipe or a file (`| tee`, `> log`): the reports one after another, no screen control
+                print(time.strftime("%H:%M:%S ") + text + "\n", flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:  # the usual way to leave --watch, wherever it lands
         pass

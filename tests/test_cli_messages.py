@@ -95,6 +95,24 @@ def test_hash_lines_in_a_prompts_txt_are_comments(write_manifest, tmp_path):
 # ------------------------------------------------------------------------------------------ issue 28
 
 
+def test_report_watch_clears_the_screen_only_on_a_terminal(write_manifest, monkeypatch, capsys):
+    from orchestrator import cli as command_line
+    path = write_manifest(synthetic_manifest())
+    for terminal in (False, True):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+        sleeps = []
+
+        def sleep(seconds):
+            sleeps.append(seconds)
+            if len(sleeps) == 2:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(command_line.time, "sleep", sleep)
+        assert command_line.main(["report", str(path), "--watch", "1"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("sweep t ") == 2
+        assert ("\x1b[2J" in out) == terminal, repr(out[:80])
+
+
 def test_the_top_level_help_names_every_models_command():
     text = _parser().format_help()
     for command in ("status", "fit", "speed", "download"):

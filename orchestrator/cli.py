@@ -258,9 +258,12 @@ def cmd_plan(manifest, args) -> int:
             print(f"           why: {group.reason}")
         else:
             print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}" + ("" if group.devices else "  [CPU]"))
-    sizes = plan.queue_sizes()
-    print("queues     " + ", ".join(f"{q}: {n}" for q, n in sizes.items())
-          + "  (idle workers take from the fullest queue)")
+    sizes = {queue: 0 for queue in plan.queue_sizes()}  # the jobs left to run: a done one is skipped
+    for job_id, queue in plan.queues.items():
+        sizes[queue] += job_id not in scan.complete
+    done = sum(1 for job_id in plan.queues if job_id in scan.complete)
+    print("queues     " + ", ".join(f"{q}: {n}" for q, n in sizes.items()) + "  (jobs left"
+          + (f"; {done} already done" if done else "") + "; idle workers take from the fullest queue)")
     print(f"workers    {len(plan.workers)}: " + ", ".join(w.id for w in plan.workers))
     for note in plan.notes:
         print(f"note       {note}")

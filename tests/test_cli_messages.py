@@ -113,6 +113,18 @@ def test_report_watch_clears_the_screen_only_on_a_terminal(write_manifest, monke
         assert ("\x1b[2J" in out) == terminal, repr(out[:80])
 
 
+def test_plans_queues_count_only_the_jobs_left(write_manifest):
+    data = synthetic_manifest(seeds=[1], categories={"alpha": {"prompts": ["a cat", "a dog"]}},
+                              execution={"executor": "local"})
+    path = write_manifest(data)
+    assert cli("run", str(path), "--cpu-slots", "1", "--no-progress").returncode == 0
+    write_manifest({**data, "seeds": [1, 2, 3]})  # 4 new jobs beside the 2 done
+    plan = cli("plan", str(path), "--cpu-slots", "1")
+    assert plan.returncode == 0, plan.stderr
+    queues = next(line for line in plan.stdout.splitlines() if line.startswith("queues "))
+    assert queues.startswith("queues     cpu0: 4 ") and "2 already done" in queues, queues
+
+
 def test_the_top_level_help_names_every_models_command():
     text = _parser().format_help()
     for command in ("status", "fit", "speed", "download"):

@@ -3,7 +3,7 @@ A thin layer over the Python API (`api`): parse the arguments, call it, print.
 
     python run_experiment.py MANIFEST            # same as `run MANIFEST`
     python run_experiment.py plan MANIFEST       # dry run
-    python run_experiment.py report MANIFEST [--json] [--watch [S]] [--html]
+    python run_experiment.py report MANIFEST_OR_OUTPUT_DIR [--json] [--watch [S]] [--html]
     python run_experiment.py stop MANIFEST [--now]
     python run_experiment.py models status PATH_OR_MANIFEST     # is the checkpoint complete?
     python run_experiment.py models fit MANIFEST [--gpu 24GB x2]  # which memory strategy fits where
@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="move outputs made with other settings aside and make them again")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     report = sub.add_parser("report", help="progress: per category, per worker, failures, time left")
-    report.add_argument("manifest")
+    report.add_argument("manifest", metavar="MANIFEST_OR_OUTPUT_DIR",
+                        help="the manifest, or its output folder (the manifest its .sweep/sweep.json records)")
     report.add_argument("--json", action="store_true",
                         help="print the report as JSON (the same figures, for scripts) instead of tables")
     report.add_argument("--watch", nargs="?", const=5.0, type=float, metavar="SECONDS",
@@ -118,7 +119,9 @@ def _command(args) -> int:
     try:
         if args.command == "models":  # their argument is a checkpoint or a manifest: no load_manifest here
             return cmd_models(args)
-        manifest = api.load(args.manifest)
+        manifest = api.load(_recorded_manifest(args.manifest) if args.command == "report" else args.manifest)
+        if args.command == "report" and os.path.isdir(args.manifest):
+            _check_recorded(manifest, args.manifest)
         if getattr(args, "ray_address", None):
             from dataclasses import replace
             manifest = replace(manifest, execution=replace(manifest.execution, ray_address=args.ray_address))
@@ -134,6 +137,37 @@ def _command(args) -> int:
         return _fail(args, LedgerError(ledger_problem(Sweep(manifest).ledger_path, exc)))
     except WanSweepError as exc:
         return _fail(args, exc)
+
+
+def _recorded_manifest(target: str) -> str:
+    """`report OUTPUT_DIR`: the manifest the folder's `.sweep/sweep.json` records (`run` writes it), said on
+    stderr; a manifest file as given."""
+    import json
+    from pathlib import Path
+    from .sweep import OWNER_FILE
+    folder = Path(target)
+    if not folder.is_dir():
+        return target
+    record = folder / ".sweep" / OWNER_FILE
+    try:
+        owner = json.loads(record.read_text(encoding="utf-8"))
+        name, recorded = owner["name"], Path(owner["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{folder} is a folder that holds no sweep (no readable {record}): give the manifest's "
+                        "YAML file, or the output folder that a `run` of it has set up") from None
+    if not recorded.is_file():
+        raise UserError(f"{folder} holds the sweep `{name}`, but the manifest it records, {recorded}, is not there "
+                        "(moved or deleted): give the manifest's YAML file where it is now") from None
+    print(f"report of {folder}: its manifest is {recorded} (recorded in .sweep/sweep.json)", file=sys.stderr)
+    return str(recorded)
+
+
+def _check_recorded(manifest, folder: str) -> None:
+    """The manifest an output folder records must still write there (it may have been edited since)."""
+    from pathlib import Path
+    if manifest.output_dir != Path(folder).resolve():
+        raise UserError(f"{folder} records the manifest {manifest.path}, whose output_dir is now {manifest.output_dir}: "
+                        f"report that folder, or give the manifest that writes into {Path(folder).resolve()}")
 
 
 def _fail(args, exc: WanSweepError) -> int:

@@ -95,6 +95,23 @@ def test_hash_lines_in_a_prompts_txt_are_comments(write_manifest, tmp_path):
 # ------------------------------------------------------------------------------------------ issue 28
 
 
+def test_report_of_an_output_folder_reports_the_sweep_its_manifest_recorded(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    Sweep(load_manifest(path)).claim_folder()  # what `run` records in .sweep/sweep.json
+    result = cli("report", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"name": "t"' in result.stdout  # stdout is the report alone
+    assert f"its manifest is {path} (recorded in .sweep/sweep.json)" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("report", str(empty))
+    assert result.returncode == 2
+    assert f"error: {empty} is a folder that holds no sweep" in result.stderr and "give the manifest" in result.stderr
+    path.rename(tmp_path / "moved.yaml")
+    result = cli("report", str(tmp_path / "out"))
+    assert result.returncode == 2 and f"the manifest it records, {path}, is not there" in result.stderr
+
+
 def test_report_watch_clears_the_screen_only_on_a_terminal(write_manifest, monkeypatch, capsys):
     from orchestrator import cli as command_line
     path = write_manifest(synthetic_manifest())

@@ -60,15 +60,31 @@ def failure_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {last}"[:500]
 
 
-def disk_full(exc: BaseException | None, depth: int = 0) -> bool:
-    """An error that means the disk is full (or the quota used up): no retry can help."""
+FULL, READ_ONLY = "full", "read-only"  # what `storage_problem` finds
+
+
+def storage_problem(exc: BaseException | None, writing: bool = False, depth: int = 0) -> str | None:
+    """`FULL` or `READ_ONLY` when the error means the output folder's disk takes no more writes, so no
+    retry of any job can help (the sweep stops and a later `run` resumes); None for any other error.
+
+    Full: no space or the quota used up. Read-only: a file system remounted read-only after a disk
+    error (ext4's errors=remount-ro, NFS), SQLite's readonly database, and, with `writing` (the error
+    came from writing an output, not from reading a job's input, which may be refused on its own), a
+    permission refused.
+    """
     if exc is None or depth > 5:
-        return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # PyAV's errors are OSErrors
-        return True
-    if type(exc).__name__ == "OperationalError" and "disk is full" in str(exc):  # SQLite's SQLITE_FULL
-        return True
-    return disk_full(exc.__cause__ or exc.__context__, depth + 1)
+        return None
+    code = getattr(exc, "errno", None)  # PyAV's errors carry one too
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return FULL
+    if code == errno.EROFS or (writing and code in (errno.EACCES, errno.EPERM)):
+        return READ_ONLY
+    if type(exc).__name__ == "OperationalError":  # SQLite's SQLITE_FULL and SQLITE_READONLY
+        if "disk is full" in str(exc):
+            return FULL
+        if "readonly database" in str(exc):
+            return READ_ONLY
+    return storage_problem(exc.__cause__ or exc.__context__, writing, depth + 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,25 +143,27 @@ class JobSource(ABC):
 
 
 class LedgerJobSource(JobSource):
-    """Jobs straight from the sweep's ledger: the local and tmux workers, and the Ray driver's slots."""
+    """Jobs straight from the sweep's ledger: the local and tmux workers, and the Ray driver's slots.
 
-    def __init__(self, ledger, spec: WorkerSpec):
-        self.ledger, self.spec, self.worker = ledger, spec, spec.worker
+    `life`: the process lifetime its claims belong to (`Ledger.register_worker` gave it)."""
+
+    def __init__(self, ledger, spec: WorkerSpec, life: str | None = None):
+        self.ledger, self.spec, self.worker, self.life = ledger, spec, spec.worker, life
 
     def claim(self, prefer_group=None):
-        return self.ledger.claim(self.worker, self.spec.queue, prefer_group=prefer_group)
+        return self.ledger.claim(self.worker, self.spec.queue, prefer_group=prefer_group, life=self.life)
 
     def complete(self, job_id, seconds, skipped=False):
-        return self.ledger.complete(job_id, self.worker, seconds, skipped=skipped)
+        return self.ledger.complete(job_id, self.worker, seconds, skipped=skipped, life=self.life)
 
     def fail(self, job_id, message, outcome="error"):
-        return self.ledger.fail(job_id, self.worker, message, outcome=outcome)
+        return self.ledger.fail(job_id, self.worker, message, outcome=outcome, life=self.life)
 
     def release(self, job_id):
-        self.ledger.release(job_id, self.worker)
+        self.ledger.release(job_id, self.worker, life=self.life)
 
     def heartbeat(self, job_id):
-        self.ledger.heartbeat(self.worker, job_id)
+        self.ledger.heartbeat(self.worker, job_id, life=self.life)
 
     def stop_requested(self):
         return self.ledger.stop_requested()
@@ -164,7 +182,7 @@ class LedgerJobSource(JobSource):
 
     def for_thread(self):
         from .ledger import Ledger
-        return LedgerJobSource(Ledger(self.ledger.path), self.spec)
+        return LedgerJobSource(Ledger(self.ledger.path), self.spec, self.life)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +317,7 @@ class OutputWriter:
         self.pending = None
         self._source = source
         self._own_source = None
-        self.disk_full: BaseException | None = None  # a write failed for want of space: stop the worker
+        self.storage_error: BaseException | None = None  # the disk took no more writes: stop the worker
 
     def submit(self, job, result, record: dict, started: float) -> None:
         self.wait()
@@ -328,8 +346,8 @@ class OutputWriter:
             else:  # the claim expired and moved on: its holder records the job (it finds the video made)
                 self.log.warning("wrote %s, but the job is no longer this worker's: not counted", job.key)
         except Exception as exc:
-            if disk_full(exc):  # not the job's fault: give it back unused (its temporary file is gone)
-                self.disk_full = exc
+            if storage_problem(exc, writing=True):  # not the job's fault: back unused (its temp file is gone)
+                self.storage_error = exc
                 try:
                     source.release(job.id)
                 except Exception:
@@ -451,8 +469,8 @@ class JobLoop:
         group = None
         while True:
             pulse.sign_of_life()
-            if writer.disk_full is not None:
-                raise writer.disk_full
+            if writer.storage_error is not None:
+                raise writer.storage_error
             if source.stop_requested():
                 log.info("stop requested: exiting")
                 return FINISHED
@@ -521,7 +539,7 @@ class JobLoop:
                     self.claim = None
                     return RETIRED
             except Exception as exc:
-                if disk_full(exc):
+                if storage_problem(exc):
                     raise
                 log.error("job %s failed:\n%s", job.key, traceback.format_exc())
                 state = source.fail(job.id, failure_message(exc))

@@ -17,6 +17,7 @@ import os
 import socket
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +91,17 @@ def _to_version_1(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
 
 
+def _to_version_2(db: sqlite3.Connection) -> None:
+    """Claims belong to one process lifetime: the `life` of the worker process that holds a job (and the
+    worker's current one), so a restarted worker under the same name never keeps its predecessor's
+    claims alive."""
+    db.execute("ALTER TABLE jobs ADD COLUMN life TEXT")
+    db.execute("ALTER TABLE workers ADD COLUMN life TEXT")
+
+
 # MIGRATIONS[n] takes a ledger from version n to n + 1, inside the opening transaction. A new version
 # appends a step (and never edits an earlier one): every ledger, new or old, goes through the same steps.
-MIGRATIONS = (_to_version_1,)
+MIGRATIONS = (_to_version_1, _to_version_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
@@ -272,21 +281,55 @@ class Ledger:
                 float(self.get_meta("heartbeat_timeout_s", "300")))
 
     def requeue_expired(self, db: sqlite3.Connection | None = None) -> int:
-        """Claims whose heartbeat stopped go back to the queue (their attempt stays used)."""
+        """Claims whose heartbeat stopped go back to the queue: the process that held them is gone or
+        hung, so all its claims go, by `_end_lost_claims`'s rule. Returns how many went back."""
         max_attempts, timeout = self._limits()
         cutoff = time.time() - timeout
-        rows = (db or self.db).execute(
-            "SELECT id, worker FROM jobs WHERE state='running' AND heartbeat_at < ?", (cutoff,)).fetchall()
-        for job_id, worker in rows:
-            self._end_attempt(job_id, worker, "lost",
-                              f"worker {worker} stopped beating for more than {timeout:.0f}s", max_attempts)
-        return len(rows)
+        lives = (db or self.db).execute(
+            "SELECT DISTINCT worker, life FROM jobs WHERE state='running' AND heartbeat_at < ?", (cutoff,)).fetchall()
+        ended = 0
+        for worker, life in lives:
+            ended += self._end_lost_claims(worker, life, f"worker {worker} stopped beating for more than "
+                                                         f"{timeout:.0f}s", max_attempts)
+        return ended
 
-    def claim(self, worker: str, queue: str, prefer_group: str | None = None) -> Claim | None:
+    def _end_lost_claims(self, worker: str, life: str | None, reason: str, max_attempts: int,
+                         any_life: bool = False) -> int:
+        """The claims of one process lifetime of `worker` that died or hung (of every lifetime, with
+        `any_life`): the newest, the job it was generating, is charged its attempt (`lost`); the older
+        ones are finished videos its writer thread was still writing, which the failure is not theirs:
+        they go back without using an attempt. (A Ray driver applies the same rule, `_blamed`.)"""
+        where, params = "state='running' AND worker IS ?", [worker]
+        if not any_life:
+            where, params = where + " AND life IS ?", params + [life]
+        claims = self.db.execute(f"SELECT id, life FROM jobs WHERE {where} ORDER BY claimed_at DESC, rowid DESC",
+                                 params).fetchall()
+        newest: dict[str | None, str] = {}
+        for job_id, claim_life in claims:
+            newest.setdefault(claim_life, job_id)
+        for job_id, claim_life in claims:
+            if newest[claim_life] == job_id:
+                self._end_attempt(job_id, worker, "lost", reason, max_attempts)
+            else:
+                self._give_back(job_id, worker, "released", f"{reason}; its video was still being written, "
+                                                            "so no attempt was used")
+        return len(claims)
+
+    def _give_back(self, job_id: str, worker: str | None, outcome: str, error: str | None) -> None:
+        """Close the open attempt as `outcome` and put the job back without using an attempt."""
+        self.db.execute("UPDATE attempts SET finished_at=?, outcome=?, error=? WHERE job_id=? AND worker IS ? "
+                        "AND finished_at IS NULL", (time.time(), outcome, error, job_id, worker))
+        self.db.execute("UPDATE jobs SET state='pending', worker=NULL, life=NULL, attempts=MAX(0, attempts-1) "
+                        "WHERE id=? AND worker IS ? AND state='running'", (job_id, worker))
+        self.db.execute("UPDATE workers SET job=NULL WHERE id=? AND job=?", (worker, job_id))
+
+    def claim(self, worker: str, queue: str, prefer_group: str | None = None, life: str | None = None) -> Claim | None:
         """Atomically take the next job for `worker`, or None when nothing is pending.
 
-        Order: the same reference as the last job (grouped work), then the worker's own queue in
-        manifest order, then the back of the fullest other queue (stealing).
+        `life`: the process lifetime the claim belongs to (`register_worker` gave it); only that
+        lifetime's heartbeats keep the claim alive. Order: the same reference as the last job (grouped
+        work), then the worker's own queue in manifest order, then the back of the fullest other queue
+        (stealing).
         """
         with self.transaction() as db:
             self.requeue_expired(db)
@@ -302,8 +345,8 @@ class Ledger:
             if row is None:
                 return None
             now = time.time()
-            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, worker=?, claimed_at=?, "
-                       "heartbeat_at=? WHERE id=?", (worker, now, now, row[0]))
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, worker=?, life=?, claimed_at=?, "
+                       "heartbeat_at=? WHERE id=?", (worker, life, now, now, row[0]))
             db.execute("INSERT INTO attempts (job_id, worker, started_at) VALUES (?,?,?)",
                        (row[0], worker, now))
             db.execute("UPDATE workers SET state='running', job=?, heartbeat_at=? WHERE id=?",
@@ -339,27 +382,29 @@ class Ledger:
                         "worker IS ? AND finished_at IS NULL", (now, outcome, error, job_id, worker))
         attempts = self.db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
         state = "failed" if attempts >= max_attempts else "pending"
-        self.db.execute("UPDATE jobs SET state=?, worker=NULL, last_error=?, finished_at=? WHERE id=?",
+        self.db.execute("UPDATE jobs SET state=?, worker=NULL, life=NULL, last_error=?, finished_at=? WHERE id=?",
                         (state, error, now if state == "failed" else None, job_id))
         self.db.execute("UPDATE workers SET job=NULL WHERE id=? AND job=?", (worker, job_id))
         return state
 
-    def _holder(self, db: sqlite3.Connection, job_id: str) -> tuple[str | None, str]:
-        """(worker, state) of the job's row; UnknownJob when the ledger has no such job."""
-        row = db.execute("SELECT worker, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+    def _holds(self, db: sqlite3.Connection, job_id: str, worker: str, life: str | None) -> bool:
+        """Whether `worker` (in its lifetime `life`, where given) holds the claim on the job now;
+        UnknownJob when the ledger has no such job."""
+        row = db.execute("SELECT worker, state, life FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(f"the ledger {self.path} has no job {job_id!r}: the worker or the claim belongs to "
                              "another sweep, or its spec file is out of date; run the sweep again")
-        return row
+        return row[:2] == (worker, "running") and (life is None or row[2] == life)
 
-    def holds(self, job_id: str, worker: str) -> bool:
+    def holds(self, job_id: str, worker: str, life: str | None = None) -> bool:
         """Whether `worker` holds the claim on the job now (its claim has not expired and moved on).
 
         Only the holder may record the job's end (`complete`, `fail`, `release`). UnknownJob for an id
         the ledger does not hold."""
-        return self._holder(self.db, job_id) == (worker, "running")
+        return self._holds(self.db, job_id, worker, life)
 
-    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False) -> bool:
+    def complete(self, job_id: str, worker: str, seconds: float, skipped: bool = False,
+                 life: str | None = None) -> bool:
         """Record the job done by `worker` (its video is on disk); True when recorded.
 
         False, and nothing recorded, when the worker no longer holds the claim (it expired and went
@@ -369,9 +414,9 @@ class Ledger:
         """
         now = time.time()
         with self.transaction() as db:
-            if self._holder(db, job_id) != (worker, "running"):
+            if not self._holds(db, job_id, worker, life):
                 return False
-            db.execute("UPDATE jobs SET state='done', worker=?, finished_at=?, seconds=?, skipped=?, "
+            db.execute("UPDATE jobs SET state='done', worker=?, life=NULL, finished_at=?, seconds=?, skipped=?, "
                        "last_error=NULL WHERE id=?", (worker, now, seconds, int(skipped), job_id))
             if skipped:
                 db.execute("UPDATE jobs SET attempts=MAX(0, attempts-1) WHERE id=?", (job_id,))
@@ -384,14 +429,14 @@ class Ledger:
             db.execute("UPDATE workers SET job=NULL, state='idle' WHERE id=? AND job=?", (worker, job_id))
         return True
 
-    def fail(self, job_id: str, worker: str, error: str, outcome: str = "error") -> str:
+    def fail(self, job_id: str, worker: str, error: str, outcome: str = "error", life: str | None = None) -> str:
         """Record a failed attempt; the job goes back to the queue until its attempts run out.
 
         Returns the job's new state, or "lost" (nothing recorded) when the worker no longer holds the
         claim: it had already expired and moved on."""
         max_attempts, _ = self._limits()
         with self.transaction() as db:
-            if self._holder(db, job_id) != (worker, "running"):
+            if not self._holds(db, job_id, worker, life):
                 return "lost"
             state = self._end_attempt(job_id, worker, outcome, error, max_attempts)
             if outcome == "oom":
@@ -399,24 +444,20 @@ class Ledger:
             db.execute("UPDATE workers SET state='idle' WHERE id=? AND job IS NULL", (worker,))
         return state
 
-    def release(self, job_id: str, worker: str) -> None:
-        """Give a job back without using an attempt (a graceful stop); nothing changes unless `worker`
-        holds the claim."""
+    def release(self, job_id: str, worker: str, life: str | None = None, reason: str | None = None) -> None:
+        """Give a job back without using an attempt (a graceful stop, a full or read-only disk); nothing
+        changes unless `worker` holds the claim."""
         with self.transaction() as db:
-            self._holder(db, job_id)  # UnknownJob for an id the ledger does not hold
-            db.execute("UPDATE attempts SET finished_at=?, outcome='released' WHERE job_id=? AND worker=? "
-                       "AND finished_at IS NULL", (time.time(), job_id, worker))
-            db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
-                       "WHERE id=? AND worker=? AND state='running'", (job_id, worker))
+            if self._holds(db, job_id, worker, life):  # UnknownJob for an id the ledger does not hold
+                self._give_back(job_id, worker, "released", reason)
 
     def requeue_worker(self, worker: str, reason: str) -> int:
-        """The worker died: its claims go back to the queue at once, their attempts used."""
+        """The worker's process died (every lifetime of it: its supervisor saw it go, or a new one
+        registers): its claims go back to the queue at once, the job it was generating with its attempt
+        used, the videos it was still writing without (`_end_lost_claims`)."""
         max_attempts, _ = self._limits()
-        with self.transaction() as db:
-            rows = db.execute("SELECT id FROM jobs WHERE state='running' AND worker=?", (worker,)).fetchall()
-            for (job_id,) in rows:
-                self._end_attempt(job_id, worker, "lost", reason, max_attempts)
-        return len(rows)
+        with self.transaction():
+            return self._end_lost_claims(worker, None, reason, max_attempts, any_life=True)
 
     def release_worker(self, worker: str, reason: str) -> int:
         """The worker was stopped (`stop`, `stop --now`): its claims go back to the queue without using
@@ -425,33 +466,49 @@ class Ledger:
             held = db.execute("SELECT COUNT(*) FROM jobs WHERE state='running' AND worker=?", (worker,)).fetchone()[0]
             db.execute("UPDATE attempts SET finished_at=?, outcome='released', error=? WHERE worker=? "
                        "AND finished_at IS NULL", (time.time(), reason, worker))
-            db.execute("UPDATE jobs SET state='pending', worker=NULL, attempts=MAX(0, attempts-1) "
+            db.execute("UPDATE jobs SET state='pending', worker=NULL, life=NULL, attempts=MAX(0, attempts-1) "
                        "WHERE worker=? AND state='running'", (worker,))
             db.execute(f"UPDATE workers SET state='stopped', job=NULL WHERE id=? AND state IN "
                        f"({','.join('?' * len(LIVE_WORKER_STATES))})", (worker, *LIVE_WORKER_STATES))
         return held
 
-    def heartbeat(self, worker: str, job_id: str | None) -> None:
+    def heartbeat(self, worker: str, job_id: str | None, life: str | None = None) -> None:
+        """The worker (in its process lifetime `life`) is alive: its row and its claims are fresh."""
         now = time.time()
         with self.transaction() as db:
             db.execute("UPDATE workers SET heartbeat_at=? WHERE id=?", (now, worker))
-            # Every claim of the worker: the one generating and the one whose video is being written.
-            db.execute("UPDATE jobs SET heartbeat_at=? WHERE worker=? AND state='running'", (now, worker))
+            # Every claim of this lifetime (the one generating and the one whose video is being written),
+            # never one an earlier process under the same name left behind.
+            db.execute("UPDATE jobs SET heartbeat_at=? WHERE worker=? AND life IS ? AND state='running'",
+                       (now, worker, life))
 
     # ---------------------------------------------------------------- workers
     def register_worker(self, worker: str, devices: tuple[int, ...], pid: int | None = None,
                         supervisor_pid: int | None = None, state: str = "loading",
-                        phase: str | None = None) -> None:
+                        phase: str | None = None) -> str:
+        """A new process lifetime of `worker` begins (its supervisor, or the worker process itself);
+        return its `life` token, which its claims and heartbeats carry.
+
+        Whatever an earlier lifetime under this name still holds goes back first (`requeue_worker`'s
+        rule): the worker locks let only one lifetime of a name live at a time, so those claims are a
+        dead process's, and a new process must never keep them alive.
+        """
         now = time.time()
+        life = uuid.uuid4().hex[:16]
+        max_attempts, _ = self._limits()
         with self.transaction() as db:
+            self._end_lost_claims(worker, None, f"worker {worker} was restarted while holding it (its earlier "
+                                                "process died)", max_attempts, any_life=True)
             db.execute("INSERT INTO workers (id, host, pid, supervisor_pid, devices, state, started_at, "
-                       "heartbeat_at, phase) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                       "heartbeat_at, phase, life) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                        "host=excluded.host, pid=COALESCE(excluded.pid, pid), "
                        "supervisor_pid=COALESCE(excluded.supervisor_pid, supervisor_pid), "
                        "devices=excluded.devices, state=excluded.state, started_at=excluded.started_at, "
-                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL, phase=excluded.phase",
+                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL, phase=excluded.phase, "
+                       "life=excluded.life",
                        (worker, socket.gethostname(), pid, supervisor_pid,
-                        ",".join(map(str, devices)), state, now, now, phase))
+                        ",".join(map(str, devices)), state, now, now, phase, life))
+        return life
 
     def set_worker(self, worker: str, **fields) -> None:
         if not fields:

@@ -119,7 +119,7 @@ def build_report(sweep: Sweep) -> Report:
     if report.ledger:
         _read_ledger(report, sweep, by_id, tallies, scan, now)
     if report.stop_reason is None and report.totals.left:
-        report.stop_reason = sweep.disk_full_note()  # the ledger may be on that disk and unwritable
+        report.stop_reason = sweep.storage_note()  # the ledger may be on that disk and unwritable
     return report
 
 

@@ -20,7 +20,7 @@ from .job_loop import restart_delay
 from .ledger import LIVE_WORKER_STATES
 from .planning import WorkerSpec
 from .terminal import printable
-from .worker import EXIT_DISK_FULL, EXIT_DONE, EXIT_RETIRED
+from .worker import EXIT_DONE, EXIT_RETIRED, EXIT_UNWRITABLE
 
 POLL_S = 0.5
 
@@ -100,9 +100,9 @@ class Supervisor:
                                           env=worker_env(spec))
             reason = self._watch()
             code = self.child.returncode
-            if code == EXIT_DISK_FULL and reason is None:
-                _say(spec, "the disk is full: the worker stopped cleanly and is not restarted "
-                           "(free some space and run the sweep again)")
+            if code == EXIT_UNWRITABLE and reason is None:
+                _say(spec, "the output folder's disk is full or read-only: the worker stopped cleanly and is "
+                           "not restarted (make room or make it writable, and run the sweep again)")
                 return 0
             if code in (EXIT_DONE, EXIT_RETIRED) and reason is None:
                 if code == EXIT_RETIRED:

@@ -214,16 +214,27 @@ class Sweep:
         return (f"the {left} videos left need about {_size(left * each)} and {_size(free)} are free on the "
                 f"disk of {self.root}: if it fills up the workers stop cleanly (free some space, run again)")
 
-    def disk_full_note(self) -> str | None:
-        """A line for the report when the output folder's disk has (almost) no room left."""
+    def storage_note(self) -> str | None:
+        """A line for the report when the output folder takes no more files: its disk has (almost) no
+        room left, or it is read-only (where the ledger is too, no worker could say so there)."""
         try:
             free = shutil.disk_usage(self.root).free
         except OSError:
             return None
-        if free >= min(MIN_FREE_BYTES, 4 * self.video_bytes_estimate()):
+        if free < min(MIN_FREE_BYTES, 4 * self.video_bytes_estimate()):
+            return (f"the disk of {self.root} is full ({_size(free)} free): the workers stop cleanly when they "
+                    "cannot write, and nothing made is lost: free some space and run the same command again")
+        try:  # by writing: ext4's emergency read-only state, an ACL or root say nothing to access(2)
+            handle, name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.root)
+        except FileNotFoundError:
             return None
-        return (f"the disk of {self.root} is full ({_size(free)} free): the workers stop cleanly when they "
-                "cannot write, and nothing made is lost: free some space and run the same command again")
+        except OSError as exc:
+            return (f"the output folder {self.root} takes no more writes ({exc.strerror or exc}): the workers stop "
+                    "cleanly when they cannot write, and nothing made is lost: make it writable and run the same "
+                    "command again")
+        os.close(handle)
+        os.unlink(name)
+        return None
 
     def video_bytes_estimate(self) -> int:
         """Bytes per video: the mean of up to 20 made already, else a generous guess from the settings."""

@@ -19,21 +19,30 @@ import time
 import traceback
 from pathlib import Path
 
-from .job_loop import RETIRED, JobLoop, LedgerJobSource, Pulse, SlotBackend, disk_full, heartbeat_interval
+from .job_loop import (FULL, RETIRED, JobLoop, LedgerJobSource, Pulse, SlotBackend, heartbeat_interval,
+                       storage_problem)
 from .planning import WorkerSpec
 from .speed import describe as describe_speed
 
 EXIT_DONE = 0  # no work left, or asked to stop
 EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
 EXIT_RETIRED = 76  # repeated out-of-memory on this card: do not restart me
-EXIT_DISK_FULL = 77  # the output folder's disk is full: do not restart me; the whole sweep stops
+EXIT_UNWRITABLE = 77  # the output folder's disk is full or read-only: do not restart me; the whole sweep stops
 
 
-def stop_for_full_disk(ledger, spec: WorkerSpec, error: BaseException, log: logging.Logger) -> None:
-    """Ask the whole sweep to stop (every worker finishes cleanly) and say why, once, where it shows:
-    the ledger (`report`, `run`), the log and the pane. Each write may fail on the full disk."""
-    message = (f"stopped: the disk of {spec.output_dir} is full ({getattr(error, 'strerror', None) or error}); "
-               "the workers stopped cleanly and nothing made is lost: free some space and run the same command again")
+def stop_for_storage(ledger, spec: WorkerSpec, problem: str, error: BaseException | str,
+                     log: logging.Logger) -> None:
+    """The output folder's disk takes no more writes (`problem`: `job_loop.FULL` or `READ_ONLY`): ask the
+    whole sweep to stop (every worker finishes cleanly) and say why, once, where it shows: the ledger
+    (`report`, `run`), the log and the pane. Each write may fail on that same disk."""
+    detail = getattr(error, "strerror", None) or error
+    if problem == FULL:
+        message = (f"stopped: the disk of {spec.output_dir} is full ({detail}); the workers stopped cleanly and "
+                   "nothing made is lost: free some space and run the same command again")
+    else:
+        message = (f"stopped: the output folder {spec.output_dir} takes no more writes ({detail}): its disk was "
+                   "remounted read-only (after a disk error?) or its permissions changed; the workers stopped "
+                   "cleanly and nothing made is lost: make it writable and run the same command again")
     log.error("%s", message)
     for step in (lambda: ledger.set_meta("stop_reason", message), ledger.request_stop,
                  lambda: ledger.set_worker(spec.worker, state="exited", job=None, message=message)):
@@ -85,9 +94,9 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
 class Heartbeat(threading.Thread, Pulse):
     """Beats for the worker while its main loop shows signs of life; enforces job_timeout_s."""
 
-    def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger):
+    def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger, life: str):
         super().__init__(daemon=True, name="heartbeat")
-        self.ledger, self.spec, self.log = ledger, spec, log
+        self.ledger, self.spec, self.log, self.life = ledger, spec, log, life
         self.timeout = float(spec.execution["heartbeat_timeout_s"])
         self.job_timeout = float(spec.execution["job_timeout_s"])
         self.interval = heartbeat_interval(self.timeout)
@@ -111,13 +120,13 @@ class Heartbeat(threading.Thread, Pulse):
                 self.log.error("job %s ran past job_timeout_s=%.0fs: abandoning it and restarting",
                                self.job_id, self.job_timeout)
                 try:
-                    self.ledger.fail(self.job_id, self.spec.worker,
-                                     f"timed out after {self.job_timeout:.0f}s", outcome="timeout")
+                    self.ledger.fail(self.job_id, self.spec.worker, f"timed out after {self.job_timeout:.0f}s",
+                                     outcome="timeout", life=self.life)
                 finally:
                     os._exit(EXIT_TIMEOUT)
             if self.loading or now - self.last_sign < self.timeout:
                 try:
-                    self.ledger.heartbeat(self.spec.worker, self.job_id)
+                    self.ledger.heartbeat(self.spec.worker, self.job_id, life=self.life)
                 except Exception as exc:  # a locked or vanished ledger must not kill the thread
                     self.log.warning("heartbeat failed: %s", exc)
 
@@ -138,9 +147,9 @@ def run_worker(spec: WorkerSpec) -> int:
     supervisor = int(os.environ.get("ORCHESTRATOR_SUPERVISOR_PID", "0")) or None
     # Until its first job the worker says what it is doing (`run`'s progress bar shows it): a first
     # run spends seconds to minutes importing the libraries and loading the model.
-    ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor,
-                           phase=f"importing {spec.model.get('backend')}")
-    beat = Heartbeat(ledger, spec, log)
+    life = ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor,
+                                  phase=f"importing {spec.model.get('backend')}")
+    beat = Heartbeat(ledger, spec, log, life)
     beat.start()
     from .outputs import remove_partials
     if os.path.isdir(spec.output_dir):
@@ -155,7 +164,7 @@ def run_worker(spec: WorkerSpec) -> int:
     log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
              spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     exit_code = EXIT_DONE
-    source = LedgerJobSource(ledger, spec)
+    source = LedgerJobSource(ledger, spec, life)
     loop = JobLoop(source, spec, log, pulse=beat)
     writer = loop.writer
     compile_cache = None
@@ -197,9 +206,9 @@ def run_worker(spec: WorkerSpec) -> int:
         log.info("received %s: stopping cleanly", stop)
         loop.release_claim()
     except Exception as exc:
-        if not disk_full(exc):
+        if exc is not writer.storage_error and not storage_problem(exc):
             raise
-        writer.disk_full = writer.disk_full or exc
+        writer.storage_error = writer.storage_error or exc
         loop.release_claim(quietly=True)
     finally:
         try:
@@ -212,9 +221,9 @@ def run_worker(spec: WorkerSpec) -> int:
                 backends.close()
             except Exception:
                 log.warning("backend close failed:\n%s", traceback.format_exc())
-    if writer.disk_full is not None:
-        stop_for_full_disk(ledger, spec, writer.disk_full, log)
-        return EXIT_DISK_FULL
+    if writer.storage_error is not None:
+        stop_for_storage(ledger, spec, storage_problem(writer.storage_error, writing=True), writer.storage_error, log)
+        return EXIT_UNWRITABLE
     if exit_code != EXIT_RETIRED:
         ledger.set_worker(spec.worker, state="exited", job=None)
     return exit_code

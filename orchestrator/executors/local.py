@@ -21,10 +21,12 @@ class LocalExecutor(Executor):
     def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:
         names = []
         for spec, path in specs:
-            # Output goes to the worker's log file; the terminal keeps the progress bar.
-            child = subprocess.Popen(supervisor_command(path), env=python_env(),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)
+            # The terminal keeps the progress bar. What the worker logs goes to its log file already; what
+            # it prints to stderr (a traceback of a crash while importing or loading) is appended there too.
+            Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log, "ab") as log:
+                child = subprocess.Popen(supervisor_command(path), env=python_env(),
+                                         stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
             self.children.append(child)
             names.append(f"{spec.worker} (pid {child.pid})")
         return names

@@ -84,7 +84,7 @@ class RayWorker:
 
     def work(self) -> dict:
         """Run the job loop on the driver's jobs until no work is left, a stop, or retirement."""
-        from ...job_loop import JobLoop, disk_full
+        from ...job_loop import JobLoop, storage_problem
         log = self.log
         if not self.placement:  # `where` and `load` run side by side: the sidecars need the placement
             self.where()
@@ -93,10 +93,12 @@ class RayWorker:
         try:
             return {"ended": loop.run(self.backends, self.gpu_names)}
         except Exception as exc:
-            if not disk_full(exc) and loop.writer.disk_full is None:
+            error = loop.writer.storage_error or exc  # a refused write of an output, else the ledger's own
+            problem = storage_problem(error, writing=error is loop.writer.storage_error)
+            if problem is None:
                 raise
             loop.release_claim(quietly=True)
-            return {"ended": "disk_full", "message": str(loop.writer.disk_full or exc)}
+            return {"ended": "unwritable", "problem": problem, "message": str(error)}
         finally:
             loop.close()
 

@@ -50,6 +50,7 @@ class _Slot:
     crashes: int = 0  # in a row without a finished job
     restarts: int = 0
     restart_at: float = 0.0
+    life: str | None = None  # the ledger's token for this driver's claims of the slot
 
     @property
     def id(self) -> str:
@@ -113,7 +114,7 @@ class Driver(threading.Thread):
                           "outputs streamed back here" if self.stream else "outputs on shared storage",
                           ", ".join(f"{s.id} on {s.placement.host if s.placement else '?'}" for s in self.slots))
             for slot in self.slots:
-                self.ledger.register_worker(slot.id, slot.spec.devices, state="starting")
+                slot.life = self.ledger.register_worker(slot.id, slot.spec.devices, state="starting")
                 self._spawn(slot, replacement=False)
             self._loop()
         except BaseException as exc:  # recorded; `wait` reports it, `_finish` still cleans up
@@ -292,12 +293,12 @@ class Driver(threading.Thread):
         self._exchange(slot, answers)
 
     def _on_work(self, slot: _Slot, answer: dict) -> None:
-        """The actor's job loop ended: no work left, a stop, retirement, or a full disk."""
+        """The actor's job loop ended: no work left, a stop, retirement, or a full or read-only disk."""
         ended = answer.get("ended")
         self._drop(slot)
-        if ended == "disk_full":
-            from ...worker import stop_for_full_disk
-            stop_for_full_disk(self.ledger, slot.spec, answer.get("message") or "disk full", slot.log)
+        if ended == "unwritable":
+            from ...worker import stop_for_storage
+            stop_for_storage(self.ledger, slot.spec, answer.get("problem"), answer.get("message") or "", slot.log)
         if slot.state != "retired":
             slot.state = "ended"
             self.ledger.set_worker(slot.id, state="exited", job=None)
@@ -313,7 +314,7 @@ class Driver(threading.Thread):
         if serve is None:
             return ERROR, f"the driver serves no call {method!r}"
         try:
-            return OK, serve(slot, LedgerJobSource(self.ledger, slot.spec), **args)
+            return OK, serve(slot, LedgerJobSource(self.ledger, slot.spec, slot.life), **args)
         except Exception as exc:
             slot.log.error("could not serve %s:\n%s", method, traceback.format_exc())
             return ERROR, short_error(exc)
@@ -477,7 +478,7 @@ class Driver(threading.Thread):
         for slot in self.slots:
             if slot.state == "loading" or (slot.state == "working" and (
                     slot.loading or now - slot.last_sign <= self.heartbeat_timeout)):
-                self.ledger.heartbeat(slot.id, slot.job_id)
+                self.ledger.heartbeat(slot.id, slot.job_id, life=slot.life)
 
 
 def _node_alive(node_id: str) -> bool:

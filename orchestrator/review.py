@@ -582,6 +582,28 @@ def _is_review_page(path: Path) -> bool:
         return False
 
 
+def _claim_before_first_run(sweep: Sweep) -> None:
+    """A page written before the sweep's first `run` (`report --watch --html` started first) makes the
+    output folder the sweep's, as `run` does (`.sweep/sweep.json`), so that `run` does not then refuse a
+    folder holding only the page as not a sweep's. Only a new or empty folder (or one holding nothing but
+    a page of this product) is taken; another folder is refused, as `run` refuses it, and left as it is."""
+    root = sweep.root
+    try:
+        others = [name for name in os.listdir(root)
+                  if not name.startswith(TEMP_MARK) and not (name == PAGE_NAME and _is_review_page(root / name))]
+    except FileNotFoundError:
+        others = []
+    except NotADirectoryError:
+        others = [root.name]
+    sweep.check_folder(allow_non_empty=True)  # /, the home folder, a file: refused as `run` refuses them
+    if others:
+        raise FolderProblem(f"output_dir {root} is not empty and is not a sweep's output folder (it has no "
+                            ".sweep/): no review page is written into it",
+                            "point output_dir at a new or empty folder, or start the sweep there first (`run "
+                            "--allow-non-empty` takes the folder, deleting nothing); its page is written from then on")
+    sweep.claim_folder()
+
+
 def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | None = None) -> Path:
     """Render the review page to `<output_dir>/index.html` atomically (a watcher's browser never
     sees half a page) and return its path."""
@@ -590,6 +612,8 @@ def write_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     if target.exists() and not _is_review_page(target):
         raise FolderProblem(f"{target} exists and is not a review page of this product: not replaced",
                             "move that file away, or point output_dir at the sweep's own folder")
+    if not sweep.state_dir.is_dir():
+        _claim_before_first_run(sweep)
     html = render(build_page(sweep, report, reload_s))
     root.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".html", dir=root)

@@ -527,3 +527,27 @@ def test_jobs_that_differ_only_in_axis_values_are_compared_side_by_side(write_ma
     assert len(html.find("video", src=review.url(made.output, m.output_dir))) == 2  # the grid and the comparison
     ids = [a["id"] for _, a in html.tags if a.get("id", "").startswith("job-")]
     assert len(ids) == len(set(ids))  # the comparison repeats no anchor of the grid
+
+
+def test_a_page_written_before_the_first_run_leaves_the_folder_to_the_sweep(write_manifest, tmp_path):
+    """Issue 28: `report --html` before the first `run` wrote index.html into a folder without .sweep/,
+    and `run` then refused that folder as not a sweep's. The page now makes the folder the sweep's first;
+    a folder holding someone else's files gets no page."""
+    path = write_manifest(synthetic_manifest(execution={"executor": "local"}))
+    out = tmp_path / "out"
+    assert cli("report", str(path), "--html").returncode == 0 and (out / "index.html").is_file()
+    shutil.rmtree(out / ".sweep")  # a page written by a version before the fix: the folder holds it alone
+    result = cli("report", str(path), "--html")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / ".sweep" / "sweep.json").read_text(encoding="utf-8"))["name"] == "t"
+    run = cli("run", str(path), "--cpu-slots", "1", "--no-progress")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine", encoding="utf-8")
+    other = write_manifest(synthetic_manifest(name="u", output_dir="theirs"), name="u.yaml")
+    refused = cli("report", str(other), "--html")
+    assert refused.returncode == 2
+    assert f"output_dir {theirs} is not empty and is not a sweep's output folder" in refused.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]

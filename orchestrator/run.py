@@ -51,13 +51,17 @@ class Preview:
     scan: object
 
 
-def check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False, writable: bool = False) -> None:
+def check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False, writable: bool = False,
+                 setting_up: dict | None = None) -> None:
     """Refuse an output folder that is not this sweep's (or, with `writable`, that cannot take its
-    files), at the manifest's `output_dir` line."""
+    files; or, with `setting_up`, the run lock's holder, that another manifest's `run` is taking), at
+    the manifest's `output_dir` line."""
     from .manifest import located_problem
     from .sweep import FolderProblem
     try:
         sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
+        if setting_up and isinstance(setting_up.get("sweep"), str):
+            sweep.refuse_other_sweep(setting_up["sweep"], f"being set up by pid {setting_up.get('pid', '?')}")
         if writable:
             sweep.check_writable()
     except FolderProblem as exc:
@@ -143,13 +147,15 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
     # start anything), and held until the workers hold their own locks; see `sweep`.
     lock = sweep.run_lock()
-    if not lock.acquire("run"):
+    if not lock.acquire("run", sweep=manifest.name):
         holder = lock.holder()
+        check_folder(sweep, options.allow_non_empty, setting_up=holder)  # another manifest racing for it
         say(f"sweep `{manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
             f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
         return reported(0)
+    # Again under the lock: another manifest's `run` may have taken the folder since the first check.
+    check_folder(sweep, options.allow_non_empty)
     executor = executor_type(sweep)
-    sweep.claim_folder()
     ledger = sweep.ledger()
     live = sweep.live_workers(ledger)
     locked = sweep.locked_workers()  # supervisors and workers alive, registered in the ledger or not yet
@@ -180,6 +186,8 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
                 f"this manifest's:\n{sweep.describe_stale(scan.stale)}\n"
                 "Nothing was started. Either restore the old settings, point output_dir at a new folder, "
                 "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
+    sweep.claim_folder()  # only now: a refused `run` must not name its manifest as the folder's
+    if scan.stale:
         moved_to = sweep.move_aside(scan.stale)
         say(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
     if not alive:

@@ -165,13 +165,17 @@ class Sweep:
         owner = self.owner()
         if owner is None:
             return False
-        if owner["name"] != self.manifest.name:
+        self.refuse_other_sweep(owner["name"], owner.get("manifest"))
+        return True
+
+    def refuse_other_sweep(self, name: str, manifest: str | None) -> None:
+        """FolderProblem when the sweep `name` (of `manifest`) is not this one: one folder, one sweep."""
+        if name != self.manifest.name:
             raise FolderProblem(
-                f"output_dir {self.root} holds the sweep `{owner['name']}` (manifest {owner.get('manifest')}); "
+                f"output_dir {self.root} holds the sweep `{name}` (manifest {manifest}); "
                 f"one output folder holds one sweep, and this manifest's is `{self.manifest.name}`",
                 f"point output_dir at another folder (e.g. results/{self.manifest.name}), or, if this "
-                f"manifest continues that sweep, set its name to `{owner['name']}`")
-        return True
+                f"manifest continues that sweep, set its name to `{name}`")
 
     def check_writable(self) -> None:
         """Raise FolderProblem when a folder the sweep writes into cannot take a file, or its disk has
@@ -377,8 +381,9 @@ class RunLock:
         self.path = path
         self.stream = None
 
-    def acquire(self, what: str, wait: bool = False) -> bool:
-        """Take the lock (waiting for it with `wait`); False when another process holds it."""
+    def acquire(self, what: str, wait: bool = False, sweep: str | None = None) -> bool:
+        """Take the lock (waiting for it with `wait`); False when another process holds it. `sweep`: the
+        name of the manifest's sweep it sets up, for a racing `run` of another manifest to see."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stream = open(self.path, "a+", encoding="utf-8")
         try:
@@ -388,13 +393,13 @@ class RunLock:
             return False
         stream.seek(0)
         stream.truncate()
-        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time()}))
+        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time(), "sweep": sweep}))
         stream.flush()
         self.stream = stream
         return True
 
     def holder(self) -> dict:
-        """What the holder wrote: {pid, command, since}; {} when unknown."""
+        """What the holder wrote: {pid, command, since, sweep}; {} when unknown."""
         try:
             holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
         except (OSError, ValueError):

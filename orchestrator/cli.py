@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--frames", type=int, help="for a checkpoint path: frames (default 81)")
     fit.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="for a checkpoint path (default bfloat16)")
     speed = models_sub.add_parser(
-        "speed", help="try speed settings (compile, fp8, attention) on this machine's card with the manifest's "
+        "speed", help="try speed settings (compile, fp8, attention) on this machine's GPU (or CPU) with the manifest's "
         "model and shapes: seconds per step, first call, peak memory, drift from eager; prints the speed: block")
     speed.add_argument("target", metavar="MANIFEST")
     speed.add_argument("--try", dest="candidates", action="append", metavar="SETTINGS",
@@ -390,16 +390,21 @@ def cmd_models(args) -> int:
 
 
 def _models_speed(args) -> int:
-    from .speed_trial import DEFAULT_CANDIDATES, format_trials, parse_candidate, run_trials
+    from .speed_trial import (DEFAULT_CANDIDATES, TrialError, candidate_problems, format_trials, label,
+                              parse_candidate, run_trials)
     manifest = api.load(args.target)
     check_checkpoint(manifest)
     candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
-    if args.candidates is None:  # the default fp8 candidate only where it can run
-        from .backends.base import speed_card_problems
-        from dataclasses import replace
-        fp8 = replace(manifest, model=replace(manifest.model, speed=replace(manifest.model.speed, quantize="fp8")))
-        if speed_card_problems(fp8):
-            candidates = [c for c in candidates if c.quantize != "fp8"]
+    # What `run` would refuse is refused here too, before any candidate loads the model (minutes): a
+    # candidate asked for is an error; a default one is left out, saying why.
+    refused = {label(c): candidate_problems(manifest, c) for c in candidates}
+    if args.candidates is not None and any(refused.values()):
+        raise TrialError("\n".join(f"candidate `{name}`: {problem}" for name, problems in refused.items()
+                                   for problem in problems) + "\nNothing was measured.")
+    for name, problems in refused.items():
+        if problems:
+            print(f"{name} is left out of the defaults: {'; '.join(problems)}")
+    candidates = [c for c in candidates if not refused[label(c)]]
     work = manifest.output_dir / ".sweep" / "speed_trial"
     print(f"trying {1 + len([c for c in candidates if not c.is_default])} settings, each in a fresh process "
           f"(files in {work}) …", flush=True)

@@ -1,5 +1,5 @@
-"""`models speed MANIFEST`: try speed settings on this machine's card with the manifest's model, task
-and shapes, and print the `speed:` block to paste, as `models fit` does for memory.
+"""`models speed MANIFEST`: try speed settings on this machine's GPU (its CPU without one) with the
+manifest's model, task and shapes, and print the `speed:` block to paste, as `models fit` does for memory.
 
 Each candidate runs in a fresh process (compiled graphs, quantized weights and peak memory must not
 carry over), with its own empty compile cache, then once more with that cache filled when `--warm`
@@ -58,6 +58,50 @@ def parse_candidate(text: str) -> SpeedConfig:
     return SpeedConfig(**values)
 
 
+def candidate_problems(manifest: Manifest, speed: SpeedConfig) -> list[str]:
+    """What `run` would refuse in this manifest with `speed` as its `speed:` section (the backend's own
+    check, as `load_manifest` runs it: fp8 on a card without fp8, torchao missing, …), each with its fix;
+    checked before any candidate loads the model. Problems the manifest has with its own settings are not
+    the candidate's."""
+    from .backends import backend_class
+    backend = backend_class(manifest.model.backend)
+    own = {str(found) for found in backend.check(manifest)}
+    trial = replace(manifest, model=replace(manifest.model, speed=speed))
+    said = []
+    for found in backend.check(trial):
+        if str(found) not in own:
+            fix = getattr(found, "fix", "")
+            said.append(getattr(found, "message", str(found)) + (f" (fix: {fix})" if fix else ""))
+    return said
+
+
+def describe_outcome(outcome: dict) -> str:
+    """One candidate's figures as they come in, rounded: `load 41.2s, first call 12.3s, 0.0987 s/forward, …`."""
+    if outcome.get("error"):
+        return f"failed: {outcome['error']}"
+    parts = []
+    for key, text in (("load_seconds", "load {:.1f}s"), ("first_call_seconds", "first call {:.1f}s"),
+                      ("seconds_per_forward", "{:.3g} s/forward"), ("seconds_per_step", "{:.3g} s/step"),
+                      ("job_seconds", "short job {:.1f}s"), ("seconds_per_video", "{:.1f} s/video")):
+        if isinstance(outcome.get(key), (int, float)):
+            parts.append(text.format(outcome[key]))
+    if outcome.get("peak_memory_bytes"):
+        parts.append(f"peak {outcome['peak_memory_bytes'] / 2**30:.1f} GiB")
+    if outcome.get("denoiser_output_finite") is False:
+        parts.append("the denoiser's output is NOT finite")
+    return ", ".join(parts) or "no figures"
+
+
+def device_text(results: list[dict]) -> str:
+    """Where the candidates ran, as their processes said: a card's name, or the CPU when there was none."""
+    devices = {r["device"] for r in results if "device" in r and not r.get("error")}
+    if not devices:
+        return "this machine"
+    if devices == {None}:
+        return "this machine's CPU (no GPU)"
+    return ", ".join(sorted(d for d in devices if d))
+
+
 def label(speed: SpeedConfig) -> str:
     parts = [f"{k}={v}" for k, v in asdict(speed).items() if v != getattr(EAGER, k)]
     return ",".join(parts) or "eager"
@@ -81,7 +125,8 @@ def run_trials(manifest: Manifest, candidates: list[SpeedConfig], work: Path, st
         for kind, fresh in runs:
             log.info("speed trial %s (%s compile cache) …", name, kind)
             outcome = _trial_process(manifest, speed, folder, steps, fresh_cache=fresh, timeout_s=timeout_s)
-            print(f"  {name} ({kind} compile cache): " + ", ".join(f"{k} {v}" for k, v in outcome.items()),
+            cache = f" ({kind} compile cache)" if speed.compile != "none" else ""
+            print(f"  {name}{cache}: {describe_outcome(outcome)}",
                   flush=True)  # as each finishes: a long trial that is cut short keeps what it measured
             if kind == "cold":
                 result.update(outcome)
@@ -140,7 +185,7 @@ def format_trials(results: list[dict], manifest: Manifest) -> str:
     g = manifest.generation
     steps = next((r["steps_per_video"] for r in results if r.get("steps_per_video")), g.steps)
     lines = [f"Speed of {manifest.model.backend} {manifest.model.task} {manifest.model.path} at "
-             f"{g.width}x{g.height}x{g.num_frames} on this machine's card (s/video: the short job's time "
+             f"{g.width}x{g.height}x{g.num_frames} on {device_text(results)} (s/video: the short job's time "
              f"plus the rest of the manifest's {steps} steps at s/step):", ""]
     header = ["candidate", "s/step", "s/video", "s/forward", "first call", "first call (warm)", "load",
               "peak GiB", "rel L2", "PSNR dB"]
@@ -204,7 +249,8 @@ def _one(request: dict) -> dict:
     started = time.perf_counter()
     log.info("loading %s with %s", model.path, label(speed))
     backend.load()
-    facts: dict = {"load_seconds": round(time.perf_counter() - started, 2)}
+    facts: dict = {"load_seconds": round(time.perf_counter() - started, 2),
+                   "device": torch.cuda.get_device_name(0) if cuda else None}
     log.info("loaded in %.1fs; first denoiser call (compiles, if compile is on) …", facts["load_seconds"])
 
     def timed(call):

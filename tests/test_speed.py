@@ -735,3 +735,41 @@ def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
     assert loop.run(backends, [], compile_cache=str(tmp_path / "cache")) == "finished"
     assert len(source.failed) == 2 and loop.pulse.loading is False
     loop.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 28: `models speed` on a card without fp8, or without a GPU
+
+A800 = "NVIDIA A800-SXM4-80GB:80:0"  # compute capability 8.0: no fp8 tensor cores
+
+
+def test_models_speed_refuses_a_candidate_run_would_refuse_before_loading(write_manifest, tmp_path, tiny_diffusers):
+    path = write_manifest(_diffusers_manifest(tiny_diffusers, {}))
+    result = cli("models", "speed", str(path), "--try", "quantize=fp8", env={FAKE_GPUS: A800})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "candidate `quantize=fp8`: speed.quantize fp8 needs fp8 tensor cores" in result.stderr
+    assert "A800" in result.stderr and "use quantize: int8 or fp8_storage" in result.stderr
+    assert "trying" not in result.stdout and not (tmp_path / "out").exists()  # nothing was loaded
+
+
+def test_models_speed_says_why_fp8_is_left_out_and_prints_figures_rounded(write_manifest, tiny_diffusers,
+                                                                          monkeypatch, capsys):
+    from orchestrator import cli as command_line, speed_trial
+    monkeypatch.setenv(FAKE_GPUS, A800)
+    path = write_manifest(_diffusers_manifest(tiny_diffusers, {}))
+    tried = []
+
+    def trial(manifest, speed, folder, steps, fresh_cache, timeout_s):  # what a candidate's process reports
+        tried.append(speed_trial.label(speed))
+        return {"load_seconds": 1.23456789, "first_call_seconds": 12.3456789, "seconds_per_forward": 0.0123456789,
+                "denoiser_output_finite": True, "seconds_per_step": 0.987654321, "job_seconds": 3.14159265,
+                "seconds_per_video": 50.1, "steps_per_video": 50, "peak_memory_bytes": None,
+                "frames_mean_std": [127.5, 3.25], "device": None}
+    monkeypatch.setattr(speed_trial, "_trial_process", trial)
+    assert command_line.main(["models", "speed", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert tried == ["eager", "compile=blocks"]
+    assert "compile=blocks,quantize=fp8 is left out of the defaults: speed.quantize fp8 needs fp8 tensor cores" in out
+    assert not re.search(r"\.\d{5,}", out), out  # no raw floats
+    assert "0.988 s/step" in out and "load 1.2s" in out
+    assert "this machine's card" not in out and "on this machine's CPU (no GPU)" in out, out

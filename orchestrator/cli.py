@@ -380,7 +380,8 @@ def cmd_models(args) -> int:
         return _models_speed(args)
     path, manifest = _model_target(args.target, need_manifest=args.models_command == "fit")
     if args.models_command == "status":
-        checkpoint = checkpoints.inspect(path, task=manifest.model.task if manifest else _raw_task(args.target))
+        checkpoint = checkpoints.inspect(path, task=manifest.model.task if manifest else _raw_task(args.target),
+                                         layout=_raw_layout(args.target))
         print(checkpoints.format_status(checkpoint))
         if checkpoint.problems:
             print(f"error: {checkpoint.error()}", file=sys.stderr)
@@ -416,15 +417,28 @@ def _models_speed(args) -> int:
 def _raw_task(target: str) -> str | None:
     """model.task of a manifest that does not load (its checkpoint may be why), for `models status` to
     say what that task needs; None for a checkpoint path."""
+    return _raw_model_key(target, "task")
+
+
+def _raw_layout(target: str) -> str | None:
+    """The checkpoint layout the manifest's backend loads (diffsynth: `wan`, diffusers: `diffusers`), for
+    `models status` to offer that release first when the folder is missing; None for a checkpoint path."""
+    backend = _raw_model_key(target, "backend")
+    from .backends import BACKENDS, backend_class
+    return backend_class(backend).checkpoint_layout if backend in BACKENDS else None
+
+
+def _raw_model_key(target: str, key: str) -> str | None:
+    """model.<key> read from a manifest's YAML alone (it may not load); None for a checkpoint path."""
     from pathlib import Path
     if Path(target).suffix not in (".yaml", ".yml"):
         return None
     import yaml
     try:
-        task = yaml.safe_load(Path(target).read_text(encoding="utf-8"))["model"].get("task")
+        value = yaml.safe_load(Path(target).read_text(encoding="utf-8"))["model"].get(key)
     except Exception:
         return None
-    return task if isinstance(task, str) else None
+    return value if isinstance(value, str) else None
 
 
 def _model_target(target: str, need_manifest: bool):

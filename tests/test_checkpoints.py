@@ -633,3 +633,15 @@ def test_diffsynths_text_encoder_mode_counts_the_encoder_on_the_card_while_it_en
     text = sum(p.params for p in model if p.role == "text") * 2
     assert swapped.weights == on_cpu.weights and swapped.host == text  # resident: all but the encoder
     assert swapped.per_card - on_cpu.per_card > text - on_cpu.working  # the encoder's weights come to the card
+
+
+def test_models_status_of_a_diffsynth_manifest_offers_the_original_layout_first(tmp_path):
+    """Issue 28: a diffsynth manifest's missing checkpoint was offered the diffusers release first."""
+    import yaml
+    manifest = tmp_path / "ds.yaml"
+    data = synthetic_manifest(model={"backend": "diffsynth", "task": "t2v", "path": "models/Wan2.1-T2V-14B"})
+    manifest.write_text(yaml.safe_dump(data), encoding="utf-8")
+    result = cli("models", "status", str(manifest))
+    assert result.returncode == 2
+    assert "models download Wan-AI/Wan2.1-T2V-14B --to " in result.stderr, result.stderr
+    assert "-Diffusers" not in result.stderr.split("models download", 1)[1].split(" --to ", 1)[0]

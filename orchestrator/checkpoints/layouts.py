@@ -212,12 +212,13 @@ def detect_layout(path: str | os.PathLike) -> str | None:
     return None
 
 
-def inspect(path: str | os.PathLike, task: str | None = None) -> Checkpoint:
+def inspect(path: str | os.PathLike, task: str | None = None, layout: str | None = None) -> Checkpoint:
     """Read a checkpoint's indexes and weight headers; problems are collected, not raised. With `task`
-    (a manifest's model.task), a part that task needs and the checkpoint lacks is a problem too."""
+    (a manifest's model.task), a part that task needs and the checkpoint lacks is a problem too. `layout`:
+    the one the manifest's backend loads (`diffusers`, `wan`), offered first when the folder is missing."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise CheckpointError(f"checkpoint {root} does not exist (fix: {download_fix(root, None)})")
+        raise CheckpointError(f"checkpoint {root} does not exist (fix: {download_fix(root, layout, task)})")
     layout = detect_layout(root)
     if layout is None:
         raise CheckpointError(

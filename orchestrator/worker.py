@@ -77,6 +77,12 @@ def _detach_from_terminal() -> None:
         pass
 
 
+# What the libraries print on every import of a worker (torch's note that torchao registers its enums the
+# deprecated way; diffusers' note that some torchao tensor types are gone), and Python's warnings: the log
+# file keeps them, the pane (which shows the worker's progress) does not.
+LOG_FILE_ONLY = ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer", "py.warnings")
+
+
 def setup_logging(spec: WorkerSpec) -> logging.Logger:
     logging.raiseExceptions = False  # a log line lost to a full disk must not print a traceback in the pane
     log = logging.getLogger(f"worker.{spec.worker}")
@@ -85,9 +91,15 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
     from .terminal import PrintableFormatter  # a prompt's escape sequences are printed, not obeyed
     fmt = PrintableFormatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
-    for handler in (logging.FileHandler(spec.log, encoding="utf-8"), logging.StreamHandler(sys.stdout)):
+    to_file, to_screen = logging.FileHandler(spec.log, encoding="utf-8"), logging.StreamHandler(sys.stdout)
+    for handler in (to_file, to_screen):
         handler.setFormatter(fmt)
         log.addHandler(handler)
+    logging.captureWarnings(True)
+    for name in LOG_FILE_ONLY:
+        noisy = logging.getLogger(name)
+        noisy.propagate = False
+        noisy.addHandler(to_file)
     return log
 
 

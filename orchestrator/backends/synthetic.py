@@ -51,7 +51,9 @@ INPUT_KINDS = {"audio": "audio", "reference_image": "image", "pose_video": "vide
 CAMERA_PAN = {"left": (2, 0), "right": (-2, 0), "up": (0, 2), "down": (0, -2), "left_up": (2, 2),
               "left_down": (2, -2), "right_up": (-2, 2), "right_down": (-2, -2), "zoom_in": (1, 1),
               "zoom_out": (-1, -1)}
-BOUNDS = {"seconds_per_job": (0, 86400), "jitter": (0, 1), "fail_attempts": (0, 1000), "hang_attempts": (0, 1000)}
+BOUNDS = {"seconds_per_job": (0, 86400), "load_seconds": (0, 86400), "jitter": (0, 1), "fail_attempts": (0, 1000),
+          "hang_attempts": (0, 1000)}
+GLOB_LISTS = ("fail_jobs", "crash_jobs", "hang_jobs")  # job keys, as fnmatch globs
 
 
 def _unit(*parts) -> float:
@@ -81,6 +83,11 @@ class SyntheticBackend(Backend):
                 low, high = BOUNDS[key]
                 problems.append(BackendProblem(f"model.options.{key}", f"synthetic option `{key}` is {value}",
                                                f"use a value from {low} to {high}"))
+            elif key in GLOB_LISTS and not all(isinstance(entry, str) and entry for entry in value):
+                wrong = next(entry for entry in value if not (isinstance(entry, str) and entry))
+                problems.append(BackendProblem(
+                    f"model.options.{key}", f"synthetic option `{key}` holds {wrong!r}, not a glob of job keys",
+                    f"write each entry as a quoted glob of category/stem/seed_S_prompt_I, e.g. \"alpha/seed_2_*\""))
         return problems
 
     def load(self) -> None:

@@ -12,7 +12,10 @@ through a shell string. tmux also expands formats (`#{…}`, and `#(…)`, which
 a new session's name (`-s`), window name (`-n`) and start directory (`-c`): session names never hold
 a `#` (the manifest refuses one in `name`, and `session_name` replaces any other), and the window name
 and start directory go through `tmux_literal`. The command and the `-e` values are not expanded. `ORCHESTRATOR_TMUX_SOCKET` (or `socket_name`) selects a private tmux server, as
-`tmux -L NAME` does: the tests use one per test and never touch the user's server.
+`tmux -L NAME` does: the tests use one per test and never touch the user's server. Without it the
+sessions live on tmux's default server, named explicitly (`-L default`): inside a pane of another server
+a bare `tmux` command asks the server in `$TMUX`, while libtmux creates sessions without `$TMUX`, so an
+unnamed server would put the sessions on one server and look for them on another.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ..sweep import is_sweep_process, python_env
 from .base import Executor, ExecutorError
 
 SOCKET_ENV = "ORCHESTRATOR_TMUX_SOCKET"
+DEFAULT_SOCKET = "default"  # tmux's own name for the server a plain `tmux` outside any pane uses
 SWEEP_ENV = "ORCHESTRATOR_SWEEP"  # set in each session: the ledger path, to tell our sessions apart
 # What a worker needs when a long-running tmux server's environment is too different to copy whole.
 ESSENTIAL_ENV = re.compile(r"^(PATH|HOME|USER|LANG|LC_\w+|TMPDIR|VIRTUAL_ENV|CONDA_\w+|PYTHON\w*|LD_LIBRARY_PATH|"
@@ -69,7 +73,7 @@ class TmuxExecutor(Executor):
         super().__init__(sweep)
         import libtmux
         self.socket_name = socket_name or os.environ.get(SOCKET_ENV) or None
-        self.server = libtmux.Server(socket_name=self.socket_name)
+        self.server = libtmux.Server(socket_name=self.socket_name or DEFAULT_SOCKET)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -186,7 +190,9 @@ class TmuxExecutor(Executor):
     def attach_hints(self, names: list[str]) -> list[str]:
         if not names:
             return []
-        tmux = "tmux" + (f" -L {shlex.quote(self.socket_name)}" if self.socket_name else "")
+        # Inside a pane of another tmux server a bare `tmux` asks that server: name the sweep's then.
+        socket = self.socket_name or (DEFAULT_SOCKET if os.environ.get("TMUX") else None)
+        tmux = "tmux" + (f" -L {shlex.quote(socket)}" if socket else "")
         return [f"watch a worker: {tmux} attach -t {shlex.quote(names[0])}   (detach again: Ctrl-b d)",
                 f"sessions:       {', '.join(names)}   (list them: {tmux} ls)"]
 

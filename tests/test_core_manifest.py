@@ -280,3 +280,25 @@ def test_a_glob_over_the_output_folder_never_takes_the_sweeps_own_videos(make_re
     (problem,) = _problems(path)
     assert f"matches no file outside the output folder {tmp_path / 'results' / 't'} (4 files under it were left " \
         "out" in problem, problem
+
+
+def test_seeds_are_read_in_linear_time_and_too_many_are_refused_at_their_line(write_manifest):
+    import signal
+    import time
+
+    def hung(signum, frame):
+        raise TimeoutError("reading the seeds took more than 60 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        path = write_manifest(synthetic_manifest(seeds=list(range(100_000))))
+        (problem,) = _problems(path)
+        line = path.read_text(encoding="utf-8").splitlines().index("seeds:") + 2  # the list's first line
+        assert problem.startswith(f"{path}:{line}: ") and "100,000 seeds, more than 10,000" in problem, problem
+        path = write_manifest(synthetic_manifest(seeds=list(range(10_000))))
+        start = time.monotonic()
+        assert len(load_manifest(path).seeds) == 10_000
+        assert time.monotonic() - start < 15  # (a list scanned per seed took minutes: 20,000 in 74 s)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

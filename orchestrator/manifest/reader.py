@@ -3,8 +3,10 @@ the node tree and records each problem at its file and line; refuses tags, NULs,
 and alias bombs), YAML syntax errors at the line where they start, and `located_problem`."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,8 @@ class Reader:
     def value(self, node) -> Any:
         if node is None:
             return None
-        try:
-            return yaml.safe_load(yaml.serialize(node))
+        try:  # the node itself, constructed as safe_load would (not written out and read again)
+            return yaml.constructor.SafeConstructor().construct_document(node)
         except yaml.YAMLError as exc:  # e.g. a list as a mapping key, a merge of a non-mapping
             # (the error's own marks count lines of the re-serialized value, not of the file)
             self.problem(node, f"cannot read this value: {getattr(exc, 'problem', None) or exc}",
@@ -202,17 +204,46 @@ class _ManifestLoader(yaml.SafeLoader):
         self._depth = getattr(self, "_depth", 0) + 1
         try:
             if self._depth > MAX_NESTING:
-                raise yaml.composer.ComposerError(
-                    None, None, f"lists or mappings nested more than {MAX_NESTING} levels deep "
-                    "(a manifest needs about 6)", self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(None, None, _NESTING_PROBLEM, self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
 
+# libyaml, PyYAML's C parser, where PyYAML has it (its wheels do): a 10 MB manifest is read in a fraction
+# of the time its pure-Python parser takes. Its composer recurses in C, so the nesting is checked first,
+# on its events (a flat stream, as fast).
+_C_LOADER = getattr(yaml, "CSafeLoader", None)
+_NESTING_PROBLEM = f"lists or mappings nested more than {MAX_NESTING} levels deep (a manifest needs about 6)"
+
+
 def compose(path: Path) -> yaml.Node | None:
+    """The node tree of the YAML file at `path`, with line marks; nesting deeper than MAX_NESTING, and
+    YAML syntax errors, raise a yaml.YAMLError at their line."""
     with open(path, encoding="utf-8") as stream:
-        return yaml.compose(stream, Loader=_ManifestLoader)
+        if _C_LOADER is None:
+            return yaml.compose(stream, Loader=_ManifestLoader)
+        text = stream.read()
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_C_LOADER):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                continue
+            elif not isinstance(event, yaml.NodeEvent):
+                continue
+            if depth + isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)) > MAX_NESTING + 1:
+                raise yaml.composer.ComposerError(None, None, _NESTING_PROBLEM, event.start_mark)
+        return yaml.compose(text, Loader=_C_LOADER)
+    except yaml.MarkedYAMLError as exc:  # libyaml's words for what PyYAML's parser reads otherwise
+        if exc.problem == "exceeded maximum nesting depth":  # (its own bound, met while scanning ahead)
+            exc.context, exc.context_mark, exc.problem = None, None, _NESTING_PROBLEM
+        elif exc.problem == "found invalid Unicode character escape code":  # (PyYAML makes the character)
+            exc.problem = ("an escape names no character: a lone surrogate (`\\ud800` to `\\udfff`, half of a "
+                           "UTF-16 pair) or a code past `\\U0010FFFF`")
+        raise
 
 
 def resolve_merges(root) -> list[tuple[yaml.Node, str]]:
@@ -309,16 +340,25 @@ def node_at(root, dotted: str):
     return found
 
 
+@functools.lru_cache(maxsize=4)
+def _composed(path: Path, mtime_ns: int, size: int):
+    """The manifest's tree for `located_problem`, composed once per version of the file (a template's
+    problems are located one by one), its merges resolved (a merged key is at its anchor's line)."""
+    root = compose(path)
+    if root is not None:
+        resolve_merges(root)
+    return root
+
+
 def located_problem(manifest: Manifest, dotted: str, message: str, fix: str = "",
                     fallback: str | None = None) -> ManifestError:
     """A problem found after loading (the output folder's contents, …), at the line of `dotted` in
     the manifest file, else of `fallback` (e.g. `name`, which a default output_dir comes from)."""
     try:
-        root = compose(manifest.path)
+        stat = os.stat(manifest.path)
+        root = _composed(manifest.path, stat.st_mtime_ns, stat.st_size)
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         root = None
-    if root is not None:
-        resolve_merges(root)  # (a key brought by a merge is at its anchor's line)
     node = node_at(root, dotted) if root is not None else None
     if node is None and fallback and root is not None:
         node = node_at(root, fallback)

@@ -31,6 +31,7 @@ MAX_RETRIES = 100
 MAX_RESTARTS = 1000
 MAX_TIMEOUT_S = 7 * 24 * 3600  # job_timeout_s and heartbeat_timeout_s: a week
 MAX_MARGIN_GIB = 1024
+MAX_SEEDS = 10_000  # seeds of one sweep: days of GPU time per prompt already
 
 
 # A check made above this package (validation.load_manifest: the backend's): it gets the manifest read
@@ -397,7 +398,12 @@ def _read_seeds(reader: Reader, node) -> tuple[int, ...]:
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         reader.problem(node, "seeds must be a non-empty list of integers", "write e.g. `seeds: [42, 142]`")
         return ()
-    seeds: list[int] = []
+    if len(node.value) > MAX_SEEDS:
+        reader.problem(node, f"seeds lists {len(node.value):,} seeds, more than {MAX_SEEDS:,}",
+                       f"use at most {MAX_SEEDS:,} seeds per sweep (each is a video per prompt; split a larger "
+                       "sweep into several manifests)")
+        return ()
+    seeds: dict[int, None] = {}  # (in order; a set's lookup: a list's made reading 20,000 seeds take minutes)
     for item in node.value:
         seed = reader.scalar(item, "each seed", int)
         if seed is None:
@@ -408,7 +414,7 @@ def _read_seeds(reader: Reader, node) -> tuple[int, ...]:
         if not 0 <= seed < 2**63:
             reader.problem(item, f"seed {seed} is out of range", "use a seed in [0, 2^63)")
             continue
-        seeds.append(seed)
+        seeds[seed] = None
     return tuple(seeds)
 
 

@@ -28,6 +28,7 @@ EXIT_DONE = 0  # no work left, or asked to stop
 EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
 EXIT_RETIRED = 76  # repeated out-of-memory on this card: do not restart me
 EXIT_UNWRITABLE = 77  # the output folder's disk is full or read-only: do not restart me; the whole sweep stops
+EXIT_HUNG_ORPHAN = 78  # hung with no supervisor left to replace me: I end myself, so a new `run` can start
 
 
 def stop_for_storage(ledger, spec: WorkerSpec, problem: str, error: BaseException | str,
@@ -104,9 +105,13 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
 
 
 class Heartbeat(threading.Thread, Pulse):
-    """Beats for the worker while its main loop shows signs of life; enforces job_timeout_s."""
+    """Beats for the worker while its main loop shows signs of life; enforces job_timeout_s.
 
-    def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger, life: str):
+    A hung worker is its supervisor's to replace; one whose supervisor is gone (killed) ends itself once
+    it has shown no progress for heartbeat_timeout_s, its claims back to the queue, so that it does not
+    hold the sweep "running" until a `stop`."""
+
+    def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger, life: str, supervisor_pid: int | None = None):
         super().__init__(daemon=True, name="heartbeat")
         self.ledger, self.spec, self.log, self.life = ledger, spec, log, life
         self.timeout = float(spec.execution["heartbeat_timeout_s"])
@@ -118,6 +123,11 @@ class Heartbeat(threading.Thread, Pulse):
         self.job_started = 0.0
         self.temp_files: list[str] = []
         self.stopped = threading.Event()
+        self.supervisor_pid = supervisor_pid
+
+    def orphaned(self) -> bool:
+        """Its supervisor died: the worker was handed to another parent (init, or a subreaper)."""
+        return self.supervisor_pid is not None and os.getppid() != self.supervisor_pid
 
     def sign_of_life(self) -> None:
         self.last_sign = time.monotonic()
@@ -141,6 +151,15 @@ class Heartbeat(threading.Thread, Pulse):
                     self.ledger.heartbeat(self.spec.worker, self.job_id, life=self.life)
                 except Exception as exc:  # a locked or vanished ledger must not kill the thread
                     self.log.warning("heartbeat failed: %s", exc)
+            elif self.orphaned():
+                reason = (f"no progress for {now - self.last_sign:.0f}s (hung?) and its supervisor is gone: "
+                          "the worker ended itself")
+                self.log.error("%s", reason)
+                try:
+                    self.ledger.requeue_worker(self.spec.worker, reason)
+                    self.ledger.set_worker(self.spec.worker, state="exited", job=None, message=reason)
+                finally:
+                    os._exit(EXIT_HUNG_ORPHAN)
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -161,7 +180,7 @@ def run_worker(spec: WorkerSpec) -> int:
     # run spends seconds to minutes importing the libraries and loading the model.
     life = ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor,
                                   phase=f"importing {spec.model.get('backend')}")
-    beat = Heartbeat(ledger, spec, log, life)
+    beat = Heartbeat(ledger, spec, log, life, supervisor)
     beat.start()
     from .outputs import remove_partials
     if os.path.isdir(spec.output_dir):

@@ -245,6 +245,7 @@ def cmd_plan(manifest, args) -> int:
     from .report import pad
     planned = api.plan(manifest, **_options(args))
     sweep, plan, gpus, why, scan = planned.sweep, planned.plan, planned.gpus, planned.why, planned.scan
+    ledger_note = _check_ledger(sweep)  # `run` refuses a damaged one: so does its dry run
     print(f"manifest   {manifest.path}")
     print(f"output     {manifest.output_dir}")
     print(f"model      {manifest.model.backend} {manifest.model.task} {manifest.model.path or ''}")
@@ -304,9 +305,25 @@ def cmd_plan(manifest, args) -> int:
     from .backends import backend_class
     for note in backend_class(manifest.model.backend).plan_notes(manifest):
         print(f"note       {note}")
+    if ledger_note:
+        print(ledger_note)
     if scan.stale:
         print(f"\n{len(scan.stale)} existing mp4s were made with other settings:\n" + sweep.describe_stale(scan.stale))
     return 0
+
+
+def _check_ledger(sweep) -> str | None:
+    """LedgerError when the sweep's ledger is damaged (as `run` would find it); else a note on rows of
+    an unknown state, or None."""
+    from .report import unknown_states_note
+    if not sweep.has_ledger():
+        return None
+    ledger = sweep.ledger(readonly=True)
+    try:
+        ledger.verify()
+        return unknown_states_note(ledger.unknown_states())
+    finally:
+        ledger.close()
 
 
 def cmd_run(manifest, args) -> int:

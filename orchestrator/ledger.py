@@ -104,6 +104,7 @@ def _to_version_2(db: sqlite3.Connection) -> None:
 MIGRATIONS = (_to_version_1, _to_version_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
+JOB_STATES = ("pending", "running", "done", "failed")
 LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
 # Attempts whose end the worker recorded itself as it happened: their start and end times measure
 # work. A `lost` attempt's end is when someone noticed (a sweep restarted hours later), a `released`
@@ -152,6 +153,10 @@ class Ledger:
         self.path = Path(path)
         self.readonly = readonly
         self.db: sqlite3.Connection | None = None
+        if self.path.is_dir():  # SQLite says "unable to open", which reads like a read-only folder
+            raise LedgerError(f"the ledger {self.path} is a folder, not a ledger file (something other than "
+                              f"wan-sweep made it). Move it aside and run again: the ledger is rebuilt from the "
+                              f"disk (done videos count as done): mv {self.path} {self.path}.aside")
         try:
             if readonly:
                 self.db = self._connect(timeout_s, readonly=True)
@@ -240,11 +245,13 @@ class Ledger:
 
     # ---------------------------------------------------------------- sweep set-up
     def sync(self, jobs: Iterable[Job], queues: dict[str, str], complete: set[str],
-             max_attempts: int, heartbeat_timeout_s: float, fresh: bool) -> None:
+             max_attempts: int, heartbeat_timeout_s: float, fresh: bool) -> dict[str, int]:
         """Make the ledger hold exactly these jobs, with done-ness taken from the disk.
 
         `fresh` (no worker of this sweep alive): every unfinished job starts over with no attempt
-        used, so a new `run` gives failed and interrupted jobs another chance.
+        used, so a new `run` gives failed and interrupted jobs another chance. A job row in a state the
+        ledger does not know (`JOB_STATES`; a damaged or hand-edited row) goes back to the queue; returns
+        those states with how many rows each.
         """
         rows = [(j.id, j.ordinal, queues[j.id], j.group, j.category,
                  json.dumps(j.to_dict(), ensure_ascii=False)) for j in jobs]
@@ -263,6 +270,9 @@ class Ledger:
                        "WHERE active AND state != 'done' AND id IN (SELECT id FROM complete_ids)", (now,))
             db.execute("UPDATE jobs SET state='pending', attempts=0, worker=NULL, seconds=NULL, skipped=0 "
                        "WHERE active AND state = 'done' AND id NOT IN (SELECT id FROM complete_ids)")
+            repaired = self.unknown_states()
+            db.execute(f"UPDATE jobs SET state='pending', worker=NULL, life=NULL WHERE active AND state NOT IN "
+                       f"({','.join('?' * len(JOB_STATES))})", JOB_STATES)
             if fresh:
                 db.execute("UPDATE attempts SET finished_at=?, outcome='lost', error='sweep restarted' "
                            "WHERE finished_at IS NULL", (now,))
@@ -274,6 +284,7 @@ class Ledger:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('max_attempts', ?)", (str(max_attempts),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat_timeout_s', ?)",
                        (str(heartbeat_timeout_s),))
+        return repaired
 
     # ---------------------------------------------------------------- claims
     def _limits(self) -> tuple[int, float]:
@@ -556,6 +567,21 @@ class Ledger:
         counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
         counts.update(dict(rows))
         return counts
+
+    def unknown_states(self) -> dict[str, int]:
+        """Job states the ledger does not know (`JOB_STATES`), with how many active rows hold each."""
+        rows = self.db.execute(f"SELECT state, COUNT(*) FROM jobs WHERE active AND state NOT IN "
+                               f"({','.join('?' * len(JOB_STATES))}) GROUP BY state", JOB_STATES).fetchall()
+        return {str(state): count for state, count in rows}
+
+    def verify(self) -> None:
+        """LedgerError (with the fix) when SQLite finds the file damaged (`PRAGMA quick_check`)."""
+        try:
+            found = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(ledger_problem(self.path, exc)) from None
+        if found != ["ok"]:
+            raise LedgerError(ledger_problem(self.path, sqlite3.DatabaseError("; ".join(found[:3]))))
 
     def unfinished(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM jobs WHERE active AND state IN ('pending', 'running')"

@@ -65,6 +65,7 @@ class Report:
     ledger: bool = True
     ledger_problem: str | None = None  # the ledger exists but cannot be read: counts are from the disk
     stop_reason: str | None = None  # why the workers stopped by themselves (a full disk)
+    ledger_note: str | None = None  # what is odd in a ledger that reads (rows of an unknown state)
     # Per axis of the manifest (`axes:`), a row per value; {} without axes.
     axes: dict[str, list[AxisRow]] = field(default_factory=dict)
     # The disk scan the counts came from (not in the JSON): the review page shows the same files.
@@ -87,6 +88,7 @@ class Report:
                 "workers": self.workers, "failed": self.failed, "jobs_per_hour": self.jobs_per_hour,
                 "eta_s": self.eta_s, "workers_alive": self.workers_alive, "ledger": self.ledger,
                 "ledger_problem": self.ledger_problem, "stop_reason": self.stop_reason,
+                "ledger_note": self.ledger_note,
                 "axes": {axis: [{"value": list(r.value) if isinstance(r.value, tuple) else r.value, "label": r.name,
                                  **{k: v for k, v in asdict(r).items() if k not in ("name", "value")},
                                  "left": r.left, "percent": round(r.percent, 2)} for r in values]
@@ -134,6 +136,16 @@ def _read_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan:
         report.workers, report.failed, report.jobs_per_hour, report.eta_s = [], [], None, None
 
 
+def unknown_states_note(unknown: dict[str, int]) -> str | None:
+    """What `report` and `plan` say of job rows in a state the ledger does not know (a damaged or
+    hand-edited row): they count as not done, and the next `run` puts them back in the queue."""
+    if not unknown:
+        return None
+    return (f"note: the ledger holds {sum(unknown.values())} job row(s) in a state it does not know "
+            f"({', '.join(map(repr, unknown))}): they count as not done, and the next `run` puts them back "
+            "in the queue")
+
+
 def _add_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: DiskScan, now: float) -> None:
     """What only the ledger knows: running and failed jobs, speed, workers."""
     ledger = sweep.ledger(readonly=True)
@@ -179,6 +191,7 @@ def _add_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: 
                 "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"],
                 "phase": worker["phase"] if worker["state"] in ("starting", "loading") and not stopped else None})
         report.stop_reason = ledger.get_meta("stop_reason")
+        report.ledger_note = unknown_states_note(ledger.unknown_states())
     finally:
         ledger.close()
 
@@ -300,6 +313,8 @@ def format_report(report: Report) -> str:
                   f"{report.ledger_problem}", ""]
     if report.stop_reason:
         lines += [report.stop_reason, ""]
+    if report.ledger_note:
+        lines += [report.ledger_note, ""]
     rows = [[r.name, r.expected, r.done, r.failed, r.running, r.left, f"{r.percent:.1f}%"]
             for r in report.categories + [report.totals]]
     lines += _table(["category", "expected", "done", "failed", "running", "left", "percent"], rows)

@@ -194,8 +194,11 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
         removed = remove_partials(sweep.own_folders())
         if removed:
             say(f"removed {removed} partial files left by interrupted workers")
-    ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
-                manifest.execution.heartbeat_timeout_s, fresh=not alive)
+    repaired = ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
+                           manifest.execution.heartbeat_timeout_s, fresh=not alive)
+    if repaired:
+        say(f"the ledger held {sum(repaired.values())} job row(s) in a state it does not know "
+            f"({', '.join(map(repr, repaired))}): put back in the queue")
     total = len(sweep.jobs)
     if ledger.unfinished() == 0:
         say(f"all {total} jobs of `{manifest.name}` are done.\n")

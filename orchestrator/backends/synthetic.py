@@ -7,6 +7,7 @@ the CPU, so a sweep with it runs on any machine.
 Options (`model.options`):
   seconds_per_job: float   time one job takes (spread over its steps); default 0
   load_seconds: float      time loading takes (a model being loaded); default 0
+  load_error: str          loading fails with this error (a broken checkpoint, a missing library)
   jitter: float            ±fraction of seconds_per_job, deterministic per job (e.g. 0.5)
   fail_rate, oom_rate, hang_rate, crash_rate: float
                            chance per attempt of an error, an OutOfMemory, a hang (no progress
@@ -41,7 +42,7 @@ import numpy as np
 from ..manifest import IMAGE_SUFFIXES
 from .base import Backend, BackendProblem, OutOfMemory
 
-OPTIONS = {"seconds_per_job": float, "load_seconds": float, "jitter": float, "fail_rate": float, "oom_rate": float,
+OPTIONS = {"seconds_per_job": float, "load_seconds": float, "load_error": str, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
            "oom_marker": str, "hang_jobs": list, "hang_attempts": int}
 # A negative or NaN time would crash time.sleep or skip it; jitter above 1 makes negative times.
@@ -93,6 +94,8 @@ class SyntheticBackend(Backend):
     def load(self) -> None:
         self.options = dict(self.model.options)
         time.sleep(float(self.options.get("load_seconds", 0.0)))
+        if self.options.get("load_error"):
+            raise RuntimeError(self.options["load_error"])
 
     def _media(self, job):
         from ..manifest import CONDITIONED_TASKS

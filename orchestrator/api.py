@@ -62,10 +62,11 @@ def from_dict(data: dict, base: str | os.PathLike = ".") -> Manifest:
     return load_manifest(path)
 
 
-def expand(manifest: Manifest) -> list:
-    """Every job of the manifest, in its fixed order, with stable ids and checked output paths."""
+def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list:
+    """Every job of the manifest, in its fixed order, with stable ids and checked output paths. A long
+    expansion (200,000 jobs or more) says so first, and how far it got, to `say` (else it is logged)."""
     from .jobs import expand as expand_jobs
-    return expand_jobs(manifest)
+    return expand_jobs(manifest, say=say)
 
 
 def _options(executor: str | None, options: dict) -> RunOptions:

@@ -12,11 +12,20 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
-from .manifest import GenerationConfig, Manifest, apply_axes, safe_component_problem
+from .manifest import GenerationConfig, Manifest, apply_axes, job_count, safe_component_problem
 from .output_names import check_names, output_path, uses_prompt_index
+
+log = logging.getLogger(__name__)
+# An expansion of this many jobs (about 4 s on a 2-core machine) says so before it starts, and how far
+# it got every EXPAND_PROGRESS_JOBS (a confirmed sweep of 10^7 jobs takes minutes).
+EXPAND_NOTICE_JOBS = 200_000
+EXPAND_PROGRESS_JOBS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -111,12 +120,19 @@ def axis_points(manifest: Manifest) -> list[dict]:
     return points
 
 
-def expand(manifest: Manifest) -> list[Job]:
+def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list[Job]:
     """All jobs of the manifest in a fixed order: category, reference, prompt, seed, then the axes'
     combinations (a reference's jobs stay together, and one prompt and seed's settings side by side);
-    their names checked (`output_names.check_names`: ManifestError at `output.name`)."""
+    their names checked (`output_names.check_names`: ManifestError at `output.name`). An expansion of
+    EXPAND_NOTICE_JOBS or more (seconds: about 20 µs a job) says so first, with the count, and every
+    EXPAND_PROGRESS_JOBS how far it got: to `say`, else to the `orchestrator.jobs` logger (or stderr,
+    where logging is not set up)."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
     points = axis_points(manifest)
+    total = job_count(manifest.categories, manifest.seeds, manifest.axes)  # from the lists' lengths
+    tell = (say or _tell) if total >= EXPAND_NOTICE_JOBS else None
+    if tell:
+        tell(f"expanding {total:,} jobs…")
     # Outputs named by the prompt's content (`{prompt_id}`) keep their identity when prompts move:
     # a prompt inserted at the top leaves the others' videos done. Named by position (the default),
     # the position is part of the identity, as it always was (old sweeps keep their ids).
@@ -150,8 +166,17 @@ def expand(manifest: Manifest) -> list[Job]:
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
                         output=output, name=name, axes=dict(axes), inputs=dict(ref.inputs)))
+                    if tell and len(jobs) % EXPAND_PROGRESS_JOBS == 0 and len(jobs) < total:
+                        tell(f"expanded {len(jobs):,} of {total:,} jobs")
     check_names(manifest, jobs)
     return _quantize_slowest(manifest, jobs)
+
+
+def _tell(line: str) -> None:
+    if log.hasHandlers():
+        log.info(line)
+    else:  # a command line without logging set up: its user still sees the expansion's progress
+        print(line, file=sys.stderr, flush=True)
 
 
 def _quantize_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:

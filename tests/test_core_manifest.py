@@ -317,3 +317,36 @@ def test_a_10_mb_manifest_is_read_in_seconds(write_manifest):
     manifest = load_manifest(path)
     assert time.monotonic() - start < 4  # (6.5 s, and 55 s on a busy 2-core machine, before issue 28)
     assert sum(len(category.references[0].prompts) for category in manifest.categories) == 10_000
+
+
+def test_every_sweep_past_a_million_jobs_needs_confirming_and_none_may_pass_ten_million(write_manifest):
+    # no axes: 150 prompts × 10,000 seeds (before issue 28 only a product of axes was counted)
+    big = synthetic_manifest(seeds=list(range(10_000)), categories={"alpha": {"prompts": [f"p{i}" for i in range(150)]}})
+    path = write_manifest(big)
+    (problem,) = _problems(path)
+    line = path.read_text(encoding="utf-8").splitlines().index("seeds:") + 2
+    assert problem.startswith(f"{path}:{line}: ") and "makes 1,500,000 jobs, more than 1,000,000" in problem, problem
+    assert "`axes: {confirm_jobs: 1500000}`" in problem
+    manifest = load_manifest(write_manifest({**big, "axes": {"confirm_jobs": 1_500_000}}))
+    assert len(manifest.seeds) == 10_000 and not manifest.axes
+    huge = {**big, "categories": {"alpha": {"prompts": [f"p{i}" for i in range(1001)]}},
+            "axes": {"confirm_jobs": 20_000_000}}
+    (problem,) = _problems(write_manifest(huge))
+    assert "makes 10,010,000 jobs, more than the 10,000,000 a sweep may have" in problem, problem
+
+
+def test_a_long_expansion_says_how_many_jobs_first(write_manifest, monkeypatch, caplog):
+    import orchestrator.jobs as jobs_module
+    monkeypatch.setattr(jobs_module, "EXPAND_NOTICE_JOBS", 5)
+    monkeypatch.setattr(jobs_module, "EXPAND_PROGRESS_JOBS", 4)
+    manifest = load_manifest(write_manifest(synthetic_manifest()))  # 6 jobs
+    said: list[str] = []
+    assert len(expand(manifest, say=said.append)) == 6
+    assert said[0] == "expanding 6 jobs…" and said[1] == "expanded 4 of 6 jobs" and len(said) == 2, said
+    with caplog.at_level("INFO", logger="orchestrator.jobs"):
+        expand(manifest)
+    assert "expanding 6 jobs…" in caplog.text
+    monkeypatch.setattr(jobs_module, "EXPAND_NOTICE_JOBS", 7)
+    said.clear()
+    expand(manifest, say=said.append)
+    assert said == []

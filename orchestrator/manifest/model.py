@@ -29,6 +29,9 @@ GENERATION_AXES = ("width", "height", "num_frames", "fps", "steps", "cfg_scale",
 AXIS_KEYS = GENERATION_AXES + ("quantize",)
 # A product of axes grows fast: past this many jobs a manifest must say it means it (`axes.confirm_jobs`).
 MAX_JOBS_UNCONFIRMED = 1_000_000
+# And no sweep may pass this many, confirmed or not: its jobs are expanded in memory (about half a kB
+# and 20 µs each) and are rows of its ledger.
+MAX_JOBS = 10_000_000
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Callable
 import yaml
 
 from .categories import check_output_paths, read_categories
-from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES, SDPA_ATTENTION, TASKS,
+from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, MAX_JOBS, MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES, SDPA_ATTENTION, TASKS,
                     Axis, Execution, GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Resources,
                     SpeedConfig)
 from .names import path_length_problem, safe_component_problem
@@ -96,7 +96,7 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
         check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
     axes_node = top.get("axes", (None, None))[1]
     axes, confirmed = _read_axes(reader, axes_node)
-    _check_job_count(reader, axes_node, categories, seeds, axes, confirmed)
+    _check_job_count(reader, axes_node, categories, seeds, axes, confirmed, top.get("seeds", (None, None))[1])
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
                         generation=generation, seeds=seeds, categories=categories,
@@ -358,21 +358,36 @@ def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool 
     return values if fine else []
 
 
-def _check_job_count(reader: Reader, node, categories, seeds, axes: tuple[Axis, ...], confirmed: int | None) -> None:
-    """A product of axes past MAX_JOBS_UNCONFIRMED jobs needs `axes.confirm_jobs: N` (N ≥ the count):
-    a typo in a list (or one list too many) must not queue days of GPU time unseen."""
-    if not axes:
+def _check_job_count(reader: Reader, node, categories, seeds, axes: tuple[Axis, ...], confirmed: int | None,
+                     seeds_node=None) -> None:
+    """A sweep past MAX_JOBS_UNCONFIRMED jobs (categories × prompts × seeds × the axes' combinations) needs
+    `axes.confirm_jobs: N` (N ≥ the count): a typo in a list (or one list too many) must not queue days of
+    GPU time unseen; and none may pass MAX_JOBS (its jobs are held in memory and in the ledger). Counted
+    from the lists' lengths, before anything is expanded."""
+    count = job_count(categories, seeds, axes)
+    if count <= MAX_JOBS_UNCONFIRMED:
         return
+    what = "the axes make" if axes else "the manifest makes"
+    confirm_node = node_at(node, "confirm_jobs") if node is not None else None
+    at = confirm_node or node or seeds_node
+    if count > MAX_JOBS:
+        reader.problem(at, f"{what} {count:,} jobs, more than the {MAX_JOBS:,} a sweep may have",
+                       "split the sweep into several manifests (categories, prompts or seeds apart), or shorten "
+                       "the lists")
+    elif confirmed is None or confirmed < count:
+        where = "under axes:" if axes else "(an `axes:` section of its own)"
+        example = f"`confirm_jobs: {count}` {where}" if axes else f"`axes: {{confirm_jobs: {count}}}` {where}"
+        reader.problem(at, f"{what} {count:,} jobs, more than {MAX_JOBS_UNCONFIRMED:,}"
+                       + (f" and more than axes.confirm_jobs ({confirmed:,})" if confirmed is not None else ""),
+                       f"shorten the lists, or confirm the count with {example}")
+
+
+def job_count(categories, seeds, axes: tuple[Axis, ...]) -> int:
+    """How many jobs the manifest expands to, from its lists' lengths (nothing is expanded)."""
     count = sum(len(ref.prompts) for category in categories for ref in category.references) * len(seeds)
     for axis in axes:
         count *= len(axis.points)
-    if count <= MAX_JOBS_UNCONFIRMED:
-        return
-    if confirmed is None or confirmed < count:
-        confirm_node = node_at(node, "confirm_jobs")
-        reader.problem(confirm_node or node, f"the axes make {count:,} jobs, more than {MAX_JOBS_UNCONFIRMED:,}"
-                       + (f" and more than axes.confirm_jobs ({confirmed:,})" if confirmed is not None else ""),
-                       f"shorten the lists, or confirm the count with `confirm_jobs: {count}` under axes:")
+    return count
 
 
 def _read_cfg_scale(reader: Reader, node, default: float) -> float | tuple[float, float]:

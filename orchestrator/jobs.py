@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -125,8 +124,8 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
     combinations (a reference's jobs stay together, and one prompt and seed's settings side by side);
     their names checked (`output_names.check_names`: ManifestError at `output.name`). An expansion of
     EXPAND_NOTICE_JOBS or more (seconds: about 20 µs a job) says so first, with the count, and every
-    EXPAND_PROGRESS_JOBS how far it got: to `say`, else to the `orchestrator.jobs` logger (or stderr,
-    where logging is not set up)."""
+    EXPAND_PROGRESS_JOBS how far it got: to `say`, else as warnings of the `orchestrator.jobs` logger
+    (which Python prints on stderr where logging is not set up)."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
     points = axis_points(manifest)
     total = job_count(manifest.categories, manifest.seeds, manifest.axes)  # from the lists' lengths
@@ -173,10 +172,8 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
 
 
 def _tell(line: str) -> None:
-    if log.hasHandlers():
-        log.info(line)
-    else:  # a command line without logging set up: its user still sees the expansion's progress
-        print(line, file=sys.stderr, flush=True)
+    # a warning: where logging is not set up (the command line), Python prints it on stderr as it is
+    log.warning(line)
 
 
 def _quantize_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from . import api
 from .errors import UserError, WanSweepError
-from .executors import EXECUTOR_NAMES
+from .executor_names import EXECUTOR_NAMES
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError
 from .run import check_checkpoint, check_folder

@@ -97,7 +97,8 @@ def executor_kind(manifest, options: RunOptions, need_available: bool = True):
     when asked for (`--executor local`), never as a silent fallback. Planning on this machine's GPUs
     needs nothing of the executor (`need_available=False`: a `plan` for tmux works where tmux is
     missing); a cluster executor must always be able to reach its cluster."""
-    from .executors import DEFAULT_EXECUTOR, executor_class
+    from .executor_names import DEFAULT_EXECUTOR
+    from .executors import executor_class
     name = options.executor or manifest.execution.executor or DEFAULT_EXECUTOR
     kind = executor_class(name)
     missing = kind.unavailable() if need_available or not kind.plans_here else None
@@ -255,7 +256,8 @@ def stop_sweep(sweep, now: bool = False, say: Say = print) -> int | None:
 
     A `run` still starting sees the request and starts no worker; one past that point holds the run
     lock until its workers are up: this waits for it, then stops them like any others."""
-    from .executors import EXECUTOR_NAMES, executor_class
+    from .executor_names import EXECUTOR_NAMES
+    from .executors import executor_class
     from .sweep import FolderProblem
     try:
         sweep.check_folder()

@@ -26,7 +26,8 @@ def test_a_python_caller_runs_a_sweep_without_the_cli(write_manifest, tmp_path):
 
 def test_the_cli_names_no_executor_and_asks_the_interface_only():
     from orchestrator.cli import _parser
-    from orchestrator.executors import EXECUTOR_NAMES, executor_class
+    from orchestrator.executor_names import EXECUTOR_NAMES
+    from orchestrator.executors import executor_class
     from orchestrator.executors.base import Executor
     from orchestrator.manifest import EXECUTORS
     source = (Path(ROOT) / "orchestrator" / "cli.py").read_text(encoding="utf-8")

@@ -1,20 +1,19 @@
 """Executors start a plan's workers somewhere and stop them. One file per kind; this registry names them.
 
-This is the one list of executors: the manifest's `execution.executor` choices, the command line's
-`--executor` choices and `stop`'s search for a sweep's workers all read it. It imports nothing, so the
-manifest can read the names without loading any executor (Ray is imported only when it runs).
+The names themselves, which the manifest's `execution.executor` choices, the command line's `--executor`
+choices and `stop`'s search for a sweep's workers read, are `orchestrator.executor_names` (a leaf: the
+manifest reads them without this package); here each name maps to its class, imported when it is asked
+for (Ray is imported only when it runs).
 """
 from __future__ import annotations
 
 import importlib
 
-EXECUTORS: dict[str, str] = {  # in the order `stop` looks for a sweep's workers
+EXECUTORS: dict[str, str] = {  # one per name of executor_names.EXECUTOR_NAMES, in its order
     "tmux": "orchestrator.executors.tmux:TmuxExecutor",
     "local": "orchestrator.executors.local:LocalExecutor",
     "ray": "orchestrator.executors.ray:RayExecutor",
 }
-EXECUTOR_NAMES: tuple[str, ...] = tuple(EXECUTORS)
-DEFAULT_EXECUTOR = "tmux"  # where tmux is missing, `unavailable()` says how to install it (no silent fallback)
 
 
 def executor_class(name: str):
@@ -23,6 +22,6 @@ def executor_class(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-# The interface itself is `executors.base.Executor`: importing it here would make the manifest (which
-# reads EXECUTOR_NAMES) depend on the sweep and the planner.
-__all__ = ["DEFAULT_EXECUTOR", "EXECUTORS", "EXECUTOR_NAMES", "executor_class"]
+# The interface itself is `executors.base.Executor`: importing it here would make whoever asks for a class
+# by name depend on the sweep and the planner.
+__all__ = ["EXECUTORS", "executor_class"]

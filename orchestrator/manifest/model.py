@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WanSweepError
-from ..executors import EXECUTOR_NAMES as EXECUTORS  # noqa: F401  (the one list of executors)
+from ..executor_names import EXECUTOR_NAMES as EXECUTORS  # noqa: F401  (the one list of executors)
 
 # Text, image and video to video, and Wan's conditioned tasks (issue 23; README's task table): speech to
 # video (an image and its audio), VACE and Fun control videos (a control video, an optional reference image, or

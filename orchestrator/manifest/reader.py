@@ -1,6 +1,7 @@
 """Reading manifest YAML with line marks, safely: `compose` (nesting depth bounded), `Reader` (walks
-the node tree and records each problem at its file and line; refuses tags, NULs, non-finite numbers
-and alias bombs), YAML syntax errors at the line where they start, and `located_problem`."""
+the node tree and records each problem at its file and line; refuses tags, NULs, lone surrogates,
+non-finite numbers and alias bombs, then resolves merge keys), YAML syntax errors at the line where they
+start, and `located_problem`."""
 from __future__ import annotations
 
 import functools

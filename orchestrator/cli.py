@@ -302,7 +302,7 @@ def cmd_plan(manifest, args) -> int:
     print(f"workers    {len(plan.workers)}: " + ", ".join(w.id for w in plan.workers))
     for note in plan.notes:
         print(f"note       {note}")
-    from .backends import backend_class
+    from .backend import backend_class
     for note in backend_class(manifest.model.backend).plan_notes(manifest):
         print(f"note       {note}")
     if ledger_note:
@@ -441,7 +441,7 @@ def _raw_layout(target: str) -> str | None:
     """The checkpoint layout the manifest's backend loads (diffsynth: `wan`, diffusers: `diffusers`), for
     `models status` to offer that release first when the folder is missing; None for a checkpoint path."""
     backend = _raw_model_key(target, "backend")
-    from .backends import BACKENDS, backend_class
+    from .backend import BACKENDS, backend_class
     return backend_class(backend).checkpoint_layout if backend in BACKENDS else None
 
 
@@ -481,7 +481,7 @@ def _model_target(target: str, need_manifest: bool):
     if not manifest.model.path:
         raise UserError(f"{file}: its model has no path (backend {manifest.model.backend})")
     if not os.path.exists(manifest.model.path):
-        from .backends import backend_class
+        from .backend import backend_class
         from .checkpoints import download_fix
         layout = backend_class(manifest.model.backend).checkpoint_layout
         raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; "

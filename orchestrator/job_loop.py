@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from .backend import Backend, OutOfMemory
 from .planning import WorkerSpec
 from .speed import first_call_lock
 
@@ -401,7 +402,6 @@ class ReadAhead:
     """Tells the backend which job most likely comes next, so it can start reading its reference."""
 
     def __init__(self, backends: SlotBackend, source: "JobSource", log: logging.Logger):
-        from .backends import Backend
         self.backends, self.source, self.log = backends, source, log
         # nothing to read ahead: no query (a reload builds the same class)
         self.enabled = type(backends.backend).prepare is not Backend.prepare
@@ -461,7 +461,6 @@ class JobLoop:
         self.claim = None
 
     def run(self, backends: SlotBackend, gpu_names: list[str], compile_cache: str | None = None) -> str:
-        from .backends import OutOfMemory
         source, spec, log, pulse, writer = self.source, self.spec, self.log, self.pulse, self.writer
         read_ahead = ReadAhead(backends, source, log)
         first_call_cache = compile_cache  # a model loaded again compiles again at its first call

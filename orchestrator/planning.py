@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .backend import backend_class
 from .errors import WanSweepError
 from .gpus import Gpu
 from .jobs import Job
@@ -57,7 +58,6 @@ class Plan:
 def device_groups(manifest: Manifest, gpus: list[Gpu] | None, cpu_slots: int | None = None,
                   sizing=None) -> tuple[list[DeviceGroup], list[str]]:
     """Device groups for this manifest on these GPUs (None: no GPU here)."""
-    from .backends import backend_class
     notes: list[str] = []
     res = manifest.resources
     if gpus is None:

@@ -73,7 +73,7 @@ def check_checkpoint(manifest) -> None:
     path = manifest.model.path
     if not path or not os.path.exists(path):
         return  # none, or a hub id: the backend's check says what to do
-    from .backends import backend_class
+    from .backend import backend_class
     if not backend_class(manifest.model.backend).verify_checkpoint:
         return
     from .checkpoints import CheckpointError, detect_layout, inspect

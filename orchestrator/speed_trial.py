@@ -63,7 +63,7 @@ def candidate_problems(manifest: Manifest, speed: SpeedConfig) -> list[str]:
     check, as `load_manifest` runs it: fp8 on a card without fp8, torchao missing, …), each with its fix;
     checked before any candidate loads the model. Problems the manifest has with its own settings are not
     the candidate's."""
-    from .backends import backend_class
+    from .backend import backend_class
     backend = backend_class(manifest.model.backend)
     own = {str(found) for found in backend.check(manifest)}
     trial = replace(manifest, model=replace(manifest.model, speed=speed))
@@ -235,7 +235,7 @@ def _f(value, digits: int, unit: str = "") -> str:
 def _one(request: dict) -> dict:
     import torch
 
-    from .backends import backend_class
+    from .backend import backend_class
     from .jobs import expand
     from .validation import load_manifest
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .backends import BACKENDS, BackendProblem, backend_class
+from .backend import BACKENDS, BackendProblem, backend_class
 from .manifest import CONDITIONED_TASKS, Manifest, apply_axes, model_with_axes, read_manifest
 
 

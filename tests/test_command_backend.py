@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.backends import OutOfMemory
+from orchestrator.backend import OutOfMemory
 from orchestrator.backends.command import CommandBackend
 from orchestrator.jobs import Job
 from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.backends import OutOfMemory
+from orchestrator.backend import OutOfMemory
 from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
 from orchestrator.validation import load_manifest
 from orchestrator.outputs import count_frames, write_mp4

@@ -87,6 +87,46 @@ def test_manifest_reader_imports_no_backend():
     assert "orchestrator.manifest" in loaded
 
 
+def _reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others (function-local imports included)."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+# The backend interface (issue 29): one low module, below the job loop, the planner and sizing, which
+# import it at their top; the backends themselves (torch, diffusers, DiffSynth) only when `backend_class`
+# asks for one, by its module's name.
+ABOVE_THE_BACKEND_INTERFACE = (
+    "orchestrator.planning", "orchestrator.ledger", "orchestrator.sweep", "orchestrator.locks", "orchestrator.job_loop",
+    "orchestrator.report", "orchestrator.sizing", "orchestrator.review", "orchestrator.checkpoints",
+    "orchestrator.backends", "orchestrator.demo", "orchestrator.worker", "orchestrator.supervisor",
+    "orchestrator.executors", "orchestrator.speed_trial", "orchestrator.validation", "orchestrator.run",
+    "orchestrator.api", "orchestrator.cli")
+BACKEND_LIBRARIES = ("torch", "diffusers", "transformers", "diffsynth", "torchao", "safetensors", "accelerate")
+
+
+def test_the_backend_interface_imports_nothing_above_it():
+    reached = _reached(_import_graph(), "orchestrator.backend")
+    above = sorted(m for m in reached if any(m == a or m.startswith(a + ".") for a in ABOVE_THE_BACKEND_INTERFACE))
+    assert not above, f"orchestrator.backend (the backend interface) imports modules above it: {above}"
+
+
+def test_the_job_loop_and_the_planner_load_no_backend():
+    """Importing the job loop, the planner and sizing (which name `Backend`, `OutOfMemory` and `backend_class`
+    at their top) loads no backend module and none of the libraries the backends run on."""
+    loaded = ast.literal_eval(subprocess.run(
+        [sys.executable, "-c", "import sys, orchestrator.job_loop, orchestrator.planning, orchestrator.sizing; "
+                               "print(sorted(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=PACKAGE.parent).stdout)
+    assert "orchestrator.backend" in loaded
+    assert not [m for m in loaded if m == "orchestrator.backends" or m.startswith("orchestrator.backends.")]
+    assert not [m for m in loaded if m.partition(".")[0] in BACKEND_LIBRARIES]
+
+
 # Where a library module still prints, and why: a command's own output (the CLI, the scripts' `main`
 # and usage lines), a child process's answer to its parent, results shown as each arrives, and the
 # supervisor's lines to a pane that may be gone (written to the log file too).

@@ -326,7 +326,7 @@ def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_dr
     retires after two out-of-memory errors in a row; the last one of a card never does."""
     import logging
 
-    from orchestrator.backends import OutOfMemory
+    from orchestrator.backend import OutOfMemory
     from orchestrator.job_loop import RETIRED, JobLoop, SlotBackend
 
     driver, ledger = offline_driver

@@ -667,7 +667,7 @@ def test_models_speed_refuses_a_bad_candidate(write_manifest, tmp_path, tiny_dif
 def test_frames_that_are_not_finite_fail_the_job_instead_of_becoming_a_black_video(tiny_diffusers):
     """A numerical failure (seen with fp8 on the GPU) must not be written as a black mp4 that counts as
     done: the backend raises, the worker records a failed attempt."""
-    from orchestrator.backends.base import NonFiniteFrames
+    from orchestrator.backend import NonFiniteFrames
     backend = _diffusers(tiny_diffusers, quantize="int8")
     backend.pipe.transformer.register_forward_hook(lambda module, args, output: (output[0] * float("nan"),))
     with pytest.raises(NonFiniteFrames, match="NaN or infinite values with speed settings .*quantize int8"):

@@ -1,24 +1,7 @@
-"""Backends turn one job into frames. One file per library; this registry names them.
+"""The backends, one file per library: `synthetic` (tests), `diffusers_wan`, `diffsynth_wan`, `command`.
 
-Classes are imported on first use, so choosing the synthetic backend never imports torch.
+Their interface (`Backend`, `BackendProblem`, `OutOfMemory`) and the registry that names them
+(`BACKENDS`, `backend_class`) are `orchestrator.backend`, which imports none of them; what they share
+besides is `shared`, and `cuda` what they share about GPU memory. Nothing is imported here: a backend's
+module (and its library, torch among them) is imported when `backend_class` first asks for it.
 """
-from __future__ import annotations
-
-import importlib
-
-from .base import Backend, BackendProblem, OutOfMemory
-
-BACKENDS: dict[str, str] = {
-    "synthetic": "orchestrator.backends.synthetic:SyntheticBackend",
-    "diffusers": "orchestrator.backends.diffusers_wan:DiffusersWanBackend",
-    "diffsynth": "orchestrator.backends.diffsynth_wan:DiffSynthWanBackend",
-    "command": "orchestrator.backends.command:CommandBackend",
-}
-
-
-def backend_class(name: str) -> type[Backend]:
-    module, _, attr = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-__all__ = ["BACKENDS", "Backend", "BackendProblem", "OutOfMemory", "backend_class"]

@@ -106,9 +106,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Backend, BackendProblem, OutOfMemory, model_files_identity, option_problems
+from ..backend import Backend, BackendProblem, OutOfMemory
 from .child_run import ChildRun
 from .command_costs import minutes, startup_seconds
+from .shared import model_files_identity, option_problems
 from .wan_generate import CHECKPOINT_LAYOUT, PRESET, WAN_TASKS, check_preset, wan_task_of
 
 OPTIONS: dict[str, type | tuple] = {

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .base import model_files_identity
+from .shared import model_files_identity
 
 
 def startup_seconds(manifest, params: str | None) -> tuple[float | None, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.files import _Broken, read_weight_file
-from .base import BackendProblem
+from ..backend import BackendProblem
 
 COMPONENTS = ("dit", "text_encoder", "vae", "image_encoder")
 DIT_GLOB = "diffusion_pytorch_model*.safetensors"

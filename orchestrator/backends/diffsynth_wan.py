@@ -93,14 +93,14 @@ from typing import Any
 import numpy as np
 
 from .. import speed as speed_settings
+from ..backend import Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
 from ..checkpoints.releases import download_fix
 from ..manifest import CONDITIONED_TASKS
-from .base import (Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, model_files_identity,
-                   option_problems, run_to_first_denoiser_call, speed_card_problems)
 from .cuda import job_memory, release_memory
 from .diffsynth_caches import install_caches
 from .diffsynth_files import (AUDIO_ENCODER_FOLDER, COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, PART_NAMES, TASK_DITS,
                               TASK_PARTS, dit_kind, identify, model_files, tiny_configs)
+from .shared import model_files_identity, option_problems, speed_card_problems
 
 OPTIONS: dict[str, tuple] = {
     "vram_management": (bool, str), "vram_limit_gib": (int, float), "tiled": (bool,),

@@ -54,11 +54,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import speed as speed_settings
+from ..backend import Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
 from ..checkpoints.releases import download_fix
 from ..manifest import SpeedConfig
-from .base import (Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, model_files_identity,
-                   option_problems, run_to_first_denoiser_call, speed_card_problems)
 from .cuda import job_memory, release_memory
+from .shared import model_files_identity, option_problems, speed_card_problems
 
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline",
              "vace": "WanVACEPipeline", "animate": "WanAnimatePipeline"}

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import IMAGE_SUFFIXES
-from .base import Backend, BackendProblem, OutOfMemory
+from ..backend import Backend, BackendProblem, OutOfMemory
 
 OPTIONS = {"seconds_per_job": float, "load_seconds": float, "load_error": str, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Callable
 
+from ..backend import backend_class
 from ..gpus import Gpu
 from ..manifest import Manifest
 from ..planning import DeviceGroup, PlanError
@@ -140,7 +141,6 @@ class Sizer:
 
 def needs_sizing(manifest: Manifest) -> bool:
     """Measured sizing applies to backends that declare it (model backends, not the synthetic one)."""
-    from ..backends import backend_class
     return backend_class(manifest.model.backend).measured_sizing
 
 

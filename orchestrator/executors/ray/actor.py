@@ -56,7 +56,7 @@ class RayWorker:
         if problem:
             return {"problem": problem}
         import ray
-        from ...backends import backend_class
+        from ...backend import backend_class
         from ...manifest import GenerationConfig, ModelConfig
         gpu_ids = list(ray.get_gpu_ids())
         if gpu_ids and all(str(g).isdigit() for g in gpu_ids):

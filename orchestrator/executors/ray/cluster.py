@@ -75,7 +75,7 @@ def _profile_for(profiles: list, manifest, gpu_type: str | None, cards: int):
 
 
 def _workers_per_group(manifest, node: RayNode, cards: int, profiles: list) -> tuple[int, str]:
-    from ...backends import backend_class
+    from ...backend import backend_class
     from ...sizing import decide_workers
     res = manifest.resources
     requested = res.workers_per_gpu
@@ -118,7 +118,7 @@ class Placement:
 def plan_cluster(manifest, jobs, nodes: list[RayNode], cpu_slots: int | None = None,
                  profiles: list | None = None) -> tuple[Plan, dict[str, Placement]]:
     """Device groups per node of the cluster (queues `n<i>-gpu<j>`), and where each queue's actors go."""
-    from ...backends import backend_class
+    from ...backend import backend_class
     res = manifest.resources
     profiles = cached_profiles(manifest) if profiles is None else profiles
     notes = [f"Ray cluster: {len(nodes)} node(s), {sum(n.gpus for n in nodes)} GPU(s): "

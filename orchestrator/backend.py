@@ -1,23 +1,47 @@
-"""The backend interface: `load()` once, `generate(job, progress)` per job, `close()` at the end.
+"""The backend interface and the registry of backends: what the job loop, the planner and the
+checks know of a backend, without loading one.
 
-Around it, what every backend shares: how a backend reports a manifest problem (`BackendProblem`,
-mapped to the manifest line of the key it concerns), and the identity of a checkpoint's files
-(`model_files_identity`) that every sidecar records.
+`Backend`: `load()` once, `generate(job, progress)` per job, `close()` at the end; the errors a
+backend raises that the rest of the package acts on (`OutOfMemory`, `NonFiniteFrames`,
+`FirstDenoiserCall`); how it reports a manifest problem (`BackendProblem`, mapped to the manifest
+line of the key it concerns); and `BACKENDS`, the one list of backends by name, whose classes
+`backend_class` imports on first use (choosing the synthetic backend never imports torch).
+
+The backends themselves, one file per library, are `orchestrator/backends/`; this module imports
+none of them, nor anything above the manifest, so `job_loop`, `planning` and `sizing` import it at
+their top.
 """
 from __future__ import annotations
 
-import hashlib
-import os
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-import numpy as np
+from .manifest import apply_axes
+from .manifest.task_inputs import AUDIO_RATE
 
 if TYPE_CHECKING:
-    from ..jobs import Job
-    from ..manifest import GenerationConfig, Manifest, ModelConfig
+    from pathlib import Path
+
+    import numpy as np
+
+    from .jobs import Job
+    from .manifest import GenerationConfig, Manifest, ModelConfig
+
+BACKENDS: dict[str, str] = {
+    "synthetic": "orchestrator.backends.synthetic:SyntheticBackend",
+    "diffusers": "orchestrator.backends.diffusers_wan:DiffusersWanBackend",
+    "diffsynth": "orchestrator.backends.diffsynth_wan:DiffSynthWanBackend",
+    "command": "orchestrator.backends.command:CommandBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of the backend `name` (a key of BACKENDS), its module imported now."""
+    module, _, attr = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
 
 Progress = Callable[[int, int], None]  # (step done, steps in all): also the worker's sign of life
 
@@ -95,15 +119,13 @@ class Backend(ABC):
     def generation_for(self, job: "Job") -> "GenerationConfig":
         """The generation settings of one job: the manifest's (`self.generation`) with the job's axis
         values (`axes:`) in place. Per-job settings are read from here, never from self.generation."""
-        from ..manifest import apply_axes
         return apply_axes(self.generation, getattr(job, "axes", None) or {})
 
     def reference_cache(self, generation: "GenerationConfig", square: int | None = None):
         """This worker's references prepared at one job's size, length and rate (a `media.ReferenceCache`,
         read ahead in a thread): the manifest's, and one more per combination its axes sweep. `square`:
         frames of that side instead of the job's size (Animate's face crops, at its motion encoder's)."""
-        from ..manifest.task_inputs import AUDIO_RATE
-        from ..media import ReferenceCache
+        from .media import ReferenceCache  # PyAV: imported by the workers that read references only
         caches = self.__dict__.setdefault("_reference_caches", {})
         width, height = (square, square) if square else (generation.width, generation.height)
         shape = (width, height, generation.num_frames, generation.fps)
@@ -169,86 +191,3 @@ class Backend(ABC):
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory of the last job, where the library can tell."""
         return None
-
-
-def option_problems(backend: str, options: dict, kinds: dict, choices: dict | None = None
-                    ) -> tuple[list[BackendProblem], set[str]]:
-    """The checks every backend makes of `model.options`: unknown keys, wrong types (a bool is not a
-    number) and values outside `choices`. Returns the problems and the keys that failed, so a
-    backend's own checks can skip them."""
-    problems: list[BackendProblem] = []
-    failed: set[str] = set()
-    for key, value in options.items():
-        where, kind = f"model.options.{key}", kinds.get(key)
-        if kind is None:
-            fix = ("the flow shift is a generation setting: generation.shift" if "shift" in key
-                   else f"use one of: {', '.join(kinds)}")
-            problems.append(BackendProblem(where, f"unknown {backend} option `{key}`", fix))
-        elif not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
-                kind if isinstance(kind, tuple) else (kind,))):
-            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            problems.append(BackendProblem(where, f"{backend} option `{key}` must be {names}, got {value!r}"))
-        elif choices and key in choices and value not in choices[key]:
-            problems.append(BackendProblem(where, f"{backend} option `{key}` is {value!r}",
-                                           f"use one of: {', '.join(map(str, choices[key]))}"))
-        else:
-            continue
-        failed.add(key)
-    return problems, failed
-
-
-def speed_card_problems(manifest: "Manifest") -> list[BackendProblem]:
-    """The `speed:` checks every backend that applies it shares: torchao for fp8/int8, fp8 only
-    on cards that have fp8 tensor cores (this machine's cards, as `resources.gpus` selects them; a Ray
-    cluster's cards are checked by each actor when it loads), and no compile with fp8_storage."""
-    from .. import speed as speed_settings
-    from ..gpus import NoGpus, discover
-    speed = manifest.model.speed
-    problems = []
-    missing = speed_settings.torchao_missing(speed)
-    if missing:
-        problems.append(BackendProblem("speed.quantize", missing, "pip install torchao (or 'wan-sweep[speed]')"))
-    if speed.quantize == "fp8_storage" and speed.compile != "none":
-        # Both backends' fp8 storage casts the weights in hooks around each layer's call (diffusers'
-        # layerwise casting builds a Parameter there, ours assigns `.data` of another dtype): dynamo
-        # cannot trace either, and with fullgraph=True the first job of every worker would fail.
-        problems.append(BackendProblem(
-            "speed.quantize", f"speed.quantize fp8_storage with compile: {speed.compile}: fp8 storage casts each "
-            "layer's weights in hooks around every call, which torch.compile cannot trace into one graph, so "
-            "every job would fail at its first step",
-            "for memory with compile use quantize: int8 (torchao's 8-bit weights compile); or keep "
-            "fp8_storage with compile: none"))
-    if speed.quantize == "fp8" and manifest.execution.executor != "ray":
-        try:
-            gpus = discover()
-        except NoGpus:
-            gpus = []
-        wanted = manifest.resources.gpus
-        cards = [(g.name, g.compute_capability) for g in gpus if wanted == "all" or g.index in wanted]
-        why = speed_settings.fp8_card_problem(cards)
-        if why:
-            problems.append(BackendProblem("speed.quantize", why, "use quantize: int8 or fp8_storage for memory, "
-                                           "or none; fp8 pays on Ada, Hopper and newer cards"))
-    return problems
-
-
-IDENTITY_HASHED = (".json", ".txt", ".model", ".yaml")  # small files that say what the weights are
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
-
-
-def model_files_identity(path: str | os.PathLike | None, max_files: int = 400) -> dict:
-    """What a checkpoint folder holds: every weight file's name and size, and a sha256 of each
-    index/config file (cheap, yet it tells two checkpoints apart). Weights are never read."""
-    if not path or not os.path.exists(path):
-        return {"path": str(path) if path else None}
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    weights, configs = {}, {}
-    for file in files[:max_files]:
-        name = file.name if file == root else str(file.relative_to(root))
-        if file.suffix in WEIGHT_SUFFIXES:
-            weights[name] = file.stat().st_size
-        elif file.suffix in IDENTITY_HASHED and file.stat().st_size < 64 << 20:
-            configs[name] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
-    return {"path": str(root), "weights": weights, "weight_bytes": sum(weights.values()),
-            "configs_sha256": configs}

@@ -1,0 +1,98 @@
+"""What the backends share besides their interface (`orchestrator.backend`): the checks every backend
+makes of `model.options` (`option_problems`) and of the `speed:` settings against this machine's cards
+(`speed_card_problems`), and the identity of a checkpoint's files (`model_files_identity`) that every
+sidecar records.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import gpus as machine_gpus, speed as speed_settings
+from ..backend import BackendProblem
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest
+
+
+def option_problems(backend: str, options: dict, kinds: dict, choices: dict | None = None
+                    ) -> tuple[list[BackendProblem], set[str]]:
+    """The checks every backend makes of `model.options`: unknown keys, wrong types (a bool is not a
+    number) and values outside `choices`. Returns the problems and the keys that failed, so a
+    backend's own checks can skip them."""
+    problems: list[BackendProblem] = []
+    failed: set[str] = set()
+    for key, value in options.items():
+        where, kind = f"model.options.{key}", kinds.get(key)
+        if kind is None:
+            fix = ("the flow shift is a generation setting: generation.shift" if "shift" in key
+                   else f"use one of: {', '.join(kinds)}")
+            problems.append(BackendProblem(where, f"unknown {backend} option `{key}`", fix))
+        elif not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+                kind if isinstance(kind, tuple) else (kind,))):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            problems.append(BackendProblem(where, f"{backend} option `{key}` must be {names}, got {value!r}"))
+        elif choices and key in choices and value not in choices[key]:
+            problems.append(BackendProblem(where, f"{backend} option `{key}` is {value!r}",
+                                           f"use one of: {', '.join(map(str, choices[key]))}"))
+        else:
+            continue
+        failed.add(key)
+    return problems, failed
+
+
+def speed_card_problems(manifest: "Manifest") -> list[BackendProblem]:
+    """The `speed:` checks every backend that applies it shares: torchao for fp8/int8, fp8 only
+    on cards that have fp8 tensor cores (this machine's cards, as `resources.gpus` selects them; a Ray
+    cluster's cards are checked by each actor when it loads), and no compile with fp8_storage."""
+    speed = manifest.model.speed
+    problems = []
+    missing = speed_settings.torchao_missing(speed)
+    if missing:
+        problems.append(BackendProblem("speed.quantize", missing, "pip install torchao (or 'wan-sweep[speed]')"))
+    if speed.quantize == "fp8_storage" and speed.compile != "none":
+        # Both backends' fp8 storage casts the weights in hooks around each layer's call (diffusers'
+        # layerwise casting builds a Parameter there, ours assigns `.data` of another dtype): dynamo
+        # cannot trace either, and with fullgraph=True the first job of every worker would fail.
+        problems.append(BackendProblem(
+            "speed.quantize", f"speed.quantize fp8_storage with compile: {speed.compile}: fp8 storage casts each "
+            "layer's weights in hooks around every call, which torch.compile cannot trace into one graph, so "
+            "every job would fail at its first step",
+            "for memory with compile use quantize: int8 (torchao's 8-bit weights compile); or keep "
+            "fp8_storage with compile: none"))
+    if speed.quantize == "fp8" and manifest.execution.executor != "ray":
+        try:
+            gpus = machine_gpus.discover()
+        except machine_gpus.NoGpus:
+            gpus = []
+        wanted = manifest.resources.gpus
+        cards = [(g.name, g.compute_capability) for g in gpus if wanted == "all" or g.index in wanted]
+        why = speed_settings.fp8_card_problem(cards)
+        if why:
+            problems.append(BackendProblem("speed.quantize", why, "use quantize: int8 or fp8_storage for memory, "
+                                           "or none; fp8 pays on Ada, Hopper and newer cards"))
+    return problems
+
+
+IDENTITY_HASHED = (".json", ".txt", ".model", ".yaml")  # small files that say what the weights are
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
+
+
+def model_files_identity(path: str | os.PathLike | None, max_files: int = 400) -> dict:
+    """What a checkpoint folder holds: every weight file's name and size, and a sha256 of each
+    index/config file (cheap, yet it tells two checkpoints apart). Weights are never read."""
+    if not path or not os.path.exists(path):
+        return {"path": str(path) if path else None}
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    weights, configs = {}, {}
+    for file in files[:max_files]:
+        name = file.name if file == root else str(file.relative_to(root))
+        if file.suffix in WEIGHT_SUFFIXES:
+            weights[name] = file.stat().st_size
+        elif file.suffix in IDENTITY_HASHED and file.stat().st_size < 64 << 20:
+            configs[name] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return {"path": str(root), "weights": weights, "weight_bytes": sum(weights.values()),
+            "configs_sha256": configs}

@@ -163,7 +163,7 @@ class Heartbeat(threading.Thread, Pulse):
 
 
 def run_worker(spec: WorkerSpec) -> int:
-    from .backends import backend_class
+    from .backend import backend_class
     from .jobs import Job  # noqa: F401  (payloads are Jobs)
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig

@@ -282,7 +282,7 @@ class ProbeJobs(JobSource):
 
 
 def probe(config_path: str, index: int) -> int:
-    from ..backends import backend_class
+    from ..backend import backend_class
     from ..jobs import Job
     from ..manifest import GenerationConfig, ModelConfig
     from ..planning import WorkerSpec

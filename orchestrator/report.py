@@ -19,7 +19,8 @@ from typing import Any, Iterable
 
 from .output_names import value_text
 from .ledger import LIVE_WORKER_STATES, LedgerError, ledger_problem
-from .sweep import DiskScan, Sweep, processes_gone
+from .locks import processes_gone
+from .sweep import DiskScan, Sweep
 from .terminal import printable
 
 WINDOW_S = 1800.0  # throughput is measured over the last half hour of work (or all of it, if less)

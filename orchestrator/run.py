@@ -130,6 +130,7 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
 
     from .invocation import command_prefix
     from .outputs import remove_partials
+    from .locks import live_workers, locked_workers, run_lock, stop_requested_since, wait_for_worker_locks
     from .report import build_report, format_report
     from .sweep import Sweep
 
@@ -147,7 +148,7 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
 
     # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
     # start anything), and held until the workers hold their own locks; see `sweep`.
-    lock = sweep.run_lock()
+    lock = run_lock(sweep.state_dir)
     if not lock.acquire("run", sweep=manifest.name):
         holder = lock.holder()
         check_folder(sweep, options.allow_non_empty, setting_up=holder)  # another manifest racing for it
@@ -158,8 +159,8 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     check_folder(sweep, options.allow_non_empty)
     executor = executor_type(sweep)
     ledger = sweep.ledger()
-    live = sweep.live_workers(ledger)
-    locked = sweep.locked_workers()  # supervisors and workers alive, registered in the ledger or not yet
+    live = live_workers(ledger)
+    locked = locked_workers(sweep.state_dir)  # supervisors and workers alive, registered in the ledger or not yet
     # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
     # processes of this machine: each executor counts its own (the local one, before `start`, none).
     alive = max(len(live), len(locked), executor.running())
@@ -170,7 +171,7 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
         if not options.follow:
             return reported(0)
         # Follow the running sweep, whoever started it: its workers are found through the ledger.
-        alive_now = lambda: max(len(sweep.live_workers(ledger)), executor.running())  # noqa: E731
+        alive_now = lambda: max(len(live_workers(ledger)), executor.running())  # noqa: E731
         if follow(sweep, ledger, alive_now, len(sweep.jobs), show=options.progress):
             say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
             return RunResult(0)
@@ -214,12 +215,12 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     if live or locked:
         taken = {w["id"] for w in live} | set(locked)
         specs = [(s, p) for s, p in specs if s.worker not in taken]
-    if sweep.stop_requested_since(process_started()):
+    if stop_requested_since(sweep.state_dir, process_started()):
         say("`stop` was issued while this `run` was starting: no worker started.\n")
         return reported(0)
     names = executor.start(specs)
     if executor.supervised:
-        sweep.wait_for_worker_locks([spec.worker for spec, _ in specs], executor.running)
+        wait_for_worker_locks(sweep.state_dir, [spec.worker for spec, _ in specs], executor.running)
     lock.release()
     counts = ledger.counts()
     workers = f"{len(names)} worker{'' if len(names) == 1 else 's'}"
@@ -258,15 +259,16 @@ def stop_sweep(sweep, now: bool = False, say: Say = print) -> int | None:
     lock until its workers are up: this waits for it, then stops them like any others."""
     from .executor_names import EXECUTOR_NAMES
     from .executors import executor_class
+    from .locks import request_stop, run_lock
     from .sweep import FolderProblem
     try:
         sweep.check_folder()
     except FolderProblem:
         pass  # not a sweep's folder: nothing of ours runs there, and nothing is written there
     else:
-        lock = sweep.run_lock()
+        lock = run_lock(sweep.state_dir)
         try:
-            sweep.request_stop()
+            request_stop(sweep.state_dir)
             if not lock.acquire("stop"):
                 holder = lock.holder()
                 say(f"waiting for `{holder.get('command', 'run')}` (pid {holder.get('pid', '?')}) to finish "

@@ -66,7 +66,7 @@ def worker_env(spec: WorkerSpec) -> dict[str, str]:
 class Supervisor:
     def __init__(self, spec_path: str):
         from .ledger import Ledger
-        from .sweep import hold_worker_lock
+        from .locks import hold_worker_lock
         self.spec_path = spec_path
         self.spec = spec = WorkerSpec.read(spec_path)
         self.lock = hold_worker_lock(spec)  # for its whole life: a second `run` sees the sweep running

@@ -6,16 +6,10 @@ log per worker; the mp4s and sidecars live under `<output_dir>/<category>/<stem>
 One output folder holds one sweep: `.sweep/sweep.json` names the sweep that owns it, and a folder
 that is not a sweep's (not empty, no `.sweep/`), `/` or the home folder is refused (`check_folder`).
 
-Starting is exclusive, with locks the kernel lets go of when their holder dies, however it dies
-(`fcntl.flock`; no check-then-start): `.sweep/run.lock` is held by the `run` that starts the sweep
-(or the `stop` that ends it) until its workers are up, and `.sweep/locks/<worker>.lock` by each
-worker's supervisor and worker for their whole lives. A `run` that cannot take the first, or finds
-any of the others held, starts nothing. `stop` leaves `.sweep/stop-request`, so a `run` that was
-still starting when it was issued starts no worker (`stop_requested_since`).
+Who is alive and who may start the sweep (the locks in `.sweep/`, the workers' processes) is `locks`.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -26,7 +20,8 @@ from pathlib import Path
 
 from .errors import WanSweepError
 from .jobs import Job, expand, settings_fingerprint
-from .ledger import LIVE_WORKER_STATES, Ledger
+from .ledger import Ledger
+from .locks import live_workers, locked_workers
 from .manifest import Manifest, model_with_axes
 from .output_names import uses_prompt_index
 from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
@@ -34,9 +29,6 @@ from .planning import Plan, WorkerSpec
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 OWNER_FILE = "sweep.json"  # in .sweep/: which sweep (manifest name) this output folder belongs to
-RUN_LOCK = "run.lock"
-WORKER_LOCKS = "locks"
-STOP_REQUEST = "stop-request"
 MIN_FREE_BYTES = 64 * 2**20  # below this a sweep does not start: logs, ledger and a few videos need room
 
 
@@ -67,51 +59,6 @@ class Sweep:
     def ledger(self, readonly: bool = False) -> Ledger:
         """The sweep's ledger; `readonly` for a reader (it must exist: see `has_ledger`)."""
         return Ledger(self.ledger_path, readonly=readonly)
-
-    # ---------------------------------------------------------------- locks
-    def run_lock(self) -> "RunLock":
-        return RunLock(self.state_dir / RUN_LOCK)
-
-    def locked_workers(self) -> list[str]:
-        """Workers whose supervisor or worker process is alive now (it holds its lock)."""
-        folder = self.state_dir / WORKER_LOCKS
-        held = []
-        for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
-            try:
-                with open(path, "rb") as stream:
-                    try:
-                        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        held.append(path.stem)
-            except OSError:
-                continue
-        return held
-
-    def wait_for_worker_locks(self, workers: list[str], still_starting, timeout_s: float = 30.0) -> None:
-        """Return once every worker just started holds its lock (or `still_starting()` says none is
-        left to wait for, or `timeout_s` passed): from then on a second `run` sees the sweep running."""
-        deadline = time.monotonic() + timeout_s
-        next_check = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            if not set(workers) - set(self.locked_workers()):
-                return
-            if time.monotonic() > next_check:
-                if not still_starting():
-                    return
-                next_check = time.monotonic() + 1.0
-            time.sleep(0.05)
-
-    def request_stop(self) -> None:
-        """Leave the time of a `stop` where a `run` that is starting at this moment will see it."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / STOP_REQUEST).write_text(repr(time.time()), encoding="utf-8")
-
-    def stop_requested_since(self, since: float) -> bool:
-        """A `stop` was issued at or after `since` (the start of the `run` asking)."""
-        try:
-            return float((self.state_dir / STOP_REQUEST).read_text(encoding="utf-8")) >= since
-        except (OSError, ValueError):
-            return False
 
     # ---------------------------------------------------------------- the output folder
     def own_folders(self) -> set[Path]:
@@ -324,30 +271,14 @@ class Sweep:
                     shutil.move(str(path), destination)
         return target
 
-    def live_workers(self, ledger: Ledger) -> list[dict]:
-        """Workers the ledger says are alive and whose processes exist on this host."""
-        import socket
-
-        import psutil
-        alive = []
-        for worker in ledger.workers():
-            if worker["state"] not in LIVE_WORKER_STATES:
-                continue
-            pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
-            if worker["host"] != socket.gethostname():
-                alive.append(worker)  # another machine's (ray): trust its heartbeat
-            elif any(is_sweep_process(p) for p in pids):
-                alive.append(worker)
-        return alive
-
     def alive_workers(self) -> set[str]:
         """Ids of the workers alive now: whose supervisor or worker holds its lock, or that the ledger
         says are alive (a Ray actor elsewhere, a worker not holding a lock yet)."""
-        alive = set(self.locked_workers())
+        alive = set(locked_workers(self.state_dir))
         if self.has_ledger():
             ledger = self.ledger(readonly=True)
             try:
-                alive |= {worker["id"] for worker in self.live_workers(ledger)}
+                alive |= {worker["id"] for worker in live_workers(ledger)}
             finally:
                 ledger.close()
         return alive
@@ -372,54 +303,6 @@ class Sweep:
                 settings=settings_fingerprint(m))
             specs.append((spec, spec.write(self.specs_dir / f"{slot.id}.json")))
         return specs
-
-
-class RunLock:
-    """`.sweep/run.lock`: one `run` (or `stop`) at a time sets the sweep up; it says who holds it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stream = None
-
-    def acquire(self, what: str, wait: bool = False, sweep: str | None = None) -> bool:
-        """Take the lock (waiting for it with `wait`); False when another process holds it. `sweep`: the
-        name of the manifest's sweep it sets up, for a racing `run` of another manifest to see."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(stream, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            stream.close()
-            return False
-        stream.seek(0)
-        stream.truncate()
-        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time(), "sweep": sweep}))
-        stream.flush()
-        self.stream = stream
-        return True
-
-    def holder(self) -> dict:
-        """What the holder wrote: {pid, command, since, sweep}; {} when unknown."""
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except (OSError, ValueError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def release(self) -> None:
-        if self.stream is not None and not self.stream.closed:
-            fcntl.flock(self.stream, fcntl.LOCK_UN)
-            self.stream.close()
-
-
-def hold_worker_lock(spec) -> object:
-    """Hold `.sweep/locks/<worker>.lock` (shared: the supervisor and its worker) for this process's
-    life; keep the returned file open. Waits only while a `run` checks the lock (an instant)."""
-    folder = Path(spec.ledger).parent / WORKER_LOCKS
-    folder.mkdir(parents=True, exist_ok=True)
-    stream = open(folder / f"{spec.worker}.lock", "a+b")
-    fcntl.flock(stream, fcntl.LOCK_SH)
-    return stream
 
 
 def _names_by_folder(outputs) -> dict[str, set[str] | None]:
@@ -448,26 +331,6 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-def processes_gone(worker: dict) -> bool:
-    """Whether a worker row's processes are known to have ended (killed, crashed, machine rebooted).
-
-    Only a worker of this host with a recorded pid can be judged so; any other (a Ray actor) is
-    taken at the ledger's word.
-    """
-    import socket
-    pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
-    return bool(pids) and worker["host"] == socket.gethostname() and not any(map(is_sweep_process, pids))
-
-
-def is_sweep_process(pid: int) -> bool:
-    """A supervisor or worker of this product (a pid kept in the ledger may since have been reused)."""
-    import psutil
-    try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return "orchestrator.supervisor" in cmdline or "orchestrator.worker" in cmdline
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -168,7 +168,7 @@ def run_worker(spec: WorkerSpec) -> int:
     from .ledger import Ledger
     from .manifest import GenerationConfig, ModelConfig
 
-    from .sweep import hold_worker_lock
+    from .locks import hold_worker_lock
     lock = hold_worker_lock(spec)  # noqa: F841 (held until exit: alive even if its supervisor is killed)
     log = setup_logging(spec)
     ledger = Ledger(spec.ledger)

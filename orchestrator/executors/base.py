@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import WanSweepError
+from ..locks import is_sweep_process, live_workers
 from ..planning import Plan, WorkerSpec
-from ..sweep import Sweep, is_sweep_process
+from ..sweep import Sweep
 
 
 class ExecutorError(WanSweepError, RuntimeError):
@@ -92,7 +93,7 @@ class Executor(ABC):
             return 0
         ledger = self.sweep.ledger(readonly=True)
         try:
-            return len(self.sweep.live_workers(ledger))
+            return len(live_workers(ledger))
         finally:
             ledger.close()
 

@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..locks import is_sweep_process
 from ..planning import WorkerSpec
-from ..sweep import is_sweep_process, python_env
+from ..sweep import python_env
 from .base import Executor, ExecutorError
 
 SOCKET_ENV = "ORCHESTRATOR_TMUX_SOCKET"

@@ -1,0 +1,163 @@
+"""Who is alive in a sweep, and who may start it: the locks of `<output_dir>/.sweep/` and the processes
+behind the ledger's workers.
+
+Starting is exclusive, with locks the kernel lets go of when their holder dies, however it dies
+(`fcntl.flock`; no check-then-start): `.sweep/run.lock` is held by the `run` that starts the sweep
+(or the `stop` that ends it) until its workers are up (`RunLock`), and `.sweep/locks/<worker>.lock` by
+each worker's supervisor and worker for their whole lives (`hold_worker_lock`, `locked_workers`). A
+`run` that cannot take the first, or finds any of the others held, starts nothing. `stop` leaves
+`.sweep/stop-request`, so a `run` that was still starting when it was issued starts no worker
+(`stop_requested_since`).
+
+A worker the ledger calls alive is taken at its word only when it is another machine's (a Ray actor);
+on this machine its supervisor's or its own process must still exist (`live_workers`,
+`processes_gone`, `is_sweep_process`).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from .ledger import LIVE_WORKER_STATES
+
+RUN_LOCK = "run.lock"
+WORKER_LOCKS = "locks"
+STOP_REQUEST = "stop-request"
+
+
+class RunLock:
+    """`.sweep/run.lock`: one `run` (or `stop`) at a time sets the sweep up; it says who holds it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stream = None
+
+    def acquire(self, what: str, wait: bool = False, sweep: str | None = None) -> bool:
+        """Take the lock (waiting for it with `wait`); False when another process holds it. `sweep`: the
+        name of the manifest's sweep it sets up, for a racing `run` of another manifest to see."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            stream.close()
+            return False
+        stream.seek(0)
+        stream.truncate()
+        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time(), "sweep": sweep}))
+        stream.flush()
+        self.stream = stream
+        return True
+
+    def holder(self) -> dict:
+        """What the holder wrote: {pid, command, since, sweep}; {} when unknown."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def release(self) -> None:
+        if self.stream is not None and not self.stream.closed:
+            fcntl.flock(self.stream, fcntl.LOCK_UN)
+            self.stream.close()
+
+
+def run_lock(state_dir: Path) -> RunLock:
+    """The run lock of the sweep whose state folder (`.sweep/`) is `state_dir`."""
+    return RunLock(state_dir / RUN_LOCK)
+
+
+def hold_worker_lock(spec) -> object:
+    """Hold `.sweep/locks/<worker>.lock` (shared: the supervisor and its worker) for this process's
+    life; keep the returned file open. Waits only while a `run` checks the lock (an instant)."""
+    folder = Path(spec.ledger).parent / WORKER_LOCKS
+    folder.mkdir(parents=True, exist_ok=True)
+    stream = open(folder / f"{spec.worker}.lock", "a+b")
+    fcntl.flock(stream, fcntl.LOCK_SH)
+    return stream
+
+
+def locked_workers(state_dir: Path) -> list[str]:
+    """Workers whose supervisor or worker process is alive now (it holds its lock)."""
+    folder = state_dir / WORKER_LOCKS
+    held = []
+    for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+        try:
+            with open(path, "rb") as stream:
+                try:
+                    fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(path.stem)
+        except OSError:
+            continue
+    return held
+
+
+def wait_for_worker_locks(state_dir: Path, workers: list[str], still_starting: Callable[[], int],
+                          timeout_s: float = 30.0) -> None:
+    """Return once every worker just started holds its lock (or `still_starting()` says none is
+    left to wait for, or `timeout_s` passed): from then on a second `run` sees the sweep running."""
+    deadline = time.monotonic() + timeout_s
+    next_check = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        if not set(workers) - set(locked_workers(state_dir)):
+            return
+        if time.monotonic() > next_check:
+            if not still_starting():
+                return
+            next_check = time.monotonic() + 1.0
+        time.sleep(0.05)
+
+
+def request_stop(state_dir: Path) -> None:
+    """Leave the time of a `stop` where a `run` that is starting at this moment will see it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / STOP_REQUEST).write_text(repr(time.time()), encoding="utf-8")
+
+
+def stop_requested_since(state_dir: Path, since: float) -> bool:
+    """A `stop` was issued at or after `since` (the start of the `run` asking)."""
+    try:
+        return float((state_dir / STOP_REQUEST).read_text(encoding="utf-8")) >= since
+    except (OSError, ValueError):
+        return False
+
+
+def live_workers(ledger) -> list:
+    """Workers the ledger says are alive and whose processes exist on this host."""
+    alive = []
+    for worker in ledger.workers():
+        if worker["state"] not in LIVE_WORKER_STATES:
+            continue
+        pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
+        if worker["host"] != socket.gethostname():
+            alive.append(worker)  # another machine's (ray): trust its heartbeat
+        elif any(is_sweep_process(p) for p in pids):
+            alive.append(worker)
+    return alive
+
+
+def processes_gone(worker) -> bool:
+    """Whether a worker row's processes are known to have ended (killed, crashed, machine rebooted).
+
+    Only a worker of this host with a recorded pid can be judged so; any other (a Ray actor) is
+    taken at the ledger's word.
+    """
+    pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
+    return bool(pids) and worker["host"] == socket.gethostname() and not any(map(is_sweep_process, pids))
+
+
+def is_sweep_process(pid: int) -> bool:
+    """A supervisor or worker of this product (a pid kept in the ledger may since have been reused)."""
+    import psutil
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "orchestrator.supervisor" in cmdline or "orchestrator.worker" in cmdline

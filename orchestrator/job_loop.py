@@ -4,16 +4,16 @@ claim → skip if done → generate → write mp4 (temp → check → rename, si
 out-of-memory retirement and heartbeats. Jobs come from a `JobSource`: the ledger itself for a local
 or tmux worker (`LedgerJobSource`); for a Ray actor, its driver, which answers from the ledger
 (`executors.ray.job_source.DriverJobSource`). The loop (`JobLoop`) runs in the worker process and in
-the Ray actor; what one job does (`generate_job`, `write_video`, `sidecar_record`, `failure_message`)
-is shared with the calibration probe too, and so are the liveness rules
-(`heartbeat_interval`, `restart_delay`, `retires`) the supervisor and the Ray driver apply.
+the Ray actor (each through `harness.Harness`); what one job does (`generate_job`, `write_video`,
+`sidecar_record`) is shared with the calibration probe too. The rules of supervision (out-of-memory
+retirement, how a failure is summarised) are `supervision`'s.
 
 The GPU does not wait for the CPU between jobs: a finished video is encoded and recorded by the
 `OutputWriter` thread while the next job generates, and the next job's reference is read ahead
 (`Backend.prepare`) while the current one runs.
 
-Each caller gives the loop its own way of loading a backend (`SlotBackend`): the loop reloads the model
-when a job's quantize (an axis) differs from the loaded one's.
+A slot's model (`SlotBackend`) is loaded again when a job's quantize (an axis) differs from the loaded
+one's.
 """
 from __future__ import annotations
 
@@ -32,33 +32,13 @@ from typing import Any, Callable
 from .backend import Backend, OutOfMemory
 from .planning import WorkerSpec
 from .speed import first_call_lock
+from .supervision import Policy, summarise
 
 IDLE_POLL_S = 1.0
 
 
 # --------------------------------------------------------------------------------------------------
-# Liveness rules: one place for the supervisor, the worker and the Ray driver
-
-
-def heartbeat_interval(heartbeat_timeout_s: float) -> float:
-    """How often a live worker beats: five beats per timeout, between 0.2 and 5 seconds."""
-    return max(0.2, min(5.0, float(heartbeat_timeout_s) / 5))
-
-
-def restart_delay(crashes_in_row: int) -> float:
-    """The pause before restarting a worker that failed `crashes_in_row` times: 1, 2, 4 … 60 s."""
-    return min(60.0, 2.0 ** (crashes_in_row - 1))
-
-
-def retires(ooms_in_row: int, execution: dict) -> bool:
-    """Whether a worker with this many out-of-memory failures in a row should leave its card."""
-    return ooms_in_row >= int(execution.get("ooms_before_retire", 2))
-
-
-def failure_message(exc: BaseException) -> str:
-    """What the ledger keeps of a failed job's error: its type and last line."""
-    last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-    return f"{type(exc).__name__}: {last}"[:500]
+# Errors no retry can help
 
 
 FULL, READ_ONLY = "full", "read-only"  # what `storage_problem` finds
@@ -173,7 +153,7 @@ class LedgerJobSource(JobSource):
         return self.ledger.unfinished()
 
     def idle(self):
-        self.ledger.set_worker(self.worker, state="idle", job=None)
+        self.ledger.worker_idle(self.worker)
 
     def peek(self, prefer_group=None):
         return self.ledger.peek(self.spec.queue, prefer_group=prefer_group)
@@ -531,7 +511,7 @@ class JobLoop:
                 ooms_in_row += 1
                 state = source.fail(job.id, f"out of memory: {exc}", outcome="oom")
                 log.error("out of memory on %s (%d in a row); job is now %s", job.key, ooms_in_row, state)
-                left = source.retire(ooms_in_row) if retires(ooms_in_row, spec.execution) else None
+                left = source.retire(ooms_in_row) if Policy.retires(ooms_in_row) else None
                 if left:
                     log.error("repeated out-of-memory: retired this worker; %s now runs %d worker(s)",
                               spec.queue if spec.devices else "this machine", left)
@@ -541,7 +521,7 @@ class JobLoop:
                 if storage_problem(exc):
                     raise
                 log.error("job %s failed:\n%s", job.key, traceback.format_exc())
-                state = source.fail(job.id, failure_message(exc))
+                state = source.fail(job.id, summarise(exc))
                 log.info("job %s is now %s", job.key, state)
             pulse.job_id = None
             self.claim = None

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import WanSweepError
 from .jobs import Job
+from .supervision import (EXITED, FAILED, IDLE, LIVE_WORKER_STATES, LOADING, RETIRED, RUNNING, STARTING, STOPPED,
+                          WORKER_STATES)
 
 # Version 1 of the schema, the first with a version number (older ledgers are version 0). Frozen:
 # a later version changes it through a new step in `MIGRATIONS`, never by editing this text.
@@ -105,7 +107,6 @@ MIGRATIONS = (_to_version_1, _to_version_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JOB_STATES = ("pending", "running", "done", "failed")
-LIVE_WORKER_STATES = ("starting", "loading", "idle", "running")
 # Attempts whose end the worker recorded itself as it happened: their start and end times measure
 # work. A `lost` attempt's end is when someone noticed (a sweep restarted hours later), a `released`
 # one was cut short by a stop, a `skipped` one did nothing.
@@ -138,6 +139,42 @@ def ledger_problem(path: str | os.PathLike, error: BaseException) -> str:
 class Claim:
     job: Job
     attempt: int
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One worker as the ledger knows it (its latest process lifetime)."""
+    id: str
+    host: str | None
+    pid: int | None
+    supervisor_pid: int | None
+    devices: str | None  # "0,1"; "" on CPU
+    state: str  # supervision.WORKER_STATES
+    started_at: float | None
+    heartbeat_at: float | None
+    job: str | None  # the job it generates now
+    jobs_done: int
+    busy_s: float
+    ooms: int
+    restarts: int
+    message: str | None
+    phase: str | None  # before its first job: what it is doing (importing, loading the model)
+    life: str | None
+
+    @property
+    def alive(self) -> bool:
+        """The ledger's word: a live state (whether its processes still exist: `liveness`)."""
+        return self.state in LIVE_WORKER_STATES
+
+    @property
+    def device_ids(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in (self.devices or "").split(",") if d)
+
+    def __getitem__(self, column: str):  # TRANSITIONAL: callers still reading rows as dicts; removed below
+        return getattr(self, column)
+
+
+WORKER_COLUMNS = tuple(WorkerRow.__dataclass_fields__)
 
 
 class Ledger:
@@ -452,7 +489,7 @@ class Ledger:
             state = self._end_attempt(job_id, worker, outcome, error, max_attempts)
             if outcome == "oom":
                 db.execute("UPDATE workers SET ooms=ooms+1 WHERE id=?", (worker,))
-            db.execute("UPDATE workers SET state='idle' WHERE id=? AND job IS NULL", (worker,))
+            db.execute("UPDATE workers SET state=? WHERE id=? AND job IS NULL AND state=?", (IDLE, worker, RUNNING))
         return state
 
     def release(self, job_id: str, worker: str, life: str | None = None, reason: str | None = None) -> None:
@@ -521,12 +558,47 @@ class Ledger:
                         ",".join(map(str, devices)), state, now, now, phase, life))
         return life
 
-    def set_worker(self, worker: str, **fields) -> None:
-        if not fields:
-            return
-        names = ", ".join(f"{k}=?" for k in fields)
+    # A worker's row changes only through these intents, each allowed from the states named: a worker
+    # retired, failed or stopped stays so until a new lifetime registers (`register_worker`).
+    def _move(self, worker: str, to: str, allowed_from: tuple[str, ...], **columns) -> bool:
+        """Set the worker's state (and these columns) if it is in one of `allowed_from`; True if it was."""
+        assert to in WORKER_STATES
+        names = "".join(f", {column}=?" for column in columns)
         with self.transaction() as db:
-            db.execute(f"UPDATE workers SET {names} WHERE id=?", (*fields.values(), worker))
+            moved = db.execute(f"UPDATE workers SET state=?{names} WHERE id=? AND state IN "
+                               f"({','.join('?' * len(allowed_from))})",
+                               (to, *columns.values(), worker, *allowed_from)).rowcount
+        return bool(moved)
+
+    def worker_loading(self, worker: str, phase: str | None, host: str | None = None) -> bool:
+        """Before its first job: what it is doing (importing, loading the model); `host`, where a cluster
+        placed it."""
+        extra = {"host": host} if host else {}
+        return self._move(worker, LOADING, (STARTING, LOADING, IDLE, RUNNING), phase=phase, message=None, **extra)
+
+    def worker_idle(self, worker: str) -> bool:
+        """Loaded (or between jobs) and holding no job."""
+        return self._move(worker, IDLE, (STARTING, LOADING, IDLE, RUNNING), phase=None, job=None)
+
+    def worker_exited(self, worker: str, message: str | None = None) -> bool:
+        """It ended by itself (no work left, a stop, a full disk) or died before saying so."""
+        columns = {"message": message} if message is not None else {}
+        return self._move(worker, EXITED, LIVE_WORKER_STATES, job=None, phase=None, **columns)
+
+    def worker_restarting(self, worker: str, restarts: int, reason: str) -> bool:
+        """It died and its supervisor starts it again (restart number `restarts`)."""
+        return self._move(worker, STARTING, LIVE_WORKER_STATES + (EXITED,), job=None, restarts=restarts,
+                          message=f"restart {restarts}: {reason}")
+
+    def worker_retired(self, worker: str, message: str) -> bool:
+        """It left its card for good (repeated out-of-memory where others share it: `retire_if_shared`
+        decides that on one host; a cluster's driver, by its actors' placement)."""
+        return self._move(worker, RETIRED, LIVE_WORKER_STATES, job=None, message=message)
+
+    def worker_failed(self, worker: str, message: str, restarts: int | None = None) -> bool:
+        """Given up on: `message` says why."""
+        columns = {"restarts": restarts} if restarts is not None else {}
+        return self._move(worker, FAILED, LIVE_WORKER_STATES + (EXITED,), job=None, message=message, **columns)
 
     def retire_if_shared(self, worker: str, devices: tuple[int, ...], message: Callable[[int], str]) -> int | None:
         """Mark the worker retired (`message(left)` says why) if another live worker shares one of its
@@ -538,28 +610,29 @@ class Ledger:
             left = self._card_mates(worker, devices)
             if not left:
                 return None
-            db.execute("UPDATE workers SET state='retired', job=NULL, message=? WHERE id=?", (message(left), worker))
+            db.execute("UPDATE workers SET state=?, job=NULL, message=? WHERE id=?", (RETIRED, message(left), worker))
         return left
 
     def _card_mates(self, worker: str, devices: tuple[int, ...]) -> int:
-        """Live workers other than `worker` that share one of its devices (on CPU: any other live worker)."""
+        """Live workers other than `worker` on its host that share one of its devices (on CPU: any other
+        live worker of its host)."""
+        me = self.worker(worker)
         mine = set(devices)
         mates = 0
         for other in self.workers():
-            if other["id"] == worker or other["state"] not in LIVE_WORKER_STATES:
+            if other.id == worker or not other.alive or (me is not None and other.host != me.host):
                 continue
-            theirs = {int(d) for d in (other["devices"] or "").split(",") if d}
-            if theirs & mine or not mine:
+            if set(other.device_ids) & mine or not mine:
                 mates += 1
         return mates
 
-    def workers(self) -> list[dict]:
-        cur = self.db.execute("SELECT * FROM workers ORDER BY id")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+    def workers(self) -> list["WorkerRow"]:
+        cur = self.db.execute(f"SELECT {', '.join(WORKER_COLUMNS)} FROM workers ORDER BY id")
+        return [WorkerRow(*row) for row in cur.fetchall()]
 
-    def worker(self, worker: str) -> dict | None:
-        return next((w for w in self.workers() if w["id"] == worker), None)
+    def worker(self, worker: str) -> "WorkerRow | None":
+        row = self.db.execute(f"SELECT {', '.join(WORKER_COLUMNS)} FROM workers WHERE id=?", (worker,)).fetchone()
+        return WorkerRow(*row) if row else None
 
     # ---------------------------------------------------------------- queries
     def counts(self) -> dict[str, int]:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from .output_names import value_text
-from .ledger import LIVE_WORKER_STATES, LedgerError, ledger_problem
+from .ledger import LedgerError, WorkerRow, ledger_problem
+from .supervision import LOADING, STARTING
 from .locks import processes_gone
 from .sweep import DiskScan, Sweep
 from .terminal import printable
@@ -154,8 +155,8 @@ def _add_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: 
         workers = ledger.workers()
         # A worker the ledger calls alive whose processes are gone (`stop --now`, every process
         # killed, a reboot) is stopped: it holds no job and has no time left.
-        gone = {w["id"] for w in workers if w["state"] in LIVE_WORKER_STATES and processes_gone(w)}
-        live = {w["id"] for w in workers if w["state"] in LIVE_WORKER_STATES} - gone
+        gone = {w.id for w in workers if w.alive and processes_gone(w)}
+        live = {w.id for w in workers if w.alive} - gone
         # Only what the loop below uses: running and failed jobs.
         for entry in ledger.jobs(running_or_failed=True):
             job = by_id.get(entry["id"])
@@ -174,23 +175,23 @@ def _add_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: 
             report.jobs_per_hour = videos / busy_s * 3600
         rates: dict[str, float | None] = {}
         for worker in workers:
-            videos, busy_s = work_rate(ledger.timed_attempts(worker["id"]))
-            rates[worker["id"]] = videos / busy_s if busy_s > 0 else None
+            videos, busy_s = work_rate(ledger.timed_attempts(worker.id))
+            rates[worker.id] = videos / busy_s if busy_s > 0 else None
         report.workers_alive = len(live)
         report.eta_s = time_left(report.totals.left, [rates[w] for w in live])
         for worker in workers:
-            stopped = worker["id"] in gone
-            current = by_id.get(worker["job"]) if worker["job"] and not stopped else None
-            rate = rates[worker["id"]]
+            stopped = worker.id in gone
+            current = by_id.get(worker.job) if worker.job and not stopped else None
+            rate = rates[worker.id]
             report.workers.append({
-                "id": worker["id"], "state": "stopped" if stopped else worker["state"],
-                "devices": worker["devices"], "host": worker["host"], "jobs_done": worker["jobs_done"],
-                "mean_s": worker["busy_s"] / worker["jobs_done"] if worker["jobs_done"] else None,
+                "id": worker.id, "state": "stopped" if stopped else worker.state,
+                "devices": worker.devices, "host": worker.host, "jobs_done": worker.jobs_done,
+                "mean_s": worker.busy_s / worker.jobs_done if worker.jobs_done else None,
                 "jobs_per_hour": rate * 3600 if rate is not None else None,
                 "current": current.key if current else None,
-                "heartbeat_age_s": now - worker["heartbeat_at"] if worker["heartbeat_at"] else None,
-                "restarts": worker["restarts"], "ooms": worker["ooms"], "message": worker["message"],
-                "phase": worker["phase"] if worker["state"] in ("starting", "loading") and not stopped else None})
+                "heartbeat_age_s": now - worker.heartbeat_at if worker.heartbeat_at else None,
+                "restarts": worker.restarts, "ooms": worker.ooms, "message": worker.message,
+                "phase": worker.phase if worker.state in ("starting", "loading") and not stopped else None})
         report.stop_reason = ledger.get_meta("stop_reason")
         report.ledger_note = unknown_states_note(ledger.unknown_states())
     finally:
@@ -277,13 +278,13 @@ def describe_time_left(report: Report) -> str:
     return "not known yet"
 
 
-def workers_getting_ready(workers: list[dict]) -> str:
+def workers_getting_ready(workers: list[WorkerRow]) -> str:
     """What the workers that have no job yet are doing, e.g. "2 workers loading the model (diffusers)":
     the progress bar's description while a first run imports and loads for seconds to minutes."""
     counts: dict[str, int] = {}
     for worker in workers:
-        if worker["state"] in ("starting", "loading"):
-            phase = worker.get("phase") or ("starting" if worker["state"] == "starting" else "loading the model")
+        if worker.state in (STARTING, LOADING):
+            phase = worker.phase or ("starting" if worker.state == STARTING else "loading the model")
             counts[phase] = counts.get(phase, 0) + 1
     return ", ".join(f"{n} worker{'s' if n != 1 else ''} {phase}" for phase, n in counts.items())
 

@@ -213,7 +213,7 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
         say(f"note: {note}")
     specs = sweep.write_specs(plan)
     if live or locked:
-        taken = {w["id"] for w in live} | set(locked)
+        taken = {w.id for w in live} | set(locked)
         specs = [(s, p) for s, p in specs if s.worker not in taken]
     if stop_requested_since(sweep.state_dir, process_started()):
         say("`stop` was issued while this `run` was starting: no worker started.\n")

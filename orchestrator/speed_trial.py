@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import WanSweepError
+from .harness import open_backend
 from .manifest import COMPILE_MODES, QUANTIZE_MODES, Manifest, SpeedConfig
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,6 @@ def _f(value, digits: int, unit: str = "") -> str:
 def _one(request: dict) -> dict:
     import torch
 
-    from .backend import backend_class
     from .jobs import expand
     from .validation import load_manifest
 
@@ -245,11 +245,9 @@ def _one(request: dict) -> dict:
     model = replace(manifest.model, speed=speed)
     generation = replace(manifest.generation, steps=int(request["steps"]))
     cuda = torch.cuda.is_available()
-    backend = backend_class(model.backend)(model, generation, (0,) if cuda else ())
-    started = time.perf_counter()
     log.info("loading %s with %s", model.path, label(speed))
-    backend.load()
-    facts: dict = {"load_seconds": round(time.perf_counter() - started, 2),
+    backend = open_backend(model, generation, (0,) if cuda else ())
+    facts: dict = {"load_seconds": backend.load_info["load_seconds"],
                    "device": torch.cuda.get_device_name(0) if cuda else None}
     log.info("loaded in %.1fs; first denoiser call (compiles, if compile is on) …", facts["load_seconds"])
 

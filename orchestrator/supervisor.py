@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from datetime import datetime
 
-from .job_loop import restart_delay
-from .ledger import LIVE_WORKER_STATES
+from .ledger import Ledger
+from .locks import hold_worker_lock
 from .planning import WorkerSpec
+from .supervision import GiveUp, Policy
+from .sweep import python_env
 from .terminal import printable
-from .worker import EXIT_DONE, EXIT_RETIRED, EXIT_UNWRITABLE
+from .worker import EXIT_DONE, EXIT_RETIRED, EXIT_UNWRITABLE, detach_from_terminal
 
 POLL_S = 0.5
 
@@ -52,7 +55,6 @@ def _keep_pane_open() -> None:
 
 
 def worker_env(spec: WorkerSpec) -> dict[str, str]:
-    from .sweep import python_env
     env = python_env()
     env["ORCHESTRATOR_SUPERVISOR_PID"] = str(os.getpid())
     if spec.devices:
@@ -65,21 +67,17 @@ def worker_env(spec: WorkerSpec) -> dict[str, str]:
 
 class Supervisor:
     def __init__(self, spec_path: str):
-        from .ledger import Ledger
-        from .locks import hold_worker_lock
         self.spec_path = spec_path
         self.spec = spec = WorkerSpec.read(spec_path)
         self.lock = hold_worker_lock(spec)  # for its whole life: a second `run` sees the sweep running
         self.ledger = Ledger(spec.ledger)
         self.child: subprocess.Popen | None = None
         self.stopping = False
-        self.heartbeat_timeout = float(spec.execution["heartbeat_timeout_s"])
-        self.max_restarts = int(spec.execution["max_restarts"])
+        self.policy = Policy.of(spec.execution)
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGHUP:
-            from .worker import _detach_from_terminal
-            _detach_from_terminal()
+            detach_from_terminal()
         self.stopping = True
         if self.child and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
@@ -95,7 +93,7 @@ class Supervisor:
             if self.ledger.stop_requested() or self.stopping:
                 _say(spec, "stop requested: not starting the worker")
                 return 0
-            done_before = (self.ledger.worker(spec.worker) or {}).get("jobs_done", 0)
+            done_before = self._jobs_done()
             self.child = subprocess.Popen([sys.executable, "-m", "orchestrator.worker", self.spec_path],
                                           env=worker_env(spec))
             reason = self._watch()
@@ -110,29 +108,29 @@ class Supervisor:
                 return 0
             if self.stopping:
                 self.ledger.requeue_worker(spec.worker, "worker stopped")
-                if (self.ledger.worker(spec.worker) or {}).get("state") in LIVE_WORKER_STATES:
-                    self.ledger.set_worker(spec.worker, state="exited", job=None)  # it died before saying so
+                self.ledger.worker_exited(spec.worker)  # if it died before saying so
                 return 0
             reason = reason or f"worker exited with code {code}"
             lost = self.ledger.requeue_worker(spec.worker, reason)
-            done_after = (self.ledger.worker(spec.worker) or {}).get("jobs_done", 0)
-            crashes_in_row = 1 if done_after > done_before else crashes_in_row + 1
-            restarts = (self.ledger.worker(spec.worker) or {}).get("restarts", 0) + 1
-            if crashes_in_row > self.max_restarts:
-                message = (f"{reason}; gave up after {crashes_in_row - 1} restarts in a row without a "
-                           f"finished job (execution.max_restarts={self.max_restarts})")
-                self.ledger.set_worker(spec.worker, state="failed", message=message, job=None)
-                _say(spec, "FAILED: " + message)
+            decision = self.policy.after_crash(reason, crashes_in_row, finished_a_job=self._jobs_done() > done_before)
+            crashes_in_row = decision.crashes_in_row
+            if isinstance(decision, GiveUp):
+                self.ledger.worker_failed(spec.worker, decision.message)
+                _say(spec, "FAILED: " + decision.message)
                 _keep_pane_open()
                 return 1
-            pause = restart_delay(crashes_in_row)
-            self.ledger.set_worker(spec.worker, state="starting", restarts=restarts,
-                                   message=f"restart {restarts}: {reason}")
-            _say(spec, f"{reason}; {lost} job(s) back to the queue; restarting in {pause:.0f}s "
+            row = self.ledger.worker(spec.worker)
+            restarts = (row.restarts if row else 0) + 1
+            self.ledger.worker_restarting(spec.worker, restarts, reason)
+            _say(spec, f"{reason}; {lost} job(s) back to the queue; restarting in {decision.delay_s:.0f}s "
                        f"(restart {restarts}, {crashes_in_row} in a row)")
-            deadline = time.monotonic() + pause
+            deadline = time.monotonic() + decision.delay_s
             while time.monotonic() < deadline and not self.stopping:
                 time.sleep(0.1)
+
+    def _jobs_done(self) -> int:
+        row = self.ledger.worker(self.spec.worker)
+        return row.jobs_done if row else 0
 
     def _watch(self) -> str | None:
         """Wait for the child; kill it if its heartbeat stops. Return why it was killed, if it was."""
@@ -141,11 +139,15 @@ class Supervisor:
             time.sleep(POLL_S)
             if self.stopping:
                 continue
-            worker = self.ledger.worker(self.spec.worker) or {}
-            if worker.get("pid") != child.pid:
+            try:
+                worker = self.ledger.worker(self.spec.worker)
+            except sqlite3.Error:  # a ledger on a disk gone read-only: the worker says so and exits
+                continue
+            if worker is None or worker.pid != child.pid:
                 continue  # not registered yet
-            age = time.time() - (worker.get("heartbeat_at") or time.time())
-            if age > self.heartbeat_timeout:
+            # The worker's heartbeat thread stops beating while its loop shows no progress (`Policy.hung`).
+            age = time.time() - (worker.heartbeat_at or time.time())
+            if self.policy.hung(age):
                 child.kill()
                 child.wait()
                 return f"no heartbeat for {age:.0f}s (hung?): killed the worker"

@@ -16,13 +16,19 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
-from .job_loop import (FULL, RETIRED, JobLoop, LedgerJobSource, Pulse, SlotBackend, heartbeat_interval,
-                       storage_problem)
+from .gpus import NoGpus, discover
+from .harness import Harness
+from .job_loop import FULL, RETIRED, LedgerJobSource, Pulse, storage_problem
+from .ledger import Ledger
+from .locks import hold_worker_lock
+from .manifest import ModelConfig
+from .outputs import remove_partials
 from .planning import WorkerSpec
-from .speed import describe as describe_speed
+from .speed import compile_cache_dir, describe as describe_speed, use_compile_cache
+from .supervision import Policy
+from .terminal import PrintableFormatter  # a prompt's escape sequences are printed, not obeyed
 
 EXIT_DONE = 0  # no work left, or asked to stop
 EXIT_TIMEOUT = 75  # a job ran past job_timeout_s; restart me
@@ -46,7 +52,7 @@ def stop_for_storage(ledger, spec: WorkerSpec, problem: str, error: BaseExceptio
                    "cleanly and nothing made is lost: make it writable and run the same command again")
     log.error("%s", message)
     for step in (lambda: ledger.set_meta("stop_reason", message), ledger.request_stop,
-                 lambda: ledger.set_worker(spec.worker, state="exited", job=None, message=message)):
+                 lambda: ledger.worker_exited(spec.worker, message)):
         try:
             step()
         except Exception:  # the ledger shares the full disk: the others stop when they hit it too
@@ -63,11 +69,11 @@ def _on_signal(signum, frame):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     if signum == signal.SIGHUP:
-        _detach_from_terminal()
+        detach_from_terminal()
     raise Stop(signal.Signals(signum).name)
 
 
-def _detach_from_terminal() -> None:
+def detach_from_terminal() -> None:
     """The terminal (tmux pane) is gone: send further output to /dev/null so writes cannot fail."""
     try:
         null = os.open(os.devnull, os.O_WRONLY)
@@ -89,7 +95,6 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
     log = logging.getLogger(f"worker.{spec.worker}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    from .terminal import PrintableFormatter  # a prompt's escape sequences are printed, not obeyed
     fmt = PrintableFormatter("%(asctime)s %(levelname)s [" + spec.worker + "] %(message)s", "%Y-%m-%d %H:%M:%S")
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
     to_file, to_screen = logging.FileHandler(spec.log, encoding="utf-8"), logging.StreamHandler(sys.stdout)
@@ -114,9 +119,7 @@ class Heartbeat(threading.Thread, Pulse):
     def __init__(self, ledger, spec: WorkerSpec, log: logging.Logger, life: str, supervisor_pid: int | None = None):
         super().__init__(daemon=True, name="heartbeat")
         self.ledger, self.spec, self.log, self.life = ledger, spec, log, life
-        self.timeout = float(spec.execution["heartbeat_timeout_s"])
-        self.job_timeout = float(spec.execution["job_timeout_s"])
-        self.interval = heartbeat_interval(self.timeout)
+        self.policy = Policy.of(spec.execution)
         self.last_sign = time.monotonic()
         self.loading = True
         self.job_id: str | None = None
@@ -134,19 +137,19 @@ class Heartbeat(threading.Thread, Pulse):
 
     def run(self) -> None:
         # Its own connection: the main thread may be inside a transaction on the other one.
-        from .ledger import Ledger
         self.ledger = Ledger(self.ledger.path)
-        while not self.stopped.wait(self.interval):
+        policy = self.policy
+        while not self.stopped.wait(policy.beat_every_s):
             now = time.monotonic()
-            if self.job_id and now - self.job_started > self.job_timeout:
+            if self.job_id and policy.timed_out(now - self.job_started):
                 self.log.error("job %s ran past job_timeout_s=%.0fs: abandoning it and restarting",
-                               self.job_id, self.job_timeout)
+                               self.job_id, policy.job_timeout_s)
                 try:
-                    self.ledger.fail(self.job_id, self.spec.worker, f"timed out after {self.job_timeout:.0f}s",
+                    self.ledger.fail(self.job_id, self.spec.worker, f"timed out after {policy.job_timeout_s:.0f}s",
                                      outcome="timeout", life=self.life)
                 finally:
                     os._exit(EXIT_TIMEOUT)
-            if self.loading or now - self.last_sign < self.timeout:
+            if not policy.hung(now - self.last_sign, self.loading):
                 try:
                     self.ledger.heartbeat(self.spec.worker, self.job_id, life=self.life)
                 except Exception as exc:  # a locked or vanished ledger must not kill the thread
@@ -157,18 +160,12 @@ class Heartbeat(threading.Thread, Pulse):
                 self.log.error("%s", reason)
                 try:
                     self.ledger.requeue_worker(self.spec.worker, reason)
-                    self.ledger.set_worker(self.spec.worker, state="exited", job=None, message=reason)
+                    self.ledger.worker_exited(self.spec.worker, reason)
                 finally:
                     os._exit(EXIT_HUNG_ORPHAN)
 
 
 def run_worker(spec: WorkerSpec) -> int:
-    from .backend import backend_class
-    from .jobs import Job  # noqa: F401  (payloads are Jobs)
-    from .ledger import Ledger
-    from .manifest import GenerationConfig, ModelConfig
-
-    from .locks import hold_worker_lock
     lock = hold_worker_lock(spec)  # noqa: F841 (held until exit: alive even if its supervisor is killed)
     log = setup_logging(spec)
     ledger = Ledger(spec.ledger)
@@ -182,7 +179,6 @@ def run_worker(spec: WorkerSpec) -> int:
                                   phase=f"importing {spec.model.get('backend')}")
     beat = Heartbeat(ledger, spec, log, life, supervisor)
     beat.start()
-    from .outputs import remove_partials
     if os.path.isdir(spec.output_dir):
         # What an earlier run of this worker was writing when it died (a crash mid-encode): only in
         # the folders of this sweep's jobs, never in a walk of the whole output folder.
@@ -190,73 +186,41 @@ def run_worker(spec: WorkerSpec) -> int:
         if left:
             log.info("removed %d partial file(s) left by this worker's previous run", left)
     model = ModelConfig(**spec.model)
-    generation = GenerationConfig(**spec.generation)
     gpu_names = _gpu_names(spec.devices)
     log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
              spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     exit_code = EXIT_DONE
-    source = LedgerJobSource(ledger, spec, life)
-    loop = JobLoop(source, spec, log, pulse=beat)
-    writer = loop.writer
     compile_cache = None
     if model.speed.compile != "none":
-        from .speed import compile_cache_dir, use_compile_cache
         compile_cache = use_compile_cache(compile_cache_dir(spec.output_dir))
         log.info("speed: %s; compiled kernels are cached in %s for this machine's workers",
                  describe_speed(model.speed), compile_cache)
-
-    def load(model: ModelConfig):
-        """This worker's way of loading a model: the first, and again for a job of another quantize."""
-        started = time.monotonic()
-        backend = backend_class(model.backend)(model, generation, spec.devices)
-        backend.owner = spec.worker
-        ledger.set_worker(spec.worker, phase=f"loading the model ({model.backend})")
-        try:
-            backend.load()
-        except BaseException:  # (a stop too) what a half-loaded model holds is let go before we exit
-            try:
-                backend.close()
-            except Exception:
-                log.warning("backend close failed:\n%s", traceback.format_exc())
-            raise
-        backend.load_info.setdefault("load_seconds", round(time.monotonic() - started, 2))
-        parts = backend.load_info.get("components") or {}
-        log.info("model loaded in %.1fs (%s)%s", time.monotonic() - started, model.backend,
-                 "; " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) if parts else "")
-        ledger.set_worker(spec.worker, phase=None)
-        return backend
-
-    backends = SlotBackend(load, model, log)
+    harness = Harness(spec, log, pulse=beat, on_loading=lambda phase: ledger.worker_loading(spec.worker, phase))
+    storage_error = None
     try:
-        backends.open()
+        harness.open()
         beat.loading = False
-        ledger.set_worker(spec.worker, state="idle", phase=None)
-        if loop.run(backends, gpu_names, compile_cache) == RETIRED:
+        ledger.worker_idle(spec.worker)
+        if harness.run(LedgerJobSource(ledger, spec, life), gpu_names, compile_cache) == RETIRED:
             exit_code = EXIT_RETIRED
     except Stop as stop:
         log.info("received %s: stopping cleanly", stop)
-        loop.release_claim()
+        harness.release_claim()
     except Exception as exc:
-        if exc is not writer.storage_error and not storage_problem(exc):
+        if exc is not harness.storage_error and not storage_problem(exc):
             raise
-        writer.storage_error = writer.storage_error or exc
-        loop.release_claim(quietly=True)
+        storage_error = exc
+        harness.release_claim(quietly=True)
     finally:
-        try:
-            loop.close()  # the last video (or the one before a stop) is written before we exit
-        except Exception:
-            log.warning("output writer failed:\n%s", traceback.format_exc())
+        harness.close()  # the last video (or the one before a stop) is written before we exit
         beat.stopped.set()
-        if backends.backend is not None:
-            try:
-                backends.close()
-            except Exception:
-                log.warning("backend close failed:\n%s", traceback.format_exc())
-    if writer.storage_error is not None:
-        stop_for_storage(ledger, spec, storage_problem(writer.storage_error, writing=True), writer.storage_error, log)
+    storage_error = harness.storage_error or storage_error
+    if storage_error is not None:
+        stop_for_storage(ledger, spec, storage_problem(storage_error, writing=storage_error is harness.storage_error),
+                         storage_error, log)
         return EXIT_UNWRITABLE
     if exit_code != EXIT_RETIRED:
-        ledger.set_worker(spec.worker, state="exited", job=None)
+        ledger.worker_exited(spec.worker)
     return exit_code
 
 
@@ -264,7 +228,6 @@ def _gpu_names(devices: tuple[int, ...]) -> list[str]:
     """Names of this worker's cards, for the sidecars (empty on CPU)."""
     if not devices:
         return []
-    from .gpus import NoGpus, discover
     try:
         return [g.name for g in discover(visible=None) if g.index in devices]
     except NoGpus:

@@ -111,7 +111,7 @@ class Executor(ABC):
         ledger.request_stop()
         pids = set()
         for worker in ledger.workers():
-            for pid in (worker["supervisor_pid"], worker["pid"]):
+            for pid in (worker.supervisor_pid, worker.pid):
                 if pid and is_sweep_process(pid):
                     pids.add(pid)
         sig = signal.SIGKILL if now else signal.SIGTERM
@@ -130,5 +130,5 @@ class Executor(ABC):
                 except ProcessLookupError:
                     pass
         for worker in ledger.workers():  # what a killed worker held: back without using an attempt
-            ledger.release_worker(worker["id"], "sweep stopped")
+            ledger.release_worker(worker.id, "sweep stopped")
         return len(pids)

@@ -29,9 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..gpus import GIB, Gpu, nvml_module, process_memories
-from ..job_loop import JobLoop, JobSource, SlotBackend, write_video
-from ..manifest import Manifest
-from ..planning import PlanError
+from ..harness import Harness
+from ..jobs import Job
+from ..job_loop import JobSource, write_video
+from ..ledger import Claim
+from ..manifest import GenerationConfig, Manifest
+from ..planning import PlanError, WorkerSpec
+from ..speed import use_compile_cache
 from .decisions import fit_count
 from .profiles import Profile, cards_name, gib_text
 
@@ -252,7 +256,6 @@ class ProbeJobs(JobSource):
         self.seconds: list[float] = []
 
     def claim(self, prefer_group=None):
-        from ..ledger import Claim
         if not self.waiting:
             return None
         job = self.waiting.pop(0)
@@ -282,15 +285,10 @@ class ProbeJobs(JobSource):
 
 
 def probe(config_path: str, index: int) -> int:
-    from ..backend import backend_class
-    from ..jobs import Job
-    from ..manifest import GenerationConfig, ModelConfig
-    from ..planning import WorkerSpec
 
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     work = Path(config["workdir"])
-    model = ModelConfig(**config["model"])
     generation = GenerationConfig(**config["generation"])
     warmup_steps = min(2, generation.steps)
 
@@ -306,37 +304,31 @@ def probe(config_path: str, index: int) -> int:
                    prompt_index=n, prompt=f"calibration prompt {n}: a red ball rolls across a wooden table",
                    seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"))
 
-    def run_jobs(backends: SlotBackend, numbers: range, compile_cache: str | None = None) -> list[float]:
-        # The workers' own job loop, so the probe measures what a job costs them.
-        spec = WorkerSpec(sweep="calibration", worker=f"probe{index}", devices=tuple(config["devices"]),
-                          queue="calibration", ledger="", log="", output_dir=str(work), model=config["model"],
-                          generation=asdict(backends.backend.generation), execution={})
+    # The workers' own harness and job loop, so the probe measures what a job costs them.
+    spec = WorkerSpec(sweep="calibration", worker=f"probe{index}", devices=tuple(config["devices"]),
+                      queue="calibration", ledger="", log="", output_dir=str(work), model=config["model"],
+                      generation=config["generation"], execution={})
+    harness = Harness(spec, log)
+
+    def run_jobs(numbers: range, compile_cache: str | None = None) -> list[float]:
         source = ProbeJobs([job(n) for n in numbers], work / f"probe{index}.mp4")
-        loop = JobLoop(source, spec, log)
         try:
-            loop.run(backends, [], compile_cache)
+            harness.run(source, [], compile_cache)
         finally:
-            loop.close()
+            harness.finish_writes()
         return source.seconds
 
-    from ..speed import use_compile_cache
     cache = config.get("compile_cache")
     if cache:
         use_compile_cache(cache)
     try:
         t0 = time.monotonic()
-        def load(model: ModelConfig):  # (the probe's jobs have no axes: loaded once)
-            backend = backend_class(model.backend)(model, generation, tuple(config["devices"]))
-            backend.load()
-            return backend
-
-        backends = SlotBackend(load, model, log)
-        backend = backends.open()
+        backend = harness.open()  # (the probe's jobs have no axes: loaded once)
         load_s = time.monotonic() - t0
         write(f"probe{index}.loaded", {"load_s": load_s, "pid": os.getpid()})
         backend.generation = replace(generation, steps=warmup_steps)
         t0 = time.monotonic()
-        run_jobs(backends, range(1), compile_cache=cache)  # the warm-up compiles (speed.compile), one probe at a time
+        run_jobs(range(1), compile_cache=cache)  # the warm-up compiles (speed.compile), one probe at a time
         warm_s = time.monotonic() - t0
         backend.generation = generation
         write(f"probe{index}.ready", {"load_s": load_s, "warmup_s": warm_s, "warmup_steps": warmup_steps,
@@ -353,12 +345,12 @@ def probe(config_path: str, index: int) -> int:
                 continue
             jobs = json.loads(go.read_text(encoding="utf-8"))["jobs"]
             start = time.time()
-            seconds = run_jobs(backends, range(n_job, n_job + jobs))
+            seconds = run_jobs(range(n_job, n_job + jobs))
             n_job += jobs
             write(f"probe{index}.phase{phase}.json", {"start": start, "end": time.time(), "seconds": seconds,
                                                      "peak_torch": backend.peak_memory_bytes()})
             phase += 1
-        backends.close()
+        harness.close()
         return 0
     except ProbeFailed as exc:
         if not exc.out_of_memory:

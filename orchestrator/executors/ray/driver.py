@@ -19,7 +19,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...job_loop import LedgerJobSource, heartbeat_interval, restart_delay
+from ...job_loop import LedgerJobSource
+from ...supervision import Policy
 from ...ledger import Ledger
 from ...planning import WorkerSpec
 from .actor import remote_worker_class
@@ -95,7 +96,8 @@ class Driver(threading.Thread):
         self.heartbeat_timeout = float(execution.heartbeat_timeout_s)
         self.job_timeout = float(execution.job_timeout_s)
         self.max_restarts = int(execution.max_restarts)
-        self.beat_every = heartbeat_interval(self.heartbeat_timeout)
+        self.policy = Policy.of(execution)
+        self.beat_every = self.policy.beat_every_s
         # An actor nobody can place (no free GPU left after a node died) must not hold the sweep forever.
         self.placement_timeout = max(60.0, self.heartbeat_timeout)
         self.log = _logger("driver", str(sweep.logs / "ray_driver.log"))
@@ -175,7 +177,7 @@ class Driver(threading.Thread):
                 slot.state = "ended"
                 if self.ledger is not None:
                     try:
-                        self.ledger.set_worker(slot.id, state="exited", job=None)
+                        self.ledger.worker_exited(slot.id)
                     except Exception:
                         pass
             close_logger(slot.log)
@@ -255,7 +257,7 @@ class Driver(threading.Thread):
         slot.where = where
         if slot.state == "starting":
             slot.state = "loading"
-            self.ledger.set_worker(slot.id, host=where.get("host"), state="loading", message=None)
+            self.ledger.worker_loading(slot.id, None, host=where.get("host"))
         slot.log.info("placed on %s (%s), pid %s, GPU ids %s, CUDA_VISIBLE_DEVICES=%s", where.get("host"),
                       where.get("ip"), where.get("pid"), where.get("gpu_ids"), where.get("cuda_visible_devices"))
 
@@ -265,7 +267,7 @@ class Driver(threading.Thread):
             self._give_up(slot, info["problem"])
             return
         slot.state, slot.last_sign = "working", time.monotonic()
-        self.ledger.set_worker(slot.id, state="idle", job=None)
+        self.ledger.worker_idle(slot.id)
         slot.log.info("model loaded in %.1fs%s", info.get("seconds", 0.0),
                       f" on {', '.join(info['gpu_names'])}" if info.get("gpu_names") else "")
         self._track(slot.actor.work.remote(), slot, "work")
@@ -301,7 +303,7 @@ class Driver(threading.Thread):
             stop_for_storage(self.ledger, slot.spec, answer.get("problem"), answer.get("message") or "", slot.log)
         if slot.state != "retired":
             slot.state = "ended"
-            self.ledger.set_worker(slot.id, state="exited", job=None)
+            self.ledger.worker_exited(slot.id)
 
     # ---------------------------------------------------------------- the actors' job source
     def serve(self, worker: str, method: str, args: dict) -> tuple[str, object]:
@@ -369,7 +371,7 @@ class Driver(threading.Thread):
         message = (f"retired after {ooms} out-of-memory errors in a row; its card on {slot.where.get('host')} "
                    f"now runs {len(mates)} worker(s) for the rest of the sweep")
         slot.state = "retired"  # its loop ends now; the actor goes when it has written its last video
-        self.ledger.set_worker(slot.id, state="retired", job=None, message=message)
+        self.ledger.worker_retired(slot.id, message)
         return len(mates)
 
     def _serve_store(self, slot: _Slot, source: LedgerJobSource, job_id, mp4: bytes, sidecar: dict):
@@ -441,17 +443,17 @@ class Driver(threading.Thread):
             self._give_up(slot, f"gave up after {slot.crashes} failures in a row without a finished job "
                                 f"(execution.max_restarts: {self.max_restarts}); last: {reason}")
             return
-        delay = restart_delay(slot.crashes)
+        delay = self.policy.restart_delay(slot.crashes)
         slot.restarts += 1
         slot.state, slot.restart_at = "waiting", time.monotonic() + delay
-        self.ledger.set_worker(slot.id, state="starting", job=None, restarts=slot.restarts, message=reason[:500])
+        self.ledger.worker_restarting(slot.id, slot.restarts, reason[:500])
         slot.log.info("replacing the actor in %.0fs", delay)
 
     def _give_up(self, slot: _Slot, message: str) -> None:
         self._drop(slot)
         self._release_claims(slot)
         slot.state = "failed"
-        self.ledger.set_worker(slot.id, state="failed", job=None, restarts=slot.restarts, message=message[:500])
+        self.ledger.worker_failed(slot.id, message[:500], restarts=slot.restarts)
         slot.log.error("worker failed for good: %s", message)
 
     def _restart_due(self, now: float) -> None:

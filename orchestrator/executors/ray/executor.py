@@ -16,7 +16,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ...ledger import LIVE_WORKER_STATES
 from ...planning import WorkerSpec
 from ..base import Executor, ExecutorError
 from .actor import MOUNT_CHECK
@@ -74,8 +73,8 @@ class RayExecutor(Executor):
         try:
             ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
             for worker in ledger.workers():
-                if worker["id"] in ours and worker["state"] in LIVE_WORKER_STATES:
-                    ledger.set_worker(worker["id"], state="exited", job=None, message="its Ray driver ended")
+                if worker.id in ours and worker.alive:
+                    ledger.worker_exited(worker.id, "its Ray driver ended")
         finally:
             ledger.close()
 
@@ -155,7 +154,7 @@ class RayExecutor(Executor):
         # Another process drives the sweep: its workers, at least one.
         ledger = self.sweep.ledger()
         try:
-            return max(1, sum(w["state"] in LIVE_WORKER_STATES for w in ledger.workers()))
+            return max(1, sum(w.alive for w in ledger.workers()))
         finally:
             ledger.close()
 
@@ -203,8 +202,8 @@ class RayExecutor(Executor):
                 signalled += _kill(pid)
             ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
             for worker in ledger.workers():  # what a killed driver left running
-                if worker["id"] in ours:  # back without using an attempt, as from any stopped worker
-                    ledger.release_worker(worker["id"], "sweep stopped")
+                if worker.id in ours:  # back without using an attempt, as from any stopped worker
+                    ledger.release_worker(worker.id, "sweep stopped")
             return signalled
         finally:
             ledger.close()

@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     started = time.monotonic()
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     folder = build_random_wan(args.folder, size=args.size, dtype=args.dtype, device=args.device)
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in folder.iterdir() if p.is_dir()}
     print(f"built {args.size} ({args.dtype}) in {time.monotonic() - started:.1f}s at {folder}: " +

@@ -47,7 +47,7 @@ build() {  # build MODEL...  (TINY: the tests' tiny builder, one folder per task
     if [ "$TINY" = 1 ]; then
         $PYTHON - "$ROOT_DIR" "$@" <<'EOF' 2>&1 | tee -a "$OUT/conditioned_build.log"
 import sys
-from orchestrator.random_checkpoints import build_tiny_checkpoint
+from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
 for model in sys.argv[2:]:
     task = model[:-2]  # vace13 -> vace
     print(f"built tiny {task} at {build_tiny_checkpoint(f'{sys.argv[1]}/tiny-{task}', task=task)}")

@@ -146,7 +146,7 @@ def write_shared(folder: Path, keys: dict, device: str, generator, link_from: Pa
     import torch
 
     from orchestrator.backends.diffsynth_files import TEXT_ENCODER, TOKENIZER
-    from orchestrator.random_checkpoints import offline_tokenizer
+    from orchestrator.demo.random_checkpoints import offline_tokenizer
     seconds = {}
     shared = {f"{TEXT_ENCODER}.pth": "text_encoder", "Wan2.1_VAE.pth": "vae", TOKENIZER.split("/")[0]: "tokenizer"}
     for name, component in shared.items():

@@ -5,9 +5,9 @@
     python bench/load_time.py --size wan-14b --device cuda --folder /tmp/loadbench/wan14b   # ~40 GB of files
 
 The checkpoint is a random-weight diffusers folder, built once (`--folder` is reused when it holds one):
-  tiny      `orchestrator.random_checkpoints` (a few thousand parameters)
+  tiny      `orchestrator.demo.random_checkpoints` (a few thousand parameters)
   wan-1.3b  Wan2.1-T2V-1.3B's transformer, the Wan VAE, a 2-layer umt5-width text encoder
-            (`orchestrator.random_checkpoints`, as in the GPU sizing benchmark)
+            (`orchestrator.demo.random_checkpoints`, as in the GPU sizing benchmark)
   wan-14b   Wan2.1-T2V-14B's transformer (40 layers, 40 heads × 128, ffn 13824: 28.6 GB in bf16), the full
             umt5-xxl text encoder (24 layers, d_model 4096, d_ff 10240, 64 heads, vocab 256384: 11.4 GB)
             and the Wan VAE; built here (below), in bf16 from the start so the GPU holds it while it is built
@@ -77,7 +77,7 @@ def build_wan14b(folder: Path, device: str) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from orchestrator.random_checkpoints import tokenizer
+    from orchestrator.demo.random_checkpoints import tokenizer
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # float32 first would need 80 GB for the DiT and T5 alone
@@ -103,7 +103,7 @@ def ensure_checkpoint(size: str, folder: Path, device: str, dtype: str) -> float
     if size == "wan-14b":
         build_wan14b(building, device)
     else:
-        from orchestrator.random_checkpoints import build_random_wan
+        from orchestrator.demo.random_checkpoints import build_random_wan
         build_random_wan(building, size=size, dtype=dtype, device=device)
     os.replace(building, folder)
     seconds = time.monotonic() - started

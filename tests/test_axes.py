@@ -260,7 +260,7 @@ def test_the_diffusers_backend_takes_size_length_and_shift_per_job(tmp_path):
     pytest.importorskip("diffusers")
     from orchestrator.backends.diffusers_wan import DiffusersWanBackend
     from orchestrator.manifest import GenerationConfig, ModelConfig
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
 
     from .conftest import backend_job
     path = build_random_wan(tmp_path / "t2v", size="tiny", variant="t2v")
@@ -304,7 +304,7 @@ def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents
     from orchestrator.backends.diffsynth_wan import DiffSynthWanBackend
     from orchestrator.manifest import GenerationConfig, ModelConfig
     from orchestrator.outputs import write_mp4
-    from orchestrator.random_checkpoints import build_tiny_checkpoint
+    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
 
     from .conftest import backend_job
     path = build_tiny_checkpoint(tmp_path / "Wan-tiny")
@@ -374,7 +374,7 @@ def test_a_quantize_axis_on_the_command_backend_is_refused_at_the_axis(write_man
 def test_fp8_in_a_quantize_axis_needs_an_fp8_card(write_manifest, tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     pytest.importorskip("torchao")
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     checkpoint = build_random_wan(tmp_path / "t2v", size="tiny")
     monkeypatch.setenv("ORCHESTRATOR_FAKE_GPUS", "NVIDIA A800-SXM4-80GB:80:0")
     data = synthetic_manifest(model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint),
@@ -463,7 +463,7 @@ def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp
 def test_a_local_quantize_sweep_runs_each_job_with_its_value_and_reloads_once(write_manifest, tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("torchao")
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     checkpoint = build_random_wan(tmp_path / "t2v", size="tiny")
     path = write_manifest(synthetic_manifest(
         model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint), "dtype": "float32"},

@@ -69,7 +69,7 @@ def sparse_diffusers(folder: Path, size: str) -> Path:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from orchestrator.random_checkpoints import SIZES, VOCAB
+    from orchestrator.demo.random_checkpoints import SIZES, VOCAB
     spec = dict(SIZES["wan-1.3b"])
     text, vocab = dict(spec["text"]), len(VOCAB)
     if size == "wan-14b":
@@ -143,7 +143,7 @@ def write_wan_extras(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     return build_random_wan(tmp_path_factory.mktemp("tiny") / "tiny-wan", "tiny")
 
 
@@ -601,7 +601,7 @@ def sparse_diffsynth(folder: Path, dit_config: dict) -> Path:
     from diffsynth.models.wan_video_vae import VideoVAE_
 
     from orchestrator.backends.diffsynth_files import TEXT_ENCODER, TOKENIZER
-    from orchestrator.random_checkpoints import offline_tokenizer
+    from orchestrator.demo.random_checkpoints import offline_tokenizer
 
     from .conftest import header_only_safetensors
     folder.mkdir(parents=True)

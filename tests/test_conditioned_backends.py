@@ -64,7 +64,7 @@ _BUILT: dict = {}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The tiny checkpoint of a task's release, built once per module."""
-    from orchestrator.random_checkpoints import build_tiny_checkpoint
+    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
 
     def build(task):
         if task not in _BUILT:
@@ -244,7 +244,7 @@ def test_diffsynth_vace_sweep_through_the_cli(write_manifest, refs, checkpoint, 
 
 @pytest.fixture(scope="module")
 def diffusers_checkpoint(tmp_path_factory):
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
 
     def build(variant):
         key = f"diffusers-{variant}"

@@ -35,7 +35,7 @@ GEN = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from orchestrator.random_checkpoints import build_tiny_checkpoint
+    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
 
 
@@ -270,7 +270,7 @@ def test_i2v_starts_from_the_image_and_encodes_each_image_once(tmp_path):
     """A tiny image-to-video DiT in the manner of Wan2.2 I2V-A14B (36 input channels, no CLIP)."""
     from PIL import Image
 
-    from orchestrator.random_checkpoints import build_tiny_checkpoint
+    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
     folder = build_tiny_checkpoint(tmp_path / "i2v", task="i2v")
     images = []
     for name, level in (("dark", 30), ("light", 220)):

@@ -25,7 +25,7 @@ SMALL = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant → folder, built once per module (a few seconds each)."""
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     root = tmp_path_factory.mktemp("wan")
     built = {}
 

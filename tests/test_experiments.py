@@ -26,7 +26,7 @@ def _copy(tmp_path: Path, name: str, model_path: Path, checkpoint_line: str) -> 
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     root = tmp_path_factory.mktemp("models")
     return lambda variant: build_random_wan(root / variant, variant=variant)
 
@@ -77,7 +77,7 @@ def test_the_users_motion_transfer_experiment_plans_680_videos_over_four_cards(t
     pytest.importorskip("diffsynth")
     import yaml
 
-    from orchestrator.random_checkpoints import build_tiny_checkpoint
+    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
     model = build_tiny_checkpoint(tmp_path / "Wan2.1-T2V-14B-stand-in")
     counts = {"camera_motion": 14, "single_object": 33, "multiple_objects": 13, "complex_human_motion": 8}
     for category, clips in counts.items():

@@ -127,12 +127,31 @@ def test_the_job_loop_and_the_planner_load_no_backend():
     assert not [m for m in loaded if m.partition(".")[0] in BACKEND_LIBRARIES]
 
 
+def test_the_fake_checkpoints_are_reached_through_their_seam_only():
+    """The demo's and the tests' fake checkpoints (`orchestrator/demo/`) stay out of the product's path: a
+    module outside it imports its `__init__` only (`materialize`, `tiny_folder`: light), never its builders
+    or DiffSynth's tiny classes, and nothing in it imports a backend."""
+    graph = _import_graph()
+    inside = {m for m in graph if m.startswith("orchestrator.demo.")}
+    reaching_in = {m: sorted(graph[m] & inside) for m in graph
+                   if m != "orchestrator.demo" and not m.startswith("orchestrator.demo.") and graph[m] & inside}
+    assert not reaching_in, f"modules importing the fake checkpoints' builders past orchestrator.demo: {reaching_in}"
+    backends = {m: sorted(t for t in graph[m] if t.startswith("orchestrator.backend"))
+                for m in inside | {"orchestrator.demo"}}
+    assert not {m: t for m, t in backends.items() if t}, "the fake checkpoints import the backends"
+    loaded = ast.literal_eval(subprocess.run(
+        [sys.executable, "-c", "import sys, orchestrator.demo; print(sorted(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=PACKAGE.parent).stdout)
+    assert not [m for m in loaded if m.partition(".")[0] in BACKEND_LIBRARIES]
+    assert not [m for m in loaded if m.startswith("orchestrator.demo.")]
+
+
 # Where a library module still prints, and why: a command's own output (the CLI, the scripts' `main`
 # and usage lines), a child process's answer to its parent, results shown as each arrives, and the
 # supervisor's lines to a pane that may be gone (written to the log file too).
 PRINTS_BY_DESIGN = {
     ("orchestrator.worker", "main"), ("orchestrator.supervisor", "main"), ("orchestrator.supervisor", "_say"),
-    ("orchestrator.sizing.calibration", "main"), ("orchestrator.random_checkpoints", "main"),
+    ("orchestrator.sizing.calibration", "main"), ("orchestrator.demo.random_checkpoints", "main"),
     ("orchestrator.speed_trial", "main"), ("orchestrator.speed_trial", "run_trials"),
 }
 

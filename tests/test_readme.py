@@ -155,7 +155,7 @@ def test_the_readmes_python_api_example_runs_as_written(tmp_path):
 def test_the_readme_names_every_tiny_checkpoint_and_the_first_install():
     """Issue 28: the demo's time left out the first install; the tiny checkpoints' names were not listed,
     nor why `random-tiny-wan-vace` runs with diffusers and not with diffsynth."""
-    from orchestrator.random_checkpoints import FAKE_NAME, VARIANTS
+    from orchestrator.demo import FAKE_NAME, VARIANTS
     quick = README.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"first .{0,80}install.{0,80}about 4½ minutes", quick, flags=re.S), quick
     sentence = quick[quick.index("`random-tiny-wan-<variant>`"):].split(".\n", 1)[0]

@@ -45,7 +45,7 @@ def tiny_diffusers(tmp_path_factory) -> Path:
     """A tiny random-weight Wan2.1 T2V diffusers checkpoint, built once for the module."""
     pytest.importorskip("diffusers")
     pytest.importorskip("torchao")
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     return build_random_wan(tmp_path_factory.mktemp("wan") / "t2v", size="tiny")
 
 
@@ -54,7 +54,7 @@ def tiny_diffsynth(tmp_path_factory) -> Path:
     """DiffSynth's tiny random-weight Wan model in the original file layout, built once."""
     pytest.importorskip("diffsynth")
     pytest.importorskip("torchao")
-    from orchestrator.random_checkpoints import build_tiny_checkpoint
+    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
 
 

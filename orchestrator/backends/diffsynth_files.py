@@ -12,7 +12,7 @@ DiffSynth's loader (`ModelPool.auto_load_model`) recognises a file by an md5 of 
 shapes (`fingerprint`, from the files' headers alone) in its table of known models
 (`diffsynth_model_table`); `identify` says what each file will load as, so that the backend's
 `check()` reports an unrecognised or missing file before anything starts. A tiny test folder
-(random_checkpoints.build_tiny_checkpoint) names its classes in `TINY_MARKER` instead.
+(`orchestrator.demo.tiny_folder`) names its classes in its marker instead.
 """
 from __future__ import annotations
 
@@ -24,17 +24,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.files import _Broken, read_weight_file
 from ..backend import BackendProblem
+from ..checkpoints.files import _Broken, read_weight_file
+from ..checkpoints.layouts import (AUDIO_ENCODER_FOLDER, TEXT_ENCODER_STEM as TEXT_ENCODER,  # the release's names
+                                   TOKENIZER_FOLDER as TOKENIZER)
+from ..demo import tiny_folder
 
 COMPONENTS = ("dit", "text_encoder", "vae", "image_encoder")
 DIT_GLOB = "diffusion_pytorch_model*.safetensors"
-TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16"
 VAES = ("Wan2.2_VAE", "Wan2.1_VAE")
 IMAGE_ENCODER = "models_clip_open-clip-xlm-roberta-large-vit-huge-14"
-TOKENIZER = "google/umt5-xxl"
-TINY_MARKER = "wan_sweep_tiny_random.json"
-AUDIO_ENCODER_FOLDER = "wav2vec2-large-xlsr-53-english"  # Wan2.2-S2V: wav2vec2 weights and processor files
 MODEL_NAMES = {"dit": "wan_video_dit", "text_encoder": "wan_video_text_encoder", "vae": "wan_video_vae",
                "image_encoder": "wan_video_image_encoder", "vace": "wan_video_vace",
                "animate_adapter": "wan_video_animate_adapter", "audio_encoder": "wans2v_audio_encoder"}
@@ -208,18 +207,12 @@ def diffsynth_model_table() -> list[dict] | None:
     return _MODEL_TABLE
 
 
-def tiny_configs(path: str) -> dict | None:
-    marker = Path(path) / TINY_MARKER
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text(encoding="utf-8"))["components"]
-
-
 def identify(files: dict, path: str) -> dict[str, list[dict] | dict | None]:
     """What DiffSynth will load each file as: {component: table entry (for `dit`, one per DiT)}, an entry
     being None where the file is not recognised and {} where it could not be fingerprinted."""
-    tiny = tiny_configs(path)
-    if tiny is not None:
+    tiny = tiny_folder(path)
+    if tiny is not None:  # a test folder: its marker says what each file is
+        tiny = tiny.components
         return {"dit": [tiny["dit"] for _ in files["dit"]],
                 **{c: tiny.get(c) if files.get(c) else None for c in ("text_encoder", "vae", "image_encoder",
                                                                        "audio_encoder")},

@@ -73,11 +73,12 @@ of one input (prompts × seeds) encode it once; the job's noise is still mixed i
 TI2V-5B's fused first-frame latents depend on the job's noise and are encoded per job (one frame).
 
 Without a GPU the pipeline runs on the CPU: the CI tests build a tiny pipeline
-(`random_checkpoints.build_tiny_checkpoint`)
+(`orchestrator.demo.random_checkpoints.build_tiny_checkpoint`)
 from DiffSynth's component classes with tiny configurations. DiffSynth's loader only recognises
 full-size files (by their fingerprint), so a tiny folder carries a marker, `wan_sweep_tiny_random.json`,
-that names each file's class and configuration; only then does the loader skip the recognition and
-load the file with those (through DiffSynth's same `load_model`, converters and VRAM wrappers). CI
+that names each file's class and configuration; only then (`orchestrator.demo.tiny_folder`) does the
+loader skip the recognition and load the file with those (through DiffSynth's same `load_model`,
+converters and VRAM wrappers). CI
 therefore covers everything except the recognition itself; `bench/gpu_diffsynth.sh` proves that with
 full-size random weights saved in the original layout.
 """
@@ -95,11 +96,12 @@ import numpy as np
 from .. import speed as speed_settings
 from ..backend import Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
 from ..checkpoints.releases import download_fix
+from ..demo import tiny_folder
 from ..manifest import CONDITIONED_TASKS
 from .cuda import job_memory, release_memory
 from .diffsynth_caches import install_caches
 from .diffsynth_files import (AUDIO_ENCODER_FOLDER, COMPONENTS, IMAGE_ENCODER, MODEL_NAMES, PART_NAMES, TASK_DITS,
-                              TASK_PARTS, dit_kind, identify, model_files, tiny_configs)
+                              TASK_PARTS, dit_kind, identify, model_files)
 from .shared import model_files_identity, option_problems, speed_card_problems
 
 OPTIONS: dict[str, tuple] = {
@@ -328,7 +330,7 @@ class DiffSynthWanBackend(Backend):
             raise FileNotFoundError("; ".join(p.message for p in problems))
         self.files = files
         vram_config, vram_limit = self._vram_config()
-        tiny = tiny_configs(self.model.path)
+        tiny = tiny_folder(self.model.path)  # a test folder, whose marker names each file's class
 
         pipe = WanVideoPipeline(device=self.device, torch_dtype=self.dtype)
         seconds: dict[str, float] = {}
@@ -347,8 +349,7 @@ class DiffSynthWanBackend(Backend):
                 t0 = time.perf_counter()
                 config = dict(vram_config) if self._managed(component) else self._plain_config()
                 if tiny:
-                    loaded.setdefault(component, []).append(
-                        self._load_tiny(component, entry, tiny[component], config, vram_limit))
+                    loaded.setdefault(component, []).append(tiny.load(component, entry, config, vram_limit))
                 else:
                     models = self._load_recognised(component, entry, config, vram_limit)
                     for name, model in models.items():  # a DiT's file may hold VACE blocks or the Animate adapter
@@ -437,19 +438,6 @@ class DiffSynthWanBackend(Backend):
         if MODEL_NAMES[component] not in pool.model_name:
             raise ValueError(f"{entry} loaded as {pool.model_name}, not as the {component}")
         return dict(zip(pool.model_name, pool.model))  # with what else the file holds (VACE, Animate)
-
-    def _load_tiny(self, component: str, entry, spec: dict, config: dict, vram_limit):
-        """Test folders only: the class and configuration come from the folder's marker instead of the
-        fingerprint; the loading itself is DiffSynth's (`load_model`: DiskMap, converter, VRAM wrappers)."""
-        from diffsynth.core.loader import load_model
-        from diffsynth.models.model_loader import ModelPool
-        pool = ModelPool()
-        tiny_class = "vae" if spec.get("tiny_vae") else spec.get("tiny_class")
-        model_class = tiny_model_class(tiny_class) if tiny_class else pool.import_model_class(spec["model_class"])
-        converter = pool.import_model_class(spec["state_dict_converter"]) if spec.get("state_dict_converter") else None
-        return load_model(model_class, entry, spec.get("extra_kwargs", {}), config["computation_dtype"],
-                          config["computation_device"], converter, use_disk_map=True, vram_config=config,
-                          module_map=pool.fetch_module_map(spec["model_class"], config), vram_limit=vram_limit)
 
     @staticmethod
     def _assemble(pipe, loaded: dict) -> None:
@@ -742,56 +730,3 @@ def _quiet_vae_progress() -> None:
     from tqdm import tqdm
     wan_video_vae.tqdm = partial(tqdm, disable=True)
 
-
-_TINY_CLASSES: dict = {}
-
-
-def tiny_model_class(kind: str):
-    """DiffSynth's classes (their forward passes, loading and VRAM wrappers) at tiny widths, for test
-    folders only: the parts whose widths DiffSynth hard-codes to the released sizes. `vae`: WanVideoVAE
-    around a VideoVAE_ of tiny width; `animate_adapter`: Wan2.2-Animate's adapter (pose embedding, face
-    motion encoder, face blocks) at the tiny DiT's width; `audio_encoder`: Wan2.2-S2V's wav2vec2 encoder
-    with its 24 layers (the S2V DiT weighs all 25 hidden states) but a tiny width."""
-    if kind in _TINY_CLASSES:
-        return _TINY_CLASSES[kind]
-    if kind == "vae":
-        from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
-
-        class TinyWanVideoVAE(WanVideoVAE):
-            def __init__(self, z_dim=16, dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1):
-                super().__init__(z_dim=z_dim)  # under DiffSynth's loader this builds on the meta device
-                self.model = VideoVAE_(dim=dim, z_dim=z_dim, dim_mult=list(dim_mult),
-                                       num_res_blocks=num_res_blocks).eval().requires_grad_(False)
-        _TINY_CLASSES[kind] = TinyWanVideoVAE
-    elif kind == "animate_adapter":
-        import torch
-        from diffsynth.models.wan_video_animate_adapter import (FaceAdapter, FaceEncoder, Generator,
-                                                                WanAnimateAdapter)
-
-        class TinyWanAnimateAdapter(WanAnimateAdapter):
-            def __init__(self, dim=24, num_heads=2, num_adapter_layers=1, face_size=4, z_dim=16):
-                torch.nn.Module.__init__(self)  # the released sizes are hard-coded in WanAnimateAdapter's
-                self.pose_patch_embedding = torch.nn.Conv3d(z_dim, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-                self.motion_encoder = Generator(size=face_size, style_dim=512, motion_dim=20)
-                self.face_adapter = FaceAdapter(heads_num=num_heads, hidden_dim=dim,
-                                                num_adapter_layers=num_adapter_layers)
-                self.face_encoder = FaceEncoder(in_dim=512, hidden_dim=dim, num_heads=1)
-        _TINY_CLASSES[kind] = TinyWanAnimateAdapter
-    elif kind == "audio_encoder":
-        import torch
-        from diffsynth.models.wav2vec import WanS2VAudioEncoder
-        from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-
-        class TinyWanS2VAudioEncoder(WanS2VAudioEncoder):
-            def __init__(self, hidden_size=16, conv_dim=8, num_hidden_layers=24):
-                torch.nn.Module.__init__(self)
-                self.model = Wav2Vec2ForCTC(Wav2Vec2Config(
-                    hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=2,
-                    num_hidden_layers=num_hidden_layers, conv_dim=[conv_dim] * 7, num_conv_pos_embeddings=16,
-                    num_conv_pos_embedding_groups=2, do_stable_layer_norm=True, feat_extract_norm="layer",
-                    vocab_size=33))
-                self.video_rate = 30
-        _TINY_CLASSES[kind] = TinyWanS2VAudioEncoder
-    else:
-        raise ValueError(f"no tiny class {kind!r}")
-    return _TINY_CLASSES[kind]

@@ -56,6 +56,7 @@ import numpy as np
 from .. import speed as speed_settings
 from ..backend import Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
 from ..checkpoints.releases import download_fix
+from ..demo import materialize
 from ..manifest import SpeedConfig
 from .cuda import job_memory, release_memory
 from .shared import model_files_identity, option_problems, speed_card_problems
@@ -151,8 +152,7 @@ class DiffusersWanBackend(Backend):
             problems.append(BackendProblem("model", "the diffusers backend needs model.path: a local diffusers "
                                            "checkpoint folder (with model_index.json)", "add `path:` to model"))
             return problems
-        from ..random_checkpoints import build_on_first_use
-        if not build_on_first_use(model.path):  # a path named random-tiny-wan-* (the demo) is built
+        if not materialize(model.path):  # a path named random-tiny-wan-<variant> (the demo's) is built there
             problems.append(BackendProblem(
                 "model.path", f"model.path `{model.path}` is not a local diffusers checkpoint folder (no "
                 "model_index.json there); nothing is downloaded unless you ask",

@@ -347,6 +347,8 @@ DIT_PARTS = (
     ("camera adapter", ("control_adapter.",), "control"),
 )
 AUDIO_ENCODER_FOLDER = "wav2vec2-large-xlsr-53-english"  # Wan2.2-S2V-14B's audio encoder and processor
+TEXT_ENCODER_STEM = "models_t5_umt5-xxl-enc-bf16"  # the umT5-XXL text encoder (.pth, or .safetensors of that stem)
+TOKENIZER_FOLDER = "google/umt5-xxl"  # its tokenizer
 RELIGHTING_LORA = "relighting_lora.ckpt"  # Wan2.2-Animate-14B's, for its replace mode
 TASK_NEEDS = {"vace": "VACE blocks in the DiT's file (Wan2.1-VACE-14B, Wan2.2-VACE-Fun-A14B)",
               "animate": "the Animate adapter in the DiT's file (Wan2.2-Animate-14B)",

@@ -1,9 +1,10 @@
 """Random-weight Wan checkpoints in the diffusers layout (and, `build_tiny_checkpoint`, a tiny one in
 the original layout for the diffsynth backend): a FAKE of real weights, for tests, the demo
 and benchmarks, where nothing can be downloaded. Their videos are noise; their shapes, files and
-loading path are the real ones, so the product's loading code runs unchanged on them.
+loading path are the real ones, so the product's loading code runs unchanged on them. The product
+builds one only through `orchestrator.demo.materialize` (a `model.path` named `random-tiny-wan-<variant>`).
 
-    python -m orchestrator.random_checkpoints FOLDER [--variant t2v|i2v|a14b|a14b-i2v|ti2v] [--size tiny|wan-1.3b]
+    python -m orchestrator.demo.random_checkpoints FOLDER [--variant t2v|i2v|a14b|a14b-i2v|ti2v] [--size tiny|wan-1.3b]
 
 Variants (the model families users run):
   t2v       Wan2.1 text-to-video (also the checkpoint video-to-video runs on)
@@ -20,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-VARIANTS = ("t2v", "i2v", "a14b", "a14b-i2v", "ti2v", "vace", "animate")
+from ..checkpoints.layouts import AUDIO_ENCODER_FOLDER, TEXT_ENCODER_STEM, TOKENIZER_FOLDER
+from . import FAKE_NAME, TINY_MARKER, VARIANTS, materialize
 BOUNDARY = {"a14b": 0.875, "a14b-i2v": 0.9}  # Wan2.2's own boundaries (t2v, i2v)
 
 SIZES = {
@@ -161,35 +162,6 @@ def build_random_wan(folder: str | os.PathLike, size: str = "tiny", dtype: str =
     return folder
 
 
-FAKE_NAME = re.compile(r"^random-(?P<size>tiny)-wan-(?P<variant>t2v|i2v|a14b|a14b-i2v|ti2v|vace|animate)$")
-
-
-def build_on_first_use(path: str | os.PathLike) -> bool:
-    """A `model.path` named `random-tiny-wan-<variant>` (the demo's) is built there on first use.
-
-    Only that name, which says it is a fake; any other missing checkpoint stays an error. Built
-    beside and renamed into place, so an interrupted build, or two at once, never leave half a one.
-    Returns True when the folder holds a checkpoint afterwards.
-    """
-    folder = Path(path)
-    match = FAKE_NAME.match(folder.name)
-    if (folder / "model_index.json").is_file():
-        return True
-    if match is None or folder.exists():
-        return False
-    import shutil
-    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    try:
-        build_random_wan(building, size=match["size"], variant=match["variant"])
-        try:
-            os.rename(building, folder)
-        except OSError:  # another process finished first: keep theirs
-            pass
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return (folder / "model_index.json").is_file()
-
-
 # --------------------------------------------------------------------------------------------------
 # DiffSynth's layout: tiny random weights in the original Wan files, for the diffsynth backend's CI
 
@@ -262,7 +234,7 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
 
     DiffSynth's file loader only recognises full-size files, so the folder carries `TINY_MARKER`,
     naming each file's class and configuration; the backend loads a folder with that marker without
-    the recognition (see orchestrator/backends/diffsynth_wan.py's docstring). `task="i2v"` makes the DiT an image-to-video one in the
+    the recognition (`orchestrator.demo.tiny_folder`; orchestrator/backends/diffsynth_wan.py's docstring). `task="i2v"` makes the DiT an image-to-video one in the
     manner of Wan2.2 I2V-A14B (36 input channels: the first frame's VAE encoding; no CLIP encoder).
     The conditioned tasks, each in the manner of its release: `vace` (Wan2.1-VACE: VACE blocks in the DiT's
     file), `control` (Wan2.2-Fun-A14B-Control: 52 input channels, a reference-image conv),
@@ -277,7 +249,7 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
     from diffsynth.models.wan_video_vae import VideoVAE_
     from safetensors.torch import save_file
 
-    from .backends.diffsynth_files import AUDIO_ENCODER_FOLDER, TEXT_ENCODER, TINY_MARKER, TOKENIZER
+    from .diffsynth_tiny import tiny_model_class
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -303,8 +275,6 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
     extra = {"vace": "vace", "animate": "animate_adapter"}.get(task)
     if extra:  # the released file holds the DiT and this part; each loads through its converter
         from diffsynth.models.wan_video_vace import VaceWanModel
-
-        from .backends.diffsynth_wan import tiny_model_class
         spec = components[extra] = json.loads(json.dumps(TINY_EXTRA[extra]))
         part = (VaceWanModel(**spec["extra_kwargs"]) if extra == "vace"
                 else tiny_model_class(extra)(**spec["extra_kwargs"]))
@@ -315,12 +285,12 @@ def build_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, task: str = 
         _save_tiny_audio_encoder(folder / AUDIO_ENCODER_FOLDER)
         components["audio_encoder"] = json.loads(json.dumps(TINY_EXTRA["audio_encoder"]))
     text_encoder = WanTextEncoder(**TINY["text_encoder"]["extra_kwargs"])
-    torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER}.pth")
+    torch.save(text_encoder.state_dict(), folder / f"{TEXT_ENCODER_STEM}.pth")
     vae = TINY["vae"]["extra_kwargs"]
     # the original VAE file holds VideoVAE_'s tensors; DiffSynth's converter adds the "model." prefix
     torch.save(VideoVAE_(dim=vae["dim"], z_dim=vae["z_dim"], dim_mult=vae["dim_mult"],
                          num_res_blocks=vae["num_res_blocks"]).state_dict(), folder / "Wan2.1_VAE.pth")
-    offline_tokenizer(folder / TOKENIZER)
+    offline_tokenizer(folder / TOKENIZER_FOLDER)
     (folder / "config.json").write_text(json.dumps({"model_type": task, **components["dit"]["extra_kwargs"]}),
                                         encoding="utf-8")
     (folder / TINY_MARKER).write_text(json.dumps({
@@ -336,7 +306,7 @@ def _save_tiny_audio_encoder(folder: Path) -> None:
     from safetensors.torch import save_file
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-    from .backends.diffsynth_wan import tiny_model_class
+    from .diffsynth_tiny import tiny_model_class
     folder.mkdir(parents=True, exist_ok=True)
     encoder = tiny_model_class("audio_encoder")(**TINY_EXTRA["audio_encoder"]["extra_kwargs"])
     save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, folder / "model.safetensors")
@@ -364,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not FAKE_NAME.match(folder.name):
         build_random_wan(folder, args.size, args.dtype, args.device, variant=args.variant)
-    elif not build_on_first_use(folder):
+    elif not materialize(folder):
         return 1
     print(f"saved a random-weight {args.variant} checkpoint ({args.size}) to {folder}")
     return 0

@@ -40,7 +40,7 @@ def test_the_readmes_first_commands_run_as_written_in_a_fresh_shell(tmp_path):
     test's interpreter's environment; the demo's checkpoint), and a shell with nothing of this session
     in its environment."""
     pytest.importorskip("diffusers")  # the demo's backend
-    from orchestrator.random_checkpoints import build_random_wan
+    from orchestrator.demo.random_checkpoints import build_random_wan
     (block,) = [b for b in _bash_blocks() if ACTIVATE in b]
     commands = _commands(block)
     assert commands[0] == ACTIVATE and len(commands) > 1

@@ -25,9 +25,12 @@ import yaml
 
 from .errors import WanSweepError
 from .executor_names import EXECUTOR_NAMES
+from .jobs import expand as expand_jobs
 from .manifest import MAX_NESTING, Manifest
 from .outputs import TEMP_MARK
+from .report import build_report
 from .run import Preview, RunOptions, RunResult, check_folder, preview, run_sweep, stop_sweep
+from .sweep import Sweep
 from .validation import load_manifest
 
 __all__ = ["ArgumentError", "Manifest", "RunOptions", "RunResult", "WanSweepError", "dict_manifest_path", "expand",
@@ -196,7 +199,6 @@ def from_dict(data: dict, base: str | os.PathLike = ".") -> Manifest:
 def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list:
     """Every job of the manifest, in its fixed order, with stable ids and checked output paths. A long
     expansion (200,000 jobs or more) says so first, and how far it got, to `say` (else it is logged)."""
-    from .jobs import expand as expand_jobs
     manifest = _check_manifest("expand", manifest)
     return expand_jobs(manifest, say=_check_say("expand", say) if say is not None else None)
 
@@ -240,8 +242,6 @@ def run(manifest: Manifest, executor: str | None = None, say: Callable[[str], No
 def report(manifest: Manifest):
     """The sweep's report (`report`): a `report.Report` dataclass (per category, per worker, failed
     jobs, throughput, time left); `.to_dict()` is exactly what `report --json` prints."""
-    from .report import build_report
-    from .sweep import Sweep
     sweep = Sweep(_check_manifest("report", manifest))
     check_folder(sweep, owner_only=True)
     return build_report(sweep)
@@ -250,7 +250,6 @@ def report(manifest: Manifest):
 def stop(manifest: Manifest, now: bool = False, say: Callable[[str], None] | None = print) -> int | None:
     """Stop the sweep's workers (`stop`; `now`: kill them): how many processes were signalled, None
     when the sweep has no ledger (nothing to stop)."""
-    from .sweep import Sweep
     manifest = _check_manifest("stop", manifest)
     now, say = _check_flag("stop", "now", now), _check_say("stop", say)
     sweep = Sweep(manifest)

@@ -19,19 +19,29 @@ import sys
 import time
 from contextlib import contextmanager
 
-from . import api
+from . import __version__, api, checkpoints
+from .backend import BACKENDS, backend_class
+from .checkpoints import download_fix
 from .errors import UserError, WanSweepError
 from .executor_names import EXECUTOR_NAMES
+from .invocation import program_name
+from .jobs import axis_value_text, count_by_category
 from .ledger import LedgerError, ledger_problem
-from .manifest import ManifestError
+from .manifest import ManifestError, located_problem
+from .planning import checked_cpu_slots
+from .report import build_report, format_report, pad, report_json, unknown_states_note
+from .review import write_page
 from .run import check_checkpoint, check_folder
+from .sizing import expected_times
+from .speed import describe as describe_speed, identity as speed_identity
+from .speed_trial import (DEFAULT_CANDIDATES, TrialError, candidate_problems, format_trials, label, parse_candidate,
+                          run_trials)
+from .sweep import OWNER_FILE, FolderProblem, Sweep
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .invocation import program_name
     prog = program_name()  # as it was started: wan-sweep, run_experiment.py, python -m orchestrator
     started_as = "python run_experiment.py" if prog == "run_experiment.py" else prog
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python run_experiment.py", started_as),
@@ -133,7 +143,6 @@ def _command(args) -> int:
     except sqlite3.DatabaseError as exc:  # damaged, or in a read-only or full folder
         if manifest is None:
             raise
-        from .sweep import Sweep
         return _fail(args, LedgerError(ledger_problem(Sweep(manifest).ledger_path, exc)))
     except WanSweepError as exc:
         return _fail(args, exc)
@@ -144,7 +153,6 @@ def _recorded_manifest(target: str) -> str:
     stderr; a manifest file as given."""
     import json
     from pathlib import Path
-    from .sweep import OWNER_FILE
     folder = Path(target)
     if not folder.is_dir():
         return target
@@ -227,7 +235,6 @@ def _output_may_close():
 
 def _options(args) -> dict:
     """The api's run and plan options (`RunOptions` fields) from the arguments."""
-    from .planning import checked_cpu_slots
     return dict(executor=args.executor, cpu_slots=checked_cpu_slots(args.cpu_slots, "--cpu-slots"),
                 recalibrate=args.recalibrate,
                 allow_non_empty=args.allow_non_empty, follow=getattr(args, "follow", False),
@@ -241,8 +248,6 @@ def _say(text: str) -> None:
 
 
 def cmd_plan(manifest, args) -> int:
-    from .jobs import count_by_category
-    from .report import pad
     planned = api.plan(manifest, **_options(args))
     sweep, plan, gpus, why, scan = planned.sweep, planned.plan, planned.gpus, planned.why, planned.scan
     ledger_note = _check_ledger(sweep)  # `run` refuses a damaged one: so does its dry run
@@ -251,7 +256,6 @@ def cmd_plan(manifest, args) -> int:
     print(f"model      {manifest.model.backend} {manifest.model.task} {manifest.model.path or ''}")
     g = manifest.generation
     print(f"settings   {g.width}x{g.height}, {g.num_frames} frames @ {g.fps} fps, {g.steps} steps")
-    from .jobs import axis_value_text
     for axis in manifest.axes:
         values = ", ".join(" ".join(f"{key}={axis_value_text(value)}" for key, value in point.items())
                            if len(axis.keys) > 1 else axis_value_text(point[axis.keys[0]])
@@ -260,7 +264,6 @@ def cmd_plan(manifest, args) -> int:
     if manifest.axes:
         h = manifest.heaviest_generation
         print(f"sized for  the heaviest job: {h.width}x{h.height}, {h.num_frames} frames, {h.steps} steps")
-    from .speed import describe as describe_speed, identity as speed_identity
     quantize = list(dict.fromkeys(point["quantize"] for axis in manifest.axes if "quantize" in axis.keys
                                   for point in axis.assignments()))
     if quantize:
@@ -275,7 +278,6 @@ def cmd_plan(manifest, args) -> int:
         print(f"speed      {describe_speed(manifest.model.speed)}"
               + ("  (quantize is part of each job's identity)" if speed_identity(manifest.model.speed) else ""))
     if gpus:
-        from .sizing import expected_times
         for line in expected_times(manifest, gpus):
             print(f"           expected on {line}")
     print(f"jobs       {len(sweep.jobs)} ({len(scan.complete)} already done, "
@@ -302,7 +304,6 @@ def cmd_plan(manifest, args) -> int:
     print(f"workers    {len(plan.workers)}: " + ", ".join(w.id for w in plan.workers))
     for note in plan.notes:
         print(f"note       {note}")
-    from .backend import backend_class
     for note in backend_class(manifest.model.backend).plan_notes(manifest):
         print(f"note       {note}")
     if ledger_note:
@@ -315,7 +316,6 @@ def cmd_plan(manifest, args) -> int:
 def _check_ledger(sweep) -> str | None:
     """LedgerError when the sweep's ledger is damaged (as `run` would find it); else a note on rows of
     an unknown state, or None."""
-    from .report import unknown_states_note
     if not sweep.has_ledger():
         return None
     ledger = sweep.ledger(readonly=True)
@@ -332,8 +332,6 @@ def cmd_run(manifest, args) -> int:
 
 def cmd_report(manifest, args) -> int:
     """Exit 1 when jobs failed for good (as `run` does), so a script can tell; else 0."""
-    from .report import build_report, format_report, report_json
-    from .sweep import FolderProblem, Sweep
     sweep = Sweep(manifest)
     check_folder(sweep, owner_only=True)
     report = None
@@ -342,11 +340,9 @@ def cmd_report(manifest, args) -> int:
             report = build_report(sweep)
             text = report_json(report, one_line=bool(args.watch)) if args.json else format_report(report)
             if args.html:
-                from .review import write_page
                 try:
                     page = write_page(sweep, report, reload_s=args.watch)  # atomic: never half a page
                 except FolderProblem as exc:
-                    from .manifest import located_problem
                     raise located_problem(manifest, "output_dir", exc.message, exc.fix, fallback="name") from None
                 except OSError as exc:  # a read-only output folder, a full disk
                     raise UserError(f"cannot write the review page into {sweep.root}: {exc.strerror or exc} "
@@ -381,7 +377,6 @@ def cmd_stop(manifest, args) -> int:
 
 
 def cmd_models(args) -> int:
-    from . import checkpoints
     if args.models_command == "download":
         checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
         if checkpoint is not None:
@@ -408,8 +403,6 @@ def cmd_models(args) -> int:
 
 
 def _models_speed(args) -> int:
-    from .speed_trial import (DEFAULT_CANDIDATES, TrialError, candidate_problems, format_trials, label,
-                              parse_candidate, run_trials)
     manifest = api.load(args.target)
     check_checkpoint(manifest)
     candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
@@ -441,7 +434,6 @@ def _raw_layout(target: str) -> str | None:
     """The checkpoint layout the manifest's backend loads (diffsynth: `wan`, diffusers: `diffusers`), for
     `models status` to offer that release first when the folder is missing; None for a checkpoint path."""
     backend = _raw_model_key(target, "backend")
-    from .backend import BACKENDS, backend_class
     return backend_class(backend).checkpoint_layout if backend in BACKENDS else None
 
 
@@ -481,8 +473,6 @@ def _model_target(target: str, need_manifest: bool):
     if not manifest.model.path:
         raise UserError(f"{file}: its model has no path (backend {manifest.model.backend})")
     if not os.path.exists(manifest.model.path):
-        from .backend import backend_class
-        from .checkpoints import download_fix
         layout = backend_class(manifest.model.backend).checkpoint_layout
         raise UserError(f"{file}: model.path {manifest.model.path} is not a local folder; "
                         + download_fix(manifest.model.path, layout, manifest.model.task))
@@ -490,7 +480,6 @@ def _model_target(target: str, need_manifest: bool):
 
 
 def _models_fit(args, path: str, manifest) -> int:
-    from . import checkpoints
     checkpoint = checkpoints.verify(path)
     if manifest is not None:
         g = manifest.heaviest_generation  # with axes, the largest job must fit

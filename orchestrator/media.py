@@ -37,6 +37,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from .manifest import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
 
 class UnreadableReference(ValueError):
     """A reference file that cannot be read as the model needs it."""
@@ -260,7 +262,6 @@ class ReferenceCache:
 
 
 def _kind_of(path: str | Path) -> str:
-    from .manifest import AUDIO_SUFFIXES, IMAGE_SUFFIXES
     suffix = Path(path).suffix.lower()
     if suffix in AUDIO_SUFFIXES:
         return "audio"

@@ -15,7 +15,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .backend import backend_class
+from .checkpoints import CheckpointError, detect_layout, inspect
 from .errors import UserError
+from .executor_names import DEFAULT_EXECUTOR, EXECUTOR_NAMES
+from .executors import executor_class
+from .invocation import command_prefix
+from .locks import live_workers, locked_workers, request_stop, run_lock, stop_requested_since, wait_for_worker_locks
+from .manifest import located_problem
+from .outputs import remove_partials
+from .report import build_report, format_report, workers_getting_ready
+from .sweep import FolderProblem, Sweep
 
 Say = Callable[[str], None]
 
@@ -56,8 +66,6 @@ def check_folder(sweep, allow_non_empty: bool = False, owner_only: bool = False,
     """Refuse an output folder that is not this sweep's (or, with `writable`, that cannot take its
     files; or, with `setting_up`, the run lock's holder, that another manifest's `run` is taking), at
     the manifest's `output_dir` line."""
-    from .manifest import located_problem
-    from .sweep import FolderProblem
     try:
         sweep.check_owner() if owner_only else sweep.check_folder(allow_non_empty)
         if setting_up and isinstance(setting_up.get("sweep"), str):
@@ -73,10 +81,8 @@ def check_checkpoint(manifest) -> None:
     path = manifest.model.path
     if not path or not os.path.exists(path):
         return  # none, or a hub id: the backend's check says what to do
-    from .backend import backend_class
     if not backend_class(manifest.model.backend).verify_checkpoint:
         return
-    from .checkpoints import CheckpointError, detect_layout, inspect
     if detect_layout(path) is None:
         return
     try:
@@ -97,8 +103,6 @@ def executor_kind(manifest, options: RunOptions, need_available: bool = True):
     when asked for (`--executor local`), never as a silent fallback. Planning on this machine's GPUs
     needs nothing of the executor (`need_available=False`: a `plan` for tmux works where tmux is
     missing); a cluster executor must always be able to reach its cluster."""
-    from .executor_names import DEFAULT_EXECUTOR
-    from .executors import executor_class
     name = options.executor or manifest.execution.executor or DEFAULT_EXECUTOR
     kind = executor_class(name)
     missing = kind.unavailable() if need_available or not kind.plans_here else None
@@ -115,7 +119,6 @@ def plan_resources(manifest, sweep, executor, options: RunOptions):
 
 def preview(manifest, options: RunOptions = RunOptions()) -> Preview:
     """The dry run of `plan`: the checks `run` makes, the plan and what is already made; starts nothing."""
-    from .sweep import Sweep
     check_checkpoint(manifest)
     sweep = Sweep(manifest)
     check_folder(sweep, options.allow_non_empty)
@@ -128,11 +131,6 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     """Validate, plan, start the workers and follow them (see the module docstring)."""
     import shlex
 
-    from .invocation import command_prefix
-    from .outputs import remove_partials
-    from .locks import live_workers, locked_workers, run_lock, stop_requested_since, wait_for_worker_locks
-    from .report import build_report, format_report
-    from .sweep import Sweep
 
     check_checkpoint(manifest)
     sweep = Sweep(manifest)
@@ -257,10 +255,6 @@ def stop_sweep(sweep, now: bool = False, say: Say = print) -> int | None:
 
     A `run` still starting sees the request and starts no worker; one past that point holds the run
     lock until its workers are up: this waits for it, then stops them like any others."""
-    from .executor_names import EXECUTOR_NAMES
-    from .executors import executor_class
-    from .locks import request_stop, run_lock
-    from .sweep import FolderProblem
     try:
         sweep.check_folder()
     except FolderProblem:
@@ -312,7 +306,6 @@ def follow(sweep, ledger, alive, total: int, show: bool) -> bool:
     True on Ctrl-C."""
     from tqdm import tqdm
 
-    from .report import workers_getting_ready
     counts = ledger.counts()
     bar = tqdm(total=total, initial=counts["done"], unit="video", dynamic_ncols=True, disable=not show,
                smoothing=0.05)

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import backend_class
 from .errors import WanSweepError
 from .harness import open_backend
+from .jobs import expand
 from .manifest import COMPILE_MODES, QUANTIZE_MODES, Manifest, SpeedConfig
+from .validation import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,6 @@ def candidate_problems(manifest: Manifest, speed: SpeedConfig) -> list[str]:
     check, as `load_manifest` runs it: fp8 on a card without fp8, torchao missing, …), each with its fix;
     checked before any candidate loads the model. Problems the manifest has with its own settings are not
     the candidate's."""
-    from .backend import backend_class
     backend = backend_class(manifest.model.backend)
     own = {str(found) for found in backend.check(manifest)}
     trial = replace(manifest, model=replace(manifest.model, speed=speed))
@@ -236,8 +238,6 @@ def _f(value, digits: int, unit: str = "") -> str:
 def _one(request: dict) -> dict:
     import torch
 
-    from .jobs import expand
-    from .validation import load_manifest
 
     manifest = load_manifest(request["manifest"])
     folder = Path(request["folder"])

@@ -8,9 +8,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .files import CheckpointError, GIB, RUN_BYTES
+from ..gpus import NoGpus, discover
+from ..sizing.profiles import ProfileCache, profile_key, profiles_folder
+from .files import GIB, RUN_BYTES, CheckpointError
 from .layouts import Checkpoint, _count, _table
-
 
 # --------------------------------------------------------------------------------------------------
 # What fits where: the memory of one worker, per strategy
@@ -378,7 +379,6 @@ def parse_gpu(text: str) -> GpuKind:
 
 def machine_gpus() -> tuple[list[GpuKind], str | None]:
     """This machine's GPUs (NVML, or FAKE cards via ORCHESTRATOR_FAKE_GPUS), one entry per model."""
-    from ..gpus import NoGpus, discover
     try:
         gpus = discover()
     except NoGpus as exc:
@@ -546,7 +546,6 @@ def _memory_keys(backend: str) -> set[str]:
 
 def measured_profiles(manifest) -> list:
     """Calibration profiles of this manifest's settings (any GPU, any card count) with their paths."""
-    from ..sizing.profiles import ProfileCache, profile_key, profiles_folder
     mine = {k: v for k, v in profile_key(manifest, "", 1).items() if k not in ("gpu", "cards")}
     return [(profile, os.path.relpath(path)) for profile, path in ProfileCache(profiles_folder(manifest)).all()
             if {k: v for k, v in profile.key.items() if k not in ("gpu", "cards")} == mine]

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import WanSweepError
+from ..gpus import NoGpus, discover
 from ..locks import is_sweep_process, live_workers
-from ..planning import Plan, WorkerSpec
+from ..planning import Plan, PlanError, WorkerSpec, make_plan
+from ..sizing import make_sizer
 from ..sweep import Sweep
 
 
@@ -28,7 +30,6 @@ class ExecutorError(WanSweepError, RuntimeError):
 
 def machine_gpus():
     """This machine's usable GPUs and, where there are none, why: (gpus, None) or (None, reason)."""
-    from ..gpus import NoGpus, discover
     try:
         return discover(), None
     except NoGpus as exc:
@@ -37,8 +38,6 @@ def machine_gpus():
 
 def plan_this_machine(manifest, jobs, cpu_slots: int | None = None, recalibrate: bool = False):
     """The plan over this machine's GPUs (sized by calibration where asked), or its CPU slots."""
-    from ..planning import PlanError, make_plan
-    from ..sizing import make_sizer
     gpus, why = machine_gpus()
     sizer = make_sizer(manifest, recalibrate=recalibrate) if gpus else None
     try:

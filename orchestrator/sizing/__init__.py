@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from ..backend import backend_class
-from ..gpus import Gpu
+from ..gpus import FAKE_ENV, Gpu
 from ..manifest import Manifest
 from ..planning import DeviceGroup, PlanError
 from .calibration import MAX_PROBE_WORKERS, DoesNotFit, calibrate
@@ -165,7 +165,6 @@ def make_sizer(manifest: Manifest, recalibrate: bool = False, calibrator: Calibr
                say: Callable[[str], None] | None = None) -> Sizer | None:
     if not needs_sizing(manifest):
         return None
-    from ..gpus import FAKE_ENV
     if calibrator is None and os.environ.get(FAKE_ENV):
         return None  # FAKE cards cannot run a calibration job: plan from the manifest's counts
     return Sizer(profiles_folder(manifest), recalibrate=recalibrate, calibrator=calibrator,

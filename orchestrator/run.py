@@ -11,6 +11,7 @@ person should read goes to `say` (the command line passes `print`); errors are `
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -128,112 +129,142 @@ def preview(manifest, options: RunOptions = RunOptions()) -> Preview:
 
 
 def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) -> RunResult:
-    """Validate, plan, start the workers and follow them (see the module docstring)."""
-    import shlex
-
-
+    """Validate, plan, start the workers and follow them (see the module docstring), in named steps."""
     check_checkpoint(manifest)
     sweep = Sweep(manifest)
     check_folder(sweep, options.allow_non_empty, writable=True)
     executor_type = executor_kind(manifest, options)
-
-    def reported(code: int | None = None) -> RunResult:
-        report = build_report(sweep)
-        say(format_report(report))
-        if code is None:
-            code = 1 if report.totals.failed or report.totals.left else 0
-        return RunResult(code, report)
-
     # Set-up is exclusive (a second `run` started at the same moment must not clean up, reset or
-    # start anything), and held until the workers hold their own locks; see `sweep`.
+    # start anything), and held until the workers hold their own locks; see `locks`.
     lock = run_lock(sweep.state_dir)
     if not lock.acquire("run", sweep=manifest.name):
-        holder = lock.holder()
-        check_folder(sweep, options.allow_non_empty, setting_up=holder)  # another manifest racing for it
-        say(f"sweep `{manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
-            f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
-        return reported(0)
-    # Again under the lock: another manifest's `run` may have taken the folder since the first check.
-    check_folder(sweep, options.allow_non_empty)
+        return being_set_up_elsewhere(sweep, lock, options, say)
+    check_folder(sweep, options.allow_non_empty)  # again, under the lock: another manifest's `run` may have taken it
     executor = executor_type(sweep)
     ledger = sweep.ledger()
-    live = live_workers(ledger)
-    locked = locked_workers(sweep.state_dir)  # supervisors and workers alive, registered in the ledger or not yet
-    # Sessions started a moment ago may not be in the ledger yet, and a Ray driver's actors are not
-    # processes of this machine: each executor counts its own (the local one, before `start`, none).
-    alive = max(len(live), len(locked), executor.running())
+    alive = alive_workers(sweep, ledger, executor)
     if alive and not options.add_workers:
         lock.release()
-        say(f"sweep `{manifest.name}` is already running ({alive} workers alive); not starting "
-            "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
-        if not options.follow:
-            return reported(0)
-        # Follow the running sweep, whoever started it: its workers are found through the ledger.
-        alive_now = lambda: max(len(live_workers(ledger)), executor.running())  # noqa: E731
-        if follow(sweep, ledger, alive_now, len(sweep.jobs), show=options.progress):
-            say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
-            return RunResult(0)
-        say("")
-        return reported()
-
+        return already_running(sweep, ledger, executor, len(alive), options, say)
     # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
     plan, gpus, why = plan_resources(manifest, sweep, executor, options)
-    scan = sweep.scan()
-    if scan.stale:
-        if not options.redo_changed:
-            raise UserError(
-                f"{len(scan.stale)} existing mp4s under {sweep.root} were made with other settings than "
-                f"this manifest's:\n{sweep.describe_stale(scan.stale)}\n"
-                "Nothing was started. Either restore the old settings, point output_dir at a new folder, "
-                "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
-    sweep.claim_folder()  # only now: a refused `run` must not name its manifest as the folder's
-    if scan.stale:
-        moved_to = sweep.move_aside(scan.stale)
-        say(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
-    if not alive:
-        removed = remove_partials(sweep.own_folders())
-        if removed:
-            say(f"removed {removed} partial files left by interrupted workers")
-    repaired = ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
-                           manifest.execution.heartbeat_timeout_s, fresh=not alive)
-    if repaired:
-        say(f"the ledger held {sum(repaired.values())} job row(s) in a state it does not know "
-            f"({', '.join(map(repr, repaired))}): put back in the queue")
-    total = len(sweep.jobs)
+    reconcile(sweep, ledger, plan, fresh=not alive, redo_changed=options.redo_changed, say=say)
     if ledger.unfinished() == 0:
-        say(f"all {total} jobs of `{manifest.name}` are done.\n")
-        return reported(0)
-
+        say(f"all {len(sweep.jobs)} jobs of `{manifest.name}` are done.\n")
+        return reported(sweep, say, 0)
     if why:
         say(f"no NVIDIA GPU ({why}): running {len(plan.workers)} CPU worker slot(s)")
     note = sweep.room_note(ledger.unfinished())
     if note:
         say(f"note: {note}")
-    specs = sweep.write_specs(plan)
-    if live or locked:
-        taken = {w.id for w in live} | set(locked)
-        specs = [(s, p) for s, p in specs if s.worker not in taken]
+    specs = [(spec, path) for spec, path in sweep.write_specs(plan) if spec.worker not in alive]
     if stop_requested_since(sweep.state_dir, process_started()):
         say("`stop` was issued while this `run` was starting: no worker started.\n")
-        return reported(0)
+        return reported(sweep, say, 0)
+    names = start_workers(sweep, executor, specs, lock)
+    say_started(sweep, ledger, executor, names, say)
+    if executor.detaches and not options.follow:
+        say_commands(manifest, say)
+        return RunResult(0)
+    return follow_to_the_end(sweep, ledger, executor, options, say)
+
+
+def reported(sweep, say: Say, code: int | None = None) -> RunResult:
+    """Say the sweep's report; the exit code is `code`, else 1 while jobs failed for good or are left."""
+    report = build_report(sweep)
+    say(format_report(report))
+    if code is None:
+        code = 1 if report.totals.failed or report.totals.left else 0
+    return RunResult(code, report)
+
+
+def being_set_up_elsewhere(sweep, lock, options: RunOptions, say: Say) -> RunResult:
+    """Another `run` (or `stop`) holds the set-up lock: refused if it is another manifest's, else the report."""
+    holder = lock.holder()
+    check_folder(sweep, options.allow_non_empty, setting_up=holder)  # another manifest racing for it
+    say(f"sweep `{sweep.manifest.name}` is being set up by another `{holder.get('command', 'run')}` "
+        f"(pid {holder.get('pid', '?')}) or is running; not starting another set.\n")
+    return reported(sweep, say, 0)
+
+
+def alive_workers(sweep, ledger, executor) -> set[str]:
+    """Ids of the sweep's workers alive now: their supervisor or worker holds its lock (registered in the
+    ledger or not yet), or the ledger says so for a worker of another host (a Ray actor)."""
+    alive = set(locked_workers(sweep.state_dir)) | {w.id for w in live_workers(ledger)}
+    # A Ray driver's actors are not processes of this machine: the executor counts its own.
+    return alive | {f"worker {i}" for i in range(max(0, executor.running() - len(alive)))}
+
+
+def already_running(sweep, ledger, executor, alive: int, options: RunOptions, say: Say) -> RunResult:
+    """The sweep's workers are alive: start nothing, show the report (or follow it, with --follow)."""
+    say(f"sweep `{sweep.manifest.name}` is already running ({alive} workers alive); not starting "
+        "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
+    if not options.follow:
+        return reported(sweep, say, 0)
+    # Follow the running sweep, whoever started it: its workers are found through the ledger.
+    if follow(sweep, ledger, lambda: len(alive_workers(sweep, ledger, executor)), len(sweep.jobs),
+              show=options.progress):
+        say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
+        return RunResult(0)
+    say("")
+    return reported(sweep, say)
+
+
+def reconcile(sweep, ledger, plan, fresh: bool, redo_changed: bool, say: Say) -> None:
+    """Make the ledger agree with the disk: refuse (or, with `redo_changed`, move aside) outputs made with
+    other settings, claim the folder, remove partial files (`fresh`: no worker alive) and sync the jobs."""
+    manifest = sweep.manifest
+    scan = sweep.scan()
+    if scan.stale and not redo_changed:
+        raise UserError(
+            f"{len(scan.stale)} existing mp4s under {sweep.root} were made with other settings than "
+            f"this manifest's:\n{sweep.describe_stale(scan.stale)}\n"
+            "Nothing was started. Either restore the old settings, point output_dir at a new folder, "
+            "or run again with --redo-changed (the old files are moved to .sweep/superseded/, not deleted).")
+    sweep.claim_folder()  # only now: a refused `run` must not name its manifest as the folder's
+    if scan.stale:
+        moved_to = sweep.move_aside(scan.stale)
+        say(f"moved {len(scan.stale)} outputs of other settings to {moved_to}")
+    if fresh:
+        removed = remove_partials(sweep.own_folders())
+        if removed:
+            say(f"removed {removed} partial files left by interrupted workers")
+    repaired = ledger.sync(sweep.jobs, plan.queues, scan.complete, manifest.max_attempts,
+                           manifest.execution.heartbeat_timeout_s, fresh=fresh)
+    if repaired:
+        say(f"the ledger held {sum(repaired.values())} job row(s) in a state it does not know "
+            f"({', '.join(map(repr, repaired))}): put back in the queue")
+
+
+def start_workers(sweep, executor, specs, lock) -> list[str]:
+    """Start the workers of these specs; the set-up lock is let go once they hold their own locks."""
     names = executor.start(specs)
     if executor.supervised:
         wait_for_worker_locks(sweep.state_dir, [spec.worker for spec, _ in specs], executor.running)
     lock.release()
+    return names
+
+
+def say_started(sweep, ledger, executor, names: list[str], say: Say) -> None:
     counts = ledger.counts()
     workers = f"{len(names)} worker{'' if len(names) == 1 else 's'}"
-    say(f"started {workers} ({executor.name}) for {counts['pending'] + counts['running']} of {total} jobs "
-        f"({counts['done']} already done); logs in {sweep.logs}")
+    say(f"started {workers} ({executor.name}) for {counts['pending'] + counts['running']} of {len(sweep.jobs)} "
+        f"jobs ({counts['done']} already done); logs in {sweep.logs}")
     for line in executor.attach_hints(names):
         say(line)
-    if executor.detaches and not options.follow:
-        # pasted into any shell in any folder, they run this same program on this same manifest
-        program, manifest_path = command_prefix(), shlex.quote(str(manifest.path))
-        say(f"progress: {program} report {manifest_path}")
-        say(f"stop:     {program} stop {manifest_path}")
-        return RunResult(0)
-    interrupted = follow(sweep, ledger, executor.running, total, show=options.progress)
-    if interrupted:
+
+
+def say_commands(manifest, say: Say) -> None:
+    """The report and stop commands, which pasted into any shell in any folder run this same program on
+    this same manifest."""
+    program, manifest_path = command_prefix(), shlex.quote(str(manifest.path))
+    say(f"progress: {program} report {manifest_path}")
+    say(f"stop:     {program} stop {manifest_path}")
+
+
+def follow_to_the_end(sweep, ledger, executor, options: RunOptions, say: Say) -> RunResult:
+    """The progress bar until the sweep ends (then the report), or Ctrl-C: detach (tmux) or stop (local)."""
+    if follow(sweep, ledger, executor.running, len(sweep.jobs), show=options.progress):
         if executor.detaches:
             say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
             return RunResult(0)
@@ -246,7 +277,7 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     while executor.detaches and executor.running() and time.monotonic() < deadline:
         time.sleep(0.5)  # let the sessions of finished workers end before the report lists them
     say("")
-    return reported()
+    return reported(sweep, say)
 
 
 def stop_sweep(sweep, now: bool = False, say: Say = print) -> int | None:

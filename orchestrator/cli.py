@@ -30,7 +30,7 @@ from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError, located_problem
 from .planning import checked_cpu_slots
 from .report import build_report, format_report, pad, report_json, unknown_states_note
-from .review import write_page
+from .review_html import write_page
 from .run import check_checkpoint, check_folder
 from .sizing import expected_times
 from .speed import describe as describe_speed, identity as speed_identity

@@ -384,7 +384,7 @@ def test_real_layout_dit_files_are_recognised_with_their_part(checkpoint, tmp_pa
     from diffsynth.models.wan_video_vace import VaceWanModel
 
     from orchestrator.backends.diffsynth_files import diffsynth_model_table, fingerprint, identify, model_files
-    from orchestrator.backends.diffsynth_wan import _part_problems
+    from orchestrator.backends.diffsynth_checks import _part_problems
     from orchestrator.checkpoints import inspect
     entries = [c for c in diffsynth_model_table() if c.get("model_hash") == dit_hash]
     dit = next(c for c in entries if c["model_name"] == "wan_video_dit")

@@ -23,7 +23,8 @@ import pytest
 from orchestrator import review
 from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK, file_mode, write_mp4
-from orchestrator.review import build_page, render, thumb_path, write_page
+from orchestrator.review import build_page, thumb_path
+from orchestrator.review_html import render, write_page
 from orchestrator.sweep import Sweep
 
 from .conftest import ROOT, cli, synthetic_manifest

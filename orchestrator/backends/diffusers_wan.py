@@ -1,5 +1,9 @@
 """The diffusers backend: Wan 2.1 / 2.2 text-, image- and video-to-video from a local checkpoint folder.
 
+This module owns the worker's side: loading the pipeline (placement, offload, the speed settings), one
+job, the denoiser probe. Beside it: what is checked before the start (`diffusers_checks`), each task's
+inputs as the pipeline takes them and the encodings kept per reference (`diffusers_inputs`).
+
   task t2v  `WanPipeline`                Wan2.1 T2V, Wan2.2 T2V-A14B (two experts), TI2V-5B
   task i2v  `WanImageToVideoPipeline`    Wan2.1 I2V (CLIP image encoder), Wan2.2 I2V-A14B, TI2V-5B
   task v2v  `WanVideoToVideoPipeline`    motion transfer from a reference video, `denoising_strength`
@@ -45,82 +49,20 @@ loads; `fp8` on the card) or `enable_layerwise_casting` for `fp8_storage`.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 
 from .. import speed as speed_settings
-from ..backend import Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
-from ..checkpoints.releases import download_fix
-from ..demo import materialize
+from ..backend import Backend, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
 from ..manifest import SpeedConfig
+from . import diffusers_checks as checks
 from .cuda import job_memory, release_memory
-from .shared import model_files_identity, option_problems, speed_card_problems
-
-PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline",
-             "vace": "WanVACEPipeline", "animate": "WanAnimatePipeline"}
-# The transformer class a conditioned task's checkpoint has (model_index.json), and the release it comes from
-TASK_TRANSFORMERS = {"vace": ("WanVACETransformer3DModel", "Wan2.1-VACE-14B-diffusers"),
-                     "animate": ("WanAnimateTransformer3DModel", "Wan2.2-Animate-14B-Diffusers")}
-# The conditioned tasks diffusers 0.42 has no pipeline for, and the backends that run them
-ELSEWHERE = {"s2v": "backend: diffsynth (or command, Wan's generate.py s2v-14B)",
-             "control": "backend: diffsynth (Wan-Fun control and camera control)"}
-# How a worker reads ahead each role of Job.inputs (the face video has its own cache, at its size)
-INPUT_KINDS = {"reference_image": "image", "pose_video": "video"}
-OPTIONS = {"offload": str, "group_offload_blocks": int, "vae_tiling": bool, "vae_slicing": bool,
-           "text_encoder": str, "device_map": str, "max_memory_gib": (int, float), "parallel_load": bool,
-           "max_sequence_length": int, "prompt_cache": int}
-CHOICES = {"offload": ("none", "model", "sequential", "group"), "text_encoder": ("gpu", "cpu"),
-           "device_map": ("balanced",)}
-
-
-def read_checkpoint_config(path: str | Path) -> dict:
-    """What `check` needs to know about a diffusers checkpoint, from its JSON files only."""
-    root = Path(path)
-    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-    def config(name: str) -> dict:
-        file = root / name / "config.json"
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    transformer, vae = config("transformer"), config("vae")
-    patch = transformer.get("patch_size") or [1, 2, 2]
-    return {
-        "index": index,
-        "two_experts": bool(index.get("transformer_2") and index["transformer_2"][0]),
-        "expand_timesteps": bool(index.get("expand_timesteps")),
-        "image_conditioned": transformer.get("in_channels", 16) != transformer.get("out_channels", 16),
-        "image_encoder": bool(index.get("image_encoder") and index["image_encoder"][0]),
-        "spatial": int(vae.get("scale_factor_spatial") or 8) * int(patch[-1]),
-        "heads": transformer.get("num_attention_heads"),
-        "transformer_class": (index.get("transformer") or [None, None])[1],
-        "face_size": transformer.get("motion_encoder_size"),
-    }
-
-
-def _diffusers_attention_problem(name: str) -> tuple[str, str] | None:
-    """(message, fix) when `name` is not a diffusers attention backend usable here, else None."""
-    try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
-    except ImportError:
-        return None  # diffusers itself missing is reported elsewhere
-    names = [b.value for b in AttentionBackendName]
-    if name not in names:
-        return (f"speed.attention `{name}` is neither a torch SDPA kernel nor a diffusers attention backend",
-                f"use one of: {', '.join(speed_settings.SDPA_ATTENTION)}, or a diffusers backend such as "
-                f"{', '.join(n for n in names if not n.startswith('_') and not n.endswith('_hub'))}")
-    if name.endswith("_hub"):
-        return (f"speed.attention `{name}` downloads its kernel from the Hugging Face hub at the start; "
-                "nothing is downloaded unless asked", "install the kernel's package and use its local "
-                "backend (e.g. `flash_varlen` for flash-attn, `sage` for sageattention)")
-    try:
-        _check_attention_backend_requirements(AttentionBackendName(name))
-    except (RuntimeError, ImportError) as exc:
-        return (f"speed.attention `{name}` cannot run here: {exc}", "install the package it names, or use "
-                "attention: auto")
-    return None
+from .diffusers_checks import PIPELINES, read_checkpoint_config
+from .diffusers_inputs import prefetch, task_inputs
+from .shared import model_files_identity
 
 
 class DiffusersWanBackend(Backend):
@@ -134,101 +76,11 @@ class DiffusersWanBackend(Backend):
 
     @classmethod
     def check(cls, manifest) -> list:
-        model, g = manifest.model, manifest.generation
-        if model.task not in PIPELINES:
-            return [BackendProblem("model.task", f"diffusers has no pipeline for task {model.task}; the diffusers "
-                                   f"backend runs {', '.join(PIPELINES)}",
-                                   f"use {ELSEWHERE.get(model.task, 'another backend')} (README's task table)")]
-        problems, _ = option_problems("diffusers", model.options, OPTIONS, CHOICES)
-        if model.options.get("device_map") and model.options.get("offload", "none") != "none":
-            problems.append(BackendProblem("model.options.offload", "offload and device_map exclude each other",
-                                           "keep one: device_map spreads the model over cards, offload over CPU memory"))
-        problems.extend(cls._speed_problems(manifest))
-        length = model.options.get("max_sequence_length", 512)
-        if isinstance(length, int) and not 1 <= length <= 512:
-            problems.append(BackendProblem("model.options.max_sequence_length",
-                                           f"max_sequence_length is {length}", "use 1 to 512 (Wan's text length)"))
-        if not model.path:
-            problems.append(BackendProblem("model", "the diffusers backend needs model.path: a local diffusers "
-                                           "checkpoint folder (with model_index.json)", "add `path:` to model"))
-            return problems
-        if not materialize(model.path):  # a path named random-tiny-wan-<variant> (the demo's) is built there
-            problems.append(BackendProblem(
-                "model.path", f"model.path `{model.path}` is not a local diffusers checkpoint folder (no "
-                "model_index.json there); nothing is downloaded unless you ask",
-                "point it at a downloaded checkpoint, or "
-                + download_fix(model.path, cls.checkpoint_layout, model.task)))
-            return problems
-        try:
-            info = read_checkpoint_config(model.path)
-        except (OSError, ValueError) as exc:
-            return problems + [BackendProblem("model.path", f"cannot read the checkpoint's configs: {exc}")]
-        task, ti2v = model.task, info["expand_timesteps"]
-        wanted = TASK_TRANSFORMERS.get(task)
-        if wanted and info["transformer_class"] != wanted[0]:
-            return problems + [BackendProblem(
-                "model.task", f"task {task} needs a {wanted[0]} (as in {wanted[1]}); model.path `{model.path}` has a "
-                f"{info['transformer_class']}", f"use a {task} checkpoint (e.g. Wan-AI/{wanted[1]}) or change model.task")]
-        mine = next((t for t, (cls_name, _) in TASK_TRANSFORMERS.items() if cls_name == info["transformer_class"]), None)
-        if mine and mine != task:
-            return problems + [BackendProblem(
-                "model.task", f"model.path `{model.path}` is a {mine} checkpoint ({info['transformer_class']}); task "
-                f"{task} needs another", f"use task: {mine}")]
-        if task == "i2v" and not (info["image_conditioned"] or ti2v):
-            problems.append(BackendProblem("model.task", f"model.path `{model.path}` is a text-to-video "
-                                           "checkpoint; task i2v needs an image-to-video one (I2V or TI2V-5B)"))
-        if task in ("t2v", "v2v", "vace") and info["image_conditioned"]:
-            problems.append(BackendProblem("model.task", f"model.path `{model.path}` is an image-to-video "
-                                           f"checkpoint; task {task} needs a text-to-video one", "use task: i2v"))
-        if task == "v2v" and (info["two_experts"] or ti2v):
-            problems.append(BackendProblem(
-                "model.task", "diffusers' WanVideoToVideoPipeline runs single-expert Wan 2.1 checkpoints only; "
-                "this one is Wan 2.2 (" + ("two experts" if info["two_experts"] else "TI2V-5B") + ")",
-                "use a Wan2.1 T2V checkpoint, or backend: diffsynth"))
-        high, low = g.guidance
-        if low is not None and not info["two_experts"]:
-            problems.append(BackendProblem("generation.cfg_scale", "cfg_scale is a pair, but this checkpoint "
-                                           "has one expert", "give one number"))
-        step = info["spatial"]
-        for key in ("width", "height"):
-            value = getattr(g, key)
-            if value % step:
-                lower = max(step, value // step * step)
-                problems.append(BackendProblem(f"generation.{key}", f"generation.{key} is {value}; this "
-                                               f"checkpoint needs a multiple of {step}", f"use {lower} or {lower + step}"))
-        if task == "v2v" and int(g.steps * g.denoising_strength) < 1:
-            problems.append(BackendProblem("generation.denoising_strength",
-                                           f"steps × denoising_strength = {g.steps} × {g.denoising_strength} "
-                                           "leaves no denoising step", "raise steps or denoising_strength"))
-        return problems
-
-    @staticmethod
-    def _speed_problems(manifest) -> list[BackendProblem]:
-        speed, options = manifest.model.speed, manifest.model.options
-        problems = speed_card_problems(manifest)
-        offload = options.get("offload", "none")
-        if offload in ("sequential", "group") and (speed.compile != "none" or speed.quantize in ("fp8", "int8")):
-            key = "speed.compile" if speed.compile != "none" else "speed.quantize"
-            problems.append(BackendProblem(key, f"{key} {getattr(speed, key.split('.')[1])} with offload: {offload}: "
-                                           "the offload hooks move each layer's weights per call, which compiled "
-                                           "graphs and torchao's weights do not survive",
-                                           "use offload: none or model, or quantize: fp8_storage for memory"))
-        if speed.attention not in speed_settings.SDPA_BACKENDS and speed.attention != "auto":
-            problem = _diffusers_attention_problem(speed.attention)
-            if problem:
-                problems.append(BackendProblem("speed.attention", *problem))
-        return problems
+        return checks.manifest_problems(manifest, cls.checkpoint_layout)
 
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
-        weights = model_files_identity(manifest.model.path).get("weight_bytes") or 0
-        size = f"{weights / 2**30:.1f} GiB" if weights >= 2**30 else f"{weights / 2**20:.1f} MiB"
-        notes = [f"diffusers: each worker loads the checkpoint once ({size} of weights) and "
-                 "keeps it; prompt embeddings are cached per worker"]
-        if manifest.model.task in ("v2v", "vace"):
-            notes.append(f"diffusers: each {'control' if manifest.model.task == 'vace' else 'reference'} video is "
-                         "VAE-encoded once per worker and reused for all its prompts × seeds")
-        return notes
+        return checks.plan_notes(manifest)
 
     # ------------------------------------------------------------------------------------------
 
@@ -361,16 +213,7 @@ class DiffusersWanBackend(Backend):
             pipe.text_encoder.to(self.device)
 
     def prepare(self, job) -> None:
-        if job.reference:
-            g = self.generation_for(job)
-            self.reference_cache(g).prefetch(job.reference, kind="image" if self.model.task in ("i2v", "animate")
-                                             else "video")
-        for role, value in (getattr(job, "inputs", None) or {}).items():
-            g = self.generation_for(job)
-            if role == "face_video":
-                self.reference_cache(g, square=self.face_size).prefetch(value, "video")
-            elif role in INPUT_KINDS:
-                self.reference_cache(g).prefetch(value, INPUT_KINDS[role])
+        prefetch(self, job)
 
     # ------------------------------------------------------------------------------------------
 
@@ -408,38 +251,6 @@ class DiffusersWanBackend(Backend):
                 self.encoded.popitem(last=False)
         return cached
 
-    def _video_latents(self, job, generator):
-        """The v2v starting latents: the reference encoded once per video, noised per job.
-
-        The same calls, in the same order, as `WanVideoToVideoPipeline` makes when given `video`
-        (its timesteps, then `add_noise` at the first kept timestep), so the frames are identical;
-        only the VAE encoding is not repeated for the next prompt or seed of the video.
-        """
-        from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_latents, retrieve_timesteps
-        from diffusers.utils.torch_utils import randn_tensor
-        torch, pipe, g = self.torch, self.pipe, self.generation_for(job)
-
-        def encode():
-            from PIL import Image
-            frames = [Image.fromarray(f) for f in self.reference_cache(g).video(job.reference)]
-            video = pipe.video_processor.preprocess_video(frames, height=g.height, width=g.width)
-            video = video.to(self.device, dtype=torch.float32)
-            with torch.no_grad():
-                latents = retrieve_latents(pipe.vae.encode(video.to(pipe.vae.dtype)), sample_mode="argmax")
-            z = pipe.vae.config.z_dim
-            mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
-            inverse_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(
-                self.device, torch.float32)
-            return (latents.to(torch.float32) - mean) * inverse_std
-
-        start = self._remember(f"video:{job.reference}:{g.width}x{g.height}x{g.num_frames}@{g.fps}", encode)
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, g.steps, self.device, None)
-        timesteps, steps = pipe.get_timesteps(steps, timesteps, g.denoising_strength, self.device)
-        noise = randn_tensor(start.shape, generator=generator, device=self.device, dtype=torch.float32)
-        if hasattr(pipe.scheduler, "add_noise"):
-            return pipe.scheduler.add_noise(start, noise, timesteps[:1])
-        return pipe.scheduler.scale_noise(start, timesteps[:1], noise)
-
     def generate(self, job, progress) -> np.ndarray:
         torch, g, pipe = self.torch, self.generation_for(job), self.pipe
         self._use_shift(pipe, g.shift)
@@ -464,25 +275,7 @@ class DiffusersWanBackend(Backend):
                           callback_on_step_end=on_step_end, **g.extra)
             if low is not None:
                 kwargs["guidance_scale_2"] = low
-            if task == "v2v":
-                kwargs.update(latents=self._video_latents(job, generator), strength=g.denoising_strength)
-            elif task == "animate":
-                kwargs["segment_frame_length"] = g.num_frames  # one segment: num_frames of pose make the video
-            else:
-                kwargs["num_frames"] = g.num_frames
-            if task in ("vace", "animate"):
-                self._conditioned_inputs(job, kwargs, g)
-            if task == "i2v":
-                from PIL import Image
-                image = Image.fromarray(self.reference_cache(g).image(job.reference))
-                kwargs["image"] = image
-                if getattr(pipe, "image_encoder", None) is not None:
-                    # The pipeline takes `image_embeds` only without `image`, which it needs for the
-                    # VAE condition, so the CLIP embedding is remembered at its own call instead.
-                    original = type(pipe).encode_image
-                    key = f"image:{job.reference}:{g.width}x{g.height}"
-                    pipe.encode_image = lambda image, device=None: self._remember(
-                        key, lambda: original(pipe, image, device))
+            task_inputs(self, job, kwargs, g, generator)
             with torch.no_grad():
                 video = pipe(**kwargs).frames[0]
         returned = time.time()
@@ -497,47 +290,6 @@ class DiffusersWanBackend(Backend):
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video
-
-    def _conditioned_inputs(self, job, kwargs: dict, g) -> None:
-        """VACE's and Animate's pipeline arguments, from the job's reference and `inputs` (read by
-        orchestrator.media's rules through the worker's ReferenceCache at the job's size, length and
-        rate `g`; what is kept per file is kept per that shape too)."""
-        from PIL import Image
-        inputs = dict(getattr(job, "inputs", None) or {})
-        references, shape = self.reference_cache(g), f"{g.width}x{g.height}x{g.num_frames}@{g.fps}"
-
-        def frames(path, cache=None):
-            return [Image.fromarray(f) for f in (cache or references).video(path)]
-
-        def needs(role):
-            if not inputs.get(role):
-                raise ValueError(f"task {self.model.task} needs the job's `{role}` input, which {job.key} lacks")
-            return inputs[role]
-        if self.model.task == "vace":
-            kwargs["video"] = frames(job.reference)
-            if inputs.get("reference_image"):
-                kwargs["reference_images"] = [Image.fromarray(references.image(inputs["reference_image"]))]
-            # The control video's VAE encoding (with its reference image) depends on those files only
-            # (argmax latents, no noise): kept per (video, image), so their prompts × seeds encode it once.
-            original = type(self.pipe).prepare_video_latents
-            key = f"vace:{job.reference}:{inputs.get('reference_image')}:{shape}"
-            self.pipe.prepare_video_latents = lambda *a, **k: self._remember(
-                key, lambda: original(self.pipe, *a, **k))
-        else:
-            kwargs["image"] = Image.fromarray(references.image(job.reference))
-            kwargs["pose_video"] = frames(needs("pose_video"))
-            kwargs["face_video"] = frames(needs("face_video"), self.reference_cache(g, square=self.face_size))
-            kwargs["mode"] = "animate"
-            # The pose video's and the image's VAE latents (argmax, no noise) and the image's CLIP embedding
-            # depend on those files only: kept per file, so their prompts × seeds encode each once. (The
-            # face video runs through the transformer's own motion encoder at every step.)
-            pipe, pipeline_class = self.pipe, type(self.pipe)
-            for method, key in (("prepare_pose_latents", f"pose:{inputs['pose_video']}:{shape}"),
-                                ("prepare_reference_image_latents", f"animate-image:{job.reference}:{shape}"),
-                                ("encode_image", f"clip:{job.reference}:{shape}")):
-                original = getattr(pipeline_class, method)
-                setattr(pipe, method, lambda *a, _original=original, _key=key, **k: self._remember(
-                    _key, lambda: _original(pipe, *a, **k)))
 
     def prepare_denoise(self, job) -> None:
         """vace and animate: the transformer's arguments at `job`'s first step (the control video's VACE

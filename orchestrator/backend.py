@@ -18,7 +18,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from .manifest import apply_axes
 from .manifest.task_inputs import AUDIO_RATE
 
 if TYPE_CHECKING:
@@ -117,9 +116,10 @@ class Backend(ABC):
         self.load_info: dict = {}
 
     def generation_for(self, job: "Job") -> "GenerationConfig":
-        """The generation settings of one job: the manifest's (`self.generation`) with the job's axis
-        values (`axes:`) in place. Per-job settings are read from here, never from self.generation."""
-        return apply_axes(self.generation, getattr(job, "axes", None) or {})
+        """The generation settings of one job: its own (`Job.generation`, the manifest's with its axis values
+        in place, resolved at expansion); `self.generation` for a job made without them (a test's, a plan's
+        sample). Per-job settings are read from here, never from self.generation."""
+        return getattr(job, "generation", None) or self.generation
 
     def reference_cache(self, generation: "GenerationConfig", square: int | None = None):
         """This worker's references prepared at one job's size, length and rate (a `media.ReferenceCache`,

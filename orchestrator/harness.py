@@ -57,14 +57,14 @@ class Harness:
     def __init__(self, spec: WorkerSpec, slot_log: logging.Logger, pulse: Pulse | None = None,
                  devices: tuple[int, ...] | None = None, on_loading: Callable[[str], None] | None = None):
         self.spec, self.log, self.pulse = spec, slot_log, pulse
-        generation = GenerationConfig(**spec.generation)
+        generation = spec.generation  # (the manifest's: each job brings its own, `Job.generation`)
         devices = spec.devices if devices is None else devices  # a Ray actor counts its cards from 0
 
         def load(model: ModelConfig):
             return open_backend(model, generation, devices, owner=spec.worker, slot_log=slot_log,
                                 on_loading=on_loading)
 
-        self.backends = SlotBackend(load, ModelConfig(**spec.model), slot_log)
+        self.backends = SlotBackend(load, spec.model, slot_log)
         self.loop: JobLoop | None = None
 
     @property

@@ -12,8 +12,11 @@ The GPU does not wait for the CPU between jobs: a finished video is encoded and 
 `OutputWriter` thread while the next job generates, and the next job's reference is read ahead
 (`Backend.prepare`) while the current one runs.
 
-A slot's model (`SlotBackend`) is loaded again when a job's quantize (an axis) differs from the loaded
-one's.
+A slot's model (`SlotBackend`) is loaded again when a job's model (its quantize, an axis) differs from the
+loaded one's.
+
+Each job carries its own settings, resolved when the manifest was expanded (`Job.model`, `Job.generation`):
+the loop, the sidecar, the video's check and the slot read those, never working them out again.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import sys
 import time
 import traceback
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .backend import Backend, OutOfMemory
@@ -196,7 +199,7 @@ def generate_job(backend, spec: WorkerSpec, job, attempt: int, gpu_names: list[s
 def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: str = "", job=None) -> None:
     """Write one job's video at `target` the atomic way (temp → check → rename, sidecar first): the
     frames a backend returned are encoded, an mp4 its program wrote is checked and moved in. Its frame
-    count and rate are the job's (its axes may set them), else the spec's."""
+    count and rate are the job's own (`Job.generation`: its axes may set them), else the spec's."""
     from .outputs import adopt_mp4, write_mp4
     generation = job_generation(spec, job)
     frames = generation.num_frames
@@ -206,20 +209,16 @@ def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: st
         write_mp4(result, target, generation.fps, expected_frames=frames, sidecar=record, owner=owner)
 
 
-def job_model(spec: WorkerSpec, job=None) -> dict:
-    """The model settings one job of this worker runs with (its sidecar's `model`): the spec's, with the
-    job's quantize (an axis) in its speed."""
-    axes = getattr(job, "axes", None) or {}
-    if "quantize" not in axes:
-        return spec.model
-    from .manifest import ModelConfig, model_with_axes
-    return asdict(model_with_axes(ModelConfig(**spec.model), axes))
+def job_model(spec: WorkerSpec, job=None):
+    """The model settings one job of this worker runs with (its sidecar's `model`): the job's own, resolved
+    at expansion; the spec's for none, or for a job made by hand without them (a test's)."""
+    return spec.model if job is None or job.model is None else job.model
 
 
 def job_generation(spec: WorkerSpec, job=None):
-    """The generation settings of one job of this worker: the spec's, with the job's axis values."""
-    from .manifest import GenerationConfig, apply_axes
-    return apply_axes(GenerationConfig(**spec.generation), getattr(job, "axes", None) or {})
+    """The generation settings one job of this worker runs with: the job's own, resolved at expansion; the
+    spec's for none, or for a job made by hand without them."""
+    return spec.generation if job is None or job.generation is None else job.generation
 
 
 def versions() -> dict:
@@ -239,8 +238,8 @@ def sidecar_record(spec: WorkerSpec, job, attempt: int, backend, generate_second
     right after `generate`, before the backend starts another job (`job_info` is the last job's).
     """
     return {
-        "job_id": job.id, "job": job.to_dict(), "settings": spec.settings, "backend": spec.model.get("backend"),
-        "model": job_model(spec, job), "generation": asdict(job_generation(spec, job)), "axes": job.axes,
+        "job_id": job.id, "job": job.to_dict(settings=False), "settings": spec.settings, "backend": spec.model.backend,
+        "model": job_model(spec, job).to_dict(), "generation": job_generation(spec, job).to_dict(), "axes": job.axes,
         "attempt": attempt,
         "worker": spec.worker, "host": socket.gethostname(), "devices": list(spec.devices),
         "gpu": gpu_names, "versions": versions(), "generate_seconds": round(generate_seconds, 3),
@@ -344,7 +343,8 @@ class SlotBackend:
     actor's, the calibration probe's own way of building and loading one) loads it; when a job's
     quantize (an axis, `Job.axes`) differs from the loaded model's, `for_job` closes it and loads the
     model again with that value: a card holds one model, never two. Jobs come in runs of one value
-    (`Job.group`, the expansion's order), so this is rare."""
+    (`Job.group`, the expansion's order), so this is rare. A job's model is its own (`Job.model`, resolved
+    at expansion), the slot's for a job made by hand without one."""
 
     def __init__(self, load: Callable[[Any], Any], model, log: logging.Logger):
         self._load, self.model, self.log = load, model, log  # model: the slot's ModelConfig
@@ -357,8 +357,7 @@ class SlotBackend:
 
     def for_job(self, job):
         """The backend loaded with this job's model, loading it first where it is another."""
-        from .manifest import model_with_axes
-        wanted = model_with_axes(self.model, getattr(job, "axes", None) or {})
+        wanted = self.model if job.model is None else job.model
         if self.backend is not None and wanted == self.loaded:
             return self.backend
         if self.backend is not None:

@@ -6,6 +6,10 @@ generation settings, axis values), so a changed setting gives a new id while the
 the same; the sidecar of an existing mp4 tells which id made it. A manifest without axes gives the
 ids it gave before axes existed. Output paths are the manifest's `output.name` rendered per job
 (`output_names`).
+
+Each job carries its own settings, resolved here once (`job_settings`: the manifest's with its axis values
+in place) and serialized with it: the ledger, the job loop, the sidecar, the slot's reload decision and the
+backends read `Job.model` and `Job.generation`, never the manifest's with the axes applied again.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .manifest import GenerationConfig, Manifest, apply_axes, job_count, safe_component_problem
+from .manifest import (GenerationConfig, Manifest, ModelConfig, apply_axes, job_count, model_with_axes,
+                       safe_component_problem)
 from .output_names import check_names, output_path, uses_prompt_index
 
 log = logging.getLogger(__name__)
@@ -57,20 +62,36 @@ class Job:
         # A job written before names were templates (an old ledger row or sidecar): the fixed layout.
         return str(Path(self.output).relative_to(Path(self.output).parents[2 if self.stem else 1]).with_suffix(""))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self):
+        # A job with axis values runs with its own settings: never silently with its worker's.
+        if self.axes and (self.model is None or self.generation is None):
+            raise ValueError(f"job {self.id} has axis values {self.axes} but no resolved settings "
+                             "(jobs.expand attaches them)")
 
-    def generation(self, base: GenerationConfig | dict) -> GenerationConfig:
-        """The generation settings of this job: the manifest's (`base`, or its dict from a worker's
-        spec) with this job's axis values in place."""
-        return apply_axes(base if isinstance(base, GenerationConfig) else GenerationConfig(**base), self.axes)
+    def to_dict(self, settings: bool = True) -> dict:
+        """Its JSON form (a ledger row, what a Ray actor gets); `from_dict` reads it back. Without `settings`,
+        its model and generation left out (a sidecar records them beside it, as `model` and `generation`)."""
+        data = {**vars(self), "axes": dict(self.axes), "inputs": dict(self.inputs)}  # (one level: see ModelConfig)
+        if not settings:
+            del data["model"], data["generation"]
+        else:
+            data["model"] = None if self.model is None else self.model.to_dict()
+            data["generation"] = None if self.generation is None else self.generation.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
-        return cls(**data)
+        model, generation = data.get("model"), data.get("generation")
+        return cls(**{**data, "model": None if model is None else ModelConfig.from_dict(model),
+                      "generation": None if generation is None else GenerationConfig.from_dict(generation)})
 
-    # Declared last, apart from the fields above (old specs and ledger rows lack it: the default).
+    # Declared last, apart from the fields above (old specs and ledger rows lack them: the defaults).
     name: str = ""  # the output's path under output_dir, without `.mp4`: `output.name` rendered
+    # This job's own settings, resolved by `expand` (`job_settings`): the manifest's model with the job's
+    # quantize (an axis) in its speed, and its generation with the job's other axis values. None only for a
+    # job made by hand without axes (a test's): it runs with its worker's settings.
+    model: ModelConfig | None = None
+    generation: GenerationConfig | None = None
 
 
 def settings_fingerprint(manifest: Manifest) -> dict:
@@ -119,6 +140,13 @@ def axis_points(manifest: Manifest) -> list[dict]:
     return points
 
 
+def job_settings(manifest: Manifest, axes: dict) -> tuple[ModelConfig, GenerationConfig]:
+    """The model and generation settings of a job with these axis values: the manifest's, with its quantize
+    in the model's speed and its other values in generation. The one place a job's settings are worked out:
+    `expand` attaches them to each job (`Job.model`, `Job.generation`), and everything after reads those."""
+    return model_with_axes(manifest.model, axes), apply_axes(manifest.generation, axes)
+
+
 def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list[Job]:
     """All jobs of the manifest in a fixed order: category, reference, prompt, seed, then the axes'
     combinations (a reference's jobs stay together, and one prompt and seed's settings side by side);
@@ -128,6 +156,7 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
     (which Python prints on stderr where logging is not set up)."""
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
     points = axis_points(manifest)
+    settings = [job_settings(manifest, axes) for axes in points]  # once per combination, shared by its jobs
     total = job_count(manifest.categories, manifest.seeds, manifest.axes)  # from the lists' lengths
     tell = (say or _tell) if total >= EXPAND_NOTICE_JOBS else None
     if tell:
@@ -149,7 +178,7 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
             output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
-                for seed, axes in itertools.product(manifest.seeds, points):
+                for seed, (axes, (model, generation)) in itertools.product(manifest.seeds, zip(points, settings)):
                     where = [prompt_index] if by_position else []
                     parts = [category.name, ref.stem, *where, prompt, seed, file_identity]
                     if inputs_identity:
@@ -164,7 +193,8 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
                     jobs.append(Job(
                         id=job_id, ordinal=len(jobs), category=category.name, stem=ref.stem,
                         reference=reference, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                        output=output, name=name, axes=dict(axes), inputs=dict(ref.inputs)))
+                        output=output, name=name, axes=dict(axes), inputs=dict(ref.inputs),
+                        model=model, generation=generation))
                     if tell and len(jobs) % EXPAND_PROGRESS_JOBS == 0 and len(jobs) < total:
                         tell(f"expanded {len(jobs):,} of {total:,} jobs")
     check_names(manifest, jobs)

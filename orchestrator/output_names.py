@@ -115,8 +115,7 @@ def parse(template: str) -> tuple[list[str], list[str]]:
 
 def render(template: str, job) -> str:
     """The name of `job`'s mp4 under output_dir, without `.mp4`."""
-    return template.format_map(_fields(job.category, job.stem, job.prompt_index, job.prompt, job.seed,
-                                       getattr(job, "axes", None) or {}))
+    return template.format_map(_fields(job.category, job.stem, job.prompt_index, job.prompt, job.seed, job.axes))
 
 
 def _fields(category, stem, prompt_index, prompt, seed, axes) -> dict:
@@ -158,7 +157,7 @@ def check_names(manifest: Manifest, jobs: list) -> None:
     written: unknown placeholders, two jobs on one file (both named), a name leaving the output
     folder, a name too long or with characters common file systems refuse."""
     found: list[tuple[str, str]] = []  # (what is wrong, how to fix it)
-    axis_names = {name for job in jobs for name in (getattr(job, "axes", None) or {})}
+    axis_names = {name for job in jobs for name in job.axes}
     fix = f"make output.name tell every job apart, e.g. `{_example(jobs)}`"
     template = manifest.output_name
     if template:
@@ -193,8 +192,7 @@ def check_names(manifest: Manifest, jobs: list) -> None:
             # The characters the template adds: a category name was checked by the same rule as the manifest
             # was read (at its own line), and a stem is its reference file's own name (the fixed layout's
             # folder too), so they stand in as a plain `x` here.
-            probe = template.format_map(_fields("x", "x", job.prompt_index, job.prompt, job.seed,
-                                                getattr(job, "axes", None) or {}))
+            probe = template.format_map(_fields("x", "x", job.prompt_index, job.prompt, job.seed, job.axes))
             problem = _characters_problem(probe, probes_checked)
         if problem:
             kinds.setdefault((problem, "change the template's text so that every name can be written"),
@@ -204,8 +202,8 @@ def check_names(manifest: Manifest, jobs: list) -> None:
         first = owner.setdefault(key, job)
         if first is job:
             continue
-        if (first.category, first.stem, first.prompt, first.seed, getattr(first, "axes", None)) == \
-                (job.category, job.stem, job.prompt, job.seed, getattr(job, "axes", None)):
+        if (first.category, first.stem, first.prompt, first.seed, first.axes) == \
+                (job.category, job.stem, job.prompt, job.seed, job.axes):
             # Named by content, the same prompt listed twice is one video made twice.
             kinds.setdefault((f"prompts {first.prompt_index} and {job.prompt_index} of the same list are the same "
                               "text, so named by content they are one file",
@@ -227,7 +225,7 @@ def describe(job) -> str:
     if job.stem is not None:
         parts.append(f"reference {job.stem}")
     parts += [f"prompt {job.prompt_index}", f"seed {job.seed}"]
-    parts += [f"{name} {value_text(value)}" for name, value in (getattr(job, "axes", None) or {}).items()]
+    parts += [f"{name} {value_text(value)}" for name, value in job.axes.items()]
     return ", ".join(parts)
 
 
@@ -280,7 +278,7 @@ def _part_characters(part: str, folder: bool) -> str | None:
 
 def _example(jobs: list) -> str:
     """A template that tells every job of these apart, by content, axes included."""
-    axes = dict.fromkeys(name for job in jobs for name in (getattr(job, "axes", None) or {}))
+    axes = dict.fromkeys(name for job in jobs for name in job.axes)
     t2v = any(job.stem is None for job in jobs)
     return ("{category}/seed_{seed}_{prompt_id}" if t2v else "{category}/{stem}/seed_{seed}_{prompt_id}") + \
         "".join(f"_{name}-{{{name}}}" for name in axes)

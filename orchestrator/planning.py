@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backend import backend_class
 from .errors import WanSweepError
 from .gpus import Gpu
 from .jobs import Job
-from .manifest import Manifest
+from .manifest import Execution, GenerationConfig, Manifest, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,12 @@ def make_plan(manifest: Manifest, jobs: list[Job], gpus: list[Gpu] | None,
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything one worker process needs, written to a JSON file the executor passes by path.
+    """Everything one worker process needs, written to a JSON file the executor passes by path (the Ray
+    executor passes the object itself to its actors: it pickles).
 
-    No manifest string ever reaches a shell: the command line holds only this file's path.
+    No manifest string ever reaches a shell: the command line holds only this file's path. Its settings are
+    typed, read from JSON once (`from_dict`); each job carries its own (`Job.model`, `Job.generation`): these
+    are what the worker loads first and builds its backend with.
     """
     sweep: str  # experiment name
     worker: str
@@ -157,10 +160,21 @@ class WorkerSpec:
     ledger: str
     output_dir: str
     log: str
-    model: dict
-    generation: dict
-    execution: dict
+    model: ModelConfig  # the model the worker loads first (its first job's)
+    generation: GenerationConfig  # the manifest's: what its backend is built with
+    execution: Execution
     settings: dict = field(default_factory=dict)  # the fingerprint recorded in each sidecar
+
+    def to_dict(self) -> dict:
+        """Its JSON form (the spec file); `from_dict` reads it back."""
+        return {**vars(self), "devices": list(self.devices), "model": self.model.to_dict(),
+                "generation": self.generation.to_dict(), "execution": self.execution.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WorkerSpec":
+        return cls(**{**data, "devices": tuple(data["devices"]), "model": ModelConfig.from_dict(data["model"]),
+                      "generation": GenerationConfig.from_dict(data["generation"]),
+                      "execution": Execution.from_dict(data["execution"])})
 
     def write(self, path: str | Path) -> Path:
         """Write the spec atomically: a temporary file beside it, then a rename, so a worker starting
@@ -171,7 +185,7 @@ class WorkerSpec:
         handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=path.parent)
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(asdict(self), stream, indent=2, ensure_ascii=False)
+                json.dump(self.to_dict(), stream, indent=2, ensure_ascii=False)
             os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
@@ -180,6 +194,4 @@ class WorkerSpec:
 
     @classmethod
     def read(cls, path: str | Path) -> "WorkerSpec":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        data["devices"] = tuple(data["devices"])
-        return cls(**data)
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -15,14 +15,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WanSweepError
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import Ledger
 from .locks import live_workers, locked_workers
-from .manifest import Manifest, model_with_axes
+from .manifest import Manifest
 from .output_names import uses_prompt_index
 from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
 from .planning import Plan, WorkerSpec
@@ -227,7 +227,7 @@ class Sweep:
             names = present.get(folder)
             if names is not None and name not in names:
                 continue  # no file by that name: not done, not stale (one listing, not a stat per job)
-            state = inspect_output(job.output, job.generation(self.manifest.generation).num_frames, cache)
+            state = inspect_output(job.output, job.generation.num_frames, cache)
             if state.stale_for(job.id):
                 scan.stale.append(job)
             elif state.complete:
@@ -289,17 +289,17 @@ class Sweep:
         m = self.manifest
         specs = []
         alive = self.alive_workers()
-        # The model a worker loads first: with a quantize axis, its first value (whose jobs come first; a
-        # worker loads the model again for a job of another value, orchestrator/job_loop.py's SlotBackend).
-        first = next((axis.assignments()[0] for axis in m.axes if "quantize" in axis.keys), {})
+        # The model a worker loads first: the first job's (with a quantize axis, its first value, whose jobs come
+        # first; a worker loads the model again for a job of another value, orchestrator/job_loop.py's SlotBackend).
+        first = self.jobs[0].model if self.jobs else m.model
         for slot in plan.workers:
             if slot.id in alive:
                 continue  # its worker rereads this file at each restart: not ours to change
             spec = WorkerSpec(
                 sweep=m.name, worker=slot.id, devices=slot.devices, queue=slot.queue,
                 ledger=str(self.ledger_path), output_dir=str(self.root),
-                log=str(self.logs / f"{slot.id}.log"), model=asdict(model_with_axes(m.model, first)),
-                generation=asdict(m.generation), execution=asdict(m.execution),
+                log=str(self.logs / f"{slot.id}.log"), model=first, generation=m.generation,
+                execution=m.execution,
                 settings=settings_fingerprint(m))
             specs.append((spec, spec.write(self.specs_dir / f"{slot.id}.json")))
         return specs

@@ -23,7 +23,6 @@ from .harness import Harness
 from .job_loop import FULL, RETIRED, LedgerJobSource, Pulse, storage_problem
 from .ledger import Ledger
 from .locks import hold_worker_lock
-from .manifest import ModelConfig
 from .outputs import remove_partials
 from .planning import WorkerSpec
 from .speed import compile_cache_dir, describe as describe_speed, use_compile_cache
@@ -176,7 +175,7 @@ def run_worker(spec: WorkerSpec) -> int:
     # Until its first job the worker says what it is doing (`run`'s progress bar shows it): a first
     # run spends seconds to minutes importing the libraries and loading the model.
     life = ledger.register_worker(spec.worker, spec.devices, pid=os.getpid(), supervisor_pid=supervisor,
-                                  phase=f"importing {spec.model.get('backend')}")
+                                  phase=f"importing {spec.model.backend}")
     beat = Heartbeat(ledger, spec, log, life, supervisor)
     beat.start()
     if os.path.isdir(spec.output_dir):
@@ -185,7 +184,7 @@ def run_worker(spec: WorkerSpec) -> int:
         left = remove_partials(ledger.output_folders(), owner=spec.worker)
         if left:
             log.info("removed %d partial file(s) left by this worker's previous run", left)
-    model = ModelConfig(**spec.model)
+    model = spec.model
     gpu_names = _gpu_names(spec.devices)
     log.info("worker %s starting (pid %d, devices %s, CUDA_VISIBLE_DEVICES=%s)", spec.worker, os.getpid(),
              spec.devices or "cpu", os.environ.get("CUDA_VISIBLE_DEVICES", ""))

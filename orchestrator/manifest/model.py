@@ -2,7 +2,7 @@
 problems found reading one (`Problem`, `ManifestError`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,15 @@ class ModelConfig:
     # run, and every place that builds a backend (worker, Ray actor, calibration probe) gets it with it.
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
-    def __post_init__(self):
-        if isinstance(self.speed, dict):  # read back from a worker's JSON spec
-            object.__setattr__(self, "speed", SpeedConfig(**self.speed))
+    def to_dict(self) -> dict:
+        """Its JSON form (a worker spec's `model`, a job's, a sidecar's); `from_dict` reads it back. (Its
+        fields copied one level, not `asdict`'s deep copy: a ledger of millions of jobs writes one per job.)"""
+        return {**vars(self), "options": dict(self.options), "speed": dict(vars(self.speed))}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """The settings `to_dict` wrote, typed again (the speed section too): the one way back from JSON."""
+        return cls(**{**data, "speed": SpeedConfig(**(data.get("speed") or {}))})
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,17 @@ class GenerationConfig:
     def uses_guidance(self) -> bool:
         high, low = self.guidance
         return high > 1.0 or (low is not None and low > 1.0)
+
+    def to_dict(self) -> dict:
+        """Its JSON form (a worker spec's `generation`, a job's, a sidecar's); `from_dict` reads it back
+        (copied one level, as `ModelConfig.to_dict`)."""
+        return {**vars(self), "extra": dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationConfig":
+        """The settings `to_dict` wrote, typed again (a cfg pair, a list in JSON, a tuple again)."""
+        cfg_scale = data.get("cfg_scale")
+        return cls(**(dict(data, cfg_scale=tuple(cfg_scale)) if isinstance(cfg_scale, list) else data))
 
 
 def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
@@ -178,6 +195,14 @@ class Execution:
     max_restarts: int = 5
     ray_address: str | None = None  # executor ray: `auto`, HOST:PORT, or None for a local Ray
     ray_stream_outputs: bool = False  # executor ray: send each mp4 back to this machine's output_dir
+
+    def to_dict(self) -> dict:
+        """Its JSON form (a worker spec's `execution`); `from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Execution":
+        return cls(**data)
 
 
 @dataclass(frozen=True)

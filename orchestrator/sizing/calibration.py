@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from ..harness import Harness
 from ..jobs import Job
 from ..job_loop import JobSource, write_video
 from ..ledger import Claim
-from ..manifest import GenerationConfig, Manifest
+from ..manifest import Execution, GenerationConfig, Manifest, ModelConfig
 from ..planning import PlanError, WorkerSpec
 from ..speed import use_compile_cache
 from .decisions import fit_count
@@ -123,7 +123,7 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     # A v2v or i2v model needs its reference: the probes use the manifest's first one.
     reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
     from ..speed import compile_cache_dir
-    config = {"model": asdict(manifest.heaviest_model), "generation": asdict(manifest.heaviest_generation),
+    config = {"model": manifest.heaviest_model.to_dict(), "generation": manifest.heaviest_generation.to_dict(),
               "devices": devices, "workdir": str(work), "reference": reference,
               # the probes compile as the workers will, into the same cache (the workers then start warm)
               "compile_cache": str(compile_cache_dir(manifest.output_dir)) if manifest.model.speed.compile != "none"
@@ -280,7 +280,7 @@ class ProbeJobs(JobSource):
         return len(self.waiting) + len(self.running)
 
     def store_video(self, spec, job, result, record):
-        write_video(spec, result, self.video, record=None)
+        write_video(spec, result, self.video, record=None, job=job)
         return True
 
 
@@ -289,29 +289,32 @@ def probe(config_path: str, index: int) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     work = Path(config["workdir"])
-    generation = GenerationConfig(**config["generation"])
+    model = ModelConfig.from_dict(config["model"])
+    generation = GenerationConfig.from_dict(config["generation"])
     warmup_steps = min(2, generation.steps)
+    warmup = replace(generation, steps=warmup_steps)  # the warm-up job's (it compiles, where speed.compile is on)
 
     def write(name: str, data: dict) -> None:
         temp = work / f".{name}.tmp"
         temp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(temp, work / name)
 
-    def job(n: int) -> Job:
+    def job(n: int, settings: GenerationConfig) -> Job:
         reference = config.get("reference")
         return Job(id=f"calibration-{index}-{n}", ordinal=n, category="calibration",
                    stem="calibration" if reference else None, reference=reference,
                    prompt_index=n, prompt=f"calibration prompt {n}: a red ball rolls across a wooden table",
-                   seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"))
+                   seed=1000 * index + n, output=str(work / f"probe{index}-{n}.mp4"), model=model, generation=settings)
 
     # The workers' own harness and job loop, so the probe measures what a job costs them.
     spec = WorkerSpec(sweep="calibration", worker=f"probe{index}", devices=tuple(config["devices"]),
-                      queue="calibration", ledger="", log="", output_dir=str(work), model=config["model"],
-                      generation=config["generation"], execution={})
+                      queue="calibration", ledger="", log="", output_dir=str(work), model=model,
+                      generation=generation, execution=Execution())
     harness = Harness(spec, log)
 
-    def run_jobs(numbers: range, compile_cache: str | None = None) -> list[float]:
-        source = ProbeJobs([job(n) for n in numbers], work / f"probe{index}.mp4")
+    def run_jobs(numbers: range, compile_cache: str | None = None,
+                 settings: GenerationConfig = generation) -> list[float]:
+        source = ProbeJobs([job(n, settings) for n in numbers], work / f"probe{index}.mp4")
         try:
             harness.run(source, [], compile_cache)
         finally:
@@ -323,14 +326,12 @@ def probe(config_path: str, index: int) -> int:
         use_compile_cache(cache)
     try:
         t0 = time.monotonic()
-        backend = harness.open()  # (the probe's jobs have no axes: loaded once)
+        backend = harness.open()  # (every job of the probe has its model: loaded once)
         load_s = time.monotonic() - t0
         write(f"probe{index}.loaded", {"load_s": load_s, "pid": os.getpid()})
-        backend.generation = replace(generation, steps=warmup_steps)
         t0 = time.monotonic()
-        run_jobs(range(1), compile_cache=cache)  # the warm-up compiles (speed.compile), one probe at a time
+        run_jobs(range(1), compile_cache=cache, settings=warmup)  # compiles (speed.compile), one probe at a time
         warm_s = time.monotonic() - t0
-        backend.generation = generation
         write(f"probe{index}.ready", {"load_s": load_s, "warmup_s": warm_s, "warmup_steps": warmup_steps,
                                       "peak_torch": backend.peak_memory_bytes()})
         n_job = 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from .ledger import LIVE_WORKER_STATES
+
+log = logging.getLogger(__name__)
 
 RUN_LOCK = "run.lock"
 WORKER_LOCKS = "locks"
@@ -113,6 +116,8 @@ def wait_for_worker_locks(state_dir: Path, workers: list[str], still_starting: C
                 return
             next_check = time.monotonic() + 1.0
         time.sleep(0.05)
+    log.info("workers %s hold no lock %.0f s after their start: until they do, a second `run` does not see them",
+             ", ".join(sorted(set(workers) - set(locked_workers(state_dir)))), timeout_s)
 
 
 def request_stop(state_dir: Path) -> None:

@@ -9,6 +9,7 @@ fetched from the network.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from .output_names import value_text
 from .outputs import TEMP_MARK, file_mode
 from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left
 from .sweep import Sweep
+
+log = logging.getLogger(__name__)
 
 THUMB_SUFFIX = ".thumb.jpg"
 THUMB_WIDTH = 320  # twice the tile width, so posters stay sharp on high-density screens
@@ -238,7 +241,8 @@ def keep_copy(source: Path, target: Path) -> bool:
             shutil.copy2(source, temp)  # keeps the mtime that the check above compares
         os.replace(temp, target)
         return True
-    except OSError:
+    except OSError as exc:
+        log.debug("%s: neither linked nor copied to %s (%s)", source, target, exc)
         return False
     finally:
         if os.path.lexists(temp):
@@ -261,7 +265,8 @@ def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int 
             # Frame threading would decode several frames before handing out the first.
             stream.thread_type = "NONE"
             frame = next(container.decode(stream))
-    except (av.error.FFmpegError, OSError, StopIteration, IndexError, ValueError):
+    except (av.error.FFmpegError, OSError, StopIteration, IndexError, ValueError) as exc:
+        log.debug("%s: no poster, its first frame cannot be read (%s)", video, exc or type(exc).__name__)
         return False
     w = min(width, frame.width)
     h = max(2, round(frame.height * w / frame.width / 2) * 2)  # even: JPEG's 4:2:0 chroma
@@ -273,7 +278,8 @@ def make_poster(video: str | os.PathLike, target: str | os.PathLike, width: int 
         _save_jpeg(frame.reformat(width=w, height=h), temp_name)
         os.chmod(temp_name, file_mode())  # mkstemp makes it private; posters are shared like the videos
         os.replace(temp_name, target)
-    except (OSError, av.error.FFmpegError, ValueError):
+    except (OSError, av.error.FFmpegError, ValueError) as exc:
+        log.debug("%s: no poster, %s cannot be written (%s)", video, target, exc)
         return False  # a page without this poster is still a page (a read-only folder, a full disk)
     finally:
         if temp_name and os.path.exists(temp_name):

@@ -4,6 +4,7 @@ steps parsed, an out-of-memory line noted, the tail kept), its process group end
 stops, and SIGTERM from the kernel if the worker dies (Linux `PR_SET_PDEATHSIG`)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import selectors
@@ -14,6 +15,8 @@ import time
 from collections import deque
 
 from .cuda import OOM_MARKERS
+
+log = logging.getLogger(__name__)
 
 # A sampling bar of tqdm: "…| 12/40 [00:31<01:10,  2.61s/it]".
 STEP_LINE = re.compile(r"(\d+)/(\d+) \[")
@@ -83,6 +86,8 @@ class ChildRun:
                 elif proc.poll() is not None:
                     exited_at = exited_at or time.monotonic()
                     if time.monotonic() - exited_at > PIPE_GRACE_S:
+                        log.warning("%s exited, but a process it started still holds its output open: not read "
+                                    "further", self.argv[0])
                         break  # a grandchild holds the pipe open; the program itself is done
         if pending:
             self._line(pending.decode("utf-8", errors="replace"))
@@ -152,4 +157,6 @@ def end_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
+            if sig == signal.SIGTERM:
+                log.warning("process group %d did not end within %.0f s of SIGTERM: killed", proc.pid, grace)
             continue

@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -111,6 +112,8 @@ from .child_run import ChildRun
 from .command_costs import minutes, startup_seconds
 from .shared import model_files_identity, option_problems
 from .wan_generate import CHECKPOINT_LAYOUT, PRESET, WAN_TASKS, check_preset, wan_task_of
+
+log = logging.getLogger(__name__)
 
 OPTIONS: dict[str, type | tuple] = {
     "preset": str, "script": str, "command": list, "python": str, "torchrun": str, "wan_task": str,
@@ -339,6 +342,7 @@ class CommandBackend(Backend):
             if src_folder is not None:
                 self._animate_folder(job, Path(src_folder.name))
             argv = self.command_line(job, str(temp), src_folder.name if src_folder else "")
+            log.debug("%s: running %s", job.key, shlex.join(argv))
             run = ChildRun(argv, self.generation_for(job).steps, progress)
             self._last = run.facts
             code = run.run(self.environment(), self.working_folder())
@@ -528,4 +532,5 @@ def _interpreter_versions(python: str) -> dict:
         done = subprocess.run([python, "-c", _VERSIONS], capture_output=True, text=True, timeout=60)
         return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()[-300:]}
     except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        log.debug("the library versions of %s could not be read: %s", python, exc)
         return {"error": str(exc)}

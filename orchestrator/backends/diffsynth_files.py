@@ -20,6 +20,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from ..checkpoints.files import _Broken, read_weight_file
 from ..checkpoints.layouts import (AUDIO_ENCODER_FOLDER, TEXT_ENCODER_STEM as TEXT_ENCODER,  # the release's names
                                    TOKENIZER_FOLDER as TOKENIZER)
 from ..demo import tiny_folder
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("dit", "text_encoder", "vae", "image_encoder")
 DIT_GLOB = "diffusion_pytorch_model*.safetensors"
@@ -151,7 +154,8 @@ def _keys_and_shapes(file: str) -> dict | None:
     hashes the nesting), from its header alone (checkpoints.files); None when it cannot be read so."""
     try:
         state = read_weight_file(Path(file)).tree
-    except (_Broken, OSError, ValueError, TypeError):  # (a header too corrupt for the reader's own checks)
+    except (_Broken, OSError, ValueError, TypeError) as exc:  # (a header too corrupt for the reader's own checks)
+        log.debug("%s: header unreadable (%s): not fingerprinted here", file, exc)
         return None
     # DiffSynth unwraps a lone "state_dict" / "module" / "model_state" entry before hashing
     if isinstance(state, dict) and len(state) == 1:
@@ -187,12 +191,13 @@ def fingerprint(files: str | list[str]) -> str | None:
 
 
 _MODEL_TABLE: list[dict] | None = None
+_TABLE_PROBLEM: str | None = None  # why DiffSynth's table could not be read (said once)
 
 
 def diffsynth_model_table() -> list[dict] | None:
     """DiffSynth's table of known model files (hash → class, configuration), read without importing
     the package (its import takes seconds and torch): the table is a plain data module."""
-    global _MODEL_TABLE
+    global _MODEL_TABLE, _TABLE_PROBLEM
     if _MODEL_TABLE is None:
         spec = importlib.util.find_spec("diffsynth")
         if spec is None or not spec.submodule_search_locations:
@@ -202,7 +207,11 @@ def diffsynth_model_table() -> list[dict] | None:
             namespace: dict = {}
             exec(compile(source.read_text(encoding="utf-8"), str(source), "exec"), namespace)
             _MODEL_TABLE = list(namespace["MODEL_CONFIGS"])
-        except Exception:  # a reorganised package: the workers' own loader still checks
+        except Exception as exc:  # a reorganised package: the workers' own loader still checks
+            if _TABLE_PROBLEM is None:
+                _TABLE_PROBLEM = f"{type(exc).__name__}: {exc}"
+                log.warning("cannot read DiffSynth's model table %s (%s): the model files are recognised by the "
+                            "workers' loader only, not before the start", source, _TABLE_PROBLEM)
             return None
     return _MODEL_TABLE
 

@@ -89,6 +89,7 @@ full-size random weights saved in the original layout.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import asdict, replace
@@ -108,6 +109,8 @@ from .diffsynth_checks import DEFAULT_TILE
 from .diffsynth_files import COMPONENTS, MODEL_NAMES, PART_NAMES, TASK_PARTS, model_files
 from .diffsynth_inputs import prefetch, task_inputs
 from .shared import model_files_identity
+
+log = logging.getLogger(__name__)
 
 
 class DiffSynthWanBackend(Backend):
@@ -203,6 +206,9 @@ class DiffSynthWanBackend(Backend):
             "vram_management": o.get("vram_management", True), "vram_limit_gib": vram_limit,
             "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
         }
+        log.debug("loaded %s in %.1f s (%s; vram_management %s, limit %s GiB; seconds per component %s)",
+                  self.model.path, self.load_info["load_seconds"], self.load_info["loader"],
+                  self.load_info["vram_management"], vram_limit, seconds)
 
     def _apply_speed(self, pipe) -> dict:
         """The `speed:` settings on each DiT (two for Wan2.2 A14B); the attention kernel is chosen per
@@ -214,6 +220,8 @@ class DiffSynthWanBackend(Backend):
             from diffsynth.models import wan_video_dit
             for flag in ("FLASH_ATTN_3_AVAILABLE", "FLASH_ATTN_2_AVAILABLE", "SAGE_ATTN_AVAILABLE"):
                 setattr(wan_video_dit, flag, False)
+            log.info("speed.attention %s: DiffSynth's own flash-attn and SageAttention are off in this worker",
+                     speed.attention)
         step = replace(speed, attention="auto")
         if step.is_default:
             return {}

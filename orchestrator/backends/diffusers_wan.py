@@ -49,6 +49,7 @@ loads; `fp8` on the card) or `enable_layerwise_casting` for `fp8_storage`.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import asdict, replace
@@ -63,6 +64,8 @@ from .cuda import job_memory, release_memory
 from .diffusers_checks import PIPELINES, read_checkpoint_config
 from .diffusers_inputs import prefetch, task_inputs
 from .shared import model_files_identity
+
+log = logging.getLogger(__name__)
 
 
 class DiffusersWanBackend(Backend):
@@ -144,6 +147,10 @@ class DiffusersWanBackend(Backend):
             "parallel_load": bool(o.get("parallel_load", True)) and not self.device_mapped,
             "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
         }
+        log.debug("loaded %s as %s in %.1f s (%s; speed applied: %s; seconds per component %s)", self.model.path,
+                  pipeline_class.__name__, self.load_info["load_seconds"],
+                  f"device_map {o.get('device_map', 'balanced')}" if self.device_mapped
+                  else f"offload {o.get('offload', 'none')}", speed_facts or "none", self.load_info["components"])
 
     def _use_shift(self, pipe, shift: float | None) -> None:
         """The sampler's flow shift of the next job (None: the checkpoint's own): a shift axis changes it

@@ -3,6 +3,7 @@ the weight files read ahead in parallel threads, timed one by one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,8 @@ from typing import Iterable
 from .files import CheckpointError
 from .releases import repair_fix
 from .layouts import is_component_spec
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +231,8 @@ def load_components(folder: str | os.PathLike, dtype, parallel: bool = True, nam
             prefetch = sum(sizes.values()) <= PREFETCH_RAM_SHARE * psutil.virtual_memory().available
         except Exception:
             pass
+    log.debug("%s: loading %s (%.2f GiB of weights); read ahead: %s, parallel: %s", root, ", ".join(wanted),
+              sum(sizes.values()) / 2**30, prefetch, parallel)
 
     def device_of(name: str):
         return device.get(name) if isinstance(device, dict) else device

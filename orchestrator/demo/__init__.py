@@ -13,10 +13,13 @@ module imports nothing heavy: the builders (`random_checkpoints`) and DiffSynth'
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # The diffusers-layout families `random_checkpoints.build_random_wan` builds
 VARIANTS = ("t2v", "i2v", "a14b", "a14b-i2v", "ti2v", "vace", "animate")
@@ -39,12 +42,13 @@ def materialize(path: str | os.PathLike) -> bool:
         return False
     from .random_checkpoints import build_random_wan
     building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    log.info("building the random-weight %s checkpoint %s (a fake: its videos are noise)", match["variant"], folder)
     try:
         build_random_wan(building, size=match["size"], variant=match["variant"])
         try:
             os.rename(building, folder)
         except OSError:  # another process finished first: keep theirs
-            pass
+            log.debug("%s was built by another process meanwhile: kept", folder)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return (folder / "model_index.json").is_file()

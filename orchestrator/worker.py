@@ -100,6 +100,13 @@ def setup_logging(spec: WorkerSpec) -> logging.Logger:
     for handler in (to_file, to_screen):
         handler.setFormatter(fmt)
         log.addHandler(handler)
+    # The package's own module loggers (the harness, the backends, the checkpoints) write where the
+    # worker's lines go: its log file and its pane.
+    package = logging.getLogger("orchestrator")
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    for handler in (to_file, to_screen):
+        package.addHandler(handler)
     logging.captureWarnings(True)
     for name in LOG_FILE_ONLY:
         noisy = logging.getLogger(name)

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import av
 
+from .ledger import WorkerRow
 from .output_names import value_text
 from .outputs import TEMP_MARK, file_mode
 from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left
@@ -342,7 +343,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
     scan = report.scan if report.scan is not None else sweep.scan()
     rows_by_id: dict[str, dict] = {}
     attempts: list[dict] = []
-    worker_rows: list[dict] = []
+    worker_rows: list[WorkerRow] = []
     if report.ledger and sweep.has_ledger():  # not when the report found it unreadable
         ledger = sweep.ledger(readonly=True)
         try:
@@ -418,7 +419,7 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
         settings=f"{g.width}×{g.height}, {g.num_frames} frames @ {g.fps} fps, {g.steps} steps, "
                  f"seeds {', '.join(map(str, m.seeds))}",
         generated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), grids=grids, failures=failures,
-        workers=workers, activity=_activity(attempts, worker_rows, now, log_url), throughput=throughput,
+        workers=workers, activity=_activity(attempts, {w.id: w.devices for w in worker_rows}, now, log_url), throughput=throughput,
         time_left=describe_time_left(report),
         tile_width=TILE_WIDTH, tile_height=max(1, round(TILE_WIDTH * g.height / g.width)),
         seed_columns=len(m.seeds) if len(m.seeds) <= 3 else -(-len(m.seeds) // 2),  # 4 seeds: 2×2
@@ -517,9 +518,10 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
 _TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 
 
-def _activity(attempts: list[dict], workers: list[dict], now: float, log_url) -> Activity | None:
-    """Each worker's attempts as bars on one time axis, from the first start to now (or the last
-    end when nothing runs). Bars closer than half a unit merge, so a long sweep stays a small SVG."""
+def _activity(attempts: list[dict], devices: dict[str, str | None], now: float, log_url) -> Activity | None:
+    """Each worker's attempts as bars on one time axis (a lane per worker, named by its `devices`), from the
+    first start to now (or the last end when nothing runs). Bars closer than half a unit merge, so a long
+    sweep stays a small SVG."""
     if not attempts:
         return None
     start = min(a["started_at"] for a in attempts)
@@ -527,7 +529,6 @@ def _activity(attempts: list[dict], workers: list[dict], now: float, log_url) ->
     end = now if running else max(a["finished_at"] for a in attempts)
     span = max(end - start, 1e-6)
     scale = PLOT_WIDTH / span
-    devices = {w["id"]: w["devices"] for w in workers}
     lanes: dict[str, Lane] = {}
     spans: dict[str, list[tuple[float, float]]] = {}
     for a in attempts:

@@ -1,10 +1,13 @@
 """Shared fixtures: manifests written to tmp_path, tiny reference videos, CLI runs in subprocesses."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,43 @@ from orchestrator.outputs import write_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The ceiling of every wait in the tests, there only so that a hung test ends (issue 28): no test may fail
+# because a busy machine is slow, so nothing a test waits for may come near it.
+PATIENCE_S = 1800
+
+
+def wait_until(condition, what: str, timeout: float = PATIENCE_S, interval: float = 0.1):
+    """condition()'s first true value, polled every `interval` s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def skip_module_without(*packages: str) -> None:
+    """`pytest.importorskip` for a whole test module without importing the packages: collecting the tests
+    must not import torch, diffusers, diffsynth, … (seconds each; test_layering checks it)."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}", allow_module_level=True)
+
+
+class LazyModule:
+    """`torch = LazyModule("torch")` at a test module's top: torch is imported at the first `torch.x` a test
+    runs, not when the module is collected."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("_"):  # pytest's collection asks every module-level name for __test__,
+            raise AttributeError(attribute)  # __wrapped__, _mock_name, …: no answer, no import
+        return getattr(importlib.import_module(self._name), attribute)
+
 
 @pytest.fixture(scope="session")
 def tiny_video(tmp_path_factory) -> Path:
@@ -26,6 +66,36 @@ def tiny_video(tmp_path_factory) -> Path:
     frames[:, :, :16] = 200
     write_mp4(frames, path, fps=5, expected_frames=5)
     return path
+
+
+@pytest.fixture(scope="session")
+def random_wan(tmp_path_factory):
+    """random_wan(variant) → a tiny random-weight Wan checkpoint of the diffusers layout (`build_random_wan`,
+    size tiny, float32, seed 0), built once for the whole session: tests read it, never change it (copy it
+    to tmp_path first)."""
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "t2v") -> Path:
+        if variant not in built:
+            from orchestrator.demo.random_checkpoints import build_random_wan
+            built[variant] = build_random_wan(tmp_path_factory.mktemp("random-wan") / f"wan-{variant}", "tiny",
+                                              variant=variant)
+        return built[variant]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(task) → the original-layout tiny random-weight Wan model (`build_tiny_checkpoint`,
+    DiffSynth's), built once for the whole session: tests read it, never change it (copy it first)."""
+    built: dict[str, Path] = {}
+
+    def get(task: str = "t2v") -> Path:
+        if task not in built:
+            from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
+            built[task] = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-wan") / f"Wan-tiny-{task}", task=task)
+        return built[task]
+    return get
 
 
 @pytest.fixture
@@ -73,14 +143,14 @@ def synthetic_manifest(**overrides) -> dict:
     return manifest
 
 
-def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = PATIENCE_S, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python run_experiment.py ARGS` as a user would (local executor unless told otherwise)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
-def cli_into_closed_pipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli_into_closed_pipe(*args: str, timeout: float = PATIENCE_S) -> subprocess.CompletedProcess:
     """Run the CLI with its stdout a pipe whose reader has already gone, as in `… | head -1`."""
     read, write = os.pipe()
     os.close(read)

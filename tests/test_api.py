@@ -29,6 +29,7 @@ def test_a_dict_manifest_is_read_by_the_same_reader_and_its_problems_are_located
     assert lines[problem.line - 1].strip().startswith("name: ")  # output.name's line in the same file
 
 
+@pytest.mark.slow
 def test_expand_plan_run_and_report_as_data_the_same_as_report_json(tmp_path):
     manifest = api.from_dict(synthetic_manifest(), base=tmp_path)
     assert manifest.output_dir == tmp_path / "out"  # relative paths start at `base`

@@ -211,6 +211,7 @@ def test_the_report_names_each_axis_value_as_the_file_names_do(write_manifest, t
 
 # ------------------------------------------------------------------------------------------- running
 
+@pytest.mark.slow
 def test_a_sweep_with_axes_makes_each_combination_with_its_own_settings(write_manifest, tmp_path):
     # num_frames is swept: the job loop checks each video against its job's frame count, not the manifest's
     path = write_manifest(synthetic_manifest(
@@ -256,14 +257,14 @@ def test_the_command_backend_runs_each_job_with_its_own_settings(tmp_path):
     assert backend.command_line(plain, "out.mp4")[2:] == ["50", "5.0", "832x480"]
 
 
-def test_the_diffusers_backend_takes_size_length_and_shift_per_job(tmp_path):
+@pytest.mark.slow
+def test_the_diffusers_backend_takes_size_length_and_shift_per_job(tmp_path, random_wan):
     pytest.importorskip("diffusers")
     from orchestrator.backends.diffusers_wan import DiffusersWanBackend
     from orchestrator.manifest import GenerationConfig, ModelConfig
-    from orchestrator.demo.random_checkpoints import build_random_wan
 
     from .conftest import backend_job
-    path = build_random_wan(tmp_path / "t2v", size="tiny", variant="t2v")
+    path = random_wan("t2v")
     backend = DiffusersWanBackend(ModelConfig(backend="diffusers", task="t2v", path=str(path), dtype="float32"),
                                   GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2), ())
     backend.load()
@@ -297,17 +298,17 @@ def test_a_refused_first_value_is_its_own_axis_problem_not_the_others(write_mani
     assert "axes (negative_prompt = 'blurry'): generate.py takes no negative prompt" in found.message
 
 
-def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents_per_size(tmp_path):
+@pytest.mark.slow
+def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents_per_size(tmp_path, tiny_checkpoint):
     pytest.importorskip("diffsynth")
     import numpy as np
 
     from orchestrator.backends.diffsynth_wan import DiffSynthWanBackend
     from orchestrator.manifest import GenerationConfig, ModelConfig
     from orchestrator.outputs import write_mp4
-    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
 
     from .conftest import backend_job
-    path = build_tiny_checkpoint(tmp_path / "Wan-tiny")
+    path = tiny_checkpoint("t2v")
     clip = write_mp4(np.random.RandomState(0).randint(0, 255, (7, 40, 48, 3)).astype(np.uint8),
                      tmp_path / "clip.mp4", fps=5, expected_frames=7)
     backend = DiffSynthWanBackend(
@@ -371,11 +372,11 @@ def test_a_quantize_axis_on_the_command_backend_is_refused_at_the_axis(write_man
         assert "axes (quantize = 'int8'): the command backend runs Wan's generate.py" in problem.message
 
 
-def test_fp8_in_a_quantize_axis_needs_an_fp8_card(write_manifest, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_fp8_in_a_quantize_axis_needs_an_fp8_card(write_manifest, tmp_path, monkeypatch, random_wan):
     pytest.importorskip("diffusers")
     pytest.importorskip("torchao")
-    from orchestrator.demo.random_checkpoints import build_random_wan
-    checkpoint = build_random_wan(tmp_path / "t2v", size="tiny")
+    checkpoint = random_wan("t2v")
     monkeypatch.setenv("ORCHESTRATOR_FAKE_GPUS", "NVIDIA A800-SXM4-80GB:80:0")
     data = synthetic_manifest(model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint),
                                      "dtype": "float32"}, axes={"quantize": ["none", "fp8"]})
@@ -460,17 +461,17 @@ def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp
     assert [source.sidecars[j.id]["model"]["speed"]["quantize"] for j in jobs] == values
 
 
-def test_a_local_quantize_sweep_runs_each_job_with_its_value_and_reloads_once(write_manifest, tmp_path):
+@pytest.mark.slow
+def test_a_local_quantize_sweep_runs_each_job_with_its_value_and_reloads_once(write_manifest, tmp_path, random_wan):
     pytest.importorskip("diffusers")
     pytest.importorskip("torchao")
-    from orchestrator.demo.random_checkpoints import build_random_wan
-    checkpoint = build_random_wan(tmp_path / "t2v", size="tiny")
+    checkpoint = random_wan("t2v")
     path = write_manifest(synthetic_manifest(
         model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint), "dtype": "float32"},
         generation={"width": 32, "height": 32, "num_frames": 5, "fps": 5, "steps": 2},
         categories={"alpha": {"prompts": ["a cat"]}}, seeds=[1], resources={"cpu_slots": 1},
         axes={"quantize": ["none", "int8"]}))
-    result = cli("run", str(path), "--executor", "local", "--no-progress", timeout=600)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = expand(load_manifest(path))
     assert [j.axes["quantize"] for j in jobs] == ["none", "int8"]

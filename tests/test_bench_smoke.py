@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import PATIENCE_S
+
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # whole benchmark scripts and pipelines (minutes on a busy 2-core machine)
 
 
 @pytest.mark.parametrize("script", ["load_balance.py", "overhead.py", "scaling.py"])
 def test_bench_script_runs_quick(script):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=PATIENCE_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "machine:" in run.stdout
     assert "-----" in run.stdout  # the figures' table was printed
@@ -24,7 +28,7 @@ def test_conditioned_checkpoints_match_diffsynths_table():
     encoder, Animate) have the tensor names and shapes DiffSynth recognises: checked on meta, no weights."""
     pytest.importorskip("diffsynth")
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_conditioned_build.py"), "--verify-only"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for model in ("vace13", "control13", "s2v14", "animate14"):
         assert f"{model} (" in run.stdout
@@ -45,7 +49,7 @@ def test_conditioned_gpu_script_runs_its_whole_flow_on_tiny_checkpoints(tmp_path
            "PYTHON": sys.executable, "STAGES": "build13 vace13 control13 animate14",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_conditioned.sh")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=PATIENCE_S)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
     summaries = [json.loads(line) for line in (tmp_path / "out" / "conditioned_summary.jsonl").read_text().splitlines()]
     assert [s["task"] for s in sorted(summaries, key=lambda s: s["task"])] == ["animate", "control", "vace"]

@@ -28,11 +28,16 @@ from orchestrator.checkpoints import loading
 from orchestrator.checkpoints import (CheckpointError, Settings, estimate, load_components, parse_gpu,
                                       parts, verify)
 
-from .conftest import ROOT, cli, cli_into_closed_pipe, synthetic_manifest
+from .conftest import (PATIENCE_S, ROOT, LazyModule, cli, cli_into_closed_pipe, skip_module_without,
+                       synthetic_manifest)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-from safetensors.torch import save_file  # noqa: E402
+skip_module_without("torch", "diffusers")
+torch = LazyModule("torch")  # imported by the first test that uses it, not at collection
+
+
+def save_file(tensors, filename):
+    from safetensors.torch import save_file as save  # imports torch
+    return save(tensors, filename)
 
 H100_PEAK = 12_631_146_496  # docs/benchmarks.md, "GPU sizing": Wan-1.3B-sized pipeline, 832×480×81, bf16
 
@@ -142,9 +147,8 @@ def write_wan_extras(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from orchestrator.demo.random_checkpoints import build_random_wan
-    return build_random_wan(tmp_path_factory.mktemp("tiny") / "tiny-wan", "tiny")
+def tiny(random_wan) -> Path:
+    return random_wan("t2v")  # built once per session (conftest); tiny_copy to change it
 
 
 @pytest.fixture
@@ -294,6 +298,7 @@ def test_verification_reads_headers_not_weights(tmp_path):
 # run and plan refuse an incomplete checkpoint
 
 
+@pytest.mark.slow
 def test_run_and_plan_refuse_a_broken_checkpoint_and_start_nothing(tiny_copy, write_manifest, tmp_path):
     broken = tiny_copy / "vae" / "diffusion_pytorch_model.safetensors"
     os.truncate(broken, broken.stat().st_size - 1000)
@@ -336,6 +341,7 @@ with torch.no_grad():
 CPU_FACTOR = 1.5  # the estimate of the tiny pipeline's CPU working set must be within this factor
 
 
+@pytest.mark.slow
 def test_fit_estimate_matches_the_tiny_models_measured_cpu_peak(tiny):
     """The whole pipeline (text encoder, 2 steps with guidance, VAE decode) on the CPU: peak resident
     memory above the loaded model, against the estimate's largest working set (CPU constants)."""
@@ -344,7 +350,7 @@ def test_fit_estimate_matches_the_tiny_models_measured_cpu_peak(tiny):
     settings = Settings(256, 256, 17, "float32")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-c", CHILD, str(tiny), "256", "256", "17"], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=120)
+                         text=True, env=env, cwd=ROOT, timeout=PATIENCE_S)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["peak_above"]
     estimated = max(checkpoints.working_sets(parts(verify(tiny)), settings, gpu=False).values())
@@ -370,6 +376,7 @@ def test_fit_estimate_matches_the_h100_figure_and_sizes_a_14b_model(tmp_path):
     assert by["block_offload"] < by["int8_offload"] < by["model_offload"] < by["whole"]
 
 
+@pytest.mark.slow
 def test_fit_cli_says_what_fits_on_named_and_fake_gpus(tmp_path):
     folder = sparse_diffusers(tmp_path / "w14", "wan-14b")
     result = cli("models", "fit", str(folder), "--gpu", "24GB", "x2", "--gpu", "80GB")
@@ -444,7 +451,7 @@ def test_download_rejects_a_bad_repo_id_before_importing_anything(tmp_path):
 
 def test_download_error_path_when_the_hub_is_unreachable(tmp_path):
     result = cli("models", "download", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--to", str(tmp_path / "wan"),
-                 env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+                 env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1, result.stdout + result.stderr
     assert "download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in result.stderr
     assert "run the same command again to resume" in result.stderr
@@ -542,6 +549,7 @@ def test_load_components_parallel_and_sequential_give_the_same_components(tiny):
     assert (torch.get_default_dtype(), torch.nn.Module.register_parameter) == state
 
 
+@pytest.mark.slow
 def test_load_components_builds_the_same_pipeline_as_from_pretrained(tiny):
     from diffusers import WanPipeline
     components, _ = load_components(tiny, torch.float32, names=["transformer", "vae", "text_encoder", "tokenizer",
@@ -614,6 +622,7 @@ def sparse_diffsynth(folder: Path, dit_config: dict) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_diffsynths_text_encoder_mode_counts_the_encoder_on_the_card_while_it_encodes(tmp_path):
     """DiffSynth's `vram_management: text_encoder` keeps umT5 on the CPU between prompts but moves its
     layers to the card to encode one (up to its vram_limit, the whole card by default): measured on the

@@ -35,6 +35,7 @@ def test_report_and_plan_tables_line_up_with_cjk_names(write_manifest):
     assert len(rows) == 2 and len({display_width(line) for line in rows}) == 1, plan.stdout
 
 
+@pytest.mark.slow
 def test_one_worker_is_one_worker(write_manifest):
     path = write_manifest(synthetic_manifest(seeds=[1], categories={"alpha": {"prompts": ["a"]}},
                                              execution={"executor": "local"}))
@@ -130,6 +131,7 @@ def test_report_watch_clears_the_screen_only_on_a_terminal(write_manifest, monke
         assert ("\x1b[2J" in out) == terminal, repr(out[:80])
 
 
+@pytest.mark.slow
 def test_plans_queues_count_only_the_jobs_left(write_manifest):
     data = synthetic_manifest(seeds=[1], categories={"alpha": {"prompts": ["a cat", "a dog"]}},
                               execution={"executor": "local"})

@@ -25,7 +25,7 @@ from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
 from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK, count_frames, read_sidecar
 
-from .conftest import ROOT, cli
+from .conftest import PATIENCE_S, ROOT, cli
 
 STUB = ROOT / "tests" / "stubs" / "generate_stub.py"
 SHIPPED = ROOT / "experiments" / "i2v_a14b_fsdp.yaml"
@@ -104,6 +104,7 @@ def test_one_card_exact_arguments_then_a_real_run(tmp_path, record):
     assert b.load_info["interpreter"]["python"] == ".".join(map(str, sys.version_info[:3]))
 
 
+@pytest.mark.slow
 def test_two_cards_run_torchrun_with_fsdp_and_ulysses(tmp_path, record):
     b = backend(tmp_path, devices=(0, 1))
     j = job(tmp_path, seed=11)
@@ -184,7 +185,7 @@ class Stopped(BaseException):
     """What the worker's SIGTERM handler raises in the main thread (`worker.Stop`)."""
 
 
-def _gone(pid: int, within: float = 10.0) -> bool:
+def _gone(pid: int, within: float = PATIENCE_S) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
@@ -196,22 +197,28 @@ def _gone(pid: int, within: float = 10.0) -> bool:
 
 
 @pytest.mark.parametrize("devices", [(0,), (0, 1)], ids=["python", "torchrun"])
+@pytest.mark.slow
 def test_a_stopped_worker_takes_its_program_down(tmp_path, record, monkeypatch, devices):
     monkeypatch.setenv("GENERATE_STUB_STEP_S", "0.5")
 
+    stopped = []
+
     def progress(step, steps):
         if step >= 2:
+            stopped.append(time.monotonic())
             raise Stopped("SIGTERM")
-    b = backend(tmp_path, devices=devices, steps=200)
-    started = time.monotonic()
+    b = backend(tmp_path, devices=devices, steps=1000)
     with pytest.raises(Stopped):
         b.generate(job(tmp_path), progress)
-    assert time.monotonic() - started < 40  # not the 100 s the program would have run
+    # Counted from the stop, not the start (which a busy machine makes as slow as it likes): not the
+    # 500 s the program would have gone on for.
+    assert time.monotonic() - stopped[0] < 250
     for rank in range(len(devices)):  # torchrun passes the SIGTERM on to its ranks
         assert _gone(record(rank)["pid"]), f"rank {rank} still runs"
     assert partials(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_killed_worker_takes_its_program_down(tmp_path, record, monkeypatch):
     """SIGKILL leaves the worker no `finally`: the kernel's parent-death signal ends the program."""
     monkeypatch.setenv("GENERATE_STUB_STEP_S", "0.5")
@@ -229,14 +236,14 @@ b.generate(Job("j", 0, "c", None, None, 0, "p", 1, {str(tmp_path / 'out' / 'c' /
 """
     worker = subprocess.Popen([sys.executable, "-c", script])
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + PATIENCE_S
         while not Path(f"{tmp_path / 'stub_record'}.rank0").exists():
             assert time.monotonic() < deadline and worker.poll() is None, "the program never started"
             time.sleep(0.05)
         pid = record()["pid"]
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-        assert _gone(pid, within=5), "the program outlived its worker"
+        assert _gone(pid), "the program outlived its worker"
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -378,6 +385,7 @@ def test_shipped_manifest_in_place_lacks_only_what_the_user_supplies():
     assert messages[1].startswith("script `") and messages[1].endswith("generate.py` does not exist")
 
 
+@pytest.mark.slow
 def test_cli_sweep_with_the_stub_writes_checked_videos_and_sidecars(tmp_path, write_manifest):
     fake_checkpoint(tmp_path / "Wan2.2-T2V-A14B")
     path = write_manifest({
@@ -388,7 +396,7 @@ def test_cli_sweep_with_the_stub_writes_checked_videos_and_sidecars(tmp_path, wr
         "resources": {"gpus_per_worker": 2},
         "execution": {"retries": 0, "job_timeout_s": 60, "heartbeat_timeout_s": 20, "max_restarts": 1}})
     env = {**TWO_FAKE_H100, "GENERATE_STUB_RECORD": str(tmp_path / "rec")}
-    result = cli("run", str(path), "--executor", "local", "--no-progress", env=env, timeout=120)
+    result = cli("run", str(path), "--executor", "local", "--no-progress", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     for seed in (1, 2):
         video = tmp_path / "out" / "c" / f"seed_{seed}_prompt_0.mp4"

@@ -19,7 +19,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.outputs import TEMP_MARK
 from orchestrator.planning import WorkerSpec
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, cli, synthetic_manifest
 
 RUN = ("--executor", "local", "--no-progress")
 
@@ -54,6 +54,7 @@ def test_a_run_in_set_up_elsewhere_makes_a_second_run_start_nothing(write_manife
     assert not list((tmp_path / "out").rglob("*.mp4")) and not (tmp_path / "out" / "logs").exists()
 
 
+@pytest.mark.slow
 def test_a_live_worker_not_yet_in_the_ledger_keeps_its_sweep_running(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(seeds=[1]))
     out = tmp_path / "out"
@@ -68,6 +69,7 @@ def test_a_live_worker_not_yet_in_the_ledger_keeps_its_sweep_running(write_manif
     assert partial.exists() and not (out / "alpha" / "seed_1_prompt_0.mp4").exists()
 
 
+@pytest.mark.slow
 def test_add_workers_leaves_a_live_workers_spec_file_alone(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(seeds=[1]))
     out = tmp_path / "out"
@@ -116,10 +118,11 @@ def test_a_spec_file_is_replaced_whole_never_written_in_place(tmp_path, monkeypa
     assert [p.name for p in target.parent.iterdir()] == ["cpu0_worker0.json"]
 
 
+@pytest.mark.slow
 def test_runs_started_together_start_one_set_of_workers(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 0.3}}))
     launches = [_launch("run", str(path), *RUN) for _ in range(3)]
-    results = [(p.wait(timeout=120), *p.communicate()) for p in launches]
+    results = [(p.wait(timeout=PATIENCE_S), *p.communicate()) for p in launches]
     assert all("Traceback" not in err for _, _, err in results), results
     started = [out for _, out, _ in results if "started 2 workers" in out]
     assert len(started) == 1, results
@@ -129,6 +132,7 @@ def test_runs_started_together_start_one_set_of_workers(write_manifest, tmp_path
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+@pytest.mark.slow
 def test_tmux_runs_started_together_start_one_set_and_no_traceback(write_manifest, tmp_path):
     import uuid
 
@@ -138,11 +142,11 @@ def test_tmux_runs_started_together_start_one_set_and_no_traceback(write_manifes
     env = {"ORCHESTRATOR_TMUX_SOCKET": socket}
     try:
         launches = [_launch("run", str(path), "--executor", "tmux", env=env) for _ in range(3)]
-        results = [(p.wait(timeout=60), *p.communicate()) for p in launches]
+        results = [(p.wait(timeout=PATIENCE_S), *p.communicate()) for p in launches]
         assert all(code == 0 and "Traceback" not in err for code, _, err in results), results
         assert sum("started 2 workers" in out for _, out, _ in results) == 1, results
         ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE_S
         while ledger.unfinished() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert cli("stop", str(path), env=env).returncode == 0  # whatever is left of the sessions
@@ -160,20 +164,20 @@ def test_stop_issued_while_run_is_starting_takes_effect(write_manifest, tmp_path
 
     def slow(*args, **kwargs):
         paused.set()
-        assert go.wait(60)
+        assert go.wait(PATIENCE_S)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(run_module, pause_at, slow)
     codes = {}
     run = threading.Thread(target=lambda: codes.setdefault("run", cli_module.main(["run", str(path), *RUN])))
     run.start()
-    assert paused.wait(60)
+    assert paused.wait(PATIENCE_S)
     stop = threading.Thread(target=lambda: codes.setdefault("stop", cli_module.main(["stop", str(path)])))
     stop.start()
     stop.join(1.0)  # it returns at once (no ledger yet) or waits for the run's set-up
     go.set()
-    run.join(60)
-    stop.join(60)
+    run.join(PATIENCE_S)
+    stop.join(PATIENCE_S)
     assert codes == {"run": 0, "stop": 0}
     printed = capsys.readouterr().out
     assert "`stop` was issued while this `run` was starting: no worker started" in printed

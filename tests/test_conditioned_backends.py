@@ -22,10 +22,11 @@ from orchestrator.outputs import write_mp4
 
 from .conftest import header_only_safetensors
 
-from .conftest import backend_job
+from .conftest import PATIENCE_S, LazyModule, backend_job, skip_module_without
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffsynth")
+skip_module_without("torch", "diffsynth")
+torch = LazyModule("torch")  # imported by the first test that uses it, not at collection
+pytestmark = pytest.mark.slow  # the real pipelines (even the quick tests here import the library: seconds)
 
 GEN = dict(width=32, height=32, num_frames=5, fps=16, steps=2)
 
@@ -58,19 +59,10 @@ def media(tmp_path_factory):
     return made
 
 
-_BUILT: dict = {}
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny checkpoint of a task's release, built once per module."""
-    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
-
-    def build(task):
-        if task not in _BUILT:
-            _BUILT[task] = build_tiny_checkpoint(tmp_path_factory.mktemp("ck") / f"Wan-tiny-{task}", task=task)
-        return _BUILT[task]
-    return build
+def checkpoint(tiny_checkpoint):
+    """The tiny checkpoint of a task's release, built once per session (conftest)."""
+    return tiny_checkpoint
 
 
 def _diffsynth(path, task, **generation):
@@ -182,7 +174,7 @@ def _task_manifest(path, task, category, **generation):
     return synthetic_manifest(
         model={"backend": "diffsynth", "task": task, "path": str(path), "dtype": "float32", "options": {}},
         generation={**GEN, **generation}, seeds=[1], categories={"talk": category}, resources={"cpu_slots": 1},
-        execution={"job_timeout_s": 300, "heartbeat_timeout_s": 120})
+        execution={"job_timeout_s": PATIENCE_S, "heartbeat_timeout_s": 120})
 
 
 @pytest.fixture
@@ -232,7 +224,7 @@ def test_diffsynth_vace_sweep_through_the_cli(write_manifest, refs, checkpoint, 
 
     from .conftest import cli
     data = _task_manifest(checkpoint("vace"), "vace", {**VACE, "images": {"alice": "refs/images/alice.png"}})
-    result = cli("run", str(write_manifest(data)), "--executor", "local", "--no-progress", timeout=300)
+    result = cli("run", str(write_manifest(data)), "--executor", "local", "--no-progress")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4")) == [
@@ -243,15 +235,8 @@ def test_diffsynth_vace_sweep_through_the_cli(write_manifest, refs, checkpoint, 
 
 
 @pytest.fixture(scope="module")
-def diffusers_checkpoint(tmp_path_factory):
-    from orchestrator.demo.random_checkpoints import build_random_wan
-
-    def build(variant):
-        key = f"diffusers-{variant}"
-        if key not in _BUILT:
-            _BUILT[key] = build_random_wan(tmp_path_factory.mktemp("df") / f"wan-{variant}", variant=variant)
-        return _BUILT[key]
-    return build
+def diffusers_checkpoint(random_wan):
+    return random_wan  # built once per session (conftest)
 
 
 def _diffusers(path, task):
@@ -463,7 +448,7 @@ def test_the_speed_probe_feeds_a_conditioned_denoiser_its_jobs_inputs(checkpoint
 def test_models_speed_measures_an_s2v_model(write_manifest, refs, checkpoint, tmp_path):
     from .conftest import cli
     data = _task_manifest(checkpoint("s2v"), "s2v", S2V, width=64, height=64)
-    result = cli("models", "speed", str(write_manifest(data)), "--try", "eager", "--steps", "2", timeout=300)
+    result = cli("models", "speed", str(write_manifest(data)), "--try", "eager", "--steps", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["candidate", "s/step"])

@@ -282,6 +282,7 @@ def test_a_glob_over_the_output_folder_never_takes_the_sweeps_own_videos(make_re
         "out" in problem, problem
 
 
+@pytest.mark.slow
 def test_seeds_are_read_in_linear_time_and_too_many_are_refused_at_their_line(write_manifest):
     import time
     path = write_manifest(synthetic_manifest(seeds=list(range(100_000))))

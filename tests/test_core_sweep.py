@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from orchestrator.jobs import expand
 from orchestrator.ledger import Ledger
 from orchestrator.validation import load_manifest
 from orchestrator.outputs import TEMP_MARK, count_frames
 
-from .conftest import ROOT, cli, cli_into_closed_pipe, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, cli, cli_into_closed_pipe, synthetic_manifest
 
 
 def _report(path) -> dict:
@@ -41,6 +42,7 @@ def _done_attempts(out: Path) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_sweep_runs_to_completion_and_reports(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(categories={
         "镜头 motion": {"prompts": ["a cat's \"quoted\" $(rm -rf /) prompt", "狗"]},
@@ -63,6 +65,7 @@ def test_sweep_runs_to_completion_and_reports(write_manifest, tmp_path):
     assert again.returncode == 0 and "all 6 jobs" in again.stdout
 
 
+@pytest.mark.slow
 def test_failures_are_retried_and_crashed_workers_restarted(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"fail_attempts": 1, "crash_jobs": ["alpha/seed_2_*", "beta/*"]}},
@@ -84,6 +87,7 @@ def test_failures_are_retried_and_crashed_workers_restarted(write_manifest, tmp_
     assert "synthetic failure" in logs and "Traceback" in logs
 
 
+@pytest.mark.slow
 def test_permanent_failure_is_reported_and_exit_code_is_nonzero(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"fail_jobs": ["alpha/seed_1_prompt_0"]}}, execution={"retries": 1}))
@@ -97,6 +101,7 @@ def test_permanent_failure_is_reported_and_exit_code_is_nonzero(write_manifest, 
     assert text.returncode == 1 and "failed jobs (1)" in text.stdout  # a script can tell, as from `run`
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_job(write_manifest, tmp_path):
     prompts = [f"prompt {i}" for i in range(6)]
     path = write_manifest(synthetic_manifest(
@@ -106,13 +111,13 @@ def test_resume_after_sigkill_mid_job(write_manifest, tmp_path):
     run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
                             "--executor", "local", "--no-progress"], cwd=ROOT, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while len(_mp4s(out)) < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + PATIENCE_S
+    while len(_mp4s(out)) < 2 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.1)
     time.sleep(0.7)  # both workers are now half-way through a job
     processes = psutil.Process(run.pid).children(recursive=True) + [psutil.Process(run.pid)]
     os.killpg(run.pid, signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=10)
+    psutil.wait_procs(processes, timeout=PATIENCE_S)
     done_before = len(_mp4s(out))
     assert 2 <= done_before < 12
     result = cli("run", str(path), "--executor", "local", "--no-progress")
@@ -124,6 +129,7 @@ def test_resume_after_sigkill_mid_job(write_manifest, tmp_path):
     assert len(done) == 12 and set(done.values()) == {1}  # none done twice
 
 
+@pytest.mark.slow
 def test_report_counts_the_disk_even_without_the_ledger(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest())
     assert cli("run", str(path), "--executor", "local", "--no-progress").returncode == 0
@@ -138,6 +144,7 @@ def test_report_counts_the_disk_even_without_the_ledger(write_manifest, tmp_path
     assert "total" in text and "83.3%" in text
 
 
+@pytest.mark.slow
 def test_changed_settings_are_detected_and_never_overwritten(write_manifest, tmp_path):
     manifest = synthetic_manifest()
     path = write_manifest(manifest)
@@ -164,14 +171,15 @@ def _start_until_two_run(path, tmp_path):
                             "--executor", "local", "--no-progress"], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + PATIENCE_S
+    while time.monotonic() < deadline and run.poll() is None:
         if ledger_path.exists() and Ledger(ledger_path).counts()["running"] == 2:
             break
         time.sleep(0.2)
     return run, ledger_path
 
 
+@pytest.mark.slow
 def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}))
@@ -180,7 +188,7 @@ def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path)
     assert len(pids) == 4  # two supervisors, two workers
     result = cli("stop", str(path))
     assert result.returncode == 0 and "stopped" in result.stdout
-    run.wait(timeout=30)
+    run.wait(timeout=PATIENCE_S)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     ledger = Ledger(ledger_path)
     assert ledger.counts()["running"] == 0
@@ -188,13 +196,14 @@ def test_stop_ends_workers_cleanly_and_releases_claims(write_manifest, tmp_path)
     assert not list((tmp_path / "out").rglob(f"{TEMP_MARK}*"))
 
 
+@pytest.mark.slow
 def test_stop_now_uses_no_attempt_and_leaves_no_worker_running(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}, execution={"retries": 0}))
     run, ledger_path = _start_until_two_run(path, tmp_path)
     result = cli("stop", str(path), "--now")
     assert result.returncode == 0 and "(killed)" in result.stdout
-    run.wait(timeout=30)
+    run.wait(timeout=PATIENCE_S)
     ledger = Ledger(ledger_path)
     # With retries: 0 a killed job used to be failed for good; a stop is not the job's fault.
     assert ledger.counts() == {"pending": 6, "running": 0, "done": 0, "failed": 0}
@@ -204,6 +213,7 @@ def test_stop_now_uses_no_attempt_and_leaves_no_worker_running(write_manifest, t
     assert report["totals"]["running"] == 0 and report["eta_s"] is None
 
 
+@pytest.mark.slow
 def test_job_timeout_abandons_the_job(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(
         model={"options": {"hang_rate": 1.0}}, categories={"a": {"prompts": ["p"]}}, seeds=[1],
@@ -213,6 +223,7 @@ def test_job_timeout_abandons_the_job(write_manifest, tmp_path):
     assert "timed out after 2s" in result.stdout or "timed out after 1s" in result.stdout
 
 
+@pytest.mark.slow
 def test_next_job_starts_while_the_previous_video_is_written(write_manifest, tmp_path):
     # One worker, videos big enough that encoding takes a moment: each job after the first is
     # claimed before the previous one is recorded as done (its video is written in the background).
@@ -228,6 +239,7 @@ def test_next_job_starts_while_the_previous_video_is_written(write_manifest, tmp
     assert all(count_frames(p) == 33 for p in _mp4s(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_terminal_escapes_in_prompts_and_names_are_printed_escaped(write_manifest, tmp_path):
     """A prompt that retitles the tmux pane and clears it, and a category name with a one-character CSI
     (U+009B): the worker's log (what its pane shows) and the report print them escaped."""
@@ -244,6 +256,7 @@ def test_terminal_escapes_in_prompts_and_names_are_printed_escaped(write_manifes
     sidecar = json.loads(next((tmp_path / "out").rglob("seed_1_prompt_0.json")).read_text(encoding="utf-8"))
     assert sidecar["job"]["prompt"] == prompt  # the data keeps the prompt as it was written
 
+@pytest.mark.slow
 def test_output_into_a_closed_pipe_ends_quietly_and_a_run_still_finishes(write_manifest, tmp_path):
     # `plan … | head -1`, `run … | head -1`, `report … | head`: no BrokenPipeError traceback, and the
     # run makes every video (its workers are not abandoned because nobody reads its output).
@@ -267,11 +280,12 @@ def test_report_json_watch_prints_json_lines(write_manifest):
         lines = [process.stdout.readline() for _ in range(3)]
     finally:
         process.terminate()
-        process.communicate(timeout=30)
+        process.communicate(timeout=PATIENCE_S)
     assert not any("\033" in line for line in lines)  # no screen clearing, no clock
     assert [json.loads(line)["totals"]["expected"] for line in lines] == [6, 6, 6]  # one object a line
 
 
+@pytest.mark.slow
 def test_run_follow_on_a_running_sweep_follows_it_to_the_end(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 2.0}}))
     first = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path),
@@ -279,7 +293,7 @@ def test_run_follow_on_a_running_sweep_follows_it_to_the_end(write_manifest, tmp
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger_path = tmp_path / "out" / ".sweep" / "ledger.sqlite"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + PATIENCE_S
         while not (ledger_path.exists() and Ledger(ledger_path).counts()["running"]) and time.monotonic() < deadline:
             time.sleep(0.1)
         follow = cli("run", str(path), "--executor", "local", "--follow")
@@ -288,9 +302,10 @@ def test_run_follow_on_a_running_sweep_follows_it_to_the_end(write_manifest, tmp
         assert len(_mp4s(tmp_path / "out")) == 6 and follow.returncode == 0, follow.stdout + follow.stderr
         assert "6/6" in follow.stderr and "100.0%" in follow.stdout
     finally:
-        first.wait(timeout=60)
+        first.wait(timeout=PATIENCE_S)
 
 
+@pytest.mark.slow
 def test_progress_bar_says_what_the_workers_do_before_their_first_job(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(model={"options": {"load_seconds": 3.0}}))
     result = cli("run", str(path), "--executor", "local")  # with the progress bar (on stderr)

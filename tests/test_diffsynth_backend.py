@@ -25,18 +25,18 @@ from orchestrator.outputs import count_frames, write_mp4
 
 from .conftest import header_only_safetensors
 
-from .conftest import backend_job as _job, cli, synthetic_manifest
+from .conftest import PATIENCE_S, LazyModule, backend_job as _job, cli, skip_module_without, synthetic_manifest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffsynth")
+skip_module_without("torch", "diffsynth")
+torch = LazyModule("torch")  # imported by the first test that uses it, not at collection
+pytestmark = pytest.mark.slow  # the real pipelines (even the quick tests here import the library: seconds)
 
 GEN = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint("t2v")  # built once per session (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def _manifest(tiny, task="t2v", **overrides):
         generation={**GEN, "denoising_strength": 0.7} if task == "v2v" else dict(GEN),
         categories={"cam": {"videos": "refs/cam/*.mp4", "prompts": ["a cat on a mat"]}} if task == "v2v"
         else {"alpha": {"prompts": ["a cat on a mat"]}},
-        resources={"cpu_slots": 1}, execution={"job_timeout_s": 300, "heartbeat_timeout_s": 120})
+        resources={"cpu_slots": 1}, execution={"job_timeout_s": PATIENCE_S, "heartbeat_timeout_s": 120})
     for key, value in overrides.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
     return data
@@ -227,7 +227,7 @@ def test_v2v_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, t
     data = _manifest(tiny, task="v2v")
     data["seeds"] = [1, 2]
     path = write_manifest(data)
-    result = cli("run", str(path), "--executor", "local", "--no-progress", timeout=300)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     mp4s = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4"))

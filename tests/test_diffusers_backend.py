@@ -14,26 +14,19 @@ from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig
 from orchestrator.validation import load_manifest
 from orchestrator.outputs import count_frames, write_mp4
 
-from .conftest import backend_job as _job, cli, synthetic_manifest
+from .conftest import LazyModule, backend_job as _job, cli, skip_module_without, synthetic_manifest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+skip_module_without("torch", "diffusers")
+torch = LazyModule("torch")  # imported by the first test that uses it, not at collection
+pytestmark = pytest.mark.slow  # the real pipelines (even the quick tests here import the library: seconds)
 
 SMALL = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """variant → folder, built once per module (a few seconds each)."""
-    from orchestrator.demo.random_checkpoints import build_random_wan
-    root = tmp_path_factory.mktemp("wan")
-    built = {}
-
-    def get(variant: str):
-        if variant not in built:
-            built[variant] = build_random_wan(root / variant, size="tiny", variant=variant)
-        return built[variant]
-    return get
+def checkpoints(random_wan):
+    """variant → folder, built once per session (conftest; a few seconds each)."""
+    return random_wan
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +226,7 @@ def test_sweep_through_the_cli_writes_valid_mp4s(write_manifest, tmp_path, check
         generation={**SMALL, "steps": 4 if task == "v2v" else 2, "denoising_strength": 0.5}, seeds=[1, 2],
         categories=categories,
         resources={"cpu_slots": 1}))
-    result = cli("run", str(path), "--executor", "local", "--no-progress", timeout=300)
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "out"
     mp4s = sorted(out.rglob("*.mp4"))

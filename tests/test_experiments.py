@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, cli
+from .conftest import ROOT, cli, skip_module_without
 
-pytest.importorskip("diffusers")
+skip_module_without("diffusers")
 
 TWO_24GB_CARDS = "RTX 3090:24:0.5;RTX 3090:24:0.5"
 
@@ -25,10 +25,8 @@ def _copy(tmp_path: Path, name: str, model_path: Path, checkpoint_line: str) -> 
 
 
 @pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory):
-    from orchestrator.demo.random_checkpoints import build_random_wan
-    root = tmp_path_factory.mktemp("models")
-    return lambda variant: build_random_wan(root / variant, variant=variant)
+def random_checkpoint(random_wan):
+    return random_wan  # built once per session (conftest)
 
 
 def test_a14b_over_two_24gb_cards_is_one_worker_holding_both(tmp_path, random_checkpoint):

@@ -18,7 +18,7 @@ import pytest
 from orchestrator.ledger import Ledger
 from orchestrator.outputs import TEMP_MARK, count_frames
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, cli, synthetic_manifest
 
 RUN = ("--executor", "local", "--no-progress")
 
@@ -35,7 +35,7 @@ def _unprivileged(*args: str) -> subprocess.CompletedProcess:
             pytest.skip("running as root without setpriv: permissions cannot be enforced")
         prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
     return subprocess.run([*prefix, sys.executable, str(ROOT / "run_experiment.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          text=True, timeout=PATIENCE_S, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _chmod_tree(folder: Path, writable: bool) -> None:
@@ -44,6 +44,7 @@ def _chmod_tree(folder: Path, writable: bool) -> None:
         path.chmod(mode | 0o200 if writable else mode & ~0o222)
 
 
+@pytest.mark.slow
 def test_a_damaged_ledger_report_falls_back_to_the_disk_and_run_says_how_to_recover(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest())
     out = tmp_path / "out"
@@ -77,6 +78,7 @@ def test_a_damaged_ledger_report_falls_back_to_the_disk_and_run_says_how_to_reco
     assert len(made) == 1  # only the missing video was made again
 
 
+@pytest.mark.slow
 def test_a_read_only_output_folder_is_reported_from_the_disk_and_refused_by_run(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest())
     out = tmp_path / "out"
@@ -127,6 +129,7 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_mid_run_stops_the_workers_cleanly_and_loses_nothing(write_manifest, small_disk):
     prompts = [f"prompt {i}" for i in range(8)]
     path = write_manifest(synthetic_manifest(
@@ -136,11 +139,11 @@ def test_a_disk_that_fills_up_mid_run_stops_the_workers_cleanly_and_loses_nothin
     run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import time
-    deadline = time.monotonic() + 60
-    while len(_mp4s(out)) < 3 and time.monotonic() < deadline:
+    deadline = time.monotonic() + PATIENCE_S
+    while len(_mp4s(out)) < 3 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.05)
     filler = _fill(small_disk)
-    stdout, stderr = run.communicate(timeout=90)
+    stdout, stderr = run.communicate(timeout=PATIENCE_S)
     assert "Traceback" not in stdout + stderr, stdout + stderr
     assert run.returncode == 1 and stdout.count(f"the disk of {out} is full") == 1, stdout + stderr
     assert "free some space and run the same command again" in stdout
@@ -157,6 +160,7 @@ def test_a_disk_that_fills_up_mid_run_stops_the_workers_cleanly_and_loses_nothin
     assert not [p for p in out.rglob(f"{TEMP_MARK}*")]
 
 
+@pytest.mark.slow
 def test_no_room_or_a_read_only_category_folder_is_refused_before_the_start(write_manifest, tmp_path, monkeypatch,
                                                                              capsys):
     from orchestrator import cli as cli_module

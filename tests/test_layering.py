@@ -1,6 +1,8 @@
 """The package's import graph (issue 21): no module imports, even inside a function, one that imports
 it back, and the manifest reader comes without the backends."""
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +172,42 @@ def test_library_modules_log_instead_of_printing():
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
                     printing.add((module, function.name))
     assert printing <= PRINTS_BY_DESIGN, f"print instead of logging.getLogger(__name__): {printing - PRINTS_BY_DESIGN}"
+
+
+# What collecting the tests must not import (issue 28): seconds each, paid by `pytest -m "not slow"` before its
+# first test. A test module imports them in the tests that use them (conftest's LazyModule and
+# skip_module_without in place of a module-level `torch = pytest.importorskip("torch")`).
+HEAVY_LIBRARIES = ("torch", "diffusers", "transformers", "diffsynth", "torchao", "ray")
+
+COLLECT_WATCHING_IMPORTS = """
+import json, sys, traceback
+import pytest
+heavy, report = set(sys.argv[1].split(",")), sys.argv[2]
+first = {}
+
+class Watch:  # sees every import before it happens (and importlib.util.find_spec's look-ups); finds nothing
+    def find_spec(self, name, path=None, target=None):
+        top, stack = name.partition(".")[0], traceback.extract_stack()
+        if top in heavy and top not in first and not any(f.name == "find_spec" and f.filename.endswith(
+                "importlib/util.py") for f in stack):
+            first[top] = [f"{f.filename}:{f.lineno}" for f in stack if "/tests/" in f.filename][-3:]
+        return None
+
+sys.meta_path.insert(0, Watch())
+pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests"])
+with open(report, "w") as out:
+    json.dump({name: first.get(name, []) for name in sorted(heavy) if name in sys.modules}, out)
+"""
+
+
+def test_collecting_the_tests_imports_no_torch(tmp_path):
+    """`pytest --collect-only` over tests/ in a fresh interpreter (the test modules, the orchestrator modules
+    they import at their top, the conftest, and pytest's look at every module-level name): none of the heavy
+    libraries is imported; a failure names the lines of tests/ that imported one."""
+    root, report = PACKAGE.parent, tmp_path / "imported.json"
+    run = subprocess.run([sys.executable, "-c", COLLECT_WATCHING_IMPORTS, ",".join(HEAVY_LIBRARIES), str(report)],
+                         cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert report.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    imported = json.loads(report.read_text(encoding="utf-8"))
+    assert not imported, "collecting the tests imports " + "; ".join(
+        f"{name} (from {' < '.join(reversed(where)) or 'outside tests/'})" for name, where in imported.items())

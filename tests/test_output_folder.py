@@ -26,6 +26,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_folder_that_is_not_a_sweeps_is_refused_and_nothing_in_it_deleted(write_manifest, tmp_path):
     out = tmp_path / "out"
     (out / "alpha").mkdir(parents=True)
@@ -75,6 +76,7 @@ def test_home_folder_refused_by_run_with_file_and_line(write_manifest, tmp_path)
     assert list(home.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_report_html_never_replaces_a_foreign_index_html(write_manifest, tmp_path):
     path = write_manifest(synthetic_manifest(seeds=[1]))
     assert cli("run", str(path), *RUN).returncode == 0
@@ -101,6 +103,7 @@ def test_the_products_own_names_cannot_be_categories(write_manifest, name):
     assert f"category name {name!r} is taken" in problem.message and problem.fix
 
 
+@pytest.mark.slow
 def test_a_second_manifest_cannot_take_over_a_sweeps_folder(write_manifest, tmp_path):
     a = write_manifest(synthetic_manifest(name="swa", seeds=[1]), name="a.yaml")
     b = write_manifest(synthetic_manifest(name="swb", seeds=[7], generation={"num_frames": 9}), name="b.yaml")

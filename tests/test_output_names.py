@@ -149,6 +149,7 @@ def _run(manifest) -> None:
     assert result.exit_code == 0
 
 
+@pytest.mark.slow
 def test_named_by_content_a_prompt_inserted_at_the_top_leaves_the_others_done(write_manifest):
     content = {"name": "{category}/seed_{seed}_{prompt_id}"}
     categories = {"alpha": {"prompts": ["a cat", "a dog"]}}
@@ -165,6 +166,7 @@ def test_named_by_content_a_prompt_inserted_at_the_top_leaves_the_others_done(wr
     assert len(sweep.scan().complete) == 6
 
 
+@pytest.mark.slow
 def test_named_by_position_the_settings_change_message_says_to_append_prompts(write_manifest):
     _run(_load(write_manifest, categories={"alpha": {"prompts": ["a cat", "a dog"]}}))
     inserted = _load(write_manifest, categories={"alpha": {"prompts": ["a bird", "a cat", "a dog"]}})

@@ -23,7 +23,7 @@ from orchestrator import cli as cli_module
 from orchestrator.ledger import Ledger
 from orchestrator.outputs import TEMP_MARK, count_frames, write_mp4
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, cli, synthetic_manifest
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "node_ip_address": "127.0.0.1",
         "object_store_memory": 80 * 1024 * 1024}
@@ -86,11 +86,14 @@ def _start_driver(path: Path, address: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
+def _wait_for(condition, timeout: float, what: str, driver: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
+        if driver is not None and driver.poll() is not None:  # it will never come
+            raise AssertionError(f"the driver ended (exit code {driver.returncode}) before {what}:\n"
+                                 f"{driver.stdout.read()[-3000:]}")
         time.sleep(0.1)
 
 
@@ -109,6 +112,7 @@ def _running_on(out: Path, prefix: str) -> int:
 # On the cluster
 
 
+@pytest.mark.slow
 def test_sweep_on_a_two_node_cluster_makes_every_output_once(ray_cluster, write_manifest, tmp_path, capsys):
     cluster, _ = ray_cluster
     # One job's first attempt kills its actor's process: the driver replaces the actor and retries it.
@@ -142,18 +146,21 @@ def test_sweep_on_a_two_node_cluster_makes_every_output_once(ray_cluster, write_
     _assert_every_output_once(out, 9)
 
 
+@pytest.mark.slow
 def test_a_node_removed_mid_sweep_loses_nothing_and_doubles_nothing(ray_cluster, write_manifest, tmp_path):
     cluster, second = ray_cluster
     prompts = [f"prompt {i}" for i in range(7)]
+    # 4 s jobs: the second node's actors, however late a busy machine starts them, find work left
     path = write_manifest(ray_manifest(categories={"a": {"prompts": prompts}}, seeds=[1, 2],
-                                       model={"options": {"seconds_per_job": 1.2}}, generation={"steps": 20}))
+                                       model={"options": {"seconds_per_job": 4.0}}, generation={"steps": 20}))
     out = tmp_path / "out"
     driver = _start_driver(path, cluster.address)
     try:
         # Both of the second node's actors hold a job and a few videos are done: take the node away.
-        _wait_for(lambda: len(_mp4s(out)) >= 2 and _running_on(out, "n1-") == 2, 90, "jobs on the second node")
+        _wait_for(lambda: len(_mp4s(out)) >= 2 and _running_on(out, "n1-") == 2, PATIENCE_S,
+                  "jobs on the second node", driver)
         cluster.remove_node(second)
-        output, _ = driver.communicate(timeout=120)
+        output, _ = driver.communicate(timeout=PATIENCE_S)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
@@ -166,6 +173,7 @@ def test_a_node_removed_mid_sweep_loses_nothing_and_doubles_nothing(ray_cluster,
     assert report["totals"]["done"] == 14 and report["totals"]["failed"] == 0
 
 
+@pytest.mark.slow
 def test_a_killed_driver_is_resumed_by_running_the_command_again(ray_cluster, write_manifest, tmp_path):
     cluster, _ = ray_cluster
     prompts = [f"prompt {i}" for i in range(6)]
@@ -174,21 +182,20 @@ def test_a_killed_driver_is_resumed_by_running_the_command_again(ray_cluster, wr
     out = tmp_path / "out"
     driver = _start_driver(path, cluster.address)
     try:
-        _wait_for(lambda: len(_mp4s(out)) >= 2 and _running_on(out, "n") >= 2, 90, "a sweep under way")
+        _wait_for(lambda: len(_mp4s(out)) >= 2 and _running_on(out, "n") >= 2, PATIENCE_S, "a sweep under way", driver)
         # While the driver runs, a second `run` starts nothing.
         second = cli("run", str(path), "--executor", "ray", "--ray-address", cluster.address, "--no-progress")
         assert second.returncode == 0 and "already running" in second.stdout, second.stdout + second.stderr
         process = psutil.Process(driver.pid)
         os.killpg(driver.pid, signal.SIGKILL)
-        psutil.wait_procs([process], timeout=10)
+        psutil.wait_procs([process], timeout=PATIENCE_S)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-        driver.communicate(timeout=10)
+        driver.communicate(timeout=PATIENCE_S)
     done_before = len(_mp4s(out))
     assert 2 <= done_before < 12
-    result = cli("run", str(path), "--executor", "ray", "--ray-address", cluster.address, "--no-progress",
-                 timeout=150)
+    result = cli("run", str(path), "--executor", "ray", "--ray-address", cluster.address, "--no-progress")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "already running" not in result.stdout
     # The actors of the killed driver may finish what they had under way before Ray ends them.
@@ -197,6 +204,7 @@ def test_a_killed_driver_is_resumed_by_running_the_command_again(ray_cluster, wr
     assert "lost" in outcomes  # the attempts the killed driver had under way
 
 
+@pytest.mark.slow
 def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_manifest, tmp_path, monkeypatch,
                                                              capsys):
     import orchestrator.outputs as outputs
@@ -225,16 +233,17 @@ def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_
     assert len(hung) == 1 and "no progress for more than 3s" in hung[0]["error"]
 
 
+@pytest.mark.slow
 def test_stop_releases_the_running_jobs_and_ends_the_driver(ray_cluster, write_manifest, tmp_path):
     cluster, _ = ray_cluster
     path = write_manifest(ray_manifest(model={"options": {"seconds_per_job": 30}}, generation={"steps": 300}))
     out = tmp_path / "out"
     driver = _start_driver(path, cluster.address)
     try:
-        _wait_for(lambda: _running_on(out, "n") == 4, 90, "four running jobs")
+        _wait_for(lambda: _running_on(out, "n") == 4, PATIENCE_S, "four running jobs", driver)
         result = cli("stop", str(path))
         assert result.returncode == 0 and "stopped" in result.stdout, result.stdout + result.stderr
-        output, _ = driver.communicate(timeout=60)
+        output, _ = driver.communicate(timeout=PATIENCE_S)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)

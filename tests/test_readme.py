@@ -15,7 +15,7 @@ from orchestrator import invocation
 from orchestrator.manifest import ManifestError
 from orchestrator.validation import load_manifest
 
-from .conftest import ROOT, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, synthetic_manifest
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 ACTIVATE = "source .venv/bin/activate"
@@ -35,12 +35,12 @@ def test_the_readme_activates_the_venv_before_its_first_command():
     assert README.index(f"\n{ACTIVATE}") < first_command
 
 
-def test_the_readmes_first_commands_run_as_written_in_a_fresh_shell(tmp_path):
+@pytest.mark.slow
+def test_the_readmes_first_commands_run_as_written_in_a_fresh_shell(tmp_path, random_wan):
     """A fresh clone (the package, the entry script, the demo manifest) after ./demo.sh (its .venv: this
     test's interpreter's environment; the demo's checkpoint), and a shell with nothing of this session
     in its environment."""
     pytest.importorskip("diffusers")  # the demo's backend
-    from orchestrator.demo.random_checkpoints import build_random_wan
     (block,) = [b for b in _bash_blocks() if ACTIVATE in b]
     commands = _commands(block)
     assert commands[0] == ACTIVATE and len(commands) > 1
@@ -49,7 +49,7 @@ def test_the_readmes_first_commands_run_as_written_in_a_fresh_shell(tmp_path):
     shutil.copy(ROOT / "run_experiment.py", clone)
     (clone / "experiments").mkdir()
     shutil.copy(ROOT / "experiments" / "demo.yaml", clone / "experiments")
-    build_random_wan(clone / "models" / "random-tiny-wan-t2v", variant="t2v")  # what ./demo.sh built
+    shutil.copytree(random_wan("t2v"), clone / "models" / "random-tiny-wan-t2v")  # what ./demo.sh built
     venv = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "activate").is_file() else Path(sys.prefix)
     if not (venv / "bin" / "activate").is_file():
         pytest.skip("the tests do not run in a virtual environment")
@@ -58,7 +58,7 @@ def test_the_readmes_first_commands_run_as_written_in_a_fresh_shell(tmp_path):
              "ORCHESTRATOR_FAKE_GPUS": os.environ.get("ORCHESTRATOR_FAKE_GPUS", "")}
     script = "set -e\n" + "\n".join(commands) + "\n"
     result = subprocess.run(["bash", "-c", script], cwd=clone, env=fresh, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=PATIENCE_S)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ModuleNotFoundError" not in result.stderr
     assert "jobs       14 " in result.stdout  # the plan ran, and the report after it
@@ -139,11 +139,12 @@ def test_what_the_readme_says_a_category_may_hold_per_task_is_what_validation_ac
                 assert accepted == says, (task, kind, per_stem)
 
 
+@pytest.mark.slow
 def test_the_readmes_python_api_example_runs_as_written(tmp_path):
     section = README.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            timeout=PATIENCE_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
     # what the example's comments say it prints
     printed = [re.search(r"# (.*)$", line)[1] for line in block.splitlines() if line.startswith("print(")]

@@ -27,7 +27,7 @@ from orchestrator.review import build_page, thumb_path
 from orchestrator.review_html import render, write_page
 from orchestrator.sweep import Sweep
 
-from .conftest import ROOT, cli, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, cli, synthetic_manifest
 
 EVIL = 'He said "hi" <b>x</b> $(rm -rf /) 镜头'
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -340,7 +340,7 @@ class Chromium:
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
 
-    def call(self, method: str, timeout: float = 30, **params) -> dict:
+    def call(self, method: str, timeout: float = PATIENCE_S, **params) -> dict:
         self._id += 1
         message = {"id": self._id, "method": method, "params": params}
         if self.session and not method.startswith(("Target.", "Browser.")):
@@ -387,6 +387,7 @@ class Chromium:
         self.log.close()
 
 
+@pytest.mark.slow
 def test_review_page_plays_in_headless_chromium(write_manifest, make_refs, tmp_path):
     _chromium()
     make_refs("镜头 cam", ["ref 1", "参考"])
@@ -408,7 +409,7 @@ def test_review_page_plays_in_headless_chromium(write_manifest, make_refs, tmp_p
         browser.call("Page.navigate", url=page.as_uri())
         first: dict[str, float] = {}
         advanced: list[str] = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE_S
         while time.monotonic() < deadline:
             seen = json.loads(browser.evaluate(VIDEOS_NOW))
             results = [v for v in seen["videos"] if "/seed_" in v["src"]]
@@ -446,15 +447,15 @@ def test_report_watch_html_keeps_rewriting_the_page(write_manifest, tmp_path):
     page = tmp_path / "out" / "index.html"
     try:
         writes = set()
-        deadline = time.monotonic() + 30
-        while len(writes) < 3 and time.monotonic() < deadline:
+        deadline = time.monotonic() + PATIENCE_S
+        while len(writes) < 3 and time.monotonic() < deadline and process.poll() is None:
             if page.exists():
                 writes.add(page.stat().st_mtime_ns)
             time.sleep(0.05)
         assert len(writes) >= 3
     finally:
         process.terminate()  # not Ctrl-C: that could land outside the sleep, mid-write (harmless, atomic)
-        out, _ = process.communicate(timeout=30)
+        out, _ = process.communicate(timeout=PATIENCE_S)
     assert f"review page: {page}" in out
     html = page.read_text(encoding="utf-8")
     assert 'data-reload="30"' in html  # nothing has run: the open page reloads itself
@@ -530,6 +531,7 @@ def test_jobs_that_differ_only_in_axis_values_are_compared_side_by_side(write_ma
     assert len(ids) == len(set(ids))  # the comparison repeats no anchor of the grid
 
 
+@pytest.mark.slow
 def test_a_page_written_before_the_first_run_leaves_the_folder_to_the_sweep(write_manifest, tmp_path):
     """Issue 28: `report --html` before the first `run` wrote index.html into a folder without .sweep/,
     and `run` then refused that folder as not a sweep's. The page now makes the folder the sweep's first;

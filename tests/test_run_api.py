@@ -4,11 +4,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from orchestrator.validation import load_manifest
 
 from .conftest import ROOT, synthetic_manifest
 
 
+@pytest.mark.slow
 def test_a_python_caller_runs_a_sweep_without_the_cli(write_manifest, tmp_path):
     from orchestrator.run import RunOptions, preview, run_sweep
     manifest = load_manifest(write_manifest(synthetic_manifest()))

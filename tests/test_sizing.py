@@ -14,7 +14,7 @@ from orchestrator.validation import load_manifest
 from orchestrator.planning import make_plan
 from orchestrator.sizing import DoesNotFit, Profile, Sizer, decide_workers, fit_count
 
-from .conftest import cli, synthetic_manifest
+from .conftest import PATIENCE_S, cli, synthetic_manifest
 
 
 class FakeCalibrator:
@@ -202,6 +202,7 @@ def test_plan_prints_per_gpu_figures_on_fake_cards(write_manifest, tmp_path):
     assert "why: workers_per_gpu: 2 (from the manifest)" in result.stdout
 
 
+@pytest.mark.slow
 def test_repeated_out_of_memory_retires_one_worker_of_the_card(write_manifest, tmp_path):
     # Two workers on one (FAKE) card, every attempt runs out of memory: one worker retires after two in
     # a row and is not restarted; the other stays (the last worker of a card never retires).
@@ -211,7 +212,7 @@ def test_repeated_out_of_memory_retires_one_worker_of_the_card(write_manifest, t
         execution={"retries": 3, "max_restarts": 3},
         categories={"alpha": {"prompts": ["a cat", "a dog", "a fox"]}}, seeds=[1]))
     env = {"ORCHESTRATOR_FAKE_GPUS": "FAKE RTX 3090 24GB:24:0"}
-    result = cli("run", str(path), "--executor", "local", "--no-progress", env=env, timeout=180)
+    result = cli("run", str(path), "--executor", "local", "--no-progress", env=env)
     assert result.returncode == 1, result.stdout + result.stderr  # every job failed for good
     out = tmp_path / "out"
     workers = {w["id"]: w for w in Ledger(out / ".sweep" / "ledger.sqlite").workers()}
@@ -250,7 +251,7 @@ def test_the_calibration_probe_runs_as_python_m_orchestrator_sizing(tmp_path):
             while not (tmp_path / name).exists() and probe.poll() is None:
                 time.sleep(0.05)
             (tmp_path / then).write_text(json.dumps({"jobs": 1}), encoding="utf-8")
-        assert probe.wait(timeout=120) == 0
+        assert probe.wait(timeout=PATIENCE_S) == 0
     finally:
         if probe.poll() is None:
             probe.kill()
@@ -288,7 +289,7 @@ def test_the_calibration_probe_runs_the_workers_job_loop(write_manifest, tmp_pat
     work = _probe_config(write_manifest, tmp_path, options={"seconds_per_job": 0.05})
 
     def stop_after_phase_one():
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE_S
         while not (work / "probe0.phase1.json").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         (work / "stop").write_text("", encoding="utf-8")

@@ -30,7 +30,7 @@ from orchestrator.manifest import GenerationConfig, ManifestError, ModelConfig, 
 from orchestrator.validation import load_manifest
 from orchestrator.speed import compile_cache_dir, first_call_lock, use_compile_cache
 
-from .conftest import ROOT, backend_job as _job, cli, synthetic_manifest
+from .conftest import PATIENCE_S, ROOT, backend_job as _job, cli, synthetic_manifest
 
 GEN = dict(width=32, height=32, num_frames=5, fps=5, steps=2)
 FAKE_GPUS = "ORCHESTRATOR_FAKE_GPUS"
@@ -41,21 +41,19 @@ FAKE_GPUS = "ORCHESTRATOR_FAKE_GPUS"
 
 
 @pytest.fixture(scope="module")
-def tiny_diffusers(tmp_path_factory) -> Path:
-    """A tiny random-weight Wan2.1 T2V diffusers checkpoint, built once for the module."""
+def tiny_diffusers(random_wan) -> Path:
+    """A tiny random-weight Wan2.1 T2V diffusers checkpoint, built once for the session (conftest)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("torchao")
-    from orchestrator.demo.random_checkpoints import build_random_wan
-    return build_random_wan(tmp_path_factory.mktemp("wan") / "t2v", size="tiny")
+    return random_wan("t2v")
 
 
 @pytest.fixture(scope="module")
-def tiny_diffsynth(tmp_path_factory) -> Path:
-    """DiffSynth's tiny random-weight Wan model in the original file layout, built once."""
+def tiny_diffsynth(tiny_checkpoint) -> Path:
+    """DiffSynth's tiny random-weight Wan model in the original file layout, built once (conftest)."""
     pytest.importorskip("diffsynth")
     pytest.importorskip("torchao")
-    from orchestrator.demo.random_checkpoints import build_tiny_checkpoint
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ds") / "Wan-tiny")
+    return tiny_checkpoint("t2v")
 
 
 def _diffusers(path, **speed):
@@ -316,6 +314,7 @@ def _mp4s(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts)
 
 
+@pytest.mark.slow
 def test_a_changed_quantize_is_a_settings_change_a_changed_compile_is_not(write_manifest, tmp_path):
     data = synthetic_manifest()
     path = write_manifest(data)
@@ -356,6 +355,7 @@ def test_denoise_once_is_seeded(eager_diffusers, eager_diffsynth):
     assert eager_diffusers.load_info["speed"] == {"compile": "none", "attention": "auto", "quantize": "none"}
 
 
+@pytest.mark.slow
 def test_diffusers_compile_blocks_compiles_each_block_whole(tiny_diffusers, eager_diffusers, traced):
     import torch
     backend = _diffusers(tiny_diffusers, compile="blocks")
@@ -426,6 +426,7 @@ def test_diffusers_fp8_storage_keeps_block_weights_in_float8(tiny_diffusers, tra
         backend.denoise_once(0)
 
 
+@pytest.mark.slow
 def test_diffsynth_compile_blocks_compiles_each_block_whole(tiny_diffsynth, eager_diffsynth, traced):
     import torch
     eager = eager_diffsynth.denoise_once(0)
@@ -525,7 +526,7 @@ def test_first_call_lock_makes_the_next_worker_wait(tmp_path):
         with first_call_lock(tmp_path) as waited:
             assert (tmp_path / "done").read_text() == "compiled"  # the other one finished first
         assert waited > 0
-        assert holder.wait(timeout=30) == 0
+        assert holder.wait(timeout=PATIENCE_S) == 0
     finally:
         holder.kill()
         holder.wait()
@@ -533,6 +534,7 @@ def test_first_call_lock_makes_the_next_worker_wait(tmp_path):
         assert (tmp_path / "first_call.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_compiling_sweeps_workers_share_the_cache_and_record_their_first_call(write_manifest, tmp_path,
                                                                                monkeypatch):
     # importing diffusers' attention_dispatch (earlier tests, in this process) sets torch's default
@@ -617,9 +619,10 @@ def test_models_fit_offers_8_bit_weights_through_speed(tmp_path, write_manifest,
             assert load_manifest(write_manifest(data)).model.speed.quantize == "int8"
 
 
+@pytest.mark.slow
 def test_models_speed_compares_int8_with_eager(write_manifest, tmp_path, tiny_diffusers):
     path = write_manifest(_diffusers_manifest(tiny_diffusers, {}))
-    result = cli("models", "speed", str(path), "--try", "quantize=int8", "--steps", "2", timeout=300)
+    result = cli("models", "speed", str(path), "--try", "quantize=int8", "--steps", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["candidate", "s/step"])

@@ -176,6 +176,7 @@ def test_backends_without_the_task_refuse_it_clearly(write_manifest, inputs):
 
 
 @pytest.mark.parametrize("task", list(CATEGORIES) + ["camera"])
+@pytest.mark.slow
 def test_each_task_runs_end_to_end_and_its_sidecar_records_the_inputs(write_manifest, inputs, tmp_path, task):
     from orchestrator.run import RunOptions, run_sweep
     category = CATEGORIES.get(task) or {"images": "refs/images/*.png", "camera": "right", "prompts": ["a street"]}

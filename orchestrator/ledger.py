@@ -576,6 +576,12 @@ class Ledger:
         extra = {"host": host} if host else {}
         return self._move(worker, LOADING, (STARTING, LOADING, IDLE, RUNNING), phase=phase, message=None, **extra)
 
+    def worker_placed(self, worker: str, host: str, devices: tuple[int, ...]) -> bool:
+        """A cluster placed it (a Ray actor): on `host` (its node's own name, for `retire_if_shared`'s
+        card-mates), on these cards of that node; it loads its model now."""
+        return self._move(worker, LOADING, (STARTING, LOADING), host=host, devices=",".join(map(str, devices)),
+                          phase=None, message=None)
+
     def worker_idle(self, worker: str) -> bool:
         """Loaded (or between jobs) and holding no job."""
         return self._move(worker, IDLE, (STARTING, LOADING, IDLE, RUNNING), phase=None, job=None)

@@ -34,15 +34,17 @@ STOP_REQUEST = "stop-request"
 
 
 class RunLock:
-    """`.sweep/run.lock`: one `run` (or `stop`) at a time sets the sweep up; it says who holds it."""
+    """`.sweep/run.lock`: one `run` (or `stop`) at a time sets the sweep up; it says who holds it. (Also
+    `.sweep/ray-driver.lock`, held by a Ray driver for its whole life.)"""
 
     def __init__(self, path: Path):
         self.path = path
         self.stream = None
 
-    def acquire(self, what: str, wait: bool = False, sweep: str | None = None) -> bool:
+    def acquire(self, what: str, wait: bool = False, sweep: str | None = None, **facts) -> bool:
         """Take the lock (waiting for it with `wait`); False when another process holds it. `sweep`: the
-        name of the manifest's sweep it sets up, for a racing `run` of another manifest to see."""
+        name of the manifest's sweep it sets up, for a racing `run` of another manifest to see; `facts`,
+        more of what the holder says about itself."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stream = open(self.path, "a+", encoding="utf-8")
         try:
@@ -52,7 +54,8 @@ class RunLock:
             return False
         stream.seek(0)
         stream.truncate()
-        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time(), "sweep": sweep}))
+        stream.write(json.dumps({"pid": os.getpid(), "command": what, "since": time.time(), "sweep": sweep,
+                                 **facts}))
         stream.flush()
         self.stream = stream
         return True
@@ -64,6 +67,17 @@ class RunLock:
         except (OSError, ValueError):
             return {}
         return holder if isinstance(holder, dict) else {}
+
+    def held_by(self) -> dict | None:
+        """What the holder wrote while a process holds the lock (`holder`); None while none does."""
+        try:
+            with open(self.path, encoding="utf-8") as stream:
+                fcntl.flock(stream, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.holder()
+        except OSError:  # no such file: never held
+            pass
+        return None
 
     def release(self) -> None:
         if self.stream is not None and not self.stream.closed:

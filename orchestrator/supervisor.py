@@ -20,7 +20,7 @@ from datetime import datetime
 from .ledger import Ledger
 from .locks import hold_worker_lock
 from .planning import WorkerSpec
-from .supervision import GiveUp, Policy
+from .supervision import GiveUp, Policy, Restart
 from .sweep import python_env
 from .terminal import printable
 from .worker import EXIT_DONE, EXIT_RETIRED, EXIT_UNWRITABLE, detach_from_terminal
@@ -63,6 +63,24 @@ def worker_env(spec: WorkerSpec) -> dict[str, str]:
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def after_death(ledger, policy: Policy, worker: str, reason: str, crashes_in_row: int,
+                finished_a_job: bool) -> tuple[Restart | GiveUp, int, int | None]:
+    """A worker's process died (`reason`), under any executor (a process here, a Ray actor on a cluster):
+    its claims go back by the ledger's dead-claims rule (`requeue_worker`: the job it generated is
+    charged, a video it was still writing is not), and the policy decides. GiveUp: the worker is marked
+    failed. Restart: it is marked restarting. Returns (the decision, how many jobs went back, the
+    restart's number or None)."""
+    lost = ledger.requeue_worker(worker, reason)
+    decision = policy.after_crash(reason, crashes_in_row, finished_a_job)
+    if isinstance(decision, GiveUp):
+        ledger.worker_failed(worker, decision.message)
+        return decision, lost, None
+    row = ledger.worker(worker)
+    restarts = (row.restarts if row else 0) + 1
+    ledger.worker_restarting(worker, restarts, reason)
+    return decision, lost, restarts
 
 
 class Supervisor:
@@ -111,17 +129,13 @@ class Supervisor:
                 self.ledger.worker_exited(spec.worker)  # if it died before saying so
                 return 0
             reason = reason or f"worker exited with code {code}"
-            lost = self.ledger.requeue_worker(spec.worker, reason)
-            decision = self.policy.after_crash(reason, crashes_in_row, finished_a_job=self._jobs_done() > done_before)
+            decision, lost, restarts = after_death(self.ledger, self.policy, spec.worker, reason, crashes_in_row,
+                                                   finished_a_job=self._jobs_done() > done_before)
             crashes_in_row = decision.crashes_in_row
             if isinstance(decision, GiveUp):
-                self.ledger.worker_failed(spec.worker, decision.message)
                 _say(spec, "FAILED: " + decision.message)
                 _keep_pane_open()
                 return 1
-            row = self.ledger.worker(spec.worker)
-            restarts = (row.restarts if row else 0) + 1
-            self.ledger.worker_restarting(spec.worker, restarts, reason)
             _say(spec, f"{reason}; {lost} job(s) back to the queue; restarting in {decision.delay_s:.0f}s "
                        f"(restart {restarts}, {crashes_in_row} in a row)")
             deadline = time.monotonic() + decision.delay_s

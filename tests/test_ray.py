@@ -133,7 +133,7 @@ def test_sweep_on_a_two_node_cluster_makes_every_output_once(ray_cluster, write_
     assert sorted(workers) == ["n0-gpu0_worker0", "n0-gpu0_worker1", "n1-gpu0_worker0", "n1-gpu0_worker1"]
     assert sum(w["jobs_done"] for w in workers.values()) == 9
     assert sum(w["restarts"] for w in workers.values()) == 1
-    crashed = [a for a in _attempts(out) if a["outcome"] == "crash"]
+    crashed = [a for a in _attempts(out) if a["outcome"] == "lost"]  # the ledger's dead-claims rule
     assert len(crashed) == 1 and "the Ray actor died" in crashed[0]["error"]
     assert all(w["state"] == "exited" for w in workers.values())
     # Both nodes worked: the actors really were spread over the cluster.
@@ -168,7 +168,7 @@ def test_a_node_removed_mid_sweep_loses_nothing_and_doubles_nothing(ray_cluster,
     _assert_every_output_once(out, 14)
     # The jobs the node was running went back to the queue and were made elsewhere.
     lost = [a for a in _attempts(out) if a["worker"].startswith("n1-") and a["outcome"] != "done"]
-    assert len(lost) >= 2 and all(a["outcome"] in ("released", "crash") for a in lost)
+    assert len(lost) >= 2 and all(a["outcome"] in ("released", "lost") for a in lost)
     report = json.loads(cli("report", str(path), "--json").stdout)
     assert report["totals"]["done"] == 14 and report["totals"]["failed"] == 0
 
@@ -205,28 +205,18 @@ def test_a_killed_driver_is_resumed_by_running_the_command_again(ray_cluster, wr
 
 
 @pytest.mark.slow
-def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_manifest, tmp_path, monkeypatch,
-                                                             capsys):
-    import orchestrator.outputs as outputs
+def test_stream_outputs_are_written_by_the_driver_atomically(ray_cluster, write_manifest, tmp_path, capsys):
     cluster, _ = ray_cluster
     # One job hangs halfway through its first attempt: its actor is replaced after heartbeat_timeout_s.
     path = write_manifest(ray_manifest(execution={"ray_stream_outputs": True, "heartbeat_timeout_s": 3},
                                        model={"options": {"hang_jobs": ["alpha/seed_1_prompt_0"]}}))
-    adopted = []
-    real_adopt = outputs.adopt_mp4
-
-    def watching_adopt(temp, target, *args, **kwargs):
-        # The driver's write: a checked temp file beside the final name, which does not exist yet.
-        assert Path(temp).parent == Path(target).parent and Path(temp).name.startswith(TEMP_MARK)
-        assert not Path(target).exists()
-        adopted.append(Path(target))
-        return real_adopt(temp, target, *args, **kwargs)
-
-    monkeypatch.setattr(outputs, "adopt_mp4", watching_adopt)  # this process only: not the actors'
     rc = cli_module.main(["run", str(path), "--ray-address", cluster.address, "--no-progress"])
     assert rc == 0, capsys.readouterr()
     out = tmp_path / "out"
     _assert_every_output_once(out, 6)
+    # The ledger actor on the driver's node wrote each one (the atomic way: the offline test below watches it).
+    adopted = [Path(line.split(" stored ", 1)[1].removesuffix(" on the driver's node"))
+               for log in (out / "logs").glob("*.log") for line in log.read_text().splitlines() if " stored " in line]
     assert sorted(adopted) == _mp4s(out)  # every video went through the driver, once
     assert not (out / ".sweep" / "ray-mount-check").exists()  # shared storage was never needed
     hung = [a for a in _attempts(out) if a["outcome"] == "lost"]
@@ -274,45 +264,45 @@ def test_without_ray_the_executor_says_how_to_install_it_and_starts_nothing(writ
 
 
 @pytest.fixture
-def offline_driver(write_manifest):
-    """A driver of two workers sharing one card, with its ledger, and no cluster: for its bookkeeping."""
-    from orchestrator.executors.ray import Driver, Placement, close_logger
-    from orchestrator.validation import load_manifest
+def ledger_and_slots(write_manifest):
+    """The ledger actor's object in this process (no cluster), and the job sources of two worker slots
+    sharing one card of one node, each over it as its actor's is over the actor: for their bookkeeping."""
+    from orchestrator.executors.ray import LedgerActor, RaySource
     from orchestrator.planning import DeviceGroup, Plan, WorkerSlot
     from orchestrator.sweep import Sweep
+    from orchestrator.validation import load_manifest
 
     manifest = load_manifest(write_manifest(ray_manifest(execution={"ray_stream_outputs": True})))
     sweep = Sweep(manifest)
-    ledger = sweep.ledger()
+    ledger = LedgerActor(str(sweep.ledger_path))
     ledger.sync(sweep.jobs, {job.id: "n0-gpu0" for job in sweep.jobs}, set(), manifest.max_attempts, 20, fresh=True)
     group = DeviceGroup(queue="n0-gpu0", devices=(0,), workers=2, reason="test")
     slots = tuple(WorkerSlot(id=f"n0-gpu0_worker{k}", devices=(0,), queue="n0-gpu0") for k in range(2))
-    specs = sweep.write_specs(Plan(groups=(group,), workers=slots, queues={}))
-    driver = Driver(sweep, [spec for spec, _ in specs], {"n0-gpu0": Placement("node", 0.5, "h")}, True, None)
-    driver.ledger = ledger
-    for slot in driver.slots:
-        ledger.register_worker(slot.id, (0,), state="idle")
-        slot.state, slot.where = "working", {"node_id": "node", "gpu_ids": ["0"], "host": "h"}
-    yield driver, ledger
-    for log in [driver.log] + [slot.log for slot in driver.slots]:
-        close_logger(log)
+    sources = []
+    for spec, _ in sweep.write_specs(Plan(groups=(group,), workers=slots, queues={})):
+        life = ledger.register_worker(spec.worker, spec.devices, state="starting")
+        ledger.worker_placed(spec.worker, "h/node", (0,))  # both actors on card 0 of one node
+        sources.append(RaySource(ledger, spec, life, stream=True, placement={"node_id": "node", "gpu_ids": ["0"]}))
+    yield ledger, sources
     ledger.close()
 
 
-def _served(driver, slot):
-    """The job source of a slot's actor, its calls served by `driver` in this process instead of
-    through the actor's mailbox (the same `Driver.serve`)."""
-    from orchestrator.executors.ray import DriverJobSource
-    from orchestrator.executors.ray.job_source import answered
-    return DriverJobSource(slot.spec, lambda method, **args: answered(driver.serve(slot.id, method, args)),
-                           stream=driver.stream, placement=slot.where)
-
-
-def test_a_late_result_of_a_given_up_worker_is_never_written(offline_driver):
-    """The driver gave up on w0 (its claim went back and w1 took the job): w0's video writes nothing."""
+def test_a_late_result_of_a_given_up_worker_is_never_written(ledger_and_slots, tmp_path, monkeypatch):
+    """The driver gave up on w0 (its claim went back and w1 took the job): w0's video writes nothing.
+    The ledger actor writes the video it keeps the atomic way: a checked temp file beside its place."""
     import numpy
-    driver, ledger = offline_driver
-    late, current = (_served(driver, slot) for slot in driver.slots)
+
+    import orchestrator.outputs as outputs
+    ledger, (late, current) = ledger_and_slots
+    adopted, real_adopt = [], outputs.adopt_mp4
+
+    def watching_adopt(temp, target, *args, **kwargs):
+        assert Path(temp).parent == Path(target).parent and Path(temp).name.startswith(TEMP_MARK)
+        assert not Path(target).exists()
+        adopted.append(Path(target))
+        return real_adopt(temp, target, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "adopt_mp4", watching_adopt)
     first = late.claim()
     ledger.requeue_worker("n0-gpu0_worker0", "no progress")  # given up on
     second = current.claim(prefer_group=first.job.group)
@@ -328,18 +318,18 @@ def test_a_late_result_of_a_given_up_worker_is_never_written(offline_driver):
     assert count_frames(first.job.output) == 5
     assert json.loads(Path(first.job.output).with_suffix(".json").read_text())["ray"]["node_id"] == "node"
     assert [a["outcome"] for a in ledger.attempts(first.job.id)] == ["lost", "done"]
+    assert [p for p in adopted if tmp_path / "out" in p.parents] == [Path(first.job.output)]
 
 
-def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_driver):
-    """Each slot's own job loop (the actor's), served by the driver: the first worker of the card
+def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(ledger_and_slots):
+    """Each slot's own job loop (the actor's), over the ledger actor: the first worker of the card
     retires after two out-of-memory errors in a row; the last one of a card never does."""
     import logging
 
     from orchestrator.backend import OutOfMemory
     from orchestrator.job_loop import RETIRED, JobLoop, SlotBackend
 
-    driver, ledger = offline_driver
-    first, second = driver.slots
+    ledger, (first, second) = ledger_and_slots
 
     class OutOfMemoryEveryTime:  # a FAKE backend; it asks for a stop after `calls` calls
         name, attempt, load_info = "oom", 1, {}
@@ -356,33 +346,31 @@ def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(offline_dr
         def prepare(self, job):
             pass
 
-    for slot, calls in ((first, 99), (second, 2)):
-        loop = JobLoop(_served(driver, slot), slot.spec, logging.getLogger("test"))
-        backends = SlotBackend(lambda model, calls=calls: OutOfMemoryEveryTime(calls), None, loop.log)
+    for source, calls in ((first, 99), (second, 2)):
+        loop = JobLoop(source, source.spec, logging.getLogger("test"))
+        model = getattr(source.peek(), "model", None)  # the jobs' own: no reload between them
+        backends = SlotBackend(lambda model, calls=calls: OutOfMemoryEveryTime(calls), model, loop.log)
         backends.open()
         ended = loop.run(backends, [])
         loop.close()
-        assert (ended == RETIRED) == (slot is first)
-    assert (first.state, second.state) == ("retired", "working")
+        assert (ended == RETIRED) == (source is first)
     workers = {w["id"]: w for w in ledger.workers()}
-    assert workers[first.id]["state"] == "retired" and "now runs 1 worker(s)" in workers[first.id]["message"]
-    assert workers[second.id]["state"] != "retired"
+    assert workers[first.worker]["state"] == "retired" and "now runs 1 worker(s)" in workers[first.worker]["message"]
+    assert workers[second.worker]["state"] != "retired" and workers[second.worker].alive  # the card's last one
     assert [a["outcome"] for a in ledger.attempts()] == ["oom"] * 4
 
 
 def test_a_node_that_cannot_see_the_shared_output_folder_says_so(tmp_path):
-    from dataclasses import asdict
-
-    from orchestrator.executors.ray import MOUNT_CHECK, RayWorker
+    from orchestrator.executors.ray import MOUNT_CHECK, mount_problem
     from orchestrator.planning import WorkerSpec
     spec = WorkerSpec(sweep="t", worker="n1-gpu0_worker0", devices=(0,), queue="n1-gpu0", ledger="x",
                       output_dir=str(tmp_path / "out"), log="x", model={}, generation={}, execution={})
-    problem = RayWorker(asdict(spec), False, "token")._output_dir_problem()
+    problem = mount_problem(spec, False, "token")
     assert "does not see this sweep's output folder" in problem and "ray_stream_outputs: true" in problem
     (tmp_path / "out" / ".sweep").mkdir(parents=True)
     (tmp_path / "out" / ".sweep" / MOUNT_CHECK).write_text("token")
-    assert RayWorker(asdict(spec), False, "token")._output_dir_problem() is None
-    assert RayWorker(asdict(spec), True, None)._output_dir_problem() is None  # streaming needs no mount
+    assert mount_problem(spec, False, "token") is None
+    assert mount_problem(spec, True, None) is None  # streaming needs no mount
 
 
 def test_plan_per_node_from_its_gpu_type_and_cached_profile(tmp_path):

@@ -1,161 +1,173 @@
-"""The Ray actor: one long-lived worker slot on a node. It reserves its share of one node's GPUs
-(`num_gpus=1/N` for N workers per card, k for a worker spanning k cards; Ray sets
-CUDA_VISIBLE_DEVICES), loads the backend once (again only for a job of another quantize) and runs the
-job loop (`orchestrator.job_loop`), the same as a local worker's, on jobs from its driver
-(`job_source`). It never touches the ledger.
-
-Outputs go to storage every node sees at the same path (the loop writes the mp4 and sidecar,
-atomically), or with `execution.ray_stream_outputs: true` back to the driver, which writes them into
-its own output folder the same atomic way.
+"""The Ray actor: one lifetime of a worker slot on a node (`life`, from `register_worker`), holding its
+share of the node's GPUs (Ray sets CUDA_VISIBLE_DEVICES: it counts its cards from 0). It loads the model
+and runs the job loop (`harness.Harness`) on a `RaySource`, a `LedgerJobSource` over the ledger actor: each
+claim, record, heartbeat and log line is an ordinary Ray call to the driver's node. Videos go to storage
+every node sees at the same path, or (`execution.ray_stream_outputs: true`) to the ledger actor.
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
+import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from ...job_loop import SlotBackend
+from ...harness import Harness
+from ...job_loop import RETIRED, LedgerJobSource, Pulse, storage_problem, write_video
+from ...outputs import read_sidecar
 from ...planning import WorkerSpec
-from .job_source import DriverJobSource, Mailbox, SignsOfLife, ToDriver
+from ...supervision import EXITED, FAILED, Policy
+from ...terminal import PrintableFormatter
+from ...worker import EXIT_TIMEOUT, stop_for_storage
+from .ledger_actor import Remote
 
 MOUNT_CHECK = "ray-mount-check"  # a token every node must read back when outputs go to shared storage
 
 
-class RayWorker:
-    """One worker slot on a Ray node: loads the backend once, then runs the job loop (`work`) on the
-    jobs its driver serves.
+class RaySource(LedgerJobSource):
+    """A Ray worker slot's jobs: `LedgerJobSource` over the ledger actor; `placement` goes into its sidecars."""
 
-    `exchange` answers while `work` runs (the actor has two threads): it carries the loop's calls to
-    the driver and their answers back, and the signs of life a local worker's heartbeat would show.
-    """
+    def __init__(self, ledger, spec: WorkerSpec, life: str, stream: bool = False, placement: dict | None = None):
+        super().__init__(ledger, spec, life)
+        self.stream, self.placement = stream, placement or {}
 
-    def __init__(self, spec: dict, stream: bool, mount_token: str | None):
-        spec = dict(spec, devices=tuple(spec["devices"]))
-        self.spec = WorkerSpec(**spec)
-        self.stream = stream
-        self.mount_token = mount_token
-        self.backends: SlotBackend | None = None  # loaded by `load`
-        self.gpu_names: list[str] = []
-        self.mailbox = Mailbox()
-        self.log = _log(self.spec.worker, self.mailbox)
-        self.pulse = SignsOfLife()  # the driver's evidence of progress
-        self.placement: dict = {}
+    def for_thread(self):
+        return self  # no connection to open: the writer thread calls the same actor
 
-    def where(self) -> dict:
+    def store_video(self, spec, job, result, record):
+        record = dict(record or {}, ray=self.placement)
+        if not self.stream:  # shared storage: the driver's folder is mounted here at the same path
+            return super().store_video(spec, job, result, record)
+        with tempfile.TemporaryDirectory(prefix="wan-sweep-") as folder:  # encoded and checked on this node
+            if isinstance(result, (str, os.PathLike)):
+                result = shutil.move(str(result), os.path.join(folder, "raw.mp4"))
+            target = Path(folder) / "video.mp4"
+            write_video(spec, result, target, record, job=job)
+            return self.ledger.store_streamed(spec, self.life, job, target.read_bytes(), read_sidecar(target))
+
+
+class RayWorker(Pulse):
+    """One lifetime of a worker slot on a node, and its job loop's pulse (signs of life, for `beat`)."""
+    loading = True  # until the model is loaded
+
+    def __init__(self, spec: WorkerSpec, life: str, ledger, stream: bool, mount_token: str | None):
+        self.spec, self.life, self.ledger = spec, life, Remote(ledger)
+        self.stream, self.mount_token = stream, mount_token
+        self.last_sign, self.done = time.monotonic(), threading.Event()
+
+    def sign_of_life(self) -> None:
+        self.last_sign = time.monotonic()
+
+    def run(self) -> tuple[str, str | None]:
+        """Place, load, run the job loop; return the worker's end (EXITED, RETIRED, or FAILED where it cannot
+        see the output folder) and why. An actor that dies returns nothing: the driver sees it gone."""
         import ray
-        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        self.placement = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-                          "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "gpu_ids": gpu_ids,
-                          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-        return self.placement
-
-    def load(self) -> dict:
-        problem = self._output_dir_problem()
-        if problem:
-            return {"problem": problem}
-        import ray
-        from ...backend import backend_class
-        from ...manifest import GenerationConfig, ModelConfig
-        gpu_ids = list(ray.get_gpu_ids())
-        if gpu_ids and all(str(g).isdigit() for g in gpu_ids):
-            # The sidecar names the cards this actor really got on its node, not the plan's numbering.
-            self.spec = replace(self.spec, devices=tuple(int(g) for g in gpu_ids))
-        self.gpu_names = _gpu_names(gpu_ids)
-        started = time.monotonic()
-        # CUDA_VISIBLE_DEVICES holds Ray's choice, so the backend counts its cards from 0.
-        devices = tuple(range(len(gpu_ids)))
-        generation = GenerationConfig(**self.spec.generation)
-
-        def load(model: ModelConfig):
-            """This actor's way of loading a model: the first, and again for a job of another quantize."""
-            began = time.monotonic()
-            backend = backend_class(model.backend)(model, generation, devices)
-            backend.load()
-            info = getattr(backend, "load_info", None)
-            if isinstance(info, dict):
-                info.setdefault("load_seconds", round(time.monotonic() - began, 2))
-            return backend
-
-        self.backends = SlotBackend(load, ModelConfig(**self.spec.model), self.log)
-        self.backends.open()
-        return {"seconds": time.monotonic() - started, "gpu_names": self.gpu_names}
-
-    def work(self) -> dict:
-        """Run the job loop on the driver's jobs until no work is left, a stop, or retirement."""
-        from ...job_loop import JobLoop, storage_problem
-        log = self.log
-        if not self.placement:  # `where` and `load` run side by side: the sidecars need the placement
-            self.where()
-        source = DriverJobSource(self.spec, self.mailbox.call, self.stream, self.placement)
-        loop = JobLoop(source, self.spec, log, pulse=self.pulse)
+        ledger, node, gpu_ids = self.ledger, ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+        spec, host = self.spec, f"{socket.gethostname()}/{node[:16]}"  # nodes of one machine share a hostname
+        if gpu_ids and all(str(g).isdigit() for g in gpu_ids):  # the cards it got: sidecars, card-mates
+            spec = replace(spec, devices=tuple(int(g) for g in gpu_ids))
+        log = logging.getLogger(f"{__name__}.{spec.worker}")
+        log.setLevel(logging.INFO)
+        log.propagate, log.handlers = False, [ToLedger(ledger, spec)]
+        where = {"node_id": node, "ip": ray.util.get_node_ip_address(), "gpu_ids": [str(g) for g in gpu_ids]}
+        source = RaySource(ledger, spec, self.life, self.stream, where)
+        source.heartbeat(None)  # alive from now on: the driver watches its heartbeats once it is placed
+        ledger.worker_placed(spec.worker, host, spec.devices)  # `retire_if_shared` counts card-mates by these
+        log.info("placed on %s, pid %d, GPU ids %s, CUDA_VISIBLE_DEVICES=%s", host, os.getpid(), gpu_ids,
+                 os.environ.get("CUDA_VISIBLE_DEVICES"))
+        problem = mount_problem(spec, self.stream, self.mount_token)
+        if problem:  # a new actor would not see it either
+            log.error("%s", problem)
+            ledger.worker_failed(spec.worker, problem)
+            return FAILED, problem
+        harness = Harness(spec, log, pulse=self, devices=tuple(range(len(gpu_ids))),
+                          on_loading=lambda phase: ledger.worker_loading(spec.worker, phase))
+        threading.Thread(target=self.beat, args=(source, log), name="heartbeat", daemon=True).start()
+        failure = ended = None
         try:
-            return {"ended": loop.run(self.backends, self.gpu_names)}
-        except Exception as exc:
-            error = loop.writer.storage_error or exc  # a refused write of an output, else the ledger's own
-            problem = storage_problem(error, writing=error is loop.writer.storage_error)
-            if problem is None:
+            harness.open()
+            self.loading = False
+            source.idle()
+            ended = harness.run(source, _gpu_names(gpu_ids))
+        except Exception as exc:  # a disk that takes no more writes ends the sweep; anything else, this actor
+            failure = exc
+            if not storage_problem(harness.storage_error or exc):
                 raise
-            loop.release_claim(quietly=True)
-            return {"ended": "unwritable", "problem": problem, "message": str(error)}
+            harness.release_claim(quietly=True)
         finally:
-            loop.close()
+            harness.close()
+            self.done.set()
+        failure = harness.storage_error or failure
+        if failure is not None:
+            stop_for_storage(ledger, spec, storage_problem(failure, writing=failure is harness.storage_error),
+                             failure, log)  # the whole sweep stops
+            return EXITED, str(failure)
+        if ended == RETIRED:
+            return RETIRED, None
+        ledger.worker_exited(spec.worker)
+        return EXITED, None
 
-    def exchange(self, answers: dict, wait_s: float) -> dict:
-        """The driver's answers in, the loop's waiting calls and signs of life out (see `job_source`)."""
-        calls = self.mailbox.exchange(answers, wait_s)
-        return {"calls": calls, **self.pulse.report()}
+    def beat(self, source: RaySource, log: logging.Logger) -> None:
+        """The heartbeat thread: beats while the loop shows signs of life. A job past its time, or one with
+        no progress for `heartbeat_timeout_s`, is failed and the actor process ends (the driver replaces it)."""
+        policy = Policy.of(source.spec.execution)
+        while not self.done.wait(policy.beat_every_s):
+            silent, job = time.monotonic() - self.last_sign, self.job_id
+            if job and policy.timed_out(time.monotonic() - self.job_started):
+                outcome, why = "timeout", f"timed out after {policy.job_timeout_s:.0f}s"
+            elif job and policy.hung(silent, self.loading):
+                outcome, why = "lost", f"no progress for more than {policy.heartbeat_timeout_s:.0f}s (hung?)"
+            else:
+                try:
+                    if not policy.hung(silent, self.loading):
+                        source.heartbeat(job)
+                except Exception as exc:  # the ledger actor busy or gone: the driver decides
+                    log.warning("heartbeat failed: %s", exc)
+                continue
+            log.error("job %s %s: ending this actor (the driver starts a new one)", job, why)
+            try:
+                source.fail(job, why, outcome=outcome)
+            finally:
+                os._exit(EXIT_TIMEOUT)
 
-    def close(self) -> None:
-        if self.backends is not None:
-            self.backends.close()
 
-    # ---------------------------------------------------------------- shared storage
-    def _output_dir_problem(self) -> str | None:
-        if self.stream:
-            return None
-        marker = Path(self.spec.output_dir) / ".sweep" / MOUNT_CHECK
+def mount_problem(spec: WorkerSpec, stream: bool, token: str | None) -> str | None:
+    """Why this node cannot write the sweep's outputs (it does not see the driver's folder), or None."""
+    try:
+        seen = (Path(spec.output_dir) / ".sweep" / MOUNT_CHECK).read_text(encoding="utf-8").strip()
+    except OSError:
+        seen = None
+    if stream or seen == token:
+        return None
+    return (f"node {socket.gethostname()} does not see this sweep's output folder {spec.output_dir} "
+            "(mount the shared folder at the same path on every node, or set "
+            "execution.ray_stream_outputs: true to send the videos back to the driver)")
+
+
+class ToLedger(logging.Handler):
+    """A worker's log lines, appended by the ledger actor to its log file on the driver's node."""
+
+    def __init__(self, ledger, spec: WorkerSpec):
+        super().__init__()
+        self.ledger, self.path = ledger, spec.log
+        self.setFormatter(PrintableFormatter(f"%(asctime)s %(levelname)s [{spec.worker}] %(message)s",
+                                             "%Y-%m-%d %H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            seen = marker.read_text(encoding="utf-8").strip()
-        except OSError:
-            seen = None
-        if seen == self.mount_token:
-            return None
-        return (f"node {socket.gethostname()} does not see this sweep's output folder {self.spec.output_dir} "
-                "(mount the shared folder at the same path on every node, or set "
-                "execution.ray_stream_outputs: true to send the videos back to the driver)")
-
-
-def _log(worker: str, mailbox: Mailbox):
-    """The actor's log: its lines go to the driver, which writes them to the worker's log file."""
-    import logging
-    log = logging.getLogger(f"{__name__}.{worker}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    log.handlers = [ToDriver(mailbox)]  # this actor's mailbox (a logger outlives an actor of its name)
-    return log
+            self.ledger.append_log(self.path, self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 def _gpu_names(gpu_ids: list) -> list[str]:
     """Names of the actor's cards, for the sidecars; empty where NVML sees none (logical GPUs)."""
-    if not gpu_ids:
-        return []
     try:
         from ...gpus import discover
-        wanted = {str(g) for g in gpu_ids}
-        return [g.name for g in discover(visible=None) if str(g.index) in wanted or g.uuid in wanted]
+        return [g.name for g in discover(visible=None) if {str(g.index), g.uuid} & {str(i) for i in gpu_ids}]
     except Exception:
         return []
-
-
-_REMOTE_CLASS = None
-
-
-def remote_worker_class():
-    """`RayWorker` as a Ray actor class (made once, when Ray runs)."""
-    global _REMOTE_CLASS
-    if _REMOTE_CLASS is None:
-        import ray
-        _REMOTE_CLASS = ray.remote(RayWorker)
-    return _REMOTE_CLASS

@@ -1,12 +1,10 @@
-"""The Ray cluster and the plan over it: its live nodes, their GPUs and GPU types, and the plan per node.
-
-Per node, its GPUs (Ray's `GPU` resource) and their type (`accelerator_type:*`); workers per card come
-from a cached calibration profile of that GPU type (`.sweep/profiles/`, measured by a local `plan` on
-such a card), else the manifest's integer, else 1. Nothing is calibrated on remote nodes. `Placement`
-says where each queue's actors go.
+"""The Ray cluster and the plan over it: per live node, its GPUs (Ray's `GPU` resource) and their type
+(`accelerator_type:*`); workers per card from a cached calibration profile of that GPU type (measured by a
+local `plan` on such a card), else the manifest's integer, else 1. `Placement`: where a queue's actors go.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from ...planning import DeviceGroup, Plan, PlanError, WorkerSlot, assign_queues
@@ -43,20 +41,12 @@ def cluster_nodes() -> list[RayNode]:
 
 def gpu_type_of(gpu_name: str) -> str:
     """The accelerator type Ray advertises for an NVML GPU name, so profiles match node resources."""
-    try:
+    with contextlib.suppress(Exception):  # a private helper of Ray's: else the same idea here
         from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
         found = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(gpu_name)
         if found:
             return found
-    except Exception:  # a private helper of Ray's: fall back to the same idea
-        pass
     return gpu_name.removeprefix("NVIDIA ").strip().replace(" ", "-")
-
-
-def cached_profiles(manifest) -> list:
-    """Calibration profiles cached for this sweep (any GPU): the profiles folder's one reader."""
-    from ...sizing.profiles import cached_profiles as read
-    return read(manifest)
 
 
 def _profile_for(profiles: list, manifest, gpu_type: str | None, cards: int):
@@ -79,15 +69,13 @@ def _workers_per_group(manifest, node: RayNode, cards: int, profiles: list) -> t
     from ...sizing import decide_workers
     res = manifest.resources
     requested = res.workers_per_gpu
-    if not backend_class(manifest.model.backend).measured_sizing:
-        workers = requested if isinstance(requested, int) else 1
-        return workers, (f"workers_per_gpu: {workers} (from the manifest)" if isinstance(requested, int)
-                         else "workers_per_gpu: auto: 1 worker (this backend is not sized)")
-    profile = _profile_for(profiles, manifest, node.gpu_type, cards)
+    sized = backend_class(manifest.model.backend).measured_sizing
+    profile = _profile_for(profiles, manifest, node.gpu_type, cards) if sized else None
     if profile is None:
         if isinstance(requested, int):
             return requested, f"workers_per_gpu: {requested} (from the manifest)"
-        return 1, (f"workers_per_gpu: auto without a calibration profile for {node.gpu_type or 'this GPU'} "
+        return 1, ("workers_per_gpu: auto: 1 worker (this backend is not sized)" if not sized else
+                   f"workers_per_gpu: auto without a calibration profile for {node.gpu_type or 'this GPU'} "
                    f"×{cards}: 1 worker (a local `plan` on such a card measures one)")
     if not profile.fits:
         return 0, f"one worker ran out of memory on {cards} {profile.gpu_name} (profile): no worker here"
@@ -119,6 +107,7 @@ def plan_cluster(manifest, jobs, nodes: list[RayNode], cpu_slots: int | None = N
                  profiles: list | None = None) -> tuple[Plan, dict[str, Placement]]:
     """Device groups per node of the cluster (queues `n<i>-gpu<j>`), and where each queue's actors go."""
     from ...backend import backend_class
+    from ...sizing.profiles import cached_profiles
     res = manifest.resources
     profiles = cached_profiles(manifest) if profiles is None else profiles
     notes = [f"Ray cluster: {len(nodes)} node(s), {sum(n.gpus for n in nodes)} GPU(s): "

@@ -1,11 +1,13 @@
-"""The Ray executor: the same manifest on a Ray cluster, with the `run` command as the scheduler.
+"""The Ray executor: the same manifest on a Ray cluster, with the `run` command as the driver.
 
-Joining a cluster: `execution.ray_address` (or `--ray-address`) `auto` joins the cluster this machine
-belongs to, HOST:PORT joins that one, none starts a local Ray on this machine. The plan comes from the
-cluster's nodes (`cluster`), the workers are actors (`actor`) driven by this process (`driver`).
+`execution.ray_address` (or `--ray-address`) `auto` joins the cluster this machine belongs to, HOST:PORT
+joins that one, none starts a local Ray here. While a driver runs it holds `.sweep/ray-driver.lock` (a
+`locks.RunLock`, let go by the kernel however the driver dies): a second `run` sees the sweep running,
+`stop` finds the driver.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,18 +18,25 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ...locks import RunLock
 from ...planning import WorkerSpec
+from ...supervision import summarise
 from ..base import Executor, ExecutorError
 from .actor import MOUNT_CHECK
 from .cluster import Placement, RayNode, cluster_nodes, plan_cluster
-from .driver import WORKERS_META, Driver, short_error
-from .driver_lock import DriverLock, driver_holding
+from .driver import WORKERS_META, Driver
 
 INSTALL_HINT = ("Ray is not installed here. Install it with `pip install 'wan-sweep[ray]'` (or "
                 "`pip install ray`) on this machine and on every machine of the cluster, then run again.")
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # orchestrator/: shipped to every node
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOCK_NAME = "ray-driver.lock"
 log = logging.getLogger(__name__)
+
+
+def driver_holding(sweep) -> dict | None:
+    """Who drives this sweep on Ray now ({pid, host, address, since, …}), or None when nobody does."""
+    return RunLock(sweep.state_dir / LOCK_NAME).held_by()
 
 
 class RayExecutor(Executor):
@@ -44,9 +53,18 @@ class RayExecutor(Executor):
         self.placement: dict[str, Placement] = {}
         self.nodes: list[RayNode] = []
         self._driver: Driver | None = None
-        self._lock: DriverLock | None = None
+        self._lock = RunLock(sweep.state_dir / LOCK_NAME)
         self._connected_here = False
-        self._forget_dead_driver()
+        if sweep.has_ledger() and driver_holding(sweep) is None:  # a driver died (killed, machine rebooted):
+            # its workers are not alive, wherever they ran (`run` trusts the ledger for another host's)
+            self._for_ours(lambda ledger, worker: ledger.worker_exited(worker.id, "its Ray driver ended"))
+
+    def _for_ours(self, act) -> None:
+        """`act(ledger, worker)` for each worker the last Ray driver started."""
+        with contextlib.closing(self.sweep.ledger()) as ledger:
+            ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
+            for worker in [w for w in ledger.workers() if w.id in ours]:
+                act(ledger, worker)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -61,23 +79,6 @@ class RayExecutor(Executor):
         """Whether a Ray driver runs this sweep now (works without Ray installed)."""
         return driver_holding(sweep) is not None
 
-    def _forget_dead_driver(self) -> None:
-        """Workers of a driver that died (killed, machine rebooted) are not alive, wherever they ran.
-
-        `run` counts live workers right after making its executor, and trusts the ledger for workers
-        of other hosts: without this, a killed driver's remote workers would look alive forever.
-        """
-        if not self.sweep.has_ledger() or driver_holding(self.sweep) is not None:
-            return
-        ledger = self.sweep.ledger()
-        try:
-            ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
-            for worker in ledger.workers():
-                if worker.id in ours and worker.alive:
-                    ledger.worker_exited(worker.id, "its Ray driver ended")
-        finally:
-            ledger.close()
-
     # ---------------------------------------------------------------- cluster
     def connect(self) -> None:
         import ray
@@ -90,9 +91,7 @@ class RayExecutor(Executor):
         if address == "local":
             options["include_dashboard"] = False
         elif host in LOOPBACK:
-            # A cluster joined through loopback: this driver must say 127.0.0.1 too, not the machine's
-            # outward address, or the nodes cannot reach it back.
-            options["_node_ip_address"] = "127.0.0.1"
+            options["_node_ip_address"] = "127.0.0.1"  # not the outward address: the nodes must reach it
         _check_reachable(address)
         try:
             ray.init(address=address, **options)
@@ -109,28 +108,24 @@ class RayExecutor(Executor):
         self.connect()
         self.nodes = cluster_nodes()
         plan, self.placement = plan_cluster(self.sweep.manifest, jobs, self.nodes, cpu_slots)
-        if recalibrate:
-            plan = replace(plan, notes=plan.notes + ("--recalibrate does not apply on Ray: calibrate with a "
-                                                     "local `plan --recalibrate` on a node of that GPU type",))
-        if self.stream:
-            plan = replace(plan, notes=plan.notes + ("ray_stream_outputs: every mp4 comes back to this "
-                                                     f"machine's {self.sweep.root}",))
-        else:
-            plan = replace(plan, notes=plan.notes + (f"outputs go to {self.sweep.root} on every node: it must "
-                                                     "be shared storage mounted at that path",))
-        return plan, None, None
+        notes = ("--recalibrate does not apply on Ray: calibrate with a local `plan --recalibrate` on a node "
+                 "of that GPU type",) if recalibrate else ()
+        notes += (f"ray_stream_outputs: every mp4 comes back to this machine's {self.sweep.root}" if self.stream
+                  else f"outputs go to {self.sweep.root} on every node: it must be shared storage mounted at "
+                       "that path",)
+        return replace(plan, notes=plan.notes + notes), None, None
 
     # ---------------------------------------------------------------- Executor
     def start(self, specs: list[tuple[WorkerSpec, Path]]) -> list[str]:
         if not self.placement:
             raise ExecutorError("the Ray executor starts the workers of its own plan (make_plan) only")
-        self._lock = DriverLock(self.sweep, self.address)
+        if not self._lock.acquire("ray driver", host=socket.gethostname(), address=self.address):
+            raise ExecutorError(f"another `run` already drives this sweep on Ray ({self._lock.holder() or '?'}); "
+                                "adding workers to it is not supported: `stop` it and run again")
         try:
-            token = None
-            if not self.stream:
-                token = secrets.token_hex(8)
-                marker = self.sweep.state_dir / MOUNT_CHECK
-                marker.write_text(token, encoding="utf-8")
+            token = None if self.stream else secrets.token_hex(8)
+            if token:
+                (self.sweep.state_dir / MOUNT_CHECK).write_text(token, encoding="utf-8")
             self._driver = Driver(self.sweep, [spec for spec, _ in specs], self.placement, self.stream, token)
             self._driver.start()
         except BaseException:
@@ -149,64 +144,42 @@ class RayExecutor(Executor):
     def running(self) -> int:
         if self._driver is not None:
             return self._driver.alive_slots() if self._driver.is_alive() else 0
-        if driver_holding(self.sweep) is None:
-            return 0
-        # Another process drives the sweep: its workers, at least one.
-        ledger = self.sweep.ledger()
-        try:
-            return max(1, sum(w.alive for w in ledger.workers()))
-        finally:
-            ledger.close()
+        # Another process drives the sweep: its workers (the ledger's word for them), at least one.
+        return max(1, super().running()) if driver_holding(self.sweep) is not None else 0
 
     def wait(self, poll_s: float = 1.0) -> None:
-        if self._driver is None:
-            return
-        while self._driver.is_alive():
+        while self._driver is not None and self._driver.is_alive():
             self._driver.join(poll_s)
-        self._close()
-        if self._driver.error is not None:
-            log.error("error: the Ray driver stopped: %s (details in %s)", short_error(self._driver.error),
-                      self.sweep.logs / "ray_driver.log")
-
-    def _close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._lock.release()
         if self._connected_here:
             import ray
             ray.shutdown()
             self._connected_here = False
+        if self._driver is not None and self._driver.error is not None:
+            log.error("error: the Ray driver stopped: %s (details in %s)", summarise(self._driver.error),
+                      self.sweep.logs / "ray_driver.log")
 
     def stop(self, now: bool = False, timeout_s: float = 30.0) -> int:
-        """Stop the sweep's actors: from the driver itself (Ctrl-C), or from `stop` in another process.
-
-        Another process asks through the ledger (the driver releases the running jobs, ends its actors
-        and exits); `now`, or a driver that does not finish within `timeout_s`, is killed, and its
-        actors end with it.
-        """
+        """Stop the sweep's actors: from the driver itself (Ctrl-C), or from `stop` in another process,
+        through the ledger (the driver releases the running jobs, ends its actors and exits); `now`, or a
+        driver still there after `timeout_s`, is killed (its actors with it; their jobs go back unused)."""
         if self._driver is not None:
             self._driver.stop_event.set()
             return len(self._driver.slots)
-        ledger = self.sweep.ledger()
-        try:
+        with contextlib.closing(self.sweep.ledger()) as ledger:
             ledger.request_stop()
-            holder = driver_holding(self.sweep)
-            pid = holder.get("pid") if holder and holder.get("host") == socket.gethostname() else None
-            signalled = 0
-            if pid and now:
-                signalled += _kill(pid)
-            deadline = time.monotonic() + timeout_s
-            while driver_holding(self.sweep) is not None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if pid and driver_holding(self.sweep) is not None:
-                signalled += _kill(pid)
-            ours = set(json.loads(ledger.get_meta(WORKERS_META) or "[]"))
-            for worker in ledger.workers():  # what a killed driver left running
-                if worker.id in ours:  # back without using an attempt, as from any stopped worker
-                    ledger.release_worker(worker.id, "sweep stopped")
-            return signalled
-        finally:
-            ledger.close()
+        holder = driver_holding(self.sweep)
+        pid = holder.get("pid") if holder and holder.get("host") == socket.gethostname() else None
+        deadline = time.monotonic() + (0 if now else timeout_s)
+        while driver_holding(self.sweep) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        signalled = 0
+        if pid and driver_holding(self.sweep) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                signalled = 1
+        self._for_ours(lambda ledger, worker: ledger.release_worker(worker.id, "sweep stopped"))
+        return signalled
 
 
 def _check_reachable(address: str) -> None:
@@ -222,11 +195,3 @@ def _check_reachable(address: str) -> None:
     except OSError as exc:
         raise ExecutorError(f"nothing answers at the Ray address {address} ({exc}): is `ray start --head` "
                             "running there, and is the port open?") from None
-
-
-def _kill(pid: int) -> int:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return 1
-    except ProcessLookupError:
-        return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_jobs_are_the_product_with_the_axes_in_a_fixed_order(write_manifest):
         {"cfg_scale": 3.0, "steps": 8, "width": 32, "height": 48},
         {"cfg_scale": 3.0, "steps": 8, "width": 48, "height": 32}]
     assert first[-1].axes == {"cfg_scale": [4.0, 3.0], "steps": 8, "width": 48, "height": 32}
-    generation = first[-1].generation(manifest.generation)
+    generation = first[-1].generation  # resolved by the expansion
     assert (generation.guidance, generation.steps, generation.width, generation.height) == ((4.0, 3.0), 8, 48, 32)
     assert generation.num_frames == manifest.generation.num_frames  # not swept: the manifest's
     assert expand(manifest) == jobs  # deterministic
@@ -250,8 +251,9 @@ def test_the_command_backend_runs_each_job_with_its_own_settings(tmp_path):
                         options={"command": ["{python}", "gen.py", "{steps}", "{cfg_scale}", "{width}x{height}"]})
     backend = CommandBackend(model, GenerationConfig(steps=50, cfg_scale=5.0), ())
     backend.load()
-    job = Job("j", 0, "c", None, None, 0, "p", 1, str(tmp_path / "c" / "x.mp4"),
-              axes={"steps": 30, "cfg_scale": 3.0, "width": 480, "height": 832})
+    axes = {"steps": 30, "cfg_scale": 3.0, "width": 480, "height": 832}
+    job = Job("j", 0, "c", None, None, 0, "p", 1, str(tmp_path / "c" / "x.mp4"), axes=axes, model=model,
+              generation=GenerationConfig(**axes))  # its own settings, as the expansion resolves them
     assert backend.command_line(job, "out.mp4")[2:] == ["30", "3.0", "480x832"]
     plain = Job("j", 0, "c", None, None, 0, "p", 1, str(tmp_path / "c" / "x.mp4"))
     assert backend.command_line(plain, "out.mp4")[2:] == ["50", "5.0", "832x480"]
@@ -273,8 +275,9 @@ def test_the_diffusers_backend_takes_size_length_and_shift_per_job(tmp_path, ran
         plain = backend.generate(backend_job(seed=1), lambda s, n: None)
         assert plain.shape == (5, 32, 32, 3)
         steps = []
-        job = backend_job(seed=1).__class__(**{**backend_job(seed=1).to_dict(),
-                                              "axes": {"width": 48, "num_frames": 9, "steps": 3, "shift": 7.0}})
+        axes = {"width": 48, "num_frames": 9, "steps": 3, "shift": 7.0}  # with its settings, as expand resolves them
+        job = replace(backend_job(seed=1), axes=axes, model=backend.model,
+                      generation=replace(backend.generation, **axes))
         swept = backend.generate(job, lambda s, n: steps.append(n))
         assert swept.shape == (9, 32, 48, 3) and steps == [3, 3, 3]
         assert backend.pipe.scheduler.config.flow_shift == 7.0
@@ -316,8 +319,9 @@ def test_the_diffsynth_backend_takes_size_and_strength_per_job_and_keeps_latents
         GenerationConfig(width=32, height=32, num_frames=5, fps=5, steps=2, denoising_strength=0.7), ())
     backend.load()
     try:
-        def job(**axes):
-            return type(backend_job())(**{**backend_job(seed=1, reference=clip).to_dict(), "axes": axes})
+        def job(**axes):  # with its settings, as expand resolves them
+            return replace(backend_job(seed=1, reference=clip), axes=axes, model=backend.model,
+                           generation=replace(backend.generation, **axes))
         assert backend.generate(job(), lambda s, n: None).shape == (5, 32, 32, 3)
         wide = backend.generate(job(width=48, denoising_strength=0.5), lambda s, n: None)
         assert wide.shape == (5, 32, 48, 3) and backend.job_info()["reference_encoding_reused"] is False
@@ -398,11 +402,14 @@ def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp
     from orchestrator.jobs import Job
 
     from .conftest import ListJobSource
-    from orchestrator.manifest import ModelConfig
+    from orchestrator.manifest import Execution, GenerationConfig, ModelConfig, SpeedConfig
     from orchestrator.planning import WorkerSpec
 
     values = ["none", "none", "int8", "int8", "none"]
-    jobs = [Job(f"j{n}", n, "c", None, None, 0, "p", n, str(tmp_path / "c" / f"{n}.mp4"), axes={"quantize": q})
+    generation = GenerationConfig(num_frames=5, fps=5)
+    jobs = [Job(f"j{n}", n, "c", None, None, 0, "p", n, str(tmp_path / "c" / f"{n}.mp4"), axes={"quantize": q},
+                model=ModelConfig(backend="synthetic", task="t2v", speed=SpeedConfig(quantize=q)),
+                generation=generation)
             for n, q in enumerate(values)]
 
     class Jobs(ListJobSource):  # the FAKE job source, keeping each job's sidecar record
@@ -444,8 +451,7 @@ def test_the_job_loop_reloads_the_model_only_when_the_quantize_value_changes(tmp
 
     model = ModelConfig(backend="synthetic", task="t2v")
     spec = WorkerSpec(sweep="s", worker="w0", devices=(), queue="cpu0", ledger="", output_dir=str(tmp_path),
-                      log="", model={"backend": "synthetic", "task": "t2v", "speed": {"quantize": "none"}},
-                      generation={"num_frames": 5, "fps": 5}, execution={})
+                      log="", model=model, generation=generation, execution=Execution())
     source = Jobs(jobs)
     loop = JobLoop(source, spec, logging.getLogger("test"))
     backends = SlotBackend(load, model, loop.log)
@@ -496,3 +502,90 @@ def test_plan_shows_the_quantize_axis_and_its_reloads_and_sizes_for_the_heaviest
     assert load_manifest(path).heaviest_model.speed.quantize == "none"  # 8-bit weights take less memory than none
     assert _load(write_manifest, axes={"quantize": ["int8", "fp8_storage"]}).heaviest_model.speed.quantize == "int8"
     assert _load(write_manifest, speed={"quantize": "int8"}).heaviest_model.speed.quantize == "int8"
+
+
+# ------------------------------------------------------------------------------- settings resolved once
+
+def test_a_jobs_settings_come_from_the_expansion_and_are_what_its_sidecar_records(write_manifest, tmp_path):
+    """Issue 29, part 5: each job carries its settings, resolved once when the manifest is expanded; they
+    travel with it (the ledger's JSON, a worker spec's typed settings), and the worker's loop, the video's
+    check and the sidecar use them as they are."""
+    import logging
+    import pickle
+
+    from orchestrator.harness import Harness
+    from orchestrator.jobs import Job
+    from orchestrator.manifest import GenerationConfig, ModelConfig
+    from orchestrator.planning import WorkerSpec
+
+    from .conftest import ListJobSource
+
+    manifest = _load(write_manifest, categories={"alpha": {"prompts": ["a cat"]}}, seeds=[1, 2],
+                     axes={"cfg_scale": [3.0, [4.0, 3.0]], "num_frames": [5, 9], "quantize": ["none", "int8"]})
+    jobs = expand(manifest)
+    assert len(jobs) == 2 * 8
+    job = next(j for j in jobs if j.axes == {"cfg_scale": [4.0, 3.0], "num_frames": 9, "quantize": "int8"})
+    assert isinstance(job.model, ModelConfig) and isinstance(job.generation, GenerationConfig)
+    assert (job.generation.guidance, job.generation.num_frames, job.model.speed.quantize) == ((4.0, 3.0), 9, "int8")
+    # what is not swept is the manifest's own
+    assert (job.generation.width, job.generation.steps) == (manifest.generation.width, manifest.generation.steps)
+    assert job.model.path == manifest.model.path and manifest.model.speed.quantize == "none"
+    # resolved once per combination of axis values, shared by its jobs (a sweep of millions stays small)
+    assert len({id(j.generation) for j in jobs}) == 8 and len({id(j.model) for j in jobs}) <= 8
+    # a ledger row (JSON) gives the job back with its typed settings; old rows without them still read
+    assert all(Job.from_dict(json.loads(json.dumps(j.to_dict()))) == j for j in jobs)
+    old_row = {k: v for k, v in job.to_dict().items() if k not in ("model", "generation", "axes")}
+    assert Job.from_dict(old_row).model is None
+    with pytest.raises(ValueError, match="no resolved settings"):  # axis values without settings: refused
+        Job.from_dict({k: v for k, v in job.to_dict().items() if k not in ("model", "generation")})
+
+    # a worker spec: typed settings, one JSON pair (the spec file), and it pickles (a Ray actor's argument)
+    spec = WorkerSpec(sweep="t", worker="cpu0_worker0", devices=(), queue="cpu0", ledger="", log="",
+                      output_dir=str(manifest.output_dir), model=jobs[0].model, generation=manifest.generation,
+                      execution=manifest.execution, settings=settings_fingerprint(manifest))
+    assert WorkerSpec.read(spec.write(tmp_path / "spec.json")) == spec == pickle.loads(pickle.dumps(spec))
+
+    # the workers' harness runs the jobs (the slot reloads for quantize int8) and writes their sidecars
+    harness = Harness(WorkerSpec.read(tmp_path / "spec.json"), logging.getLogger("test"))
+    harness.open()
+    source = ListJobSource(jobs)
+    try:
+        assert harness.run(source, []) == "finished"
+    finally:
+        harness.close()
+    assert source.done == [j.id for j in jobs] and not source.failed
+    for made in jobs:
+        sidecar = read_sidecar(made.output)
+        assert sidecar["job_id"] == made.id and sidecar["axes"] == made.axes
+        assert sidecar["model"] == json.loads(json.dumps(made.model.to_dict()))
+        assert sidecar["generation"] == json.loads(json.dumps(made.generation.to_dict()))
+        assert count_frames(made.output) == made.generation.num_frames
+        # the sidecar's `job` is what it always was: the settings are recorded once, beside it
+        assert "model" not in sidecar["job"] and "generation" not in sidecar["job"]
+        assert sidecar["job"]["axes"] == made.axes and sidecar["settings"] == settings_fingerprint(manifest)
+
+
+def test_no_module_works_out_a_jobs_settings_again():
+    """A job's settings are resolved in one place, `jobs.job_settings` (what `expand` attaches to each job):
+    no other module applies a job's axis values to the manifest's settings, rebuilds settings from a dict
+    with `Config(**…)`, or guesses whether a job has axes."""
+    import re
+    package = ROOT / "orchestrator"
+    # where the manifest's settings may meet axis values without being a job's: the functions themselves and
+    # the heaviest settings sizing plans for (manifest/model.py), the checks of each value before anything is
+    # expanded (validation.py), and the one resolution of each job's (jobs.py)
+    allowed = {"jobs.py", "validation.py", "manifest/model.py"}
+    applying = re.compile(r"\b(apply_axes|model_with_axes)\(")
+    rebuilding = re.compile(r"\b(ModelConfig|GenerationConfig|Execution|WorkerSpec)\(\*\*")
+    found: dict[str, list[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("def "):
+                continue
+            if (applying.search(line) and name not in allowed) or rebuilding.search(line) \
+                    or 'getattr(job, "axes", None) or {}' in line:
+                found.setdefault(name, []).append(f"{number}: {line.strip()}")
+    assert found == {}
+    jobs_source = (package / "jobs.py").read_text(encoding="utf-8")
+    assert len(applying.findall(jobs_source)) == 2  # once each, in `job_settings`

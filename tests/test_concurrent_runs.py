@@ -89,9 +89,10 @@ def test_add_workers_leaves_a_live_workers_spec_file_alone(write_manifest, tmp_p
 
 
 def _spec(worker: str, folder: Path, **model) -> WorkerSpec:
+    from orchestrator.manifest import Execution, GenerationConfig, ModelConfig
     return WorkerSpec(sweep="t", worker=worker, devices=(), queue="cpu0", ledger=str(folder / "ledger.sqlite"),
-                      output_dir=str(folder), log=str(folder / f"{worker}.log"), model=model,
-                      generation={}, execution={})
+                      output_dir=str(folder), log=str(folder / f"{worker}.log"), model=ModelConfig(task="t2v", **model),
+                      generation=GenerationConfig(), execution=Execution())
 
 
 def test_a_spec_file_is_replaced_whole_never_written_in_place(tmp_path, monkeypatch):
@@ -105,16 +106,16 @@ def test_a_spec_file_is_replaced_whole_never_written_in_place(tmp_path, monkeypa
     def replace(source, destination):
         # At the rename the spec still holds the old text, and the new one is complete beside it.
         renames.append((Path(source).parent, Path(destination), target.read_text(encoding="utf-8"),
-                        WorkerSpec.read(source).model))
+                        WorkerSpec.read(source).model.backend))
         real_replace(source, destination)
     monkeypatch.setattr(os, "replace", replace)
     _spec("cpu0_worker0", tmp_path, backend="new").write(target)
-    assert renames == [(target.parent, target, old_text, {"backend": "new"})]
-    assert WorkerSpec.read(target).model == {"backend": "new"}
+    assert renames == [(target.parent, target, old_text, "new")]
+    assert WorkerSpec.read(target).model.backend == "new"
 
     with pytest.raises(TypeError):  # fails halfway through writing: the old spec stays, no temporary file
-        _spec("cpu0_worker0", tmp_path, backend="newer", options=object()).write(target)
-    assert WorkerSpec.read(target).model == {"backend": "new"}
+        _spec("cpu0_worker0", tmp_path, backend="newer", options={"x": object()}).write(target)
+    assert WorkerSpec.read(target).model.backend == "new"
     assert [p.name for p in target.parent.iterdir()] == ["cpu0_worker0.json"]
 
 
@@ -133,26 +134,20 @@ def test_runs_started_together_start_one_set_of_workers(write_manifest, tmp_path
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 @pytest.mark.slow
-def test_tmux_runs_started_together_start_one_set_and_no_traceback(write_manifest, tmp_path):
-    import uuid
-
-    import libtmux
-    socket = f"orch-test-{uuid.uuid4().hex[:10]}"
+def test_tmux_runs_started_together_start_one_set_and_no_traceback(write_manifest, tmp_path, server):
+    # `server`: libtmux's pytest plugin's private tmux server, killed in teardown.
     path = write_manifest(synthetic_manifest(model={"options": {"seconds_per_job": 0.3}}))
-    env = {"ORCHESTRATOR_TMUX_SOCKET": socket}
-    try:
-        launches = [_launch("run", str(path), "--executor", "tmux", env=env) for _ in range(3)]
-        results = [(p.wait(timeout=PATIENCE_S), *p.communicate()) for p in launches]
-        assert all(code == 0 and "Traceback" not in err for code, _, err in results), results
-        assert sum("started 2 workers" in out for _, out, _ in results) == 1, results
-        ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
-        deadline = time.monotonic() + PATIENCE_S
-        while ledger.unfinished() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert cli("stop", str(path), env=env).returncode == 0  # whatever is left of the sessions
-        _done_once(tmp_path / "out", 6)
-    finally:
-        libtmux.Server(socket_name=socket).kill()
+    env = {"ORCHESTRATOR_TMUX_SOCKET": server.socket_name}
+    launches = [_launch("run", str(path), "--executor", "tmux", env=env) for _ in range(3)]
+    results = [(p.wait(timeout=PATIENCE_S), *p.communicate()) for p in launches]
+    assert all(code == 0 and "Traceback" not in err for code, _, err in results), results
+    assert sum("started 2 workers" in out for _, out, _ in results) == 1, results
+    ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
+    deadline = time.monotonic() + PATIENCE_S
+    while ledger.unfinished() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cli("stop", str(path), env=env).returncode == 0  # whatever is left of the sessions
+    _done_once(tmp_path / "out", 6)
 
 
 @pytest.mark.parametrize("pause_at", ["check_checkpoint", "plan_resources"])
@@ -182,3 +177,30 @@ def test_stop_issued_while_run_is_starting_takes_effect(write_manifest, tmp_path
     printed = capsys.readouterr().out
     assert "`stop` was issued while this `run` was starting: no worker started" in printed
     assert not list((tmp_path / "out").rglob("*.mp4"))
+
+
+def test_a_second_manifest_racing_for_a_new_folder_is_refused_not_told_it_is_being_set_up(write_manifest, tmp_path):
+    # Issue 28: manifest `other` is setting the new folder up (it holds the run lock and has not written
+    # .sweep/sweep.json yet) while manifest `t` starts on the same output_dir.
+    import json
+    path = write_manifest(synthetic_manifest(seeds=[1]))
+    held = _hold(tmp_path / "out" / ".sweep" / "run.lock", fcntl.LOCK_EX)
+    held.write(json.dumps({"pid": 4242, "command": "run", "since": 0, "sweep": "other"}))
+    held.flush()
+    result = cli("run", str(path), *RUN)
+    held.close()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert f"{path}:2: output_dir {tmp_path / 'out'} holds the sweep `other`" in result.stderr
+    assert "being set up" not in result.stdout and not (tmp_path / "out" / ".sweep" / "sweep.json").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_run_leaves_the_folder_named_for_the_manifest_that_made_it(write_manifest, tmp_path):
+    import json
+    first = write_manifest(synthetic_manifest(seeds=[1]), name="first.yaml")
+    assert cli("run", str(first), *RUN).returncode == 0
+    changed = write_manifest(synthetic_manifest(seeds=[1], generation={"steps": 3}), name="changed.yaml")
+    refused = cli("run", str(changed), *RUN)
+    assert refused.returncode == 2 and "made with other settings" in refused.stderr, refused.stdout + refused.stderr
+    owner = json.loads((tmp_path / "out" / ".sweep" / "sweep.json").read_text(encoding="utf-8"))
+    assert owner["manifest"] == str(first)

@@ -322,3 +322,29 @@ def test_runtime_options_of_the_backend_change_no_job_id(write_manifest):
     fast = load_manifest(write_manifest(synthetic_manifest(), "fast.yaml"))
     assert "seconds_per_job" in slow.runtime_options
     assert [job.id for job in expand(slow)] == [job.id for job in expand(fast)]
+
+
+@pytest.mark.slow
+def test_library_notes_at_import_go_to_the_worker_log_not_its_pane(tmp_path):
+    # Issue 28: torch's pytree deprecation notes and diffusers' torchao note filled every worker pane.
+    import subprocess
+    import sys
+    log = tmp_path / "w.log"
+    script = (
+        "import warnings\n"
+        "from orchestrator.planning import WorkerSpec\n"
+        "from orchestrator.worker import setup_logging\n"
+        f"spec = WorkerSpec(sweep='t', worker='w', devices=(), queue='cpu0', ledger='', output_dir='', log={str(log)!r},\n"
+        "                  model={}, generation={}, execution={})\n"
+        "setup_logging(spec).info('worker w starting')\n"
+        "import diffusers.quantizers.torchao.torchao_quantizer\n"  # the import that prints them
+        "import logging\n"
+        "logging.getLogger('torch.utils._pytree').warning('an Enum subclass note')\n"
+        "warnings.warn('a library warning')\n")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    pane = shown.stdout + shown.stderr
+    assert "worker w starting" in pane
+    assert "Enum subclass" not in pane and "a library warning" not in pane and "torchao" not in pane, pane
+    kept = log.read_text(encoding="utf-8")
+    assert "an Enum subclass note" in kept and "a library warning" in kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,204 @@ def test_no_room_or_a_read_only_category_folder_is_refused_before_the_start(writ
     assert f"{tmp_path / 'out' / 'alpha'} is not writable (Permission denied)" in refused.stderr
     attempts = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite").attempts()
     assert len(attempts) == 6  # the first run's, none burnt since
+
+
+@pytest.mark.slow
+def test_a_crash_charges_only_the_crashing_job_not_the_one_whose_video_was_being_written(write_manifest, tmp_path):
+    # Issue 28's repro: each c/seed_2_* job crashes its worker while the job before it is still being
+    # written; with `retries: 0` only the four crashing jobs may fail.
+    path = write_manifest(synthetic_manifest(
+        categories={"c": {"prompts": [f"prompt {i}" for i in range(4)]}}, seeds=[1, 2, 3],
+        model={"options": {"crash_jobs": ["c/seed_2_*"]}}, execution={"retries": 0}))
+    result = cli("run", str(path), *RUN, timeout=PATIENCE_S)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    failed = {row["id"]: row for row in Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite").jobs()
+              if row["state"] == "failed"}
+    report = json.loads(cli("report", str(path), "--json").stdout)
+    assert report["totals"]["done"] == 8 and report["totals"]["failed"] == 4, report["totals"]
+    assert sorted(p.name for p in _mp4s(tmp_path / "out")) == sorted(
+        f"seed_{seed}_prompt_{i}.mp4" for seed in (1, 3) for i in range(4))
+    assert len(failed) == 4
+
+
+@pytest.fixture
+def ext4_disk(tmp_path):
+    """A 128 MiB ext4 file system of its own, mounted with errors=remount-ro, and a function that triggers
+    a file-system error on it (the kernel then remounts it read-only, as after a real disk error).
+    Needs root and loop devices."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mount", "mkfs.ext4", "findmnt")):
+        pytest.skip("an ext4 loop mount needs root, mount and mkfs.ext4")
+    image, disk = tmp_path / "ext4.img", tmp_path / "disk"
+    disk.mkdir()
+    with open(image, "wb") as stream:
+        stream.truncate(128 * 2**20)
+    if subprocess.run(["mkfs.ext4", "-q", str(image)]).returncode or subprocess.run(
+            ["mount", "-o", "loop,errors=remount-ro", str(image), str(disk)]).returncode:
+        pytest.skip("cannot loop-mount an ext4 image here")
+    device = Path(subprocess.run(["findmnt", "-no", "SOURCE", str(disk)], capture_output=True,
+                                 text=True).stdout.strip()).name
+    trigger = Path("/sys/fs/ext4") / device / "trigger_fs_error"
+
+    def fail_the_disk() -> None:
+        trigger.write_text("1")
+
+    if not trigger.exists():
+        subprocess.run(["umount", "-l", str(disk)])
+        pytest.skip("this kernel cannot trigger an ext4 error")
+    yield disk, fail_the_disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.mark.slow
+def test_an_output_folder_remounted_read_only_mid_run_stops_the_workers_and_burns_no_attempt(write_manifest,
+                                                                                                ext4_disk, tmp_path):
+    # ext4's errors=remount-ro mid-run: every write fails with EROFS, the ledger's too (it is on that disk).
+    disk, fail_the_disk = ext4_disk
+    prompts = [f"prompt {i}" for i in range(8)]
+    path = write_manifest(synthetic_manifest(
+        output_dir=str(disk / "out"), categories={"a": {"prompts": prompts}},
+        model={"options": {"seconds_per_job": 0.4}}, generation={"steps": 8}, execution={"retries": 0}))
+    out = disk / "out"
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    while len(_mp4s(out)) < 3 and run.poll() is None:
+        time.sleep(0.05)
+    fail_the_disk()
+    stdout, stderr = run.communicate(timeout=PATIENCE_S)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    assert run.returncode == 1 and stdout.count(f"the output folder {out} takes no more writes") == 1, stdout + stderr
+    assert "make it writable and run the same command again" in stdout
+    made = _mp4s(out)
+    assert 3 <= len(made) < 16
+
+    # The user repairs the disk (here: copies the folder to a healthy one) and runs the same command.
+    healthy = tmp_path / "healthy"
+    shutil.copytree(out, healthy / "out", symlinks=True)
+    subprocess.run(["umount", "-l", str(disk)])
+    shutil.copytree(healthy / "out", out)
+    assert Ledger(out / ".sweep" / "ledger.sqlite").counts()["failed"] == 0  # no attempt burnt
+    again = cli("run", str(path), *RUN, timeout=PATIENCE_S)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(_mp4s(out)) == 16 and not [p for p in out.rglob(f"{TEMP_MARK}*")]
+
+
+@pytest.mark.slow
+def test_a_category_folder_made_read_only_mid_run_burns_no_attempt(write_manifest, tmp_path):
+    # A permission change under a running sweep (the ledger stays writable): the workers stop at the
+    # first refused write, the job goes back unused, and a later run resumes.
+    prompts = [f"prompt {i}" for i in range(6)]
+    path = write_manifest(synthetic_manifest(
+        categories={"a": {"prompts": prompts}}, model={"options": {"seconds_per_job": 0.4}},
+        generation={"steps": 8}, execution={"retries": 0}))
+    out = tmp_path / "out"
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot be enforced")
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    run = subprocess.Popen([*prefix, sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    while len(_mp4s(out)) < 2 and run.poll() is None:
+        time.sleep(0.05)
+    (out / "a").chmod(0o555)
+    try:
+        stdout, stderr = run.communicate(timeout=PATIENCE_S)
+    finally:
+        (out / "a").chmod(0o755)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    assert run.returncode == 1 and "takes no more writes" in stdout, stdout + stderr
+    assert Ledger(out / ".sweep" / "ledger.sqlite").counts()["failed"] == 0
+    again = cli("run", str(path), *RUN, timeout=PATIENCE_S)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(_mp4s(out)) == 12
+
+
+@pytest.mark.slow
+def test_a_hung_worker_whose_supervisor_was_killed_ends_itself_and_the_sweep_resumes(write_manifest, tmp_path):
+    # Issue 28: an orphaned hung worker lived on, and `run` said "already running" until `stop`.
+    import time
+
+    import psutil
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"hang_jobs": ["alpha/seed_1_prompt_0"]}}, resources={"cpu_slots": 1},
+        execution={"heartbeat_timeout_s": 3}))
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hung = None
+    while hung is None and run.poll() is None:
+        time.sleep(0.05)
+        try:
+            ledger = Ledger(out / ".sweep" / "ledger.sqlite", readonly=True)
+        except Exception:
+            continue
+        hung = next((w for w in ledger.workers() if w["pid"] and w["supervisor_pid"] and w["job"]), None)
+        ledger.close()
+    assert hung is not None, run.communicate()
+    os.kill(hung["supervisor_pid"], signal.SIGKILL)  # before it sees the hang and replaces the worker
+    run.communicate(timeout=PATIENCE_S)
+    deadline = time.monotonic() + PATIENCE_S
+    while psutil.pid_exists(hung["pid"]) and psutil.Process(hung["pid"]).status() != psutil.STATUS_ZOMBIE \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
+    assert "its supervisor is gone: the worker ended itself" in log
+    again = cli("run", str(path), *RUN)
+    assert again.returncode == 0 and "already running" not in again.stdout, again.stdout + again.stderr
+    assert len(_mp4s(out)) == 6
+
+
+@pytest.mark.slow
+def test_plan_refuses_a_damaged_ledger_as_run_does(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    ledger = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    assert cli("run", str(path), *RUN).returncode == 0
+    for extra in ("-wal", "-shm"):
+        Path(f"{ledger}{extra}").unlink(missing_ok=True)
+    ledger.write_bytes(os.urandom(8192))
+    planned = cli("plan", str(path))
+    assert planned.returncode == 2 and "Traceback" not in planned.stderr, planned.stdout + planned.stderr
+    assert f"the ledger {ledger} is damaged" in planned.stderr and f"mv {ledger} {ledger}.damaged" in planned.stderr
+
+
+def test_a_ledger_path_that_is_a_folder_is_named_as_one(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    ledger = tmp_path / "out" / ".sweep" / "ledger.sqlite"
+    ledger.mkdir(parents=True)
+    result = cli("run", str(path), *RUN)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert f"the ledger {ledger} is a folder, not a ledger file" in result.stderr
+    assert "read-only" not in result.stderr and f"mv {ledger} {ledger}.aside" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_job_row_of_an_unknown_state_is_reported_and_repaired(write_manifest, tmp_path):
+    path = write_manifest(synthetic_manifest())
+    out = tmp_path / "out"
+    assert cli("run", str(path), *RUN).returncode == 0
+    (out / "alpha" / "seed_1_prompt_0.mp4").unlink()
+    ledger = Ledger(out / ".sweep" / "ledger.sqlite")
+    ledger.db.execute("UPDATE jobs SET state = 'bogus' WHERE id = (SELECT id FROM jobs ORDER BY ordinal LIMIT 1)")
+    ledger.close()
+    note = "the ledger holds 1 job row(s) in a state it does not know ('bogus')"
+    report = cli("report", str(path))
+    assert note in report.stdout, report.stdout
+    assert json.loads(cli("report", str(path), "--json").stdout)["ledger_note"].startswith(f"note: {note}")
+    assert note in cli("plan", str(path)).stdout
+    again = cli("run", str(path), *RUN)
+    assert again.returncode == 0 and "in a state it does not know ('bogus'): put back in the queue" in again.stdout
+    assert len(_mp4s(out)) == 6 and Ledger(out / ".sweep" / "ledger.sqlite").unknown_states() == {}
+
+
+@pytest.mark.slow
+def test_a_crash_while_loading_leaves_its_reason_in_the_workers_log(write_manifest, tmp_path):
+    # Issue 28: the local executor sent a worker's stderr to /dev/null, so the log said only "exited with code 1".
+    path = write_manifest(synthetic_manifest(
+        model={"options": {"load_error": "the checkpoint's shard 3 is truncated"}}, resources={"cpu_slots": 1},
+        execution={"max_restarts": 1}))
+    result = cli("run", str(path), *RUN)
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = (tmp_path / "out" / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
+    assert "Traceback" in log and "RuntimeError: the checkpoint's shard 3 is truncated" in log

@@ -114,7 +114,7 @@ def test_a_read_only_open_takes_any_folder_name(tmp_path):
     assert Ledger(path, readonly=True).get_meta("stop_reason") == "disk full"
 
 
-def test_a_version_1_ledger_opens_for_writing_without_a_write_lock(one_job_ledger):
+def test_a_ledger_of_the_current_version_opens_for_writing_without_a_write_lock(one_job_ledger):
     ledger, _ = one_job_ledger
     writer = sqlite3.connect(ledger.path, timeout=0, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
@@ -236,3 +236,69 @@ def test_a_ledger_of_a_newer_version_is_refused_and_left_alone(one_job_ledger):
                                               rf"{SCHEMA_VERSION + 1}; this version knows up to {SCHEMA_VERSION}\)"):
             Ledger(ledger.path, readonly=readonly)
     assert ledger.path.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ claims of one process lifetime
+@pytest.fixture
+def three_job_ledger(tmp_path, write_manifest):
+    """A ledger of three pending jobs in queue "q", each with one attempt (`retries: 0`)."""
+    manifest = load_manifest(write_manifest(synthetic_manifest(
+        categories={"a": {"prompts": ["p", "q", "r"]}}, seeds=[1], execution={"retries": 0})))
+    jobs = expand(manifest)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.sync(jobs, {job.id: "q" for job in jobs}, set(), max_attempts=1, heartbeat_timeout_s=300.0, fresh=True)
+    yield ledger, [job.id for job in jobs]
+    ledger.close()
+
+
+def test_a_restarted_worker_releases_what_its_dead_predecessor_held(three_job_ledger):
+    # Issue 28: a supervisor and its worker killed with -9, then `run --add-workers` starts the same
+    # worker id again: its registration ends the dead process's claim instead of beating for it.
+    ledger, (first, *_) = three_job_ledger
+    dead = ledger.register_worker("cpu1_worker0", ())
+    assert ledger.claim("cpu1_worker0", "q", life=dead).job.id == first
+    new = ledger.register_worker("cpu1_worker0", ())
+    assert new != dead
+    row = next(j for j in ledger.jobs() if j["id"] == first)
+    assert row["state"] == "failed" and row["worker"] is None and "restarted" in row["last_error"]
+    assert [a["outcome"] for a in ledger.attempts(first)] == ["lost"]
+
+
+def test_heartbeats_of_one_process_lifetime_never_keep_another_ones_claim_alive(three_job_ledger):
+    ledger, (first, second, _) = three_job_ledger
+    old = ledger.register_worker("w", ())
+    ledger.claim("w", "q", life=old)
+    ledger.db.execute("UPDATE jobs SET heartbeat_at = 0 WHERE id = ?", (first,))  # its process stopped beating
+    ledger.heartbeat("w", None, life="another-lifetime")  # another process beating under the same name
+    assert next(j for j in ledger.jobs() if j["id"] == first)["heartbeat_at"] == 0
+    assert ledger.claim("other", "q").job.id == second  # the claim expired meanwhile and went back
+    assert next(j for j in ledger.jobs() if j["id"] == first)["state"] == "failed"
+    assert not ledger.complete(first, "w", 1.0, life="another-lifetime")  # nor can it record the end
+
+
+def test_a_crash_charges_only_the_job_being_generated_not_the_video_being_written(three_job_ledger):
+    # The worker writes job N's mp4 in its writer thread while job N+1 generates; N+1 crashes the process.
+    ledger, (written, generating, _) = three_job_ledger
+    life = ledger.register_worker("w", ())
+    ledger.claim("w", "q", life=life)
+    ledger.claim("w", "q", life=life)
+    assert ledger.requeue_worker("w", "worker exited with code 137") == 2
+    rows = {j["id"]: j for j in ledger.jobs()}
+    assert rows[written]["state"] == "pending" and rows[written]["attempts"] == 0  # no attempt used
+    assert rows[generating]["state"] == "failed" and rows[generating]["attempts"] == 1
+    assert [a["outcome"] for a in ledger.attempts(written)] == ["released"]
+    assert "no attempt was used" in ledger.attempts(written)[0]["error"]
+
+
+def test_a_hung_worker_whose_claims_expire_is_charged_for_the_job_it_generates_only(three_job_ledger):
+    ledger, (written, generating, third) = three_job_ledger
+    life = ledger.register_worker("w", ())
+    ledger.claim("w", "q", life=life)
+    ledger.claim("w", "q", life=life)
+    # The process hung right after claiming the next job: the claim of the video being written, whose
+    # last beat came before that, expires first, and takes the whole lifetime's claims with it.
+    ledger.db.execute("UPDATE jobs SET heartbeat_at = 1 WHERE id = ?", (written,))
+    assert ledger.requeue_expired() == 2
+    rows = {j["id"]: j for j in ledger.jobs()}
+    assert rows[written]["state"] == "pending" and rows[written]["attempts"] == 0
+    assert rows[generating]["state"] == "failed" and rows[third]["state"] == "pending"

@@ -468,8 +468,8 @@ def test_activity_lanes_per_gpu_with_busy_share_and_merged_bars():
         {"worker": "gpu0_worker0", "started_at": 100.0, "finished_at": 120.0, "outcome": "oom", "error": "OOM <x>"},
         {"worker": "gpu0_worker0", "started_at": 150.0, "finished_at": None, "outcome": None, "error": None},
     ]
-    workers = [{"id": "gpu0_worker0", "devices": "0"}, {"id": "gpu1_worker0", "devices": "1,2"}]
-    activity = review._activity(attempts, workers, now=300.0, log_url=lambda worker: None)
+    devices = {"gpu0_worker0": "0", "gpu1_worker0": "1,2"}  # each worker's cards, as the ledger has them
+    activity = review._activity(attempts, devices, now=300.0, log_url=lambda worker: None)
     assert [(lane.device, lane.worker) for lane in activity.lanes] == [("GPU 0", "gpu0_worker0"),
                                                                      ("GPU 1+2", "gpu1_worker0")]
     gpu0, gpu1 = activity.lanes

@@ -276,16 +276,17 @@ def test_the_calibration_probe_runs_the_workers_job_loop(write_manifest, tmp_pat
     import threading
     import time
 
+    from orchestrator import harness
     from orchestrator.sizing import calibration
 
     loops = []
 
-    class CountedLoop(calibration.JobLoop):
+    class CountedLoop(harness.JobLoop):  # the loop the probe's harness runs, as a worker's does
         def run(self, backend, gpu_names, compile_cache=None):
             loops.append(self.source)
             return super().run(backend, gpu_names, compile_cache)
 
-    monkeypatch.setattr(calibration, "JobLoop", CountedLoop)
+    monkeypatch.setattr(harness, "JobLoop", CountedLoop)
     work = _probe_config(write_manifest, tmp_path, options={"seconds_per_job": 0.05})
 
     def stop_after_phase_one():

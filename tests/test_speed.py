@@ -728,9 +728,10 @@ def test_a_failed_compiling_first_call_leaves_hang_detection_on(tmp_path):
         def prepare(self, job):
             pass
 
+    from orchestrator.manifest import Execution
     spec = WorkerSpec(sweep="s", worker="w0", devices=(), queue="cpu0", ledger="", output_dir=str(tmp_path),
-                      log="", model={"backend": "synthetic"}, generation={"num_frames": 5, "fps": 5},
-                      execution={})
+                      log="", model=ModelConfig(backend="synthetic", task="t2v"),
+                      generation=GenerationConfig(num_frames=5, fps=5), execution=Execution())
     source = ListJobSource([_job(seed=1), _job(seed=2)])
     loop = JobLoop(source, spec, logging.getLogger("test"))
     backends = SlotBackend(lambda model: Failing(), None, loop.log)

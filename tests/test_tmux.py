@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import libtmux
@@ -32,22 +31,18 @@ FRAMES = 9
 GENERATION = {"width": 64, "height": 48, "num_frames": FRAMES, "fps": 8, "steps": 4}
 EXECUTION = {"retries": 2, "job_timeout_s": 60, "heartbeat_timeout_s": 3, "max_restarts": 3}
 NASTY_NAME = "exp 'q' $(touch PWNED) 镜头.v1"
-NASTY_CATEGORY = "镜头 \"it's\" $(touch PWNED)"
+NASTY_CATEGORY = "镜头 `it's` $(touch PWNED)"  # (a `"` is refused: no Windows or SMB disk takes it)
 NASTY_PROMPT = "a cat's \"quoted\" $(touch PWNED) `touch PWNED` prompt"
 
 
 # ---------------------------------------------------------------------------- fixtures and helpers
 @pytest.fixture
-def tmux(tmp_path, monkeypatch):
-    """A private tmux server for this test (ORCHESTRATOR_TMUX_SOCKET), and its cleanup."""
-    socket = f"orch-test-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("ORCHESTRATOR_TMUX_SOCKET", socket)
-    server = libtmux.Server(socket_name=socket)
+def tmux(server, tmp_path, monkeypatch):
+    """libtmux's own test server (its pytest plugin's `server`: a private socket, killed in teardown) as
+    the sweep's tmux server (ORCHESTRATOR_TMUX_SOCKET), and the sweep's processes a failed test left."""
+    monkeypatch.setenv("ORCHESTRATOR_TMUX_SOCKET", server.socket_name)
     yield server
-    server.kill()
-    folder = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-    (folder / socket).unlink(missing_ok=True)
-    for process in _processes(tmp_path):  # whatever a failed test left behind
+    for process in _processes(tmp_path):
         try:
             process.kill()
         except psutil.Error:
@@ -343,3 +338,53 @@ def test_no_folder_or_name_reaches_tmux_formats(tmux, write_manifest, tmp_path):
     _wait_for(lambda: _finished(out, tmp_path), PATIENCE_S, "the sweep to finish")
     _check_complete(path, out, 1)
     assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
+
+
+def test_a_worker_added_back_after_its_supervisor_and_worker_were_killed_does_not_keep_their_claim(
+        tmux, write_manifest, tmp_path):
+    # Issue 28: kill -9 the supervisor and the worker of cpu1_worker0 while it holds a job, then
+    # `run --add-workers` (what "already running" advises). The new cpu1_worker0 must not keep the dead
+    # one's claim alive: the sweep finishes, every video made once.
+    path = _manifest(write_manifest, model={"options": {"seconds_per_job": 1.0}},
+                     categories={"a": {"prompts": [f"prompt {i}" for i in range(10)]}})
+    out = tmp_path / "out"
+    assert _run("run", str(path), "--cpu-slots", "2").returncode == 0
+    ledger = _ledger(out)
+    victim = _wait_for(lambda: next((w for w in ledger.workers() if w["id"] == "cpu1_worker0" and w["job"]
+                                     and w["pid"] and w["supervisor_pid"]), None), PATIENCE_S,
+                       "cpu1_worker0 holding a job")
+    held = victim["job"]
+    for pid in (victim["supervisor_pid"], victim["pid"]):
+        os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: not any("cpu1_worker0" in " ".join(p.cmdline()) for p in _processes(tmp_path)),
+              PATIENCE_S, "cpu1_worker0's processes to be gone")
+    added = _run("run", str(path), "--cpu-slots", "2", "--add-workers")
+    assert added.returncode == 0 and "started 1 worker" in added.stdout, added.stdout + added.stderr
+    _wait_for(lambda: _finished(out, tmp_path), PATIENCE_S, "the sweep to finish")
+    outcomes = _check_complete(path, out, 20)
+    assert outcomes[held][-1] == "done" and outcomes[held].count("lost") == 1, outcomes[held]
+
+
+def test_run_follow_inside_a_pane_of_another_tmux_server_follows_until_the_sweep_ends(write_manifest, tmp_path):
+    # Issue 28: `run --follow` in a pane of `tmux -L work` quit after 1 s with exit 1 while the workers ran
+    # on: libtmux made the sessions without $TMUX (on the default server) and looked for them with it.
+    # TMUX_TMPDIR gives this test its own "default" server, so the user's is never touched.
+    sockets = tmp_path / "tmux-sockets"
+    sockets.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_TMUX_SOCKET"}
+    env["TMUX_TMPDIR"] = str(sockets)
+    subprocess.run(["tmux", "-L", "work", "new-session", "-d", "-s", "shell"], env=env, check=True)
+    try:
+        socket_path = sockets / f"tmux-{os.getuid()}" / "work"
+        env["TMUX"] = f"{socket_path},1,0"  # as inside a pane of that server
+        path = _manifest(write_manifest, model={"options": {"seconds_per_job": 0.5}})
+        followed = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), "--follow",
+                                   "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=PATIENCE_S)
+        assert followed.returncode == 0, followed.stdout + followed.stderr
+        assert "tmux -L default attach" in followed.stdout
+        _check_complete(path, tmp_path / "out", 6)
+    finally:
+        for socket in ("work", "default"):
+            subprocess.run(["tmux", "-L", socket, "kill-server"], env=env, capture_output=True)
+

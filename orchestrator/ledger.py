@@ -5,106 +5,32 @@ The ledger decides what is in flight and keeps history; the disk decides what is
 whose heartbeat stops goes back to the queue with its attempt used. Only the worker holding a claim
 records its end.
 
-Every rule about the rows lives here: no other module runs SQL. Readers (`report`, the review page)
-open it read-only (`Ledger(path, readonly=True)`) and never take the write lock. The schema carries a
-version (`PRAGMA user_version`): a ledger of an older version is upgraded step by step when opened
-(`MIGRATIONS`), one of a newer version is refused.
+A claim belongs to one process lifetime (`life`, from `register_worker`), never to a worker's name: a
+restarted worker neither keeps nor records its predecessor's claims. When a worker dies, the job it was
+generating is charged and the videos it was still writing go back unused (`_end_lost_claims`).
+
+Every rule about the rows lives here and in the worker rows' half (`worker_rows`): no other module runs
+SQL. Readers (`report`, the review page) open it read-only (`Ledger(path, readonly=True)`) and never take
+the write lock. The schema carries a version (`ledger_schema`): a ledger of an older version is upgraded
+step by step when opened, one of a newer version is refused.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .errors import WanSweepError
 from .jobs import Job
-from .supervision import (EXITED, FAILED, IDLE, LIVE_WORKER_STATES, LOADING, RETIRED, RUNNING, STARTING, STOPPED,
-                          WORKER_STATES)
-
-# Version 1 of the schema, the first with a version number (older ledgers are version 0). Frozen:
-# a later version changes it through a new step in `MIGRATIONS`, never by editing this text.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    ordinal INTEGER NOT NULL,
-    queue TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    category TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1,
-    state TEXT NOT NULL DEFAULT 'pending',   -- pending | running | done | failed
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    claimed_at REAL,
-    heartbeat_at REAL,
-    finished_at REAL,
-    seconds REAL,
-    skipped INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, queue, ordinal);
-CREATE INDEX IF NOT EXISTS jobs_group ON jobs (state, grp, ordinal);
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id TEXT NOT NULL,
-    worker TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    outcome TEXT,           -- done | error | oom | timeout | lost | released
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
-CREATE INDEX IF NOT EXISTS attempts_end ON attempts (finished_at);
-CREATE INDEX IF NOT EXISTS attempts_worker_end ON attempts (worker, finished_at);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    host TEXT,
-    pid INTEGER,
-    supervisor_pid INTEGER,
-    devices TEXT,
-    state TEXT,             -- starting | loading | idle | running | exited | stopped | failed | retired
-    started_at REAL,
-    heartbeat_at REAL,
-    job TEXT,
-    jobs_done INTEGER NOT NULL DEFAULT 0,
-    busy_s REAL NOT NULL DEFAULT 0,
-    ooms INTEGER NOT NULL DEFAULT 0,
-    restarts INTEGER NOT NULL DEFAULT 0,
-    message TEXT,
-    phase TEXT              -- before its first job: what it is doing (importing, loading the model)
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-"""
-
-
-def _to_version_1(db: sqlite3.Connection) -> None:
-    """A new ledger gets every table; one from before schema versions gets what it may lack: the
-    workers' `phase` column and the attempts' end indexes."""
-    for statement in SCHEMA.split(";"):
-        if statement.strip():
-            db.execute(statement)
-    if "phase" not in {row[1] for row in db.execute("PRAGMA table_info(workers)")}:
-        db.execute("ALTER TABLE workers ADD COLUMN phase TEXT")
-
-
-def _to_version_2(db: sqlite3.Connection) -> None:
-    """Claims belong to one process lifetime: the `life` of the worker process that holds a job (and the
-    worker's current one), so a restarted worker under the same name never keeps its predecessor's
-    claims alive."""
-    db.execute("ALTER TABLE jobs ADD COLUMN life TEXT")
-    db.execute("ALTER TABLE workers ADD COLUMN life TEXT")
-
-
-# MIGRATIONS[n] takes a ledger from version n to n + 1, inside the opening transaction. A new version
-# appends a step (and never edits an earlier one): every ledger, new or old, goes through the same steps.
-MIGRATIONS = (_to_version_1, _to_version_2)
-SCHEMA_VERSION = len(MIGRATIONS)
+from .ledger_schema import MIGRATIONS, SCHEMA_VERSION
+from .locks import request_stop, stop_requested_since
+from .supervision import IDLE, LIVE_WORKER_STATES, RUNNING, STOPPED
+from .worker_rows import WorkerRows
 
 JOB_STATES = ("pending", "running", "done", "failed")
 # Attempts whose end the worker recorded itself as it happened: their start and end times measure
@@ -141,43 +67,9 @@ class Claim:
     attempt: int
 
 
-@dataclass(frozen=True)
-class WorkerRow:
-    """One worker as the ledger knows it (its latest process lifetime)."""
-    id: str
-    host: str | None
-    pid: int | None
-    supervisor_pid: int | None
-    devices: str | None  # "0,1"; "" on CPU
-    state: str  # supervision.WORKER_STATES
-    started_at: float | None
-    heartbeat_at: float | None
-    job: str | None  # the job it generates now
-    jobs_done: int
-    busy_s: float
-    ooms: int
-    restarts: int
-    message: str | None
-    phase: str | None  # before its first job: what it is doing (importing, loading the model)
-    life: str | None
-
-    @property
-    def alive(self) -> bool:
-        """The ledger's word: a live state (whether its processes still exist: `liveness`)."""
-        return self.state in LIVE_WORKER_STATES
-
-    @property
-    def device_ids(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in (self.devices or "").split(",") if d)
-
-    def __getitem__(self, column: str):  # TRANSITIONAL: callers still reading rows as dicts; removed below
-        return getattr(self, column)
 
 
-WORKER_COLUMNS = tuple(WorkerRow.__dataclass_fields__)
-
-
-class Ledger:
+class Ledger(WorkerRows):
     """One connection to the ledger at `path`, created (and upgraded to `SCHEMA_VERSION`) if needed.
 
     `readonly`: for readers (`report`, the review page): SQLite's `mode=ro`, no schema statement and no
@@ -274,11 +166,13 @@ class Ledger:
         else:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    # A stop is kept in one place, `.sweep/stop-request` beside the ledger (`locks`), where a `run` that is
+    # still starting sees it too; it applies to the sweep's session that began before it (`sync(fresh)`).
     def request_stop(self) -> None:
-        self.set_meta("stop_requested", str(time.time()))
+        request_stop(self.path.parent)
 
     def stop_requested(self) -> bool:
-        return self.get_meta("stop_requested") is not None
+        return stop_requested_since(self.path.parent, float(self.get_meta("session_started", "0")))
 
     # ---------------------------------------------------------------- sweep set-up
     def sync(self, jobs: Iterable[Job], queues: dict[str, str], complete: set[str],
@@ -317,7 +211,8 @@ class Ledger:
                            "WHERE active AND state IN ('running', 'failed')")
                 db.execute("UPDATE workers SET state='exited', job=NULL WHERE state IN "
                            f"({','.join('?' * len(LIVE_WORKER_STATES))})", LIVE_WORKER_STATES)
-                db.execute("DELETE FROM meta WHERE key IN ('stop_requested', 'stop_reason')")
+                db.execute("DELETE FROM meta WHERE key IN ('stop_requested', 'stop_reason')")  # (the first: older ledgers')
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('session_started', ?)", (str(now),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('max_attempts', ?)", (str(max_attempts),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat_timeout_s', ?)",
                        (str(heartbeat_timeout_s),))
@@ -345,8 +240,8 @@ class Ledger:
                          any_life: bool = False) -> int:
         """The claims of one process lifetime of `worker` that died or hung (of every lifetime, with
         `any_life`): the newest, the job it was generating, is charged its attempt (`lost`); the older
-        ones are finished videos its writer thread was still writing, which the failure is not theirs:
-        they go back without using an attempt. (A Ray driver applies the same rule, `_blamed`.)"""
+        ones are finished videos its writer thread was still writing, not at fault:
+        they go back without using an attempt."""
         where, params = "state='running' AND worker IS ?", [worker]
         if not any_life:
             where, params = where + " AND life IS ?", params + [life]
@@ -397,8 +292,7 @@ class Ledger:
                        "heartbeat_at=? WHERE id=?", (worker, life, now, now, row[0]))
             db.execute("INSERT INTO attempts (job_id, worker, started_at) VALUES (?,?,?)",
                        (row[0], worker, now))
-            db.execute("UPDATE workers SET state='running', job=?, heartbeat_at=? WHERE id=?",
-                       (row[0], now, worker))
+            db.execute("UPDATE workers SET state=?, job=?, heartbeat_at=? WHERE id=?", (RUNNING, row[0], now, worker))
             attempt = db.execute("SELECT attempts FROM jobs WHERE id=?", (row[0],)).fetchone()[0]
         return Claim(Job.from_dict(json.loads(row[1])), attempt)
 
@@ -474,7 +368,7 @@ class Ledger:
             # show the worker idle only if it holds nothing else.
             db.execute("UPDATE workers SET jobs_done=jobs_done+?, busy_s=busy_s+? WHERE id=?",
                        (0 if skipped else 1, 0 if skipped else seconds, worker))
-            db.execute("UPDATE workers SET job=NULL, state='idle' WHERE id=? AND job=?", (worker, job_id))
+            db.execute("UPDATE workers SET job=NULL, state=? WHERE id=? AND job=?", (IDLE, worker, job_id))
         return True
 
     def fail(self, job_id: str, worker: str, error: str, outcome: str = "error", life: str | None = None) -> str:
@@ -516,8 +410,8 @@ class Ledger:
                        "AND finished_at IS NULL", (time.time(), reason, worker))
             db.execute("UPDATE jobs SET state='pending', worker=NULL, life=NULL, attempts=MAX(0, attempts-1) "
                        "WHERE worker=? AND state='running'", (worker,))
-            db.execute(f"UPDATE workers SET state='stopped', job=NULL WHERE id=? AND state IN "
-                       f"({','.join('?' * len(LIVE_WORKER_STATES))})", (worker, *LIVE_WORKER_STATES))
+            db.execute(f"UPDATE workers SET state=?, job=NULL WHERE id=? AND state IN "
+                       f"({','.join('?' * len(LIVE_WORKER_STATES))})", (STOPPED, worker, *LIVE_WORKER_STATES))
         return held
 
     def heartbeat(self, worker: str, job_id: str | None, life: str | None = None) -> None:
@@ -529,116 +423,6 @@ class Ledger:
             # never one an earlier process under the same name left behind.
             db.execute("UPDATE jobs SET heartbeat_at=? WHERE worker=? AND life IS ? AND state='running'",
                        (now, worker, life))
-
-    # ---------------------------------------------------------------- workers
-    def register_worker(self, worker: str, devices: tuple[int, ...], pid: int | None = None,
-                        supervisor_pid: int | None = None, state: str = "loading",
-                        phase: str | None = None) -> str:
-        """A new process lifetime of `worker` begins (its supervisor, or the worker process itself);
-        return its `life` token, which its claims and heartbeats carry.
-
-        Whatever an earlier lifetime under this name still holds goes back first (`requeue_worker`'s
-        rule): the worker locks let only one lifetime of a name live at a time, so those claims are a
-        dead process's, and a new process must never keep them alive.
-        """
-        now = time.time()
-        life = uuid.uuid4().hex[:16]
-        max_attempts, _ = self._limits()
-        with self.transaction() as db:
-            self._end_lost_claims(worker, None, f"worker {worker} was restarted while holding it (its earlier "
-                                                "process died)", max_attempts, any_life=True)
-            db.execute("INSERT INTO workers (id, host, pid, supervisor_pid, devices, state, started_at, "
-                       "heartbeat_at, phase, life) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                       "host=excluded.host, pid=COALESCE(excluded.pid, pid), "
-                       "supervisor_pid=COALESCE(excluded.supervisor_pid, supervisor_pid), "
-                       "devices=excluded.devices, state=excluded.state, started_at=excluded.started_at, "
-                       "heartbeat_at=excluded.heartbeat_at, job=NULL, message=NULL, phase=excluded.phase, "
-                       "life=excluded.life",
-                       (worker, socket.gethostname(), pid, supervisor_pid,
-                        ",".join(map(str, devices)), state, now, now, phase, life))
-        return life
-
-    # A worker's row changes only through these intents, each allowed from the states named: a worker
-    # retired, failed or stopped stays so until a new lifetime registers (`register_worker`).
-    def _move(self, worker: str, to: str, allowed_from: tuple[str, ...], **columns) -> bool:
-        """Set the worker's state (and these columns) if it is in one of `allowed_from`; True if it was."""
-        assert to in WORKER_STATES
-        names = "".join(f", {column}=?" for column in columns)
-        with self.transaction() as db:
-            moved = db.execute(f"UPDATE workers SET state=?{names} WHERE id=? AND state IN "
-                               f"({','.join('?' * len(allowed_from))})",
-                               (to, *columns.values(), worker, *allowed_from)).rowcount
-        return bool(moved)
-
-    def worker_loading(self, worker: str, phase: str | None, host: str | None = None) -> bool:
-        """Before its first job: what it is doing (importing, loading the model); `host`, where a cluster
-        placed it."""
-        extra = {"host": host} if host else {}
-        return self._move(worker, LOADING, (STARTING, LOADING, IDLE, RUNNING), phase=phase, message=None, **extra)
-
-    def worker_placed(self, worker: str, host: str, devices: tuple[int, ...]) -> bool:
-        """A cluster placed it (a Ray actor): on `host` (its node's own name, for `retire_if_shared`'s
-        card-mates), on these cards of that node; it loads its model now."""
-        return self._move(worker, LOADING, (STARTING, LOADING), host=host, devices=",".join(map(str, devices)),
-                          phase=None, message=None)
-
-    def worker_idle(self, worker: str) -> bool:
-        """Loaded (or between jobs) and holding no job."""
-        return self._move(worker, IDLE, (STARTING, LOADING, IDLE, RUNNING), phase=None, job=None)
-
-    def worker_exited(self, worker: str, message: str | None = None) -> bool:
-        """It ended by itself (no work left, a stop, a full disk) or died before saying so."""
-        columns = {"message": message} if message is not None else {}
-        return self._move(worker, EXITED, LIVE_WORKER_STATES, job=None, phase=None, **columns)
-
-    def worker_restarting(self, worker: str, restarts: int, reason: str) -> bool:
-        """It died and its supervisor starts it again (restart number `restarts`)."""
-        return self._move(worker, STARTING, LIVE_WORKER_STATES + (EXITED,), job=None, restarts=restarts,
-                          message=f"restart {restarts}: {reason}")
-
-    def worker_retired(self, worker: str, message: str) -> bool:
-        """It left its card for good (repeated out-of-memory where others share it: `retire_if_shared`
-        decides that on one host; a cluster's driver, by its actors' placement)."""
-        return self._move(worker, RETIRED, LIVE_WORKER_STATES, job=None, message=message)
-
-    def worker_failed(self, worker: str, message: str, restarts: int | None = None) -> bool:
-        """Given up on: `message` says why."""
-        columns = {"restarts": restarts} if restarts is not None else {}
-        return self._move(worker, FAILED, LIVE_WORKER_STATES + (EXITED,), job=None, message=message, **columns)
-
-    def retire_if_shared(self, worker: str, devices: tuple[int, ...], message: Callable[[int], str]) -> int | None:
-        """Mark the worker retired (`message(left)` says why) if another live worker shares one of its
-        devices (on CPU: any other live worker); return how many remain, None (nothing changed) if none.
-
-        One transaction, so two workers of a card that both keep running out of memory never both retire.
-        """
-        with self.transaction() as db:
-            left = self._card_mates(worker, devices)
-            if not left:
-                return None
-            db.execute("UPDATE workers SET state=?, job=NULL, message=? WHERE id=?", (RETIRED, message(left), worker))
-        return left
-
-    def _card_mates(self, worker: str, devices: tuple[int, ...]) -> int:
-        """Live workers other than `worker` on its host that share one of its devices (on CPU: any other
-        live worker of its host)."""
-        me = self.worker(worker)
-        mine = set(devices)
-        mates = 0
-        for other in self.workers():
-            if other.id == worker or not other.alive or (me is not None and other.host != me.host):
-                continue
-            if set(other.device_ids) & mine or not mine:
-                mates += 1
-        return mates
-
-    def workers(self) -> list["WorkerRow"]:
-        cur = self.db.execute(f"SELECT {', '.join(WORKER_COLUMNS)} FROM workers ORDER BY id")
-        return [WorkerRow(*row) for row in cur.fetchall()]
-
-    def worker(self, worker: str) -> "WorkerRow | None":
-        row = self.db.execute(f"SELECT {', '.join(WORKER_COLUMNS)} FROM workers WHERE id=?", (worker,)).fetchone()
-        return WorkerRow(*row) if row else None
 
     # ---------------------------------------------------------------- queries
     def counts(self) -> dict[str, int]:

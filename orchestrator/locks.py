@@ -9,9 +9,10 @@ each worker's supervisor and worker for their whole lives (`hold_worker_lock`, `
 `.sweep/stop-request`, so a `run` that was still starting when it was issued starts no worker
 (`stop_requested_since`).
 
-A worker the ledger calls alive is taken at its word only when it is another machine's (a Ray actor);
-on this machine its supervisor's or its own process must still exist (`live_workers`,
-`processes_gone`, `is_sweep_process`).
+"Which of the sweep's workers are alive now?" has one answer, `alive_workers`: on this machine, those
+whose supervisor or worker holds its lock (registered in the ledger or not yet); on a Ray cluster, those
+the ledger calls alive while a driver holds `.sweep/ray-driver.lock`, or whose heartbeat on another
+host is fresh.
 """
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .ledger import LIVE_WORKER_STATES
-
 log = logging.getLogger(__name__)
 
 RUN_LOCK = "run.lock"
+DRIVER_LOCK = "ray-driver.lock"  # held by a Ray driver for its whole life
 WORKER_LOCKS = "locks"
 STOP_REQUEST = "stop-request"
 
@@ -148,28 +148,28 @@ def stop_requested_since(state_dir: Path, since: float) -> bool:
         return False
 
 
-def live_workers(ledger) -> list:
-    """Workers the ledger says are alive and whose processes exist on this host."""
-    alive = []
-    for worker in ledger.workers():
-        if worker["state"] not in LIVE_WORKER_STATES:
-            continue
-        pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
-        if worker["host"] != socket.gethostname():
-            alive.append(worker)  # another machine's (ray): trust its heartbeat
-        elif any(is_sweep_process(p) for p in pids):
-            alive.append(worker)
-    return alive
+def alive_workers(state_dir: Path, ledger=None) -> set[str]:
+    """Ids of the sweep's workers alive now: the one answer to "is this worker alive?" (module docstring).
 
-
-def processes_gone(worker) -> bool:
-    """Whether a worker row's processes are known to have ended (killed, crashed, machine rebooted).
-
-    Only a worker of this host with a recorded pid can be judged so; any other (a Ray actor) is
-    taken at the ledger's word.
+    `ledger`: the sweep's (open, read-only will do), for the workers of a Ray cluster; None where there is
+    none yet.
     """
-    pids = [p for p in (worker["supervisor_pid"], worker["pid"]) if p]
-    return bool(pids) and worker["host"] == socket.gethostname() and not any(map(is_sweep_process, pids))
+    alive = set(locked_workers(state_dir))
+    if ledger is None:
+        return alive
+    driven = RunLock(state_dir / DRIVER_LOCK).held_by() is not None
+    fresh_after = time.time() - float(ledger.get_meta("heartbeat_timeout_s", "300"))
+    here = socket.gethostname()
+    for worker in ledger.workers():
+        if not worker.alive:
+            continue
+        if worker.host == here and (worker.pid or worker.supervisor_pid):
+            continue  # a process of this machine: alive only while it holds its lock (above)
+        # a Ray driver's actor, another host's worker (alive while it beats), or a row no process of this
+        # machine can be matched with (registered without a pid): the ledger's word
+        if driven or worker.host == here or (worker.heartbeat_at or 0) >= fresh_after:
+            alive.add(worker.id)
+    return alive
 
 
 def is_sweep_process(pid: int) -> bool:

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from .output_names import value_text
-from .ledger import LedgerError, WorkerRow, ledger_problem
+from .ledger import LedgerError, ledger_problem
+from .worker_rows import WorkerRow
 from .supervision import LOADING, STARTING
-from .locks import processes_gone
+from .locks import alive_workers
 from .sweep import DiskScan, Sweep
 from .terminal import printable
 
@@ -153,9 +154,9 @@ def _add_ledger(report: Report, sweep: Sweep, by_id: dict, tallies: dict, scan: 
     ledger = sweep.ledger(readonly=True)
     try:
         workers = ledger.workers()
-        # A worker the ledger calls alive whose processes are gone (`stop --now`, every process
-        # killed, a reboot) is stopped: it holds no job and has no time left.
-        gone = {w.id for w in workers if w.alive and processes_gone(w)}
+        # A worker the ledger calls alive that is not (`stop --now`, every process killed, a reboot) is
+        # stopped: it holds no job and has no time left.
+        gone = {w.id for w in workers if w.alive} - alive_workers(sweep.state_dir, ledger)
         live = {w.id for w in workers if w.alive} - gone
         # Only what the loop below uses: running and failed jobs.
         for entry in ledger.jobs(running_or_failed=True):

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import av
 
-from .ledger import WorkerRow
+from .worker_rows import WorkerRow
 from .output_names import value_text
 from .outputs import TEMP_MARK, file_mode
 from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left

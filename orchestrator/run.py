@@ -22,7 +22,7 @@ from .errors import UserError
 from .executor_names import DEFAULT_EXECUTOR, EXECUTOR_NAMES
 from .executors import executor_class
 from .invocation import command_prefix
-from .locks import live_workers, locked_workers, request_stop, run_lock, stop_requested_since, wait_for_worker_locks
+from .locks import alive_workers, request_stop, run_lock, stop_requested_since, wait_for_worker_locks
 from .manifest import located_problem
 from .outputs import remove_partials
 from .report import build_report, format_report, workers_getting_ready
@@ -142,10 +142,10 @@ def run_sweep(manifest, options: RunOptions = RunOptions(), say: Say = print) ->
     check_folder(sweep, options.allow_non_empty)  # again, under the lock: another manifest's `run` may have taken it
     executor = executor_type(sweep)
     ledger = sweep.ledger()
-    alive = alive_workers(sweep, ledger, executor)
+    alive = alive_workers(sweep.state_dir, ledger)
     if alive and not options.add_workers:
         lock.release()
-        return already_running(sweep, ledger, executor, len(alive), options, say)
+        return already_running(sweep, ledger, len(alive), options, say)
     # Planned only now: calibrating (auto sizing) on cards a running sweep already uses would mislead.
     plan, gpus, why = plan_resources(manifest, sweep, executor, options)
     reconcile(sweep, ledger, plan, fresh=not alive, redo_changed=options.redo_changed, say=say)
@@ -187,22 +187,14 @@ def being_set_up_elsewhere(sweep, lock, options: RunOptions, say: Say) -> RunRes
     return reported(sweep, say, 0)
 
 
-def alive_workers(sweep, ledger, executor) -> set[str]:
-    """Ids of the sweep's workers alive now: their supervisor or worker holds its lock (registered in the
-    ledger or not yet), or the ledger says so for a worker of another host (a Ray actor)."""
-    alive = set(locked_workers(sweep.state_dir)) | {w.id for w in live_workers(ledger)}
-    # A Ray driver's actors are not processes of this machine: the executor counts its own.
-    return alive | {f"worker {i}" for i in range(max(0, executor.running() - len(alive)))}
-
-
-def already_running(sweep, ledger, executor, alive: int, options: RunOptions, say: Say) -> RunResult:
+def already_running(sweep, ledger, alive: int, options: RunOptions, say: Say) -> RunResult:
     """The sweep's workers are alive: start nothing, show the report (or follow it, with --follow)."""
     say(f"sweep `{sweep.manifest.name}` is already running ({alive} workers alive); not starting "
         "another set (use --add-workers to add this plan's workers, `stop` to end it).\n")
     if not options.follow:
         return reported(sweep, say, 0)
     # Follow the running sweep, whoever started it: its workers are found through the ledger.
-    if follow(sweep, ledger, lambda: len(alive_workers(sweep, ledger, executor)), len(sweep.jobs),
+    if follow(sweep, ledger, lambda: len(alive_workers(sweep.state_dir, ledger)), len(sweep.jobs),
               show=options.progress):
         say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
         return RunResult(0)
@@ -264,7 +256,8 @@ def say_commands(manifest, say: Say) -> None:
 
 def follow_to_the_end(sweep, ledger, executor, options: RunOptions, say: Say) -> RunResult:
     """The progress bar until the sweep ends (then the report), or Ctrl-C: detach (tmux) or stop (local)."""
-    if follow(sweep, ledger, executor.running, len(sweep.jobs), show=options.progress):
+    if follow(sweep, ledger, lambda: len(alive_workers(sweep.state_dir, ledger)), len(sweep.jobs),
+              show=options.progress):
         if executor.detaches:
             say("\ndetached: the workers keep running (`report` shows progress, `stop` ends them)")
             return RunResult(0)

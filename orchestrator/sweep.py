@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import WanSweepError
 from .jobs import Job, expand, settings_fingerprint
 from .ledger import Ledger
-from .locks import live_workers, locked_workers
+from .locks import alive_workers
 from .manifest import Manifest
 from .output_names import uses_prompt_index
 from .outputs import TEMP_MARK, ProbeCache, inspect_output, read_sidecar, sidecar_path
@@ -272,16 +272,14 @@ class Sweep:
         return target
 
     def alive_workers(self) -> set[str]:
-        """Ids of the workers alive now: whose supervisor or worker holds its lock, or that the ledger
-        says are alive (a Ray actor elsewhere, a worker not holding a lock yet)."""
-        alive = set(locked_workers(self.state_dir))
-        if self.has_ledger():
-            ledger = self.ledger(readonly=True)
-            try:
-                alive |= {worker["id"] for worker in live_workers(ledger)}
-            finally:
-                ledger.close()
-        return alive
+        """Ids of the sweep's workers alive now (`locks.alive_workers`)."""
+        if not self.has_ledger():
+            return alive_workers(self.state_dir)
+        ledger = self.ledger(readonly=True)
+        try:
+            return alive_workers(self.state_dir, ledger)
+        finally:
+            ledger.close()
 
     def write_specs(self, plan: Plan) -> list[tuple[WorkerSpec, Path]]:
         """Write the spec file of each of the plan's workers that is not alive now (`--add-workers`

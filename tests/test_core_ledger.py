@@ -308,6 +308,6 @@ def test_a_ledger_from_before_worker_phases_gains_the_column(tmp_path):
     old.close()
     ledger = Ledger(tmp_path / "l.sqlite")
     ledger.register_worker("w1", (), phase="importing synthetic")
-    assert {w["id"]: w["phase"] for w in ledger.workers()} == {"w0": None, "w1": "importing synthetic"}
+    assert {w.id: w.phase for w in ledger.workers()} == {"w0": None, "w1": "importing synthetic"}
     from orchestrator.report import workers_getting_ready
     assert workers_getting_ready(ledger.workers()) == "1 worker importing synthetic"

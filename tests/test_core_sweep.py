@@ -312,7 +312,7 @@ def test_progress_bar_says_what_the_workers_do_before_their_first_job(write_mani
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"[12] workers? loading the model \(synthetic\)", result.stderr)  # not a silent 0/6
     ledger = Ledger(tmp_path / "out" / ".sweep" / "ledger.sqlite")
-    assert {w["phase"] for w in ledger.workers()} == {None}  # said until the first job, then cleared
+    assert {w.phase for w in ledger.workers()} == {None}  # said until the first job, then cleared
 
 
 def test_runtime_options_of_the_backend_change_no_job_id(write_manifest):

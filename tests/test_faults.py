@@ -321,13 +321,13 @@ def test_a_hung_worker_whose_supervisor_was_killed_ends_itself_and_the_sweep_res
             ledger = Ledger(out / ".sweep" / "ledger.sqlite", readonly=True)
         except Exception:
             continue
-        hung = next((w for w in ledger.workers() if w["pid"] and w["supervisor_pid"] and w["job"]), None)
+        hung = next((w for w in ledger.workers() if w.pid and w.supervisor_pid and w.job), None)
         ledger.close()
     assert hung is not None, run.communicate()
-    os.kill(hung["supervisor_pid"], signal.SIGKILL)  # before it sees the hang and replaces the worker
+    os.kill(hung.supervisor_pid, signal.SIGKILL)  # before it sees the hang and replaces the worker
     run.communicate(timeout=PATIENCE_S)
     deadline = time.monotonic() + PATIENCE_S
-    while psutil.pid_exists(hung["pid"]) and psutil.Process(hung["pid"]).status() != psutil.STATUS_ZOMBIE \
+    while psutil.pid_exists(hung.pid) and psutil.Process(hung.pid).status() != psutil.STATUS_ZOMBIE \
             and time.monotonic() < deadline:
         time.sleep(0.2)
     log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")

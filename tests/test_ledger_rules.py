@@ -42,9 +42,9 @@ def test_a_stale_worker_cannot_complete_a_job_another_worker_holds(one_job_ledge
     assert row["state"] == "running" and row["worker"] == "owner"  # the owner's claim stands
     open_attempts = [a for a in ledger.attempts() if a["finished_at"] is None]
     assert [a["worker"] for a in open_attempts] == ["owner"]
-    assert ledger.worker("stale")["jobs_done"] == 0  # not counted for the stale worker
+    assert ledger.worker("stale").jobs_done == 0  # not counted for the stale worker
     assert ledger.complete(job_id, "owner", 5.0) is True
-    assert ledger.jobs()[0]["state"] == "done" and ledger.worker("owner")["jobs_done"] == 1
+    assert ledger.jobs()[0]["state"] == "done" and ledger.worker("owner").jobs_done == 1
     assert [a["outcome"] for a in ledger.attempts()] == ["lost", "done"]
 
 
@@ -85,9 +85,9 @@ def test_a_worker_retires_only_while_another_live_worker_shares_its_card(tmp_pat
     ledger.register_worker("b", (0,), state="running")
     ledger.register_worker("c", (1,), state="running")
     assert ledger.retire_if_shared("a", (0,), lambda left: f"{left} left") == 1
-    assert ledger.worker("a")["state"] == "retired" and ledger.worker("a")["message"] == "1 left"
+    assert ledger.worker("a").state == "retired" and ledger.worker("a").message == "1 left"
     assert ledger.retire_if_shared("b", (0,), lambda left: "never") is None  # the card's last worker stays
-    assert ledger.worker("b")["state"] == "running"
+    assert ledger.worker("b").state == "running"
 
 
 # ------------------------------------------------------------------------------ read-only readers
@@ -215,7 +215,7 @@ def test_a_new_ledger_has_the_current_schema_version(tmp_path):
 def test_a_ledger_from_before_schema_versions_is_upgraded_keeping_its_rows(version_0_ledger, readonly):
     ledger = Ledger(version_0_ledger, readonly=readonly)
     assert ledger.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 1}
-    assert [(w["id"], w["jobs_done"], w["phase"]) for w in ledger.workers()] == [("w0", 1, None)]
+    assert [(w.id, w.jobs_done, w.phase) for w in ledger.workers()] == [("w0", 1, None)]
     assert [a["outcome"] for a in ledger.attempts()] == ["done", "error"]
     ledger.close()
     version, columns, indexes = _shape(version_0_ledger)
@@ -223,7 +223,7 @@ def test_a_ledger_from_before_schema_versions_is_upgraded_keeping_its_rows(versi
     assert {"attempts_end", "attempts_worker_end"} <= indexes
     writer = Ledger(version_0_ledger)
     writer.register_worker("w1", (), phase="importing synthetic")
-    assert writer.worker("w1")["phase"] == "importing synthetic"
+    assert writer.worker("w1").phase == "importing synthetic"
 
 
 def test_a_ledger_of_a_newer_version_is_refused_and_left_alone(one_job_ledger):

@@ -242,7 +242,7 @@ def test_stop_releases_the_running_jobs_and_ends_the_driver(ray_cluster, write_m
     assert ledger.counts()["running"] == 0
     assert all(job["attempts"] == 0 for job in ledger.jobs())  # stopping used no attempt
     assert {a["outcome"] for a in ledger.attempts()} == {"released"}
-    assert all(w["state"] == "exited" for w in ledger.workers())
+    assert all(w.state == "exited" for w in ledger.workers())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,9 +354,9 @@ def test_repeated_out_of_memory_retires_a_worker_that_shares_its_card(ledger_and
         ended = loop.run(backends, [])
         loop.close()
         assert (ended == RETIRED) == (source is first)
-    workers = {w["id"]: w for w in ledger.workers()}
-    assert workers[first.worker]["state"] == "retired" and "now runs 1 worker(s)" in workers[first.worker]["message"]
-    assert workers[second.worker]["state"] != "retired" and workers[second.worker].alive  # the card's last one
+    workers = {w.id: w for w in ledger.workers()}
+    assert workers[first.worker].state == "retired" and "now runs 1 worker(s)" in workers[first.worker].message
+    assert workers[second.worker].state != "retired" and workers[second.worker].alive  # the card's last one
     assert [a["outcome"] for a in ledger.attempts()] == ["oom"] * 4
 
 
@@ -402,3 +402,21 @@ def test_plan_per_node_from_its_gpu_type_and_cached_profile(tmp_path):
     plan, placement = plan_cluster(two_cards, [], nodes, profiles=[])
     assert [g.queue for g in plan.groups] == ["n1-gpu0+1"] and placement["n1-gpu0+1"].num_gpus == 2.0
     assert any("n2 home: left idle" in note for note in plan.notes)
+
+
+@pytest.mark.slow
+def test_a_supervision_rule_changed_in_its_one_place_takes_effect_under_ray(ray_cluster, write_manifest, tmp_path,
+                                                                             capsys, monkeypatch):
+    # Issue 29: the restart back-off lives in supervision.Policy only; changed there, the driver (a thread of
+    # this `run`) waits 7 s before a crashed actor's replacement, as the tmux supervisor does:
+    # tests/test_tmux.py::test_a_supervision_rule_changed_in_its_one_place_takes_effect_under_tmux
+    from orchestrator.supervision import Policy
+    monkeypatch.setattr(Policy, "restart_delay", lambda self, crashes_in_row: 7.0)
+    cluster, _ = ray_cluster
+    path = write_manifest(ray_manifest(model={"options": {"crash_jobs": ["alpha/seed_1_prompt_0"]}}))
+    rc = cli_module.main(["run", str(path), "--ray-address", cluster.address, "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    out = tmp_path / "out"
+    logs = "".join(p.read_text(encoding="utf-8") for p in (out / "logs").glob("*.log"))
+    assert "job(s) back to the queue; a new actor in 7s (restart 1)" in logs, logs[-3000:]
+    _assert_every_output_once(out, 6)

@@ -215,17 +215,17 @@ def test_repeated_out_of_memory_retires_one_worker_of_the_card(write_manifest, t
     result = cli("run", str(path), "--executor", "local", "--no-progress", env=env)
     assert result.returncode == 1, result.stdout + result.stderr  # every job failed for good
     out = tmp_path / "out"
-    workers = {w["id"]: w for w in Ledger(out / ".sweep" / "ledger.sqlite").workers()}
+    workers = {w.id: w for w in Ledger(out / ".sweep" / "ledger.sqlite").workers()}
     assert sorted(workers) == ["gpu0_worker0", "gpu0_worker1"]
-    states = sorted(w["state"] for w in workers.values())
+    states = sorted(w.state for w in workers.values())
     assert states == ["exited", "retired"]
-    retired = next(w for w in workers.values() if w["state"] == "retired")
-    assert retired["restarts"] == 0 and retired["ooms"] >= 2
-    assert "retired after 2 out-of-memory errors in a row; gpu0 now runs 1 worker(s)" in retired["message"]
+    retired = next(w for w in workers.values() if w.state == "retired")
+    assert retired.restarts == 0 and retired.ooms >= 2
+    assert "retired after 2 out-of-memory errors in a row; gpu0 now runs 1 worker(s)" in retired.message
     report = cli("report", str(path), env=env)
-    assert f"{retired['id']}: retired after 2 out-of-memory errors in a row; gpu0 now runs 1 worker(s)" in report.stdout
+    assert f"{retired.id}: retired after 2 out-of-memory errors in a row; gpu0 now runs 1 worker(s)" in report.stdout
     assert "out of memory" in report.stdout  # the failed jobs' last error
-    log = (out / "logs" / f"{retired['id']}.log").read_text(encoding="utf-8")
+    log = (out / "logs" / f"{retired.id}.log").read_text(encoding="utf-8")
     assert "worker retired itself after repeated out-of-memory; not restarting" in log
 
 

@@ -176,12 +176,12 @@ def test_killed_worker_is_restarted_and_its_job_redone(tmux, write_manifest, tmp
     assert _run("run", str(path), "--cpu-slots", "1").returncode == 0
     ledger = _ledger(out)
     # Mid-job: the worker holds a claim and has worked on it for a while.
-    worker = _wait_for(lambda: next((w for w in ledger.workers() if w["job"] and w["pid"]
-                                     and any(j["id"] == w["job"] and j["state"] == "running"
+    worker = _wait_for(lambda: next((w for w in ledger.workers() if w.job and w.pid
+                                     and any(j["id"] == w.job and j["state"] == "running"
                                              for j in ledger.jobs())), None), PATIENCE_S, "a running job")
     time.sleep(0.5)
-    killed_job = worker["job"]
-    os.kill(worker["pid"], signal.SIGKILL)
+    killed_job = worker.job
+    os.kill(worker.pid, signal.SIGKILL)
 
     session = _sessions(tmux)[session_name("t", "cpu0_worker0")]
     _wait_for(lambda: "restarting in" in _screen(session), PATIENCE_S, "the supervisor's restart message in the pane")
@@ -189,7 +189,7 @@ def test_killed_worker_is_restarted_and_its_job_redone(tmux, write_manifest, tmp
     outcomes = _check_complete(path, out, 6)
     assert outcomes[killed_job] == ["lost", "done"]
     assert all(o == ["done"] for job, o in outcomes.items() if job != killed_job)
-    assert _ledger(out).worker("cpu0_worker0")["restarts"] == 1
+    assert _ledger(out).worker("cpu0_worker0").restarts == 1
     log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
     assert "SUPERVISOR [cpu0_worker0] worker exited with code -9; 1 job(s) back to the queue" in log
 
@@ -250,7 +250,7 @@ def test_second_run_does_not_double_workers_add_workers_and_stop(tmux, write_man
     assert not _sessions(tmux)
     ledger = _ledger(out)
     assert ledger.counts()["running"] == 0
-    assert all(w["state"] not in ("starting", "loading", "idle", "running") for w in ledger.workers()), [(w["id"], w["state"], w["message"]) for w in ledger.workers()]
+    assert all(w.state not in ("starting", "loading", "idle", "running") for w in ledger.workers()), [(w.id, w.state, w.message) for w in ledger.workers()]
 
 
 def test_stop_now_kills_everything(tmux, write_manifest, tmp_path):
@@ -288,13 +288,13 @@ def test_worker_that_keeps_crashing_fails_with_its_reason_left_on_screen(tmux, w
     assert _run("run", str(path), "--cpu-slots", "1").returncode == 0
     name = session_name("t", "cpu0_worker0")
     _wait_for(lambda: _ledger(out).worker("cpu0_worker0") and
-              _ledger(out).worker("cpu0_worker0")["state"] == "failed", PATIENCE_S, "the worker to be marked failed")
+              _ledger(out).worker("cpu0_worker0").state == "failed", PATIENCE_S, "the worker to be marked failed")
     _wait_for(lambda: not _processes(tmp_path), PATIENCE_S, "the supervisor to exit")
     session = _sessions(tmux)[name]  # kept open to show why
     pane = session.active_window.active_pane
     screen = _wait_for(lambda: (lambda s: "FAILED" in s and s)(_screen(session)), PATIENCE_S, "the reason in the pane")
     assert "gave up after 1 restarts in a row" in "".join(screen.splitlines()) and pane.pane_dead == "1"
-    assert "gave up after 1 restarts" in _ledger(out).worker("cpu0_worker0")["message"]
+    assert "gave up after 1 restarts" in _ledger(out).worker("cpu0_worker0").message
 
     again = _run("run", str(path), "--cpu-slots", "1")  # a fresh try replaces the dead pane's session
     assert again.returncode == 0 and "started 1 worker (tmux)" in again.stdout, again.stdout + again.stderr
@@ -350,11 +350,11 @@ def test_a_worker_added_back_after_its_supervisor_and_worker_were_killed_does_no
     out = tmp_path / "out"
     assert _run("run", str(path), "--cpu-slots", "2").returncode == 0
     ledger = _ledger(out)
-    victim = _wait_for(lambda: next((w for w in ledger.workers() if w["id"] == "cpu1_worker0" and w["job"]
-                                     and w["pid"] and w["supervisor_pid"]), None), PATIENCE_S,
+    victim = _wait_for(lambda: next((w for w in ledger.workers() if w.id == "cpu1_worker0" and w.job
+                                     and w.pid and w.supervisor_pid), None), PATIENCE_S,
                        "cpu1_worker0 holding a job")
-    held = victim["job"]
-    for pid in (victim["supervisor_pid"], victim["pid"]):
+    held = victim.job
+    for pid in (victim.supervisor_pid, victim.pid):
         os.kill(pid, signal.SIGKILL)
     _wait_for(lambda: not any("cpu1_worker0" in " ".join(p.cmdline()) for p in _processes(tmp_path)),
               PATIENCE_S, "cpu1_worker0's processes to be gone")
@@ -388,3 +388,18 @@ def test_run_follow_inside_a_pane_of_another_tmux_server_follows_until_the_sweep
         for socket in ("work", "default"):
             subprocess.run(["tmux", "-L", socket, "kill-server"], env=env, capture_output=True)
 
+
+
+def test_a_supervision_rule_changed_in_its_one_place_takes_effect_under_tmux(tmux, write_manifest, tmp_path):
+    # Issue 29: the restart back-off lives in supervision.Policy only; changed there (a sitecustomize on
+    # PYTHONPATH, so the supervisors in their tmux sessions see it too), a crashed worker waits 7 s. The same
+    # change under Ray: tests/test_ray.py::test_a_supervision_rule_changed_in_its_one_place_takes_effect_under_ray
+    path = _manifest(write_manifest, model={"options": {"crash_jobs": ["alpha/seed_1_prompt_0"]}})
+    out = tmp_path / "out"
+    stub = ROOT / "tests" / "stubs" / "restart_back_off"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(stub), os.environ.get("PYTHONPATH")]))}
+    assert cli("run", str(path), "--cpu-slots", "1", env=env).returncode == 0
+    _wait_for(lambda: _finished(out, tmp_path), PATIENCE_S, "the sweep to finish")
+    log = (out / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
+    assert "worker exited with code 137; 1 job(s) back to the queue; restarting in 7s (restart 1" in log
+    _check_complete(path, out, 6)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from ..errors import WanSweepError
 from ..gpus import NoGpus, discover
-from ..locks import is_sweep_process, live_workers
+from ..locks import is_sweep_process
 from ..planning import Plan, PlanError, WorkerSpec, make_plan
 from ..sizing import make_sizer
 from ..sweep import Sweep
@@ -86,15 +86,9 @@ class Executor(ABC):
         return []
 
     def running(self) -> int:
-        """How many of this sweep's workers are alive now."""
-        # Asked every second while a run follows its sweep: a read-only connection, closed again.
-        if not self.sweep.has_ledger():
-            return 0
-        ledger = self.sweep.ledger(readonly=True)
-        try:
-            return len(live_workers(ledger))
-        finally:
-            ledger.close()
+        """How many of the sweep's workers are alive now (`locks.alive_workers`; an executor that started
+        processes of its own counts those it waits for, `wait`)."""
+        return len(self.sweep.alive_workers())
 
     def wait(self, poll_s: float = 1.0) -> None:
         """Block until every worker this executor started has ended (local); others return at once."""

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ...locks import RunLock
+from ...locks import DRIVER_LOCK, RunLock
 from ...planning import WorkerSpec
 from ...supervision import summarise
 from ..base import Executor, ExecutorError
@@ -30,13 +30,13 @@ INSTALL_HINT = ("Ray is not installed here. Install it with `pip install 'wan-sw
                 "`pip install ray`) on this machine and on every machine of the cluster, then run again.")
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # orchestrator/: shipped to every node
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-LOCK_NAME = "ray-driver.lock"
+
 log = logging.getLogger(__name__)
 
 
 def driver_holding(sweep) -> dict | None:
     """Who drives this sweep on Ray now ({pid, host, address, since, …}), or None when nobody does."""
-    return RunLock(sweep.state_dir / LOCK_NAME).held_by()
+    return RunLock(sweep.state_dir / DRIVER_LOCK).held_by()
 
 
 class RayExecutor(Executor):
@@ -53,7 +53,7 @@ class RayExecutor(Executor):
         self.placement: dict[str, Placement] = {}
         self.nodes: list[RayNode] = []
         self._driver: Driver | None = None
-        self._lock = RunLock(sweep.state_dir / LOCK_NAME)
+        self._lock = RunLock(sweep.state_dir / DRIVER_LOCK)
         self._connected_here = False
         if sweep.has_ledger() and driver_holding(sweep) is None:  # a driver died (killed, machine rebooted):
             # its workers are not alive, wherever they ran (`run` trusts the ledger for another host's)
@@ -140,12 +140,6 @@ class RayExecutor(Executor):
         return [f"ray: {len(names)} actors on {len(self.nodes)} node(s) ({gpus} GPUs); this command is the "
                 f"driver: keep it running (Ctrl-C stops the actors, the same command resumes)",
                 f"actor logs: {self.sweep.logs}/<worker>.log, driver log: {self.sweep.logs}/ray_driver.log"]
-
-    def running(self) -> int:
-        if self._driver is not None:
-            return self._driver.alive_slots() if self._driver.is_alive() else 0
-        # Another process drives the sweep: its workers (the ledger's word for them), at least one.
-        return max(1, super().running()) if driver_holding(self.sweep) is not None else 0
 
     def wait(self, poll_s: float = 1.0) -> None:
         while self._driver is not None and self._driver.is_alive():

@@ -1,9 +1,9 @@
 """The job loop every worker runs, whichever executor started it, and the rules it shares.
 
 claim → skip if done → generate → write mp4 (temp → check → rename, sidecar first) → record, with
-out-of-memory retirement and heartbeats. Jobs come from a `JobSource`: the ledger itself for a local
-or tmux worker (`LedgerJobSource`); for a Ray actor, its driver, which answers from the ledger
-(`executors.ray.job_source.DriverJobSource`). The loop (`JobLoop`) runs in the worker process and in
+out-of-memory retirement and heartbeats. Jobs come from a `JobSource`: the ledger (`LedgerJobSource`),
+opened by a local or tmux worker itself, or, for a Ray actor, behind the ledger actor on the driver's
+node (`executors.ray`). The loop (`JobLoop`) runs in the worker process and in
 the Ray actor (each through `harness.Harness`); what one job does (`generate_job`, `write_video`,
 `sidecar_record`) is shared with the calibration probe too. The rules of supervision (out-of-memory
 retirement, how a failure is summarised) are `supervision`'s.
@@ -68,7 +68,8 @@ def storage_problem(exc: BaseException | None, writing: bool = False, depth: int
             return FULL
         if "readonly database" in str(exc):
             return READ_ONLY
-    return storage_problem(exc.__cause__ or exc.__context__, writing, depth + 1)
+    # (an error of the Ray ledger actor arrives wrapped: Ray's RayTaskError holds it as `cause`)
+    return storage_problem(exc.__cause__ or exc.__context__ or getattr(exc, "cause", None), writing, depth + 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,10 +43,8 @@ class Policy:
 
     @classmethod
     def of(cls, execution) -> "Policy":
-        """The policy of a manifest's `execution` (an ExecutionConfig, or its dict in a worker spec)."""
-        get = execution.get if isinstance(execution, dict) else lambda key, default: getattr(execution, key, default)
-        return cls(float(get("heartbeat_timeout_s", cls.heartbeat_timeout_s)),
-                   float(get("job_timeout_s", cls.job_timeout_s)), int(get("max_restarts", cls.max_restarts)))
+        """The policy of a manifest's `execution:` (its typed settings, as a worker spec carries them too)."""
+        return cls(float(execution.heartbeat_timeout_s), float(execution.job_timeout_s), int(execution.max_restarts))
 
     # ------------------------------------------------------------------ liveness
     @property

@@ -389,3 +389,19 @@ def test_a_crash_while_loading_leaves_its_reason_in_the_workers_log(write_manife
     assert result.returncode == 1, result.stdout + result.stderr
     log = (tmp_path / "out" / "logs" / "cpu0_worker0.log").read_text(encoding="utf-8")
     assert "Traceback" in log and "RuntimeError: the checkpoint's shard 3 is truncated" in log
+
+
+def test_a_full_or_read_only_ledger_behind_the_ray_ledger_actor_is_recognised():
+    # A Ray worker's ledger calls run in the ledger actor: their errors come back wrapped (Ray's `cause`).
+    import sqlite3
+
+    from orchestrator.job_loop import FULL, READ_ONLY, storage_problem
+
+    class RayTaskError(Exception):  # FAKE: how Ray hands a remote call's error back
+        def __init__(self, cause: BaseException):
+            super().__init__(str(cause))
+            self.cause = cause
+
+    assert storage_problem(RayTaskError(sqlite3.OperationalError("attempt to write a readonly database"))) == READ_ONLY
+    assert storage_problem(RayTaskError(sqlite3.OperationalError("database or disk is full"))) == FULL
+    assert storage_problem(RayTaskError(ValueError("a bad prompt"))) is None

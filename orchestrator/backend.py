@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .manifest.task_inputs import AUDIO_RATE
+from .media import ReferenceCache
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -125,7 +126,6 @@ class Backend(ABC):
         """This worker's references prepared at one job's size, length and rate (a `media.ReferenceCache`,
         read ahead in a thread): the manifest's, and one more per combination its axes sweep. `square`:
         frames of that side instead of the job's size (Animate's face crops, at its motion encoder's)."""
-        from .media import ReferenceCache  # PyAV: imported by the workers that read references only
         caches = self.__dict__.setdefault("_reference_caches", {})
         width, height = (square, square) if square else (generation.width, generation.height)
         shape = (width, height, generation.num_frames, generation.fps)

@@ -32,7 +32,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import outputs
 from .backend import Backend, OutOfMemory
+from .ledger import Ledger
 from .planning import WorkerSpec
 from .speed import first_call_lock
 from .supervision import Policy, summarise
@@ -166,7 +168,6 @@ class LedgerJobSource(JobSource):
         return retire_worker(self.ledger, self.spec, ooms)
 
     def for_thread(self):
-        from .ledger import Ledger
         return LedgerJobSource(Ledger(self.ledger.path), self.spec, self.life)
 
 
@@ -201,13 +202,12 @@ def write_video(spec: WorkerSpec, result, target, record: dict | None, owner: st
     """Write one job's video at `target` the atomic way (temp → check → rename, sidecar first): the
     frames a backend returned are encoded, an mp4 its program wrote is checked and moved in. Its frame
     count and rate are the job's own (`Job.generation`: its axes may set them), else the spec's."""
-    from .outputs import adopt_mp4, write_mp4
     generation = job_generation(spec, job)
     frames = generation.num_frames
     if isinstance(result, (str, os.PathLike)):
-        adopt_mp4(result, target, expected_frames=frames, sidecar=record, owner=owner)
+        outputs.adopt_mp4(result, target, expected_frames=frames, sidecar=record, owner=owner)
     else:
-        write_mp4(result, target, generation.fps, expected_frames=frames, sidecar=record, owner=owner)
+        outputs.write_mp4(result, target, generation.fps, expected_frames=frames, sidecar=record, owner=owner)
 
 
 def job_model(spec: WorkerSpec, job=None):
@@ -270,8 +270,7 @@ def settle_if_made(source: "JobSource", job, frames: int, log: logging.Logger) -
     A complete mp4 of this job already there: recorded as done (skipped), True. One made with other
     settings in the way: the attempt fails, never overwriting it, True. Nothing there: False, run it.
     """
-    from .outputs import inspect_output
-    state = inspect_output(job.output, frames)
+    state = outputs.inspect_output(job.output, frames)
     if not state.complete:
         return False
     if not state.stale_for(job.id):

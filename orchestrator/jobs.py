@@ -24,6 +24,7 @@ from typing import Callable
 from .manifest import (GenerationConfig, Manifest, ModelConfig, apply_axes, job_count, model_with_axes,
                        safe_component_problem)
 from .output_names import check_names, output_path, uses_prompt_index
+from .speed import identity
 
 log = logging.getLogger(__name__)
 # An expansion of this many jobs (about 4 s on a 2-core machine) says so before it starts, and how far
@@ -97,7 +98,6 @@ class Job:
 def settings_fingerprint(manifest: Manifest) -> dict:
     """What, besides the job's own inputs, determines every output of this manifest (its backend's
     runtime options aside, which the manifest names once its backend has checked it)."""
-    from .speed import identity
     model = manifest.model
     fingerprint = {
         "backend": model.backend, "task": model.task, "model": model.path, "dtype": model.dtype,

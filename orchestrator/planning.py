@@ -15,9 +15,11 @@ from pathlib import Path
 
 from .backend import backend_class
 from .errors import WanSweepError
-from .gpus import Gpu
+from .gpus import FAKE_ENV, Gpu
 from .jobs import Job
 from .manifest import Execution, GenerationConfig, Manifest, ModelConfig
+from .manifest.sections import MAX_CPU_SLOTS
+from .outputs import TEMP_MARK
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,6 @@ def device_groups(manifest: Manifest, gpus: list[Gpu] | None, cpu_slots: int | N
         gpus = [g for g in gpus if g.index in res.gpus]
     if sizing is not None:
         return sizing(manifest, gpus, notes), notes
-    from .gpus import FAKE_ENV
     if os.environ.get(FAKE_ENV) and backend_class(manifest.model.backend).measured_sizing:
         notes.append(f"the GPUs are FAKE ({FAKE_ENV}): nothing was measured; the manifest's counts are used")
     per_worker = res.gpus_per_worker if isinstance(res.gpus_per_worker, int) else 1
@@ -105,7 +106,6 @@ def checked_cpu_slots(value, what: str) -> int | None:
     """`value` as the worker slots of a machine without GPUs, by the rule of the manifest's
     `resources.cpu_slots` (a whole number from 1 to MAX_CPU_SLOTS), for what overrides it:
     `--cpu-slots` (what="--cpu-slots") and the API's `cpu_slots=` (what="cpu_slots="). None: not given."""
-    from .manifest.sections import MAX_CPU_SLOTS
     if value is None:
         return None
     whole = isinstance(value, int) and not isinstance(value, bool)
@@ -179,7 +179,6 @@ class WorkerSpec:
     def write(self, path: str | Path) -> Path:
         """Write the spec atomically: a temporary file beside it, then a rename, so a worker starting
         (or restarting) at that moment reads the old spec or the new one, never half of one."""
-        from .outputs import TEMP_MARK
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, suffix=".json", dir=path.parent)

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from .backend import BACKENDS, BackendProblem, backend_class
+from .jobs import axis_points
 from .manifest import CONDITIONED_TASKS, Manifest, apply_axes, model_with_axes, read_manifest
+from .manifest.task_inputs import AUDIO_RATE
+from .media import UnreadableReference, control_video_problem, read_audio
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -37,7 +40,6 @@ def _check_task_inputs(manifest: Manifest, problem: Callable[..., None]) -> None
     """Each conditioned input fits the video asked for, by the media rules; reported at its entry's line."""
     if manifest.model.task not in CONDITIONED_TASKS:
         return
-    from .jobs import axis_points
     # every size and length the axes sweep: the inputs must fit each (usually one), each problem said once
     shapes = {(g.width, g.height, g.num_frames, g.fps): g
               for g in (apply_axes(manifest.generation, point) for point in axis_points(manifest))}
@@ -52,8 +54,6 @@ def _check_task_inputs(manifest: Manifest, problem: Callable[..., None]) -> None
 
 
 def _check_inputs_fit(manifest: Manifest, g, problem: Callable[..., None]) -> None:
-    from .manifest.task_inputs import AUDIO_RATE
-    from .media import UnreadableReference, control_video_problem, read_audio
     for category in manifest.categories:
         what = f"category `{category.name}`"
         for ref in category.references:

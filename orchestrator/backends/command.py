@@ -108,6 +108,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..backend import Backend, BackendProblem, OutOfMemory
+from ..media import read_image, read_video, video_facts
+from ..outputs import temp_path_beside, write_mp4_file
 from .child_run import ChildRun
 from .command_costs import minutes, startup_seconds
 from .shared import model_files_identity, option_problems
@@ -333,7 +335,6 @@ class CommandBackend(Backend):
         return str(Path(self.options["script"]).parent) if "command" not in self.options else None
 
     def generate(self, job, progress) -> "Path | np.ndarray":
-        from ..outputs import temp_path_beside
         temp = temp_path_beside(job.output, owner=self.owner)
         wan_task = wan_task_of(self.model)[0] if "command" not in self.options else None
         handed_over = False
@@ -370,8 +371,6 @@ class CommandBackend(Backend):
         and face videos timed at the generation's fps and cut to num_frames (so the video has exactly
         num_frames frames: animate-14B animates the whole pose video), and the image fitted to
         width × height as src_ref.png (animate-14B sizes its video like that image)."""
-        from ..media import read_image, read_video, video_facts
-        from ..outputs import write_mp4_file
         g = self.generation_for(job)
         for role, name in (("pose_video", "src_pose.mp4"), ("face_video", "src_face.mp4")):
             width, height, _ = video_facts(job.inputs[role])

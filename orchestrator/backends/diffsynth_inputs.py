@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..media import _kind_of as kind
+
 AUDIO_SAMPLE_RATE = 16000  # Wan2.2-S2V's wav2vec2 encoder hears 16 kHz
 # How a worker reads ahead each role of Job.inputs (the face video has its own cache, at its size)
 INPUT_KINDS = {"audio": "audio", "reference_image": "image", "pose_video": "video"}
@@ -103,5 +105,4 @@ class _Clip(list):
 
 
 def _kind_of(path: str) -> str:
-    from ..media import _kind_of as kind
     return kind(path)

@@ -58,6 +58,7 @@ import numpy as np
 
 from .. import speed as speed_settings
 from ..backend import Backend, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
+from ..checkpoints import load_components
 from ..manifest import SpeedConfig
 from . import diffusers_checks as checks
 from .cuda import job_memory, release_memory
@@ -91,7 +92,6 @@ class DiffusersWanBackend(Backend):
         import diffusers
         import torch
 
-        from ..checkpoints import load_components
 
         o = self.options = dict(self.model.options)
         self.torch = torch

@@ -34,13 +34,12 @@ import fnmatch
 import hashlib
 import os
 import time
-
 from pathlib import Path
 
 import numpy as np
 
-from ..manifest import IMAGE_SUFFIXES
 from ..backend import Backend, BackendProblem, OutOfMemory
+from ..manifest import CONDITIONED_TASKS, IMAGE_SUFFIXES
 
 OPTIONS = {"seconds_per_job": float, "load_seconds": float, "load_error": str, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
@@ -98,7 +97,6 @@ class SyntheticBackend(Backend):
             raise RuntimeError(self.options["load_error"])
 
     def _media(self, job):
-        from ..manifest import CONDITIONED_TASKS
         if self.model.task not in CONDITIONED_TASKS:
             return None  # t2v/i2v/v2v pictures depend on prompt and seed only, as they always have
         return self.reference_cache(self.generation_for(job))  # one per size its axes sweep
@@ -179,7 +177,7 @@ class SyntheticBackend(Backend):
     def frames(self, job) -> np.ndarray:
         g = self.generation_for(job)
         # Axis values (cfg, steps, …) change a real model's picture: here too, so the videos differ.
-        axes = (repr(sorted(job.axes.items())),) if getattr(job, "axes", None) else ()
+        axes = (repr(sorted(job.axes.items())),) if job.axes else ()
         rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed, *axes) * 2**63))
         base = rng.integers(40, 215, size=3)
         t = np.arange(g.num_frames)[:, None, None]

@@ -30,12 +30,13 @@ from typing import Callable
 
 from ..gpus import GIB, Gpu, nvml_module, process_memories
 from ..harness import Harness
-from ..jobs import Job
 from ..job_loop import JobSource, write_video
+from ..jobs import Job
 from ..ledger import Claim
 from ..manifest import Execution, GenerationConfig, Manifest, ModelConfig
 from ..planning import PlanError, WorkerSpec
-from ..speed import use_compile_cache
+from ..speed import compile_cache_dir, use_compile_cache
+from ..sweep import python_env
 from .decisions import fit_count
 from .profiles import Profile, cards_name, gib_text
 
@@ -113,7 +114,6 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
               margin_gib: float = 2.0, jobs_per_phase: int | None = None, timeout: float | None = None,
               say: Callable[[str], None] | None = None) -> Profile:
     """Measure memory and throughput of this manifest's jobs on `cards` with probe subprocesses."""
-    from ..sweep import python_env
     say = say or log.info
     k = jobs_per_phase or int(os.environ.get("ORCHESTRATOR_CALIBRATION_JOBS", "2"))
     timeout = timeout or max(600.0, manifest.execution.job_timeout_s * 2)
@@ -122,7 +122,6 @@ def calibrate(manifest: Manifest, cards: list[Gpu], probe_workers: int = MAX_PRO
     work = Path(tempfile.mkdtemp(prefix="calibration-", dir=_scratch(manifest)))
     # A v2v or i2v model needs its reference: the probes use the manifest's first one.
     reference = next((str(r.path) for c in manifest.categories for r in c.references if r.path), None)
-    from ..speed import compile_cache_dir
     config = {"model": manifest.heaviest_model.to_dict(), "generation": manifest.heaviest_generation.to_dict(),
               "devices": devices, "workdir": str(work), "reference": reference,
               # the probes compile as the workers will, into the same cache (the workers then start warm)

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ...gpus import discover
 from ...harness import Harness
 from ...job_loop import RETIRED, LedgerJobSource, Pulse, storage_problem, write_video
 from ...outputs import read_sidecar
@@ -167,7 +168,6 @@ class ToLedger(logging.Handler):
 def _gpu_names(gpu_ids: list) -> list[str]:
     """Names of the actor's cards, for the sidecars; empty where NVML sees none (logical GPUs)."""
     try:
-        from ...gpus import discover
         return [g.name for g in discover(visible=None) if {str(g.index), g.uuid} & {str(i) for i in gpu_ids}]
     except Exception:
         return []

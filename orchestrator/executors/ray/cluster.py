@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from ...backend import backend_class
 from ...planning import DeviceGroup, Plan, PlanError, WorkerSlot, assign_queues
+from ...sizing import decide_workers, profile_key
+from ...sizing.profiles import cached_profiles
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,6 @@ def gpu_type_of(gpu_name: str) -> str:
 
 def _profile_for(profiles: list, manifest, gpu_type: str | None, cards: int):
     """A profile of these settings measured on this GPU type with this many cards per worker."""
-    from ...sizing import profile_key
     if not gpu_type:
         return None
     wanted = profile_key(manifest, "", cards)
@@ -65,8 +67,6 @@ def _profile_for(profiles: list, manifest, gpu_type: str | None, cards: int):
 
 
 def _workers_per_group(manifest, node: RayNode, cards: int, profiles: list) -> tuple[int, str]:
-    from ...backend import backend_class
-    from ...sizing import decide_workers
     res = manifest.resources
     requested = res.workers_per_gpu
     sized = backend_class(manifest.model.backend).measured_sizing
@@ -106,8 +106,6 @@ class Placement:
 def plan_cluster(manifest, jobs, nodes: list[RayNode], cpu_slots: int | None = None,
                  profiles: list | None = None) -> tuple[Plan, dict[str, Placement]]:
     """Device groups per node of the cluster (queues `n<i>-gpu<j>`), and where each queue's actors go."""
-    from ...backend import backend_class
-    from ...sizing.profiles import cached_profiles
     res = manifest.resources
     profiles = cached_profiles(manifest) if profiles is None else profiles
     notes = [f"Ray cluster: {len(nodes)} node(s), {sum(n.gpus for n in nodes)} GPU(s): "

@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from ...outputs import remove_partials
 from ...planning import WorkerSpec
 from ...supervision import FAILED, STARTING, GiveUp, Policy, summarise
 from ...supervisor import after_death
@@ -156,7 +157,6 @@ class Driver(threading.Thread):
             self.ledger.worker_exited(slot.spec.worker, reason)
             self.ledger.release_worker(slot.spec.worker, f"{reason}; no attempt used")
         if not self.stream:  # what it was writing into the shared folder, as a restarted worker removes it
-            from ...outputs import remove_partials
             remove_partials(self.ledger.output_folders(), owner=slot.spec.worker)
         row = self.ledger.worker(slot.spec.worker)
         decision, lost, restarts = after_death(self.ledger, self.policy, slot.spec.worker, reason, slot.crashes,

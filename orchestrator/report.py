@@ -123,8 +123,10 @@ def build_report(sweep: Sweep) -> Report:
                     axes={axis: list(values.values()) for axis, values in axis_rows.items()})
     if report.ledger:
         _read_ledger(report, sweep, by_id, tallies, scan, now)
-    if report.stop_reason is None and report.totals.left:
-        report.stop_reason = sweep.storage_note()  # the ledger may be on that disk and unwritable
+    if report.stop_reason is None and report.totals.left and not report.workers_alive:
+        # Why the workers stopped by themselves, where they could not say so (their ledger on that disk). Only
+        # then: this tries a write into the folder, which a report following a running sweep need not do.
+        report.stop_reason = sweep.storage_note()
     return report
 
 

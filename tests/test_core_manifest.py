@@ -310,17 +310,19 @@ def test_a_10_mb_manifest_is_read_in_seconds(write_manifest):
                                       for k in range(10))
     path = write_manifest(text)
     assert path.stat().st_size > 10_000_000
-    start = time.perf_counter()
-    manifest = load_manifest(path)
-    loading = time.perf_counter() - start
+    def timed(read):
+        start = time.perf_counter()
+        value = read()
+        return value, time.perf_counter() - start
+    # the best of two of each: one busy moment of the machine must not decide
+    (manifest, loading), (_, again) = timed(lambda: load_manifest(path)), timed(lambda: load_manifest(path))
+    loading = min(loading, again)
     assert sum(len(category.references[0].prompts) for category in manifest.categories) == 10_000
     # Against the YAML parse alone of the same text on the same machine (busy or not): reading, checking
     # and locating the manifest costs a few parses, not the 10x of writing each value out and parsing
     # it again (6.5 s before issue 28, 55 s on a busy 2-core machine).
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    start = time.perf_counter()
-    yaml.compose(text, Loader=loader)
-    parsing = time.perf_counter() - start
+    parsing = min(timed(lambda: yaml.compose(text, Loader=loader))[1] for _ in range(2))
     assert loading < 6 * parsing, (loading, parsing)
 
 

@@ -28,13 +28,33 @@ def _mp4s(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*.mp4") if ".sweep" not in p.parts)
 
 
+def _unprivileged_prefix() -> list[str]:
+    """What runs a command as a user without the power to ignore permissions (root loses CAP_DAC_OVERRIDE)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _run_broken_midway(path: Path, out: Path, made: int, break_it, prefix: list[str] = ()) -> tuple[int, str, str]:
+    """`run` the sweep; once `made` videos are there, `break_it()` (fill or fail its disk, …); return how
+    the run ended (exit code, stdout, stderr), which never shows a traceback."""
+    import time
+    run = subprocess.Popen([*prefix, sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + PATIENCE_S
+    while len(_mp4s(out)) < made and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    break_it()
+    stdout, stderr = run.communicate(timeout=PATIENCE_S)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    return run.returncode, stdout, stderr
+
+
 def _unprivileged(*args: str) -> subprocess.CompletedProcess:
     """The CLI as a user without the power to ignore permissions (root loses CAP_DAC_OVERRIDE)."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: permissions cannot be enforced")
-        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    prefix = _unprivileged_prefix()
     return subprocess.run([*prefix, sys.executable, str(ROOT / "run_experiment.py"), *args], capture_output=True,
                           text=True, timeout=PATIENCE_S, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -137,16 +157,10 @@ def test_a_disk_that_fills_up_mid_run_stops_the_workers_cleanly_and_loses_nothin
         output_dir=str(small_disk / "out"), categories={"a": {"prompts": prompts}},
         model={"options": {"seconds_per_job": 0.4}}, generation={"steps": 8}))
     out = small_disk / "out"
-    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
-    deadline = time.monotonic() + PATIENCE_S
-    while len(_mp4s(out)) < 3 and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.05)
-    filler = _fill(small_disk)
-    stdout, stderr = run.communicate(timeout=PATIENCE_S)
-    assert "Traceback" not in stdout + stderr, stdout + stderr
-    assert run.returncode == 1 and stdout.count(f"the disk of {out} is full") == 1, stdout + stderr
+    fillers = []
+    returncode, stdout, stderr = _run_broken_midway(path, out, 3, lambda: fillers.append(_fill(small_disk)))
+    (filler,) = fillers
+    assert returncode == 1 and stdout.count(f"the disk of {out} is full") == 1, stdout + stderr
     assert "free some space and run the same command again" in stdout
     made = _mp4s(out)
     assert 3 <= len(made) < 16
@@ -246,15 +260,8 @@ def test_an_output_folder_remounted_read_only_mid_run_stops_the_workers_and_burn
         output_dir=str(disk / "out"), categories={"a": {"prompts": prompts}},
         model={"options": {"seconds_per_job": 0.4}}, generation={"steps": 8}, execution={"retries": 0}))
     out = disk / "out"
-    run = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
-    while len(_mp4s(out)) < 3 and run.poll() is None:
-        time.sleep(0.05)
-    fail_the_disk()
-    stdout, stderr = run.communicate(timeout=PATIENCE_S)
-    assert "Traceback" not in stdout + stderr, stdout + stderr
-    assert run.returncode == 1 and stdout.count(f"the output folder {out} takes no more writes") == 1, stdout + stderr
+    returncode, stdout, stderr = _run_broken_midway(path, out, 3, fail_the_disk)
+    assert returncode == 1 and stdout.count(f"the output folder {out} takes no more writes") == 1, stdout + stderr
     assert "make it writable and run the same command again" in stdout
     made = _mp4s(out)
     assert 3 <= len(made) < 16
@@ -279,23 +286,12 @@ def test_a_category_folder_made_read_only_mid_run_burns_no_attempt(write_manifes
         categories={"a": {"prompts": prompts}}, model={"options": {"seconds_per_job": 0.4}},
         generation={"steps": 8}, execution={"retries": 0}))
     out = tmp_path / "out"
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: permissions cannot be enforced")
-        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
-    run = subprocess.Popen([*prefix, sys.executable, str(ROOT / "run_experiment.py"), "run", str(path), *RUN],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
-    while len(_mp4s(out)) < 2 and run.poll() is None:
-        time.sleep(0.05)
-    (out / "a").chmod(0o555)
     try:
-        stdout, stderr = run.communicate(timeout=PATIENCE_S)
+        returncode, stdout, stderr = _run_broken_midway(path, out, 2, lambda: (out / "a").chmod(0o555),
+                                                        prefix=_unprivileged_prefix())
     finally:
         (out / "a").chmod(0o755)
-    assert "Traceback" not in stdout + stderr, stdout + stderr
-    assert run.returncode == 1 and "takes no more writes" in stdout, stdout + stderr
+    assert returncode == 1 and "takes no more writes" in stdout, stdout + stderr
     assert Ledger(out / ".sweep" / "ledger.sqlite").counts()["failed"] == 0
     again = cli("run", str(path), *RUN, timeout=PATIENCE_S)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .manifest.task_inputs import AUDIO_RATE
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .jobs import Job
-    from .manifest import GenerationConfig, Manifest, ModelConfig
+    from .manifest import GenerationConfig, LoraConfig, Manifest, ModelConfig
 
 BACKENDS: dict[str, str] = {
     "synthetic": "orchestrator.backends.synthetic:SyntheticBackend",
@@ -41,6 +41,30 @@ def backend_class(name: str) -> type[Backend]:
     """The class of the backend `name` (a key of BACKENDS), its module imported now."""
     module, _, attr = BACKENDS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# Quantized weights take a LoRA fused in before they are quantized (an 8-bit weight cannot take a bf16
+# delta exactly): with these, any change of a model's LoRAs (a strength too) loads the model again.
+FUSING_QUANTIZE = frozenset({"fp8", "int8", "fp8_storage"})
+
+
+def lora_change(backend: "type[Backend] | str", before: "ModelConfig", after: "ModelConfig") -> str:
+    """What a worker loaded with `before` does to run a job of `after`: "same" (nothing), "switch" (only
+    the LoRAs differ and the backend swaps them in place, `Backend.use_loras`) or "reload" (the model is
+    loaded again: another quantize, or LoRAs that are fused into quantized weights or that the backend
+    cannot swap). The planner counts these per worker, and the slot acts on them: one rule."""
+    if before == after:
+        return "same"
+    if _without_loras(before) != _without_loras(after):
+        return "reload"
+    cls = backend_class(backend) if isinstance(backend, str) else backend
+    if not cls.switches_loras or after.speed.quantize in FUSING_QUANTIZE:
+        return "reload"
+    return "switch"
+
+
+def _without_loras(model: "ModelConfig") -> "ModelConfig":
+    return replace(model, loras=())
 
 
 Progress = Callable[[int, int], None]  # (step done, steps in all): also the worker's sign of life
@@ -105,6 +129,11 @@ class Backend(ABC):
     # Options naming files or folders: the manifest resolves them against its own folder (workers
     # never see that folder), as it does model.path.
     path_options: ClassVar[frozenset[str]] = frozenset()
+
+    # Whether `use_loras` changes a loaded model's LoRAs (which are on, their files, their strengths) between
+    # jobs without loading the base weights again; where it cannot, a job of other LoRAs reloads the model
+    # (`lora_change`). A backend that runs no LoRAs at all refuses `model.loras` in `check`.
+    switches_loras: ClassVar[bool] = False
 
     def __init__(self, model: "ModelConfig", generation: "GenerationConfig", devices: tuple[int, ...]):
         self.model = model
@@ -179,6 +208,13 @@ class Backend(ABC):
         how `models speed` measures first-call time and the drift of a speed setting from eager bf16.
         Backends without an in-process denoiser have none."""
         raise NotImplementedError(f"the {self.name} backend has no in-process denoiser to probe")
+
+    def use_loras(self, loras: "tuple[LoraConfig, ...]") -> None:
+        """Make `loras` the LoRAs of the next jobs, the base weights left as loaded: a job after the switch
+        gives exactly the frames it gives in a fresh worker loaded with `loras` (`load` applies
+        `self.model.loras`). Called between jobs by the slot (`job_loop.SlotBackend`) only where
+        `switches_loras` and `lora_change` says "switch"; it then sets `self.model` to the job's."""
+        raise NotImplementedError(f"the {self.name} backend cannot switch LoRAs without reloading")
 
     def job_info(self) -> dict:
         """Facts about the last job for its sidecar (seconds per step, peak memory, cache hits)."""

@@ -10,7 +10,8 @@ reads a manifest and has its backend check it.
 from .categories import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MAX_GLOB_ENTRIES, RESERVED_NAMES, VIDEO_SUFFIXES
 from .model import (AXIS_KEYS, CAMERA_DIRECTIONS, COMPILE_MODES, CONDITIONED_TASKS, EXECUTORS, GENERATION_AXES,
                     MAX_JOBS, MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Axis, Category, Execution,
-                    GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Reference, Resources,
+                    GenerationConfig, LORA_AXIS_FIELDS, LORA_EXPERTS, LoraConfig, Manifest, ManifestError,
+                    ModelConfig, Problem, Reference, Resources,
                     SpeedConfig, apply_axes, model_with_axes)
 from .names import (MAX_COMPONENT_BYTES, NAME_MAX_BYTES, PATH_MAX_BYTES, path_length_problem, portable_name_problem,
                     safe_component_problem)
@@ -19,7 +20,7 @@ from .sections import ManifestCheck, job_count, read_manifest
 
 __all__ = [
     "AUDIO_SUFFIXES", "AXIS_KEYS", "Axis", "CAMERA_DIRECTIONS", "CONDITIONED_TASKS", "GENERATION_AXES",
-    "MAX_JOBS", "MAX_JOBS_UNCONFIRMED", "apply_axes", "job_count", "model_with_axes",
+    "MAX_JOBS", "MAX_JOBS_UNCONFIRMED", "LORA_AXIS_FIELDS", "LORA_EXPERTS", "LoraConfig", "apply_axes", "job_count", "model_with_axes",
     "COMPILE_MODES", "EXECUTORS", "IMAGE_SUFFIXES", "MAX_ALIAS_EXPANSION", "MAX_COMPONENT_BYTES",
     "MAX_GLOB_ENTRIES", "MAX_NESTING", "NAME_MAX_BYTES", "PATH_MAX_BYTES", "QUANTIZE_MODES",
     "RESERVED_NAMES", "SDPA_ATTENTION", "TASKS", "VIDEO_SUFFIXES", "Category", "Execution",

@@ -71,6 +71,46 @@ class SpeedConfig:
         return self == SpeedConfig()
 
 
+LORA_EXPERTS = ("both", "high", "low")  # Wan2.2 A14B's experts a LoRA goes into (`model.loras.NAME.expert`)
+# The LoRA settings an `axes:` entry may sweep, per LoRA of `model.loras`: `loras.NAME.strength`, `loras.NAME.path`;
+# and `loras`, which of them are on (a list of name lists).
+LORA_AXIS_FIELDS = ("strength", "path")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One LoRA a job runs with (`model.loras.NAME`): its file, how strongly it is applied, into which of
+    Wan2.2's two experts. `strength` is one scale, or a pair (high-noise expert, low-noise expert) in the
+    order they run, as `cfg_scale`. `digest` is the file's content identity (sha256 of its bytes, filled
+    in as jobs are expanded), so a retrained file under the same name is a changed setting."""
+    name: str
+    path: str  # absolute
+    strength: float | tuple[float, float] = 1.0
+    expert: str = "both"  # both | high | low; Wan2.1 and TI2V-5B have one denoiser: both
+    digest: str = ""
+
+    @property
+    def strengths(self) -> tuple[float, float]:
+        """(high-noise expert's scale, low-noise expert's): 0 for the expert it is not meant for. On a
+        model of one denoiser only the first counts."""
+        if isinstance(self.strength, (list, tuple)):
+            high, low = float(self.strength[0]), float(self.strength[1])
+        else:
+            high = low = float(self.strength)
+        return (high if self.expert != "low" else 0.0, low if self.expert != "high" else 0.0)
+
+    def to_dict(self) -> dict:
+        data = dict(vars(self))
+        if isinstance(self.strength, tuple):
+            data["strength"] = list(self.strength)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraConfig":
+        strength = data.get("strength", 1.0)
+        return cls(**dict(data, strength=tuple(strength) if isinstance(strength, list) else strength))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backend: str
@@ -81,16 +121,26 @@ class ModelConfig:
     # The manifest's `speed:` section; it lives here because it is part of how the model is built and
     # run, and every place that builds a backend (worker, Ray actor, calibration probe) gets it with it.
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    # The LoRAs that are on (`model.loras`, with a job's axis values: `loras`, `loras.NAME.strength|path`),
+    # in the manifest's order. A worker switches between jobs' sets without reloading the base weights
+    # where its backend can (`Backend.use_loras`; `loras.switch_kind` says which change needs a reload).
+    loras: tuple[LoraConfig, ...] = ()
 
     def to_dict(self) -> dict:
         """Its JSON form (a worker spec's `model`, a job's, a sidecar's); `from_dict` reads it back. (Its
         fields copied one level, not `asdict`'s deep copy: a ledger of millions of jobs writes one per job.)"""
-        return {**vars(self), "options": dict(self.options), "speed": dict(vars(self.speed))}
+        data = {**vars(self), "options": dict(self.options), "speed": dict(vars(self.speed))}
+        if self.loras:
+            data["loras"] = [lora.to_dict() for lora in self.loras]
+        else:
+            del data["loras"]  # (a model without LoRAs writes what it always wrote)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         """The settings `to_dict` wrote, typed again (the speed section too): the one way back from JSON."""
-        return cls(**{**data, "speed": SpeedConfig(**(data.get("speed") or {}))})
+        return cls(**{**data, "speed": SpeedConfig(**(data.get("speed") or {})),
+                      "loras": tuple(LoraConfig.from_dict(lora) for lora in data.get("loras") or ())})
 
 
 @dataclass(frozen=True)
@@ -141,11 +191,32 @@ def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
 
 
 def model_with_axes(model: ModelConfig, values: dict) -> ModelConfig:
-    """`model` with one job's quantize (Job.axes, or an axis value being checked) in its speed."""
+    """`model` with one job's quantize (Job.axes, or an axis value being checked) in its speed, and its
+    LoRA values: which of the manifest's LoRAs are on (`loras`: names, in the manifest's order) and each
+    one's `loras.NAME.strength` and `loras.NAME.path`."""
     quantize = values.get("quantize")
-    if quantize is None or quantize == model.speed.quantize:
+    if quantize is not None and quantize != model.speed.quantize:
+        model = replace(model, speed=replace(model.speed, quantize=quantize))
+    if not model.loras or not any(key == "loras" or key.startswith("loras.") for key in values):
         return model
-    return replace(model, speed=replace(model.speed, quantize=quantize))
+    on = values.get("loras")
+    loras = []
+    for lora in model.loras:
+        if on is not None and lora.name not in on:
+            continue
+        changes = {field_: values[f"loras.{lora.name}.{field_}"] for field_ in LORA_AXIS_FIELDS
+                   if f"loras.{lora.name}.{field_}" in values}
+        if isinstance(changes.get("strength"), list):  # a pair read back from JSON
+            changes["strength"] = tuple(changes["strength"])
+        if "path" in changes and changes["path"] != lora.path:
+            changes["digest"] = ""  # another file: its identity is worked out again (jobs.expand)
+        loras.append(replace(lora, **changes) if changes else lora)
+    return replace(model, loras=tuple(loras))
+
+
+def is_lora_axis(key: str) -> bool:
+    """Whether an axis key is a LoRA's (`loras`, `loras.NAME.strength`, `loras.NAME.path`)."""
+    return key == "loras" or key.startswith("loras.")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,14 @@ seed hold the same values (`checkpoints.loras.wan_state_dict` of either gives th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 from ..checkpoints.loras import diffusers_module_name, model_linears, model_width
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("wan", "diffusers")
 # `targets` words → the Wan module names (inside a block) each selects
@@ -95,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="attention+ffn")
     parser.add_argument("--width", type=int, default=None)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = build_random_lora(args.checkpoint, args.path, layout=args.layout, rank=args.rank, seed=args.seed,
                              scale=args.scale, expert=args.expert, targets=args.targets, width=args.width)
-    print(f"saved a random {args.layout}-layout LoRA (rank {args.rank}) to {path}")
+    log.info("saved a random %s-layout LoRA (rank %d) to %s", args.layout, args.rank, path)
     return 0
 
 

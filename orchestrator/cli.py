@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 
 from . import __version__, api, checkpoints
-from .backend import BACKENDS, backend_class
+from .backend import BACKENDS, FUSING_QUANTIZE, backend_class
 from .checkpoints import download_fix
 from .errors import UserError, WanSweepError
 from .executor_names import EXECUTOR_NAMES
@@ -28,7 +28,7 @@ from .invocation import program_name
 from .jobs import axis_value_text, count_by_category
 from .ledger import LedgerError, ledger_problem
 from .manifest import ManifestError, located_problem
-from .planning import checked_cpu_slots
+from .planning import checked_cpu_slots, model_changes
 from .report import build_report, format_report, pad, report_json, unknown_states_note
 from .review_html import write_page
 from .run import check_checkpoint, check_folder
@@ -247,6 +247,42 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def lora_lines(manifest) -> list[str]:
+    """`plan`'s lines about the manifest's LoRAs: each file with its strength and expert."""
+    lines = []
+    for lora in manifest.model.loras:
+        expert = "" if lora.expert == "both" else f", {lora.expert}-noise expert only"
+        lines.append(f"{'LoRA' if not lines else '':<10} {lora.name}: {lora.path} at {axis_value_text(lora.strength)}"
+                     f"{expert}")
+    return lines
+
+
+def model_change_lines(manifest, jobs, plan, done) -> list[str]:
+    """`plan`'s lines on how often each queue's workers change their model between the jobs left: LoRA
+    switches in place and reloads (`planning.model_changes`, the slot's own rule), and why a reload."""
+    if not any(key == "quantize" or key == "loras" or key.startswith("loras.") for axis in manifest.axes
+               for key in axis.keys):
+        return []
+    by_queue: dict[str, list] = {}
+    for job in jobs:
+        if job.id not in done:
+            by_queue.setdefault(plan.queues[job.id], []).append(job)
+    lines = []
+    for queue, members in by_queue.items():
+        counts = model_changes(members, manifest.model.backend)
+        lines.append(f"{'changes' if not lines else '':<10} {queue}: each worker about {counts['switch']} LoRA "
+                     f"switch(es) in place and {counts['reload']} reload(s) of the model")
+    if lines and manifest.model.loras and (manifest.model.speed.quantize in FUSING_QUANTIZE or any(
+            value in FUSING_QUANTIZE for axis in manifest.axes if "quantize" in axis.keys
+            for value in (point["quantize"] for point in axis.assignments()))):
+        lines.append(" " * 11 + "with quantize fp8/int8 the LoRAs are fused into the weights before quantizing: "
+                                "a change of LoRA or strength loads the model again")
+    elif lines and manifest.model.loras and not backend_class(manifest.model.backend).switches_loras:
+        lines.append(" " * 11 + f"the {manifest.model.backend} backend cannot switch LoRAs in place: a change loads "
+                                "the model again")
+    return lines
+
+
 def cmd_plan(manifest, args) -> int:
     planned = api.plan(manifest, **_options(args))
     sweep, plan, gpus, why, scan = planned.sweep, planned.plan, planned.gpus, planned.why, planned.scan
@@ -270,13 +306,13 @@ def cmd_plan(manifest, args) -> int:
         from dataclasses import replace
         speed = replace(manifest.model.speed, quantize="per job (the axis)")
         print(f"speed      {describe_speed(speed)}  (quantize is part of each job's identity)")
-        # the jobs of one value run before the next's (jobs.expand), so each worker moves on once per value
-        print(f"reloads    a worker loads its model again when quantize changes; the jobs run one value after "
-              f"another ({' → '.join(quantize)}): about {len(quantize) - 1} reload(s) per worker; "
+        print(f"           the jobs run one quantize after another ({' → '.join(quantize)}); "
               f"sized for quantize {manifest.heaviest_model.speed.quantize} (the most memory)")
     else:
         print(f"speed      {describe_speed(manifest.model.speed)}"
               + ("  (quantize is part of each job's identity)" if speed_identity(manifest.model.speed) else ""))
+    for line in lora_lines(manifest):
+        print(line)
     if gpus:
         for line in expected_times(manifest, gpus):
             print(f"           expected on {line}")
@@ -295,6 +331,8 @@ def cmd_plan(manifest, args) -> int:
             print(f"           why: {group.reason}")
         else:
             print(f"{group.queue:<10} {group.workers} worker(s): {group.reason}" + ("" if group.devices else "  [CPU]"))
+    for line in model_change_lines(manifest, sweep.jobs, plan, scan.complete):
+        print(line)
     sizes = {queue: 0 for queue in plan.queue_sizes()}  # the jobs left to run: a done one is skipped
     for job_id, queue in plan.queues.items():
         sizes[queue] += job_id not in scan.complete

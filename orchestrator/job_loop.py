@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import outputs
-from .backend import Backend, OutOfMemory
+from .backend import Backend, OutOfMemory, lora_change
 from .ledger import Ledger
+from .output_names import value_text
 from .planning import WorkerSpec
 from .speed import first_call_lock
 from .supervision import Policy, summarise
@@ -349,21 +350,37 @@ class SlotBackend:
     def __init__(self, load: Callable[[Any], Any], model, log: logging.Logger):
         self._load, self.model, self.log = load, model, log  # model: the slot's ModelConfig
         self.backend = None
-        self.loaded = None  # the ModelConfig `backend` was loaded with
+        self.loaded = None  # the ModelConfig `backend` was loaded with (its LoRAs: as last switched)
+        self.switches = self.reloads = 0  # LoRA switches in place, and loads after the first
+        # What the last job needed of the model: "load" (none was loaded), "same", "switch" (its LoRAs were
+        # switched in place) or "reload"; its sidecar says so (`model_change`), as `plan` counted.
+        self.last_change = "load"
 
     def open(self):
         """Load the slot's own model (before the first job); return the backend."""
         return self._open(self.model)
 
     def for_job(self, job):
-        """The backend loaded with this job's model, loading it first where it is another."""
+        """The backend loaded with this job's model: as it is, with its LoRAs switched in place, or loaded
+        again (`backend.lora_change`, the rule the planner counts by)."""
         wanted = self.model if job.model is None else job.model
-        if self.backend is not None and wanted == self.loaded:
+        if self.backend is None:
+            self.last_change = "load"
+            return self._open(wanted)
+        change = self.last_change = lora_change(type(self.backend), self.loaded, wanted)
+        if change == "same":
             return self.backend
-        if self.backend is not None:
-            self.log.info("job %s runs with quantize %s: reloading the model (it was loaded with quantize %s)",
-                          job.key, wanted.speed.quantize, self.loaded.speed.quantize)
-            self.close()
+        if change == "switch":
+            self.log.info("job %s: LoRAs %s (were %s), switched in place", job.key, describe_loras(wanted.loras),
+                          describe_loras(self.loaded.loras))
+            self.backend.use_loras(wanted.loras)
+            self.backend.model = self.loaded = wanted
+            self.switches += 1
+            return self.backend
+        self.log.info("job %s runs with %s: reloading the model (it was loaded with %s)", job.key,
+                      _load_settings(wanted), _load_settings(self.loaded))
+        self.close()
+        self.reloads += 1
         return self._open(wanted)
 
     def _open(self, model):
@@ -375,6 +392,15 @@ class SlotBackend:
         backend, self.backend, self.loaded = self.backend, None, None
         if backend is not None:
             backend.close()
+
+
+def describe_loras(loras) -> str:
+    """LoRAs in words for a log line: `motion 0.8, distill 3,1.5` (`none`)."""
+    return ", ".join(f"{lora.name} {value_text(lora.strength)}" for lora in loras) or "none"
+
+
+def _load_settings(model) -> str:
+    return f"quantize {model.speed.quantize}" + (f", LoRAs {describe_loras(model.loras)}" if model.loras else "")
 
 
 class ReadAhead:
@@ -500,6 +526,7 @@ class JobLoop:
                     made = generate_job(backend, spec, job, claim.attempt, gpu_names, progress, compile_cache)
                 finally:  # a failed first call must not leave hang detection off for the jobs after it
                     pulse.loading = False
+                made.record["model_change"] = backends.last_change
                 if compile_cache is not None:
                     compile_cache = None
                     log.info("first call (compiles the denoiser): %s", made.record["first_call"])

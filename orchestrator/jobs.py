@@ -23,6 +23,8 @@ from typing import Callable
 
 from .manifest import (GenerationConfig, Manifest, ModelConfig, apply_axes, job_count, model_with_axes,
                        safe_component_problem)
+from .file_digests import content_digest
+from .manifest.model import is_lora_axis
 from .output_names import check_names, output_path, uses_prompt_index
 from .speed import identity
 
@@ -49,10 +51,13 @@ class Job:
 
     @property
     def group(self) -> str:
-        """Jobs of one reference input (and one quantize value, which the worker loads its model with):
-        a worker prefers to stay within its group."""
+        """Jobs of one reference input (and one quantize value and LoRA setting, which the worker loads its
+        model with): a worker prefers to stay within its group."""
         group = f"{self.category}/{self.stem}" if self.stem is not None else f"{self.category}/#{self.prompt_index}"
-        return f"{group} quantize={self.axes['quantize']}" if "quantize" in self.axes else group
+        if "quantize" in self.axes:
+            group += f" quantize={self.axes['quantize']}"
+        loras = {key: value for key, value in self.axes.items() if is_lora_axis(key)}
+        return f"{group} loras={json.dumps(loras, sort_keys=True)}" if loras else group
 
     @property
     def key(self) -> str:
@@ -157,6 +162,11 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
     fingerprint = json.dumps(settings_fingerprint(manifest), sort_keys=True, ensure_ascii=False)
     points = axis_points(manifest)
     settings = [job_settings(manifest, axes) for axes in points]  # once per combination, shared by its jobs
+    loras_identity = [_loras_identity(model) for model, _ in settings] if manifest.model.loras else None
+    if loras_identity is not None:
+        settings = [(replace(model, loras=tuple(replace(lora, digest=identity[i][1])
+                                                for i, lora in enumerate(model.loras))), generation)
+                    for (model, generation), identity in zip(settings, loras_identity)]
     total = job_count(manifest.categories, manifest.seeds, manifest.axes)  # from the lists' lengths
     tell = (say or _tell) if total >= EXPAND_NOTICE_JOBS else None
     if tell:
@@ -178,13 +188,18 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
             output_folder(manifest, category.name, ref.stem)
             reference = str(ref.path) if ref.path else None
             for prompt_index, prompt in enumerate(ref.prompts):
-                for seed, (axes, (model, generation)) in itertools.product(manifest.seeds, zip(points, settings)):
+                for seed, (point, (axes, (model, generation))) in itertools.product(
+                        manifest.seeds, enumerate(zip(points, settings))):
                     where = [prompt_index] if by_position else []
                     parts = [category.name, ref.stem, *where, prompt, seed, file_identity]
                     if inputs_identity:
                         parts.append(inputs_identity)
                     if axes:  # only then: a manifest without axes keeps its ids
-                        parts.append(axes)
+                        # (a LoRA file swept by path counts by its content, below, not its location)
+                        parts.append({key: value for key, value in axes.items()
+                                      if not (key.startswith("loras.") and key.endswith(".path"))})
+                    if loras_identity is not None:  # the LoRAs on: name, content, strength, expert
+                        parts.append({"loras": loras_identity[point]})
                     # (sorted keys: listing the axes in another order keeps every job's id)
                     identity = json.dumps(parts, ensure_ascii=False, sort_keys=True)
                     job_id = hashlib.sha1(f"{identity}|{fingerprint}".encode()).hexdigest()[:16]
@@ -198,7 +213,14 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
                     if tell and len(jobs) % EXPAND_PROGRESS_JOBS == 0 and len(jobs) < total:
                         tell(f"expanded {len(jobs):,} of {total:,} jobs")
     check_names(manifest, jobs)
-    return _quantize_slowest(manifest, jobs)
+    return _loading_slowest(manifest, jobs)
+
+
+def _loras_identity(model: ModelConfig) -> list[list]:
+    """The LoRAs of a job as its id counts them: [name, content digest, strength, expert] each, in order. A
+    retrained file under the same name is another identity; a moved one is the same."""
+    return [[lora.name, content_digest(lora.path), list(lora.strength) if isinstance(lora.strength, tuple)
+             else lora.strength, lora.expert] for lora in model.loras]
 
 
 def _tell(line: str) -> None:
@@ -206,19 +228,28 @@ def _tell(line: str) -> None:
     log.warning(line)
 
 
-def _quantize_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:
-    """The jobs of each quantize value (an axis, alone or in a zip group) before those of the next: a
-    worker loads its model again when the value changes, and taking jobs in this order (and in groups,
-    `Job.group`) it does so rarely. Ids and names do not depend on the order; without such an axis the
-    order is expand's own."""
-    axis = next((axis for axis in manifest.axes if "quantize" in axis.keys), None)
-    if axis is None:
+def _loading_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:
+    """The jobs of each quantize value (an axis, alone or in a zip group) before those of the next, and
+    within one the jobs of each LoRA setting (the `loras` axes' values) together: a worker loads its model
+    again when the quantize changes and switches (or, fused, reloads) its LoRAs when they change, and taking
+    jobs in this order (and in groups, `Job.group`) it does so as rarely as the sweep allows. Ids and names
+    do not depend on the order; without such axes the order is expand's own."""
+    keys = [key for axis in manifest.axes for key in axis.keys if key == "quantize" or is_lora_axis(key)]
+    if not keys:
         return jobs
-    rank: dict[str, int] = {}
-    for point in axis.assignments():  # in the manifest's order (a zip group may repeat a value)
-        rank.setdefault(point["quantize"], len(rank))
-    ordered = sorted(jobs, key=lambda job: rank[job.axes["quantize"]])  # stable: expand's order within
+    quantize_rank: dict = {}
+    lora_rank: dict = {}
+    for job in jobs:  # in expand's order: a value's rank is where it first comes
+        quantize_rank.setdefault(job.axes.get("quantize"), len(quantize_rank))
+        lora_rank.setdefault(_lora_values(job), len(lora_rank))
+    ordered = sorted(jobs, key=lambda job: (quantize_rank[job.axes.get("quantize")], lora_rank[_lora_values(job)]))
     return [replace(job, ordinal=ordinal) for ordinal, job in enumerate(ordered)]
+
+
+def _lora_values(job: Job) -> str:
+    """A job's LoRA axis values as one hashable text ("" without any)."""
+    values = {key: value for key, value in job.axes.items() if is_lora_axis(key)}
+    return json.dumps(values, sort_keys=True) if values else ""
 
 
 def _file_identity(path: Path | None) -> str | None:

@@ -3,7 +3,7 @@
 A template is Python's format syntax, parsed by `string.Formatter` (no parser of our own), over
 `{category}`, `{stem}`, `{prompt_index}`, `{prompt_id}` (a short stable hash of the prompt text),
 `{prompt}` / `{prompt:40}` (a filesystem-safe slug of at most 40 characters), `{seed}`, and each axis
-by name (`{cfg_scale}`). It names the mp4 under output_dir, without `.mp4`; `/` makes folders.
+by name (`{cfg_scale}`; a LoRA's as `{loras}`, `{lora_NAME}`, `{lora_NAME_file}`: `placeholder`). It names the mp4 under output_dir, without `.mp4`; `/` makes folders.
 
 Without a template the layout is the fixed one, `<category>/<stem>/seed_<seed>_prompt_<i>`
 (`<category>/seed_<seed>_prompt_<i>` for text-to-video), with `_<axis>-<value>` appended per axis
@@ -119,8 +119,28 @@ def render(template: str, job) -> str:
 
 
 def _fields(category, stem, prompt_index, prompt, seed, axes) -> dict:
-    return {**{name: _Axis(value) for name, value in axes.items()}, "category": category, "stem": stem,
+    return {**{placeholder(name): _Axis(_named_value(name, value)) for name, value in axes.items()},
+            "category": category, "stem": stem,
             "prompt_index": prompt_index, "prompt_id": prompt_id(prompt), "prompt": _Slug(prompt), "seed": seed}
+
+
+def placeholder(axis: str) -> str:
+    """The placeholder of an axis: its name (`{cfg_scale}`), or for a LoRA's (whose keys have dots, which
+    format reads as attributes) `{loras}` (the LoRAs on), `{lora_NAME}` (its strength), `{lora_NAME_file}`
+    (its file's stem)."""
+    if not axis.startswith("loras."):
+        return axis
+    _, name, field_ = axis.split(".")
+    return f"lora_{name}" if field_ == "strength" else f"lora_{name}_file"
+
+
+def _named_value(axis: str, value):
+    """An axis value as a name shows it: a LoRA file by its stem, a LoRA set as `distill,motion` (`none`)."""
+    if axis == "loras":
+        return list(value) if value else "none"
+    if axis.startswith("loras.") and axis.endswith(".path"):
+        return Path(value).stem
+    return value
 
 
 def template_for(manifest: Manifest, stem: str | None, axes: dict | None = None) -> str:
@@ -130,7 +150,12 @@ def template_for(manifest: Manifest, stem: str | None, axes: dict | None = None)
     default = DEFAULT_TEMPLATE if stem is not None else DEFAULT_T2V_TEMPLATE
     # Axis names are settings (cfg_scale, steps, …), never a fixed placeholder's; a value goes in
     # through the formatter, so no text of it is read as a placeholder.
-    return default + "".join(f"_{name}-{{{name}}}" for name in axes or {})
+    return default + "".join(f"_{_short(name)}-{{{placeholder(name)}}}" for name in axes or {})
+
+
+def _short(axis: str) -> str:
+    # a LoRA's strength or file in a default name: `_motion-0.5`, `_motion-motion_e10`
+    return axis.split(".")[1] if axis.startswith("loras.") else axis
 
 
 def uses_prompt_index(manifest: Manifest) -> bool:
@@ -157,7 +182,7 @@ def check_names(manifest: Manifest, jobs: list) -> None:
     written: unknown placeholders, two jobs on one file (both named), a name leaving the output
     folder, a name too long or with characters common file systems refuse."""
     found: list[tuple[str, str]] = []  # (what is wrong, how to fix it)
-    axis_names = {name for job in jobs for name in job.axes}
+    axis_names = {placeholder(name) for job in jobs for name in job.axes}
     fix = f"make output.name tell every job apart, e.g. `{_example(jobs)}`"
     template = manifest.output_name
     if template:
@@ -281,7 +306,7 @@ def _example(jobs: list) -> str:
     axes = dict.fromkeys(name for job in jobs for name in job.axes)
     t2v = any(job.stem is None for job in jobs)
     return ("{category}/seed_{seed}_{prompt_id}" if t2v else "{category}/{stem}/seed_{seed}_{prompt_id}") + \
-        "".join(f"_{name}-{{{name}}}" for name in axes)
+        "".join(f"_{_short(name)}-{{{placeholder(name)}}}" for name in axes)
 
 
 def _located(manifest: Manifest, found: list[tuple[str, str]]) -> ManifestError:

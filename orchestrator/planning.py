@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import backend_class
+from .backend import backend_class, lora_change
 from .errors import WanSweepError
 from .gpus import FAKE_ENV, Gpu
 from .jobs import Job
@@ -133,6 +133,24 @@ def assign_queues(jobs: list[Job], groups: list[DeviceGroup]) -> dict[str, str]:
         for job in members:
             queues[job.id] = target
     return queues
+
+
+def model_changes(jobs: list[Job], backend: str) -> dict[str, int]:
+    """How often a worker running `jobs` (in their order) changes its model between them: LoRA switches in
+    place (`"switch"`) and loads again (`"reload"`), by the slot's own rule (`backend.lora_change`). The
+    workers of a queue take its jobs in order together, so each meets every setting of the queue once;
+    this is the count per worker (a setting of fewer jobs than workers may skip some of them)."""
+    counts = {"switch": 0, "reload": 0}
+    previous = None
+    for job in sorted(jobs, key=lambda job: job.ordinal):
+        if job.model is None:
+            continue
+        if previous is not None and job.model != previous:
+            change = lora_change(backend, previous, job.model)
+            if change != "same":
+                counts[change] += 1
+        previous = job.model
+    return counts
 
 
 def make_plan(manifest: Manifest, jobs: list[Job], gpus: list[Gpu] | None,

@@ -25,6 +25,9 @@ each frame's brightness, a control or driving pose video is blended in, a refere
 clip, the face video fills a corner, a camera direction pans the picture. So the engine, the demo and
 the tests cover these tasks (and their bad inputs) on the CPU.
 
+`model.loras` tint the picture by file and strength (0: no change), switched in place between jobs as a
+library backend's adapters are, so the engine's LoRA switching and its plan are tested on the CPU.
+
 `speed:` is accepted and only recorded (there is no denoiser to compile or quantize), so the tests of
 job identity, planning and the compile cache can run a whole sweep with it.
 """
@@ -40,6 +43,7 @@ import numpy as np
 
 from ..backend import Backend, BackendProblem, OutOfMemory
 from ..manifest import CONDITIONED_TASKS, IMAGE_SUFFIXES
+from ..manifest.model import is_lora_axis
 
 OPTIONS = {"seconds_per_job": float, "load_seconds": float, "load_error": str, "jitter": float, "fail_rate": float, "oom_rate": float,
            "hang_rate": float, "crash_rate": float, "fail_jobs": list, "crash_jobs": list, "fail_attempts": int,
@@ -90,11 +94,17 @@ class SyntheticBackend(Backend):
                     f"write each entry as a quoted glob of category/stem/seed_S_prompt_I, e.g. \"alpha/seed_2_*\""))
         return problems
 
+    switches_loras = True  # its "LoRAs" are a tint of the picture, set in place like adapters' weights
+
     def load(self) -> None:
         self.options = dict(self.model.options)
+        self.active_loras = self.model.loras
         time.sleep(float(self.options.get("load_seconds", 0.0)))
         if self.options.get("load_error"):
             raise RuntimeError(self.options["load_error"])
+
+    def use_loras(self, loras) -> None:
+        self.active_loras = loras
 
     def _media(self, job):
         if self.model.task not in CONDITIONED_TASKS:
@@ -176,10 +186,16 @@ class SyntheticBackend(Backend):
 
     def frames(self, job) -> np.ndarray:
         g = self.generation_for(job)
-        # Axis values (cfg, steps, …) change a real model's picture: here too, so the videos differ.
-        axes = (repr(sorted(job.axes.items())),) if job.axes else ()
+        # Axis values (cfg, steps, …) change a real model's picture: here too, so the videos differ. The
+        # LoRAs' show through the backend's own state (a tint per LoRA on, by its file and strength), not the
+        # job's values: a switch that did not happen would show in the picture, as it would with a model.
+        own = sorted((key, value) for key, value in job.axes.items() if not is_lora_axis(key))
+        axes = (repr(own),) if own else ()
         rng = np.random.default_rng(int(_unit("picture", job.prompt, job.seed, *axes) * 2**63))
-        base = rng.integers(40, 215, size=3)
+        base = rng.integers(40, 215, size=3).astype(np.float64)
+        for lora in getattr(self, "active_loras", ()):
+            tint = np.array([_unit("lora", lora.digest or lora.path, c) - 0.5 for c in range(3)])
+            base = base + 80 * lora.strengths[0] * tint
         t = np.arange(g.num_frames)[:, None, None]
         y = np.arange(g.height)[None, :, None]
         x = np.arange(g.width)[None, None, :]

@@ -4,7 +4,9 @@ here,
 the categories in `categories`, and lets a check made above this package (the backend's) add its own."""
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -12,9 +14,9 @@ from typing import Callable
 import yaml
 
 from .categories import check_output_paths, read_categories
-from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, MAX_JOBS, MAX_JOBS_UNCONFIRMED, QUANTIZE_MODES, SDPA_ATTENTION, TASKS,
-                    Axis, Execution, GenerationConfig, Manifest, ManifestError, ModelConfig, Problem, Resources,
-                    SpeedConfig)
+from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, LORA_AXIS_FIELDS, LORA_EXPERTS, MAX_JOBS, MAX_JOBS_UNCONFIRMED,
+                    QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Axis, Execution, GenerationConfig, LoraConfig, Manifest,
+                    ManifestError, ModelConfig, Problem, Resources, SpeedConfig)
 from .names import path_length_problem, safe_component_problem
 from .reader import Reader, compose, node_at, yaml_problem
 
@@ -32,6 +34,9 @@ MAX_RESTARTS = 1000
 MAX_TIMEOUT_S = 7 * 24 * 3600  # job_timeout_s and heartbeat_timeout_s: a week
 MAX_MARGIN_GIB = 1024
 MAX_SEEDS = 10_000  # seeds of one sweep: days of GPU time per prompt already
+MAX_LORA_STRENGTH = 100.0  # community recipes go to 3-4; beyond this a typo, not a setting
+LORA_NAME_CHARS = 32
+LORA_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{LORA_NAME_CHARS}}}")
 
 
 # A check made above this package (validation.load_manifest: the backend's): it gets the manifest read
@@ -95,7 +100,7 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     if output_name is None:  # a template's names are checked once the jobs are expanded (output_names)
         check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
     axes_node = top.get("axes", (None, None))[1]
-    axes, confirmed = _read_axes(reader, axes_node)
+    axes, confirmed = _read_axes(reader, axes_node, tuple(lora.name for lora in model.loras) if model else ())
     _check_job_count(reader, axes_node, categories, seeds, axes, confirmed, top.get("seeds", (None, None))[1])
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
@@ -156,7 +161,7 @@ def _read_model(reader: Reader, node) -> ModelConfig | None:
     if node is None:
         return None
     keys = reader.mapping(node, "model", {"backend": True, "task": True, "path": False,
-                                          "dtype": False, "options": False})
+                                          "dtype": False, "options": False, "loras": False})
     get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
     backend = reader.scalar(get("backend"), "model.backend", str, default="synthetic")
     task = reader.scalar(get("task"), "model.task", str, default="t2v", choices=TASKS)
@@ -173,7 +178,89 @@ def _read_model(reader: Reader, node) -> ModelConfig | None:
         # relative to the manifest's folder, also before it exists (the demo builds its checkpoint there).
         path = Path(os.path.expanduser(model_path))
         model_path = str(path if path.is_absolute() else (reader.file.parent / path).resolve())
-    return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options)
+    loras = _read_loras(reader, get("loras"))
+    return ModelConfig(backend=backend, task=task, path=model_path, dtype=dtype, options=options, loras=loras)
+
+
+def _read_loras(reader: Reader, node) -> tuple[LoraConfig, ...]:
+    """`model.loras`: NAME -> {path, strength, expert}, or NAME -> path (strength 1, both experts). A name is
+    what output names and axes (`loras.NAME.strength`) call it; every LoRA listed is on unless the `loras`
+    axis says otherwise."""
+    if node is None:
+        return ()
+    example = "`motion: {path: loras/motion.safetensors, strength: 0.8}`"
+    if isinstance(node, yaml.MappingNode) and not node.value:
+        return ()
+    loras = []
+    for name, (name_node, value_node) in reader.mapping(node, "model.loras").items():
+        what = f"model.loras.{name}"
+        if not LORA_NAME.fullmatch(name):
+            reader.problem(name_node, f"LoRA name {name!r} is not a short plain name",
+                           "use letters, digits, `_` and `-` (it goes into output names and axis keys), e.g. "
+                           f"{re.sub('[^A-Za-z0-9_-]+', '_', name)[:LORA_NAME_CHARS] or 'motion'!r}")
+            continue
+        if isinstance(value_node, yaml.ScalarNode):  # the short form: just the file
+            path = _read_lora_path(reader, value_node, what)
+            if path is not None:
+                loras.append(LoraConfig(name=name, path=path))
+            continue
+        keys = reader.mapping(value_node, what, {"path": True, "strength": False, "expert": False})
+        if not keys:
+            continue
+        get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
+        path = _read_lora_path(reader, get("path"), f"{what}.path") if get("path") is not None else None
+        strength = read_lora_strength(reader, get("strength"), f"{what}.strength")
+        expert = reader.scalar(get("expert"), f"{what}.expert", str, "both", choices=LORA_EXPERTS)
+        if path is not None and strength is not None:
+            loras.append(LoraConfig(name=name, path=path, strength=strength, expert=expert))
+    if not loras and not reader.problems:
+        reader.problem(node, "model.loras lists no LoRA", f"write one per line, e.g. {example}, or leave it out")
+    return tuple(loras)
+
+
+def _read_lora_path(reader: Reader, node, what: str) -> str | None:
+    """A LoRA file's absolute path (relative to the manifest's folder), checked to be a readable file; what
+    it holds (safetensors, layers that fit the model) the backend checks."""
+    text = reader.scalar(node, what, str)
+    if not isinstance(text, str) or not text.strip():
+        if text is not None:
+            reader.problem(node, f"{what} is empty", "give the LoRA's .safetensors file")
+        return None
+    path = Path(os.path.expanduser(text))
+    path = path if path.is_absolute() else (reader.file.parent / path).resolve()
+    if not path.exists():
+        near = sorted(p.name for p in path.parent.glob("*.safetensors"))[:5] if path.parent.is_dir() else []
+        reader.problem(node, f"{what}: the LoRA file {path} does not exist",
+                       f"check the path (in {path.parent}: {', '.join(near)})" if near else
+                       "check the path; `python -m orchestrator models download` fetches a LoRA from the hub")
+        return None
+    if not path.is_file():
+        reader.problem(node, f"{what}: {path} is not a file", "give the LoRA's .safetensors file")
+        return None
+    if not os.access(path, os.R_OK):
+        reader.problem(node, f"{what}: the LoRA file {path} is not readable by this user",
+                       f"make it readable (chmod a+r {path})")
+        return None
+    return str(path)
+
+
+def read_lora_strength(reader: Reader, node, what: str) -> float | tuple[float, float] | None:
+    """A LoRA's strength: one finite number, or a pair [high-noise expert, low-noise expert]; None after a
+    problem (reported)."""
+    if node is None:
+        return 1.0
+    value = reader.value(node)
+    fix = ("use a finite number such as 1.0 (0 turns it off), or a pair [high, low] for Wan2.2's experts, "
+           "e.g. [3.0, 1.5]")
+    values = value if isinstance(value, list) else [value]
+    if (len(values) not in (1, 2) or isinstance(value, list) and len(values) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        reader.problem(node, f"{what} is {value!r}", fix)
+        return None
+    if not all(math.isfinite(v) and abs(v) <= MAX_LORA_STRENGTH for v in values):
+        reader.problem(node, f"{what} is {value!r}, not a finite number within ±{MAX_LORA_STRENGTH:g}", fix)
+        return None
+    return (float(values[0]), float(values[1])) if isinstance(value, list) else float(value)
 
 
 def _read_generation(reader: Reader, node) -> GenerationConfig:
@@ -255,13 +342,40 @@ def _read_speed(reader: Reader, node) -> SpeedConfig:
                        quantize=text("quantize", QUANTIZE_MODES))
 
 
-def _read_axes(reader: Reader, node) -> tuple[tuple[Axis, ...], int | None]:
+def lora_axis_keys(lora_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The axis keys of a manifest's LoRAs: `loras` (which are on) and `loras.NAME.strength|path` each."""
+    return (("loras",) if lora_names else ()) + tuple(f"loras.{name}.{field_}" for name in lora_names
+                                                      for field_ in LORA_AXIS_FIELDS)
+
+
+def _read_axes(reader: Reader, node, lora_names: tuple[str, ...] = ()) -> tuple[tuple[Axis, ...], int | None]:
     """`axes:` — `KEY: [values]` per swept setting and `zip: [{KEY: [values], KEY: [values]}]` for
     settings whose i-th values go together, in the manifest's order; and `confirm_jobs`, the job
-    count the user confirms (None if not given)."""
+    count the user confirms (None if not given). `lora_names`: the LoRAs of `model.loras`, whose
+    settings may be swept too (`loras`, `loras.NAME.strength`, `loras.NAME.path`)."""
     if node is None:
         return (), None
-    keys = reader.mapping(node, "axes", {**{key: False for key in AXIS_KEYS}, "zip": False, "confirm_jobs": False})
+    allowed = AXIS_KEYS + lora_axis_keys(lora_names)
+    misnamed: set[str] = set()  # LoRA keys said wrong below, with their own fix (not "unknown key")
+    for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+        key = getattr(key_node, "value", None)
+        if isinstance(key, str) and (key == "loras" or key.startswith("loras.")) and key not in allowed:
+            # (said here, with the fix that applies; the generic "unknown key" below is then left out)
+            name = key.split(".")[1] if key.count(".") == 2 else None
+            if not lora_names:
+                reader.problem(key_node, f"axes sweeps `{key}`, but model.loras lists no LoRA",
+                               "declare it under model: `loras: {NAME: {path: FILE, strength: 1.0}}`")
+            elif name not in lora_names:
+                reader.problem(key_node, f"axes sweeps `{key}`, but model.loras has no LoRA named {name!r}",
+                               f"use one of: {', '.join(lora_axis_keys(lora_names))}")
+            else:
+                reader.problem(key_node, f"axes cannot sweep `{key}`",
+                               f"sweep loras.{name}.strength or loras.{name}.path")
+            misnamed.add(key)
+    keys = reader.mapping(node, "axes", {**{key: False for key in allowed + tuple(misnamed)}, "zip": False,
+                                         "confirm_jobs": False})
+    for key in misnamed:
+        keys.pop(key, None)
     axes: list[Axis] = []
     swept: dict[str, yaml.Node] = {}
 
@@ -278,17 +392,20 @@ def _read_axes(reader: Reader, node) -> tuple[tuple[Axis, ...], int | None]:
         if key == "confirm_jobs":
             continue
         if key == "zip":
-            axes.extend(_read_zip_groups(reader, value_node, first_time))
+            axes.extend(_read_zip_groups(reader, value_node, first_time, allowed))
             continue
         if not first_time(key, key_node):
             continue
         values = _read_axis_values(reader, key, value_node, f"axes.{key}")
+        if key == "loras" and not _lora_sets_declared(reader, value_node, values, lora_names):
+            continue
         if values:
             axes.append(Axis((key,), tuple((value,) for value in values)))
     return tuple(axes), confirmed
 
 
-def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node], bool]) -> list[Axis]:
+def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node], bool],
+                     allowed: tuple[str, ...] = AXIS_KEYS) -> list[Axis]:
     example = "`zip: [{width: [832, 480], height: [480, 832]}]`"
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         reader.problem(node, "axes.zip must be a list of groups, each a mapping of settings to equally long lists",
@@ -296,7 +413,7 @@ def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node]
         return []
     groups = []
     for group_node in node.value:
-        keys = reader.mapping(group_node, "a group of axes.zip", {key: False for key in AXIS_KEYS})
+        keys = reader.mapping(group_node, "a group of axes.zip", {key: False for key in allowed})
         columns: list[tuple[str, yaml.Node, list]] = []
         complete = True
         for key, (key_node, value_node) in keys.items():
@@ -339,6 +456,16 @@ def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool 
     fine = True
     for item in node.value:
         before = len(reader.problems)
+        if key == "loras" or key.startswith("loras."):
+            value = _read_lora_axis_value(reader, key, item, what)
+            if value is None:
+                fine = False
+            elif distinct and value in values:
+                reader.problem(item, f"{what} lists {value!r} twice", "remove the repeated value")
+                fine = False
+            else:
+                values.append(value)
+            continue
         # The generation reader, given just this key with this value, checks it as it would there.
         mapping = yaml.MappingNode("tag:yaml.org,2002:map",
                                    [(yaml.ScalarNode("tag:yaml.org,2002:str", key, item.start_mark, item.end_mark),
@@ -356,6 +483,36 @@ def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool 
             continue
         values.append(value)
     return values if fine else []
+
+
+def _lora_sets_declared(reader: Reader, node, sets: list, lora_names: tuple[str, ...]) -> bool:
+    """Whether every name in the `loras` axis's sets is one of model.loras (else said at its value)."""
+    for item, names in zip(node.value, sets):
+        unknown = [name for name in names if name not in lora_names]
+        if unknown:
+            reader.problem(item, f"axes.loras: {unknown[0]!r} is not a LoRA of model.loras",
+                           f"use the names model.loras gives: {', '.join(lora_names)}")
+            return False
+    return True
+
+
+def _read_lora_axis_value(reader: Reader, key: str, item, what: str):
+    """One value of a LoRA axis, checked as under model.loras: a strength, a file, or (`loras`) the names
+    of the LoRAs that are on, e.g. `[]` or `[motion, distill]` (a tuple: listed in any order, the same set)."""
+    if key == "loras":
+        value = reader.value(item)
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            reader.problem(item, f"{what}: each value is a list of LoRA names, not {value!r}",
+                           "write e.g. `loras: [[], [motion], [motion, distill]]`")
+            return None
+        if len(set(value)) != len(value):
+            reader.problem(item, f"{what}: {value!r} names a LoRA twice", "name each once")
+            return None
+        return tuple(sorted(value))
+    field_ = key.rsplit(".", 1)[1]
+    if field_ == "strength":
+        return read_lora_strength(reader, item, what)
+    return _read_lora_path(reader, item, what)
 
 
 def _check_job_count(reader: Reader, node, categories, seeds, axes: tuple[Axis, ...], confirmed: int | None,

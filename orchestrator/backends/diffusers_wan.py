@@ -57,13 +57,14 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from .. import speed as speed_settings
-from ..backend import Backend, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
+from ..backend import FUSING_QUANTIZE, Backend, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
 from ..checkpoints import load_components
 from ..manifest import SpeedConfig
 from . import diffusers_checks as checks
 from .cuda import job_memory, release_memory
 from .diffusers_checks import PIPELINES, read_checkpoint_config
 from .diffusers_inputs import prefetch, task_inputs
+from .diffusers_loras import LoraAdapters
 from .shared import model_files_identity
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class DiffusersWanBackend(Backend):
     # Where and how memory-thriftily it runs, not what it draws: these stay out of job ids.
     runtime_options = frozenset({"offload", "group_offload_blocks", "device_map", "max_memory_gib", "text_encoder",
                                  "prompt_cache", "vae_slicing", "parallel_load"})
+    # LoRAs are PEFT adapters switched in place between jobs (`diffusers_loras`); fused into the weights,
+    # and so loaded again on a change, only under a quantize of FUSING_QUANTIZE.
+    switches_loras = True
 
     @classmethod
     def check(cls, manifest) -> list:
@@ -110,6 +114,7 @@ class DiffusersWanBackend(Backend):
                 kwargs["max_memory"] = {i: f"{o['max_memory_gib']}GiB" for i in range(max(1, self.cards))}
             pipe = pipeline_class.from_pretrained(self.model.path, **kwargs)
             seconds = {"pipeline (device_map)": time.monotonic() - started}
+            lora_facts = self._apply_loras(pipe)  # before `_apply_speed(pipe, "card")` quantizes
         else:
             import inspect
             accepted = inspect.signature(pipeline_class.__init__).parameters
@@ -120,6 +125,9 @@ class DiffusersWanBackend(Backend):
             settings = {k: info["index"][k] for k in ("boundary_ratio", "expand_timesteps")
                         if k in accepted and info["index"].get(k) is not None}
             pipe = pipeline_class(**components, **settings)
+            # LoRAs before the speed settings (a fused LoRA goes into the weights before they are quantized)
+            # and before `_place`'s offload hooks (the adapters' layers are then offloaded with their blocks)
+            lora_facts = self._apply_loras(pipe)
             early_speed = self._apply_speed(pipe, "cpu")
             self._place(pipe)
         speed_facts = {stage: facts for stage, facts in (("cpu", early_speed), ("card", self._apply_speed(pipe, "card")))
@@ -140,6 +148,7 @@ class DiffusersWanBackend(Backend):
         self.face_size = info["face_size"] or 512  # Animate's face crops, at its motion encoder's size
         self.encoded: OrderedDict[str, object] = OrderedDict()  # v2v latents / i2v image embeddings
         self._job: dict = {}
+        self._pending_switch: dict | None = None  # `use_loras`' facts, for the next job's info
         self.load_info = {
             "load_seconds": round(time.monotonic() - started, 2),
             "components": {k: round(v, 2) for k, v in seconds.items()},
@@ -147,10 +156,33 @@ class DiffusersWanBackend(Backend):
             "parallel_load": bool(o.get("parallel_load", True)) and not self.device_mapped,
             "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
         }
+        if lora_facts:
+            self.load_info["loras"] = lora_facts
         log.debug("loaded %s as %s in %.1f s (%s; speed applied: %s; seconds per component %s)", self.model.path,
                   pipeline_class.__name__, self.load_info["load_seconds"],
                   f"device_map {o.get('device_map', 'balanced')}" if self.device_mapped
                   else f"offload {o.get('offload', 'none')}", speed_facts or "none", self.load_info["components"])
+
+    def _apply_loras(self, pipe) -> list[dict]:
+        """`self.model.loras` on the freshly built pipeline: PEFT adapters, or under a quantize of
+        FUSING_QUANTIZE merged into the weights (the adapters then removed) before they are quantized."""
+        self.adapters = LoraAdapters(pipe)
+        if self.model.speed.quantize in FUSING_QUANTIZE:
+            return self.adapters.fuse(self.model.loras) if self.model.loras else []
+        return self.adapters.use(self.model.loras)
+
+    def use_loras(self, loras) -> None:
+        """Switch the active LoRAs in place (`LoraAdapters.use`): a new file is read once and kept, a
+        strength or set change only sets the adapters' scales. Timed; the next job's info gets the time.
+
+        With `speed.compile`, the compiled blocks contain the adapters' layers: a change of the active set
+        changes the traced code and a change of a scale a constant the graph was specialised on, so the
+        next job may recompile (and past dynamo's cache size limit run eager). Not measured on the CPU; a
+        sweep of strengths under compile is measured on a card (`docs/benchmarks.md`)."""
+        started = time.monotonic()
+        facts = self.adapters.use(tuple(loras))
+        self._pending_switch = {"seconds": round(time.monotonic() - started, 3), "loras": facts}
+        log.debug("switched LoRAs in %.2f s: %s", self._pending_switch["seconds"], facts)
 
     def _use_shift(self, pipe, shift: float | None) -> None:
         """The sampler's flow shift of the next job (None: the checkpoint's own): a shift axis changes it
@@ -242,6 +274,8 @@ class DiffusersWanBackend(Backend):
         if self.text_on_cpu:
             positive = positive.to(self.device)
             negative_embeds = negative_embeds.to(self.device) if negative_embeds is not None else None
+        if self.cuda:
+            torch.cuda.synchronize()  # once per new prompt: its encoding's time is counted as the text encoder's
         self.embeddings[key] = (positive, negative_embeds)
         while len(self.embeddings) > int(self.options.get("prompt_cache", 64)):
             self.embeddings.popitem(last=False)
@@ -264,9 +298,16 @@ class DiffusersWanBackend(Backend):
         task = self.model.task
         steps = int(g.steps * g.denoising_strength) if task == "v2v" else g.steps
         self._job = {}
+        if self._pending_switch:  # the LoRA switch made before this job
+            self._job["lora_switch"], self._pending_switch = self._pending_switch, None
         step_times: list[float] = []
+        denoised: list[float] = []  # monotonic time of the last step's end
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
+            if step + 1 == pipe.num_timesteps:
+                if self.cuda:  # one wait per job: the denoise's kernels are counted as the DiT's, not the VAE's
+                    torch.cuda.synchronize()
+                denoised.append(time.monotonic())
             step_times.append(time.time())
             progress(step + 1, steps)
             return {}
@@ -275,7 +316,9 @@ class DiffusersWanBackend(Backend):
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             high, low = g.guidance
             guidance = high > 1.0 or (low is not None and low > 1.0)
+            encoding = time.monotonic()
             positive, negative = self._embed(job.prompt, g.negative_prompt, guidance)
+            encoded = time.monotonic()
             generator = torch.Generator(device="cpu").manual_seed(int(job.seed))
             kwargs = dict(prompt_embeds=positive, negative_prompt_embeds=negative, height=g.height, width=g.width,
                           num_inference_steps=g.steps, guidance_scale=high, generator=generator, output_type="np",
@@ -284,8 +327,18 @@ class DiffusersWanBackend(Backend):
                 kwargs["guidance_scale_2"] = low
             task_inputs(self, job, kwargs, g, generator)
             with torch.no_grad():
-                video = pipe(**kwargs).frames[0]
+                denoising = time.monotonic()
+                video = pipe(**kwargs).frames[0]  # (frames as numpy: on a card, the copy waits for the decode)
+                decoded = time.monotonic()
         returned = time.time()
+        # The job's time by part, wall clock: the prompt's encoding (0 on a cached prompt); the denoising loop,
+        # from the pipeline's call to the end of its last step (the latents' preparation, and in i2v the
+        # first frame's VAE encoding inside the pipeline, included); the VAE decode and its conversion to
+        # frames, the rest of the call. What lies between (the task's inputs, read ahead) is in none.
+        if denoised:
+            self._job["seconds"] = {"text_encoder": round(encoded - encoding, 4),
+                                    "denoise": round(denoised[-1] - denoising, 4),
+                                    "vae_decode": round(decoded - denoised[-1], 4)}
         if len(step_times) > 1:  # steady state: the first step also pays for warm-up
             self._job["seconds_per_step"] = round((step_times[-1] - step_times[0]) / (len(step_times) - 1), 4)
         self._job.update(steps=len(step_times), timeline={

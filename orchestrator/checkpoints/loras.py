@@ -70,7 +70,7 @@ BLOCK_WAN_TO_DIFFUSERS = {wan: diffusers for diffusers, wan in BLOCK_DIFFUSERS_T
 TOP_WAN_TO_DIFFUSERS = {wan: diffusers for diffusers, wan in TOP_DIFFUSERS_TO_WAN.items()}
 BLOCK_NAME = re.compile(r"^(?P<blocks>(?:vace_)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # the prefixes a LoRA's or a checkpoint's names may carry before the DiT's own module names
-PREFIXES = ("diffusion_model.", "base_model.model.", "transformer.", "model.")
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "model.")
 
 # Which model a LoRA was made for, by its width (the DiT's hidden size)
 WIDTHS = {1536: "Wan 1.3B", 3072: "Wan2.2 TI2V-5B", 5120: "Wan 14B / A14B"}
@@ -248,7 +248,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             downs[module] = shape
         elif role == "up":
             ups[module] = shape
-        elif role == "diff" and len(shape) >= 2:
+        elif role == "diff" and len(shape) == 2:  # a Linear's full delta (1-D ones are norms' and biases')
             diffs[module] = shape
     targets: dict[str, tuple[int, int, int]] = {}
     for module in sorted(set(downs) | set(ups) | set(diffs), key=_module_order):
@@ -268,8 +268,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             f"layout), .lora_A.weight / .lora_B.weight (diffusers / PEFT) or .diff; its first keys: {names}",
             "give a LoRA file; a full model checkpoint belongs in model.path")
     first_key = {module: first_key[module] for module in targets}
-    q = next((targets[m] for m in targets if m.endswith("self_attn.q") and targets[m][0]), None)
-    width = q[0] if q else None
+    width = _width(targets)
     indexes = [int(m.split(".")[1]) for m in targets if m.startswith("blocks.")]
     return LoraFile(
         path=path, layout="diffusers" if diffusers_named > wan_named else "wan", targets=targets,
@@ -278,16 +277,38 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         bytes=sum(math.prod(shape) * ST_BYTES.get(dtype, 4) for dtype, shape in tensors.values()))
 
 
+# where a LoRA's layers show the model's hidden size: (module ending, 0 = out / 1 = in)
+WIDTH_SIDES = (("self_attn.q", 0), ("self_attn.k", 0), ("self_attn.v", 0), ("self_attn.o", 0), ("cross_attn.q", 0),
+               ("cross_attn.o", 0), ("ffn.2", 0), ("ffn.0", 1))
+
+
+def _width(targets: dict[str, tuple[int, int, int]]) -> int | None:
+    """The model width a LoRA's blocks were made for, from the first of its layers that shows it."""
+    for ending, side in WIDTH_SIDES:
+        for module, shape in targets.items():
+            if module.startswith("blocks.") and module.endswith("." + ending) and shape[side]:
+                return shape[side]
+    return None
+
+
 def _has_shape(key: str | None) -> bool:
     """A key whose tensor carries the layer's shape (not its alpha or bias)."""
     parsed = parse_key(key) if key else None
     return parsed is not None and parsed[1] in ("down", "up", "diff")
 
 
+# a block's layers in the order its forward pass runs them (the "first key" of a message is the first run)
+BLOCK_ORDER = {name: i for i, name in enumerate(
+    ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+     "cross_attn.k_img", "cross_attn.v_img", "cross_attn.o", "ffn.0", "ffn.2"))}
+
+
 def _module_order(module: str) -> tuple:
-    """Blocks in numeric order (blocks.2 before blocks.10), the rest by name."""
+    """Blocks in numeric order (blocks.2 before blocks.10), a block's layers in the order they run."""
     match = BLOCK_NAME.match(module)
-    return (match["blocks"], int(match["index"]), match["rest"]) if match else ("", -1, module)
+    if match is None:
+        return ("", -1, 0, module)
+    return (match["blocks"], int(match["index"]), BLOCK_ORDER.get(match["rest"], len(BLOCK_ORDER)), match["rest"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +348,7 @@ def linears_of(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, tup
     """Wan-named module → (out, in) of every 2-D `.weight` among a DiT's tensors (diffusers' or Wan's names)."""
     linears = {}
     for name, (_, shape) in tensors.items():
-        if name.endswith(".weight") and len(shape) == 2:
+        if name.endswith(".weight") and len(shape) >= 2:  # Linear, and Conv (patch_embedding: out, in, k…)
             linears[wan_module_name(_strip_prefix(name[:-len(".weight")]))] = (shape[0], shape[1])
     return linears
 
@@ -345,8 +366,8 @@ def model_blocks(linears: dict[str, tuple[int, int]]) -> int:
 def likely_model(width: int | None) -> str:
     """The Wan model a LoRA of this width was made for (its DiT's hidden size)."""
     if width is None:
-        return "an unknown model (no self-attention q layer in the file)"
-    return WIDTHS.get(width, f"a model {width} wide (not a released Wan size)")
+        return "an unknown model (no layer in the file shows its width)"
+    return f"{WIDTHS[width]} (width {width})" if width in WIDTHS else f"a model of width {width} (no released Wan size)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,43 +376,37 @@ def likely_model(width: int | None) -> str:
 
 def fit_problems(lora: LoraFile, linears: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
     """(message, fix) for each way the LoRA does not fit a model with these Wan-named Linear modules
-    (one expert's, `model_linears(...)[expert]`): modules the model lacks, other shapes, nothing matched.
-    Empty when it fits."""
+    (one expert's, `model_linears(...)[expert]`): layers of other shapes (the first key, both shapes, the
+    model the LoRA was probably made for), layers the model lacks, no layer matched at all. Empty when it fits."""
     problems: list[tuple[str, str]] = []
     name = lora.path.name
-    width = model_width(linears)
-    made_for = likely_model(lora.width)
-    model = f"this model ({likely_model(width)}, {model_blocks(linears)} blocks)" if width else "this model"
+    width, blocks = model_width(linears), model_blocks(linears)
+    known = f"{WIDTHS[width]}, " if width in WIDTHS else ""
+    model = f"this model ({known}width {width}, {blocks} blocks)" if width else "this model"
+    made_for = f"; the LoRA was probably made for {likely_model(lora.width)}" if lora.width else ""
+    fix_other = (f"use a LoRA made for this model ({known}width {width})" if width else "use a LoRA made for this model") \
+        + (f", or set model.path to a {WIDTHS[lora.width]} checkpoint" if lora.width in WIDTHS else "")
     missing = [m for m in lora.targets if m not in linears]
-    mismatched = []
-    for module, (out, inp, _) in lora.targets.items():
-        if module in linears:
-            m_out, m_in = linears[module]
-            if (out and out != m_out) or (inp and inp != m_in):
-                mismatched.append(module)
+    mismatched = [m for m, (out, inp, _) in lora.targets.items()
+                  if m in linears and ((out and out != linears[m][0]) or (inp and inp != linears[m][1]))]
     if mismatched:
         module = mismatched[0]
-        out, inp, rank = lora.targets[module]
-        m_out, m_in = linears[module]
-        shape = f"[{out or '?'} out, {inp or '?'} in]"
+        out, inp, _ = lora.targets[module]
         problems.append((
-            f"LoRA {name} does not fit {model}: its key {lora.first_key[module]} is for a layer of {shape}, the "
-            f"model's {module} is [{m_out} out, {m_in} in] ({len(mismatched)} of its {len(lora.targets)} layers "
-            f"differ); the LoRA was probably made for {made_for}",
-            f"use a LoRA made for {likely_model(width)}, or set model.path to {made_for}"))
-    if missing:
+            f"LoRA {name} does not fit {model}: its key {lora.first_key[module]} is for a layer of "
+            f"[{out or '?'} out, {inp or '?'} in], the model's {module} is "
+            f"[{linears[module][0]} out, {linears[module][1]} in]; {len(mismatched)} of its {len(lora.targets)} layers differ{made_for}", fix_other))
+    if missing and len(missing) == len(lora.targets):
         module = missing[0]
         problems.append((
-            f"LoRA {name} targets {len(missing)} layer{'s' if len(missing) != 1 else ''} {model} lacks, the first "
-            f"{lora.first_key[module]} ({module}); the LoRA targets {lora.blocks} blocks"
-            + (f" and was probably made for {made_for}" if lora.width else ""),
-            "use a LoRA made for this model (the same Wan size and kind), or change model.path"))
-    if not missing and not mismatched and not any(m in linears for m in lora.targets):
-        problems.append((f"LoRA {name} matches no layer of {model}",
-                         "use a LoRA made for this model"))
-    elif missing and len(missing) == len(lora.targets):
-        problems.append((f"LoRA {name} matches no layer of {model}: none of its {len(lora.targets)} layers "
-                         "is the model's", "use a LoRA made for this model"))
+            f"LoRA {name} matches no layer of {model}: none of its {len(lora.targets)} layers is the model's, the "
+            f"first {lora.first_key[module]} ({module}){made_for}", fix_other))
+    elif missing:
+        module = missing[0]
+        plural = "s" if len(missing) != 1 else ""
+        problems.append((
+            f"LoRA {name} targets {len(missing)} layer{plural} {model} lacks, the first {lora.first_key[module]} "
+            f"({module}); the LoRA targets {lora.blocks} blocks{made_for}", fix_other))
     return problems
 
 
@@ -401,7 +416,8 @@ def describe(lora: LoraFile) -> str:
     width = f"width {lora.width} ({likely_model(lora.width)})" if lora.width else "width unknown"
     expert = f", for the {lora.expert_hint}-noise expert" if lora.expert_hint else ""
     size = f"{lora.bytes / 1024**2:.1f} MiB" if lora.bytes >= 1024**2 else f"{lora.bytes / 1024:.1f} KiB"
-    return (f"{layout}, {len(lora.targets)} layers in {lora.blocks} blocks, {width}, rank {lora.rank}"
+    blocks = f"{lora.blocks} block{'s' if lora.blocks != 1 else ''}"
+    return (f"{layout}, {len(lora.targets)} layers in {blocks}, {width}, rank {lora.rank}"
             f"{expert}, {size}")
 
 
@@ -466,9 +482,9 @@ def wan_state_dict(path: str | os.PathLike, dtype=None) -> dict:
     from safetensors import safe_open
 
     path = Path(path).expanduser()
-    read_lora(path)  # the file's problems, as the checks word them
+    lora = read_lora(path)  # the file's problems, as the checks word them
     renamed: dict = {}
-    alphas = _peft_alphas(path)
+    alphas = _peft_alphas(lora)
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
             parsed = parse_key(key)
@@ -489,21 +505,20 @@ def wan_state_dict(path: str | os.PathLike, dtype=None) -> dict:
     return renamed
 
 
-def _peft_alphas(path: Path) -> dict[str, float]:
-    """Wan-named module → lora_alpha of a diffusers/PEFT file: its `lora_adapter_metadata` (diffusers writes
-    PEFT's LoraConfig there) where it has one, else the rank (PEFT's scale alpha/rank = 1, as diffusers loads
-    a file without metadata). Empty for a Wan-layout file (its alphas are tensors)."""
-    lora = read_lora(path)
+def _peft_alphas(lora: LoraFile) -> dict[str, float]:
+    """Wan-named module → lora_alpha of a diffusers/PEFT file: its `lora_adapter_metadata` (diffusers'
+    `save_lora_weights` writes PEFT's LoraConfig there, as `transformer.lora_alpha`, …) where it has one,
+    else the rank (PEFT's scale alpha/rank = 1, as diffusers loads a file without metadata). Empty for a
+    Wan-layout file (its alphas are tensors)."""
     if lora.layout != "diffusers":
         return {}
-    _, metadata = _header(path)
-    config: dict = {}
-    for key, value in metadata.items():
-        if key.endswith("lora_adapter_metadata"):
-            try:
-                config = json.loads(value)
-            except (TypeError, ValueError):
-                config = {}
+    _, metadata = _header(lora.path)
+    try:
+        packed = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except (TypeError, ValueError):
+        packed = {}
+    config = {key.removeprefix("transformer."): value for key, value in packed.items()} \
+        if isinstance(packed, dict) else {}
     default_alpha = config.get("lora_alpha")
     patterns = config.get("alpha_pattern") or {}
     alphas = {}

@@ -65,7 +65,7 @@ from .cuda import job_memory, release_memory
 from .diffusers_checks import PIPELINES, read_checkpoint_config
 from .diffusers_inputs import prefetch, task_inputs
 from .diffusers_loras import LoraAdapters
-from .shared import model_files_identity
+from .shared import lora_problems, model_files_identity
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,10 @@ class DiffusersWanBackend(Backend):
     @classmethod
     def check(cls, manifest) -> list:
         return checks.manifest_problems(manifest, cls.checkpoint_layout)
+
+    @classmethod
+    def check_loras(cls, manifest, files) -> list:
+        return lora_problems(manifest, cls.checkpoint_layout, files)
 
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
@@ -304,6 +308,8 @@ class DiffusersWanBackend(Backend):
         denoised: list[float] = []  # monotonic time of the last step's end
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
+            if guidance_per_expert:
+                guidance_per_expert(step)
             if step + 1 == pipe.num_timesteps:
                 if self.cuda:  # one wait per job: the denoise's kernels are counted as the DiT's, not the VAE's
                     torch.cuda.synchronize()
@@ -316,6 +322,7 @@ class DiffusersWanBackend(Backend):
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             high, low = g.guidance
             guidance = high > 1.0 or (low is not None and low > 1.0)
+            guidance_per_expert = self._guidance_per_expert(pipe, high, low)
             encoding = time.monotonic()
             positive, negative = self._embed(job.prompt, g.negative_prompt, guidance)
             encoded = time.monotonic()
@@ -350,6 +357,25 @@ class DiffusersWanBackend(Backend):
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video
+
+    @staticmethod
+    def _guidance_per_expert(pipe, high: float, low: float | None):
+        """Wan2.2 with one expert's cfg at most 1 and the other's above: diffusers decides whether a step runs
+        the unconditional pass from `guidance_scale` (the high expert's) alone, for both experts, so at
+        cfg (1, 5) the low expert would run unguided and at (3.5, 1) run an unconditional pass for nothing.
+        Returns the step callback's part that sets, after each step, the pipeline's guidance to the scale of
+        the expert that runs the next one (its loop reads `do_classifier_free_guidance` at every step; the
+        scale it multiplies by is its own per expert); None where there is nothing to mend. The first step
+        is the high expert's (denoising from pure noise starts above the boundary)."""
+        if low is None or (high > 1.0) == (low > 1.0) or getattr(pipe.config, "boundary_ratio", None) is None:
+            return None
+        boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+
+        def before_next_step(step: int) -> None:
+            timesteps = pipe.scheduler.timesteps
+            if step + 1 < len(timesteps):
+                pipe._guidance_scale = high if timesteps[step + 1] >= boundary else low
+        return before_next_step
 
     def prepare_denoise(self, job) -> None:
         """vace and animate: the transformer's arguments at `job`'s first step (the control video's VACE

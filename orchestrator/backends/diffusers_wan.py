@@ -429,6 +429,7 @@ class DiffusersWanBackend(Backend):
 
     def close(self) -> None:
         self.pipe = None
+        self.adapters = None  # (it holds the pipeline too)
         self.embeddings = OrderedDict()
         self.encoded = OrderedDict()
         self.close_reference_caches()

@@ -26,6 +26,12 @@ VAE-encoded reference cached per video, so its jobs only draw their own noise; i
 embedding is cached per image. `callback_on_step_end` reports each step; CUDA out-of-memory becomes
 `OutOfMemory`; the sidecar gets the load time per component, seconds per step and peak memory.
 
+LoRAs (`model.loras`) are PEFT adapters applied at load, before the speed settings and the offload
+hooks, and switched in place between jobs (`use_loras`, `diffusers_loras`); under fp8, int8 or
+fp8_storage they are fused into the weights before those are quantized. Each job's info splits its time
+into text encoding, denoise and VAE decode (`seconds`). On Wan2.2 each expert's own cfg decides whether
+its steps run the unconditional pass (diffusers alone decides both from the first scale).
+
 Options (`model.options`), mapped to diffusers' own memory switches:
   offload: none | model | sequential | group   `enable_model_cpu_offload()`, `enable_sequential_cpu_offload()`,
                                        or block-level `enable_group_offload()` of the transformers

@@ -72,6 +72,30 @@ Per job: DiffSynth's own seed argument with `rand_device="cpu"` (the initial noi
 `torch.Generator`, so a seed gives the same video on any card, and a rerun the same frames); the
 pipeline's progress iterator reports each step; CUDA out-of-memory becomes `OutOfMemory`.
 
+LoRAs (`model.loras`, `diffsynth_loras`): DiffSynth's `load_lora` puts each LoRA into `dit` (Wan2.2 A14B's
+high-noise expert, or the only DiT) and `dit2` (the low-noise expert) at its strength for that expert.
+They are hot-loaded (the base weights untouched), so `use_loras` switches sets, files and strengths
+between jobs exactly: DiffSynth's `clear_lora()`, then the new set, from a cache of the last files read.
+With `speed.quantize` (fp8, int8, fp8_storage) they are fused into the weights before the quantize step
+instead, and any change of LoRAs reloads the model. `load_info["loras"]` records each (file, digest,
+strength, expert, mode hot|fused, layers patched, seconds); a switch's record goes into the next job's
+facts (`lora_switch`).
+
+cfg 1: DiffSynth runs neither the negative prompt's encoding nor the DiT's unconditional pass when
+`cfg_scale` is 1 (its unit runner and denoising loop test `cfg_scale != 1`). `cfg_merge` is dropped at
+cfg 1: DiffSynth would still batch the conditional input twice.
+
+Where a job's time goes (`job_info()["seconds"]`), from marks the backend already has:
+  text_encoder  the text encoder's forward passes (hooks before and after it; 0 when every prompt was in the
+                cache)
+  inputs        the rest before the first step: reading and VAE-encoding references, the noise, moving
+                managed models
+  denoise       from the denoising loop's start (the step iterator's first call) to its last step's end
+  vae_decode    from the last step's end to the pipeline's return (the VAE decode and its onloading)
+  total         the whole `generate` call, frames converted to uint8 included
+On a GPU each mark waits for the card first (`torch.cuda.synchronize`: a few per job), so the parts are
+the card's time, not the queue's.
+
 Caches (`diffsynth_caches`): the pipeline's units that encode prompts, reference videos and images,
 control and pose videos and audio are replaced by ones that keep their output per worker, so the jobs
 of one input (prompts × seeds) encode it once; the job's noise is still mixed in per job.
@@ -99,7 +123,8 @@ from typing import Any
 import numpy as np
 
 from .. import speed as speed_settings
-from ..backend import Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
+from ..backend import (FUSING_QUANTIZE, Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames,
+                       run_to_first_denoiser_call)
 from ..demo import tiny_folder
 from ..manifest import CONDITIONED_TASKS
 from . import diffsynth_checks as checks
@@ -108,7 +133,8 @@ from .diffsynth_caches import install_caches
 from .diffsynth_checks import DEFAULT_TILE
 from .diffsynth_files import COMPONENTS, MODEL_NAMES, PART_NAMES, TASK_PARTS, model_files
 from .diffsynth_inputs import prefetch, task_inputs
-from .shared import model_files_identity
+from .diffsynth_loras import PipelineLoras
+from .shared import lora_problems, model_files_identity
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +146,7 @@ class DiffSynthWanBackend(Backend):
     path_options = frozenset({"tokenizer"})  # resolved by the manifest against its folder
     verify_checkpoint = True
     checkpoint_layout = "wan"
+    switches_loras = True  # hot-loaded LoRAs (diffsynth_loras); fused ones, with speed.quantize, reload
 
     @classmethod
     def check(cls, manifest) -> list[str | BackendProblem]:
@@ -128,6 +155,10 @@ class DiffSynthWanBackend(Backend):
     @classmethod
     def plan_notes(cls, manifest) -> list[str]:
         return checks.plan_notes(manifest)
+
+    @classmethod
+    def check_loras(cls, manifest, files) -> list:
+        return lora_problems(manifest, cls.checkpoint_layout, files)
 
     # ------------------------------------------------------------------------------------------
 
@@ -182,12 +213,17 @@ class DiffSynthWanBackend(Backend):
         if "audio_encoder" in parts:
             from transformers import Wav2Vec2Processor
             pipe.audio_processor = Wav2Vec2Processor.from_pretrained(Path(files["audio_encoder"]).parent)
+        # (before the LoRAs: wrapping a DiT for hot-loading marks it managed, which changes nothing here)
+        pipe.vram_management_enabled = pipe.check_vram_management_state()
+        # LoRAs before the speed settings: fused ones go into the weights before they are quantized
+        self.loras = PipelineLoras(pipe, fused=self.model.speed.quantize in FUSING_QUANTIZE)
+        lora_records = self.loras.apply(self.model.loras)
         speed_facts = self._apply_speed(pipe)
         t0 = time.perf_counter()
         from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer
         pipe.tokenizer = HuggingfaceTokenizer(name=files["tokenizer"], seq_len=512, clean="whitespace")
         seconds["tokenizer"] = round(time.perf_counter() - t0, 3)
-        pipe.vram_management_enabled = pipe.check_vram_management_state()
+        self._time_text_encoder(pipe.text_encoder)
         install_caches(self, pipe)
         _quiet_vae_progress()
         self.pipe = pipe
@@ -196,6 +232,7 @@ class DiffSynthWanBackend(Backend):
         # Animate's face video is read at the square size its motion encoder takes (512 in the release)
         self.face_size = _face_size(pipe.animate_adapter) if pipe.animate_adapter is not None else None
         self._job: dict = {}
+        self._lora_switch: dict | None = None
         self.load_info = {
             "backend": self.name, "load_seconds": round(time.perf_counter() - started, 3),
             "import_seconds": round(imported - started, 3), "components": seconds,
@@ -205,6 +242,7 @@ class DiffSynthWanBackend(Backend):
             "model_files": model_files_identity(self.model.path),
             "vram_management": o.get("vram_management", True), "vram_limit_gib": vram_limit,
             "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
+            **({"loras": lora_records} if lora_records else {}),
         }
         log.debug("loaded %s in %.1f s (%s; vram_management %s, limit %s GiB; seconds per component %s)",
                   self.model.path, self.load_info["load_seconds"], self.load_info["loader"],
@@ -285,15 +323,21 @@ class DiffSynthWanBackend(Backend):
         g = self.generation_for(job)
         o = self.options
         called = time.time()
-        self._job = {"prompt_encodings": 0}
+        self._job = {"prompt_encodings": 0, "seconds": {"text_encoder": 0.0}}
+        if self._lora_switch is not None:  # the switch made before this job (use_loras)
+            self._job["lora_switch"], self._lora_switch = self._lora_switch, None
         step_times: list[float] = []
+        marks: dict[str, float] = {}
+        extra = dict(g.extra)
+        if g.guidance[0] == 1:
+            extra.pop("cfg_merge", None)  # DiffSynth would batch the conditional input twice at cfg 1
         kwargs: dict[str, Any] = dict(
             prompt=job.prompt, negative_prompt=g.negative_prompt, seed=int(job.seed), rand_device="cpu",
             height=g.height, width=g.width, num_frames=g.num_frames, cfg_scale=g.guidance[0],
             num_inference_steps=g.steps, tiled=bool(o.get("tiled", True)),
             tile_size=tuple(o.get("tile_size", DEFAULT_TILE[0])),
             tile_stride=tuple(o.get("tile_stride", DEFAULT_TILE[1])),
-            progress_bar_cmd=self._steps(progress, step_times), output_type="floatpoint", **g.extra)
+            progress_bar_cmd=self._steps(progress, step_times, marks), output_type="floatpoint", **extra)
         if g.shift is not None:
             kwargs["sigma_shift"] = float(g.shift)
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
@@ -301,6 +345,9 @@ class DiffSynthWanBackend(Backend):
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
             with speed_settings.sdpa_kernel(self.model.speed.attention):
                 video = self.pipe(**kwargs)
+            if self.cuda:
+                torch.cuda.synchronize()
+            decoded = time.time()
             if not bool(torch.isfinite(video[0]).all()):
                 raise NonFiniteFrames(self.model.speed)
             frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -316,13 +363,55 @@ class DiffSynthWanBackend(Backend):
         job_facts["timeline"] = {
             "called": round(called, 3), "first_step_done": round(step_times[0], 3) if step_times else None,
             "last_step_done": round(step_times[-1], 3) if step_times else None, "returned": round(returned, 3)}
+        job_facts["seconds"] = self._time_split(job_facts["seconds"]["text_encoder"], called, marks, step_times,
+                                                decoded, returned)
         return np.ascontiguousarray(frames)
 
-    def _steps(self, progress, step_times: list[float]):
-        """DiffSynth's `progress_bar_cmd` (it wraps the timesteps): reports and times each finished step."""
+    @staticmethod
+    def _time_split(text_encoder: float, called: float, marks: dict, step_times: list[float], decoded: float,
+                    returned: float) -> dict:
+        """The job's seconds per part (module docstring), from the marks `generate` took."""
+        started = marks.get("denoise_started", decoded)
+        last_step = step_times[-1] if step_times else started
+        return {"text_encoder": round(text_encoder, 4),
+                "inputs": round(max(started - called - text_encoder, 0.0), 4),
+                "denoise": round(last_step - started, 4), "vae_decode": round(decoded - last_step, 4),
+                "total": round(returned - called, 4)}
+
+    def _time_text_encoder(self, text_encoder) -> None:
+        """Hooks around the text encoder's forward that add its seconds to the job's `seconds.text_encoder`."""
+        entered: list[float] = []
+
+        def before(module, args):
+            if self.cuda:
+                self.torch.cuda.synchronize()  # what was queued before is not the encoder's
+            entered.append(time.perf_counter())
+
+        def after(module, args, output):
+            if self.cuda:
+                self.torch.cuda.synchronize()
+            seconds = self._job.setdefault("seconds", {"text_encoder": 0.0})
+            seconds["text_encoder"] = seconds.get("text_encoder", 0.0) + time.perf_counter() - entered.pop()
+        text_encoder.register_forward_pre_hook(before)
+        text_encoder.register_forward_hook(after)
+
+    def use_loras(self, loras) -> None:
+        """Hot-loaded LoRAs switched in place (diffsynth_loras: DiffSynth's clear_lora, then `loras` from the
+        cache of files read); its record and seconds go into the next job's facts."""
+        started, reads = time.perf_counter(), self.loras.file_reads
+        records = self.loras.apply(tuple(loras))
+        self._lora_switch = {"seconds": round(time.perf_counter() - started, 4), "loras": records,
+                             "files_read": self.loras.file_reads - reads}  # 0: all from the cache
+
+    def _steps(self, progress, step_times: list[float], marks: dict):
+        """DiffSynth's `progress_bar_cmd` (it wraps the timesteps): reports and times each finished step, and
+        marks when the denoising loop starts (`marks["denoise_started"]`)."""
         cuda = self.cuda
 
         def steps(timesteps):
+            if cuda:
+                self.torch.cuda.synchronize()
+            marks["denoise_started"] = time.time()
             total = len(timesteps)
             for index, timestep in enumerate(timesteps):
                 yield timestep

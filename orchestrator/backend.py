@@ -175,6 +175,14 @@ class Backend(ABC):
         return []
 
     @classmethod
+    def check_loras(cls, manifest: "Manifest", files: "list[tuple[str, str, str]]") -> list[BackendProblem]:
+        """Problems with the LoRA files a sweep may run: `files` holds (manifest key, LoRA name, file) of
+        each, model.loras's and every value of a `loras.NAME.path` axis (validation gathers them, so each
+        is checked once whichever LoRAs the first job has on). A backend that reads no LoRA files (the
+        synthetic one) takes them as they are; the library backends check them against the checkpoint."""
+        return []
+
+    @classmethod
     def plan_notes(cls, manifest: "Manifest") -> list[str]:
         """Lines `plan` prints about how this backend will run the sweep (costs, caveats)."""
         return []

@@ -354,7 +354,7 @@ class SlotBackend:
         self.switches = self.reloads = 0  # LoRA switches in place, and loads after the first
         # What the last job needed of the model: "load" (none was loaded), "same", "switch" (its LoRAs were
         # switched in place) or "reload"; its sidecar says so (`model_change`), as `plan` counted.
-        self.last_change = "load"
+        self.last_change, self.fresh = "load", False  # fresh: no job has run on the model loaded yet
 
     def open(self):
         """Load the slot's own model (before the first job); return the backend."""
@@ -365,9 +365,10 @@ class SlotBackend:
         again (`backend.lora_change`, the rule the planner counts by)."""
         wanted = self.model if job.model is None else job.model
         if self.backend is None:
-            self.last_change = "load"
             return self._open(wanted)
-        change = self.last_change = lora_change(type(self.backend), self.loaded, wanted)
+        change = lora_change(type(self.backend), self.loaded, wanted)
+        # (the first job on a model just loaded, by `open` before it or here: "load")
+        self.last_change, self.fresh = ("load" if self.fresh and change == "same" else change), False
         if change == "same":
             return self.backend
         if change == "switch":
@@ -385,7 +386,7 @@ class SlotBackend:
 
     def _open(self, model):
         self.backend = self._load(model)
-        self.loaded = model
+        self.loaded, self.last_change, self.fresh = model, "load", True
         return self.backend
 
     def close(self) -> None:

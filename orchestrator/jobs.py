@@ -230,7 +230,8 @@ def _tell(line: str) -> None:
 
 def _loading_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:
     """The jobs of each quantize value (an axis, alone or in a zip group) before those of the next, and
-    within one the jobs of each LoRA setting (the `loras` axes' values) together: a worker loads its model
+    within one the jobs of each set of LoRAs on (the `loras` axes' values resolved: two values that leave the
+    same LoRAs on are one) together: a worker loads its model
     again when the quantize changes and switches (or, fused, reloads) its LoRAs when they change, and taking
     jobs in this order (and in groups, `Job.group`) it does so as rarely as the sweep allows. Ids and names
     do not depend on the order; without such axes the order is expand's own."""
@@ -241,15 +242,9 @@ def _loading_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:
     lora_rank: dict = {}
     for job in jobs:  # in expand's order: a value's rank is where it first comes
         quantize_rank.setdefault(job.axes.get("quantize"), len(quantize_rank))
-        lora_rank.setdefault(_lora_values(job), len(lora_rank))
-    ordered = sorted(jobs, key=lambda job: (quantize_rank[job.axes.get("quantize")], lora_rank[_lora_values(job)]))
+        lora_rank.setdefault(job.model.loras, len(lora_rank))  # (the LoRAs on: `[]` and strength 0 of none)
+    ordered = sorted(jobs, key=lambda job: (quantize_rank[job.axes.get("quantize")], lora_rank[job.model.loras]))
     return [replace(job, ordinal=ordinal) for ordinal, job in enumerate(ordered)]
-
-
-def _lora_values(job: Job) -> str:
-    """A job's LoRA axis values as one hashable text ("" without any)."""
-    values = {key: value for key, value in job.axes.items() if is_lora_axis(key)}
-    return json.dumps(values, sort_keys=True) if values else ""
 
 
 def _file_identity(path: Path | None) -> str | None:

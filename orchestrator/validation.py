@@ -107,7 +107,23 @@ def _check_backend(manifest: Manifest, problem: Callable[..., None]) -> Manifest
         else:
             problem(("model",), found)
     _check_axes(manifest, backend, first, swept, found_before, problem)
+    for found in backend.check_loras(manifest, lora_files(manifest)):
+        problem((found.key, "model.loras", "model"), found.message, found.fix)
     return manifest
+
+
+def lora_files(manifest: Manifest) -> list[tuple[str, str, str]]:
+    """(manifest key, LoRA name, file) of every LoRA file a sweep may run: model.loras's, and each value of a
+    `loras.NAME.path` axis (its key ends with the value's index, `axes.loras.NAME.path.1`; in a zip group,
+    the group's `axes.zip`), each file once per LoRA."""
+    found = [(f"model.loras.{lora.name}.path", lora.name, lora.path) for lora in manifest.model.loras]
+    for axis in manifest.axes:
+        for key in axis.keys:
+            if key.startswith("loras.") and key.endswith(".path"):
+                found += [(f"axes.{key}.{index}" if len(axis.keys) == 1 else "axes.zip", key.split(".")[1], point[key])
+                          for index, point in enumerate(axis.assignments())]
+    seen: set[tuple[str, str]] = set()
+    return [entry for entry in found if (entry[1], entry[2]) not in seen and not seen.add((entry[1], entry[2]))]
 
 
 def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found_before: set[str],

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from orchestrator.checkpoints import loras
-from orchestrator.checkpoints.loras import (LoraFileError, content_digest, describe, fit_problems, likely_model,
+from orchestrator import file_digests
+from orchestrator.checkpoints.loras import (LoraFileError, describe, fit_problems, likely_model,
                                             model_linears, read_lora, wan_state_dict)
+from orchestrator.file_digests import content_digest
 
 from .conftest import LazyModule, header_only_safetensors
 
@@ -202,17 +203,18 @@ def test_describe_and_likely_model(tmp_path):
 
 def test_content_digest_is_the_sha256_hashed_once_until_the_content_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(loras, "_DIGESTS", {})
+    monkeypatch.setattr(file_digests, "_DIGESTS", {})
     path = _wan_lora(tmp_path / "a.safetensors", blocks=1)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
     hashed = []
-    real = hashlib.file_digest
-    monkeypatch.setattr(hashlib, "file_digest", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    real = hashlib.sha256
+    monkeypatch.setattr(file_digests.hashlib, "sha256", lambda *a, **k: hashed.append(1) or real(*a, **k))
     first = content_digest(path)
-    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert first == expected
     assert content_digest(path) == first and len(hashed) == 1  # memoized in the process
-    loras._DIGESTS.clear()  # another process: the cache file answers
+    file_digests._DIGESTS.clear()  # another process: the cache file answers
     assert content_digest(path) == first and len(hashed) == 1
-    assert json.loads((tmp_path / "cache" / "wan-sweep" / "lora-digests.json").read_text())
+    assert json.loads((tmp_path / "cache" / "wan-sweep" / file_digests.CACHE_NAME).read_text())
     _wan_lora(path, blocks=1, rank=2)  # new content (and mtime)
     os.utime(path, ns=(1, 1))  # even with an old mtime: the size differs
     assert content_digest(path) != first and len(hashed) == 2
@@ -222,7 +224,7 @@ def test_content_digest_without_a_writable_cache(tmp_path, monkeypatch):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder would be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
-    monkeypatch.setattr(loras, "_DIGESTS", {})
+    monkeypatch.setattr(file_digests, "_DIGESTS", {})
     path = _wan_lora(tmp_path / "a.safetensors", blocks=1)
     assert content_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -156,6 +156,15 @@ class CommandBackend(Backend):
     # Checks before anything starts
 
     @classmethod
+    def check_loras(cls, manifest, files) -> list[BackendProblem]:
+        return [BackendProblem(
+            "model.loras", "the command backend runs Wan's generate.py (or your program) once per video, which "
+            "takes no LoRA files (its only LoRA is Animate's own relighting one, --use_relighting_lora); a LoRA "
+            "listed here would silently not be applied",
+            "use backend diffusers or diffsynth, which load each LoRA once and switch between them per job; or "
+            "pass your program's own LoRA flag under model.options.command")] if files else []
+
+    @classmethod
     def check(cls, manifest) -> list[str | BackendProblem]:
         model = manifest.model
         options = model.options

@@ -1,7 +1,7 @@
 """What the backends share besides their interface (`orchestrator.backend`): the checks every backend
 makes of `model.options` (`option_problems`) and of the `speed:` settings against this machine's cards
-(`speed_card_problems`), and the identity of a checkpoint's files (`model_files_identity`) that every
-sidecar records.
+(`speed_card_problems`), the checks of the manifest's LoRA files against the checkpoint (`lora_problems`),
+and the identity of a checkpoint's files (`model_files_identity`) that every sidecar records.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from .. import gpus as machine_gpus, speed as speed_settings
 from ..backend import BackendProblem
+from ..checkpoints import CheckpointError
+from ..checkpoints.loras import LoraFileError, fit_problems, model_linears, read_lora
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
@@ -96,3 +98,51 @@ def model_files_identity(path: str | os.PathLike | None, max_files: int = 400) -
             configs[name] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
     return {"path": str(root), "weights": weights, "weight_bytes": sum(weights.values()),
             "configs_sha256": configs}
+
+
+def lora_problems(manifest: "Manifest", layout: str, files: list[tuple[str, str, str]]) -> list[BackendProblem]:
+    """The LoRA files a sweep may run (`files`: (manifest key, LoRA name, file), `Backend.check_loras`), each
+    read from its header and checked against the checkpoint's own layers (`model.path`, in `layout`:
+    diffusers or wan): a file that is not a LoRA in safetensors, layers the model lacks or has in other
+    shapes (a 1.3B LoRA on a 14B names the first key and both shapes), a LoRA meant for the other Wan2.2
+    expert (its name or metadata says so), an expert the model lacks. Each at its key's line."""
+    if not files or not manifest.model.path:
+        return []
+    try:
+        experts = model_linears(manifest.model.path, layout)
+    except (OSError, ValueError, CheckpointError) as exc:
+        return [BackendProblem("model.path", f"cannot read the checkpoint's layers to check the LoRAs against: {exc}")]
+    problems: list[BackendProblem] = []
+    expert_of = {lora.name: lora.expert for lora in manifest.model.loras}
+    checked: set[tuple[str, str]] = set()
+    for key, name, path in files:
+        if (name, path) in checked:
+            continue
+        checked.add((name, path))
+        try:
+            lora = read_lora(path)
+        except LoraFileError as exc:
+            problems.append(BackendProblem(key, exc.message, exc.fix))
+            continue
+        expert = expert_of[name]
+        if expert != "both" and len(experts) < 2:
+            problems.append(BackendProblem(f"model.loras.{name}.expert", f"LoRA {name} is for the {expert}-noise "
+                                           "expert, but this model has one denoiser (not Wan2.2 A14B)",
+                                           "leave `expert` out (both)"))
+            continue
+        if expert != "both" and lora.expert_hint and lora.expert_hint != expert:
+            problems.append(BackendProblem(
+                key, f"LoRA {name}: {Path(path).name} is made for the {lora.expert_hint}-noise expert (its "
+                f"{'name' if lora.expert_hint.lower() in Path(path).name.lower() else 'metadata'} says so), but "
+                f"model.loras.{name}.expert is {expert}",
+                f"set `expert: {lora.expert_hint}`, or use the {expert}-noise file of the pair"))
+            continue
+        for which in (("high", "low") if expert == "both" else (expert,)):
+            linears = experts.get(which) or experts.get("high") or {}
+            for message, fix in fit_problems(lora, linears):
+                problems.append(BackendProblem(key, message, fix))
+                break
+            else:
+                continue
+            break  # one problem per file: the first expert it fails names it
+    return problems

@@ -18,7 +18,6 @@ knows are kept as they are. No torch at import: only `wan_state_dict` loads tens
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -419,53 +418,6 @@ def describe(lora: LoraFile) -> str:
     blocks = f"{lora.blocks} block{'s' if lora.blocks != 1 else ''}"
     return (f"{layout}, {len(lora.targets)} layers in {blocks}, {width}, rank {lora.rank}"
             f"{expert}, {size}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Content identity
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-DIGEST_CACHE_NAME = "lora-digests.json"
-
-
-def _digest_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "wan-sweep" / DIGEST_CACHE_NAME
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """sha256 (hex) of the file's bytes: what identifies a LoRA in job ids. Hashed once per machine for a
-    (path, size, mtime) — memoized in the process and kept in $XDG_CACHE_HOME/wan-sweep/lora-digests.json
-    (a cache that cannot be written is only not kept)."""
-    resolved = Path(path).expanduser().resolve()
-    stat = resolved.stat()
-    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
-    if key in _DIGESTS:
-        return _DIGESTS[key]
-    cache_file = _digest_cache_file()
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(key[0])
-    if isinstance(entry, dict) and entry.get("size") == key[1] and entry.get("mtime_ns") == key[2] \
-            and isinstance(entry.get("sha256"), str):
-        _DIGESTS[key] = entry["sha256"]
-        return entry["sha256"]
-    with open(resolved, "rb") as stream:
-        digest = hashlib.file_digest(stream, "sha256").hexdigest()
-    _DIGESTS[key] = digest
-    cache[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        partial.write_text(json.dumps(cache, indent=0), encoding="utf-8")
-        os.replace(partial, cache_file)  # whole or not at all, when two processes write at once
-    except OSError as exc:
-        log.debug("LoRA digest cache %s not written: %s", cache_file, exc)
-    return digest
 
 
 # --------------------------------------------------------------------------------------------------

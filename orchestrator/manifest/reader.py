@@ -328,16 +328,23 @@ def yaml_problem(file: Path, exc: yaml.YAMLError, what: str) -> Problem:
 
 
 def node_at(root, dotted: str):
-    """The YAML node of a dotted key (`generation.num_frames`), else of its nearest parent present."""
+    """The YAML node of a dotted key (`generation.num_frames`), else of its nearest parent present. A key
+    with dots of its own (the axis `loras.motion.strength`) is matched whole, the longest first; a number
+    after a list's key is its item (`axes.steps.1`: the second value)."""
     node, found = root, None
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    while parts:
+        if isinstance(node, yaml.SequenceNode) and parts[0].isdigit() and int(parts[0]) < len(node.value):
+            found = node = node.value[int(parts.pop(0))]
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
-        match = next(((key, value) for key, value in node.value
-                      if isinstance(key, yaml.ScalarNode) and key.value == part), None)
-        if match is None:
+        keys = {key.value: (key, value) for key, value in node.value if isinstance(key, yaml.ScalarNode)}
+        length = next((n for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in keys), 0)
+        if not length:
             break
-        found, node = match  # the key's line: a block mapping's value starts on the next one
+        found, node = keys[".".join(parts[:length])]  # the key's line: a block mapping's value starts on the next
+        del parts[:length]
     return found
 
 

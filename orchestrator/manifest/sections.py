@@ -397,7 +397,7 @@ def _read_axes(reader: Reader, node, lora_names: tuple[str, ...] = ()) -> tuple[
         if not first_time(key, key_node):
             continue
         values = _read_axis_values(reader, key, value_node, f"axes.{key}")
-        if key == "loras" and not _lora_sets_declared(reader, value_node, values, lora_names):
+        if key == "loras" and values and not _lora_sets_declared(reader, value_node, lora_names):
             continue
         if values:
             axes.append(Axis((key,), tuple((value,) for value in values)))
@@ -485,14 +485,14 @@ def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool 
     return values if fine else []
 
 
-def _lora_sets_declared(reader: Reader, node, sets: list, lora_names: tuple[str, ...]) -> bool:
+def _lora_sets_declared(reader: Reader, node, lora_names: tuple[str, ...]) -> bool:
     """Whether every name in the `loras` axis's sets is one of model.loras (else said at its value)."""
-    for item, names in zip(node.value, sets):
-        unknown = [name for name in names if name not in lora_names]
-        if unknown:
-            reader.problem(item, f"axes.loras: {unknown[0]!r} is not a LoRA of model.loras",
-                           f"use the names model.loras gives: {', '.join(lora_names)}")
-            return False
+    for item in node.value:
+        for name_node in item.value if isinstance(item, yaml.SequenceNode) else ():
+            if name_node.value not in lora_names:
+                reader.problem(name_node, f"axes.loras: {name_node.value!r} is not a LoRA of model.loras",
+                               f"use the names model.loras gives: {', '.join(lora_names)}")
+                return False
     return True
 
 

@@ -226,3 +226,31 @@ def test_the_job_time_is_split_into_text_encoding_denoise_and_decode(random_wan)
         assert sum(seconds.values()) <= wall + 1e-3  # (each part rounded to 0.1 ms)
         assert seconds["denoise"] > 0 and seconds["vae_decode"] > 0
         assert (seconds["text_encoder"] > 0) if expect_encoding else seconds["text_encoder"] < seconds["denoise"]
+
+
+@pytest.mark.slow
+def test_under_compile_a_change_of_strength_recompiles_nothing_and_takes_effect(random_wan, loras):
+    """`compile: blocks` with a LoRA as an adapter: its scales live in tensors (`scales_as_tensors`), so a
+    strength sweep compiles the blocks once (a float scale compiled a graph per value), and the compiled
+    forward follows the new strength (eager's output at that strength)."""
+    from torch._dynamo.utils import counters
+    from orchestrator.backends.diffusers_wan import DiffusersWanBackend
+    generation = GenerationConfig(**SMALL)
+
+    def load(strength, compile):
+        backend = DiffusersWanBackend(ModelConfig(
+            backend="diffusers", task="t2v", path=str(random_wan("t2v")), dtype="float32",
+            speed=SpeedConfig(compile=compile), loras=(_lora(loras, "A", strength),)), generation, ())
+        backend.load()
+        return backend
+    compiled = load(1.0, "blocks")
+    full = compiled.denoise_once(0)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.use_loras((_lora(loras, "A", 0.5),))
+    half = compiled.denoise_once(0)
+    compiled.use_loras((_lora(loras, "A", 0.25),))
+    compiled.denoise_once(0)
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph for a new strength
+    eager = load(0.5, "none")
+    assert (half - eager.denoise_once(0)).abs().max().item() < 1e-4
+    assert (half - full).abs().max().item() > 1e-2  # (the strength did change the output)

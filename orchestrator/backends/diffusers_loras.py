@@ -58,8 +58,13 @@ def lora_facts(lora: "LoraConfig", mode: str, seconds: float) -> dict:
 class LoraAdapters:
     """The LoRA adapters of one pipeline and the set that is active (see the module's docstring)."""
 
-    def __init__(self, pipe, keep_unused_files: int = KEEP_UNUSED_FILES):
+    def __init__(self, pipe, keep_unused_files: int = KEEP_UNUSED_FILES, scales_as_tensors: bool = False):
         self.pipe = pipe
+        # Under torch.compile (`speed.compile`): each LoRA layer's scale held in a 0-dim tensor whose value
+        # a switch fills in, as PEFT's compiled hotswap does. A Python float is a constant of the compiled
+        # graph, so each new strength would compile the blocks again (measured: one graph per value).
+        self.scales_as_tensors = scales_as_tensors
+        self._scale_tensors: dict[tuple[int, str], object] = {}
         self.denoisers = [name for name in DENOISERS if getattr(pipe, name, None) is not None]
         # adapter name -> the denoisers it is loaded into; least recently used first
         self.loaded: OrderedDict[str, set[str]] = OrderedDict()
@@ -131,8 +136,29 @@ class LoraAdapters:
         if scales:
             model.enable_lora()  # (undo an earlier disable_lora: set_adapters does not)
             model.set_adapters(list(scales), list(scales.values()))
+            if self.scales_as_tensors:
+                self._scales_in_tensors(model)
         else:
             model.disable_lora()
+
+    def _scales_in_tensors(self, model) -> None:
+        """Each LoRA layer's scales (floats, as `set_adapters` writes them) moved into tensors kept from one
+        switch to the next, so the compiled graph reads them as inputs (see `scales_as_tensors`)."""
+        import torch
+        for module in model.modules():
+            scaling = getattr(module, "scaling", None)
+            if not isinstance(scaling, dict) or not hasattr(module, "get_base_layer"):
+                continue
+            for key, value in scaling.items():
+                if not isinstance(value, float):
+                    continue
+                held = self._scale_tensors.get((id(module), key))
+                if held is None:
+                    held = torch.tensor(value, device=module.get_base_layer().weight.device)
+                    self._scale_tensors[(id(module), key)] = held
+                else:
+                    held.fill_(value)
+                scaling[key] = held
 
     def _forget_unused(self, wanted: set[str]) -> None:
         """Delete the adapters of the least recently used files beyond `keep_unused_files`."""
@@ -140,4 +166,5 @@ class LoraAdapters:
         for name in unused[:max(0, len(unused) - self.keep_unused_files)]:
             for denoiser in self.loaded.pop(name):
                 getattr(self.pipe, denoiser).delete_adapters(name)
+            self._scale_tensors = {key: held for key, held in self._scale_tensors.items() if key[1] != name}
             log.debug("deleted LoRA adapter %s", name)

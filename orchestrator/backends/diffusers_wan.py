@@ -176,7 +176,7 @@ class DiffusersWanBackend(Backend):
     def _apply_loras(self, pipe) -> list[dict]:
         """`self.model.loras` on the freshly built pipeline: PEFT adapters, or under a quantize of
         FUSING_QUANTIZE merged into the weights (the adapters then removed) before they are quantized."""
-        self.adapters = LoraAdapters(pipe)
+        self.adapters = LoraAdapters(pipe, scales_as_tensors=self.model.speed.compile != "none")
         if self.model.speed.quantize in FUSING_QUANTIZE:
             return self.adapters.fuse(self.model.loras) if self.model.loras else []
         return self.adapters.use(self.model.loras)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from . import __version__, api, checkpoints
 from .backend import BACKENDS, FUSING_QUANTIZE, backend_class
-from .checkpoints import download_fix
+from .checkpoints import download_fix, loras
 from .errors import UserError, WanSweepError
 from .executor_names import EXECUTOR_NAMES
 from .invocation import program_name
@@ -37,6 +37,7 @@ from .speed import describe as describe_speed, identity as speed_identity
 from .speed_trial import (DEFAULT_CANDIDATES, TrialError, candidate_problems, format_trials, label, parse_candidate,
                           run_trials)
 from .sweep import OWNER_FILE, FolderProblem, Sweep
+from .validation import lora_files
 
 COMMANDS = ("run", "plan", "report", "stop", "models")
 
@@ -433,6 +434,11 @@ def cmd_models(args) -> int:
         checkpoint = checkpoints.inspect(path, task=manifest.model.task if manifest else _raw_task(args.target),
                                          layout=_raw_layout(args.target))
         print(checkpoints.format_status(checkpoint))
+        if manifest is not None and manifest.model.loras:
+            print("\nLoRAs of the manifest:")
+            print("\n".join(loras.status_lines(lora_files(manifest), manifest.model.path,
+                                               backend_class(manifest.model.backend).checkpoint_layout,
+                                               {lora.name: lora.expert for lora in manifest.model.loras})))
         if checkpoint.problems:
             print(f"error: {checkpoint.error()}", file=sys.stderr)
             return 2
@@ -517,6 +523,28 @@ def _model_target(target: str, need_manifest: bool):
     return manifest.model.path, manifest
 
 
+# LoRA files whose adapters may be on the card at once: the active ones and the few a worker keeps loaded
+# for the next switch (backends/diffusers_loras.KEEP_UNUSED_FILES beside the one in use).
+KEPT_LORA_FILES = 4
+
+
+def _adapter_bytes(manifest, quantize: str, bytes_per_param: int) -> int:
+    """What the manifest's LoRAs hold on the card as unfused adapters (0 when they are fused into the
+    weights, under an 8-bit quantize): the largest few files, each in every expert it goes into."""
+    if not manifest.model.loras or quantize in FUSING_QUANTIZE:
+        return 0
+    experts = {lora.name: lora.expert for lora in manifest.model.loras}
+    two = len(loras.model_linears(manifest.model.path, backend_class(manifest.model.backend).checkpoint_layout)) > 1
+    sizes = []
+    for _, name, path in lora_files(manifest):
+        try:
+            params = loras.adapter_params(loras.read_lora(path))
+        except checkpoints.CheckpointError:
+            continue
+        sizes.append(params * bytes_per_param * (2 if two and experts.get(name) == "both" else 1))
+    return sum(sorted(sizes, reverse=True)[:KEPT_LORA_FILES])
+
+
 def _models_fit(args, path: str, manifest) -> int:
     checkpoint = checkpoints.verify(path)
     if manifest is not None:
@@ -526,6 +554,12 @@ def _models_fit(args, path: str, manifest) -> int:
         backend, options, margin = manifest.model.backend, dict(manifest.model.options), manifest.resources.memory_margin_gib
         quantize = manifest.heaviest_model.speed.quantize  # what calibration measured (axes: the heaviest)
         measured = checkpoints.measured_profiles(manifest)
+        adapters = _adapter_bytes(manifest, quantize, settings.b)
+        if adapters:
+            margin += adapters / checkpoints.GIB
+            print(f"LoRAs      as unfused adapters they hold {adapters / checkpoints.GIB:.2f} GiB on the card (each "
+                  f"file's rank × (in + out) per layer, per expert it goes into, the largest {KEPT_LORA_FILES} "
+                  f"files counted): added to the margin below\n")
     else:
         width, height = 832, 480
         if args.size:

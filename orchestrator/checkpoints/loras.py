@@ -420,6 +420,39 @@ def describe(lora: LoraFile) -> str:
             f"{expert}, {size}")
 
 
+def adapter_params(lora: LoraFile) -> int:
+    """The parameters of the LoRA as an unfused adapter in one denoiser: rank × (in + out) per layer (a
+    full delta, rank 0 in `targets`, counts out × in)."""
+    return sum(rank * (inp + out) if rank else out * inp for out, inp, rank in lora.targets.values())
+
+
+def status_lines(files: list[tuple[str, str, str]], checkpoint: str | os.PathLike | None, layout: str | None,
+                 experts: dict[str, str]) -> list[str]:
+    """`models status` on a manifest: each LoRA file it may run (`files`: (key, name, path), as validation
+    gathers them) with what it is, and whether it fits the manifest's model (`checkpoint` in `layout`), the
+    expert it goes into (`experts`: name -> both/high/low) checked first."""
+    try:
+        linears = model_linears(checkpoint, layout) if checkpoint and layout else {}
+    except (OSError, ValueError, CheckpointError):
+        linears = {}
+    lines = []
+    for _, name, path in files:
+        try:
+            lora = read_lora(path)
+        except LoraFileError as exc:
+            lines.append(f"  {name:<12} {Path(path).name}: {exc.message}")
+            continue
+        expert = experts.get(name, "both")
+        if not linears:
+            verdict = "(the model's layers could not be read: fit not checked)"
+        else:
+            found = [problem for which in (("high", "low") if expert == "both" else (expert,))
+                     for problem in fit_problems(lora, linears.get(which) or linears.get("high") or {})]
+            verdict = "fits this model" if not found else f"does NOT fit: {found[0][0]}"
+        lines.append(f"  {name:<12} {Path(path).name}: {describe(lora)}; {verdict}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # Tensors in the Wan layout (what DiffSynth's loader takes)
 

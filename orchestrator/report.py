@@ -71,6 +71,9 @@ class Report:
     ledger_note: str | None = None  # what is odd in a ledger that reads (rows of an unknown state)
     # Per axis of the manifest (`axes:`), a row per value; {} without axes.
     axes: dict[str, list[AxisRow]] = field(default_factory=dict)
+    # The LoRA files the jobs run (`model.loras`, a path axis's too): name, file, content digest, expert; their
+    # strengths are per job (an axis's rows above). [] without LoRAs.
+    loras: list[dict] = field(default_factory=list)
     # The disk scan the counts came from (not in the JSON): the review page shows the same files.
     scan: DiskScan | None = field(default=None, repr=False, compare=False)
 
@@ -95,7 +98,18 @@ class Report:
                 "axes": {axis: [{"value": list(r.value) if isinstance(r.value, tuple) else r.value, "label": r.name,
                                  **{k: v for k, v in asdict(r).items() if k not in ("name", "value")},
                                  "left": r.left, "percent": round(r.percent, 2)} for r in values]
-                         for axis, values in self.axes.items()}}
+                         for axis, values in self.axes.items()},
+                "loras": self.loras}
+
+
+def _loras(sweep: Sweep) -> list[dict]:
+    """The manifest's LoRAs as the jobs run them (their files' digests filled in at expansion), each once."""
+    seen: dict[tuple, dict] = {}
+    for job in sweep.jobs:
+        for lora in job.model.loras if job.model else ():
+            seen.setdefault((lora.name, lora.path, lora.digest), {"name": lora.name, "file": lora.path,
+                                                                  "digest": lora.digest, "expert": lora.expert})
+    return list(seen.values())
 
 
 def build_report(sweep: Sweep) -> Report:
@@ -120,7 +134,8 @@ def build_report(sweep: Sweep) -> Report:
             row.stale += 1
     report = Report(sweep.manifest.name, str(sweep.root), now, list(rows.values()),
                     ledger=sweep.has_ledger(), scan=scan,
-                    axes={axis: list(values.values()) for axis, values in axis_rows.items()})
+                    axes={axis: list(values.values()) for axis, values in axis_rows.items()},
+                    loras=_loras(sweep))
     if report.ledger:
         _read_ledger(report, sweep, by_id, tallies, scan, now)
     if report.stop_reason is None and report.totals.left and not report.workers_alive:

@@ -4,6 +4,7 @@ slot's switch-or-reload rule as `plan` counts it and as the sidecars record it, 
 leaks (the synthetic backend's picture shows the LoRAs its worker has on, not the job's)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -255,3 +256,17 @@ def test_a_lora_that_does_not_fit_the_model_is_refused_at_its_line(write_manifes
         pair = problems[_line_of(path, "lightning_low_noise")]
         assert "made for the low-noise expert" in pair.message and "expert: low" in pair.fix
     assert _line_of(path, "fits: loras/fits.safetensors") not in problems
+
+
+def test_report_json_names_each_lora_file_with_its_content_digest(write_manifest, lora_files):
+    path = _manifest(write_manifest, axes={"loras.motion.path": ["loras/motion_e5.safetensors",
+                                                                 "loras/motion_e10.safetensors"]})
+    result = cli("report", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    digests = {(entry["name"], Path(entry["file"]).name): entry["digest"] for entry in report["loras"]}
+    assert set(digests) == {("motion", "motion_e5.safetensors"), ("motion", "motion_e10.safetensors"),
+                            ("distill", "distill.safetensors")}
+    assert digests[("distill", "distill.safetensors")] == hashlib.sha256(lora_files["distill"].read_bytes()).hexdigest()
+    assert [row["value"] for row in report["axes"]["loras.motion.path"]] == [
+        str(lora_files["motion_e5"]), str(lora_files["motion_e10"])]

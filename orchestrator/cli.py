@@ -9,6 +9,7 @@ A thin layer over the Python API (`api`): parse the arguments, call it, print.
     python run_experiment.py models fit MANIFEST [--gpu 24GB x2]  # which memory strategy fits where
     python run_experiment.py models speed MANIFEST [--try compile=blocks,quantize=fp8 …]  # speed settings, measured
     python run_experiment.py models download REPO_ID --to DIR    # resumable, only when asked
+    python run_experiment.py models download REPO_ID --file NAME --to loras/   # one file, e.g. a LoRA
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("repo_id", metavar="REPO_ID")
     download.add_argument("--to", required=True, metavar="DIR", help="the folder to download into")
     download.add_argument("--revision", help="a branch, tag or commit")
+    download.add_argument("--file", action="append", dest="files", metavar="NAME",
+                          help="only this file of the repository (a glob; repeatable), e.g. one LoRA")
     return parser
 
 
@@ -417,7 +420,7 @@ def cmd_stop(manifest, args) -> int:
 
 def cmd_models(args) -> int:
     if args.models_command == "download":
-        checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision)
+        checkpoint = checkpoints.download(args.repo_id, args.to, revision=args.revision, files=args.files)
         if checkpoint is not None:
             print(checkpoints.format_status(checkpoint))
         return 0

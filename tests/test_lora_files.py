@@ -8,12 +8,14 @@ import hashlib
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from orchestrator import file_digests
+from orchestrator.checkpoints import CheckpointError
 from orchestrator.checkpoints.loras import (LoraFileError, describe, fit_problems, likely_model,
                                             model_linears, read_lora, wan_state_dict)
 from orchestrator.file_digests import content_digest
@@ -336,3 +338,24 @@ def test_both_layouts_load_into_a_tiny_diffusers_pipeline_and_change_its_frames(
     assert np.allclose(with_lora, wan_frames, atol=1e-5)  # the two layouts of one seed are the same LoRA
     pipe.set_adapters(["wan_high", "wan_low"], [0.0, 0.0])
     assert np.allclose(frames(), plain, atol=1e-6)  # strength 0: no LoRA
+
+
+def test_models_download_fetches_one_lora_file_and_says_what_it_is(tmp_path, monkeypatch):
+    """`models download REPO --file NAME --to loras/`: only that file is asked of the hub (allow_patterns), and
+    the line `models status` gives a LoRA is printed for it; a name the repository lacks is said."""
+    import huggingface_hub
+    from orchestrator.checkpoints.download import download
+    asked = {}
+
+    def fake_snapshot(repo_id, local_dir, revision=None, allow_patterns=None):
+        asked.update(repo=repo_id, patterns=allow_patterns)
+        if allow_patterns == ["loras/distill_rank4.safetensors"]:
+            (Path(local_dir) / "loras").mkdir(parents=True, exist_ok=True)
+            _wan_lora(Path(local_dir) / "loras" / "distill_rank4.safetensors", blocks=1)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    said = []
+    assert download("someone/loras", tmp_path / "got", files=["loras/distill_rank4.safetensors"], say=said.append) is None
+    assert asked == {"repo": "someone/loras", "patterns": ["loras/distill_rank4.safetensors"]}
+    assert any("distill_rank4.safetensors: Wan/ComfyUI layout" in line for line in said)
+    with pytest.raises(CheckpointError, match="has no file matching loras/nope.safetensors"):
+        download("someone/loras", tmp_path / "got", files=["loras/nope.safetensors"], say=said.append)

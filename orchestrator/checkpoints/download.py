@@ -8,6 +8,7 @@ from typing import Callable
 
 from .files import CheckpointError, DownloadError, WEIGHT_SUFFIXES
 from .layouts import Checkpoint, detect_layout, inspect, verify
+from .loras import LoraFileError, describe, read_lora
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,9 +39,10 @@ def remove_broken(folder: Path) -> list[str]:
 
 
 def download(repo_id: str, to: str | os.PathLike, revision: str | None = None,
-             say: Callable[[str], None] = print) -> Checkpoint | None:
+             say: Callable[[str], None] = print, files: list[str] | None = None) -> Checkpoint | None:
     """`huggingface_hub.snapshot_download(repo_id, local_dir=to)`: resumable (an interrupted file goes
-    on where it stopped), files already complete are skipped; then the result is verified."""
+    on where it stopped), files already complete are skipped; then the result is verified. `files`: only
+    these files (globs) of the repository, e.g. one LoRA of a repository that holds several."""
     if not REPO_ID.match(repo_id or ""):
         raise CheckpointError(f"`{repo_id}` is not a hub repository id: write owner/name, e.g. "
                               "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
@@ -55,9 +57,10 @@ def download(repo_id: str, to: str | os.PathLike, revision: str | None = None,
     if target.is_dir():
         for rel in remove_broken(target):
             say(f"removed broken {rel} (it is fetched again)")
-    say(f"downloading {repo_id}" + (f"@{revision}" if revision else "") + f" into {target} (resumable) …")
+    what = f"{', '.join(files)} of {repo_id}" if files else repo_id
+    say(f"downloading {what}" + (f"@{revision}" if revision else "") + f" into {target} (resumable) …")
     try:
-        snapshot_download(repo_id=repo_id, local_dir=str(target), revision=revision)
+        snapshot_download(repo_id=repo_id, local_dir=str(target), revision=revision, allow_patterns=files or None)
     except KeyboardInterrupt:
         raise DownloadError(f"download of {repo_id} interrupted; what arrived is kept in {target}: run the "
                             "same command again to resume") from None
@@ -66,8 +69,24 @@ def download(repo_id: str, to: str | os.PathLike, revision: str | None = None,
         raise DownloadError(f"download of {repo_id} into {target} failed: {type(exc).__name__}: {reason}\n"
                             "What arrived is kept; run the same command again to resume (check the repository "
                             "id, your network, and `hf auth login` for gated repositories)") from None
+    if files:
+        found = [path for pattern in files for path in sorted(target.glob(pattern)) if path.is_file()]
+        if not found:
+            raise DownloadError(f"{repo_id} has no file matching {', '.join(files)}: check the names in the "
+                                f"repository's file list (https://huggingface.co/{repo_id}/tree/main)")
+        for path in found:
+            say(f"  {path}" + (f": {_lora_line(path)}" if path.suffix == ".safetensors" else ""))
+        return None
     if detect_layout(target) is None:
         say(f"downloaded {repo_id} into {target}; it is not a checkpoint layout `models status` knows, so it "
             "was not checked")
         return None
     return verify(target)
+
+
+def _lora_line(path: Path) -> str:
+    """What a downloaded .safetensors is, if it is a LoRA (the line `models status` gives it)."""
+    try:
+        return describe(read_lora(path))
+    except LoraFileError:
+        return "not a LoRA file"

@@ -156,3 +156,31 @@ def test_the_axes_example_plans_every_combination_and_sizes_for_the_heaviest(tmp
     assert "axis       cfg_scale: 3.0, 5.0" in out and "axis       steps: 4, 8" in out
     assert "axis       width+height: width=64 height=48, width=48 height=64" in out
     assert "sized for  the heaviest job: 64x48, 17 frames, 8 steps" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example, variant, stand_ins, changes", [
+    ("distill_4step.yaml", "t2v", {"distill": "high"}, None),
+    ("lightning_a14b.yaml", "a14b", {"high": "high", "low": "low"},
+     "each worker about 1 LoRA switch(es) in place and 0 reload(s)"),
+])
+def test_the_lora_examples_plan_with_random_loras_of_their_layout(tmp_path, random_checkpoint, example, variant,
+                                                                  stand_ins, changes):
+    """The LoRA examples, their checkpoint and LoRA files replaced by tiny random ones of the same layout (the
+    lightx2v/ComfyUI one): they load, each LoRA is checked against its expert, and plan counts the switches."""
+    import re
+
+    from orchestrator.demo.random_loras import build_random_lora
+    checkpoint = random_checkpoint(variant)
+    text = (ROOT / "experiments" / example).read_text(encoding="utf-8")
+    text = re.sub(r"path: \.\./models/\S+", f"path: {checkpoint}", text)
+    for name, expert in stand_ins.items():
+        lora = build_random_lora(checkpoint, tmp_path / f"{name}.safetensors", expert=expert)
+        text = re.sub(rf"(    {name}: {{path: )\S+?(,|}})", rf"\g<1>{lora}\g<2>", text)
+    manifest = tmp_path / example
+    manifest.write_text(text, encoding="utf-8")
+    result = cli("plan", str(manifest), env={"ORCHESTRATOR_FAKE_GPUS": "RTX 3090:24:0.5"})
+    assert result.returncode == 0, result.stderr
+    assert "LoRA       " in result.stdout and "steps" in result.stdout
+    if changes:
+        assert changes in result.stdout

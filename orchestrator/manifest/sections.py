@@ -14,6 +14,7 @@ from typing import Callable
 import yaml
 
 from .categories import check_output_paths, read_categories
+from ..invocation import command_prefix
 from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, LORA_AXIS_FIELDS, LORA_EXPERTS, MAX_JOBS, MAX_JOBS_UNCONFIRMED,
                     QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Axis, Execution, GenerationConfig, LoraConfig, Manifest,
                     ManifestError, ModelConfig, Problem, Resources, SpeedConfig)
@@ -100,7 +101,7 @@ def read_manifest(path: str | os.PathLike, check: ManifestCheck | None = None) -
     if output_name is None:  # a template's names are checked once the jobs are expanded (output_names)
         check_output_paths(reader, top.get("categories", (None, None))[1], output_dir, categories, seeds)
     axes_node = top.get("axes", (None, None))[1]
-    axes, confirmed = _read_axes(reader, axes_node, tuple(lora.name for lora in model.loras) if model else ())
+    axes, confirmed = _read_axes(reader, axes_node, _declared_lora_names(top.get("model", (None, None))[1]))
     _check_job_count(reader, axes_node, categories, seeds, axes, confirmed, top.get("seeds", (None, None))[1])
 
     manifest = Manifest(path=path, name=name, output_dir=output_dir, model=model,
@@ -218,6 +219,17 @@ def _read_loras(reader: Reader, node) -> tuple[LoraConfig, ...]:
     return tuple(loras)
 
 
+def _declared_lora_names(model_node) -> tuple[str, ...]:
+    """The LoRA names model.loras declares, a LoRA whose file has a problem too: the axes that sweep it are
+    then read as they are meant (its own problem is reported at its line)."""
+    pairs = model_node.value if isinstance(model_node, yaml.MappingNode) else []
+    value = next((value for key, value in pairs if isinstance(key, yaml.ScalarNode) and key.value == "loras"), None)
+    if not isinstance(value, yaml.MappingNode):
+        return ()
+    return tuple(key.value for key, _ in value.value
+                 if isinstance(key, yaml.ScalarNode) and LORA_NAME.fullmatch(str(key.value)))
+
+
 def _read_lora_path(reader: Reader, node, what: str) -> str | None:
     """A LoRA file's absolute path (relative to the manifest's folder), checked to be a readable file; what
     it holds (safetensors, layers that fit the model) the backend checks."""
@@ -232,7 +244,8 @@ def _read_lora_path(reader: Reader, node, what: str) -> str | None:
         near = sorted(p.name for p in path.parent.glob("*.safetensors"))[:5] if path.parent.is_dir() else []
         reader.problem(node, f"{what}: the LoRA file {path} does not exist",
                        f"check the path (in {path.parent}: {', '.join(near)})" if near else
-                       "check the path; `python -m orchestrator models download` fetches a LoRA from the hub")
+                       f"check the path; `{command_prefix()} models download REPO --file NAME --to FOLDER` "
+                       "fetches one LoRA file from the hub")
         return None
     if not path.is_file():
         reader.problem(node, f"{what}: {path} is not a file", "give the LoRA's .safetensors file")

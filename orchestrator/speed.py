@@ -13,6 +13,11 @@ pictures, and the shared compile cache.
                                           Hopper or newer); int8: torchao 8-bit weights (memory:
                                           a model that does not fit in bf16); fp8_storage: weights
                                           stored in fp8 and computed in the model's dtype (memory)
+    cache:     none | {METHOD: VALUE} | {METHOD: {OPTION: VALUE, …}}
+                                          a step cache (manifest.model.CACHE_METHODS): diffusers'
+                                          hooks first_block, taylorseer, magcache, faster_cache, pab
+                                          (orchestrator/backends/diffusers_caches.py); DiffSynth's own
+                                          teacache
 
 Identity: a key that changes the pictures beyond run-to-run noise is part of every job's identity, so
 a changed value is detected like a changed generation setting and old and new videos are never mixed.
@@ -20,6 +25,8 @@ a changed value is detected like a changed generation setting and old and new vi
   compile    no: the same arithmetic, fused; its drift from eager is that of two eager runs on different
              kernels (0.4% relative L2 on the H200, docs/benchmarks.md), recorded in each sidecar.
   attention  no: each kernel computes exact attention; differences are rounding, recorded in the sidecar.
+  cache      yes: a reused step is an approximation of the step it replaces; every sidecar also counts
+             the steps and blocks computed and reused.
 
 The backends (diffusers, diffsynth) call `apply_to_denoiser` once per denoiser after loading; the
 worker calls `use_compile_cache` before the backend loads and holds `first_call_lock` around its first
@@ -43,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IDENTITY_KEYS = ("quantize",)  # the keys that change pictures (see the module docstring)
+IDENTITY_KEYS = ("quantize", "cache")  # the keys that change pictures (see the module docstring)
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
 # diffusers' names for the same torch SDPA kernels (its `set_attention_backend`)
@@ -59,7 +66,28 @@ def identity(speed: SpeedConfig) -> dict:
 
 
 def describe(speed: SpeedConfig) -> str:
-    return f"compile {speed.compile}, attention {speed.attention}, quantize {speed.quantize}"
+    return (f"compile {speed.compile}, attention {speed.attention}, quantize {speed.quantize}"
+            + (f", cache {speed.cache}" if speed.cache != "none" else ""))
+
+
+# The step caches each backend runs (`speed.cache`); a method of another backend is refused at its line.
+CACHES_BY_BACKEND = {"diffusers": ("first_block", "taylorseer", "magcache", "faster_cache", "pab"),
+                     "diffsynth": ("teacache",)}
+# Caches whose skip schedule is fixed (a step count, not a measured change): their speed on random
+# weights is their real speed; the adaptive ones' skips follow what the weights compute.
+FIXED_SCHEDULE_CACHES = ("taylorseer", "faster_cache", "pab")
+
+
+def cache_backend_problem(speed: SpeedConfig, backend: str) -> str | None:
+    """Why `backend` cannot run `speed.cache`'s method, or None."""
+    method = speed.cache_method[0]
+    if method == "none" or method in CACHES_BY_BACKEND.get(backend, ()):
+        return None
+    ours = CACHES_BY_BACKEND.get(backend, ())
+    others = [name for name, methods in CACHES_BY_BACKEND.items() if method in methods]
+    return (f"speed.cache {method} is not a cache of the {backend} backend"
+            + (f" (it is {', '.join(others)}'s)" if others else "")
+            + (f"; it has: {', '.join(ours)}" if ours else "; it has none"))
 
 
 def needs_torchao(speed: SpeedConfig) -> bool:

@@ -17,6 +17,7 @@ from typing import Callable
 from .backend import BACKENDS, BackendProblem, backend_class
 from .jobs import axis_points
 from .manifest import CONDITIONED_TASKS, Manifest, apply_axes, model_with_axes, read_manifest
+from .manifest.model import SPEED_AXES
 from .manifest.task_inputs import AUDIO_RATE
 from .media import UnreadableReference, control_video_problem, read_audio
 
@@ -149,7 +150,7 @@ def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found
 
 def _setting(key: str) -> str:
     """The manifest key a backend's problem with this axis names: `generation.steps`, `speed.quantize`."""
-    return "speed.quantize" if key == "quantize" else f"generation.{key}"
+    return f"speed.{key}" if key in SPEED_AXES else f"generation.{key}"
 
 
 def _with_axis_values(manifest: Manifest, values: dict) -> Manifest:

@@ -175,9 +175,15 @@ class CommandBackend(Backend):
 
         found, failed = option_problems("command", options, OPTIONS)
         problems.extend(found)
-        if not model.speed.is_default:
-            changed = next(k for k in ("compile", "attention", "quantize")
-                           if getattr(model.speed, k) != getattr(type(model.speed)(), k))
+        if model.speed.cache != "none":
+            problem("speed.cache", f"speed.cache {model.speed.cache_method[0]}: Wan's generate.py has no step cache "
+                    "(its flags: --offload_model, --t5_cpu, --convert_model_dtype, --sample_steps, --sample_shift, "
+                    "--sample_guide_scale, --dit_fsdp, --t5_fsdp, --ulysses_size; none skips or reuses steps)",
+                    "remove speed.cache, or use backend diffusers (first_block, taylorseer, magcache, faster_cache, "
+                    "pab) or diffsynth (teacache)")
+        changed = next((k for k in ("compile", "attention", "quantize")
+                        if getattr(model.speed, k) != getattr(type(model.speed)(), k)), None)
+        if changed:
             problem(f"speed.{changed}", "the command backend runs Wan's generate.py (or your program) once per "
                     "video, and `speed:` settings are applied inside this process's pipeline: generate.py "
                     "has no such switches",

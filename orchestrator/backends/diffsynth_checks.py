@@ -138,6 +138,7 @@ def _speed_problems(manifest) -> list[BackendProblem]:
             "diffsynth backend chooses torch SDPA's kernel (DiffSynth itself uses flash-attn or "
             "SageAttention when they are installed: that is `auto`)",
             f"use one of: {', '.join(speed_settings.SDPA_ATTENTION)}"))
+    problems.extend(_cache_problems(manifest))
     resident = manifest.model.options.get("vram_management", True) in (False, "text_encoder")
     changed = [k for k in ("compile", "quantize") if getattr(speed, k) != "none"]
     if changed and not resident:
@@ -146,6 +147,42 @@ def _speed_problems(manifest) -> list[BackendProblem]:
             "the card, but vram_management true streams its layers between CPU and GPU at every call",
             "set model.options.vram_management: text_encoder (the DiT and VAE stay on the card) or false"))
     return problems
+
+# DiffSynth's TeaCache has rescaling coefficients for these models only (pipelines/wan_video.py, `TeaCache`)
+TEACACHE_MODELS = ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P")
+
+
+def teacache_model_id(path: str | None) -> str | None:
+    """The `tea_cache_model_id` of the checkpoint folder at `path`, from its release name (Wan2.1-T2V-14B,
+    Wan2.1-I2V-14B-720P, …); a tiny test folder gets the 1.3B's (its random weights make any coefficients
+    as arbitrary); None for any other model (Wan2.2, TI2V, a folder renamed past recognition)."""
+    from ..demo import tiny_folder
+    if not path:
+        return None
+    if tiny_folder(path):
+        return TEACACHE_MODELS[0]
+    name = Path(path).name.lower()
+    return next((model for model in TEACACHE_MODELS if model.lower() in name), None)
+
+
+def _cache_problems(manifest) -> list[BackendProblem]:
+    speed = manifest.model.speed
+    method, _ = speed.cache_method
+    if method == "none":
+        return []
+    why = speed_settings.cache_backend_problem(speed, "diffsynth")
+    if why:
+        return [BackendProblem("speed.cache", why, "use `cache: {teacache: 0.05}` (DiffSynth's TeaCache)")]
+    if teacache_model_id(manifest.model.path) is None:
+        return [BackendProblem("speed.cache", f"speed.cache teacache: DiffSynth's TeaCache has coefficients for "
+                               f"{', '.join(TEACACHE_MODELS)} only, and model.path `{manifest.model.path}` is "
+                               "none of them by its folder name", "use a Wan2.1 model folder of its release name, "
+                               "or backend diffusers (first_block, taylorseer, magcache)")]
+    if "tea_cache_l1_thresh" in manifest.generation.extra or "tea_cache_model_id" in manifest.generation.extra:
+        return [BackendProblem("speed.cache", "speed.cache teacache and generation.extra's tea_cache_* both set "
+                               "DiffSynth's TeaCache", "keep speed.cache (it is part of each job's identity)")]
+    return []
+
 
 def _check_models(model, g, files) -> list[BackendProblem]:
     """What DiffSynth will take each file for, and whether that model can run the task."""

@@ -113,10 +113,11 @@ full-size random weights saved in the original layout.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ from ..manifest import CONDITIONED_TASKS
 from . import diffsynth_checks as checks
 from .cuda import job_memory, release_memory
 from .diffsynth_caches import install_caches
-from .diffsynth_checks import DEFAULT_TILE
+from .diffsynth_checks import DEFAULT_TILE, teacache_model_id
 from .diffsynth_files import COMPONENTS, MODEL_NAMES, PART_NAMES, TASK_PARTS, model_files
 from .diffsynth_inputs import prefetch, task_inputs
 from .diffsynth_loras import PipelineLoras
@@ -241,7 +242,7 @@ class DiffSynthWanBackend(Backend):
             "files": {k: v for k, v in files.items()},
             "model_files": model_files_identity(self.model.path),
             "vram_management": o.get("vram_management", True), "vram_limit_gib": vram_limit,
-            "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
+            "speed": {**self.model.to_dict()["speed"], **({"applied": speed_facts} if speed_facts else {})},
             **({"loras": lora_records} if lora_records else {}),
         }
         log.debug("loaded %s in %.1f s (%s; vram_management %s, limit %s GiB; seconds per component %s)",
@@ -340,11 +341,18 @@ class DiffSynthWanBackend(Backend):
             progress_bar_cmd=self._steps(progress, step_times, marks), output_type="floatpoint", **extra)
         if g.shift is not None:
             kwargs["sigma_shift"] = float(g.shift)
+        method, cache_options = (job.model or self.model).speed.cache_method
+        if method == "teacache":  # DiffSynth's own (its other caches: none); the model id from the folder's name
+            kwargs.update(tea_cache_l1_thresh=cache_options["threshold"],
+                          tea_cache_model_id=teacache_model_id(self.model.path))
+            self._job["cache"] = {"method": method, "model_id": kwargs["tea_cache_model_id"]}
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             task_inputs(self, job, kwargs, g)
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
-            with speed_settings.sdpa_kernel(self.model.speed.attention):
+            with speed_settings.sdpa_kernel(self.model.speed.attention), self._count_reuse() as reuse:
                 video = self.pipe(**kwargs)
+            if "cache" in self._job:
+                self._job["cache"].update(reuse)
             if self.cuda:
                 torch.cuda.synchronize()
             decoded = time.time()
@@ -394,6 +402,30 @@ class DiffSynthWanBackend(Backend):
             seconds["text_encoder"] = seconds.get("text_encoder", 0.0) + time.perf_counter() - entered.pop()
         text_encoder.register_forward_pre_hook(before)
         text_encoder.register_forward_hook(after)
+
+    @contextlib.contextmanager
+    def _count_reuse(self):
+        """Per DiT: its calls (the patch embedding runs in every one) and those whose blocks did not run
+        (TeaCache reused the step): forward hooks on the patch embedding and the last block."""
+        counts: dict = {}
+        handles = []
+        for name, dit in (("dit", self.pipe.dit), ("dit2", getattr(self.pipe, "dit2", None))):
+            if dit is None:
+                continue
+            tally = counts[name] = {"calls": 0, "calls_computed": 0}
+            handles.append(dit.patch_embedding.register_forward_hook(
+                lambda *args, tally=tally: tally.__setitem__("calls", tally["calls"] + 1)))
+            handles.append(dit.blocks[-1].register_forward_hook(
+                lambda *args, tally=tally: tally.__setitem__("calls_computed", tally["calls_computed"] + 1)))
+        try:
+            yield counts
+        finally:
+            for handle in handles:
+                handle.remove()
+            for tally in counts.values():
+                tally["calls_reused"] = tally["calls"] - tally.pop("calls_computed")
+            for name in [name for name, tally in counts.items() if not tally["calls"]]:
+                del counts[name]
 
     def use_loras(self, loras) -> None:
         """Hot-loaded LoRAs switched in place (diffsynth_loras: DiffSynth's clear_lora, then `loras` from the

@@ -160,6 +160,39 @@ def _speed_problems(manifest) -> list[BackendProblem]:
         problem = _diffusers_attention_problem(speed.attention)
         if problem:
             problems.append(BackendProblem("speed.attention", *problem))
+    problems.extend(_cache_problems(manifest))
+    return problems
+
+
+def _cache_problems(manifest) -> list[BackendProblem]:
+    """`speed.cache` on this backend: a method it has, and not with what it was found not to work with."""
+    speed, g = manifest.model.speed, manifest.generation
+    method, _ = speed.cache_method
+    if method == "none":
+        return []
+    why = speed_settings.cache_backend_problem(speed, "diffusers")
+    if why:
+        return [BackendProblem("speed.cache", why, "use one of: " + ", ".join(speed_settings.CACHES_BY_BACKEND["diffusers"]))]
+    problems = []
+    if speed.compile != "none":
+        # tried (torch 2.14, diffusers 0.42.1): compiled blocks under the cache hooks fail to trace
+        # (dynamo: "Unsupported hasattr call" in the hook registry)
+        problems.append(BackendProblem("speed.cache", f"speed.cache {method} with compile: {speed.compile}: diffusers' "
+                                       "cache hooks wrap the blocks' forward, which torch.compile cannot trace",
+                                       "use compile: none with a step cache, or cache: none with compile"))
+    if method in ("faster_cache", "pab") and g.uses_guidance:
+        problems.append(BackendProblem(
+            "speed.cache", f"speed.cache {method} with guidance (cfg_scale {g.cfg_scale}): diffusers keeps one "
+            "attention cache per layer, and Wan's pipeline runs the conditional and unconditional passes as two "
+            "calls, so one pass would get the other's attention (FasterCache's own guidance path expects both in "
+            "one batch and fails)", "use it with cfg_scale 1 (a distilled model or LoRA), or first_block, "
+            "taylorseer or magcache"))
+    offload = manifest.model.options.get("offload", "none")
+    if offload in ("sequential", "group"):
+        problems.append(BackendProblem("speed.cache", f"speed.cache {method} with offload: {offload}: both are "
+                                       "hooks on the same blocks and skipped blocks would leave the offload's "
+                                       "prefetching out of step; this pairing is not verified",
+                                       "use offload: none or model with a step cache"))
     return problems
 
 def plan_notes(manifest) -> list[str]:

@@ -51,14 +51,16 @@ Speed (`speed:`, orchestrator/speed.py), applied to the transformer (both of Wan
 transformer; `attention` is `set_attention_backend` (cudnn, flash, efficient, math: torch SDPA's
 kernels; or any diffusers backend whose package is installed, e.g. `sage`); `quantize` is torchao on
 the blocks' Linear layers (`int8` before the move to the card, so a model too large in bf16 still
-loads; `fp8` on the card) or `enable_layerwise_casting` for `fp8_storage`.
+loads; `fp8` on the card) or `enable_layerwise_casting` for `fp8_storage`; `cache` is one of diffusers'
+step caches, set up per job on each expert with the steps it runs (`diffusers_caches`), its counts of
+computed and reused steps in each job's info (`cache`).
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -68,6 +70,7 @@ from ..checkpoints import load_components
 from ..manifest import SpeedConfig
 from . import diffusers_checks as checks
 from .cuda import job_memory, release_memory
+from .diffusers_caches import StepCaches
 from .diffusers_checks import PIPELINES, read_checkpoint_config
 from .diffusers_inputs import prefetch, task_inputs
 from .diffusers_loras import LoraAdapters
@@ -151,6 +154,8 @@ class DiffusersWanBackend(Backend):
             pipe.vae.enable_slicing()
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        # the step cache (`speed.cache`) is set up per job: a cache axis switches it without a reload
+        self.step_caches = StepCaches(pipe, model_files_identity(self.model.path))
         self.two_experts = info["two_experts"]
         self.text_on_cpu = o.get("text_encoder") == "cpu" and o.get("offload", "none") == "none"
         self.embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
@@ -164,7 +169,7 @@ class DiffusersWanBackend(Backend):
             "components": {k: round(v, 2) for k, v in seconds.items()},
             "pipeline": pipeline_class.__name__, "model_files": model_files_identity(self.model.path),
             "parallel_load": bool(o.get("parallel_load", True)) and not self.device_mapped,
-            "speed": {**asdict(self.model.speed), **({"applied": speed_facts} if speed_facts else {})},
+            "speed": {**self.model.to_dict()["speed"], **({"applied": speed_facts} if speed_facts else {})},
         }
         if lora_facts:
             self.load_info["loras"] = lora_facts
@@ -339,6 +344,7 @@ class DiffusersWanBackend(Backend):
             if low is not None:
                 kwargs["guidance_scale_2"] = low
             task_inputs(self, job, kwargs, g, generator)
+            self._use_cache(job, kwargs, g.steps, steps)
             with torch.no_grad():
                 denoising = time.monotonic()
                 video = pipe(**kwargs).frames[0]  # (frames as numpy: on a card, the copy waits for the decode)
@@ -354,6 +360,8 @@ class DiffusersWanBackend(Backend):
                                     "vae_decode": round(decoded - denoised[-1], 4)}
         if len(step_times) > 1:  # steady state: the first step also pays for warm-up
             self._job["seconds_per_step"] = round((step_times[-1] - step_times[0]) / (len(step_times) - 1), 4)
+        if "cache" in self._job:
+            self._job["cache"].update(self.step_caches.counts())
         self._job.update(steps=len(step_times), timeline={
             "called": round(called, 3), "first_step_done": round(step_times[0], 3) if step_times else None,
             "last_step_done": round(step_times[-1], 3) if step_times else None, "returned": round(returned, 3)})
@@ -363,6 +371,21 @@ class DiffusersWanBackend(Backend):
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
         return video
+
+    def _use_cache(self, job, kwargs: dict, steps: int, steps_run: int) -> None:
+        """Set up the job's step cache (its own `speed.cache`: an axis changes it between jobs). MagCache's
+        first job of a step count calibrates it: the job's own settings run once more, uncached, to latents
+        only; the ratios are kept under `.sweep/compile_cache/magcache/` for the sweep's other workers."""
+        cache = (job.model or self.model).speed.cache
+        torch, pipe = self.torch, self.pipe
+
+        def run_uncached():
+            with torch.no_grad():
+                pipe(**{**kwargs, "generator": torch.Generator(device="cpu").manual_seed(int(job.seed)),
+                        "callback_on_step_end": None, "output_type": "latent"})
+        facts = self.step_caches.use(cache, steps, steps_run, _calibration_dir(job), run_uncached)
+        if facts:
+            self._job["cache"] = facts
 
     @staticmethod
     def _guidance_per_expert(pipe, high: float, low: float | None):
@@ -434,12 +457,28 @@ class DiffusersWanBackend(Backend):
         return self._job.get("peak_memory_bytes") if getattr(self, "_job", None) else None
 
     def close(self) -> None:
+        if getattr(self, "step_caches", None) is not None:
+            self.step_caches.close()
+        self.step_caches = None
         self.pipe = None
         self.adapters = None  # (it holds the pipeline too)
         self.embeddings = OrderedDict()
         self.encoded = OrderedDict()
         self.close_reference_caches()
         release_memory(getattr(self, "cuda", False))
+
+
+def _calibration_dir(job):
+    """Where MagCache's calibrations of this job's sweep are kept: beside its compile cache, under the
+    sweep's output folder (the job's output path less its name under that folder)."""
+    from pathlib import Path
+    from ..speed import compile_cache_dir
+    output = Path(job.output)
+    if job.name:
+        root = output.parents[len(Path(job.name).parts) - 1]
+    else:  # the fixed layout category/stem/seed_S_prompt_I
+        root = output.parents[2 if job.stem else 1]
+    return compile_cache_dir(root).parent / "magcache"
 
 
 class _StopAtCall:

@@ -22,11 +22,35 @@ CAMERA_DIRECTIONS = {"left": "Left", "right": "Right", "up": "Up", "down": "Down
 COMPILE_MODES = ("none", "blocks", "full")
 SDPA_ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")  # torch SDPA's kernels; other names: diffusers'
 QUANTIZE_MODES = ("none", "fp8", "int8", "fp8_storage")
+# `speed.cache`: a step cache, one key naming the method and its options under it (`{first_block: 0.05}`,
+# the main option alone, or `{taylorseer: {interval: 4, warmup: 3}}`). Per method: its main option, and
+# each option's (default, lowest, highest, type). Which backend runs which: orchestrator/speed.py.
+CACHE_METHODS: dict[str, tuple[str, dict[str, tuple]]] = {
+    # diffusers' FirstBlockCacheConfig: skip the other blocks while the first block's residual changes by
+    # less than `threshold` (relative mean absolute difference); 0 skips nothing
+    "first_block": ("threshold", {"threshold": (0.05, 0.0, 1.0, float)}),
+    # diffusers' TaylorSeerCacheConfig (lite mode: the output projection predicted by a Taylor series, the
+    # blocks skipped): a full step every `interval` steps after `warmup` full ones, of `order`
+    "taylorseer": ("interval", {"interval": (5, 1, 100, int), "warmup": (3, 0, 1000, int), "order": (1, 1, 4, int)}),
+    # diffusers' MagCacheConfig: skip while the accumulated magnitude-ratio error stays under `threshold`,
+    # at most `max_skip` steps in a row, never in the first `retention` fraction; its ratios calibrated
+    # once per model and step count on the user's model
+    "magcache": ("threshold", {"threshold": (0.06, 0.0, 1.0, float), "max_skip": (3, 1, 100, int),
+                               "retention": (0.2, 0.0, 1.0, float)}),
+    # diffusers' FasterCacheConfig: the self-attention recomputed every `skip` steps in its timestep range,
+    # approximated in between
+    "faster_cache": ("skip", {"skip": (2, 2, 100, int)}),
+    # diffusers' PyramidAttentionBroadcastConfig: the self-attention output broadcast over `skip` steps
+    "pab": ("skip", {"skip": (2, 2, 100, int)}),
+    # DiffSynth's TeaCache (`tea_cache_l1_thresh`): skip while the rescaled input change stays under `threshold`
+    "teacache": ("threshold", {"threshold": (0.05, 0.0, 1.0, float)}),
+}
 # The settings an `axes:` entry may sweep: GenerationConfig's fields (not `extra`, the backend's own
 # keyword arguments) and speed's quantize (a worker loads its model again when a job's quantize differs).
 GENERATION_AXES = ("width", "height", "num_frames", "fps", "steps", "cfg_scale", "shift", "denoising_strength",
                    "negative_prompt")
-AXIS_KEYS = GENERATION_AXES + ("quantize",)
+SPEED_AXES = ("quantize", "cache")  # `speed:` keys an axis may sweep
+AXIS_KEYS = GENERATION_AXES + SPEED_AXES
 # A product of axes grows fast: past this many jobs a manifest must say it means it (`axes.confirm_jobs`).
 MAX_JOBS_UNCONFIRMED = 1_000_000
 # And no sweep may pass this many, confirmed or not: its jobs are expanded in memory (about half a kB
@@ -65,10 +89,41 @@ class SpeedConfig:
     compile: str = "none"  # none | blocks (the repeated transformer blocks) | full (the whole denoiser)
     attention: str = "auto"  # auto | cudnn | flash | efficient | math, or a diffusers attention backend
     quantize: str = "none"  # none | fp8 | int8 | fp8_storage
+    # none, or a step cache in its canonical text `METHOD:OPTION=VALUE,…` with every option of the method
+    # (`cache_text`), e.g. `first_block:threshold=0.05`: one spelling per setting, so ids compare equal
+    cache: str = "none"
 
     @property
     def is_default(self) -> bool:
         return self == SpeedConfig()
+
+    @property
+    def cache_method(self) -> tuple[str, dict]:
+        """(method, its options), ("none", {}) without a cache."""
+        return parse_cache(self.cache)
+
+
+def cache_text(method: str, options: dict) -> str:
+    """The canonical text of a step cache: every option of the method, in the table's order, the defaults
+    filled in (`{first_block: 0.05}` and `{first_block: {threshold: 0.05}}` are one setting)."""
+    if method == "none":
+        return "none"
+    _, table = CACHE_METHODS[method]
+    values = {key: options.get(key, default) for key, (default, *_ignored) in table.items()}
+    return f"{method}:" + ",".join(f"{key}={table[key][3](value)!r}" for key, value in values.items())
+
+
+def parse_cache(text: str) -> tuple[str, dict]:
+    """`cache_text`'s (method, options) back."""
+    if not text or text == "none":
+        return "none", {}
+    method, _, rest = text.partition(":")
+    _, table = CACHE_METHODS[method]
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        options[key] = table[key][3](float(value)) if table[key][3] is int else float(value)
+    return method, {**{key: spec[0] for key, spec in table.items()}, **options}
 
 
 LORA_EXPERTS = ("both", "high", "low")  # Wan2.2 A14B's experts a LoRA goes into (`model.loras.NAME.expert`)
@@ -130,6 +185,8 @@ class ModelConfig:
         """Its JSON form (a worker spec's `model`, a job's, a sidecar's); `from_dict` reads it back. (Its
         fields copied one level, not `asdict`'s deep copy: a ledger of millions of jobs writes one per job.)"""
         data = {**vars(self), "options": dict(self.options), "speed": dict(vars(self.speed))}
+        if self.speed.cache == "none":
+            del data["speed"]["cache"]  # (a model without a step cache writes what it always wrote)
         if self.loras:
             data["loras"] = [lora.to_dict() for lora in self.loras]
         else:
@@ -191,12 +248,13 @@ def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
 
 
 def model_with_axes(model: ModelConfig, values: dict) -> ModelConfig:
-    """`model` with one job's quantize (Job.axes, or an axis value being checked) in its speed, and its
+    """`model` with one job's quantize and cache (Job.axes, or an axis value being checked) in its speed, and its
     LoRA values: which of the manifest's LoRAs are on (`loras`: names, in the manifest's order) and each
     one's `loras.NAME.strength` and `loras.NAME.path`."""
-    quantize = values.get("quantize")
-    if quantize is not None and quantize != model.speed.quantize:
-        model = replace(model, speed=replace(model.speed, quantize=quantize))
+    changes = {key: values[key] for key in SPEED_AXES if values.get(key) is not None
+               and values[key] != getattr(model.speed, key)}
+    if changes:
+        model = replace(model, speed=replace(model.speed, **changes))
     if not model.loras or not any(key == "loras" or key.startswith("loras.") for key in values):
         return model
     on = values.get("loras")

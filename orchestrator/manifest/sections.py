@@ -15,7 +15,7 @@ import yaml
 
 from .categories import check_output_paths, read_categories
 from ..invocation import command_prefix
-from .model import (AXIS_KEYS, COMPILE_MODES, EXECUTORS, LORA_AXIS_FIELDS, LORA_EXPERTS, MAX_JOBS, MAX_JOBS_UNCONFIRMED,
+from .model import (AXIS_KEYS, CACHE_METHODS, COMPILE_MODES, SPEED_AXES, cache_text, EXECUTORS, LORA_AXIS_FIELDS, LORA_EXPERTS, MAX_JOBS, MAX_JOBS_UNCONFIRMED,
                     QUANTIZE_MODES, SDPA_ATTENTION, TASKS, Axis, Execution, GenerationConfig, LoraConfig, Manifest,
                     ManifestError, ModelConfig, Problem, Resources, SpeedConfig)
 from .names import path_length_problem, safe_component_problem
@@ -337,7 +337,7 @@ def _read_generation(reader: Reader, node) -> GenerationConfig:
 def _read_speed(reader: Reader, node) -> SpeedConfig:
     if node is None:
         return SpeedConfig()
-    keys = reader.mapping(node, "speed", {"compile": False, "attention": False, "quantize": False})
+    keys = reader.mapping(node, "speed", {"compile": False, "attention": False, "quantize": False, "cache": False})
     get = lambda k: keys.get(k, (None, None))[1]  # noqa: E731
     d = SpeedConfig()
     # YAML reads a bare `none` as the text "none", but `null`/`~`/an empty value as None: both mean off.
@@ -352,7 +352,46 @@ def _read_speed(reader: Reader, node) -> SpeedConfig:
                        f"use one of: {', '.join(SDPA_ATTENTION)}, or a diffusers attention backend name")
         attention = d.attention
     return SpeedConfig(compile=text("compile", COMPILE_MODES), attention=attention,
-                       quantize=text("quantize", QUANTIZE_MODES))
+                       quantize=text("quantize", QUANTIZE_MODES), cache=_read_cache(reader, get("cache")))
+
+
+CACHE_EXAMPLE = "`cache: none`, `cache: {first_block: 0.05}` or `cache: {taylorseer: {interval: 4, warmup: 3}}`"
+
+
+def _read_cache(reader: Reader, node) -> str:
+    """`speed.cache`: none, or one key naming the method with its main option's value or a mapping of its
+    options under it; each option within its range. Returns the canonical text (`model.cache_text`)."""
+    value = reader.value(node)
+    if node is None or value is None or value == "none":
+        return "none"
+    methods = ", ".join(CACHE_METHODS)
+    if isinstance(value, str) and value in CACHE_METHODS:
+        return cache_text(value, {})  # the method with its defaults
+    if not isinstance(value, dict) or len(value) != 1:
+        reader.problem(node, f"speed.cache is {value!r}: give none or one method with its options",
+                       f"write {CACHE_EXAMPLE}; methods: {methods}")
+        return "none"
+    (method, options), = value.items()
+    if method not in CACHE_METHODS:
+        reader.problem(node, f"speed.cache: unknown method {method!r}", f"use one of: {methods}")
+        return "none"
+    main, table = CACHE_METHODS[method]
+    if not isinstance(options, dict):
+        options = {} if options is None else {main: options}
+    chosen = {}
+    for key, given in options.items():
+        if key not in table:
+            reader.problem(node, f"speed.cache.{method} has no option {key!r}", f"use: {', '.join(table)}")
+            continue
+        default, lowest, highest, kind = table[key]
+        number = isinstance(given, (int, float)) and not isinstance(given, bool) and (kind is float or given == int(given))
+        if not number or not lowest <= given <= highest:
+            what = "a whole number" if kind is int else "a number"
+            reader.problem(node, f"speed.cache.{method}.{key} is {given!r}, out of range",
+                           f"use {what} from {lowest} to {highest} (default {default})")
+            continue
+        chosen[key] = kind(given)
+    return cache_text(method, chosen)
 
 
 def lora_axis_keys(lora_names: tuple[str, ...]) -> tuple[str, ...]:
@@ -457,7 +496,7 @@ def _read_zip_groups(reader: Reader, node, first_time: Callable[[str, yaml.Node]
 
 def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool = True) -> list:
     """The values of one swept setting, each checked exactly as that setting is checked under
-    `generation:` (`speed:` for quantize; its reader runs on the value's own node, so a problem is at
+    `generation:` (`speed:` for quantize and cache; its reader runs on the value's own node, so a problem is at
     the value's line and names `what`), and each listed once where `distinct`. An empty list: something
     was reported."""
     if not isinstance(node, yaml.SequenceNode) or not node.value:
@@ -483,7 +522,7 @@ def _read_axis_values(reader: Reader, key: str, node, what: str, distinct: bool 
         mapping = yaml.MappingNode("tag:yaml.org,2002:map",
                                    [(yaml.ScalarNode("tag:yaml.org,2002:str", key, item.start_mark, item.end_mark),
                                      item)], item.start_mark, item.end_mark)
-        section, read = ("speed", _read_speed) if key == "quantize" else ("generation", _read_generation)
+        section, read = ("speed", _read_speed) if key in SPEED_AXES else ("generation", _read_generation)
         value = getattr(read(reader, mapping), key)
         if len(reader.problems) > before:
             reader.problems[before:] = [replace(p, message=p.message.replace(f"{section}.{key}", what))

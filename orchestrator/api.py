@@ -23,6 +23,7 @@ from typing import Callable
 
 import yaml
 
+from .compare import parse_baseline
 from .errors import WanSweepError
 from .executor_names import EXECUTOR_NAMES
 from .jobs import expand as expand_jobs
@@ -239,12 +240,17 @@ def run(manifest: Manifest, executor: str | None = None, say: Callable[[str], No
     return run_sweep(manifest, _options("run", executor, options), say=say)
 
 
-def report(manifest: Manifest):
+def report(manifest: Manifest, compare: str | None = None):
     """The sweep's report (`report`): a `report.Report` dataclass (per category, per worker, failed
-    jobs, throughput, time left); `.to_dict()` is exactly what `report --json` prints."""
-    sweep = Sweep(_check_manifest("report", manifest))
+    jobs, throughput, time left); `.to_dict()` is exactly what `report --json` prints. `compare`:
+    `"AXIS=VALUE"` as `report --compare` takes it (`.compare`: each done video scored against that value's)."""
+    manifest = _check_manifest("report", manifest)
+    if compare is not None and not isinstance(compare, str):
+        raise _refuse("report", f"`compare` must be \"AXIS=VALUE\" as text (e.g. \"steps=50\"), or None, "
+                                f"not {_shown(compare)}")
+    sweep = Sweep(manifest)
     check_folder(sweep, owner_only=True)
-    return build_report(sweep)
+    return build_report(sweep, compare=parse_baseline(manifest, compare) if compare else None)
 
 
 def stop(manifest: Manifest, now: bool = False, say: Callable[[str], None] | None = print) -> int | None:

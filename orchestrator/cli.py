@@ -3,7 +3,7 @@ A thin layer over the Python API (`api`): parse the arguments, call it, print.
 
     python run_experiment.py MANIFEST            # same as `run MANIFEST`
     python run_experiment.py plan MANIFEST       # dry run
-    python run_experiment.py report MANIFEST_OR_OUTPUT_DIR [--json] [--watch [S]] [--html]
+    python run_experiment.py report MANIFEST_OR_OUTPUT_DIR [--json] [--watch [S]] [--html] [--compare AXIS=VALUE]
     python run_experiment.py stop MANIFEST [--now]
     python run_experiment.py models status PATH_OR_MANIFEST     # is the checkpoint complete?
     python run_experiment.py models fit MANIFEST [--gpu 24GB x2]  # which memory strategy fits where
@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from . import __version__, api, checkpoints
 from .backend import BACKENDS, FUSING_QUANTIZE, backend_class
 from .checkpoints import download_fix, loras
+from .compare import parse_baseline
 from .errors import UserError, WanSweepError
 from .executor_names import EXECUTOR_NAMES
 from .invocation import program_name
@@ -80,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                              "rewrite the page each time")
     report.add_argument("--html", action="store_true",
                         help="write the review page <output_dir>/index.html and print its path")
+    report.add_argument("--compare", metavar="AXIS=VALUE",
+                        help="score every done video against the one of VALUE with the same reference, prompt, seed "
+                             "and other axes (PSNR, SSIM; median and worst per value, beside its s/video), "
+                             "e.g. --compare steps=50; scores are cached in .sweep/compare/")
     stop = sub.add_parser("stop", help="stop the sweep's workers (gracefully)")
     stop.add_argument("manifest")
     stop.add_argument("--now", action="store_true", help="kill at once")
@@ -376,10 +381,11 @@ def cmd_report(manifest, args) -> int:
     """Exit 1 when jobs failed for good (as `run` does), so a script can tell; else 0."""
     sweep = Sweep(manifest)
     check_folder(sweep, owner_only=True)
+    baseline = parse_baseline(manifest, args.compare) if args.compare else None
     report = None
     try:
         while True:
-            report = build_report(sweep)
+            report = build_report(sweep, compare=baseline, say=lambda line: print(line, file=sys.stderr, flush=True))
             text = report_json(report, one_line=bool(args.watch)) if args.json else format_report(report)
             if args.html:
                 try:

@@ -2,7 +2,8 @@
 
 Done counts come from valid mp4s on disk, so the report is right even when the ledger is lost;
 running jobs, failures, workers and speed come from the ledger when it exists. The counts are per
-category and, for a manifest with `axes:`, per value of each axis too.
+category and, for a manifest with `axes:`, per value of each axis too. With `--compare AXIS=VALUE` it also
+holds each video's quality against the baseline value's (`compare`, which owns the scores and their cache).
 
 Speed is measured from the attempts' own start and end times, over the last half hour of work: the
 time between runs (a stopped sweep, a rerun that found nothing to do) is not work, so it neither
@@ -15,8 +16,9 @@ import sqlite3
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from .compare import TABLE_HEADERS, Baseline, Comparison, compare_sweep, describe_gaps, table_rows
 from .output_names import value_text
 from .ledger import LedgerError, ledger_problem
 from .worker_rows import WorkerRow
@@ -74,6 +76,8 @@ class Report:
     # The LoRA files the jobs run (`model.loras`, a path axis's too): name, file, content digest, expert; their
     # strengths are per job (an axis's rows above). [] without LoRAs.
     loras: list[dict] = field(default_factory=list)
+    # `report --compare AXIS=VALUE`: each done video scored against the baseline value's (None: not asked).
+    compare: Comparison | None = None
     # The disk scan the counts came from (not in the JSON): the review page shows the same files.
     scan: DiskScan | None = field(default=None, repr=False, compare=False)
 
@@ -99,7 +103,8 @@ class Report:
                                  **{k: v for k, v in asdict(r).items() if k not in ("name", "value")},
                                  "left": r.left, "percent": round(r.percent, 2)} for r in values]
                          for axis, values in self.axes.items()},
-                "loras": self.loras}
+                "loras": self.loras,
+                **({"compare": self.compare.to_dict()} if self.compare is not None else {})}
 
 
 def _loras(sweep: Sweep) -> list[dict]:
@@ -112,7 +117,9 @@ def _loras(sweep: Sweep) -> list[dict]:
     return list(seen.values())
 
 
-def build_report(sweep: Sweep) -> Report:
+def build_report(sweep: Sweep, compare: Baseline | None = None, say: Callable[[str], None] | None = None) -> Report:
+    """The report; with `compare` (`compare.parse_baseline`), each done video scored against its baseline
+    (`say` hears how many pairs are scored for the first time)."""
     now = time.time()
     scan = sweep.scan()
     rows: dict[str, CategoryRow] = {}
@@ -142,6 +149,9 @@ def build_report(sweep: Sweep) -> Report:
         # Why the workers stopped by themselves, where they could not say so (their ledger on that disk). Only
         # then: this tries a write into the folder, which a report following a running sweep need not do.
         report.stop_reason = sweep.storage_note()
+    if compare is not None:
+        report.compare = compare_sweep(sweep, scan.complete, compare, failed={f["id"] for f in report.failed},
+                                       stale={job.id for job in scan.stale}, say=say)
     return report
 
 
@@ -362,6 +372,9 @@ def format_report(report: Report) -> str:
         for w in report.workers:
             if w["state"] in ("failed", "retired") and w["message"]:
                 lines.append(f"  {w['id']}: {w['message']}")
+    if report.compare is not None:
+        lines.append("")
+        lines += format_comparison(report.compare)
     if report.failed:
         lines.append("")
         lines.append(f"failed jobs ({len(report.failed)}):")
@@ -370,6 +383,18 @@ def format_report(report: Report) -> str:
         if len(report.failed) > 50:
             lines.append(f"  … and {len(report.failed) - 50} more (see --json)")
     return printable("\n".join(lines))
+
+
+def format_comparison(comparison: Comparison) -> list[str]:
+    """`--compare`'s lines: per value of the axis its scores against the baseline value and its speed, then
+    the videos that could not be scored and why."""
+    lines = [f"quality against {comparison.axis} = {comparison.baseline} (each done video against the one of "
+             f"the same reference, prompt, seed and other axes at {comparison.axis} {comparison.baseline}; "
+             "PSNR in dB over all pixels, SSIM the mean over frames)"]
+    lines += _table([comparison.axis] + TABLE_HEADERS, table_rows(comparison))
+    lines.append(f"LPIPS: {comparison.lpips}")
+    lines += describe_gaps(comparison)
+    return lines
 
 
 def report_json(report: Report, one_line: bool = False) -> str:

@@ -24,6 +24,7 @@ import av
 from .worker_rows import WorkerRow
 from .output_names import value_text
 from .outputs import TEMP_MARK, file_mode
+from .compare import TABLE_HEADERS, Comparison, db_text, describe_gaps, ratio_text, score_text, table_rows
 from .report import WINDOW_S, CategoryRow, Report, _duration, _union, build_report, describe_time_left
 from .sweep import Sweep
 
@@ -56,6 +57,7 @@ class Tile:
     error: str | None = None
     seconds: float | None = None
     axes: str = ""  # the job's axis values in words (`cfg_scale 3 · steps 30`); "" without axes
+    score: str = ""  # `report --compare`: its PSNR and SSIM against its baseline, "baseline" for one; "" else
 
     @property
     def label(self) -> str:
@@ -75,6 +77,8 @@ class Tile:
             lines.append(self.error)
         if self.state == "stale":
             lines.append("an mp4 made with other settings is at this path (run --redo-changed)")
+        if self.score:
+            lines.append(self.score)
         return "\n".join(lines)
 
 
@@ -183,6 +187,23 @@ class Failure:
 
 
 @dataclass
+class Quality:
+    """`report --compare`'s figures as the page shows them: a row per axis value, the scored videos worst
+    first (a link to each one's tile), and what could not be scored."""
+    axis: str
+    baseline: str
+    headers: list[str]
+    rows: list[list[str]]
+    videos: list[dict]  # {id, job, value, psnr, ssim, seconds, baseline}: the first MAX_QUALITY_ROWS, worst first
+    video_count: int
+    gaps: list[str]
+    lpips: str
+
+
+MAX_QUALITY_ROWS = 200
+
+
+@dataclass
 class Page:
     report: Report
     title: str
@@ -201,6 +222,7 @@ class Page:
     seed_columns: int = 1
     reload_s: int | None = None
     notes: list[str] = field(default_factory=list)
+    quality: Quality | None = None  # with `report --compare`
 
     @property
     def cell_count(self) -> int:
@@ -385,6 +407,8 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
             tile.poster = url(thumb, root) if posters.get(thumb) else None
         tiles[job.id] = tile
 
+    if report.compare is not None:
+        _mark_scores(tiles, report.compare, sweep)
     counts = {row.name: row for row in report.categories}
     grids = [_grid(category, sweep, tiles, counts.get(category.name)) for category in sweep.manifest.categories]
     outside = _reference_copies(grids, sweep)
@@ -423,7 +447,32 @@ def build_page(sweep: Sweep, report: Report | None = None, reload_s: float | Non
         time_left=describe_time_left(report),
         tile_width=TILE_WIDTH, tile_height=max(1, round(TILE_WIDTH * g.height / g.width)),
         seed_columns=len(m.seeds) if len(m.seeds) <= 3 else -(-len(m.seeds) // 2),  # 4 seeds: 2×2
-        reload_s=int(max(reload_s, MIN_RELOAD_S)) if reload_s and total.left > 0 else None, notes=notes)
+        reload_s=int(max(reload_s, MIN_RELOAD_S)) if reload_s and total.left > 0 else None, notes=notes,
+        quality=_quality(report.compare) if report.compare is not None else None)
+
+
+def _mark_scores(tiles: dict[str, Tile], comparison: Comparison, sweep: Sweep) -> None:
+    """Each scored tile gets its PSNR and SSIM against its baseline; the baseline value's done tiles say so, and
+    a tile that could not be scored says why."""
+    unscored = {e["id"]: f"not scored: baseline {e['state']}" for e in comparison.missing}
+    unscored.update((e["id"], e["problem"]) for e in comparison.not_comparable)
+    for job in sweep.jobs:
+        tile = tiles[job.id]
+        if job.id in comparison.videos:
+            tile.score = score_text(comparison.videos[job.id])
+        elif job.id in unscored:
+            tile.score = unscored[job.id]
+        elif (tile.state == "done" and comparison.axis in job.axes
+              and value_text(job.axes[comparison.axis]) == comparison.baseline):
+            tile.score = "baseline"
+
+
+def _quality(comparison: Comparison) -> Quality:
+    worst_first = sorted(comparison.videos.values(), key=lambda v: (v.psnr, v.ssim))
+    videos = [{"id": v.id, "job": v.job, "value": v.label, "baseline": v.baseline, "psnr": db_text(v.psnr), "ssim": ratio_text(v.ssim),
+               "seconds": "-" if v.seconds is None else f"{v.seconds:.1f}"} for v in worst_first[:MAX_QUALITY_ROWS]]
+    return Quality(comparison.axis, comparison.baseline, [comparison.axis] + TABLE_HEADERS, table_rows(comparison),
+                   videos, len(comparison.videos), describe_gaps(comparison, limit=20), comparison.lpips)
 
 
 def _grid(category, sweep: Sweep, tiles: dict[str, Tile], counts) -> Grid:

@@ -82,11 +82,39 @@ def parse_baseline(manifest: Manifest, text: str) -> Baseline:
         parsed = yaml.safe_load(wanted)
     except yaml.YAMLError:
         parsed = wanted
+    if name == "cache":
+        parsed = _cache_spelling(parsed)
     for value in values:
         if _canonical(value) == _canonical(parsed) or value_text(value) in (wanted, value_text(parsed)):
             return Baseline(name, value, value_text(value), group.keys, group.points, values)
     raise UserError(f"--compare {text}: the axis `{name}` has no value {wanted}; its values are "
-                    + ", ".join(value_text(v) for v in values))
+                    + ", ".join(_shown(v) for v in values))
+
+
+def _shown(value) -> str:
+    """A value as the report labels it, and as the manifest holds it where that differs (a step cache's text)."""
+    label = value_text(value)
+    return f"{label} ({value})" if isinstance(value, str) and value != label else label
+
+
+def _cache_spelling(parsed):
+    """A step cache as the manifest holds it (`model.cache_text`), so `cache={first_block: 0.05}` names the
+    axis value `first_block:threshold=0.05`; anything else as given."""
+    from .manifest.model import CACHE_METHODS, cache_text
+    if isinstance(parsed, str) and parsed in CACHE_METHODS:
+        return cache_text(parsed, {})
+    if not (isinstance(parsed, dict) and len(parsed) == 1):
+        return parsed
+    (method, options), = parsed.items()
+    if method not in CACHE_METHODS:
+        return parsed
+    main, table = CACHE_METHODS[method]
+    if not isinstance(options, dict):
+        options = {} if options is None else {main: options}
+    try:
+        return cache_text(method, {key: table[key][3](value) for key, value in options.items() if key in table})
+    except (TypeError, ValueError):
+        return parsed
 
 
 def _distinct(values) -> list:

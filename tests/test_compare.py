@@ -121,6 +121,36 @@ def test_the_axis_and_value_are_checked_against_the_manifest(write_manifest):
         parse_baseline(plain, "steps=4")
 
 
+def test_a_step_cache_is_named_as_the_manifest_writes_it(write_manifest):
+    manifest = _manifest(write_manifest, axes={"cache": ["none", {"first_block": 0.05}, {"first_block": 0.1}]})
+    assert parse_baseline(manifest, "cache=none").value == "none"
+    for spelling in ("{first_block: 0.05}", "{first_block: {threshold: 0.05}}", "first_block:threshold=0.05"):
+        assert parse_baseline(manifest, f"cache={spelling}").value == "first_block:threshold=0.05"
+    with pytest.raises(UserError, match=r"no value \{first_block: 0.2\}; its values are none, .*\(first_block:threshold=0.05\)"):
+        parse_baseline(manifest, "cache={first_block: 0.2}")
+
+
+def test_a_lora_strength_is_compared_with_the_other_lora_axes_held(write_manifest, tmp_path):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "motion.safetensors").write_bytes(os.urandom(64))
+    manifest = api.load(write_manifest(synthetic_manifest(
+        model={"backend": "synthetic", "task": "t2v", "options": {},
+               "loras": {"motion": {"path": "loras/motion.safetensors", "strength": 0.8}}},
+        categories={"alpha": {"prompts": ["a cat"]}}, seeds=[1],
+        axes={"loras.motion.strength": [0.5, 1.0], "loras": [[], ["motion"]]})))
+    sweep = Sweep(manifest)
+    sweep.state_dir.mkdir(parents=True)
+    for job in sweep.jobs:
+        _make(job, _frames(1, noise=job.axes["loras.motion.strength"] * len(job.axes["loras"]) * 3))
+    result = compare_sweep(sweep, {j.id for j in sweep.jobs}, parse_baseline(manifest, "loras.motion.strength=1.0"))
+    by_job = {v.job: v for v in result.videos.values()}
+    assert len(by_job) == 2 and not result.missing
+    for key, video in by_job.items():  # each 0.5 video against the 1.0 one with the same LoRAs on
+        assert key.replace("motion-0.5", "motion-1") == video.baseline
+    off = next(v for k, v in by_job.items() if "loras-none" in k)
+    assert math.isinf(off.psnr)  # the LoRA off: its strength changes nothing
+
+
 # ------------------------------------------------------------------------------------------ the sweep
 def test_each_video_is_scored_against_its_baseline_and_a_missing_one_is_named(write_manifest):
     sweep = _filled_sweep(write_manifest, skip_baseline_of=(1, 2))

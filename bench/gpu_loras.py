@@ -15,6 +15,8 @@ is made, so a run cut off by the device call's limit still says what it measured
            of graphs)
   fp8      `compile: blocks, quantize: fp8` with the LoRA fused before quantizing (what the backend does
            under quantize): load, the first (compiling) forward, steady forwards, and the 4-step video
+  vae      the VAE decode alone, the largest part of a 4-step video after the DiT: as run, with cuDNN's
+           autotuner, with the decoder compiled; seconds and drift
 
 A CFG step is two forwards (cond and uncond); the 4-step recipe at cfg 1 runs one per step. The text
 encoder of these checkpoints is umT5-xxl's width with 2 layers instead of 24 (bench/gpu_build_model.py),
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -106,15 +109,57 @@ class Bench:
         return facts
 
 
+def vae_stage(bench: Bench, checkpoint: Path, tiny: bool) -> int:
+    """The VAE decode of one 832x480x81 video's latents (what follows the 4 DiT steps of the recipe): as the
+    backend runs it (bf16), with cuDNN's autotuner (`torch.backends.cudnn.benchmark`), and with the decoder
+    compiled; each one's seconds and its drift from the first (max abs and PSNR of the decoded frames)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    device = "cuda" if bench.cuda else "cpu"
+    vae = AutoencoderKLWan.from_pretrained(checkpoint / "vae", torch_dtype=torch.bfloat16).to(device)
+    shape = (1, 16, 2, 4, 4) if tiny else (1, 16, 21, 60, 104)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+
+    def decode():
+        with torch.no_grad():
+            return vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1)
+
+    def timed(label: str, reference=None, repeats: int = 2):
+        first_started = time.perf_counter()
+        frames = decode()  # (warm-up: the autotuner's or the compiler's first call)
+        bench.sync()
+        first = time.perf_counter() - first_started
+        started = time.perf_counter()
+        for _ in range(repeats):
+            frames = decode()
+        bench.sync()
+        facts = {"first_s": round(first, 2), "s_per_decode": round((time.perf_counter() - started) / repeats, 3)}
+        if reference is not None:
+            error = (frames - reference).abs()
+            mse = float((error ** 2).mean())
+            facts.update(max_abs=round(float(error.max()), 4),
+                         psnr_db=round(10 * math.log10(4.0 / mse), 1) if mse > 0 else "inf")
+        bench.record(f"vae decode, {label}", **facts)
+        return frames
+    reference = timed("as the backend runs it (bf16)")
+    torch.backends.cudnn.benchmark = True
+    timed("cudnn.benchmark", reference)
+    vae.decoder = torch.compile(vae.decoder)
+    timed("decoder compiled (+ cudnn.benchmark)", reference)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("lora_dir")
-    parser.add_argument("--stage", choices=("eager", "compile", "fp8"), required=True)
+    parser.add_argument("--stage", choices=("eager", "compile", "fp8", "vae"), required=True)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     bench = Bench(args.stage, args.tiny)
     torch = bench.torch
+    if args.stage == "vae":
+        return vae_stage(bench, Path(args.checkpoint), args.tiny)
     lora_dir = Path(args.lora_dir)
     lora_dir.mkdir(parents=True, exist_ok=True)
     files = {}

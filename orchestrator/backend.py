@@ -53,9 +53,9 @@ def lora_change(backend: "type[Backend] | str", before: "ModelConfig", after: "M
     the LoRAs differ and the backend swaps them in place, `Backend.use_loras`) or "reload" (the model is
     loaded again: another quantize, or LoRAs that are fused into quantized weights or that the backend
     cannot swap). The planner counts these per worker, and the slot acts on them: one rule."""
-    if before == after:
-        return "same"
-    if _without_loras(before) != _without_loras(after):
+    if _as_loaded(before) == _as_loaded(after):
+        return "same"  # (a step cache is set up per job from the job's own settings: no reload)
+    if _as_loaded(before, loras=False) != _as_loaded(after, loras=False):
         return "reload"
     cls = backend_class(backend) if isinstance(backend, str) else backend
     if not cls.switches_loras or after.speed.quantize in FUSING_QUANTIZE:
@@ -63,8 +63,10 @@ def lora_change(backend: "type[Backend] | str", before: "ModelConfig", after: "M
     return "switch"
 
 
-def _without_loras(model: "ModelConfig") -> "ModelConfig":
-    return replace(model, loras=())
+def _as_loaded(model: "ModelConfig", loras: bool = True) -> "ModelConfig":
+    """What of a model's settings a loaded model holds: all but its step cache (each job's own), and with
+    `loras` False, its LoRAs left out too."""
+    return replace(model, speed=replace(model.speed, cache="none"), loras=model.loras if loras else ())
 
 
 Progress = Callable[[int, int], None]  # (step done, steps in all): also the worker's sign of life

@@ -199,6 +199,10 @@ def test_one_worker_switching_loras_gives_the_frames_of_a_fresh_worker_per_job(w
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = expand(load_manifest(path))
     changes = [read_sidecar(job.output)["model_change"] for job in jobs]
+    for job in jobs:  # each sidecar carries the job's LoRAs: file, content digest, strength
+        recorded = read_sidecar(job.output)["model"].get("loras", [])
+        assert [(lora["name"], lora["digest"], lora["strength"]) for lora in recorded] == [
+            (lora.name, lora.digest, lora.strength) for lora in job.model.loras]
     assert changes[0] == "load" and "reload" not in changes
     # six settings, of which two leave no LoRA on (`[]` at either strength): one run, 4 switches
     assert changes.count("switch") == model_changes(jobs, "synthetic")["switch"] == 4
@@ -270,3 +274,17 @@ def test_report_json_names_each_lora_file_with_its_content_digest(write_manifest
     assert digests[("distill", "distill.safetensors")] == hashlib.sha256(lora_files["distill"].read_bytes()).hexdigest()
     assert [row["value"] for row in report["axes"]["loras.motion.path"]] == [
         str(lora_files["motion_e5"]), str(lora_files["motion_e10"])]
+
+
+def test_a_step_cache_or_a_lora_change_is_no_reload_but_a_quantize_is():
+    from dataclasses import replace
+
+    from orchestrator.manifest import ModelConfig, SpeedConfig
+    base = ModelConfig(backend="synthetic", task="t2v", loras=(LoraConfig("a", "/x.safetensors", 1.0),))
+    cached = replace(base, speed=SpeedConfig(cache="first_block:threshold=0.05"))
+    assert lora_change(SyntheticBackend, base, cached) == "same"  # the cache is set up per job
+    other = replace(cached, loras=(LoraConfig("a", "/x.safetensors", 0.5),))
+    assert lora_change(SyntheticBackend, base, other) == "switch"
+    assert lora_change(SyntheticBackend, base, replace(base, speed=SpeedConfig(quantize="int8"))) == "reload"
+    assert lora_change(SyntheticBackend, replace(base, speed=SpeedConfig(quantize="int8")),
+                       replace(other, speed=SpeedConfig(quantize="int8"))) == "reload"  # fused: reload

@@ -167,7 +167,7 @@ def test_unknown_keys_and_values_are_reported_at_their_lines(write_manifest):
     error = _refused(path)
     _assert_at(error, path, "compile: fast", "speed.compile is 'fast'", "none, blocks, full")
     _assert_at(error, path, "quantize: int4", "speed.quantize is 'int4'", "none, fp8, int8, fp8_storage")
-    _assert_at(error, path, "turbo:", "unknown key `turbo` in speed", "attention, compile, quantize")
+    _assert_at(error, path, "turbo:", "unknown key `turbo` in speed", "attention, cache, compile, quantize")
     assert len(error.problems) == 3, error
     # `null` (or an empty value) is off, like the bare word none
     path = write_manifest(synthetic_manifest(speed={"compile": None, "quantize": "none"}))

@@ -6,6 +6,7 @@ and the identity of a checkpoint's files (`model_files_identity`) that every sid
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from ..checkpoints.loras import LoraFileError, fit_problems, model_linears, read
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 def option_problems(backend: str, options: dict, kinds: dict, choices: dict | None = None
@@ -111,7 +114,10 @@ def lora_problems(manifest: "Manifest", layout: str, files: list[tuple[str, str,
     try:
         experts = model_linears(manifest.model.path, layout)
     except (OSError, ValueError, CheckpointError) as exc:
-        return [BackendProblem("model.path", f"cannot read the checkpoint's layers to check the LoRAs against: {exc}")]
+        # (the checkpoint's own checks say what is wrong with it; here the files are still read, their fit is not
+        # checked, and a LoRA matching no layer is said in the worker's log when it loads)
+        log.info("the LoRAs' fit is not checked: the checkpoint's layers cannot be read (%s)", exc)
+        experts = {}
     problems: list[BackendProblem] = []
     expert_of = {lora.name: lora.expert for lora in manifest.model.loras}
     checked: set[tuple[str, str]] = set()
@@ -125,7 +131,7 @@ def lora_problems(manifest: "Manifest", layout: str, files: list[tuple[str, str,
             problems.append(BackendProblem(key, exc.message, exc.fix))
             continue
         expert = expert_of[name]
-        if expert != "both" and len(experts) < 2:
+        if expert != "both" and len(experts) == 1:
             problems.append(BackendProblem(f"model.loras.{name}.expert", f"LoRA {name} is for the {expert}-noise "
                                            "expert, but this model has one denoiser (not Wan2.2 A14B)",
                                            "leave `expert` out (both)"))
@@ -137,12 +143,9 @@ def lora_problems(manifest: "Manifest", layout: str, files: list[tuple[str, str,
                 f"model.loras.{name}.expert is {expert}",
                 f"set `expert: {lora.expert_hint}`, or use the {expert}-noise file of the pair"))
             continue
-        for which in (("high", "low") if expert == "both" else (expert,)):
-            linears = experts.get(which) or experts.get("high") or {}
-            for message, fix in fit_problems(lora, linears):
-                problems.append(BackendProblem(key, message, fix))
-                break
-            else:
-                continue
-            break  # one problem per file: the first expert it fails names it
+        # one problem per file: the first expert it does not fit names it
+        found = next((problem for which in (("high", "low") if expert == "both" else (expert,)) if experts
+                      for problem in fit_problems(lora, experts.get(which) or experts["high"])), None)
+        if found:
+            problems.append(BackendProblem(key, *found))
     return problems

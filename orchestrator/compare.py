@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import yaml
 from .errors import UserError
 from .manifest import Manifest
 from .output_names import value_text
-from .outputs import TEMP_MARK, read_sidecar
+from .outputs import read_sidecar, save_cache_file
 
 log = logging.getLogger(__name__)
 
@@ -232,21 +231,10 @@ class ScoreCache:
         return seconds
 
     def save(self) -> None:
-        if not (self.file and self.dirty):
-            return
-        temp_name = None
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                # (Infinity for identical videos: Python reads its own non-standard JSON back)
-                json.dump({"version": CACHE_VERSION, "pairs": self.pairs, "seconds": self.seconds}, stream)
-            os.replace(temp_name, self.file)
+        # (Infinity for identical videos: Python reads its own non-standard JSON back)
+        if self.file and self.dirty and save_cache_file(
+                self.file, {"version": CACHE_VERSION, "pairs": self.pairs, "seconds": self.seconds}):
             self.dirty = False
-        except OSError as exc:  # a read-only folder, a full disk: the cache only saves time
-            log.debug("%s: scores not cached (%s)", self.file, exc)
-            if temp_name and os.path.exists(temp_name):
-                os.unlink(temp_name)
 
 
 # ------------------------------------------------------------------------------------------ the figures

@@ -9,6 +9,7 @@ are made private by `tempfile.mkstemp`: a shared review page must be able to pla
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +19,8 @@ from typing import Iterable
 
 import av
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Every temporary file of the product starts with this, and `remove_partials` deletes nothing else:
 # a name no user or other program would choose (a user's `.partial-draft.txt` is left alone).
@@ -226,20 +229,26 @@ class ProbeCache:
         self.dirty = True
 
     def save(self) -> None:
-        if not (self.file and self.dirty):
-            return
-        temp_name = None
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=self.file.parent)
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(self.entries, stream)
-            os.replace(temp_name, self.file)
-        except OSError:  # a read-only folder or a full disk: the cache only saves time, it is not needed
-            if temp_name and os.path.exists(temp_name):
-                os.unlink(temp_name)
-            return
-        self.dirty = False
+        if self.file and self.dirty and save_cache_file(self.file, self.entries):
+            self.dirty = False
+
+
+def save_cache_file(file: Path, data) -> bool:
+    """Write a cache's JSON whole or not at all (a temporary file, then a rename); False where the folder
+    refuses it (read-only, full): a cache only saves time, it is never needed."""
+    temp_name = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_MARK, dir=file.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream)
+        os.replace(temp_name, file)
+        return True
+    except OSError as exc:
+        log.debug("%s: cache not written (%s)", file, exc)
+        if temp_name and os.path.exists(temp_name):
+            os.unlink(temp_name)
+        return False
 
 
 def remove_partials(folders: Iterable[str | os.PathLike], owner: str = "") -> int:

@@ -243,7 +243,7 @@ class Sweep:
         prompts_moved = False
         for job in stale[:limit]:
             sidecar = read_sidecar(job.output) or {}
-            diffs = _diff(sidecar.get("settings", {}), now)
+            diffs = _diff(sidecar.get("settings", {}), now) + _lora_diffs(sidecar.get("model") or {}, job)
             old_prompt = (sidecar.get("job") or {}).get("prompt")
             if not diffs and isinstance(old_prompt, str) and old_prompt != job.prompt:
                 prompts_moved = True
@@ -329,6 +329,26 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _lora_diffs(old_model: dict, job: Job) -> list[str]:
+    """What changed in a job's LoRAs since its sidecar's model was recorded: one turned on or off, another
+    strength or expert, another file, or the same file with other content (retrained)."""
+    old = {lora.get("name"): lora for lora in old_model.get("loras") or [] if isinstance(lora, dict)}
+    new = {lora.name: lora.to_dict() for lora in (job.model.loras if job.model else ())}
+    diffs = []
+    for name in sorted(set(old) | set(new), key=str):
+        a, b = old.get(name), new.get(name)
+        if a is None or b is None:
+            diffs.append(f"LoRA {name} {'on' if a is None else 'off'}")
+            continue
+        for key in ("strength", "expert", "path"):
+            if a.get(key) != b.get(key):
+                diffs.append(f"LoRA {name} {key} {a.get(key)!r} → {b.get(key)!r}")
+        if a.get("path") == b.get("path") and a.get("digest") != b.get("digest"):
+            diffs.append(f"LoRA {name}: {Path(b['path']).name} has other content (sha256 "
+                         f"{str(a.get('digest'))[:12]}… → {str(b.get('digest'))[:12]}…)")
+    return diffs
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

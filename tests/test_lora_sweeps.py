@@ -288,3 +288,23 @@ def test_a_step_cache_or_a_lora_change_is_no_reload_but_a_quantize_is():
     assert lora_change(SyntheticBackend, base, replace(base, speed=SpeedConfig(quantize="int8"))) == "reload"
     assert lora_change(SyntheticBackend, replace(base, speed=SpeedConfig(quantize="int8")),
                        replace(other, speed=SpeedConfig(quantize="int8"))) == "reload"  # fused: reload
+
+
+@pytest.mark.slow
+def test_a_changed_lora_is_a_changed_setting_said_in_its_words(write_manifest, lora_files, tmp_path):
+    """Like any setting: the videos made with the old LoRA are never overwritten, and `run` says what changed
+    (its strength, or the same file retrained)."""
+    fields = dict(model={"backend": "synthetic", "task": "t2v", "options": {},
+                         "loras": {"motion": {"path": "loras/motion_e10.safetensors", "strength": 0.8}}},
+                  categories={"alpha": {"prompts": ["a cat"]}}, seeds=[1], resources={"cpu_slots": 1})
+    path = write_manifest(synthetic_manifest(**fields))
+    assert cli("run", str(path), "--executor", "local", "--no-progress").returncode == 0
+    fields["model"]["loras"]["motion"]["strength"] = 0.5
+    path = write_manifest(synthetic_manifest(**fields))
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 2 and "LoRA motion strength 0.8 → 0.5" in result.stderr
+    fields["model"]["loras"]["motion"]["strength"] = 0.8
+    path = write_manifest(synthetic_manifest(**fields))
+    lora_files["motion_e10"].write_bytes(os.urandom(64))  # retrained under the same name
+    result = cli("run", str(path), "--executor", "local", "--no-progress")
+    assert result.returncode == 2 and "motion_e10.safetensors has other content" in result.stderr

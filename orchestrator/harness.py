@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Callable
 
+from . import attention_guard
 from .backend import backend_class
 from .job_loop import JobLoop, JobSource, Pulse, SlotBackend
 from .manifest import GenerationConfig, ModelConfig
@@ -25,7 +26,8 @@ def open_backend(model: ModelConfig, generation: GenerationConfig, devices: tupl
     """The backend of `model`, built for `devices` and loaded.
 
     `owner` (a worker id) names its temporary files; `on_loading(phase)` is told before the load starts
-    (a worker shows it in `run`'s progress bar). The load's seconds go into `load_info`.
+    (a worker shows it in `run`'s progress bar). The load's seconds go into `load_info`, and so does the
+    attention guard's check of the kernel the worker will run (`load_info["attention_guard"]`).
     """
     slot_log = slot_log or log
     started = time.monotonic()
@@ -35,6 +37,9 @@ def open_backend(model: ModelConfig, generation: GenerationConfig, devices: tupl
         on_loading(f"loading the model ({model.backend})")
     try:
         backend.load()
+        # the attention kernel this worker will run, checked on its card before the first job (stops the
+        # worker when it computes wrong attention; `auto` falls back to one that passes)
+        attention_guard.guard_backend(backend, slot_log)
     except BaseException:  # (a stop too) what a half-loaded model holds is let go before it goes on
         try:
             backend.close()

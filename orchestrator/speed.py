@@ -4,9 +4,14 @@ pictures, and the shared compile cache.
     compile:   none | blocks | full       torch.compile of the repeated transformer blocks (regional
                                           compilation, diffusers' `compile_repeated_blocks`) or of the
                                           whole denoiser
-    attention: auto | cudnn | flash | efficient | math | <a diffusers attention backend>
+    attention: auto | cudnn | flash | efficient | math | sage | <a diffusers attention backend>
                                           torch SDPA's kernel (auto: torch's own choice, cuDNN on
-                                          Hopper), or diffusers' `set_attention_backend` (sage, …)
+                                          Hopper; DiffSynth's own: flash-attn or SageAttention when
+                                          installed), SageAttention 2 (`sage`: 8-bit Q·K, both
+                                          backends; sm80 or newer), or diffusers'
+                                          `set_attention_backend` (_sage_qk_int8_pv_fp16_cuda, …).
+                                          Whichever kernel a worker runs is checked on its card before
+                                          its first job (orchestrator/attention_guard.py)
     quantize:  none | fp8 | int8 | fp8_storage
                                           fp8: torchao fp8 weights (per row) and dynamic fp8
                                           activations on the blocks' Linear layers (speed; Ada,
@@ -57,6 +62,12 @@ SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "effici
 DIFFUSERS_SDPA = {"cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
                   "math": "_native_math"}
 FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
+SAGE_MIN_CAPABILITY = (8, 0)  # SageAttention 2's CUDA kernels: sm80 (A100/A800), sm86, sm89, sm90, sm120
+SAGE_MIN_VERSION = "2"
+SAGE_INSTALL = ("SageAttention 2 is not on PyPI (PyPI's sageattention 1.x is the older Triton one): build its "
+                "wheel on the GPU machine with bench/build_sageattention.sh (a pinned commit with the sm90 "
+                "fix, for that machine's card), then `python -m pip install --no-deps sageattention-*.whl`; "
+                "or use attention: auto or cudnn")
 
 
 def identity(speed: SpeedConfig) -> dict:
@@ -113,6 +124,72 @@ def fp8_card_problem(cards: list[tuple[str, tuple[int, int] | None]]) -> str | N
         return (f"speed.quantize fp8 needs fp8 tensor cores (Ada, Hopper or newer, compute capability ≥ 8.9); "
                 f"{', '.join(sorted(set(slow)))} has none")
     return None
+
+
+def is_sage(attention: str) -> bool:
+    """`sage`, or one of diffusers' SageAttention backends (sage_varlen, _sage_qk_int8_pv_fp16_cuda, …)."""
+    return attention.lstrip("_").startswith("sage")
+
+
+def sage_installed_problem() -> str | None:
+    """Why SageAttention 2 cannot be imported here (missing, or version 1), or None. From the package's
+    metadata: importing it would load CUDA extensions at check time."""
+    import importlib.metadata
+    from packaging.version import Version
+    try:
+        version = importlib.metadata.version("sageattention")
+    except importlib.metadata.PackageNotFoundError:
+        return "speed.attention `sage` cannot run here: it needs SageAttention 2 (`sageattention` ≥ 2), which is not installed"
+    if Version(version) < Version(SAGE_MIN_VERSION):
+        return (f"speed.attention `sage` cannot run here: it needs SageAttention 2 (`sageattention` ≥ 2); {version} is installed (the "
+                "Triton SageAttention 1, without the 8-bit kernels of 2)")
+    return None
+
+
+def sage_card_problem(cards: list[tuple[str, tuple[int, int] | None]]) -> str | None:
+    """Why SageAttention 2 cannot run on these cards ((name, compute capability) each), or None."""
+    if not cards:
+        return ("speed.attention `sage` cannot run here: it runs on NVIDIA cards (compute capability ≥ 8.0), and "
+                "this machine has none")
+    old = [f"{name} (compute capability {cc[0]}.{cc[1]})" for name, cc in cards
+           if cc is not None and tuple(cc) < SAGE_MIN_CAPABILITY]
+    if old:
+        return (f"speed.attention `sage` cannot run here: it needs compute capability ≥ 8.0 (Ampere or newer); "
+                f"{', '.join(sorted(set(old)))} is older")
+    return None
+
+
+def sage_problem(cards: list[tuple[str, tuple[int, int] | None]] | None) -> tuple[str, str] | None:
+    """(message, fix) when `speed.attention` sage cannot run: not installed, or the cards (None: not known
+    here, as a Ray cluster's, checked by each worker's guard when it loads); else None."""
+    missing = sage_installed_problem()
+    if missing:
+        return missing, SAGE_INSTALL
+    why = sage_card_problem(cards) if cards is not None else None
+    if why:
+        return why, "use attention: auto, cudnn or flash on these cards"
+    return None
+
+
+def selected_cards(manifest) -> list[tuple[str, tuple[int, int] | None]] | None:
+    """This machine's cards as `resources.gpus` selects them, (name, compute capability) each; None under
+    the Ray executor (the cluster's cards are not this machine's)."""
+    if manifest.execution.executor == "ray":
+        return None
+    from . import gpus
+    try:
+        found = gpus.discover()
+    except gpus.NoGpus:
+        found = []
+    wanted = manifest.resources.gpus
+    return [(g.name, g.compute_capability) for g in found if wanted == "all" or g.index in wanted]
+
+
+def sage_manifest_problem(manifest) -> tuple[str, str] | None:
+    """(message, fix) when the manifest's `speed.attention` is SageAttention and cannot run here, else None."""
+    if not is_sage(manifest.model.speed.attention):
+        return None
+    return sage_problem(selected_cards(manifest))
 
 
 # --------------------------------------------------------------------------------------------------

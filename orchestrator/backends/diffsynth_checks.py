@@ -132,12 +132,15 @@ def _speed_problems(manifest) -> list[BackendProblem]:
             "speed.compile", "speed.compile full: DiffSynth's pipeline calls the DiT's blocks one by one "
             "(model_fn_wan_video), never the DiT as a whole, so there is nothing whole to compile",
             "use compile: blocks (the same kernels, compiled per block)"))
-    if speed.attention not in speed_settings.SDPA_ATTENTION:
+    sage = speed_settings.sage_manifest_problem(manifest) if speed.attention == "sage" else None
+    if sage:
+        problems.append(BackendProblem("speed.attention", *sage))
+    elif speed.attention not in speed_settings.SDPA_ATTENTION + ("sage",):
         problems.append(BackendProblem(
             "speed.attention", f"speed.attention `{speed.attention}` is a diffusers attention backend; the "
-            "diffsynth backend chooses torch SDPA's kernel (DiffSynth itself uses flash-attn or "
-            "SageAttention when they are installed: that is `auto`)",
-            f"use one of: {', '.join(speed_settings.SDPA_ATTENTION)}"))
+            "diffsynth backend chooses torch SDPA's kernel or `sage` (DiffSynth's own SageAttention call; "
+            "DiffSynth itself uses flash-attn or SageAttention when they are installed: that is `auto`)",
+            f"use one of: {', '.join(speed_settings.SDPA_ATTENTION + ('sage',))}"))
     problems.extend(_cache_problems(manifest))
     resident = manifest.model.options.get("vram_management", True) in (False, "text_encoder")
     changed = [k for k in ("compile", "quantize") if getattr(speed, k) != "none"]

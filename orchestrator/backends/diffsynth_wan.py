@@ -138,6 +138,8 @@ from .diffsynth_loras import PipelineLoras
 from .shared import lora_problems, model_files_identity
 
 log = logging.getLogger(__name__)
+# DiffSynth's Wan DiT calls flash-attn 3, flash-attn 2 or SageAttention when its module flag says importable
+DIFFSYNTH_OWN_KERNELS = ("FLASH_ATTN_3_AVAILABLE", "FLASH_ATTN_2_AVAILABLE", "SAGE_ATTN_AVAILABLE")
 
 
 class DiffSynthWanBackend(Backend):
@@ -253,20 +255,43 @@ class DiffSynthWanBackend(Backend):
         """The `speed:` settings on each DiT (two for Wan2.2 A14B); the attention kernel is chosen per
         call in `generate` instead (DiffSynth calls torch SDPA itself)."""
         speed = self.model.speed
+        self.sdpa_attention = speed.attention  # SDPA's kernel in `generate`; the guard may change it under auto
         if speed.attention != "auto":
             # DiffSynth prefers flash-attn 3/2 and SageAttention whenever they are importable; a chosen
-            # SDPA kernel means SDPA, so those module flags are turned off in this worker process.
+            # SDPA kernel means SDPA, so those module flags are turned off in this worker process, and
+            # `sage` leaves SageAttention alone on (its `sageattn`, which picks the kernel for the card).
             from diffsynth.models import wan_video_dit
-            for flag in ("FLASH_ATTN_3_AVAILABLE", "FLASH_ATTN_2_AVAILABLE", "SAGE_ATTN_AVAILABLE"):
-                setattr(wan_video_dit, flag, False)
-            log.info("speed.attention %s: DiffSynth's own flash-attn and SageAttention are off in this worker",
-                     speed.attention)
+            for flag in DIFFSYNTH_OWN_KERNELS:
+                setattr(wan_video_dit, flag, flag == "SAGE_ATTN_AVAILABLE" and speed.attention == "sage")
+            log.info("speed.attention %s: DiffSynth's own flash-attn%s are off in this worker", speed.attention,
+                     "" if speed.attention == "sage" else " and SageAttention")
         step = replace(speed, attention="auto")
         if step.is_default:
             return {}
         return {name: speed_settings.apply_to_denoiser(dit, list(dit.blocks), step, compute_dtype=self.dtype,
                                                        library="diffsynth")
                 for name, dit in (("dit", pipe.dit), ("dit2", pipe.dit2)) if dit is not None}
+
+    def attention_plan(self):
+        """What the attention guard checks (`attention_guard`): DiffSynth's own attention function as the DiT
+        calls it; under `auto`, then torch SDPA's kernels, any of which the worker falls back to by turning
+        DiffSynth's own kernels off and restricting SDPA (`sdpa_attention`)."""
+        from diffsynth.models import wan_video_dit
+        from .. import attention_guard as guard
+        attention = self.model.speed.attention
+        attn = self.pipe.dit.blocks[0].self_attn
+        heads, head_dim = attn.num_heads, attn.dim // attn.num_heads
+        first = guard.diffsynth_kernel(self.sdpa_attention)
+
+        def use(sdpa: str) -> None:
+            for flag in DIFFSYNTH_OWN_KERNELS:
+                setattr(wan_video_dit, flag, False)
+            self.sdpa_attention = sdpa
+        kernels = [first] if attention != "auto" else guard.sdpa_chain(
+            guard.shape_for(heads, head_dim, self.device), self.dtype, self.device, use, first=first,
+            first_is_sdpa=guard.diffsynth_pick() == "sdpa", label="diffsynth sdpa")
+        return guard.Plan(kernels, auto=attention == "auto", heads=heads, head_dim=head_dim, dtype=self.dtype,
+                          device=self.device)
 
     def _managed(self, component: str) -> bool:
         vm = self.options.get("vram_management", True)
@@ -349,7 +374,7 @@ class DiffSynthWanBackend(Backend):
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             task_inputs(self, job, kwargs, g)
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
-            with speed_settings.sdpa_kernel(self.model.speed.attention), self._count_reuse() as reuse:
+            with speed_settings.sdpa_kernel(self.sdpa_attention), self._count_reuse() as reuse:
                 video = self.pipe(**kwargs)
             if "cache" in self._job:
                 self._job["cache"].update(reuse)
@@ -481,7 +506,7 @@ class DiffSynthWanBackend(Backend):
                                    "the job's own encoded inputs")
             latents = recorded["latents"]
             noise = torch.randn(latents.shape, generator=torch.Generator(device="cpu").manual_seed(seed))
-            with torch.no_grad(), speed_settings.sdpa_kernel(self.model.speed.attention):
+            with torch.no_grad(), speed_settings.sdpa_kernel(self.sdpa_attention):
                 return pipe.model_fn(**{**recorded, "latents": noise.to(latents.device, latents.dtype)})
         z = getattr(pipe.vae, "z_dim", 16)
         image = dit.has_image_input and dit.require_vae_embedding
@@ -495,7 +520,7 @@ class DiffSynthWanBackend(Backend):
             kwargs["y"] = draw(1, dit.in_dim - z, *size[2:])
         if dit.has_image_input and dit.require_clip_embedding:
             kwargs["clip_feature"] = draw(1, 257, 1280)
-        with torch.no_grad(), speed_settings.sdpa_kernel(self.model.speed.attention):
+        with torch.no_grad(), speed_settings.sdpa_kernel(self.sdpa_attention):
             return model_fn_wan_video(dit=dit, **kwargs)
 
     def job_info(self) -> dict:

@@ -157,7 +157,8 @@ def _speed_problems(manifest) -> list[BackendProblem]:
                                        "graphs and torchao's weights do not survive",
                                        "use offload: none or model, or quantize: fp8_storage for memory"))
     if speed.attention not in speed_settings.SDPA_BACKENDS and speed.attention != "auto":
-        problem = _diffusers_attention_problem(speed.attention)
+        # SageAttention (`sage`: diffusers' backend of that name, `sageattn`, which picks the kernel for the card)
+        problem = speed_settings.sage_manifest_problem(manifest) or _diffusers_attention_problem(speed.attention)
         if problem:
             problems.append(BackendProblem("speed.attention", *problem))
     problems.extend(_cache_problems(manifest))

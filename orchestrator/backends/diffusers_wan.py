@@ -49,7 +49,8 @@ Options (`model.options`), mapped to diffusers' own memory switches:
 Speed (`speed:`, orchestrator/speed.py), applied to the transformer (both of Wan 2.2's experts):
 `compile: blocks` is `compile_repeated_blocks(fullgraph=True)`, `full` compiles the whole
 transformer; `attention` is `set_attention_backend` (cudnn, flash, efficient, math: torch SDPA's
-kernels; or any diffusers backend whose package is installed, e.g. `sage`); `quantize` is torchao on
+kernels; `sage`: SageAttention 2's `sageattn`, which picks its kernel for the card; or any diffusers
+backend whose package is installed); `quantize` is torchao on
 the blocks' Linear layers (`int8` before the move to the card, so a model too large in bf16 still
 loads; `fp8` on the card) or `enable_layerwise_casting` for `fp8_storage`; `cache` is one of diffusers'
 step caches, set up per job on each expert with the steps it runs (`diffusers_caches`), its counts of
@@ -235,6 +236,31 @@ class DiffusersWanBackend(Backend):
                 applied[name] = speed_settings.apply_to_denoiser(
                     transformer, list(transformer.blocks), step, compute_dtype=self.dtype, library="diffusers")
         return applied
+
+    def attention_plan(self):
+        """What the attention guard checks (`attention_guard`): the transformers' attention backend through
+        diffusers' dispatcher; under `auto` (diffusers' `native`: torch SDPA's own pick), then each SDPA
+        kernel, any of which the worker falls back to with `set_attention_backend` on both experts."""
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        from .. import attention_guard as guard
+        attention = self.model.speed.attention
+        config = self.pipe.transformer.config
+        heads, head_dim = config.num_attention_heads, config.attention_head_dim
+        plan = dict(heads=heads, head_dim=head_dim, dtype=self.dtype, device=self.device)
+        if attention != "auto":
+            return guard.Plan([guard.diffusers_kernel(speed_settings.DIFFUSERS_SDPA.get(attention, attention))],
+                              auto=False, **plan)
+
+        def use(sdpa: str) -> None:
+            for name in ("transformer", "transformer_2"):
+                transformer = getattr(self.pipe, name, None)
+                if transformer is not None:
+                    transformer.set_attention_backend(speed_settings.DIFFUSERS_SDPA.get(sdpa, "native"))
+        active = _AttentionBackendRegistry.get_active_backend()[0].value
+        first = None if active == "native" else guard.diffusers_kernel(None)
+        kernels = guard.sdpa_chain(guard.shape_for(heads, head_dim, self.device), self.dtype, self.device, use,
+                                   first=first, first_is_sdpa=first is None, label="diffusers native")
+        return guard.Plan(kernels, auto=True, **plan)
 
     def _place(self, pipe) -> None:
         """Put the components where the memory options say (one card, or offloaded to the CPU)."""

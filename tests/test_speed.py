@@ -260,8 +260,7 @@ def test_diffsynth_refuses_what_it_cannot_apply(write_manifest, tiny_diffsynth):
                                               vram_management="text_encoder"))
     error = _refused(path)
     _assert_at(error, path, "compile: full", "speed.compile full", "nothing whole to compile", "compile: blocks")
-    _assert_at(error, path, "attention: sage", "`sage` is a diffusers attention backend",
-               "use one of: auto, cudnn, flash, efficient, math")
+    _assert_at(error, path, "attention: sage", "`sage` cannot run here", "bench/build_sageattention.sh")
     assert len(error.problems) == 2, error
 
     for speed in ({"compile": "blocks"}, {"quantize": "int8"}):
@@ -777,3 +776,101 @@ def test_models_speed_says_why_fp8_is_left_out_and_prints_figures_rounded(write_
     assert not re.search(r"\.\d{5,}", out), out  # no raw floats
     assert "0.988 s/step" in out and "load 1.2s" in out
     assert "this machine's card" not in out and "on this machine's CPU (no GPU)" in out, out
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 31: `models speed` tries step caches
+
+
+def _cache_manifest(checkpoint) -> dict:
+    """Six steps with guidance: enough for a cache to reuse some (each step is two denoiser calls)."""
+    data = _diffusers_manifest(checkpoint, {})
+    data["generation"] = {**GEN, "steps": 6, "cfg_scale": 5.0}
+    return data
+
+
+def test_cache_candidates_are_read_in_either_spelling():
+    from orchestrator.speed_trial import TrialError, cache_manifest_text, label, parse_candidate
+    short, canonical = parse_candidate("cache=first_block:0.05"), parse_candidate("cache=first_block:threshold=0.05")
+    assert short == canonical == SpeedConfig(cache="first_block:threshold=0.05")
+    assert label(short) == "cache=first_block:0.05" and parse_candidate(label(short)) == short
+    taylor = parse_candidate("cache=taylorseer")
+    assert taylor.cache == "taylorseer:interval=5,warmup=3,order=1" and label(taylor) == "cache=taylorseer"
+    # a cache's further options follow it after commas, and another key after them
+    mixed = parse_candidate("cache=taylorseer:interval=4,warmup=2,quantize=int8")
+    assert mixed == SpeedConfig(quantize="int8", cache="taylorseer:interval=4,warmup=2,order=1")
+    assert parse_candidate(label(mixed)) == mixed
+    assert cache_manifest_text(mixed.cache) == "{taylorseer: {interval: 4, warmup: 2}}"
+    assert cache_manifest_text(short.cache) == "{first_block: 0.05}" and cache_manifest_text(taylor.cache) == "taylorseer"
+    for text, words in (("cache=first_block:2", "out of range: use a number from 0.0 to 1.0"),
+                        ("cache=teacup", "'teacup' is not one of none, first_block"),
+                        ("cache=taylorseer:interval=2.5", "interval '2.5' is out of range"),
+                        ("cache=first_block:speed=1", "has no option 'speed'")):
+        with pytest.raises(TrialError, match=re.escape(words)):
+            parse_candidate(text)
+
+
+@pytest.mark.parametrize("candidate, words", [
+    ("compile=blocks,cache=taylorseer", "torch.compile cannot trace"),
+    ("cache=teacache:0.05", "not a cache of the diffusers backend"),
+    ("cache=faster_cache", "with guidance (cfg_scale 5.0)"),
+])
+def test_models_speed_refuses_a_cache_candidate_before_loading(write_manifest, tmp_path, tiny_diffusers,
+                                                               candidate, words):
+    path = write_manifest(_cache_manifest(tiny_diffusers))
+    result = cli("models", "speed", str(path), "--try", candidate)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"candidate `{candidate}`: " in result.stderr and words in result.stderr, result.stderr
+    assert "Nothing was measured" in result.stderr
+    assert "trying" not in result.stdout and not (tmp_path / "out").exists()  # nothing was loaded
+
+
+def test_the_cache_caveat_and_columns_are_printed_once(write_manifest):
+    from orchestrator.speed_trial import CACHE_CAVEAT, format_trials
+    manifest = load_manifest(write_manifest(synthetic_manifest()))
+    eager = {"label": "eager", "speed": {"cache": "none"}, "seconds_per_step": 1.0, "seconds_per_video": 4.0,
+             "whole_job_seconds": 4.0, "whole_job_steps": 4}
+    cached = {"label": "cache=taylorseer", "speed": {"cache": "taylorseer:interval=5,warmup=3,order=1"},
+              "seconds_per_step": 0.5, "seconds_per_video": 2.0, "whole_job_seconds": 2.0, "whole_job_steps": 4,
+              "reuse": {"calls": 8, "calls_reused": 2}, "frames_psnr_db": 31.0}
+    text = format_trials([eager, cached], manifest)
+    assert text.count(CACHE_CAVEAT) == 1 and "random weights" in CACHE_CAVEAT
+    lines = text.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["candidate"])
+    row = next(line for line in lines if line.startswith("  cache=taylorseer"))
+    assert row[header.index("whole job"):].startswith("2.0s (2.00x)")
+    assert row[header.index("calls reused"):].startswith("2/8")
+    assert "  speed: {cache: taylorseer}" in text
+    # without a cache candidate: neither the columns nor the caveat
+    plain = format_trials([eager, {**cached, "label": "compile=blocks", "speed": {"compile": "blocks"}}], manifest)
+    assert "calls reused" not in plain and CACHE_CAVEAT not in plain
+
+
+@pytest.mark.slow
+def test_models_speed_times_a_cache_over_a_whole_job(write_manifest, tmp_path, tiny_diffusers):
+    path = write_manifest(_cache_manifest(tiny_diffusers))
+    result = cli("models", "speed", str(path), "--try", "cache=first_block:1.0",
+                 "--try", "cache=taylorseer:interval=2,warmup=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "eager and the cached ones run a whole job of 6 steps" in out
+    assert out.count("on random weights the adaptive methods' skip decisions") == 1, out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["candidate"])
+    start = lines.index(header) + 1
+    rows = {line.split()[0]: line for line in lines[start:lines.index("", start)]}
+    assert set(rows) == {"eager", "cache=first_block:1.0", "cache=taylorseer:interval=2,warmup=1"}, out
+    reused = {name: row[header.index("calls reused"):].split()[0] for name, row in rows.items()}
+    assert reused["eager"] == "-"
+    # TaylorSeer's fixed schedule: 1 full step, then one in every 2 (6 steps × 2 guidance passes)
+    assert reused["cache=taylorseer:interval=2,warmup=1"] == "6/12"
+    done, calls = map(int, reused["cache=first_block:1.0"].split("/"))
+    assert calls == 12 and done > 0
+    for name in ("cache=first_block:1.0", "cache=taylorseer:interval=2,warmup=1"):
+        assert re.search(r"\d+\.\ds \(\d+\.\d\dx\)", rows[name][header.index("whole job"):]), rows[name]
+        assert "identical" not in rows[name]  # reused steps change the frames a little: a PSNR, not "identical"
+    work = tmp_path / "out" / ".sweep" / "speed_trial"
+    assert np.load(work / "eager" / "frames_whole.npy").shape == (5, 32, 32, 3)
+    assert not (work / "cache-first_block:1.0" / "frames.npy").exists()  # no short job with a cache
+    trial_log = (work / "cache-first_block:1.0" / "trial.log").read_text()
+    assert "warm-up: the short job (4 steps) without the cache" in trial_log and "the whole job (6 steps" in trial_log

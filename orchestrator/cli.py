@@ -36,7 +36,7 @@ from .review_html import write_page
 from .run import check_checkpoint, check_folder
 from .sizing import expected_times
 from .speed import describe as describe_speed, identity as speed_identity
-from .speed_trial import (DEFAULT_CANDIDATES, TrialError, candidate_problems, format_trials, label, parse_candidate,
+from .speed_trial import (DEFAULT_CANDIDATES, TrialError, candidate_problems, format_trials, parse_candidate,
                           run_trials)
 from .sweep import OWNER_FILE, FolderProblem, Sweep
 from .validation import lora_files
@@ -100,13 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--frames", type=int, help="for a checkpoint path: frames (default 81)")
     fit.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="for a checkpoint path (default bfloat16)")
     speed = models_sub.add_parser(
-        "speed", help="try speed settings (compile, fp8, attention) on this machine's GPU (or CPU) with the manifest's "
-        "model and shapes: seconds per step, first call, peak memory, drift from eager; prints the speed: block")
+        "speed", help="try speed settings (compile, fp8, attention, step caches) on this machine's GPU (or CPU) with "
+        "the manifest's model and shapes: seconds per step, first call, peak memory, drift from eager; prints the "
+        "speed: block")
     speed.add_argument("target", metavar="MANIFEST")
     speed.add_argument("--try", dest="candidates", action="append", metavar="SETTINGS",
-                       help="a candidate such as `compile=blocks,quantize=fp8` (repeatable; default: "
-                            "compile=blocks, and compile=blocks,quantize=fp8; eager is always measured)")
-    speed.add_argument("--steps", type=int, default=4, help="denoising steps of the short real job (default 4)")
+                       help="a candidate such as `compile=blocks,quantize=fp8` or `cache=first_block:0.05` "
+                            "(`cache=taylorseer:interval=4,warmup=2`; repeatable; default: compile=blocks, and "
+                            "compile=blocks,quantize=fp8; eager is always measured)")
+    speed.add_argument("--steps", type=int, default=None,
+                       help="denoising steps of the short real job (default 4); with a cache candidate, also the "
+                            "steps of the whole jobs it and eager run (default: the manifest's)")
     speed.add_argument("--warm", action="store_true",
                        help="also time each compiled candidate's first call with its compile cache filled")
     download = models_sub.add_parser("download", help="download a checkpoint from the Hugging Face hub (resumable)")
@@ -458,21 +462,25 @@ def cmd_models(args) -> int:
 def _models_speed(args) -> int:
     manifest = api.load(args.target)
     check_checkpoint(manifest)
-    candidates = [parse_candidate(text) for text in (args.candidates or DEFAULT_CANDIDATES)]
+    texts = args.candidates or list(DEFAULT_CANDIDATES)
+    parsed = [parse_candidate(text) for text in texts]
     # What `run` would refuse is refused here too, before any candidate loads the model (minutes): a
-    # candidate asked for is an error; a default one is left out, saying why.
-    refused = {label(c): candidate_problems(manifest, c) for c in candidates}
+    # candidate asked for is an error (named as it was written); a default one is left out, saying why.
+    refused = {text: candidate_problems(manifest, c) for text, c in zip(texts, parsed)}
     if args.candidates is not None and any(refused.values()):
         raise TrialError("\n".join(f"candidate `{name}`: {problem}" for name, problems in refused.items()
                                    for problem in problems) + "\nNothing was measured.")
     for name, problems in refused.items():
         if problems:
             print(f"{name} is left out of the defaults: {'; '.join(problems)}")
-    candidates = [c for c in candidates if not refused[label(c)]]
+    candidates = [c for text, c in zip(texts, parsed) if not refused[text]]
     work = manifest.output_dir / ".sweep" / "speed_trial"
+    whole = (f"; with a step cache, eager and the cached ones run a whole job of {args.steps or manifest.generation.steps} "
+             "steps" if any(c.cache != "none" for c in candidates) else "")
     print(f"trying {1 + len([c for c in candidates if not c.is_default])} settings, each in a fresh process "
-          f"(files in {work}) …", flush=True)
-    results = run_trials(manifest, candidates, work, steps=args.steps, warm=args.warm)
+          f"(files in {work}{whole}) …", flush=True)
+    results = run_trials(manifest, candidates, work, steps=args.steps or 4, warm=args.warm,
+                         whole_job_steps=args.steps)
     print(format_trials(results, manifest))
     return 1 if any(r.get("error") for r in results) else 0
 

@@ -47,7 +47,9 @@ from .validation import load_manifest
 log = logging.getLogger(__name__)
 
 EAGER = SpeedConfig()
-DEFAULT_CANDIDATES = ("compile=blocks", "compile=blocks,quantize=fp8")
+# `attention=sage` too: SageAttention 2's 8-bit kernels, the attention lever of Ampere cards (no fp8); where it
+# is not installed (or the card is older than sm80) it is left out, saying why, as fp8 is without an fp8 card.
+DEFAULT_CANDIDATES = ("compile=blocks", "compile=blocks,quantize=fp8", "attention=sage")
 MIN_PSNR_DB = 20.0  # below this the frames are another picture, not eager's rounded differently
 SPEED_KEYS = ("compile", "attention", "quantize", "cache")
 ADAPTIVE_CACHES = tuple(method for method in CACHE_METHODS if method not in FIXED_SCHEDULE_CACHES)
@@ -346,6 +348,12 @@ def format_trials(results: list[dict], manifest: Manifest) -> str:
                   "passes, both experts) that reused a cached step, of all (and the self-attentions computed, of all, where a cache "
                   "skips those instead); a cached candidate's PSNR is of its "
                   "whole job's frames against eager's.", CACHE_CAVEAT]
+    guarded = [(r["label"], r["attention_guard"]) for r in results
+               if not r.get("error") and isinstance(r.get("attention_guard"), dict)]
+    if guarded:
+        lines += ["", "attention kernel of each candidate, checked by the guard against float32 math before its "
+                  "first job (a kernel out of bound stops a worker; see attention_guard):"]
+        lines += [f"  {name}: {guard_text(guard)}" for name, guard in guarded]
     # a candidate whose frames are far from eager's (PSNR under 20 dB: another picture, not rounding)
     # is not recommended, however fast
     ran = [r for r in results if not r.get("error") and r.get("seconds_per_step")
@@ -364,6 +372,18 @@ def format_trials(results: list[dict], manifest: Manifest) -> str:
                   "Look at the drift before you switch: quantize and cache change the pictures (they are part of "
                   "each job's identity); compile and attention only round differently."]
     return "\n".join(lines)
+
+
+def guard_text(guard: dict) -> str:
+    """`sage (sageattention 2.2.0+d1a57a5): error 0.041 ≤ 0.1`, what auto skipped, or `none`."""
+    if guard.get("kernel") in (None, "none"):
+        return "none (no attention in this process)"
+    text = f"{guard['kernel']} ({guard.get('version', '?')})"
+    if isinstance(guard.get("error"), (int, float)):
+        text += f": error {guard['error']:.2g} ≤ {guard.get('bound')}"
+    if guard.get("skipped"):
+        text += "; auto skipped " + ", ".join(str(skipped.get("kernel")) for skipped in guard["skipped"])
+    return text
 
 
 def _f(value, digits: int, unit: str = "") -> str:
@@ -387,7 +407,9 @@ def _one(request: dict) -> dict:
     log.info("loading %s with %s", model.path, label(speed))
     backend = open_backend(model, generation, (0,) if cuda else ())
     facts: dict = {"load_seconds": backend.load_info["load_seconds"],
-                   "device": torch.cuda.get_device_name(0) if cuda else None}
+                   "device": torch.cuda.get_device_name(0) if cuda else None,
+                   # the attention kernel this candidate runs, as the worker's guard checked it (attention_guard)
+                   "attention_guard": backend.load_info.get("attention_guard")}
     log.info("loaded in %.1fs; first denoiser call (compiles, if compile is on) …", facts["load_seconds"])
 
     def timed(call):

@@ -767,12 +767,16 @@ def test_models_speed_says_why_fp8_is_left_out_and_prints_figures_rounded(write_
         return {"load_seconds": 1.23456789, "first_call_seconds": 12.3456789, "seconds_per_forward": 0.0123456789,
                 "denoiser_output_finite": True, "seconds_per_step": 0.987654321, "job_seconds": 3.14159265,
                 "seconds_per_video": 50.1, "steps_per_video": 50, "peak_memory_bytes": None,
-                "frames_mean_std": [127.5, 3.25], "device": None}
+                "frames_mean_std": [127.5, 3.25], "device": None,
+                "attention_guard": {"kernel": "cudnn", "version": "torch 2.14.1", "error": 0.00213, "bound": 0.02}}
     monkeypatch.setattr(speed_trial, "_trial_process", trial)
     assert command_line.main(["models", "speed", str(path)]) == 0
     out = capsys.readouterr().out
     assert tried == ["eager", "compile=blocks"]
     assert "compile=blocks,quantize=fp8 is left out of the defaults: speed.quantize fp8 needs fp8 tensor cores" in out
+    # SageAttention 2 is a default candidate where it is installed; here it is not, and the line says so
+    assert "attention=sage is left out of the defaults: speed.attention `sage` cannot run here" in out
+    assert "eager: cudnn (torch 2.14.1): error 0.0021 ≤ 0.02" in out  # each candidate's kernel, as guarded
     assert not re.search(r"\.\d{5,}", out), out  # no raw floats
     assert "0.988 s/step" in out and "load 1.2s" in out
     assert "this machine's card" not in out and "on this machine's CPU (no GPU)" in out, out

@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("target", metavar="MANIFEST")
     speed.add_argument("--try", dest="candidates", action="append", metavar="SETTINGS",
                        help="a candidate such as `compile=blocks,quantize=fp8` or `cache=first_block:0.05` "
-                            "(`cache=taylorseer:interval=4,warmup=2`; repeatable; default: compile=blocks, and "
-                            "compile=blocks,quantize=fp8; eager is always measured)")
+                            "(`cache=taylorseer:interval=4,warmup=2`; repeatable; default: compile=blocks, "
+                            "compile=blocks,quantize=fp8 and attention=sage, each where it can run; eager is always "
+                            "measured)")
     speed.add_argument("--steps", type=int, default=None,
                        help="denoising steps of the short real job (default 4); with a cache candidate, also the "
                             "steps of the whole jobs it and eager run (default: the manifest's)")

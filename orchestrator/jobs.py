@@ -54,8 +54,9 @@ class Job:
         """Jobs of one reference input (and one quantize value and LoRA setting, which the worker loads its
         model with): a worker prefers to stay within its group."""
         group = f"{self.category}/{self.stem}" if self.stem is not None else f"{self.category}/#{self.prompt_index}"
-        if "quantize" in self.axes:
-            group += f" quantize={self.axes['quantize']}"
+        for key in ("quantize", "attention"):  # (another value: the model loaded again)
+            if key in self.axes:
+                group += f" {key}={self.axes[key]}"
         loras = {key: value for key, value in self.axes.items() if is_lora_axis(key)}
         return f"{group} loras={json.dumps(loras, sort_keys=True)}" if loras else group
 
@@ -216,6 +217,12 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
     return _loading_slowest(manifest, jobs)
 
 
+def _loaded_speed(job: Job) -> tuple:
+    """The speed settings a worker loads its model with for this job (its quantize and attention: another
+    value is another load; a step cache is set up per job)."""
+    return job.model.speed.quantize, job.model.speed.attention
+
+
 def _loras_identity(model: ModelConfig) -> list[list]:
     """The LoRAs of a job as its id counts them: [name, content digest, strength, expert] each, in order. A
     retrained file under the same name is another identity; a moved one is the same."""
@@ -229,21 +236,21 @@ def _tell(line: str) -> None:
 
 
 def _loading_slowest(manifest: Manifest, jobs: list[Job]) -> list[Job]:
-    """The jobs of each quantize value (an axis, alone or in a zip group) before those of the next, and
+    """The jobs of each quantize and attention value (axes, alone or in a zip group) before those of the next, and
     within one the jobs of each set of LoRAs on (the `loras` axes' values resolved: two values that leave the
     same LoRAs on are one) together: a worker loads its model
     again when the quantize changes and switches (or, fused, reloads) its LoRAs when they change, and taking
     jobs in this order (and in groups, `Job.group`) it does so as rarely as the sweep allows. Ids and names
     do not depend on the order; without such axes the order is expand's own."""
-    keys = [key for axis in manifest.axes for key in axis.keys if key == "quantize" or is_lora_axis(key)]
+    keys = [key for axis in manifest.axes for key in axis.keys if key in ("quantize", "attention") or is_lora_axis(key)]
     if not keys:
         return jobs
-    quantize_rank: dict = {}
+    speed_rank: dict = {}
     lora_rank: dict = {}
     for job in jobs:  # in expand's order: a value's rank is where it first comes
-        quantize_rank.setdefault(job.axes.get("quantize"), len(quantize_rank))
+        speed_rank.setdefault(_loaded_speed(job), len(speed_rank))
         lora_rank.setdefault(job.model.loras, len(lora_rank))  # (the LoRAs on: `[]` and strength 0 of none)
-    ordered = sorted(jobs, key=lambda job: (quantize_rank[job.axes.get("quantize")], lora_rank[job.model.loras]))
+    ordered = sorted(jobs, key=lambda job: (speed_rank[_loaded_speed(job)], lora_rank[job.model.loras]))
     return [replace(job, ordinal=ordinal) for ordinal, job in enumerate(ordered)]
 
 

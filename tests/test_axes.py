@@ -590,3 +590,23 @@ def test_no_module_works_out_a_jobs_settings_again():
     assert found == {}
     jobs_source = (package / "jobs.py").read_text(encoding="utf-8")
     assert len(applying.findall(jobs_source)) == 2  # once each, in `job_settings`
+
+
+def test_an_attention_axis_runs_each_kernel_in_turn_and_a_kernel_that_cannot_run_is_located(write_manifest,
+                                                                                             random_wan):
+    """`attention` can be swept like `quantize` (issue 32): its jobs run one kernel after the other (another
+    kernel is another load of the model), and a value this machine cannot run is refused at the axis's line."""
+    manifest = _load(write_manifest, axes={"attention": ["auto", "math"], "steps": [4, 8]})
+    jobs = expand(manifest)
+    assert [j.axes["attention"] for j in jobs] == ["auto"] * 12 + ["math"] * 12
+    assert {j.model.speed.attention for j in jobs[12:]} == {"math"}
+    assert "attention=math" in jobs[-1].group
+    pytest.importorskip("diffusers")
+    path = write_manifest(synthetic_manifest(
+        model={"backend": "diffusers", "task": "t2v", "path": str(random_wan("t2v")), "dtype": "float32"},
+        generation={"width": 32, "height": 32, "num_frames": 5, "fps": 5, "steps": 2},
+        axes={"attention": ["auto", "sage"]}))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (problem,) = caught.value.problems
+    assert problem.line == _line_of(path, "attention:") and "`sage` cannot run here" in problem.message

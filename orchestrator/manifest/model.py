@@ -49,7 +49,7 @@ CACHE_METHODS: dict[str, tuple[str, dict[str, tuple]]] = {
 # keyword arguments) and speed's quantize (a worker loads its model again when a job's quantize differs).
 GENERATION_AXES = ("width", "height", "num_frames", "fps", "steps", "cfg_scale", "shift", "denoising_strength",
                    "negative_prompt")
-SPEED_AXES = ("quantize", "cache")  # `speed:` keys an axis may sweep
+SPEED_AXES = ("quantize", "cache", "attention")  # `speed:` keys an axis may sweep
 AXIS_KEYS = GENERATION_AXES + SPEED_AXES
 # A product of axes grows fast: past this many jobs a manifest must say it means it (`axes.confirm_jobs`).
 MAX_JOBS_UNCONFIRMED = 1_000_000
@@ -248,7 +248,8 @@ def apply_axes(generation: GenerationConfig, values: dict) -> GenerationConfig:
 
 
 def model_with_axes(model: ModelConfig, values: dict) -> ModelConfig:
-    """`model` with one job's quantize and cache (Job.axes, or an axis value being checked) in its speed, and its
+    """`model` with one job's quantize, cache and attention (Job.axes, or an axis value being checked) in its speed,
+    and its
     LoRA values: which of the manifest's LoRAs are on (`loras`: names, in the manifest's order) and each
     one's `loras.NAME.strength` and `loras.NAME.path`."""
     changes = {key: values[key] for key in SPEED_AXES if values.get(key) is not None

@@ -308,3 +308,26 @@ def test_a_changed_lora_is_a_changed_setting_said_in_its_words(write_manifest, l
     lora_files["motion_e10"].write_bytes(os.urandom(64))  # retrained under the same name
     result = cli("run", str(path), "--executor", "local", "--no-progress")
     assert result.returncode == 2 and "motion_e10.safetensors has other content" in result.stderr
+
+
+@pytest.mark.slow
+def test_fp8_with_compile_and_a_fused_lora_is_refused_at_the_compile_line(write_manifest, tmp_path, random_wan,
+                                                                          monkeypatch):
+    """Measured on an H100: a LoRA fused before fp8, then the regional compile, hit dynamo's recompile limit at
+    the first forward. Refused before anything starts; each of the two without the other is taken."""
+    from orchestrator.demo.random_loras import build_random_lora
+    monkeypatch.setenv("ORCHESTRATOR_FAKE_GPUS", "NVIDIA H100 80GB HBM3:80:0")
+    checkpoint = random_wan("t2v")
+    build_random_lora(checkpoint, tmp_path / "distill.safetensors")
+
+    def manifest(speed):
+        return write_manifest(synthetic_manifest(
+            model={"backend": "diffusers", "task": "t2v", "path": str(checkpoint), "dtype": "float32",
+                   "loras": {"distill": "distill.safetensors"}},
+            generation={"width": 32, "height": 32, "num_frames": 5, "fps": 5, "steps": 2}, speed=speed))
+    path = manifest({"compile": "blocks", "quantize": "fp8"})
+    (problem,) = _problems(path)
+    assert problem.line == _line_of(path, "compile: blocks") and "recompile limit" in problem.message
+    assert "leave compile out" in problem.fix
+    assert load_manifest(manifest({"quantize": "fp8"})).model.loras
+    assert load_manifest(manifest({"compile": "blocks"})).model.loras

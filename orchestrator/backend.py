@@ -58,9 +58,19 @@ def lora_change(backend: "type[Backend] | str", before: "ModelConfig", after: "M
     if _as_loaded(before, loras=False) != _as_loaded(after, loras=False):
         return "reload"
     cls = backend_class(backend) if isinstance(backend, str) else backend
-    if not cls.switches_loras or after.speed.quantize in FUSING_QUANTIZE:
+    if not cls.switches_loras or fuses_loras(before) or fuses_loras(after):
         return "reload"
     return "switch"
+
+
+def fuses_loras(model: "ModelConfig") -> bool:
+    """Whether a backend loading `model` fuses its LoRAs into the weights (then any change of them is a reload)
+    rather than running them as switchable adapters: under an 8-bit quantize (they go in before it), and when
+    the sweep never changes them (`ModelConfig.fuse_loras`) unless compiled (fused + compiled is unmeasured in
+    bf16, and failed under fp8: docs/benchmarks.md)."""
+    if not model.loras:
+        return False
+    return model.speed.quantize in FUSING_QUANTIZE or (model.fuse_loras and model.speed.compile == "none")
 
 
 def _as_loaded(model: "ModelConfig", loras: bool = True) -> "ModelConfig":

@@ -165,8 +165,10 @@ def expand(manifest: Manifest, say: Callable[[str], None] | None = None) -> list
     settings = [job_settings(manifest, axes) for axes in points]  # once per combination, shared by its jobs
     loras_identity = [_loras_identity(model) for model, _ in settings] if manifest.model.loras else None
     if loras_identity is not None:
-        settings = [(replace(model, loras=tuple(replace(lora, digest=identity[i][1])
-                                                for i, lora in enumerate(model.loras))), generation)
+        # LoRAs that no axis changes are fused at load (`ModelConfig.fuse_loras`): no worker ever switches them
+        fixed = not any(is_lora_axis(key) for axis in manifest.axes for key in axis.keys)
+        settings = [(replace(model, fuse_loras=fixed, loras=tuple(replace(lora, digest=identity[i][1])
+                                                                  for i, lora in enumerate(model.loras))), generation)
                     for (model, generation), identity in zip(settings, loras_identity)]
     total = job_count(manifest.categories, manifest.seeds, manifest.axes)  # from the lists' lengths
     tell = (say or _tell) if total >= EXPAND_NOTICE_JOBS else None

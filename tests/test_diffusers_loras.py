@@ -185,6 +185,15 @@ def test_fusing_gives_the_adapters_frames(random_wan, loras):
     # the same sum in another order (W + s·BA once, against W·x + s·B(A·x) per call): float32 rounding
     assert np.abs(fused.astype(int) - adapters.astype(int)).max() <= 2
     assert not np.array_equal(fused, _frames(_backend(random_wan("t2v"))))
+    # a sweep that never switches its LoRAs loads them fused (`ModelConfig.fuse_loras`): the same frames
+    from dataclasses import replace
+
+    from orchestrator.backends.diffusers_wan import DiffusersWanBackend
+    model = replace(backend.model, loras=on, fuse_loras=True)
+    loaded = DiffusersWanBackend(model, backend.generation, ())
+    loaded.load()
+    assert [fact["mode"] for fact in loaded.load_info["loras"]] == ["fused", "fused"]
+    assert _lora_layers(loaded.pipe.transformer) == 0 and np.array_equal(_frames(loaded), fused)
 
 
 @pytest.mark.slow

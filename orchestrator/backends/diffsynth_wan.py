@@ -124,7 +124,7 @@ from typing import Any
 import numpy as np
 
 from .. import speed as speed_settings
-from ..backend import (FUSING_QUANTIZE, Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames,
+from ..backend import (Backend, BackendProblem, FirstDenoiserCall, NonFiniteFrames, fuses_loras,
                        run_to_first_denoiser_call)
 from ..demo import tiny_folder
 from ..manifest import CONDITIONED_TASKS
@@ -219,7 +219,7 @@ class DiffSynthWanBackend(Backend):
         # (before the LoRAs: wrapping a DiT for hot-loading marks it managed, which changes nothing here)
         pipe.vram_management_enabled = pipe.check_vram_management_state()
         # LoRAs before the speed settings: fused ones go into the weights before they are quantized
-        self.loras = PipelineLoras(pipe, fused=self.model.speed.quantize in FUSING_QUANTIZE)
+        self.loras = PipelineLoras(pipe, fused=fuses_loras(self.model))
         lora_records = self.loras.apply(self.model.loras)
         speed_facts = self._apply_speed(pipe)
         t0 = time.perf_counter()

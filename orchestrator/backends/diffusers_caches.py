@@ -90,8 +90,20 @@ class StepCaches:
         self.calibrations: dict[str, list[float]] = {}
         self._calls: dict[str, list[list[int]]] = {}  # expert -> per call [blocks run, attentions computed]
         self._handles = []
+
+    def _count(self, on: bool) -> None:
+        """The counting hooks (a call's blocks run and self-attentions computed, per expert), installed only while
+        a cache is set up: under torch.compile a hook's Python counters are guarded values, so the blocks' graph
+        would compile again at every call (measured on an H100: the recompile limit hit at the first forward of
+        a compiled 14B). A cache and compile never go together (refused), so the counters never meet compile."""
+        if on == bool(self._handles):
+            return
+        if not on:
+            self.close()
+            self._calls = {}
+            return
         for name in EXPERTS:
-            transformer = getattr(pipe, name, None)
+            transformer = getattr(self.pipe, name, None)
             if transformer is None:
                 continue
             self._calls[name] = []
@@ -129,6 +141,7 @@ class StepCaches:
         if wanted == self.active:
             return facts
         self.disable()
+        self._count(method != "none")
         if method == "none":
             self.active = wanted
             return facts

@@ -161,15 +161,6 @@ def _speed_problems(manifest) -> list[BackendProblem]:
         problem = speed_settings.sage_manifest_problem(manifest) or _diffusers_attention_problem(speed.attention)
         if problem:
             problems.append(BackendProblem("speed.attention", *problem))
-    if speed.quantize == "fp8" and speed.compile != "none" and manifest.model.loras:
-        # Measured on an H100 (2026-12-07, docs/benchmarks.md): a 14B DiT with a rank-64 LoRA fused before fp8
-        # loaded, and its first compiled forward failed with dynamo's recompile limit (the blocks' regional
-        # graph recompiled block after block). Without the LoRA, fp8 + compile runs (4.70 s per CFG step).
-        problems.append(BackendProblem(
-            "speed.compile", "speed.compile with quantize fp8 and a LoRA fused into the weights fails: measured on an "
-            "H100, the first compiled forward hit dynamo's recompile limit",
-            "leave compile out (quantize fp8 with the LoRA fused), or quantize out (compile with the LoRA as an "
-            "adapter: a strength sweep compiles once)"))
     problems.extend(_cache_problems(manifest))
     return problems
 

@@ -66,7 +66,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import speed as speed_settings
-from ..backend import FUSING_QUANTIZE, Backend, FirstDenoiserCall, NonFiniteFrames, run_to_first_denoiser_call
+from ..backend import Backend, FirstDenoiserCall, NonFiniteFrames, fuses_loras, run_to_first_denoiser_call
 from ..checkpoints import load_components
 from ..manifest import SpeedConfig
 from . import diffusers_checks as checks
@@ -88,8 +88,8 @@ class DiffusersWanBackend(Backend):
     # Where and how memory-thriftily it runs, not what it draws: these stay out of job ids.
     runtime_options = frozenset({"offload", "group_offload_blocks", "device_map", "max_memory_gib", "text_encoder",
                                  "prompt_cache", "vae_slicing", "parallel_load"})
-    # LoRAs are PEFT adapters switched in place between jobs (`diffusers_loras`); fused into the weights,
-    # and so loaded again on a change, only under a quantize of FUSING_QUANTIZE.
+    # LoRAs are PEFT adapters switched in place between jobs (`diffusers_loras`); fused into the weights, and
+    # so loaded again on a change, where `backend.fuses_loras` says (8-bit weights, or LoRAs no axis changes).
     switches_loras = True
 
     @classmethod
@@ -180,11 +180,12 @@ class DiffusersWanBackend(Backend):
                   else f"offload {o.get('offload', 'none')}", speed_facts or "none", self.load_info["components"])
 
     def _apply_loras(self, pipe) -> list[dict]:
-        """`self.model.loras` on the freshly built pipeline: PEFT adapters, or under a quantize of
-        FUSING_QUANTIZE merged into the weights (the adapters then removed) before they are quantized."""
+        """`self.model.loras` on the freshly built pipeline: PEFT adapters, or merged into the weights (the adapters
+        then removed) where `backend.fuses_loras` says so: before a quantize of FUSING_QUANTIZE, or because the
+        sweep never changes them (an adapter costs 7.6% a step)."""
         self.adapters = LoraAdapters(pipe, scales_as_tensors=self.model.speed.compile != "none")
-        if self.model.speed.quantize in FUSING_QUANTIZE:
-            return self.adapters.fuse(self.model.loras) if self.model.loras else []
+        if fuses_loras(self.model):
+            return self.adapters.fuse(self.model.loras)
         return self.adapters.use(self.model.loras)
 
     def use_loras(self, loras) -> None:

@@ -180,6 +180,10 @@ class ModelConfig:
     # in the manifest's order. A worker switches between jobs' sets without reloading the base weights
     # where its backend can (`Backend.use_loras`; `loras.switch_kind` says which change needs a reload).
     loras: tuple[LoraConfig, ...] = ()
+    # The LoRAs never change in this sweep (no axis sets them: `jobs.expand`): a worker fuses them into the
+    # weights at load instead of running them as adapters, which cost 7.6% a step at 14B (docs/benchmarks.md).
+    # Not part of any identity: fused and unfused differ by rounding only, as compile does.
+    fuse_loras: bool = False
 
     def to_dict(self) -> dict:
         """Its JSON form (a worker spec's `model`, a job's, a sidecar's); `from_dict` reads it back. (Its
@@ -191,6 +195,8 @@ class ModelConfig:
             data["loras"] = [lora.to_dict() for lora in self.loras]
         else:
             del data["loras"]  # (a model without LoRAs writes what it always wrote)
+        if not self.fuse_loras:
+            del data["fuse_loras"]
         return data
 
     @classmethod

@@ -374,7 +374,9 @@ class DiffSynthWanBackend(Backend):
         with job_memory(self.cuda, self._job, f"{g.width}x{g.height}x{g.num_frames}"):
             task_inputs(self, job, kwargs, g)
             self._job["reference_read_seconds"] = round(time.time() - called, 3)
-            with speed_settings.sdpa_kernel(self.sdpa_attention), self._count_reuse() as reuse:
+            # (the counting hooks only with a cache: on a compiled block their counters would recompile it per call)
+            with speed_settings.sdpa_kernel(self.sdpa_attention), \
+                    (self._count_reuse() if "cache" in self._job else contextlib.nullcontext({})) as reuse:
                 video = self.pipe(**kwargs)
             if "cache" in self._job:
                 self._job["cache"].update(reuse)

@@ -113,13 +113,18 @@ def torchao_missing(speed: SpeedConfig) -> str | None:
     return None
 
 
+def cards_below(cards: list[tuple[str, tuple[int, int] | None]], minimum: tuple[int, int]) -> list[str]:
+    """The cards of a compute capability under `minimum`, each as `NAME (compute capability X.Y)`."""
+    return [f"{name} (compute capability {cc[0]}.{cc[1]})" for name, cc in cards
+            if cc is not None and tuple(cc) < minimum]
+
+
 def fp8_card_problem(cards: list[tuple[str, tuple[int, int] | None]]) -> str | None:
     """Why fp8 compute cannot run on these cards ((name, compute capability) each), or None."""
     if not cards:
         return ("speed.quantize fp8 needs an fp8-capable NVIDIA card (Ada, Hopper or newer), and this "
                 "machine has none")
-    slow = [f"{name} (compute capability {cc[0]}.{cc[1]})" for name, cc in cards
-            if cc is not None and tuple(cc) < FP8_MIN_CAPABILITY]
+    slow = cards_below(cards, FP8_MIN_CAPABILITY)
     if slow:
         return (f"speed.quantize fp8 needs fp8 tensor cores (Ada, Hopper or newer, compute capability ≥ 8.9); "
                 f"{', '.join(sorted(set(slow)))} has none")
@@ -151,8 +156,7 @@ def sage_card_problem(cards: list[tuple[str, tuple[int, int] | None]]) -> str | 
     if not cards:
         return ("speed.attention `sage` cannot run here: it runs on NVIDIA cards (compute capability ≥ 8.0), and "
                 "this machine has none")
-    old = [f"{name} (compute capability {cc[0]}.{cc[1]})" for name, cc in cards
-           if cc is not None and tuple(cc) < SAGE_MIN_CAPABILITY]
+    old = cards_below(cards, SAGE_MIN_CAPABILITY)
     if old:
         return (f"speed.attention `sage` cannot run here: it needs compute capability ≥ 8.0 (Ampere or newer); "
                 f"{', '.join(sorted(set(old)))} is older")

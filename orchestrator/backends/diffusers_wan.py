@@ -62,6 +62,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -410,7 +411,8 @@ class DiffusersWanBackend(Backend):
             with torch.no_grad():
                 pipe(**{**kwargs, "generator": torch.Generator(device="cpu").manual_seed(int(job.seed)),
                         "callback_on_step_end": None, "output_type": "latent"})
-        facts = self.step_caches.use(cache, steps, steps_run, _calibration_dir(job), run_uncached)
+        calibration = _calibration_dir(job) if cache.startswith("magcache") else None
+        facts = self.step_caches.use(cache, steps, steps_run, calibration, run_uncached)
         if facts:
             self._job["cache"] = facts
 
@@ -495,17 +497,19 @@ class DiffusersWanBackend(Backend):
         release_memory(getattr(self, "cuda", False))
 
 
-def _calibration_dir(job):
+def _calibration_dir(job) -> Path | None:
     """Where MagCache's calibrations of this job's sweep are kept: beside its compile cache, under the
-    sweep's output folder (the job's output path less its name under that folder)."""
-    from pathlib import Path
-    from ..speed import compile_cache_dir
+    sweep's output folder (the job's output path less its name under that folder); None for a job made by
+    hand outside a sweep's layout (its calibration is then kept in memory only)."""
     output = Path(job.output)
-    if job.name:
-        root = output.parents[len(Path(job.name).parts) - 1]
-    else:  # the fixed layout category/stem/seed_S_prompt_I
-        root = output.parents[2 if job.stem else 1]
-    return compile_cache_dir(root).parent / "magcache"
+    try:
+        if job.name:
+            root = output.parents[len(Path(job.name).parts) - 1]
+        else:  # the fixed layout category/stem/seed_S_prompt_I
+            root = output.parents[2 if job.stem else 1]
+    except IndexError:
+        return None
+    return speed_settings.compile_cache_dir(root).parent / "magcache"
 
 
 class _StopAtCall:

@@ -5,6 +5,7 @@ The user's experiment (shared/seeds/003): four categories of 14, 33, 13 and 8 re
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -94,3 +95,26 @@ def seed_manifest(folder: Path, options: dict | None = None, cpu_slots: int = 8,
                       "heartbeat_timeout_s": heartbeat_timeout_s, "max_restarts": 3},
     }
     return write_yaml(folder / "seed003.yaml", data)
+
+
+class GpuRecord:
+    """What a GPU bench script measures, one JSON line each: printed, and appended to `file` as it is made,
+    so a device call cut off by its limit still brings back what was measured. `sync` waits for the card
+    (nothing on the CPU) before a clock is read."""
+
+    def __init__(self, file: Path, tiny: bool, **tags):
+        import torch
+        self.torch, self.tiny, self.tags = torch, tiny, tags
+        self.cuda = torch.cuda.is_available() and not tiny
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.record_file = file
+
+    def record(self, what: str, **facts) -> None:
+        line = json.dumps({**self.tags, "what": what, **facts})
+        print(line, flush=True)
+        with open(self.record_file, "a", encoding="utf-8") as stream:
+            stream.write(line + "\n")
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import GpuRecord  # noqa: E402
 from orchestrator.harness import open_backend  # noqa: E402
 from orchestrator.jobs import Job  # noqa: E402
 from orchestrator.manifest import GenerationConfig, ModelConfig, SpeedConfig  # noqa: E402
@@ -69,24 +69,10 @@ RUNS = (("none", 5.0, "none"),
         ("first_block_0.1", 5.0, cache_text("first_block", {"threshold": 0.1})))
 
 
-class Bench:
+class Bench(GpuRecord):
     def __init__(self, tiny: bool):
-        import torch
-        self.torch, self.tiny = torch, tiny
-        self.cuda = torch.cuda.is_available() and not tiny
-        OUT.mkdir(parents=True, exist_ok=True)
-        self.record_file = OUT / "caches.jsonl"
+        super().__init__(OUT / "caches.jsonl", tiny)
         self.baselines: dict[tuple, tuple] = {}  # (cfg, steps) -> the uncached video's (frames, seconds)
-
-    def record(self, what: str, **facts) -> None:
-        line = json.dumps({"what": what, **facts})
-        print(line, flush=True)
-        with open(self.record_file, "a", encoding="utf-8") as stream:
-            stream.write(line + "\n")
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
 
     def video(self, backend, name: str, generation: GenerationConfig, cache: str) -> dict:
         """One job through the backend as a worker runs it, its own `speed.cache` set up per job."""

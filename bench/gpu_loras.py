@@ -26,7 +26,6 @@ random checkpoint and a 32x32x5 video (a dry run of the script, not a measuremen
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import GpuRecord  # noqa: E402
 from orchestrator.demo.random_loras import build_random_lora  # noqa: E402
 from orchestrator.file_digests import content_digest  # noqa: E402
 from orchestrator.harness import open_backend  # noqa: E402
@@ -47,23 +47,10 @@ PROMPT = "a red ball rolls across a wooden table, then falls to the floor"
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
-class Bench:
+class Bench(GpuRecord):
     def __init__(self, stage: str, tiny: bool):
-        import torch
-        self.torch, self.stage, self.tiny = torch, stage, tiny
-        self.cuda = torch.cuda.is_available() and not tiny
-        OUT.mkdir(parents=True, exist_ok=True)
-        self.record_file = OUT / f"loras_{stage}.jsonl"
-
-    def record(self, what: str, **facts) -> None:
-        line = json.dumps({"stage": self.stage, "what": what, **facts})
-        print(line, flush=True)
-        with open(self.record_file, "a", encoding="utf-8") as stream:
-            stream.write(line + "\n")
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
+        super().__init__(OUT / f"loras_{stage}.jsonl", tiny, stage=stage)
+        self.stage = stage
 
     def seconds_per_forward(self, backend, count: int, seed: int = 0) -> float:
         self.sync()

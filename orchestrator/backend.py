@@ -53,6 +53,8 @@ def lora_change(backend: "type[Backend] | str", before: "ModelConfig", after: "M
     the LoRAs differ and the backend swaps them in place, `Backend.use_loras`) or "reload" (the model is
     loaded again: another quantize, or LoRAs that are fused into quantized weights or that the backend
     cannot swap). The planner counts these per worker, and the slot acts on them: one rule."""
+    if before == after:  # (every job asks: the usual answer without copying either)
+        return "same"
     if _as_loaded(before) == _as_loaded(after):
         return "same"  # (a step cache is set up per job from the job's own settings: no reload)
     if _as_loaded(before, loras=False) != _as_loaded(after, loras=False):

@@ -351,13 +351,14 @@ class SlotBackend:
         self._load, self.model, self.log = load, model, log  # model: the slot's ModelConfig
         self.backend = None
         self.loaded = None  # the ModelConfig `backend` was loaded with (its LoRAs: as last switched)
-        self.switches = self.reloads = 0  # LoRA switches in place, and loads after the first
         # What the last job needed of the model: "load" (none was loaded), "same", "switch" (its LoRAs were
         # switched in place) or "reload"; its sidecar says so (`model_change`), as `plan` counted.
-        self.last_change, self.fresh = "load", False  # fresh: no job has run on the model loaded yet
+        self.last_change = "load"
+        self.opened = False  # `open` loaded the model and no job has run on it yet: the next one is its "load"
 
     def open(self):
         """Load the slot's own model (before the first job); return the backend."""
+        self.opened = True
         return self._open(self.model)
 
     def for_job(self, job):
@@ -365,10 +366,11 @@ class SlotBackend:
         again (`backend.lora_change`, the rule the planner counts by)."""
         wanted = self.model if job.model is None else job.model
         if self.backend is None:
+            self.last_change, self.opened = "load", False
             return self._open(wanted)
         change = lora_change(type(self.backend), self.loaded, wanted)
-        # (the first job on a model just loaded, by `open` before it or here: "load")
-        self.last_change, self.fresh = ("load" if self.fresh and change == "same" else change), False
+        self.last_change = "load" if self.opened and change == "same" else change
+        self.opened = False
         if change == "same":
             return self.backend
         if change == "switch":
@@ -376,17 +378,15 @@ class SlotBackend:
                           describe_loras(self.loaded.loras))
             self.backend.use_loras(wanted.loras)
             self.backend.model = self.loaded = wanted
-            self.switches += 1
             return self.backend
         self.log.info("job %s runs with %s: reloading the model (it was loaded with %s)", job.key,
                       _load_settings(wanted), _load_settings(self.loaded))
         self.close()
-        self.reloads += 1
         return self._open(wanted)
 
     def _open(self, model):
         self.backend = self._load(model)
-        self.loaded, self.last_change, self.fresh = model, "load", True
+        self.loaded = model
         return self.backend
 
     def close(self) -> None:

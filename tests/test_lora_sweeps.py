@@ -323,3 +323,32 @@ def test_loras_no_axis_changes_are_fused_at_load_and_swept_ones_stay_adapters(wr
     assert not any(job.model.fuse_loras or fuses_loras(job.model) for job in swept)
     assert "fuse_loras" not in swept[0].model.to_dict()  # (written only where true)
     assert type(fixed[0].model).from_dict(fixed[0].model.to_dict()) == fixed[0].model
+
+
+def test_the_slot_records_what_each_job_needed_of_the_model():
+    """`model_change` as each sidecar records it: the first job's load, a LoRA switch, a reload for another
+    quantize, and the jobs after each on the model as it is."""
+    import logging
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from orchestrator.job_loop import SlotBackend
+    from orchestrator.manifest import ModelConfig, SpeedConfig
+    base = ModelConfig(backend="synthetic", task="t2v", loras=(LoraConfig("a", "/x.safetensors", 1.0),))
+    half = replace(base, loras=(LoraConfig("a", "/x.safetensors", 0.5),))
+    int8 = replace(half, speed=SpeedConfig(quantize="int8"))
+    loads = []
+
+    def load(model):
+        loads.append(model)
+        backend = SyntheticBackend(model, None, ())
+        backend.load()
+        return backend
+    slot = SlotBackend(load, base, logging.getLogger("test"))
+    slot.open()
+    seen = []
+    for model in (base, base, half, half, int8, int8):
+        slot.for_job(SimpleNamespace(model=model, key="k"))
+        seen.append(slot.last_change)
+    assert seen == ["load", "same", "switch", "same", "reload", "same"]
+    assert loads == [base, int8]

@@ -123,8 +123,10 @@ def lora_files(manifest: Manifest) -> list[tuple[str, str, str]]:
             if key.startswith("loras.") and key.endswith(".path"):
                 found += [(f"axes.{key}.{index}" if len(axis.keys) == 1 else "axes.zip", key.split(".")[1], point[key])
                           for index, point in enumerate(axis.assignments())]
-    seen: set[tuple[str, str]] = set()
-    return [entry for entry in found if (entry[1], entry[2]) not in seen and not seen.add((entry[1], entry[2]))]
+    first = {}  # (name, file) -> its first place
+    for entry in found:
+        first.setdefault(entry[1:], entry)
+    return list(first.values())
 
 
 def _check_axes(manifest: Manifest, backend, first: dict, swept: set[str], found_before: set[str],
